@@ -1,0 +1,2201 @@
+#!/usr/bin/env python3
+"""seks-broker: a credential broker for AI agents, in one standard-library file.
+
+An agent holds only a fake token (``seks_openai_…``) and points its normal SDK at this broker.
+The broker checks the token, swaps in the real key, forwards the request to the provider's
+configured upstream and streams the answer back. A leaked fake token is worthless anywhere
+but here, and here it is narrow, revocable and audited.
+
+Threat model in short (the full text is THREAT_MODEL.md in the project's shared notes):
+  * the agent is untrusted (it may be prompt-injected); the operator, the DB key and the
+    configured upstreams are trusted;
+  * a real key only ever travels to its own provider's configured upstream: the agent picks the
+    path, never the scheme, host or port;
+  * the agent never receives a real key: echoes in answers are scrubbed, errors and logs are
+    redacted, Telegram's key segment is masked wherever a URL could be printed;
+  * a stolen DB reveals nothing usable: secrets are encrypted and authenticated, tokens are
+    stored as SHA-256 digests, the master key lives outside the DB;
+  * hostile input gets a clear 4xx/5xx and changes nothing.
+
+Sections, in dependency order (search for the banner to jump):
+  1. CONSTANTS AND LIMITS      named limits, hop-by-hop headers, provider table (data)
+  2. ERRORS                    one root exception, one subclass per status, one mapping
+  3. CIPHER                    HKDF-SHA256 and the HMAC keystream cipher (format spec inside)
+  4. STORE                     sqlite: schema, migrations, secrets, tokens, agents
+  5. POLICY                    the token check and the token cache
+  6. FORWARDING                upstream URL builder, credential swap, scrubber, upstream pool
+  7. HTTP HANDLER              strict request parsing, the proxy pipeline, streaming
+  8. SERVER                    threading server, connection limit, start-up
+  9. CLI                       argparse sub-commands and main()
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import configparser
+import contextlib
+import datetime
+import getpass
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import os
+import queue
+import re
+import secrets
+import select
+import signal
+import socket
+import sqlite3
+import ssl
+import stat
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import zlib
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+__version__ = "0.1.0"
+
+# ============================================================================================
+# 1. CONSTANTS AND LIMITS
+# ============================================================================================
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8787
+DEFAULT_DB = "seks.db"
+
+MAX_REQUEST_LINE = 8 * 1024          # longer request line -> 414
+MAX_HEADER_BYTES = 32 * 1024         # all header lines together -> 431
+MAX_HEADER_COUNT = 100               # more header fields -> 431
+MAX_BODY_BYTES = 512 * 1024 * 1024   # request body -> 413 (OpenAI's file limit is 512 MB)
+MAX_CHUNK_LINE = 1024                # a chunk-size line of a chunked body -> 400
+MAX_CONNECTIONS = 2048               # concurrent agent connections; the next one gets 503
+CLIENT_TIMEOUT_S = 60.0              # idle or stalled agent socket is closed
+HEADER_TIMEOUT_S = 20.0              # whole request head must arrive within this
+UPSTREAM_CONNECT_TIMEOUT_S = 10.0    # TCP + TLS connect to an upstream -> 504
+UPSTREAM_TIMEOUT_S = 300.0           # silence from an upstream while waiting for bytes -> 504
+POOL_IDLE_PER_HOST = 64              # idle keep-alive connections kept per upstream
+POOL_IDLE_SECONDS = 50.0             # an idle pooled connection older than this is retired
+STREAM_CHUNK = 256 * 1024            # largest single read while relaying a body
+INLINE_BODY_MAX = 64 * 1024          # answers up to this size go out in one write
+THREAD_STACK_BYTES = 512 * 1024      # per-connection thread stack (1,000 streams stay small)
+TOKEN_CACHE_SIZE = 10_000            # decrypted (token -> key) entries held in memory
+
+TOKEN_RANDOM_BYTES = 32              # 256 bits of randomness in every fake token
+
+# Headers that describe one hop, never forwarded in either direction (RFC 9110 section 7.6.1).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# Request headers the broker sets itself or must not pass upstream.
+REQUEST_HEADERS_REPLACED = frozenset({"host", "content-length", "expect", "accept-encoding"})
+
+# Built-in providers, written in the same INI format as custom providers in a config file.
+#   upstream  scheme://host[:port][/base-path] that <rest> is appended to
+#   token     where the agent's fake token may arrive, one place a line:
+#               header NAME [PREFIX] | query PARAM | path-prefix PREFIX [PREFIX ...]
+#   inject    where the real key goes: header NAME [PREFIX], query PARAM, or "same" (where it came)
+#   usage     how usage is reported in answers (openai | anthropic | gemini), LLM providers only
+BUILTIN_PROVIDERS_INI = """
+[openai]
+upstream = https://api.openai.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+usage = openai
+
+[anthropic]
+upstream = https://api.anthropic.com
+aliases = claude
+token = header x-api-key
+    header Authorization Bearer
+inject = header x-api-key
+usage = anthropic
+
+[gemini]
+upstream = https://generativelanguage.googleapis.com
+token = header x-goog-api-key
+    query key
+inject = same
+usage = gemini
+
+[groq]
+upstream = https://api.groq.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+usage = openai
+
+[discord]
+upstream = https://discord.com
+token = header Authorization Bot
+inject = header Authorization Bot
+
+[telegram]
+upstream = https://api.telegram.org
+token = path-prefix /bot /file/bot
+inject = same
+
+[github]
+upstream = https://api.github.com
+token = header Authorization Bearer
+    header Authorization token
+inject = header Authorization Bearer
+
+[notion]
+upstream = https://api.notion.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+
+[cloudflare]
+upstream = https://api.cloudflare.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+
+[brave]
+upstream = https://api.search.brave.com
+token = header X-Subscription-Token
+inject = header X-Subscription-Token
+"""
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+HEADER_NAME_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+TTL_RE = re.compile(r"^(\d+)([smhd])$")
+TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class CredentialPlace:
+    """One place a credential travels: a header (with an optional scheme prefix), a query
+    parameter, or a path segment after one of some prefixes (Telegram's ``/bot<T>/``)."""
+
+    __slots__ = ("kind", "name", "prefixes")
+
+    def __init__(self, kind: str, name: str = "", prefixes: Tuple[str, ...] = ()) -> None:
+        self.kind = kind          # "header" | "query" | "path"
+        self.name = name          # header name (lower case) or query parameter
+        self.prefixes = prefixes  # header scheme words ("Bearer") or path prefixes ("/bot")
+
+    @classmethod
+    def parse(cls, text: str) -> "CredentialPlace":
+        words = text.split()
+        if len(words) >= 2 and words[0] == "header" and len(words) <= 3:
+            if not HEADER_NAME_RE.match(words[1].encode()):
+                raise ConfigError(f"bad header name {words[1]!r}")
+            return cls("header", words[1].lower(), tuple(words[2:]))
+        if len(words) == 2 and words[0] == "query":
+            return cls("query", words[1])
+        if len(words) >= 2 and words[0] == "path-prefix":
+            if not all(p.startswith("/") and "//" not in p for p in words[1:]):
+                raise ConfigError("path-prefix values must start with '/'")
+            # longest first, so /file/bot wins over /bot
+            return cls("path", "", tuple(sorted(words[1:], key=len, reverse=True)))
+        raise ConfigError(f"expected 'header NAME [PREFIX]', 'query PARAM' or "
+                          f"'path-prefix PREFIX...', got {text!r}")
+
+    def header_value(self, key: str) -> str:
+        return f"{self.prefixes[0]} {key}" if self.prefixes else key
+
+    def __repr__(self) -> str:
+        return f"CredentialPlace({self.kind} {self.name} {' '.join(self.prefixes)})".strip()
+
+
+class Provider:
+    """A route: name, upstream base, where tokens arrive and where the real key goes."""
+
+    __slots__ = ("name", "scheme", "host", "port", "base_path", "token_places", "inject",
+                 "usage", "aliases")
+
+    def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
+                 inject: Optional[CredentialPlace], usage: str = "",
+                 aliases: Tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream)
+        self.token_places = token_places
+        self.inject = inject      # None means "same place the token arrived"
+        self.usage = usage
+        self.aliases = aliases
+
+    @property
+    def origin(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        netloc = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"{self.scheme}://{netloc}" + ("" if self.port == default else f":{self.port}")
+
+    @property
+    def host_header(self) -> str:
+        return self.origin.split("://", 1)[1]
+
+    def __repr__(self) -> str:
+        return f"Provider({self.name} -> {self.origin}{self.base_path})"
+
+
+def parse_upstream_base(url: str) -> Tuple[str, str, int, str]:
+    """Split an upstream base URL into scheme, host, port and base path; refuse anything else."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"upstream must be http(s)://host[:port][/path], got {url!r}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError("upstream must not carry credentials, a query or a fragment")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"bad port in upstream {url!r}") from None
+    base_path = parts.path.rstrip("/")
+    if base_path and (not base_path.startswith("/") or "//" in base_path):
+        raise ConfigError(f"bad base path in upstream {url!r}")
+    return parts.scheme, parts.hostname, port, base_path
+
+
+def providers_from_ini(text: str, source: str = "<built-in>",
+                       prefix: str = "") -> Dict[str, Provider]:
+    """Read provider sections (``[name]``, or ``[provider:name]`` in a config file)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(text, source=source)
+    result: Dict[str, Provider] = {}
+    for section in parser.sections():
+        if prefix:
+            if not section.startswith(prefix):
+                continue
+            name = section[len(prefix):]
+        else:
+            name = section
+        if not PROVIDER_NAME_RE.match(name):
+            raise ConfigError(f"[{section}]: provider names are lower-case letters, digits, '-'")
+        sec = parser[section]
+        if "upstream" not in sec or "token" not in sec:
+            raise ConfigError(f"[{section}]: 'upstream' and 'token' are required")
+        places = [CredentialPlace.parse(line) for line in sec["token"].splitlines() if line.strip()]
+        inject_text = sec.get("inject", "same").strip()
+        inject = None if inject_text == "same" else CredentialPlace.parse(inject_text)
+        if inject is not None and inject.kind == "path":
+            raise ConfigError(f"[{section}]: path-prefix injection is 'inject = same'")
+        aliases = tuple(sec.get("aliases", "").split())
+        result[name] = Provider(name, sec["upstream"].strip(), places, inject,
+                                sec.get("usage", "").strip(), aliases)
+    return result
+
+
+# ============================================================================================
+# 2. ERRORS
+# ============================================================================================
+
+class BrokerError(Exception):
+    """Root of every error the broker answers with. ``message`` is safe to show an agent."""
+
+    status = 500
+    kind = "internal_error"
+
+    def __init__(self, message: str = "internal error", headers: Optional[Dict[str, str]] = None,
+                 close: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.close = close
+
+
+class BadRequest(BrokerError):
+    status, kind = 400, "invalid_request"
+
+
+class AuthError(BrokerError):
+    status, kind = 401, "authentication_error"
+
+
+class Forbidden(BrokerError):
+    status, kind = 403, "permission_denied"
+
+
+class NotFound(BrokerError):
+    status, kind = 404, "not_found"
+
+
+class PayloadTooLarge(BrokerError):
+    status, kind = 413, "payload_too_large"
+
+
+class UriTooLong(BrokerError):
+    status, kind = 414, "uri_too_long"
+
+
+class RateLimited(BrokerError):
+    status, kind = 429, "rate_limited"
+
+
+class HeadersTooLarge(BrokerError):
+    status, kind = 431, "headers_too_large"
+
+
+class UpstreamError(BrokerError):
+    status, kind = 502, "upstream_error"
+
+
+class Unavailable(BrokerError):
+    status, kind = 503, "unavailable"
+
+
+class UpstreamTimeout(BrokerError):
+    status, kind = 504, "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """Bad configuration or CLI input: reported to the operator, never to an agent."""
+
+
+class DecryptError(Exception):
+    """A ciphertext failed verification. Deliberately carries no detail."""
+
+
+class ClientGone(Exception):
+    """The agent closed its connection; nothing more can be sent."""
+
+
+HTTP_REASONS = {code: phrase for code, (phrase, _) in http.server.BaseHTTPRequestHandler.responses.items()}
+
+
+def error_body(exc: BrokerError) -> bytes:
+    """The one JSON shape of every broker-made error answer."""
+    return json.dumps({"error": {"type": exc.kind, "message": exc.message}}).encode()
+
+
+# ============================================================================================
+# 3. CIPHER
+# ============================================================================================
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF (RFC 5869) with SHA-256: extract then expand."""
+    if length > 255 * 32:
+        raise ValueError("HKDF output too long")
+    prk = hmac.new(salt or b"\x00" * 32, ikm, hashlib.sha256).digest()
+    out, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+    return out[:length]
+
+
+class SecretCipher:
+    """Authenticated encryption for secrets at rest, built only from HMAC-SHA256.
+
+    Keys (from the 32-byte master key, HKDF-SHA256, empty salt):
+        enc_key = HKDF(master, info=b"seks-broker/v1/encrypt", L=32)
+        mac_key = HKDF(master, info=b"seks-broker/v1/mac",     L=32)
+
+    Format, version 1 (all integers big-endian); the stored text is the URL-safe base64
+    (RFC 4648 section 5, with '=' padding) of:
+
+        +---------+-----------+------------------+-----------+
+        | version |  nonce    |   ciphertext     |   tag     |
+        | 1 byte  | 16 bytes  |   len(plaintext) | 32 bytes  |
+        |  0x01   |  random   |                  |           |
+        +---------+-----------+------------------+-----------+
+
+        keystream = HMAC(enc_key, nonce || uint64(0)) || HMAC(enc_key, nonce || uint64(1)) || ...
+        ciphertext = plaintext XOR keystream[:len(plaintext)]
+        tag = HMAC-SHA256(mac_key, version || nonce || uint32(len(ad)) || ad || ciphertext)
+
+    ``ad`` (associated data) binds a ciphertext to its row: for a secret it is
+    ``b"secret\\x00" + name + b"\\x00" + provider``, so a ciphertext moved to another row fails.
+
+    Verification, in this order: (1) base64-decode strictly; (2) the length is at least 49;
+    (3) the version byte is 0x01; (4) recompute the tag and compare it with
+    ``hmac.compare_digest``; (5) only then decrypt. Every failure raises the same
+    message-less ``DecryptError``.
+    """
+
+    VERSION = 1
+    NONCE_BYTES = 16
+    TAG_BYTES = 32
+
+    def __init__(self, master_key: bytes) -> None:
+        if len(master_key) != 32:
+            raise ValueError("master key must be 32 bytes")
+        self._enc_key = hkdf_sha256(master_key, b"", b"seks-broker/v1/encrypt", 32)
+        self._mac_key = hkdf_sha256(master_key, b"", b"seks-broker/v1/mac", 32)
+
+    def __repr__(self) -> str:
+        return "SecretCipher(<keys hidden>)"
+
+    def _keystream_xor(self, nonce: bytes, data: bytes) -> bytes:
+        blocks = []
+        for counter in range(-(-len(data) // 32)):
+            blocks.append(hmac.new(self._enc_key, nonce + counter.to_bytes(8, "big"),
+                                   hashlib.sha256).digest())
+        stream = b"".join(blocks)[:len(data)]
+        return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+    def _tag(self, version: bytes, nonce: bytes, ad: bytes, ciphertext: bytes) -> bytes:
+        msg = version + nonce + len(ad).to_bytes(4, "big") + ad + ciphertext
+        return hmac.new(self._mac_key, msg, hashlib.sha256).digest()
+
+    def encrypt(self, plaintext: bytes, ad: bytes, nonce: Optional[bytes] = None) -> str:
+        nonce = os.urandom(self.NONCE_BYTES) if nonce is None else nonce
+        if len(nonce) != self.NONCE_BYTES:
+            raise ValueError("nonce must be 16 bytes")
+        version = bytes([self.VERSION])
+        ciphertext = self._keystream_xor(nonce, plaintext)
+        tag = self._tag(version, nonce, ad, ciphertext)
+        return base64.urlsafe_b64encode(version + nonce + ciphertext + tag).decode("ascii")
+
+    def decrypt(self, token: str, ad: bytes) -> bytes:
+        try:
+            _unverified = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            raise DecryptError() from None
+        if len(_unverified) < 1 + self.NONCE_BYTES + self.TAG_BYTES:
+            raise DecryptError()
+        version = _unverified[:1]
+        if version != bytes([self.VERSION]):
+            raise DecryptError()
+        nonce = _unverified[1:1 + self.NONCE_BYTES]
+        _unverified_ciphertext = _unverified[1 + self.NONCE_BYTES:-self.TAG_BYTES]
+        tag = _unverified[-self.TAG_BYTES:]
+        if not hmac.compare_digest(tag, self._tag(version, nonce, ad, _unverified_ciphertext)):
+            raise DecryptError()
+        return self._keystream_xor(nonce, _unverified_ciphertext)
+
+
+def secret_ad(name: str, provider: str) -> bytes:
+    """Associated data binding a secret's ciphertext to its name and provider."""
+    return b"secret\x00" + name.encode() + b"\x00" + provider.encode()
+
+
+def derive_key(master_key: bytes, purpose: str) -> bytes:
+    """A separate 32-byte key per purpose (audit chain, fingerprints), never the master itself."""
+    return hkdf_sha256(master_key, b"", b"seks-broker/v1/" + purpose.encode(), 32)
+
+
+# ============================================================================================
+# 4. STORE
+# ============================================================================================
+
+def utc_iso(epoch: Optional[float] = None) -> str:
+    """UTC timestamp as ISO 8601 with a Z, to the second (what tables and audit rows show)."""
+    moment = datetime.datetime.fromtimestamp(time.time() if epoch is None else epoch,
+                                             datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def create_private_file(path: str) -> None:
+    """Create ``path`` empty with mode 0600 if it does not exist (atomic, no chmod after)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run ';'-separated statements inside the caller's transaction (sqlite3's executescript
+    would commit it first). Scripts given here hold no ';' inside a statement."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _migration_1(db: sqlite3.Connection) -> None:
+    _run_script(db, """
+        CREATE TABLE state (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            generation INTEGER NOT NULL,          -- bumped by every change a token check reads
+            audit_anchor BLOB,                    -- MAC preceding the oldest kept audit row
+            key_check BLOB                        -- tells a wrong master key from a right one
+        );
+        INSERT INTO state (id, generation, audit_anchor, key_check) VALUES (1, 0, NULL, NULL);
+        CREATE TABLE agents (
+            name TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            disabled_at TEXT
+        );
+        CREATE TABLE secrets (
+            name TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            ciphertext TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE tokens (
+            id TEXT PRIMARY KEY,
+            token_hash BLOB NOT NULL UNIQUE,      -- SHA-256 of the token, never the token
+            secret_name TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at REAL,                      -- unix time, NULL = never
+            revoked_at TEXT,
+            policy TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE TABLE token_usage (               -- counters, written per request, no generation bump
+            token_id TEXT PRIMARY KEY,
+            requests INTEGER NOT NULL DEFAULT 0,
+            tokens_used INTEGER NOT NULL DEFAULT 0,
+            bucket REAL,
+            bucket_at REAL
+        );
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,
+            agent TEXT, token_id TEXT, provider TEXT, secret TEXT,
+            method TEXT, path TEXT, status INTEGER,
+            bytes_in INTEGER, bytes_out INTEGER, duration_ms REAL,
+            client TEXT, outcome TEXT NOT NULL, reason TEXT,
+            model TEXT, tokens_in INTEGER, tokens_out INTEGER,
+            mac BLOB NOT NULL
+        );
+        CREATE INDEX audit_ts ON audit (ts);
+    """)
+    for table in ("agents", "secrets", "tokens"):
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            db.execute(f"CREATE TRIGGER {table}_{event.lower()}_gen AFTER {event} ON {table} "
+                       f"BEGIN UPDATE state SET generation = generation + 1 WHERE id = 1; END")
+
+
+MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1]
+
+
+class Store:
+    """The sqlite database: secrets (encrypted), tokens (hashed), agents, counters, audit.
+
+    Connections come from a small pool (sqlite connections are not shared between threads at
+    the same time); every write runs inside ``transaction()`` (BEGIN IMMEDIATE). WAL mode lets a
+    second broker process and the CLI read and write the same file concurrently.
+    """
+
+    POOL_SIZE = 16
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if path != ":memory:":
+            create_private_file(path)
+        self._pool: "queue.LifoQueue[sqlite3.Connection]" = queue.LifoQueue()
+        self._opened = 0
+        self._lock = threading.Lock()
+        with self.connection() as db:
+            self._migrate(db)
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                             check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 30000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")   # durable across a process crash
+        return db
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        try:
+            db = self._pool.get_nowait()
+        except queue.Empty:
+            db = self._open()
+        try:
+            yield db
+        finally:
+            if db.in_transaction:
+                db.rollback()
+            if self._pool.qsize() < self.POOL_SIZE:
+                self._pool.put(db)
+            else:
+                db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self.connection() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise ConfigError(f"database schema {version} is newer than this broker "
+                              f"({len(MIGRATIONS)}); upgrade seks_broker.py")
+        while version < len(MIGRATIONS):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                current = db.execute("PRAGMA user_version").fetchone()[0]
+                if current == version:
+                    MIGRATIONS[version](db)
+                    db.execute(f"PRAGMA user_version = {version + 1}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._pool.get_nowait().close()
+            except queue.Empty:
+                return
+
+    def generation(self) -> int:
+        """A counter that changes whenever a secret, token or agent changes (triggers)."""
+        with self.connection() as db:
+            return db.execute("SELECT generation FROM state WHERE id = 1").fetchone()[0]
+
+    def check_master_key(self, check: bytes) -> None:
+        """Remember which master key this DB belongs to; refuse any other one."""
+        with self.transaction() as db:
+            stored = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
+            if stored is None:
+                db.execute("UPDATE state SET key_check = ? WHERE id = 1", (check,))
+            elif not hmac.compare_digest(bytes(stored), check):
+                raise ConfigError("the master key does not match this database (wrong "
+                                  "SEKS_MASTER_KEY or key file?)")
+
+    def has_secrets(self) -> bool:
+        with self.connection() as db:
+            return db.execute("SELECT 1 FROM secrets LIMIT 1").fetchone() is not None
+
+    # --- secrets ---------------------------------------------------------------------------
+    def put_secret(self, name: str, provider: str, ciphertext: str, replace: bool) -> None:
+        now = utc_iso()
+        with self.transaction() as db:
+            exists = db.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone()
+            if exists and not replace:
+                raise ConfigError(f"secret {name!r} exists; use 'secret rotate' to change it")
+            if not exists and replace:
+                raise ConfigError(f"no secret named {name!r}")
+            if exists:
+                db.execute("UPDATE secrets SET ciphertext = ?, updated_at = ? WHERE name = ?",
+                           (ciphertext, now, name))
+            else:
+                db.execute("INSERT INTO secrets VALUES (?, ?, ?, ?, ?)",
+                           (name, provider, ciphertext, now, now))
+
+    def get_secret(self, name: str) -> Optional[Tuple[str, str]]:
+        with self.connection() as db:
+            row = db.execute("SELECT provider, ciphertext FROM secrets WHERE name = ?",
+                             (name,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def list_secrets(self) -> List[Tuple[str, str, str, str]]:
+        with self.connection() as db:
+            return db.execute("SELECT name, provider, created_at, updated_at FROM secrets "
+                              "ORDER BY name").fetchall()
+
+    def remove_secret(self, name: str) -> int:
+        """Delete a secret and revoke its tokens; returns how many tokens were revoked."""
+        with self.transaction() as db:
+            if db.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount == 0:
+                raise ConfigError(f"no secret named {name!r}")
+            return db.execute("UPDATE tokens SET revoked_at = ? WHERE secret_name = ? "
+                              "AND revoked_at IS NULL", (utc_iso(), name)).rowcount
+
+    # --- agents ----------------------------------------------------------------------------
+    def add_agent(self, name: str, exist_ok: bool = False) -> bool:
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
+                if exist_ok:
+                    return False
+                raise ConfigError(f"agent {name!r} exists")
+            db.execute("INSERT INTO agents VALUES (?, ?, NULL)", (name, utc_iso()))
+            return True
+
+    def set_agent_disabled(self, name: str, disabled: bool) -> None:
+        with self.transaction() as db:
+            changed = db.execute("UPDATE agents SET disabled_at = ? WHERE name = ?",
+                                 (utc_iso() if disabled else None, name)).rowcount
+            if not changed:
+                raise ConfigError(f"no agent named {name!r}")
+
+    def list_agents(self) -> List[Tuple[str, str, Optional[str], int]]:
+        with self.connection() as db:
+            return db.execute(
+                "SELECT a.name, a.created_at, a.disabled_at, "
+                "(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND t.revoked_at IS NULL) "
+                "FROM agents a ORDER BY a.name").fetchall()
+
+    # --- tokens ----------------------------------------------------------------------------
+    def add_token(self, token_id: str, token_hash: bytes, secret_name: str, provider: str,
+                  agent: str, expires_at: Optional[float], policy: Dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO tokens (id, token_hash, secret_name, provider, agent, "
+                       "created_at, expires_at, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (token_id, token_hash, secret_name, provider, agent, utc_iso(),
+                        expires_at, json.dumps(policy, sort_keys=True)))
+            db.execute("INSERT INTO token_usage (token_id) VALUES (?)", (token_id,))
+
+    def find_token(self, token_hash: bytes) -> Optional["TokenRecord"]:
+        """The token row (with its agent's state and its secret) for a SHA-256 digest."""
+        with self.connection() as db:
+            row = db.execute(
+                "SELECT t.id, t.token_hash, t.secret_name, t.provider, t.agent, t.expires_at, "
+                "t.revoked_at, t.policy, a.disabled_at, s.provider, s.ciphertext "
+                "FROM tokens t LEFT JOIN agents a ON a.name = t.agent "
+                "LEFT JOIN secrets s ON s.name = t.secret_name "
+                "WHERE t.token_hash = ?", (token_hash,)).fetchone()
+        if row is None or not hmac.compare_digest(row[1], token_hash):
+            return None
+        return TokenRecord(*row)
+
+    def list_tokens(self) -> List[Tuple[Any, ...]]:
+        with self.connection() as db:
+            return db.execute(
+                "SELECT t.id, t.agent, t.provider, t.secret_name, t.created_at, t.expires_at, "
+                "t.revoked_at, t.policy, u.requests, u.tokens_used "
+                "FROM tokens t LEFT JOIN token_usage u ON u.token_id = t.id "
+                "ORDER BY t.created_at, t.id").fetchall()
+
+    def revoke_token(self, token_hash: Optional[bytes], token_id: Optional[str]) -> str:
+        with self.transaction() as db:
+            if token_hash is not None:
+                row = db.execute("SELECT id, revoked_at FROM tokens WHERE token_hash = ?",
+                                 (token_hash,)).fetchone()
+            else:
+                row = db.execute("SELECT id, revoked_at FROM tokens WHERE id = ?",
+                                 (token_id,)).fetchone()
+            if row is None:
+                raise ConfigError("no such token")
+            if row[1] is None:
+                db.execute("UPDATE tokens SET revoked_at = ? WHERE id = ?", (utc_iso(), row[0]))
+            return row[0]
+
+
+# ============================================================================================
+# 5. POLICY
+# ============================================================================================
+
+class TokenRecord:
+    """A token row joined with its agent and secret. Holds no plaintext key."""
+
+    __slots__ = ("id", "token_hash", "secret_name", "provider", "agent", "expires_at",
+                 "revoked_at", "policy", "agent_disabled_at", "secret_provider",
+                 "secret_ciphertext")
+
+    def __init__(self, id: str, token_hash: bytes, secret_name: str, provider: str, agent: str,
+                 expires_at: Optional[float], revoked_at: Optional[str], policy: str,
+                 agent_disabled_at: Optional[str], secret_provider: Optional[str],
+                 secret_ciphertext: Optional[str]) -> None:
+        self.id = id
+        self.token_hash = token_hash
+        self.secret_name = secret_name
+        self.provider = provider
+        self.agent = agent
+        self.expires_at = expires_at
+        self.revoked_at = revoked_at
+        self.policy: Dict[str, Any] = json.loads(policy or "{}")
+        self.agent_disabled_at = agent_disabled_at
+        self.secret_provider = secret_provider
+        self.secret_ciphertext = secret_ciphertext
+
+    def __repr__(self) -> str:
+        return f"TokenRecord({self.id} agent={self.agent} provider={self.provider})"
+
+
+def token_digest(token: str) -> bytes:
+    """How a token is stored and looked up: SHA-256 (tokens carry 256 random bits)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def new_token(provider: Provider) -> str:
+    """A fresh fake token: ``seks_<provider>_<43 chars>``; Telegram-shaped where clients check."""
+    body = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_RANDOM_BYTES)).rstrip(b"=").decode()
+    token = f"seks_{provider.name}_{body}"
+    if any(place.kind == "path" for place in provider.token_places):
+        # Telegram clients (aiogram) insist on "<digits>:<rest>", like a real bot token.
+        token = "".join(secrets.choice("0123456789") for _ in range(10)) + ":" + token
+    return token
+
+
+def new_token_id() -> str:
+    return "tok_" + secrets.token_hex(6)
+
+
+def check_token(record: Optional[TokenRecord], provider: str, now: float) -> TokenRecord:
+    """The token check: deny unless the token is known, live, and bound to this provider."""
+    if record is None:
+        raise AuthError("unknown token")
+    if record.revoked_at is not None:
+        raise AuthError("token revoked")
+    if record.expires_at is not None and now >= record.expires_at:
+        raise AuthError("token expired")
+    if record.agent_disabled_at is not None:
+        raise AuthError(f"agent '{record.agent}' is disabled")
+    if record.secret_ciphertext is None:
+        raise AuthError("the token's secret was removed")
+    if record.provider != provider:
+        raise Forbidden(f"token is for provider '{record.provider}', not '{provider}'")
+    return record
+
+
+class TokenCache:
+    """token digest -> (record, real key), trusted only while the store's generation is unchanged.
+
+    The generation counter is bumped by triggers on every change to secrets, tokens and agents
+    (from any process), so a revocation bites on the very next request; reading it costs one
+    indexed sqlite read instead of a join and a decryption.
+    """
+
+    def __init__(self, store: Store, cipher: SecretCipher, size: int = TOKEN_CACHE_SIZE) -> None:
+        self._store = store
+        self._cipher = cipher
+        self._size = size
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[bytes]]] = {}
+
+    def lookup(self, token: str) -> Tuple[Optional[TokenRecord], Optional[bytes]]:
+        digest = token_digest(token)
+        generation = self._store.generation()
+        with self._lock:
+            if generation != self._generation:
+                self._entries.clear()
+                self._generation = generation
+            hit = self._entries.get(digest)
+        if hit is not None:
+            return hit
+        record = self._store.find_token(digest)
+        key = None
+        if record is not None and record.secret_ciphertext is not None:
+            try:
+                key = self._cipher.decrypt(record.secret_ciphertext,
+                                           secret_ad(record.secret_name, record.secret_provider or ""))
+            except DecryptError:
+                raise BrokerError("a stored secret failed verification (wrong master key or "
+                                  "edited database)") from None
+        entry = (record, key)
+        with self._lock:
+            if self._generation == generation:
+                if len(self._entries) >= self._size:
+                    self._entries.clear()
+                self._entries[digest] = entry
+        return entry
+
+
+# ============================================================================================
+# 6. FORWARDING
+# ============================================================================================
+
+_PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _check_chars(text: str, what: str) -> None:
+    for ch in text:
+        code = ord(ch)
+        if code < 0x21 or code == 0x7F or ch in "\\#":
+            raise BadRequest(f"{what} contains a forbidden character")
+
+
+def validate_path(rest: str) -> str:
+    """Accept a provider path only if no decoding of it can climb out or name another host.
+
+    Refused: anything not starting with one '/', '//' anywhere, backslashes, control
+    characters, '#', malformed or non-UTF-8 (overlong) percent escapes, and '.' or '..'
+    segments after any number of percent-decodings. '@' and ':' stay legal: the host never
+    comes from this string.
+    """
+    if not rest.startswith("/"):
+        raise BadRequest("path must start with '/'")
+    layer = rest
+    for _ in range(4):
+        if any(ord(ch) > 0x7E for ch in layer):
+            raise BadRequest("path contains a forbidden character")
+        _check_chars(layer, "path")
+        if "//" in layer:
+            raise BadRequest("empty path segment ('//') is not allowed")
+        if any(seg in (".", "..") for seg in layer.split("/")):
+            raise BadRequest("dot segments are not allowed in paths")
+        if "%" not in layer:
+            return rest
+        if re.search(r"%(?![0-9A-Fa-f]{2})", layer):
+            raise BadRequest("malformed percent escape in path")
+        try:
+            layer = urllib.parse.unquote_to_bytes(layer).decode("utf-8", "strict")
+        except UnicodeDecodeError:
+            raise BadRequest("path escapes are not valid UTF-8") from None
+    raise BadRequest("path is encoded too many times")
+
+
+def validate_query(query: str) -> str:
+    _check_chars(query, "query")
+    if any(ord(ch) > 0x7E for ch in query):
+        raise BadRequest("query contains a forbidden character")
+    return query
+
+
+def build_upstream_url(provider: Provider, rest: str, query: str) -> str:
+    """The one place an upstream URL is made: configured origin + base path + validated path.
+
+    Only ``rest`` and ``query`` come from the agent, both validated, and ``rest`` always starts
+    with a single '/', so nothing in them can be read as an authority.
+    """
+    validate_path(rest)
+    validate_query(query)
+    target = provider.base_path + rest + ("?" + query if query else "")
+    return provider.origin + target
+
+
+class CredentialSwap:
+    """Where an agent's token was found in a request, and how to put the real key there."""
+
+    __slots__ = ("token", "place", "prefix")
+
+    def __init__(self, token: str, place: CredentialPlace, prefix: str) -> None:
+        self.token = token
+        self.place = place
+        self.prefix = prefix      # the header scheme word or path prefix actually used
+
+
+def find_token(provider: Provider, headers: List[Tuple[str, str]], rest: str,
+               query: str) -> Optional[CredentialSwap]:
+    """Look for the agent's token in the provider's token places, in their listed order."""
+    for place in provider.token_places:
+        if place.kind == "header":
+            for name, value in headers:
+                if name.lower() != place.name:
+                    continue
+                value = value.strip()
+                if not place.prefixes:
+                    return CredentialSwap(value, place, "")
+                word, _, tail = value.partition(" ")
+                for prefix in place.prefixes:
+                    if word.lower() == prefix.lower() and tail.strip():
+                        return CredentialSwap(tail.strip(), place, prefix)
+        elif place.kind == "query":
+            for part in query.split("&") if query else ():
+                name, _, value = part.partition("=")
+                if urllib.parse.unquote_plus(name) == place.name:
+                    return CredentialSwap(urllib.parse.unquote_plus(value), place, "")
+        else:
+            for prefix in place.prefixes:
+                if rest.startswith(prefix) and len(rest) > len(prefix):
+                    segment = rest[len(prefix):].split("/", 1)[0]
+                    return CredentialSwap(urllib.parse.unquote(segment), place, prefix)
+    return None
+
+
+def swap_credentials(provider: Provider, swap: CredentialSwap, key: str,
+                     headers: List[Tuple[str, str]], rest: str,
+                     query: str) -> Tuple[List[Tuple[str, str]], str, str]:
+    """Remove every credential place of the provider from the request and inject the key."""
+    header_places = {p.name for p in provider.token_places if p.kind == "header"}
+    query_places = {p.name for p in provider.token_places if p.kind == "query"}
+    if provider.inject is not None and provider.inject.kind == "header":
+        header_places.add(provider.inject.name)
+    headers = [(n, v) for n, v in headers if n.lower() not in header_places]
+    inject = provider.inject or swap.place
+    kept: List[str] = []
+    injected_query = False
+    for part in query.split("&") if query else ():
+        name = urllib.parse.unquote_plus(part.partition("=")[0])
+        if name in query_places:
+            if inject.kind == "query" and name == inject.name and not injected_query:
+                kept.append(f"{inject.name}={urllib.parse.quote(key, safe='')}")
+                injected_query = True
+            continue
+        kept.append(part)
+    if inject.kind == "query" and not injected_query:
+        kept.append(f"{inject.name}={urllib.parse.quote(key, safe='')}")
+    if inject.kind == "header":
+        prefix = swap.prefix if inject is swap.place and swap.prefix else (
+            inject.prefixes[0] if inject.prefixes else "")
+        headers.append((inject.name, f"{prefix} {key}" if prefix else key))
+    elif inject.kind == "path":
+        tail = rest[len(swap.prefix):].split("/", 1)
+        rest = swap.prefix + urllib.parse.quote(key, safe=":") + ("/" + tail[1] if len(tail) > 1 else "")
+    return headers, rest, "&".join(kept)
+
+
+def mask_secret(secret: bytes) -> bytes:
+    """A same-length stand-in for a real key, so Content-Length stays right when scrubbing."""
+    label = b"[REDACTED-BY-SEKS]"
+    return label[:len(secret)] + b"*" * max(0, len(secret) - len(label))
+
+
+class Scrubber:
+    """Replaces real keys in a byte stream, holding back at most len(key)-1 bytes.
+
+    ``feed`` returns what is safe to send now; ``flush`` returns the held-back tail at the end.
+    A key split across chunks is still caught, and nothing is buffered beyond a possible
+    partial match, so server-sent events still flow one by one.
+    """
+
+    def __init__(self, secrets_: Iterable[bytes]) -> None:
+        self._pairs = [(s, mask_secret(s)) for s in sorted(set(secrets_), key=len, reverse=True) if s]
+        self._held = b""
+
+    def scrub(self, data: bytes) -> bytes:
+        for secret, mask in self._pairs:
+            if secret in data:
+                data = data.replace(secret, mask)
+        return data
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._pairs:
+            return data
+        buf = self._held + data if self._held else data
+        buf = self.scrub(buf)
+        hold = 0
+        for secret, _ in self._pairs:
+            start = max(0, len(buf) - len(secret) + 1)
+            first = secret[:1]
+            i = buf.find(first, start)
+            while i != -1:
+                if secret.startswith(buf[i:]):
+                    hold = max(hold, len(buf) - i)
+                    break
+                i = buf.find(first, i + 1)
+        self._held = buf[len(buf) - hold:] if hold else b""
+        return buf[:len(buf) - hold] if hold else buf
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
+
+
+def secret_variants(key: str) -> List[bytes]:
+    """The forms in which an upstream might echo a key: raw and percent-encoded."""
+    raw = key.encode("utf-8")
+    quoted = urllib.parse.quote(key, safe="").encode()
+    return [raw] if quoted == raw else [raw, quoted]
+
+
+class UpstreamResponse:
+    """An upstream answer being relayed; returns its connection to the pool only when the body
+    was read to the end and the upstream did not ask to close."""
+
+    def __init__(self, pool: "UpstreamPool", pool_key: Tuple[str, str, int],
+                 conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        self._pool = pool
+        self._pool_key = pool_key
+        self._conn: Optional[http.client.HTTPConnection] = conn
+        self._resp = resp
+        self.status = resp.status
+        self.reason = resp.reason
+        self.headers: List[Tuple[str, str]] = resp.getheaders()
+
+    def read1(self, size: int) -> bytes:
+        return self._resp.read1(size)
+
+    def read(self) -> bytes:
+        return self._resp.read()
+
+    def finish(self, complete: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if complete and not self._resp.will_close:
+            try:
+                self._resp.read()          # zero bytes left: marks the response closed
+            except Exception:
+                complete = False
+        if complete and self._resp.isclosed() and not self._resp.will_close:
+            self._pool.put(self._pool_key, conn)
+        else:
+            self._resp.close()
+            conn.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections per (scheme, host, port), shared by all handler threads.
+
+    A connection goes back only after a complete, cleanly framed answer; one that the upstream
+    closed while idle is noticed (readable socket) and dropped before reuse.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext, connect_timeout: float,
+                 read_timeout: float) -> None:
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: Dict[Tuple[str, str, int], List[Tuple[float, http.client.HTTPConnection]]] = {}
+        self._lock = threading.Lock()
+        self.opened = 0
+
+    def get(self, key: Tuple[str, str, int]) -> Tuple[http.client.HTTPConnection, bool]:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                item = idle.pop() if idle else None
+            if item is None:
+                break
+            since, conn = item
+            sock = conn.sock
+            if sock is None or now - since > POOL_IDLE_SECONDS or _peer_closed(sock):
+                conn.close()
+                continue
+            return conn, True
+        scheme, host, port = key
+        if scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=self.connect_timeout, context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(self.read_timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self.opened += 1
+        return conn, False
+
+    def put(self, key: Tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < POOL_IDLE_PER_HOST:
+                idle.append((time.monotonic(), conn))
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._idle = self._idle, {}
+        for idle in pools.values():
+            for _, conn in idle:
+                conn.close()
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """An idle keep-alive socket that is readable has been closed (or spoken on) by the peer."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class PooledHTTPHandler(urllib.request.BaseHandler):
+    """urllib handler that sends requests over the broker's pooled keep-alive connections.
+
+    Installed in an opener without the redirect and error processors: a 3xx or 4xx/5xx is a
+    normal answer to relay, and a redirect is never followed with the real key.
+    """
+
+    handler_order = 100
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    def http_open(self, req: urllib.request.Request) -> UpstreamResponse:
+        return self._open(req, "http")
+
+    def https_open(self, req: urllib.request.Request) -> UpstreamResponse:
+        return self._open(req, "https")
+
+    def _open(self, req: urllib.request.Request, scheme: str) -> UpstreamResponse:
+        host, port = req.seks_host, req.seks_port  # type: ignore[attr-defined]
+        key = (scheme, host, port)
+        headers = dict(req.header_items())
+        body = req.data
+        replayable = body is None or isinstance(body, bytes)
+        for attempt in (0, 1):
+            conn, reused = self.pool.get(key)
+            try:
+                conn.request(req.get_method(), req.selector, body=body, headers=headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                conn.close()
+                if reused and replayable and attempt == 0:
+                    continue             # the idle connection died under us: one fresh try
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            return UpstreamResponse(self.pool, key, conn, resp)
+        raise UpstreamError("upstream closed the connection")
+
+
+def make_opener(pool: UpstreamPool) -> urllib.request.OpenerDirector:
+    opener = urllib.request.OpenerDirector()
+    opener.add_handler(PooledHTTPHandler(pool))
+    return opener
+
+
+def forward_request_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """Client headers minus hop-by-hop ones (and those named in Connection) and the few the
+    broker sets itself; duplicates are joined with ', ' (urllib keeps one value per name)."""
+    named = {t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")}
+    merged: Dict[str, Tuple[str, str]] = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named or lower in REQUEST_HEADERS_REPLACED:
+            continue
+        if lower in merged:
+            merged[lower] = (merged[lower][0], merged[lower][1] + ", " + value)
+        else:
+            merged[lower] = (name, value)
+    return list(merged.values())
+
+
+def rewrite_location(value: str, provider: Provider, route_prefix: str) -> str:
+    """Point a redirect into the upstream back at the broker route; leave other targets alone."""
+    if value.startswith("/") and not value.startswith("//"):
+        path = value
+    else:
+        try:
+            parts = urllib.parse.urlsplit(value)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return value
+        if (parts.scheme, (parts.hostname or "").lower(), port) != (
+                provider.scheme, provider.host.lower(), provider.port):
+            return value
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+    base = provider.base_path
+    if base:
+        if not (path == base or path.startswith(base + "/") or path.startswith(base + "?")):
+            return value
+        path = path[len(base):] or "/"
+    return route_prefix + path
+
+
+def response_headers(headers: List[Tuple[str, str]], drop: Iterable[str]) -> List[Tuple[str, str]]:
+    """Upstream answer headers minus hop-by-hop ones, those named in Connection, and ``drop``."""
+    named = {t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")}
+    dropped = HOP_BY_HOP | named | set(drop)
+    return [(n, v) for n, v in headers if n.lower() not in dropped]
+
+
+_TOKEN_TEXT_RE = re.compile(r"(seks_[a-z0-9-]{1,32}_)([A-Za-z0-9_-]{4})[A-Za-z0-9_-]*")
+
+
+def redact(text: str) -> str:
+    """Make any text safe to log: tokens cut to a short prefix, control characters escaped."""
+    text = _TOKEN_TEXT_RE.sub(r"\1\2…", text)
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii").replace("\\u2026", "…")
+
+
+def masked_request_path(provider: Optional[Provider], path: str, query: str) -> str:
+    """The agent-side path as it may be logged: Telegram key segment and credential query
+    parameters replaced by '***'."""
+    if provider is not None:
+        for place in provider.token_places:
+            if place.kind == "path":
+                for prefix in place.prefixes:
+                    idx = path.find(prefix)
+                    if idx != -1 and idx + len(prefix) < len(path):
+                        head, seg_tail = path[:idx + len(prefix)], path[idx + len(prefix):]
+                        seg, slash, tail = seg_tail.partition("/")
+                        path = head + "***" + slash + tail
+                        break
+    if query:
+        secret_params = {"key", "token", "api_key", "apikey", "access_token", "auth"}
+        if provider is not None:
+            secret_params |= {p.name for p in provider.token_places if p.kind == "query"}
+        parts = []
+        for part in query.split("&"):
+            name, eq, _ = part.partition("=")
+            parts.append(f"{name}=***" if eq and urllib.parse.unquote_plus(name).lower()
+                         in secret_params else part)
+        path += "?" + "&".join(parts)
+    return redact(path)
+
+
+# ============================================================================================
+# 7. HTTP HANDLER
+# ============================================================================================
+
+_CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}$")
+_CHUNK_SIZE_RE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+_METHOD_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")
+
+
+class RequestHead:
+    """A parsed request line and header block (header names keep their case, values latin-1)."""
+
+    __slots__ = ("method", "target", "version", "headers")
+
+    def __init__(self, method: str, target: str, version: str,
+                 headers: List[Tuple[str, str]]) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+
+    def get_all(self, name: str) -> List[str]:
+        return [v for n, v in self.headers if n.lower() == name]
+
+    def get(self, name: str) -> Optional[str]:
+        for n, v in self.headers:
+            if n.lower() == name:
+                return v
+        return None
+
+
+def request_framing(head: RequestHead, max_body: int) -> Tuple[str, int]:
+    """How the request body is delimited: ("none"|"length"|"chunked", length). Strict: any
+    ambiguity that could let two parsers disagree about where the body ends is a 400."""
+    lengths = head.get_all("content-length")
+    codings = head.get_all("transfer-encoding")
+    if codings:
+        if lengths:
+            raise BadRequest("Content-Length together with Transfer-Encoding is refused", close=True)
+        if head.version == "HTTP/1.0":
+            raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0", close=True)
+        words = [w.strip().lower() for v in codings for w in v.split(",")]
+        if words != ["chunked"]:
+            raise BadRequest("only 'Transfer-Encoding: chunked' is supported", close=True)
+        return "chunked", -1
+    if lengths:
+        if len(lengths) > 1:
+            raise BadRequest("more than one Content-Length header", close=True)
+        if not _CONTENT_LENGTH_RE.match(lengths[0]):
+            raise BadRequest("Content-Length is not a number", close=True)
+        length = int(lengths[0])
+        if length > max_body:
+            raise PayloadTooLarge(f"request body larger than {max_body} bytes", close=True)
+        return ("length", length) if length else ("none", 0)
+    return "none", 0
+
+
+class Exchange:
+    """What one request did, for the log line (and the audit row)."""
+
+    __slots__ = ("started", "client", "method", "path", "provider", "agent", "token_id",
+                 "secret", "status", "bytes_in", "bytes_out", "outcome", "reason")
+
+    def __init__(self, client: str) -> None:
+        self.started = time.monotonic()
+        self.client = client
+        self.method = ""
+        self.path = ""
+        self.provider = ""
+        self.agent = ""
+        self.token_id = ""
+        self.secret = ""
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.outcome = "error"
+        self.reason = ""
+
+
+class BrokerHandler(http.server.BaseHTTPRequestHandler):
+    """One agent connection. Overrides ``handle_one_request`` with a strict, bounded parser and
+    the proxy pipeline: parse -> route -> authenticate -> swap credential -> forward -> relay.
+    Every path ends in exactly one response (or a closed connection when one cannot be sent)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "seks-broker"
+    server: "BrokerServer"
+
+    def setup(self) -> None:
+        self.timeout = self.server.broker.settings.client_timeout
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    # --- small writers ---------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+        except (OSError, ValueError) as exc:
+            self.close_connection = True
+            raise ClientGone() from exc
+
+    def _head_bytes(self, status: int, reason: str, headers: List[Tuple[str, str]]) -> bytes:
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+        lines.extend(f"{n}: {v}\r\n" for n, v in headers)
+        if self.close_connection:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1", "replace")
+
+    def _send_simple(self, status: int, body: bytes, headers: Optional[Dict[str, str]] = None,
+                     content_type: str = "application/json") -> None:
+        hdrs = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        hdrs.extend((headers or {}).items())
+        self._write(self._head_bytes(status, HTTP_REASONS.get(status, ""), hdrs) + body)
+
+    def _send_error(self, exc: BrokerError, ex: Exchange) -> None:
+        if exc.close:
+            self.close_connection = True
+        ex.status = exc.status
+        ex.outcome = "denied" if exc.status in (401, 403, 429) else "error"
+        ex.reason = ex.reason or exc.message
+        try:
+            self._send_simple(exc.status, error_body(exc), exc.headers)
+        except ClientGone:
+            pass
+
+    # --- request parsing -------------------------------------------------------------------
+    def _read_head(self) -> Optional[RequestHead]:
+        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if line == b"\r\n":                       # one stray CRLF between requests is allowed
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if not line:
+            return None
+        if len(line) > MAX_REQUEST_LINE:
+            raise UriTooLong("request line too long", close=True)
+        if not line.endswith(b"\r\n"):
+            raise BadRequest("request line must end with CRLF", close=True)
+        parts = line[:-2].split(b" ")
+        if len(parts) != 3 or not _METHOD_RE.match(parts[0]):
+            raise BadRequest("malformed request line", close=True)
+        method, target, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            raise BadRequest("only HTTP/1.0 and HTTP/1.1 are supported", close=True)
+        if any(b < 0x21 or b > 0x7E for b in target):
+            raise BadRequest("request target contains a forbidden character", close=True)
+        headers: List[Tuple[str, str]] = []
+        total = 0
+        while True:
+            line = self.rfile.readline(MAX_HEADER_BYTES + 1)
+            total += len(line)
+            if total > MAX_HEADER_BYTES or len(headers) >= MAX_HEADER_COUNT:
+                raise HeadersTooLarge("request header fields too large", close=True)
+            if not line:
+                raise ClientGone()
+            if line == b"\r\n":
+                break
+            if not line.endswith(b"\r\n"):
+                raise BadRequest("header line must end with CRLF", close=True)
+            if line[:1] in (b" ", b"\t"):
+                raise BadRequest("obsolete header line folding is refused", close=True)
+            name, sep, value = line[:-2].partition(b":")
+            if not sep or not HEADER_NAME_RE.match(name):
+                raise BadRequest("malformed header line", close=True)
+            value = value.strip(b" \t")
+            if any((b < 0x20 and b != 0x09) or b == 0x7F for b in value):
+                raise BadRequest("header value contains a control character", close=True)
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        head = RequestHead(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"),
+                           headers)
+        conn_tokens = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
+        if head.version == "HTTP/1.0" or "close" in conn_tokens:
+            self.close_connection = True
+        return head
+
+    def _body_chunks(self, framing: str, length: int, ex: Exchange) -> Iterator[bytes]:
+        """The request body as it arrives, checked against the framing and the size limit.
+        A client-side timeout or reset surfaces as ClientGone, never as an upstream error."""
+        try:
+            yield from self._read_body(framing, length, ex)
+        except (socket.timeout, OSError) as exc:
+            self.close_connection = True
+            raise ClientGone() from exc
+
+    def _read_body(self, framing: str, length: int, ex: Exchange) -> Iterator[bytes]:
+        rfile = self.rfile
+        if framing == "length":
+            remaining = length
+            while remaining:
+                data = rfile.read1(min(remaining, STREAM_CHUNK))
+                if not data:
+                    raise ClientGone()
+                remaining -= len(data)
+                ex.bytes_in += len(data)
+                yield data
+            return
+        max_body = self.server.broker.settings.max_body
+        while True:
+            line = rfile.readline(MAX_CHUNK_LINE + 1)
+            if not line:
+                raise ClientGone()
+            if not line.endswith(b"\r\n"):
+                raise BadRequest("malformed chunk size line", close=True)
+            size_text = line[:-2].split(b";", 1)[0].strip(b" \t")
+            if not _CHUNK_SIZE_RE.match(size_text):
+                raise BadRequest("malformed chunk size", close=True)
+            size = int(size_text, 16)
+            if size == 0:
+                trailer_bytes = 0
+                while True:
+                    trailer = rfile.readline(MAX_HEADER_BYTES + 1)
+                    trailer_bytes += len(trailer)
+                    if not trailer:
+                        raise ClientGone()
+                    if trailer_bytes > MAX_HEADER_BYTES:
+                        raise HeadersTooLarge("chunked trailers too large", close=True)
+                    if trailer == b"\r\n":
+                        return
+            if ex.bytes_in + size > max_body:
+                raise PayloadTooLarge(f"request body larger than {max_body} bytes", close=True)
+            remaining = size
+            while remaining:
+                data = rfile.read1(min(remaining, STREAM_CHUNK))
+                if not data:
+                    raise ClientGone()
+                remaining -= len(data)
+                ex.bytes_in += len(data)
+                yield data
+            if rfile.read(2) != b"\r\n":
+                raise BadRequest("chunk data not followed by CRLF", close=True)
+
+    # --- the pipeline ----------------------------------------------------------------------
+    def handle_one_request(self) -> None:
+        broker = self.server.broker
+        ex = Exchange(self.client_address[0] if self.client_address else "")
+        head: Optional[RequestHead] = None
+        try:
+            head = self._read_head()
+            if head is None:
+                self.close_connection = True
+                return
+            ex.method = head.method
+            self._proxy(head, ex, broker)
+        except BrokerError as exc:
+            if head is not None and request_has_body(head):
+                self.close_connection = True     # unread body would be taken for a request
+            self._send_error(exc, ex)
+        except ClientGone:
+            self.close_connection = True
+            ex.reason = ex.reason or "client closed the connection"
+            if head is None:
+                return
+        except (socket.timeout, ConnectionError):
+            self.close_connection = True
+            if head is None:
+                return
+            ex.reason = ex.reason or "client connection timed out or reset"
+        except Exception as exc:                  # last resort: generic 502, redacted log
+            self.close_connection = True
+            broker.log_error(f"internal error: {type(exc).__name__}")
+            self._send_error(UpstreamError("the broker could not complete the request"), ex)
+        finally:
+            if head is not None:
+                broker.finish(ex)
+
+    def _proxy(self, head: RequestHead, ex: Exchange, broker: "Broker") -> None:
+        if head.method == "CONNECT":
+            raise BadRequest("CONNECT is refused: the broker is not a forward proxy", close=True)
+        if head.method == "TRACE":
+            raise BadRequest("TRACE is refused", close=True)
+        if not head.target.startswith("/"):
+            raise BadRequest("only origin-form request targets (a path) are accepted", close=True)
+        path, _, query = head.target.partition("?")
+        ex.path = redact(path)
+        if path == "/healthz" and head.method in ("GET", "HEAD"):
+            ex.outcome, ex.status = "health", 200
+            self._send_simple(200, b'{"status":"ok"}' if head.method == "GET" else b"")
+            return
+        validate_path(path)
+        provider, rest, route_prefix = broker.route(path)
+        ex.provider = provider.name
+        ex.path = masked_request_path(provider, path, query)
+        validate_query(query)
+        framing, length = request_framing(head, broker.settings.max_body)
+        swap = find_token(provider, head.headers, rest, query)
+        if swap is None:
+            raise AuthError(f"missing token: send your seks token where the {provider.name} "
+                            f"client sends its API key")
+        record, key = broker.tokens.lookup(swap.token)
+        if record is None:
+            ex.reason = "unknown token " + broker.fingerprint(swap.token)
+        else:
+            ex.agent, ex.token_id, ex.secret = record.agent, record.id, record.secret_name
+        check_token(record, provider.name, time.time())
+        assert key is not None
+        real_key = key.decode("utf-8", "surrogateescape")
+        headers, rest_up, query_up = swap_credentials(
+            provider, swap, real_key, forward_request_headers(head.headers), rest, query)
+        url = build_upstream_url(provider, rest_up, query_up)
+        headers.append(("Host", provider.host_header))
+        headers.append(("Accept-Encoding", "identity"))
+        body: Any = None
+        if framing == "length":
+            headers.append(("Content-Length", str(length)))
+            self._expect_continue(head)
+            if length <= INLINE_BODY_MAX:
+                body = self.rfile.read(length)
+                if len(body) != length:
+                    raise ClientGone()
+                ex.bytes_in = length
+            else:
+                body = self._body_chunks(framing, length, ex)
+        elif framing == "chunked":
+            self._expect_continue(head)
+            body = self._body_chunks(framing, length, ex)
+        scrubber = Scrubber(secret_variants(real_key))
+        resp = broker.open_upstream(provider, head.method, url, headers, body)
+        try:
+            self._relay(head, resp, provider, route_prefix, scrubber, ex)
+        finally:
+            resp.finish(complete=ex.outcome == "ok")
+
+    def _expect_continue(self, head: RequestHead) -> None:
+        expect = head.get("expect")
+        if expect is not None and expect.lower() == "100-continue" and head.version == "HTTP/1.1":
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _relay(self, head: RequestHead, resp: UpstreamResponse, provider: Provider,
+               route_prefix: str, scrubber: Scrubber, ex: Exchange) -> None:
+        """Send the upstream answer on: status and headers (scrubbed), then the body as it
+        arrives, in the same framing where possible."""
+        status = resp.status
+        ex.status = status
+        encoding = ""
+        length: Optional[int] = None
+        for name, value in resp.headers:
+            lower = name.lower()
+            if lower == "content-encoding":
+                encoding = value.strip().lower()
+            elif lower == "content-length" and _CONTENT_LENGTH_RE.match(value.strip()):
+                length = int(value.strip())
+        decoder = None
+        drop = {"content-length"}
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
+            drop.add("content-encoding")
+            length = None
+        elif encoding not in ("", "identity"):
+            raise UpstreamError(f"upstream answered with content-encoding '{encoding[:20]}', "
+                                f"which the broker cannot inspect for leaked keys")
+        headers = []
+        for name, value in response_headers(resp.headers, drop):
+            if name.lower() == "location":
+                value = rewrite_location(value, provider, route_prefix)
+            headers.append((name, scrubber.scrub(value.encode("latin-1", "replace")).decode("latin-1")))
+        no_body = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        reason = resp.reason or HTTP_REASONS.get(status, "")
+        if no_body:
+            if length is not None and head.method == "HEAD":
+                headers.append(("Content-Length", str(length)))
+            self._write(self._head_bytes(status, reason, headers))
+            ex.outcome = "ok"
+            return
+        if length is not None and length <= INLINE_BODY_MAX:
+            try:
+                data = resp.read()
+            except (http.client.HTTPException, OSError):
+                raise UpstreamError("upstream answer ended early") from None
+            data = scrubber.scrub(data)
+            headers.append(("Content-Length", str(len(data))))
+            self._write(self._head_bytes(status, reason, headers) + data)
+            ex.bytes_out = len(data)
+            ex.outcome = "ok"
+            return
+        chunked = length is None and head.version == "HTTP/1.1"
+        if length is not None:
+            headers.append(("Content-Length", str(length)))
+        elif chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        else:
+            self.close_connection = True          # HTTP/1.0 client: end of body = close
+        self._write(self._head_bytes(status, reason, headers))
+        self._stream_body(resp, decoder, scrubber, chunked, ex)
+        ex.outcome = "ok"
+
+    def _stream_body(self, resp: UpstreamResponse, decoder: Any, scrubber: Scrubber,
+                     chunked: bool, ex: Exchange) -> None:
+        """Relay the body: each read returns what is available (an SSE event is sent at once)."""
+        write = self._write
+        while True:
+            try:
+                data = resp.read1(STREAM_CHUNK)
+            except (http.client.HTTPException, OSError):
+                self.close_connection = True      # head already sent: all we can do is cut
+                ex.reason = "upstream answer ended early"
+                raise ClientGone() from None
+            if not data:
+                break
+            if decoder is not None:
+                data = decoder.decompress(data)
+            data = scrubber.feed(data)
+            if data:
+                ex.bytes_out += len(data)
+                write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+        tail = scrubber.feed(decoder.flush()) if decoder is not None else b""
+        tail += scrubber.flush()
+        if tail:
+            ex.bytes_out += len(tail)
+        if chunked:
+            write((b"%x\r\n%s\r\n" % (len(tail), tail) if tail else b"") + b"0\r\n\r\n")
+        elif tail:
+            write(tail)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """http.server's own messages go through the one redacting log path."""
+        self.server.broker.log_error(format % args)
+
+
+def request_has_body(head: RequestHead) -> bool:
+    if head.get("transfer-encoding") is not None:
+        return True
+    length = head.get("content-length")
+    return length is not None and length.strip() not in ("", "0")
+
+
+# ============================================================================================
+# 8. SERVER
+# ============================================================================================
+
+class Settings:
+    """Everything the running broker is configured with (flags > env > config file > defaults)."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.host = DEFAULT_HOST
+        self.port = DEFAULT_PORT
+        self.max_body = MAX_BODY_BYTES
+        self.max_connections = MAX_CONNECTIONS
+        self.client_timeout = CLIENT_TIMEOUT_S
+        self.connect_timeout = UPSTREAM_CONNECT_TIMEOUT_S
+        self.upstream_timeout = UPSTREAM_TIMEOUT_S
+        self.quiet = False
+        for name, value in overrides.items():
+            if not hasattr(self, name):
+                raise ConfigError(f"unknown setting {name!r}")
+            setattr(self, name, value)
+
+
+def load_providers(environ: Dict[str, str]) -> Dict[str, Provider]:
+    """Built-in providers, with upstream bases replaced by ``SEKS_UPSTREAM_<NAME>``."""
+    providers = providers_from_ini(BUILTIN_PROVIDERS_INI)
+    for name, provider in providers.items():
+        override = environ.get("SEKS_UPSTREAM_" + name.upper().replace("-", "_"))
+        if override:
+            fresh = Provider(name, override.strip(), provider.token_places, provider.inject,
+                             provider.usage, provider.aliases)
+            providers[name] = fresh
+    return providers
+
+
+def upstream_ssl_context(cafile: Optional[str] = None) -> ssl.SSLContext:
+    """Verified TLS to upstreams (system trust, SSL_CERT_FILE, or an explicit CA file)."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class Broker:
+    """The running broker: providers, token cache, upstream pool, logging. Shared by threads."""
+
+    def __init__(self, settings: Settings, store: Store, master_key: bytes,
+                 providers: Dict[str, Provider]) -> None:
+        self.settings = settings
+        self.store = store
+        self.cipher = SecretCipher(master_key)
+        self.tokens = TokenCache(store, self.cipher)
+        self.pool = UpstreamPool(upstream_ssl_context(), settings.connect_timeout,
+                                 settings.upstream_timeout)
+        self.opener = make_opener(self.pool)
+        self.providers = providers
+        self.routes: Dict[str, Provider] = {}
+        for provider in providers.values():
+            self.routes[provider.name] = provider
+            for alias in provider.aliases:
+                self.routes[alias] = provider
+        self._fingerprint_key = derive_key(master_key, "fingerprint")
+        self._log_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Broker({len(self.providers)} providers)"
+
+    def route(self, path: str) -> Tuple[Provider, str, str]:
+        """``/<provider>/<rest>`` or ``/api/<provider>/<rest>`` -> (provider, rest, prefix)."""
+        alias = ""
+        if path.startswith("/api/"):
+            alias, path = "/api", path[4:]
+        name, sep, rest = path[1:].partition("/")
+        provider = self.routes.get(name)
+        if provider is None:
+            shown = name if PROVIDER_NAME_RE.match(name) else name[:0] + "?"
+            raise NotFound(f"unknown provider '{shown}'")
+        return provider, "/" + rest if sep else "/", f"{alias}/{name}"
+
+    def fingerprint(self, presented: str) -> str:
+        """A short, keyed, non-reversible tag of an unknown token, to correlate attempts."""
+        return "fp:" + hmac.new(self._fingerprint_key, presented.encode("utf-8", "replace"),
+                                hashlib.sha256).hexdigest()[:12]
+
+    def open_upstream(self, provider: Provider, method: str, url: str,
+                      headers: List[Tuple[str, str]], body: Any) -> UpstreamResponse:
+        """Send the request with urllib over the pool; map network failures to 502/504."""
+        request = urllib.request.Request(url, data=body, headers=dict(headers), method=method)
+        request.seks_host, request.seks_port = provider.host, provider.port  # type: ignore[attr-defined]
+        try:
+            return self.opener.open(request)
+        except (BrokerError, ClientGone):
+            raise
+        except socket.timeout:
+            raise UpstreamTimeout(f"upstream {provider.name} timed out") from None
+        except ssl.SSLError:
+            raise UpstreamError(f"TLS to upstream {provider.name} failed") from None
+        except (OSError, http.client.HTTPException):
+            raise UpstreamError(f"upstream {provider.name} unreachable or closed the "
+                                f"connection") from None
+
+    def finish(self, ex: Exchange) -> None:
+        """One log line per request."""
+        if self.settings.quiet:
+            return
+        ms = (time.monotonic() - ex.started) * 1000
+        line = (f"{utc_iso()} {ex.client} {ex.method} {ex.path} status={ex.status} "
+                f"provider={ex.provider or '-'} agent={ex.agent or '-'} token={ex.token_id or '-'} "
+                f"in={ex.bytes_in} out={ex.bytes_out} ms={ms:.1f} outcome={ex.outcome}"
+                + (f" reason={ex.reason!r}" if ex.reason else ""))
+        self._emit(line)
+
+    def log_error(self, message: str) -> None:
+        self._emit(f"{utc_iso()} ERROR {message}")
+
+    def _emit(self, line: str) -> None:
+        line = redact(line)
+        with self._log_lock:
+            try:
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nRetry-After: 1\r\nContent-Length: 80\r\n\r\n"
+                 + json.dumps({"error": {"type": "unavailable", "message":
+                                         "broker at its connection limit, retry"}}
+                              ).encode().ljust(80))
+
+
+class BrokerServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with a bound on concurrent connections (503 past it)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, address: Tuple[str, int], broker: Broker) -> None:
+        self.broker = broker
+        self.active = 0
+        self._active_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, BrokerHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            full = self.active >= self.broker.settings.max_connections
+            if not full:
+                self.active += 1
+        if full:
+            try:
+                request.settimeout(1.0)
+                request.sendall(BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._active_lock:
+                self.active -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self.active -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        kind = sys.exc_info()[0]
+        self.broker.log_error(f"connection error: {kind.__name__ if kind else 'unknown'}")
+
+
+def disable_core_dumps() -> None:
+    """A core dump of the broker would hold every decrypted key: switch them off."""
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def serve(settings: Settings, store: Store, master_key: bytes,
+          providers: Dict[str, Provider]) -> int:
+    threading.stack_size(THREAD_STACK_BYTES)
+    disable_core_dumps()
+    broker = Broker(settings, store, master_key, providers)
+    server = BrokerServer((settings.host, settings.port), broker)
+    host, port = server.server_address[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    sys.stderr.write(f"seks-broker listening on http://{shown_host}:{port}\n")
+    sys.stderr.flush()
+
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        broker.pool.close()
+    return 0
+
+
+# ============================================================================================
+# 9. CLI
+# ============================================================================================
+
+class CliParser(argparse.ArgumentParser):
+    """argparse that never echoes unrecognised arguments: they might be a pasted secret."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]
+        if "unrecognized arguments" in message:
+            message = "unrecognized arguments (not shown, in case they hold a secret)"
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_ttl(text: str) -> int:
+    match = TTL_RE.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ConfigError(f"--ttl takes a number and a unit, like 30m, 12h or 7d (got {text!r})")
+    return int(match.group(1)) * TTL_UNITS[match.group(2)]
+
+
+def load_master_key(db_path: str, environ: Dict[str, str], store: Store) -> bytes:
+    """The master key from $SEKS_MASTER_KEY or ``<db>.key`` (created 0600 on first use)."""
+    text = environ.get("SEKS_MASTER_KEY", "").strip()
+    source = "SEKS_MASTER_KEY"
+    if not text:
+        path = db_path + ".key"
+        source = path
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            if store.has_secrets():
+                raise ConfigError(f"this database holds secrets but its key file {path} is "
+                                  f"missing; restore it or set SEKS_MASTER_KEY") from None
+            key = secrets.token_bytes(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(base64.urlsafe_b64encode(key).decode() + "\n")
+            store.check_master_key(derive_key(key, "key-check"))
+            return key
+        if os.name == "posix" and info.st_mode & 0o077:
+            raise ConfigError(f"key file {path} is readable by group or others (mode "
+                              f"{stat.S_IMODE(info.st_mode):04o}); fix it with: chmod 600 {path}")
+        with open(path, encoding="ascii") as handle:
+            text = handle.read().strip()
+    try:
+        key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"{source} must be URL-safe base64 of 32 bytes")
+    store.check_master_key(derive_key(key, "key-check"))
+    return key
+
+
+def print_table(headers: List[str], rows: List[List[str]]) -> None:
+    widths = [max([len(h)] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def read_secret_value(name: str) -> str:
+    if sys.stdin is not None and sys.stdin.isatty():
+        value = getpass.getpass(f"Value for secret {name} (input hidden): ")
+    else:
+        value = sys.stdin.read() if sys.stdin is not None else ""
+    return value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CliParser(prog="seks_broker.py",
+                       description="Credential broker for AI agents: agents hold fake tokens, "
+                                   "the broker injects real keys.")
+    parser.add_argument("--version", action="version", version=f"seks-broker {__version__}")
+    parser.add_argument("--db", help="database path (default: $SEKS_DB or ./seks.db)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
+    sub.required = True
+
+    p = sub.add_parser("serve", help="run the broker")
+    p.add_argument("--host", default=None, help=f"listen address (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=None, help=f"listen port (default {DEFAULT_PORT})")
+    p.add_argument("--max-body", type=int, default=None, help="largest request body in bytes")
+    p.add_argument("--quiet", action="store_true", help="no per-request log lines")
+
+    p = sub.add_parser("secret", help="store, list and remove real keys")
+    ssub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
+    ssub.required = True
+    q = ssub.add_parser("add", help="store a real key (value from stdin or a hidden prompt)")
+    q.add_argument("name")
+    q.add_argument("--provider", required=True)
+    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
+    ssub.add_parser("list", help="names, providers and dates (never values)")
+    q = ssub.add_parser("rm", help="delete a secret and revoke its tokens")
+    q.add_argument("name")
+
+    p = sub.add_parser("token", help="mint, list and revoke fake tokens")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
+    tsub.required = True
+    q = tsub.add_parser("mint", help="print a new token for an agent")
+    q.add_argument("--secret", required=True)
+    q.add_argument("--agent", required=True)
+    q.add_argument("--ttl", help="lifetime such as 30m, 12h, 7d (default: no expiry)")
+    tsub.add_parser("list", help="tokens with agent, provider, dates and status")
+    q = tsub.add_parser("revoke", help="revoke a token (give the token or its id)")
+    q.add_argument("token_or_id")
+
+    p = sub.add_parser("agent", help="add, list, disable and enable agents")
+    asub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
+    asub.required = True
+    for action, text in (("add", "register an agent"), ("disable", "stop all its tokens"),
+                         ("enable", "let its tokens work again")):
+        q = asub.add_parser(action, help=text)
+        q.add_argument("name")
+    asub.add_parser("list", help="agents and their state")
+    return parser
+
+
+def token_status(expires_at: Optional[float], revoked_at: Optional[str], now: float) -> str:
+    if revoked_at:
+        return "revoked"
+    if expires_at is not None and now >= expires_at:
+        return "expired"
+    return "active"
+
+
+def run_command(args: argparse.Namespace, environ: Dict[str, str]) -> int:
+    db_path = args.db or environ.get("SEKS_DB") or DEFAULT_DB
+    providers = load_providers(environ)
+    store = Store(db_path)
+    try:
+        if args.command == "serve":
+            settings = Settings()
+            if args.host is not None:
+                settings.host = args.host
+            if args.port is not None:
+                settings.port = args.port
+            if args.max_body is not None:
+                settings.max_body = args.max_body
+            settings.quiet = args.quiet
+            if environ.get("SEKS_UPSTREAM_TIMEOUT"):
+                settings.upstream_timeout = float(environ["SEKS_UPSTREAM_TIMEOUT"])
+            master_key = load_master_key(db_path, environ, store)
+            return serve(settings, store, master_key, providers)
+        if args.command == "secret":
+            return cmd_secret(args, store, db_path, environ, providers)
+        if args.command == "token":
+            return cmd_token(args, store, providers)
+        if args.command == "agent":
+            return cmd_agent(args, store)
+    finally:
+        store.close()
+    return 2
+
+
+def cmd_secret(args: argparse.Namespace, store: Store, db_path: str, environ: Dict[str, str],
+               providers: Dict[str, Provider]) -> int:
+    if args.action == "add":
+        if args.value is not None:
+            sys.stderr.write("error: refusing a secret on the command line (every local user can "
+                             "read it with ps). Pipe it on stdin instead, e.g.\n"
+                             f"  printf %s \"$KEY\" | seks_broker.py secret add {args.name} "
+                             f"--provider {args.provider}\nor run the command on a terminal to "
+                             "be prompted with hidden input.\n")
+            return 2
+        if not NAME_RE.match(args.name):
+            raise ConfigError("secret names are 1-64 letters, digits, '.', '_' or '-'")
+        provider = providers.get(args.provider) or next(
+            (p for p in providers.values() if args.provider in p.aliases), None)
+        if provider is None:
+            raise ConfigError(f"unknown provider {args.provider!r}; known: "
+                              + ", ".join(sorted(providers)))
+        master_key = load_master_key(db_path, environ, store)
+        value = read_secret_value(args.name)
+        if not value:
+            raise ConfigError("empty secret value")
+        if "seks_" in value:
+            raise ConfigError("that looks like a seks fake token, not a real key")
+        cipher = SecretCipher(master_key)
+        ciphertext = cipher.encrypt(value.encode(), secret_ad(args.name, provider.name))
+        store.put_secret(args.name, provider.name, ciphertext, replace=False)
+        print(f"stored secret {args.name} for {provider.name}", file=sys.stderr)
+        return 0
+    if args.action == "list":
+        rows = [[n, p, c, u] for n, p, c, u in store.list_secrets()]
+        print_table(["NAME", "PROVIDER", "CREATED", "UPDATED"], rows)
+        return 0
+    if args.action == "rm":
+        revoked = store.remove_secret(args.name)
+        print(f"removed secret {args.name}; revoked {revoked} token(s)", file=sys.stderr)
+        return 0
+    return 2
+
+
+def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provider]) -> int:
+    if args.action == "mint":
+        found = store.get_secret(args.secret)
+        if found is None:
+            raise ConfigError(f"no secret named {args.secret!r}")
+        provider_name = found[0]
+        provider = providers.get(provider_name)
+        if provider is None:
+            raise ConfigError(f"secret {args.secret!r} is for provider {provider_name!r}, "
+                              f"which is not configured")
+        if not NAME_RE.match(args.agent):
+            raise ConfigError("agent names are 1-64 letters, digits, '.', '_' or '-'")
+        expires = time.time() + parse_ttl(args.ttl) if args.ttl else None
+        if store.add_agent(args.agent, exist_ok=True):
+            print(f"created agent {args.agent}", file=sys.stderr)
+        token = new_token(provider)
+        store.add_token(new_token_id(), token_digest(token), args.secret, provider_name,
+                        args.agent, expires, {})
+        print(token)
+        return 0
+    if args.action == "list":
+        now = time.time()
+        rows = []
+        for (tid, agent, provider, secret, created, expires, revoked, policy, requests,
+             used) in store.list_tokens():
+            rows.append([tid, agent, provider, secret, created,
+                         utc_iso(expires) if expires else "never",
+                         token_status(expires, revoked, now), requests or 0])
+        print_table(["ID", "AGENT", "PROVIDER", "SECRET", "CREATED", "EXPIRES", "STATUS",
+                     "REQUESTS"], rows)
+        return 0
+    if args.action == "revoke":
+        value = args.token_or_id.strip()
+        if value == "-":
+            value = sys.stdin.read().strip()
+        if re.match(r"^tok_[0-9a-f]{12}$", value):
+            token_id = store.revoke_token(None, value)
+        else:
+            token_id = store.revoke_token(token_digest(value), None)
+        print(f"revoked {token_id}", file=sys.stderr)
+        return 0
+    return 2
+
+
+def cmd_agent(args: argparse.Namespace, store: Store) -> int:
+    if args.action == "add":
+        if not NAME_RE.match(args.name):
+            raise ConfigError("agent names are 1-64 letters, digits, '.', '_' or '-'")
+        store.add_agent(args.name)
+        print(f"added agent {args.name}", file=sys.stderr)
+    elif args.action in ("disable", "enable"):
+        store.set_agent_disabled(args.name, args.action == "disable")
+        print(f"{args.action}d agent {args.name}", file=sys.stderr)
+    elif args.action == "list":
+        rows = [[n, c, "disabled" if d else "enabled", t] for n, c, d, t in store.list_agents()]
+        print_table(["NAME", "CREATED", "STATE", "ACTIVE TOKENS"], rows)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.umask(0o077)             # DB, WAL, SHM and key files are created private
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_command(args, dict(os.environ))
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {redact(str(exc))}\n")
+        return 1
+    except sqlite3.Error as exc:
+        sys.stderr.write(f"error: database: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
