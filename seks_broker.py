@@ -380,6 +380,9 @@ def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     return out[:length]
 
 
+_URLSAFE_B64_RE = re.compile(r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2}==|[A-Za-z0-9_-]{3}=)?$")
+
+
 class SecretCipher:
     """Authenticated encryption for secrets at rest, built only from HMAC-SHA256.
 
@@ -444,9 +447,11 @@ class SecretCipher:
         return base64.urlsafe_b64encode(version + nonce + ciphertext + tag).decode("ascii")
 
     def decrypt(self, token: str, ad: bytes) -> bytes:
+        if not _URLSAFE_B64_RE.match(token):
+            raise DecryptError()
         try:
-            _unverified = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True)
-        except (binascii.Error, ValueError, UnicodeEncodeError):
+            _unverified = base64.urlsafe_b64decode(token)
+        except (binascii.Error, ValueError):
             raise DecryptError() from None
         if len(_unverified) < 1 + self.NONCE_BYTES + self.TAG_BYTES:
             raise DecryptError()
