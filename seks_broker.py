@@ -348,6 +348,10 @@ class ConfigError(Exception):
     """Bad configuration or CLI input: reported to the operator, never to an agent."""
 
 
+class UsageError(ConfigError):
+    """A command-line value is malformed (exit code 2, like argparse's own errors)."""
+
+
 class DecryptError(Exception):
     """A ciphertext failed verification. Deliberately carries no detail."""
 
@@ -767,6 +771,153 @@ class Store:
                 db.execute("UPDATE tokens SET revoked_at = ? WHERE id = ?", (utc_iso(), row[0]))
             return row[0]
 
+    # --- policy counters -------------------------------------------------------------------
+    def admit(self, token_id: str, policy: Dict[str, Any], now: float) -> None:
+        """Count one request against the token's lifetime, rate and budget limits, atomically
+        (BEGIN IMMEDIATE serialises every broker process on this DB)."""
+        with self.transaction() as db:
+            requests_, used, bucket, bucket_at = db.execute(
+                "SELECT requests, tokens_used, bucket, bucket_at FROM token_usage "
+                "WHERE token_id = ?", (token_id,)).fetchone()
+            max_requests = policy.get("max_requests")
+            if max_requests is not None and requests_ >= max_requests:
+                raise RateLimited(f"token has used all {max_requests} requests it was minted for")
+            budget = policy.get("budget_tokens")
+            if budget is not None and used >= budget:
+                raise RateLimited(f"token budget of {budget} tokens is spent ({used} used)")
+            rate = policy.get("rate")
+            if rate is not None:
+                capacity, per_seconds = float(rate[0]), float(rate[1])
+                refill = capacity / per_seconds
+                level = capacity if bucket is None else min(
+                    capacity, bucket + max(0.0, now - (bucket_at or now)) * refill)
+                if level < 1.0:
+                    wait = max(1, int(-(-(1.0 - level) // refill)))
+                    raise RateLimited(f"rate limit of {rate[0]} requests per {rate[2]} reached",
+                                      headers={"Retry-After": str(wait)})
+                bucket, bucket_at = level - 1.0, now
+            db.execute("UPDATE token_usage SET requests = requests + 1, bucket = ?, bucket_at = ? "
+                       "WHERE token_id = ?", (bucket, bucket_at, token_id))
+
+    # --- audit -----------------------------------------------------------------------------
+    def append_audit(self, key: bytes, row: "AuditRow", counted: bool) -> None:
+        """Append one chained audit row (and the request's usage) in one short transaction."""
+        with self.transaction() as db:
+            last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+            if last is None:
+                anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
+                last_id, prev = 0, bytes(anchor or b"")
+            else:
+                last_id, prev = last[0], bytes(last[1])
+            row.id = last_id + 1
+            row.mac = audit_mac(key, row.values(), prev)
+            db.execute(f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
+                       f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})",
+                       row.values() + (row.mac,))
+            if row.token_id:
+                spent = (row.tokens_in or 0) + (row.tokens_out or 0)
+                if spent or not counted:
+                    db.execute("UPDATE token_usage SET tokens_used = tokens_used + ?, "
+                               "requests = requests + ? WHERE token_id = ?",
+                               (spent, 0 if counted else 1, row.token_id))
+
+    def audit_rows(self, where: str = "", params: Tuple[Any, ...] = (),
+                   limit: Optional[int] = None, after_id: int = 0) -> List["AuditRow"]:
+        sql = (f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit WHERE id > ?"
+               + (f" AND {where}" if where else ""))
+        if limit is not None:
+            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id"
+        else:
+            sql += " ORDER BY id"
+        with self.connection() as db:
+            return [AuditRow.from_db(r) for r in db.execute(sql, (after_id,) + params)]
+
+    def audit_anchor(self) -> bytes:
+        with self.connection() as db:
+            anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
+        return bytes(anchor or b"")
+
+    def prune_audit(self, key: bytes, before_ts: str) -> int:
+        """Delete rows older than ``before_ts`` and append a chained 'prune' row that records
+        the anchor (last deleted row's id and MAC), so the rest still verifies."""
+        with self.transaction() as db:
+            last = db.execute("SELECT id, mac FROM audit WHERE ts < ? AND outcome != 'prune' "
+                              "ORDER BY id DESC LIMIT 1", (before_ts,)).fetchone()
+            if last is None:
+                return 0
+            anchor_id, anchor_mac = last[0], bytes(last[1])
+            deleted = db.execute("DELETE FROM audit WHERE id <= ?", (anchor_id,)).rowcount
+            db.execute("UPDATE state SET audit_anchor = ? WHERE id = 1", (anchor_mac,))
+        row = AuditRow(ts=utc_iso(), outcome="prune", reason=json.dumps(
+            {"before": before_ts, "deleted": deleted, "anchor_id": anchor_id,
+             "anchor_mac": anchor_mac.hex()}, sort_keys=True))
+        self.append_audit(key, row, counted=True)
+        return deleted
+
+    def usage_rows(self, where: str, params: Tuple[Any, ...]) -> List[Tuple[Any, ...]]:
+        sql = ("SELECT agent, provider, COALESCE(model, ''), COUNT(*), "
+               "COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0) FROM audit "
+               "WHERE outcome = 'ok'" + (f" AND {where}" if where else "")
+               + " GROUP BY agent, provider, COALESCE(model, '') ORDER BY agent, provider, 3")
+        with self.connection() as db:
+            return db.execute(sql, params).fetchall()
+
+
+class AuditRow:
+    """One audit record. The MAC covers every field below, in this order, and the previous
+    row's MAC: editing, inserting, deleting or reordering rows breaks the chain."""
+
+    FIELDS = ("id", "ts", "agent", "token_id", "provider", "secret", "method", "path", "status",
+              "bytes_in", "bytes_out", "duration_ms", "client", "outcome", "reason", "model",
+              "tokens_in", "tokens_out")
+    __slots__ = FIELDS + ("mac",)
+
+    def __init__(self, **values: Any) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, values.get(name))
+        self.mac = values.get("mac", b"")
+
+    @classmethod
+    def from_db(cls, row: Tuple[Any, ...]) -> "AuditRow":
+        values = dict(zip(cls.FIELDS, row))
+        values["mac"] = bytes(row[-1])
+        return cls(**values)
+
+    def values(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+def audit_mac(key: bytes, values: Tuple[Any, ...], prev_mac: bytes) -> bytes:
+    """HMAC-SHA256 over the canonical JSON of a row's fields followed by the previous MAC."""
+    canonical = json.dumps(list(values), separators=(",", ":"), ensure_ascii=True).encode()
+    return hmac.new(key, canonical + b"\x00" + prev_mac, hashlib.sha256).digest()
+
+
+def verify_audit_chain(key: bytes, rows: List[AuditRow], anchor: bytes) -> Tuple[bool, str]:
+    """Walk the chain; report the first row that was edited, inserted, deleted or moved.
+    ``anchor`` is the MAC of the last pruned row (empty if the log was never pruned)."""
+    prev, expected_id = anchor, None
+    latest_prune: Optional[Dict[str, Any]] = None
+    for row in rows:
+        if expected_id is not None and row.id != expected_id:
+            return False, (f"row {row.id}: rows {expected_id}..{row.id - 1} are missing "
+                           f"(deleted) or ids were changed")
+        if not hmac.compare_digest(audit_mac(key, row.values(), prev), row.mac):
+            return False, (f"row {row.id}: MAC mismatch: this row was edited, inserted or moved, "
+                           f"or the row before it was deleted")
+        if row.outcome == "prune":
+            latest_prune = json.loads(row.reason)
+        prev, expected_id = row.mac, row.id + 1
+    if anchor and (latest_prune is None or latest_prune.get("anchor_mac") != anchor.hex()):
+        return False, "the start of the log does not match the last prune: rows were deleted"
+    first_id = latest_prune["anchor_id"] + 1 if anchor and latest_prune else 1
+    if rows and rows[0].id != first_id:
+        return False, f"row {rows[0].id}: the log should start at row {first_id}"
+    return True, f"{len(rows)} rows, chain intact"
+
 
 # ============================================================================================
 # 5. POLICY
@@ -877,6 +1028,228 @@ class TokenCache:
                     self._entries.clear()
                 self._entries[digest] = entry
         return entry
+
+
+RATE_RE = re.compile(r"^(\d+)/(s|m|h|d)$")
+RATE_WORDS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
+MAX_INSPECT_BODY = 16 * 1024 * 1024   # largest request body read whole to check --models
+MAX_USAGE_BODY = 8 * 1024 * 1024      # largest non-stream answer parsed for token usage
+
+
+def parse_rate(text: str) -> List[Any]:
+    """``60/m`` -> [60, 60.0, "minute"]: capacity, refill period in seconds, unit word."""
+    match = RATE_RE.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise UsageError(f"--rate takes COUNT/UNIT with unit s, m, h or d, like 60/m (got {text!r})")
+    return [int(match.group(1)), float(TTL_UNITS[match.group(2)]), RATE_WORDS[match.group(2)]]
+
+
+def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: Optional[str],
+                max_requests: Optional[int], models: Optional[str],
+                budget_tokens: Optional[int]) -> Dict[str, Any]:
+    """The per-token policy stored with the token (only the limits that were asked for)."""
+    policy: Dict[str, Any] = {}
+    if methods:
+        policy["methods"] = sorted({m.strip().upper() for m in methods if m.strip()})
+    if paths:
+        for path in paths:
+            if not path.startswith("/"):
+                raise UsageError(f"--allow-path must start with '/' (got {path!r})")
+            validate_path(path)
+        policy["paths"] = list(paths)
+    if rate:
+        policy["rate"] = parse_rate(rate)
+    if max_requests is not None:
+        if max_requests < 1:
+            raise UsageError("--max-requests must be at least 1")
+        policy["max_requests"] = max_requests
+    if models:
+        policy["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    if budget_tokens is not None:
+        if budget_tokens < 1:
+            raise UsageError("--budget-tokens must be at least 1")
+        policy["budget_tokens"] = budget_tokens
+    return policy
+
+
+def describe_policy(policy: Dict[str, Any]) -> str:
+    parts = []
+    if "methods" in policy:
+        parts.append("methods=" + ",".join(policy["methods"]))
+    if "paths" in policy:
+        parts.append("paths=" + ",".join(policy["paths"]))
+    if "rate" in policy:
+        parts.append(f"rate={policy['rate'][0]}/{policy['rate'][2][0]}")
+    if "max_requests" in policy:
+        parts.append(f"max-requests={policy['max_requests']}")
+    if "models" in policy:
+        parts.append("models=" + ",".join(policy["models"]))
+    if "budget_tokens" in policy:
+        parts.append(f"budget={policy['budget_tokens']}")
+    return " ".join(parts) or "-"
+
+
+def path_within(path: str, prefix: str) -> bool:
+    """Prefix match on segment boundaries: /v1/chat matches /v1/chat/x, not /v1/chatty."""
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith(prefix + "/") or path.startswith(prefix + ":")
+
+
+def check_policy(policy: Dict[str, Any], method: str, path: str, model: Optional[str]) -> None:
+    """Deny what the token's policy does not allow (method, path prefix, model)."""
+    methods = policy.get("methods")
+    if methods and method.upper() not in methods:
+        raise Forbidden(f"method {method} is not allowed for this token (allowed: "
+                        f"{', '.join(methods)})")
+    paths = policy.get("paths")
+    if paths and not any(path_within(path, prefix) for prefix in paths):
+        raise Forbidden("path is not allowed for this token (allowed prefixes: "
+                        f"{', '.join(paths)})")
+    models = policy.get("models")
+    if models and model is not None and model not in models:
+        raise Forbidden(f"model '{model[:100]}' is not allowed for this token (allowed: "
+                        f"{', '.join(models)})")
+
+
+def path_for_policy(rest: str, swap: "CredentialSwap") -> str:
+    """The decoded path that --allow-path prefixes match, with a token path segment removed
+    (Telegram's ``/bot<T>/sendMessage`` is matched as ``/bot/sendMessage``)."""
+    if swap.place.kind == "path":
+        _, slash, tail = rest[len(swap.prefix):].partition("/")
+        rest = swap.prefix + slash + tail
+    return urllib.parse.unquote(rest)
+
+
+def needs_admission(policy: Dict[str, Any]) -> bool:
+    return any(k in policy for k in ("rate", "max_requests", "budget_tokens"))
+
+
+_GEMINI_MODEL_RE = re.compile(r"/models/([^/:?]+)")
+
+
+def request_model(provider: Provider, rest: str, body: Optional[bytes]) -> Optional[str]:
+    """The model a request names: Gemini's path, or the JSON body's ``model`` field."""
+    if provider.usage == "gemini":
+        match = _GEMINI_MODEL_RE.search(rest)
+        return urllib.parse.unquote(match.group(1)) if match else None
+    if body and body[:1] in (b"{", b" ", b"\n", b"\r", b"\t"):
+        try:
+            value = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+    return None
+
+
+def ask_for_stream_usage(body: bytes) -> bytes:
+    """OpenAI streams report usage only if asked: add stream_options.include_usage."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(obj, dict) or obj.get("stream") is not True:
+        return body
+    options = obj.get("stream_options")
+    if options is None:
+        obj["stream_options"] = {"include_usage": True}
+    elif isinstance(options, dict) and "include_usage" not in options:
+        options["include_usage"] = True
+    else:
+        return body
+    return json.dumps(obj).encode()
+
+
+def _int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
+    """Update ``state`` (model, tokens_in, tokens_out) from one JSON answer or stream event."""
+    if not isinstance(obj, dict):
+        return
+    if kind == "openai":
+        usage = obj.get("usage") or (obj.get("x_groq") or {}).get("usage") \
+            or (obj.get("response") or {}).get("usage")
+        model = obj.get("model") or (obj.get("response") or {}).get("model")
+        if isinstance(usage, dict):
+            tin = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+            tout = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+            state["tokens_in"] = tin if tin is not None else state.get("tokens_in")
+            state["tokens_out"] = tout if tout is not None else state.get("tokens_out")
+    elif kind == "anthropic":
+        message = obj.get("message") if isinstance(obj.get("message"), dict) else obj
+        model = message.get("model")
+        usage = message.get("usage") or obj.get("usage")
+        if isinstance(usage, dict):
+            parts = [_int(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens",
+                                                   "cache_read_input_tokens")]
+            if any(p is not None for p in parts):
+                state["tokens_in"] = sum(p or 0 for p in parts)
+            tout = _int(usage.get("output_tokens"))
+            if tout is not None:
+                state["tokens_out"] = tout
+    elif kind == "gemini":
+        model = obj.get("modelVersion")
+        usage = obj.get("usageMetadata")
+        if isinstance(usage, dict):
+            tin = _int(usage.get("promptTokenCount"))
+            outs = [_int(usage.get(k)) for k in ("candidatesTokenCount", "thoughtsTokenCount")]
+            if tin is not None:
+                state["tokens_in"] = tin
+            if any(o is not None for o in outs):
+                state["tokens_out"] = sum(o or 0 for o in outs)
+    else:
+        return
+    if isinstance(model, str) and model:
+        state.setdefault("model", model)
+
+
+class UsageMeter:
+    """Reads token usage from an answer as it streams past: the JSON body of a plain answer,
+    or the ``data:`` lines of server-sent events (only lines that mention usage are parsed)."""
+
+    def __init__(self, kind: str, content_type: str) -> None:
+        self.kind = kind
+        self.sse = content_type.split(";")[0].strip().lower() == "text/event-stream"
+        self.state: Dict[str, Any] = {}
+        self._buf = b""
+        self._overflow = False
+
+    def feed(self, data: bytes) -> None:
+        if self._overflow:
+            return
+        if not self.sse:
+            if len(self._buf) + len(data) > MAX_USAGE_BODY:
+                self._overflow, self._buf = True, b""
+            else:
+                self._buf += data
+            return
+        self._buf += data
+        if b"\n" not in data:
+            if len(self._buf) > MAX_USAGE_BODY:
+                self._overflow, self._buf = True, b""
+            return
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:") and b"sage" in line:
+                self._parse(line[5:])
+
+    def _parse(self, text: bytes) -> None:
+        try:
+            read_usage(self.kind, json.loads(text), self.state)
+        except ValueError:
+            pass
+
+    def finish(self) -> Dict[str, Any]:
+        if not self._overflow and self._buf.strip():
+            if self.sse:
+                if self._buf.startswith(b"data:"):
+                    self._parse(self._buf[5:])
+            else:
+                self._parse(self._buf)
+        self._buf = b""
+        return self.state
 
 
 # ============================================================================================
@@ -1359,25 +1732,24 @@ def request_framing(head: RequestHead, max_body: int) -> Tuple[str, int]:
 
 
 class Exchange:
-    """What one request did, for the log line (and the audit row)."""
+    """What one request did: the log line and the audit row are made from it."""
 
     __slots__ = ("started", "client", "method", "path", "provider", "agent", "token_id",
-                 "secret", "status", "bytes_in", "bytes_out", "outcome", "reason")
+                 "secret", "status", "bytes_in", "bytes_out", "outcome", "reason", "model",
+                 "tokens_in", "tokens_out", "counted", "recorded")
 
     def __init__(self, client: str) -> None:
         self.started = time.monotonic()
         self.client = client
-        self.method = ""
-        self.path = ""
-        self.provider = ""
-        self.agent = ""
-        self.token_id = ""
-        self.secret = ""
-        self.status = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.method = self.path = self.provider = self.agent = self.token_id = self.secret = ""
+        self.status = self.bytes_in = self.bytes_out = 0
         self.outcome = "error"
         self.reason = ""
+        self.model: Optional[str] = None
+        self.tokens_in: Optional[int] = None
+        self.tokens_out: Optional[int] = None
+        self.counted = False       # the request was already counted by policy admission
+        self.recorded = False      # the audit row is written
 
 
 class BrokerHandler(http.server.BaseHTTPRequestHandler):
@@ -1422,6 +1794,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         ex.status = exc.status
         ex.outcome = "denied" if exc.status in (401, 403, 429) else "error"
         ex.reason = ex.reason or exc.message
+        self.server.broker.record(ex)
         try:
             self._send_simple(exc.status, error_body(exc), exc.headers)
         except ClientGone:
@@ -1594,27 +1967,48 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         else:
             ex.agent, ex.token_id, ex.secret = record.agent, record.id, record.secret_name
         check_token(record, provider.name, time.time())
-        assert key is not None
+        assert record is not None and key is not None
+        policy = record.policy
+        policy_path = path_for_policy(rest, swap)
+        check_policy(policy, head.method, policy_path, None)
         real_key = key.decode("utf-8", "surrogateescape")
         headers, rest_up, query_up = swap_credentials(
             provider, swap, real_key, forward_request_headers(head.headers), rest, query)
         url = build_upstream_url(provider, rest_up, query_up)
         headers.append(("Host", provider.host_header))
         headers.append(("Accept-Encoding", "identity"))
+        inspect = bool(provider.usage) and ("models" in policy or "budget_tokens" in policy)
         body: Any = None
-        if framing == "length":
-            headers.append(("Content-Length", str(length)))
+        if framing != "none":
             self._expect_continue(head)
-            if length <= INLINE_BODY_MAX:
+            if framing == "length" and (length <= INLINE_BODY_MAX or
+                                        (inspect and length <= MAX_INSPECT_BODY)):
                 body = self.rfile.read(length)
                 if len(body) != length:
                     raise ClientGone()
                 ex.bytes_in = length
+            elif inspect:
+                if framing == "length":
+                    raise PayloadTooLarge("bodies over 16 MiB cannot be checked against this "
+                                          "token's model or budget policy", close=True)
+                body = b"".join(self._body_chunks(framing, length, ex))
+                if len(body) > MAX_INSPECT_BODY:
+                    raise PayloadTooLarge("bodies over 16 MiB cannot be checked against this "
+                                          "token's model or budget policy", close=True)
             else:
                 body = self._body_chunks(framing, length, ex)
-        elif framing == "chunked":
-            self._expect_continue(head)
-            body = self._body_chunks(framing, length, ex)
+        if provider.usage and (body is None or isinstance(body, bytes)):
+            ex.model = request_model(provider, rest, body)
+            check_policy(policy, head.method, policy_path, ex.model)
+            if body and "budget_tokens" in policy and provider.usage == "openai":
+                body = ask_for_stream_usage(body)
+        if needs_admission(policy):
+            broker.store.admit(record.id, policy, time.time())
+            ex.counted = True
+        if isinstance(body, bytes):
+            headers.append(("Content-Length", str(len(body))))
+        elif framing == "length":
+            headers.append(("Content-Length", str(length)))
         scrubber = Scrubber(secret_variants(real_key))
         resp = broker.open_upstream(provider, head.method, url, headers, body)
         try:
@@ -1630,15 +2024,19 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
     def _relay(self, head: RequestHead, resp: UpstreamResponse, provider: Provider,
                route_prefix: str, scrubber: Scrubber, ex: Exchange) -> None:
         """Send the upstream answer on: status and headers (scrubbed), then the body as it
-        arrives, in the same framing where possible."""
+        arrives, in the same framing where possible. The audit row is written just before the
+        last bytes go out, so a request the agent saw complete is always on record."""
+        broker = self.server.broker
         status = resp.status
         ex.status = status
-        encoding = ""
+        encoding = content_type = ""
         length: Optional[int] = None
         for name, value in resp.headers:
             lower = name.lower()
             if lower == "content-encoding":
                 encoding = value.strip().lower()
+            elif lower == "content-type":
+                content_type = value
             elif lower == "content-length" and _CONTENT_LENGTH_RE.match(value.strip()):
                 length = int(value.strip())
         decoder = None
@@ -1657,22 +2055,28 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append((name, scrubber.scrub(value.encode("latin-1", "replace")).decode("latin-1")))
         no_body = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         reason = resp.reason or HTTP_REASONS.get(status, "")
+        meter = UsageMeter(provider.usage, content_type) if provider.usage and not no_body else None
+        ex.outcome = "ok"
         if no_body:
             if length is not None and head.method == "HEAD":
                 headers.append(("Content-Length", str(length)))
+            broker.record(ex)
             self._write(self._head_bytes(status, reason, headers))
-            ex.outcome = "ok"
             return
         if length is not None and length <= INLINE_BODY_MAX:
             try:
                 data = resp.read()
             except (http.client.HTTPException, OSError):
+                ex.outcome = "error"
                 raise UpstreamError("upstream answer ended early") from None
             data = scrubber.scrub(data)
             headers.append(("Content-Length", str(len(data))))
-            self._write(self._head_bytes(status, reason, headers) + data)
             ex.bytes_out = len(data)
-            ex.outcome = "ok"
+            if meter is not None:
+                meter.feed(data)
+                self._take_usage(meter, ex)
+            broker.record(ex)
+            self._write(self._head_bytes(status, reason, headers) + data)
             return
         chunked = length is None and head.version == "HTTP/1.1"
         if length is not None:
@@ -1682,32 +2086,55 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.close_connection = True          # HTTP/1.0 client: end of body = close
         self._write(self._head_bytes(status, reason, headers))
-        self._stream_body(resp, decoder, scrubber, chunked, ex)
-        ex.outcome = "ok"
+        self._stream_body(resp, decoder, scrubber, chunked, length, meter, ex)
+
+    def _take_usage(self, meter: UsageMeter, ex: Exchange) -> None:
+        state = meter.finish()
+        ex.model = ex.model or state.get("model")
+        ex.tokens_in, ex.tokens_out = state.get("tokens_in"), state.get("tokens_out")
 
     def _stream_body(self, resp: UpstreamResponse, decoder: Any, scrubber: Scrubber,
-                     chunked: bool, ex: Exchange) -> None:
-        """Relay the body: each read returns what is available (an SSE event is sent at once)."""
+                     chunked: bool, length: Optional[int], meter: Optional[UsageMeter],
+                     ex: Exchange) -> None:
+        """Relay the body: each read returns what is available (an SSE event is sent at once).
+        The bytes that complete the answer are held until its audit row is written."""
         write = self._write
+        record = self.server.broker.record
         while True:
             try:
                 data = resp.read1(STREAM_CHUNK)
             except (http.client.HTTPException, OSError):
                 self.close_connection = True      # head already sent: all we can do is cut
-                ex.reason = "upstream answer ended early"
+                ex.outcome, ex.reason = "error", "upstream answer ended early"
                 raise ClientGone() from None
             if not data:
                 break
             if decoder is not None:
                 data = decoder.decompress(data)
             data = scrubber.feed(data)
-            if data:
-                ex.bytes_out += len(data)
-                write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            if not data:
+                continue
+            if meter is not None:
+                meter.feed(data)
+            ex.bytes_out += len(data)
+            if length is not None and ex.bytes_out >= length:
+                if meter is not None:
+                    self._take_usage(meter, ex)
+                record(ex)                        # last bytes of a sized body
+            write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
         tail = scrubber.feed(decoder.flush()) if decoder is not None else b""
         tail += scrubber.flush()
         if tail:
             ex.bytes_out += len(tail)
+            if meter is not None:
+                meter.feed(tail)
+        if length is not None and ex.bytes_out < length:
+            self.close_connection = True
+            ex.outcome, ex.reason = "error", "upstream answer shorter than its Content-Length"
+            raise ClientGone()
+        if meter is not None:
+            self._take_usage(meter, ex)
+        record(ex)
         if chunked:
             write((b"%x\r\n%s\r\n" % (len(tail), tail) if tail else b"") + b"0\r\n\r\n")
         elif tail:
@@ -1741,6 +2168,7 @@ class Settings:
         self.connect_timeout = UPSTREAM_CONNECT_TIMEOUT_S
         self.upstream_timeout = UPSTREAM_TIMEOUT_S
         self.quiet = False
+        self.audit = True
         for name, value in overrides.items():
             if not hasattr(self, name):
                 raise ConfigError(f"unknown setting {name!r}")
@@ -1785,6 +2213,7 @@ class Broker:
             for alias in provider.aliases:
                 self.routes[alias] = provider
         self._fingerprint_key = derive_key(master_key, "fingerprint")
+        self._audit_key = derive_key(master_key, "audit")
         self._log_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -1824,8 +2253,29 @@ class Broker:
             raise UpstreamError(f"upstream {provider.name} unreachable or closed the "
                                 f"connection") from None
 
+    def record(self, ex: Exchange) -> None:
+        """Write the request's chained audit row (once). Health checks are not audited."""
+        if ex.recorded or ex.outcome == "health":
+            return
+        ex.recorded = True
+        if not self.settings.audit:
+            return
+        row = AuditRow(ts=utc_iso(), agent=ex.agent or None, token_id=ex.token_id or None,
+                       provider=ex.provider or None, secret=ex.secret or None,
+                       method=ex.method[:16], path=ex.path[:1024], status=ex.status,
+                       bytes_in=ex.bytes_in, bytes_out=ex.bytes_out,
+                       duration_ms=round((time.monotonic() - ex.started) * 1000, 3),
+                       client=ex.client, outcome=ex.outcome, reason=ex.reason[:300] or None,
+                       model=ex.model[:100] if ex.model else None, tokens_in=ex.tokens_in,
+                       tokens_out=ex.tokens_out)
+        try:
+            self.store.append_audit(self._audit_key, row, counted=ex.counted or ex.outcome != "ok")
+        except sqlite3.Error as exc:
+            self.log_error(f"AUDIT WRITE FAILED: {type(exc).__name__}: {exc}")
+
     def finish(self, ex: Exchange) -> None:
-        """One log line per request."""
+        """After the request: the audit row if not yet written, and one log line."""
+        self.record(ex)
         if self.settings.quiet:
             return
         ms = (time.monotonic() - ex.started) * 1000
@@ -1952,7 +2402,7 @@ class CliParser(argparse.ArgumentParser):
 def parse_ttl(text: str) -> int:
     match = TTL_RE.match(text.strip())
     if not match or int(match.group(1)) == 0:
-        raise ConfigError(f"--ttl takes a number and a unit, like 30m, 12h or 7d (got {text!r})")
+        raise UsageError(f"--ttl takes a number and a unit, like 30m, 12h or 7d (got {text!r})")
     return int(match.group(1)) * TTL_UNITS[match.group(2)]
 
 
@@ -2038,7 +2488,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--secret", required=True)
     q.add_argument("--agent", required=True)
     q.add_argument("--ttl", help="lifetime such as 30m, 12h, 7d (default: no expiry)")
-    tsub.add_parser("list", help="tokens with agent, provider, dates and status")
+    q.add_argument("--allow-method", action="append", metavar="METHOD",
+                   help="allow only this HTTP method (repeatable)")
+    q.add_argument("--allow-path", action="append", metavar="PREFIX",
+                   help="allow only paths under this prefix (repeatable)")
+    q.add_argument("--rate", metavar="N/UNIT", help="token bucket, e.g. 60/m (429 past it)")
+    q.add_argument("--max-requests", type=int, metavar="N", help="lifetime request limit")
+    q.add_argument("--models", metavar="M1,M2", help="LLM models this token may use")
+    q.add_argument("--budget-tokens", type=int, metavar="N",
+                   help="LLM tokens (input + output) this token may spend")
+    tsub.add_parser("list", help="tokens with agent, provider, dates, policy and status")
     q = tsub.add_parser("revoke", help="revoke a token (give the token or its id)")
     q.add_argument("token_or_id")
 
@@ -2050,6 +2509,23 @@ def build_parser() -> argparse.ArgumentParser:
         q = asub.add_parser(action, help=text)
         q.add_argument("name")
     asub.add_parser("list", help="agents and their state")
+
+    p = sub.add_parser("audit", help="show, follow, verify or prune the audit log")
+    p.add_argument("action", nargs="?", choices=["verify", "prune"],
+                   help="verify the chain, or prune old rows (with --before)")
+    p.add_argument("--agent")
+    p.add_argument("--provider")
+    p.add_argument("--since", help="1h, 30m, 7d or an ISO date/time (UTC)")
+    p.add_argument("--status", help="exact status (404) or class (4xx)")
+    p.add_argument("--limit", type=int, default=100, help="newest N rows (default 100)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.add_argument("--follow", action="store_true", help="keep printing new rows")
+    p.add_argument("--before", help="with prune: delete rows older than this ISO date/time")
+
+    p = sub.add_parser("usage", help="requests and LLM tokens per agent, provider and model")
+    p.add_argument("--agent")
+    p.add_argument("--since", help="1h, 30m, 7d or an ISO date/time (UTC)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     return parser
 
 
@@ -2085,6 +2561,10 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str]) -> int:
             return cmd_token(args, store, providers)
         if args.command == "agent":
             return cmd_agent(args, store)
+        if args.command == "audit":
+            return cmd_audit(args, store, db_path, environ)
+        if args.command == "usage":
+            return cmd_usage(args, store)
     finally:
         store.close()
     return 2
@@ -2101,7 +2581,7 @@ def cmd_secret(args: argparse.Namespace, store: Store, db_path: str, environ: Di
                              "be prompted with hidden input.\n")
             return 2
         if not NAME_RE.match(args.name):
-            raise ConfigError("secret names are 1-64 letters, digits, '.', '_' or '-'")
+            raise UsageError("secret names are 1-64 letters, digits, '.', '_' or '-'")
         provider = providers.get(args.provider) or next(
             (p for p in providers.values() if args.provider in p.aliases), None)
         if provider is None:
@@ -2140,13 +2620,15 @@ def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provi
             raise ConfigError(f"secret {args.secret!r} is for provider {provider_name!r}, "
                               f"which is not configured")
         if not NAME_RE.match(args.agent):
-            raise ConfigError("agent names are 1-64 letters, digits, '.', '_' or '-'")
+            raise UsageError("agent names are 1-64 letters, digits, '.', '_' or '-'")
         expires = time.time() + parse_ttl(args.ttl) if args.ttl else None
+        policy = make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
+                             args.models, args.budget_tokens)
         if store.add_agent(args.agent, exist_ok=True):
             print(f"created agent {args.agent}", file=sys.stderr)
         token = new_token(provider)
         store.add_token(new_token_id(), token_digest(token), args.secret, provider_name,
-                        args.agent, expires, {})
+                        args.agent, expires, policy)
         print(token)
         return 0
     if args.action == "list":
@@ -2156,9 +2638,10 @@ def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provi
              used) in store.list_tokens():
             rows.append([tid, agent, provider, secret, created,
                          utc_iso(expires) if expires else "never",
-                         token_status(expires, revoked, now), requests or 0])
+                         token_status(expires, revoked, now), requests or 0, used or 0,
+                         describe_policy(json.loads(policy or "{}"))])
         print_table(["ID", "AGENT", "PROVIDER", "SECRET", "CREATED", "EXPIRES", "STATUS",
-                     "REQUESTS"], rows)
+                     "REQUESTS", "TOKENS", "POLICY"], rows)
         return 0
     if args.action == "revoke":
         value = args.token_or_id.strip()
@@ -2176,7 +2659,7 @@ def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provi
 def cmd_agent(args: argparse.Namespace, store: Store) -> int:
     if args.action == "add":
         if not NAME_RE.match(args.name):
-            raise ConfigError("agent names are 1-64 letters, digits, '.', '_' or '-'")
+            raise UsageError("agent names are 1-64 letters, digits, '.', '_' or '-'")
         store.add_agent(args.name)
         print(f"added agent {args.name}", file=sys.stderr)
     elif args.action in ("disable", "enable"):
@@ -2188,15 +2671,147 @@ def cmd_agent(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def parse_since(text: str, now: Optional[float] = None) -> str:
+    """``1h``/``30m``/``7d`` ago, or an ISO date or date-time (UTC), as an audit timestamp."""
+    text = text.strip()
+    if TTL_RE.match(text):
+        return utc_iso((time.time() if now is None else now) - parse_ttl(text))
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"expected 1h, 30m, 7d or an ISO date/time, got {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return utc_iso(moment.timestamp())
+
+
+def human_size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def human_duration(ms: Optional[float]) -> str:
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms:.1f} ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.2f} s"
+    return f"{int(ms // 60000)}m{int(ms % 60000 / 1000):02d}s"
+
+
+def audit_filter(args: argparse.Namespace) -> Tuple[str, Tuple[Any, ...]]:
+    clauses, params = [], []
+    if getattr(args, "agent", None):
+        clauses.append("agent = ?")
+        params.append(args.agent)
+    if getattr(args, "provider", None):
+        clauses.append("provider = ?")
+        params.append(args.provider)
+    if getattr(args, "since", None):
+        clauses.append("ts >= ?")
+        params.append(parse_since(args.since))
+    status = getattr(args, "status", None)
+    if status:
+        match = re.match(r"^([1-5])xx$", status.strip().lower())
+        if match:
+            clauses.append("status >= ? AND status < ?")
+            params += [int(match.group(1)) * 100, int(match.group(1)) * 100 + 100]
+        elif status.strip().isdigit():
+            clauses.append("status = ?")
+            params.append(int(status))
+        else:
+            raise UsageError("--status takes a code (404) or a class (4xx)")
+    return " AND ".join(clauses), tuple(params)
+
+
+def print_audit(rows: List[AuditRow], as_json: bool, header: bool = True) -> None:
+    if as_json:
+        for row in rows:
+            print(json.dumps(row.as_dict(), sort_keys=True))
+        return
+    table = [[r.id, r.ts, r.agent or "-", r.provider or "-", r.method or "-",
+              (r.path or "-")[:60], r.status or "-", human_size(r.bytes_in),
+              human_size(r.bytes_out), human_duration(r.duration_ms),
+              r.outcome + (f": {r.reason}" if r.reason and r.outcome != "ok" else "")]
+             for r in rows]
+    if header:
+        print_table(["ID", "TIME", "AGENT", "PROVIDER", "METHOD", "PATH", "STATUS", "IN",
+                     "OUT", "DURATION", "OUTCOME"], table)
+    else:
+        for row in table:
+            print("  ".join(str(c) for c in row))
+    sys.stdout.flush()
+
+
+def cmd_audit(args: argparse.Namespace, store: Store, db_path: str,
+              environ: Dict[str, str]) -> int:
+    key = derive_key(load_master_key(db_path, environ, store), "audit")
+    if args.action == "verify":
+        rows = store.audit_rows()
+        ok, message = verify_audit_chain(key, rows, store.audit_anchor())
+        print(message)
+        if ok and rows:
+            print(f"head: row {rows[-1].id} mac {rows[-1].mac.hex()[:32]} (keep it elsewhere to "
+                  f"detect a truncated tail later)")
+        return 0 if ok else 1
+    if args.action == "prune":
+        if not args.before:
+            raise ConfigError("audit prune needs --before DATE")
+        deleted = store.prune_audit(key, parse_since(args.before))
+        print(f"pruned {deleted} row(s); the chain still verifies from the prune record")
+        return 0
+    where, params = audit_filter(args)
+    rows = store.audit_rows(where, params, limit=args.limit)
+    print_audit(rows, args.json)
+    if not args.follow:
+        return 0
+    last = rows[-1].id if rows else 0
+    try:
+        while True:
+            time.sleep(0.5)
+            fresh = store.audit_rows(where, params, after_id=last)
+            if fresh:
+                print_audit(fresh, args.json, header=False)
+                last = fresh[-1].id
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_usage(args: argparse.Namespace, store: Store) -> int:
+    where, params = audit_filter(args)
+    rows = store.usage_rows(where, params)
+    if args.json:
+        for agent, provider, model, count, tin, tout in rows:
+            print(json.dumps({"agent": agent, "provider": provider, "model": model or None,
+                              "requests": count, "tokens_in": tin, "tokens_out": tout,
+                              "tokens": tin + tout}, sort_keys=True))
+        return 0
+    print_table(["AGENT", "PROVIDER", "MODEL", "REQUESTS", "TOKENS IN", "TOKENS OUT", "TOTAL"],
+                [[a or "-", p or "-", m or "-", c, f"{i:,}", f"{o:,}", f"{i + o:,}"]
+                 for a, p, m, c, i, o in rows])
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     os.umask(0o077)             # DB, WAL, SHM and key files are created private
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command == "secret" and getattr(args, "action", "") == "add":
+            args.value = extra[0]            # refused below with a how-to, never echoed
+        else:
+            parser.error("unrecognized arguments")
     try:
         return run_command(args, dict(os.environ))
     except ConfigError as exc:
         sys.stderr.write(f"error: {redact(str(exc))}\n")
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     except sqlite3.Error as exc:
         sys.stderr.write(f"error: database: {exc}\n")
         return 1
