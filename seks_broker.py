@@ -104,6 +104,8 @@ REQUEST_HEADERS_REPLACED = frozenset({"host", "content-length", "expect", "accep
 #               header NAME [PREFIX] | query PARAM | path-prefix PREFIX [PREFIX ...]
 #   inject    where the real key goes: header NAME [PREFIX], query PARAM, or "same" (where it came)
 #   usage     how usage is reported in answers (openai | anthropic | gemini), LLM providers only
+#   token_shape  bot-id: fake tokens look like "<bot id>:seks_…" (clients check Telegram's shape)
+#   errors    telegram: broker errors use Telegram's {"ok": false, "error_code", "description"}
 BUILTIN_PROVIDERS_INI = """
 [openai]
 upstream = https://api.openai.com
@@ -141,6 +143,8 @@ inject = header Authorization Bot
 upstream = https://api.telegram.org
 token = path-prefix /bot /file/bot
 inject = same
+token_shape = bot-id
+errors = telegram
 
 [github]
 upstream = https://api.github.com
@@ -209,18 +213,26 @@ class CredentialPlace:
 class Provider:
     """A route: name, upstream base, where tokens arrive and where the real key goes."""
 
-    __slots__ = ("name", "scheme", "host", "port", "base_path", "token_places", "inject",
-                 "usage", "aliases")
+    __slots__ = ("name", "upstream", "scheme", "host", "port", "base_path", "token_places",
+                 "inject", "usage", "aliases", "token_shape", "errors")
 
     def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
                  inject: Optional[CredentialPlace], usage: str = "",
-                 aliases: Tuple[str, ...] = ()) -> None:
+                 aliases: Tuple[str, ...] = (), token_shape: str = "",
+                 errors: str = "") -> None:
         self.name = name
+        self.upstream = upstream
         self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream)
         self.token_places = token_places
         self.inject = inject      # None means "same place the token arrived"
         self.usage = usage
         self.aliases = aliases
+        self.token_shape = token_shape
+        self.errors = errors
+
+    def with_upstream(self, upstream: str) -> "Provider":
+        return Provider(self.name, upstream, self.token_places, self.inject, self.usage,
+                        self.aliases, self.token_shape, self.errors)
 
     @property
     def origin(self) -> str:
@@ -277,8 +289,17 @@ def providers_from_ini(text: str, source: str = "<built-in>",
         if inject is not None and inject.kind == "path":
             raise ConfigError(f"[{section}]: path-prefix injection is 'inject = same'")
         aliases = tuple(sec.get("aliases", "").split())
-        result[name] = Provider(name, sec["upstream"].strip(), places, inject,
-                                sec.get("usage", "").strip(), aliases)
+        usage = sec.get("usage", "").strip()
+        shape = sec.get("token_shape", "").strip()
+        errors = sec.get("errors", "").strip()
+        for key, value, allowed in (("usage", usage, ("", "openai", "anthropic", "gemini")),
+                                    ("token_shape", shape, ("", "bot-id")),
+                                    ("errors", errors, ("", "telegram"))):
+            if value not in allowed:
+                raise ConfigError(f"[{section}]: {key} must be one of "
+                                  f"{', '.join(a for a in allowed if a)}")
+        result[name] = Provider(name, sec["upstream"].strip(), places, inject, usage, aliases,
+                                shape, errors)
     return result
 
 
@@ -363,8 +384,11 @@ class ClientGone(Exception):
 HTTP_REASONS = {code: phrase for code, (phrase, _) in http.server.BaseHTTPRequestHandler.responses.items()}
 
 
-def error_body(exc: BrokerError) -> bytes:
-    """The one JSON shape of every broker-made error answer."""
+def error_body(exc: BrokerError, style: str = "") -> bytes:
+    """The JSON of every broker-made error answer; Telegram clients need Telegram's shape."""
+    if style == "telegram":
+        return json.dumps({"ok": False, "error_code": exc.status,
+                           "description": exc.message}).encode()
     return json.dumps({"error": {"type": exc.kind, "message": exc.message}}).encode()
 
 
@@ -955,13 +979,18 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-def new_token(provider: Provider) -> str:
-    """A fresh fake token: ``seks_<provider>_<43 chars>``; Telegram-shaped where clients check."""
+def new_token(provider: Provider, real_key: str = "") -> str:
+    """A fresh fake token: ``seks_<provider>_<43 chars>``; Telegram-shaped where clients check.
+
+    Telegram clients insist on ``<digits>:<rest>`` and aiogram takes the digits as the bot's
+    id, so the fake token reuses the real key's (public) bot id when it has one."""
     body = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_RANDOM_BYTES)).rstrip(b"=").decode()
     token = f"seks_{provider.name}_{body}"
-    if any(place.kind == "path" for place in provider.token_places):
-        # Telegram clients (aiogram) insist on "<digits>:<rest>", like a real bot token.
-        token = "".join(secrets.choice("0123456789") for _ in range(10)) + ":" + token
+    if provider.token_shape == "bot-id":
+        bot_id, sep, _ = real_key.partition(":")
+        if not (sep and bot_id.isascii() and bot_id.isdigit() and len(bot_id) <= 20):
+            bot_id = "".join(secrets.choice("0123456789") for _ in range(10))
+        token = bot_id + ":" + token
     return token
 
 
@@ -1796,12 +1825,13 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         ex.reason = ex.reason or exc.message
         self.server.broker.record(ex)
         try:
-            self._send_simple(exc.status, error_body(exc), exc.headers)
+            self._send_simple(exc.status, error_body(exc, self._error_style), exc.headers)
         except ClientGone:
             pass
 
     # --- request parsing -------------------------------------------------------------------
     def _read_head(self) -> Optional[RequestHead]:
+        self.close_connection = False             # keep-alive unless this request says not
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         if line == b"\r\n":                       # one stray CRLF between requests is allowed
             line = self.rfile.readline(MAX_REQUEST_LINE + 1)
@@ -1908,6 +1938,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         broker = self.server.broker
         ex = Exchange(self.client_address[0] if self.client_address else "")
+        self._error_style = ""
         head: Optional[RequestHead] = None
         try:
             head = self._read_head()
@@ -1954,6 +1985,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         validate_path(path)
         provider, rest, route_prefix = broker.route(path)
         ex.provider = provider.name
+        self._error_style = provider.errors
         ex.path = masked_request_path(provider, path, query)
         validate_query(query)
         framing, length = request_framing(head, broker.settings.max_body)
@@ -2181,9 +2213,7 @@ def load_providers(environ: Dict[str, str]) -> Dict[str, Provider]:
     for name, provider in providers.items():
         override = environ.get("SEKS_UPSTREAM_" + name.upper().replace("-", "_"))
         if override:
-            fresh = Provider(name, override.strip(), provider.token_places, provider.inject,
-                             provider.usage, provider.aliases)
-            providers[name] = fresh
+            providers[name] = provider.with_upstream(override.strip())
     return providers
 
 
@@ -2558,7 +2588,7 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str]) -> int:
         if args.command == "secret":
             return cmd_secret(args, store, db_path, environ, providers)
         if args.command == "token":
-            return cmd_token(args, store, providers)
+            return cmd_token(args, store, providers, db_path, environ)
         if args.command == "agent":
             return cmd_agent(args, store)
         if args.command == "audit":
@@ -2609,7 +2639,8 @@ def cmd_secret(args: argparse.Namespace, store: Store, db_path: str, environ: Di
     return 2
 
 
-def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provider]) -> int:
+def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provider],
+              db_path: str, environ: Dict[str, str]) -> int:
     if args.action == "mint":
         found = store.get_secret(args.secret)
         if found is None:
@@ -2624,9 +2655,13 @@ def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provi
         expires = time.time() + parse_ttl(args.ttl) if args.ttl else None
         policy = make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
                              args.models, args.budget_tokens)
+        real_key = ""
+        if provider.token_shape == "bot-id":
+            cipher = SecretCipher(load_master_key(db_path, environ, store))
+            real_key = cipher.decrypt(found[1], secret_ad(args.secret, provider_name)).decode()
         if store.add_agent(args.agent, exist_ok=True):
             print(f"created agent {args.agent}", file=sys.stderr)
-        token = new_token(provider)
+        token = new_token(provider, real_key)
         store.add_token(new_token_id(), token_digest(token), args.secret, provider_name,
                         args.agent, expires, policy)
         print(token)

@@ -1,0 +1,350 @@
+"""Helpers for the adversarial suites (test_security*.py): a raw-socket HTTP client that controls
+every byte, a TCP recorder standing in for an attacker's server, and broker processes that the
+conftest `Broker` cannot start (limits shortened for tests, a second process on the same DB).
+
+Nothing here mocks the broker: every request crosses a real socket into `seks_broker.py serve`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from conftest import BROKER_PY, LISTEN_RE, START_TIMEOUT_S, Broker, FakeUpstream
+
+RAW_TIMEOUT_S = 10.0
+
+# ============================================================================
+# Raw-socket HTTP client
+# ============================================================================
+
+
+@dataclass
+class RawResponse:
+    """One response read off a raw socket. status 0 means the broker sent nothing at all."""
+    status: int
+    reason: str
+    headers: List[Tuple[str, str]]
+    body: bytes
+    raw: bytes                       # every byte received, response and anything after it
+    closed: bool                     # the broker closed the connection after the response
+    interim: List[int] = field(default_factory=list)   # 1xx statuses seen before the final one
+    extra: bytes = b""               # bytes that arrived after the response (a second response?)
+
+    def header(self, name: str) -> Optional[str]:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def header_all(self, name: str) -> List[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def text(self) -> str:
+        return self.raw.decode("latin-1")
+
+    def __repr__(self) -> str:
+        return f"RawResponse({self.status} {self.reason!r} closed={self.closed} raw={self.raw[:400]!r})"
+
+
+class _Reader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.raw = b""
+        self.eof = False
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        self.raw += data
+        return True
+
+    def until(self, marker: bytes, limit: int = 1 << 20) -> Optional[bytes]:
+        while marker not in self.buf:
+            if len(self.buf) > limit or not self._more():
+                return None
+        idx = self.buf.index(marker) + len(marker)
+        out, self.buf = self.buf[:idx], self.buf[idx:]
+        return out
+
+    def exactly(self, n: int) -> Optional[bytes]:
+        while len(self.buf) < n:
+            if not self._more():
+                return None
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def rest(self) -> bytes:
+        while self._more():
+            pass
+        out, self.buf = self.buf, b""
+        return out
+
+
+def read_response(sock: socket.socket, method: str = "GET", close_wait: float = 2.0,
+                  reader: Optional[_Reader] = None) -> RawResponse:
+    """Read one HTTP/1.1 response (skipping 1xx), then wait up to `close_wait` s to see whether
+    the broker closes the connection (recv -> b'') or sends anything more."""
+    rd = reader or _Reader(sock)
+    interim: List[int] = []
+    while True:
+        head = rd.until(b"\r\n\r\n")
+        if head is None:
+            return RawResponse(0, "", [], b"", rd.raw, True, interim)
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        status = int(parts[1])
+        reason = parts[2] if len(parts) > 2 else ""
+        headers = []
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers.append((k.strip(), v.strip()))
+        if 100 <= status < 200:
+            interim.append(status)
+            continue
+        break
+    lower = {k.lower(): v for k, v in headers}
+    body = b""
+    if method == "HEAD" or status in (204, 304):
+        pass
+    elif "chunked" in lower.get("transfer-encoding", "").lower():
+        while True:
+            size_line = rd.until(b"\r\n")
+            if size_line is None:
+                break
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                rd.until(b"\r\n")
+                break
+            piece = rd.exactly(size)
+            if piece is None:
+                break
+            body += piece
+            rd.exactly(2)
+    elif "content-length" in lower:
+        body = rd.exactly(int(lower["content-length"])) or b""
+    else:
+        body = rd.rest()
+    closed = rd.eof
+    extra = b""
+    if not closed:
+        extra = rd.buf
+        rd.buf = b""
+        sock.settimeout(close_wait)
+        try:
+            data = sock.recv(65536)
+            if data:
+                extra += data
+                rd.raw += data
+            else:
+                closed = True
+        except socket.timeout:
+            pass
+        except (ConnectionResetError, BrokenPipeError):
+            closed = True
+    return RawResponse(status, reason, headers, body, rd.raw, closed, interim, extra)
+
+
+def raw_exchange(port: int, data: bytes, *, method: str = "", close_wait: float = 2.0,
+                 timeout: float = RAW_TIMEOUT_S, shut_write: bool = False) -> RawResponse:
+    """Send `data` on a fresh connection and read one response."""
+    if not method:
+        method = data.split(b" ", 1)[0].decode("latin-1", "replace")
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the broker may answer and close before we are done sending
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        return read_response(sock, method, close_wait)
+
+
+def request_bytes(method: str, target: str, headers: Sequence[Tuple[str, str]] = (),
+                  body: bytes = b"", version: str = "HTTP/1.1", host: Optional[str] = "broker") -> bytes:
+    """Bytes of one request; the caller decides every header (no Content-Length is added)."""
+    lines = [f"{method} {target} {version}"]
+    if host is not None:
+        lines.append(f"Host: {host}")
+    lines.extend(f"{k}: {v}" for k, v in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# ============================================================================
+# An attacker's server: records every TCP connection and every byte
+# ============================================================================
+
+
+class TcpRecorder:
+    """Listens on 127.0.0.1; `.connections` holds the bytes of each accepted connection."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.05)
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.connections: List[bytearray] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="attacker", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            buf = bytearray()
+            with self.lock:
+                self.connections.append(buf)
+            threading.Thread(target=self._drain, args=(conn, buf), daemon=True).start()
+
+    def _drain(self, conn: socket.socket, buf: bytearray) -> None:
+        conn.settimeout(0.5)
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                with self.lock:
+                    buf.extend(data)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.connections.clear()
+
+    def seen(self) -> List[bytes]:
+        with self.lock:
+            return [bytes(b) for b in self.connections]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+def assert_no_traffic(upstreams: Dict[str, FakeUpstream], attacker: Optional[TcpRecorder],
+                      what: str = "") -> None:
+    """No FakeUpstream recorded a request and the attacker saw no connection at all."""
+    time.sleep(0.05)   # let a (wrong) connection reach the recorder threads
+    for name, up in upstreams.items():
+        with up.lock:
+            got = [f"{r.method} {r.target}" for r in up.requests]
+        assert not got, f"{what}: upstream {name} received {got}"
+    if attacker is not None:
+        seen = attacker.seen()
+        assert not seen, f"{what}: attacker server got {len(seen)} connection(s): {seen[:2]!r}"
+
+
+def requests_to(upstreams: Dict[str, FakeUpstream]) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
+    for name, up in upstreams.items():
+        with up.lock:
+            if up.requests:
+                out[name] = [f"{r.method} {r.target}" for r in up.requests]
+    return out
+
+
+# ============================================================================
+# Broker processes the conftest Broker cannot start
+# ============================================================================
+
+# Runs the real broker's main() after overriding some of its named limits (CLIENT_TIMEOUT_S,
+# HEADER_TIMEOUT_S, MAX_CONNECTIONS): the broker offers no flag for them, and waiting 60 s for
+# the real client timeout is not a unit test.
+_LAUNCHER = r'''
+import importlib.util, json, os, sys
+path = sys.argv[1]
+spec = importlib.util.spec_from_file_location("seks_broker", path)
+mod = importlib.util.module_from_spec(spec)
+sys.modules["seks_broker"] = mod
+spec.loader.exec_module(mod)
+for name, value in json.loads(sys.argv[2]).items():
+    if not hasattr(mod, name):
+        sys.stderr.write("launcher: seks_broker has no constant %s\n" % name)
+        sys.exit(3)
+    setattr(mod, name, value)
+sys.exit(mod.main(sys.argv[3:]))
+'''
+
+
+class PatchedBroker(Broker):
+    """A conftest Broker whose `serve` process runs with some module constants overridden."""
+
+    def __init__(self, workdir: Path, upstream_urls: Dict[str, str], patches: Dict[str, Any],
+                 **kw: Any) -> None:
+        self.patches = dict(patches)
+        super().__init__(workdir, upstream_urls, **kw)
+
+    def _start(self, serve_args: Sequence[str]) -> None:
+        launcher = self.workdir / "patched_launcher.py"
+        launcher.write_text(_LAUNCHER)
+        argv = [sys.executable, str(launcher), str(BROKER_PY), json.dumps(self.patches),
+                "--db", str(self.db), "serve", "--host", "127.0.0.1", "--port", "0", *serve_args]
+        spawn_and_wait(self, argv)
+
+
+def spawn_and_wait(b: Broker, argv: List[str]) -> None:
+    """Start `argv` as b's serve process (stderr to b.stderr_path) and wait for its listen line."""
+    err = open(b.stderr_path, "wb")
+    out = open(b.stdout_path, "wb")
+    try:
+        b.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                  env=b.env, cwd=str(b.workdir))
+    finally:
+        err.close()
+        out.close()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        m = LISTEN_RE.search(b.stderr_text())
+        if m:
+            b.host, b.port = m.group(1), int(m.group(2))
+            b.url = f"http://127.0.0.1:{b.port}"
+            return
+        if b.proc.poll() is not None:
+            raise RuntimeError(f"broker exited rc={b.proc.returncode}: {b.stderr_text()[-3000:]}")
+        time.sleep(0.02)
+    b.stop()
+    raise RuntimeError(f"broker did not print its listening line: {b.stderr_text()[-3000:]}")
+
+
+def second_process(first: Broker, name: str = "second") -> Broker:
+    """Another `serve` process on the same DB (same env, secrets and tokens) as `first`."""
+    b = object.__new__(Broker)
+    b.workdir = first.workdir
+    b.db = first.db
+    b.env = dict(first.env)
+    b.keys = dict(first.keys)
+    b._tokens = dict(first._tokens)
+    b.proc = None
+    b.stderr_path = first.workdir / f"broker-{name}.stderr"
+    b.stdout_path = first.workdir / f"broker-{name}.stdout"
+    spawn_and_wait(b, [sys.executable, str(BROKER_PY), "--db", str(b.db), "serve",
+                       "--host", "127.0.0.1", "--port", "0"])
+    return b
