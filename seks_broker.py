@@ -56,6 +56,7 @@ import stat
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 import urllib.request
 import zlib
@@ -106,12 +107,14 @@ REQUEST_HEADERS_REPLACED = frozenset({"host", "content-length", "expect", "accep
 #   usage     how usage is reported in answers (openai | anthropic | gemini), LLM providers only
 #   token_shape  bot-id: fake tokens look like "<bot id>:seks_…" (clients check Telegram's shape)
 #   errors    telegram: broker errors use Telegram's {"ok": false, "error_code", "description"}
+#   env       what `token mint --format env` prints: BASE_VAR=<path after the route> KEY_VAR
 BUILTIN_PROVIDERS_INI = """
 [openai]
 upstream = https://api.openai.com
 token = header Authorization Bearer
 inject = header Authorization Bearer
 usage = openai
+env = OPENAI_BASE_URL=/v1 OPENAI_API_KEY
 
 [anthropic]
 upstream = https://api.anthropic.com
@@ -120,6 +123,7 @@ token = header x-api-key
     header Authorization Bearer
 inject = header x-api-key
 usage = anthropic
+env = ANTHROPIC_BASE_URL= ANTHROPIC_API_KEY
 
 [gemini]
 upstream = https://generativelanguage.googleapis.com
@@ -127,17 +131,20 @@ token = header x-goog-api-key
     query key
 inject = same
 usage = gemini
+env = GOOGLE_GEMINI_BASE_URL= GEMINI_API_KEY
 
 [groq]
 upstream = https://api.groq.com
 token = header Authorization Bearer
 inject = header Authorization Bearer
 usage = openai
+env = GROQ_BASE_URL= GROQ_API_KEY
 
 [discord]
 upstream = https://discord.com
 token = header Authorization Bot
 inject = header Authorization Bot
+env = DISCORD_API_BASE=/api/v10 DISCORD_TOKEN
 
 [telegram]
 upstream = https://api.telegram.org
@@ -145,27 +152,32 @@ token = path-prefix /bot /file/bot
 inject = same
 token_shape = bot-id
 errors = telegram
+env = TELEGRAM_API_BASE=/bot TELEGRAM_BOT_TOKEN
 
 [github]
 upstream = https://api.github.com
 token = header Authorization Bearer
     header Authorization token
 inject = header Authorization Bearer
+env = GITHUB_API_URL= GITHUB_TOKEN
 
 [notion]
 upstream = https://api.notion.com
 token = header Authorization Bearer
 inject = header Authorization Bearer
+env = NOTION_BASE_URL= NOTION_TOKEN
 
 [cloudflare]
 upstream = https://api.cloudflare.com
 token = header Authorization Bearer
 inject = header Authorization Bearer
+env = CLOUDFLARE_BASE_URL=/client/v4 CLOUDFLARE_API_TOKEN
 
 [brave]
 upstream = https://api.search.brave.com
 token = header X-Subscription-Token
 inject = header X-Subscription-Token
+env = BRAVE_BASE_URL=/res/v1 BRAVE_API_KEY
 """
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -214,12 +226,12 @@ class Provider:
     """A route: name, upstream base, where tokens arrive and where the real key goes."""
 
     __slots__ = ("name", "upstream", "scheme", "host", "port", "base_path", "token_places",
-                 "inject", "usage", "aliases", "token_shape", "errors")
+                 "inject", "usage", "aliases", "token_shape", "errors", "env")
 
     def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
                  inject: Optional[CredentialPlace], usage: str = "",
                  aliases: Tuple[str, ...] = (), token_shape: str = "",
-                 errors: str = "") -> None:
+                 errors: str = "", env: str = "") -> None:
         self.name = name
         self.upstream = upstream
         self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream)
@@ -229,10 +241,11 @@ class Provider:
         self.aliases = aliases
         self.token_shape = token_shape
         self.errors = errors
+        self.env = env
 
     def with_upstream(self, upstream: str) -> "Provider":
         return Provider(self.name, upstream, self.token_places, self.inject, self.usage,
-                        self.aliases, self.token_shape, self.errors)
+                        self.aliases, self.token_shape, self.errors, self.env)
 
     @property
     def origin(self) -> str:
@@ -265,42 +278,43 @@ def parse_upstream_base(url: str) -> Tuple[str, str, int, str]:
     return parts.scheme, parts.hostname, port, base_path
 
 
-def providers_from_ini(text: str, source: str = "<built-in>",
-                       prefix: str = "") -> Dict[str, Provider]:
-    """Read provider sections (``[name]``, or ``[provider:name]`` in a config file)."""
+def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provider:
+    """One provider from its INI section (built-in ``[name]`` or a config ``[provider:name]``)."""
+    if not PROVIDER_NAME_RE.match(name):
+        raise ConfigError("provider names are lower-case letters, digits and '-'")
+    known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env"}
+    unknown = set(sec.keys()) - known - set(sec.parser.defaults())
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} (known: "
+                          f"{', '.join(sorted(known))})")
+    if "upstream" not in sec or "token" not in sec:
+        raise ConfigError("'upstream' and 'token' are required")
+    places = [CredentialPlace.parse(line) for line in sec["token"].splitlines() if line.strip()]
+    inject_text = sec.get("inject", "same").strip()
+    inject = None if inject_text == "same" else CredentialPlace.parse(inject_text)
+    if inject is not None and inject.kind == "path":
+        raise ConfigError("path-prefix injection is written 'inject = same'")
+    usage = sec.get("usage", "").strip()
+    shape = sec.get("token_shape", "").strip()
+    errors = sec.get("errors", "").strip()
+    for key, value, allowed in (("usage", usage, ("", "openai", "anthropic", "gemini")),
+                                ("token_shape", shape, ("", "bot-id")),
+                                ("errors", errors, ("", "telegram"))):
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(a for a in allowed if a)}")
+    env = sec.get("env", "").strip()
+    if env and not re.match(r"^[A-Z_][A-Z0-9_]*=\S* [A-Z_][A-Z0-9_]*$", env):
+        raise ConfigError("env must be 'BASE_VAR=/path KEY_VAR', e.g. 'OPENAI_BASE_URL=/v1 "
+                          "OPENAI_API_KEY'")
+    return Provider(name, sec["upstream"].strip(), places, inject, usage,
+                    tuple(sec.get("aliases", "").split()), shape, errors, env)
+
+
+def providers_from_ini(text: str) -> Dict[str, Provider]:
+    """The built-in provider table (same format as ``[provider:NAME]`` in a config file)."""
     parser = configparser.ConfigParser(interpolation=None)
-    parser.read_string(text, source=source)
-    result: Dict[str, Provider] = {}
-    for section in parser.sections():
-        if prefix:
-            if not section.startswith(prefix):
-                continue
-            name = section[len(prefix):]
-        else:
-            name = section
-        if not PROVIDER_NAME_RE.match(name):
-            raise ConfigError(f"[{section}]: provider names are lower-case letters, digits, '-'")
-        sec = parser[section]
-        if "upstream" not in sec or "token" not in sec:
-            raise ConfigError(f"[{section}]: 'upstream' and 'token' are required")
-        places = [CredentialPlace.parse(line) for line in sec["token"].splitlines() if line.strip()]
-        inject_text = sec.get("inject", "same").strip()
-        inject = None if inject_text == "same" else CredentialPlace.parse(inject_text)
-        if inject is not None and inject.kind == "path":
-            raise ConfigError(f"[{section}]: path-prefix injection is 'inject = same'")
-        aliases = tuple(sec.get("aliases", "").split())
-        usage = sec.get("usage", "").strip()
-        shape = sec.get("token_shape", "").strip()
-        errors = sec.get("errors", "").strip()
-        for key, value, allowed in (("usage", usage, ("", "openai", "anthropic", "gemini")),
-                                    ("token_shape", shape, ("", "bot-id")),
-                                    ("errors", errors, ("", "telegram"))):
-            if value not in allowed:
-                raise ConfigError(f"[{section}]: {key} must be one of "
-                                  f"{', '.join(a for a in allowed if a)}")
-        result[name] = Provider(name, sec["upstream"].strip(), places, inject, usage, aliases,
-                                shape, errors)
-    return result
+    parser.read_string(text, source="<built-in>")
+    return {name: provider_from_section(name, parser[name]) for name in parser.sections()}
 
 
 # ============================================================================================
@@ -686,6 +700,33 @@ class Store:
             elif not hmac.compare_digest(bytes(stored), check):
                 raise ConfigError("the master key does not match this database (wrong "
                                   "SEKS_MASTER_KEY or key file?)")
+
+    def rekey(self, old: "SecretCipher", new: "SecretCipher", old_audit: bytes,
+              new_audit: bytes, new_check: bytes) -> int:
+        """Re-encrypt every secret and recompute every audit MAC under new keys, atomically."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT name, provider, ciphertext FROM secrets").fetchall()
+            for name, provider, ciphertext in rows:
+                ad = secret_ad(name, provider)
+                try:
+                    plaintext = old.decrypt(ciphertext, ad)
+                except DecryptError:
+                    raise ConfigError(f"secret {name!r} does not decrypt with the current key; "
+                                      f"nothing was changed") from None
+                db.execute("UPDATE secrets SET ciphertext = ? WHERE name = ?",
+                           (new.encrypt(plaintext, ad), name))
+            anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
+            prev = bytes(anchor or b"")
+            cursor = db.execute(f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit ORDER BY id")
+            updates = []
+            for raw in cursor.fetchall():
+                row = AuditRow.from_db(raw)
+                mac = audit_mac(new_audit, row.values(), prev)
+                updates.append((mac, row.id))
+                prev = mac
+            db.executemany("UPDATE audit SET mac = ? WHERE id = ?", updates)
+            db.execute("UPDATE state SET key_check = ? WHERE id = 1", (new_check,))
+        return len(rows)
 
     def has_secrets(self) -> bool:
         with self.connection() as db:
@@ -1160,8 +1201,8 @@ _GEMINI_MODEL_RE = re.compile(r"/models/([^/:?]+)")
 def request_model(provider: Provider, rest: str, body: Optional[bytes]) -> Optional[str]:
     """The model a request names: Gemini's path, or the JSON body's ``model`` field."""
     if provider.usage == "gemini":
-        match = _GEMINI_MODEL_RE.search(rest)
-        return urllib.parse.unquote(match.group(1)) if match else None
+        match = _GEMINI_MODEL_RE.search(urllib.parse.unquote(rest))
+        return match.group(1) if match else None
     if body and body[:1] in (b"{", b" ", b"\n", b"\r", b"\t"):
         try:
             value = json.loads(body).get("model")
@@ -1289,35 +1330,43 @@ _PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
 def _check_chars(text: str, what: str) -> None:
+    """Raw request-target text: printable ASCII only, no backslash, no fragment."""
     for ch in text:
         code = ord(ch)
-        if code < 0x21 or code == 0x7F or ch in "\\#":
+        if code < 0x21 or code > 0x7E or ch in "\\#":
             raise BadRequest(f"{what} contains a forbidden character")
 
 
 def validate_path(rest: str) -> str:
     """Accept a provider path only if no decoding of it can climb out or name another host.
 
-    Refused: anything not starting with one '/', '//' anywhere, backslashes, control
-    characters, '#', malformed or non-UTF-8 (overlong) percent escapes, and '.' or '..'
-    segments after any number of percent-decodings. '@' and ':' stay legal: the host never
-    comes from this string.
+    The raw path must be printable ASCII starting with one '/', with no '//', backslash,
+    '#', malformed percent escape or '.'/'..' segment. Then it is percent-decoded again and
+    again (double encoding, up to 3 levels): no level may hold a dot segment, a backslash,
+    a control character, invalid (e.g. overlong) UTF-8 or a leading '//'. Spaces, '%',
+    '@', ':' and non-ASCII letters stay legal once decoded (file names, emoji reactions):
+    the host never comes from this string.
     """
     if not rest.startswith("/"):
         raise BadRequest("path must start with '/'")
+    _check_chars(rest, "path")
+    if "//" in rest:
+        raise BadRequest("empty path segment ('//') is not allowed")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", rest):
+        raise BadRequest("malformed percent escape in path")
     layer = rest
-    for _ in range(4):
-        if any(ord(ch) > 0x7E for ch in layer):
-            raise BadRequest("path contains a forbidden character")
-        _check_chars(layer, "path")
-        if "//" in layer:
-            raise BadRequest("empty path segment ('//') is not allowed")
-        if any(seg in (".", "..") for seg in layer.split("/")):
-            raise BadRequest("dot segments are not allowed in paths")
-        if "%" not in layer:
+    for depth in range(4):
+        forms = [layer]
+        if not layer.isascii():                  # servers that NFKC-fold see '．．' as '..'
+            forms.append(unicodedata.normalize("NFKC", layer))
+        for form in forms:
+            if any(seg in (".", "..") for seg in form.split("/")):
+                raise BadRequest("dot segments are not allowed in paths")
+            if depth and (form.startswith("//") or "\\" in form or
+                          any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in form)):
+                raise BadRequest("path decodes to a forbidden character")
+        if not _PCT_RE.search(layer):
             return rest
-        if re.search(r"%(?![0-9A-Fa-f]{2})", layer):
-            raise BadRequest("malformed percent escape in path")
         try:
             layer = urllib.parse.unquote_to_bytes(layer).decode("utf-8", "strict")
         except UnicodeDecodeError:
@@ -1463,17 +1512,26 @@ class Scrubber:
 
 
 def secret_variants(key: str) -> List[bytes]:
-    """The forms in which an upstream might echo a key: raw and percent-encoded."""
-    raw = key.encode("utf-8")
-    quoted = urllib.parse.quote(key, safe="").encode()
-    return [raw] if quoted == raw else [raw, quoted]
+    """The forms in which an upstream might echo a key: raw, and percent-encoded the ways
+    URL libraries do it (every reserved character or only some, upper or lower-case hex,
+    '+' for spaces)."""
+    variants = {key.encode("utf-8")}
+    for safe in ("", "/", ":", "/:", "-._~"):
+        quoted = urllib.parse.quote(key, safe=safe)
+        variants.add(quoted.encode())
+        variants.add(re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quoted).encode())
+    variants.add(urllib.parse.quote_plus(key).encode())
+    return sorted(variants, key=len, reverse=True)
+
+
+PoolKey = Tuple[str, str, int, bool]      # scheme, host, port, verify TLS
 
 
 class UpstreamResponse:
     """An upstream answer being relayed; returns its connection to the pool only when the body
     was read to the end and the upstream did not ask to close."""
 
-    def __init__(self, pool: "UpstreamPool", pool_key: Tuple[str, str, int],
+    def __init__(self, pool: "UpstreamPool", pool_key: PoolKey,
                  conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
         self._pool = pool
         self._pool_key = pool_key
@@ -1513,15 +1571,16 @@ class UpstreamPool:
     """
 
     def __init__(self, ssl_context: ssl.SSLContext, connect_timeout: float,
-                 read_timeout: float) -> None:
+                 read_timeout: float, insecure_context: Optional[ssl.SSLContext] = None) -> None:
         self.ssl_context = ssl_context
+        self.insecure_context = insecure_context
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._idle: Dict[Tuple[str, str, int], List[Tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: Dict[PoolKey, List[Tuple[float, http.client.HTTPConnection]]] = {}
         self._lock = threading.Lock()
         self.opened = 0
 
-    def get(self, key: Tuple[str, str, int]) -> Tuple[http.client.HTTPConnection, bool]:
+    def get(self, key: PoolKey) -> Tuple[http.client.HTTPConnection, bool]:
         now = time.monotonic()
         while True:
             with self._lock:
@@ -1535,10 +1594,11 @@ class UpstreamPool:
                 conn.close()
                 continue
             return conn, True
-        scheme, host, port = key
+        scheme, host, port, verify = key
         if scheme == "https":
+            context = self.ssl_context if verify else self.insecure_context
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, port, timeout=self.connect_timeout, context=self.ssl_context)
+                host, port, timeout=self.connect_timeout, context=context)
         else:
             conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
         conn.connect()
@@ -1549,7 +1609,7 @@ class UpstreamPool:
             self.opened += 1
         return conn, False
 
-    def put(self, key: Tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
+    def put(self, key: PoolKey, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < POOL_IDLE_PER_HOST:
@@ -1593,8 +1653,7 @@ class PooledHTTPHandler(urllib.request.BaseHandler):
         return self._open(req, "https")
 
     def _open(self, req: urllib.request.Request, scheme: str) -> UpstreamResponse:
-        host, port = req.seks_host, req.seks_port  # type: ignore[attr-defined]
-        key = (scheme, host, port)
+        key = (scheme, req.seks_host, req.seks_port, req.seks_verify)  # type: ignore[attr-defined]
         headers = dict(req.header_items())
         body = req.data
         replayable = body is None or isinstance(body, bytes)
@@ -1831,12 +1890,24 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     # --- request parsing -------------------------------------------------------------------
     def _read_head(self) -> Optional[RequestHead]:
+        """Read one request head. The deadline watch closes a connection that stays idle past
+        client_timeout or takes longer than header_timeout to send a head once it started."""
+        settings = self.server.broker.settings
+        watch = self.server.watch
         self.close_connection = False             # keep-alive unless this request says not
+        watch.arm(self.connection, settings.client_timeout)
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         if line == b"\r\n":                       # one stray CRLF between requests is allowed
             line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         if not line:
             return None
+        watch.arm(self.connection, settings.header_timeout)
+        try:
+            return self._parse_head(line)
+        finally:
+            watch.disarm(self.connection)
+
+    def _parse_head(self, line: bytes) -> RequestHead:
         if len(line) > MAX_REQUEST_LINE:
             raise UriTooLong("request line too long", close=True)
         if not line.endswith(b"\r\n"):
@@ -1874,7 +1945,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         head = RequestHead(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"),
                            headers)
         conn_tokens = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
-        if head.version == "HTTP/1.0" or "close" in conn_tokens:
+        if head.version == "HTTP/1.0" or "close" in conn_tokens or self.server.broker.draining:
             self.close_connection = True
         return head
 
@@ -1945,6 +2016,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if head is None:
                 self.close_connection = True
                 return
+            broker.begin()
             ex.method = head.method
             self._proxy(head, ex, broker)
         except BrokerError as exc:
@@ -2061,32 +2133,34 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         broker = self.server.broker
         status = resp.status
         ex.status = status
-        encoding = content_type = ""
+        content_type = ""
+        codings: List[str] = []
         length: Optional[int] = None
         for name, value in resp.headers:
             lower = name.lower()
             if lower == "content-encoding":
-                encoding = value.strip().lower()
+                codings += [c.strip().lower() for c in value.split(",")
+                            if c.strip().lower() not in ("", "identity")]
             elif lower == "content-type":
                 content_type = value
             elif lower == "content-length" and _CONTENT_LENGTH_RE.match(value.strip()):
                 length = int(value.strip())
         decoder = None
-        drop = {"content-length"}
-        if encoding in ("gzip", "x-gzip", "deflate"):
-            decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
-            drop.add("content-encoding")
+        drop = {"content-length", "content-encoding"}
+        if codings in (["gzip"], ["x-gzip"], ["deflate"]):
+            decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)   # gzip or zlib framing
             length = None
-        elif encoding not in ("", "identity"):
-            raise UpstreamError(f"upstream answered with content-encoding '{encoding[:20]}', "
-                                f"which the broker cannot inspect for leaked keys")
+        elif codings:
+            raise UpstreamError(f"upstream answered with content-encoding "
+                                f"'{', '.join(codings)[:40]}', which the broker cannot inspect "
+                                f"for leaked keys")
         headers = []
         for name, value in response_headers(resp.headers, drop):
             if name.lower() == "location":
                 value = rewrite_location(value, provider, route_prefix)
             headers.append((name, scrubber.scrub(value.encode("latin-1", "replace")).decode("latin-1")))
         no_body = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
-        reason = resp.reason or HTTP_REASONS.get(status, "")
+        reason = HTTP_REASONS.get(status, "Unknown")     # never the upstream's own text
         meter = UsageMeter(provider.usage, content_type) if provider.usage and not no_body else None
         ex.outcome = "ok"
         if no_body:
@@ -2132,6 +2206,17 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         The bytes that complete the answer are held until its audit row is written."""
         write = self._write
         record = self.server.broker.record
+        metrics = self.server.broker.metrics
+        metrics.add_stream(1)
+        try:
+            self._relay_chunks(resp, decoder, scrubber, chunked, length, meter, ex, write, record)
+        finally:
+            metrics.add_stream(-1)
+
+    def _relay_chunks(self, resp: UpstreamResponse, decoder: Any, scrubber: Scrubber,
+                      chunked: bool, length: Optional[int], meter: Optional[UsageMeter],
+                      ex: Exchange, write: Callable[[bytes], None],
+                      record: Callable[[Exchange], None]) -> None:
         while True:
             try:
                 data = resp.read1(STREAM_CHUNK)
@@ -2188,44 +2273,373 @@ def request_has_body(head: RequestHead) -> bool:
 # 8. SERVER
 # ============================================================================================
 
+class SettingSpec:
+    """One setting: its config-file place, its env variable and flag, its type and default."""
+
+    __slots__ = ("name", "section", "key", "kind", "default", "help")
+
+    def __init__(self, name: str, section: str, key: str, kind: str, default: Any,
+                 help: str) -> None:
+        self.name, self.section, self.key, self.kind = name, section, key, kind
+        self.default, self.help = default, help
+
+    @property
+    def env(self) -> str:
+        return "SEKS_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+# Every setting, in the order the README documents them. Flags beat env beat the file.
+SETTINGS: List[SettingSpec] = [
+    SettingSpec("db", "server", "db", "path", DEFAULT_DB, "database file (key file: <db>.key)"),
+    SettingSpec("host", "server", "host", "str", DEFAULT_HOST, "listen address for agents"),
+    SettingSpec("port", "server", "port", "port", DEFAULT_PORT, "listen port for agents (0: any)"),
+    SettingSpec("tls_cert", "server", "tls_cert", "path", "", "TLS certificate chain (PEM) for "
+                "the agent port; with tls_key, agents connect with https"),
+    SettingSpec("tls_key", "server", "tls_key", "path", "", "TLS private key (PEM)"),
+    SettingSpec("admin_host", "server", "admin_host", "str", "127.0.0.1",
+                "listen address of the admin port"),
+    SettingSpec("admin_port", "server", "admin_port", "port", -1,
+                "admin port serving /metrics and /healthz (off unless set; worker i of "
+                "--workers uses admin_port + i)"),
+    SettingSpec("workers", "server", "workers", "int", 1,
+                "processes sharing the agent port (SO_REUSEPORT) and the DB"),
+    SettingSpec("grace", "server", "grace", "duration", 10.0,
+                "on SIGTERM/SIGINT, how long in-flight requests and streams may finish"),
+    SettingSpec("public_url", "server", "public_url", "str", "",
+                "the broker's address as agents see it (token mint --format env)"),
+    SettingSpec("audit", "server", "audit", "bool", True,
+                "write the audit log (turn off only to measure its cost)"),
+    SettingSpec("max_body", "limits", "max_body", "size", MAX_BODY_BYTES,
+                "largest request body (413 past it)"),
+    SettingSpec("max_connections", "limits", "max_connections", "int", MAX_CONNECTIONS,
+                "concurrent agent connections (503 past it)"),
+    SettingSpec("client_timeout", "limits", "client_timeout", "duration", CLIENT_TIMEOUT_S,
+                "an agent connection idle or stalled this long is closed"),
+    SettingSpec("header_timeout", "limits", "header_timeout", "duration", HEADER_TIMEOUT_S,
+                "a request head must arrive completely within this (slow-header defence)"),
+    SettingSpec("connect_timeout", "limits", "connect_timeout", "duration",
+                UPSTREAM_CONNECT_TIMEOUT_S, "TCP and TLS connect to an upstream (504 past it)"),
+    SettingSpec("upstream_timeout", "limits", "upstream_timeout", "duration",
+                UPSTREAM_TIMEOUT_S, "silence from an upstream while waiting for bytes (504)"),
+    SettingSpec("log_format", "log", "format", "choice:text,json", "text",
+                "per-request log lines on stderr as text or JSON"),
+    SettingSpec("log_level", "log", "level", "choice:debug,info,warning,error", "info",
+                "info logs every request; warning and error only problems"),
+    SettingSpec("quiet", "log", "quiet", "bool", False, "no per-request log lines"),
+    SettingSpec("upstream_ca", "upstream", "ca_file", "path", "",
+                "extra CA certificates (PEM) trusted for upstream TLS, e.g. a lab gateway's"),
+    SettingSpec("insecure_upstream", "upstream", "insecure", "list", [],
+                "providers whose upstream TLS certificate is NOT verified (loudly logged)"),
+]
+SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
+_SIZE_RE = re.compile(r"^(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
+               "mb": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3,
+               "gib": 1024 ** 3}
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_setting(spec: SettingSpec, text: Any) -> Any:
+    """Convert a setting from its text form (config file, env or flag); ConfigError if bad."""
+    if not isinstance(text, str):
+        return text
+    value = text.strip()
+    kind = spec.kind
+    if kind in ("str", "path"):
+        return value
+    if kind in ("int", "port"):
+        if not re.match(r"^-?\d+$", value):
+            raise ConfigError(f"{spec.name}: expected a whole number, got {value!r}")
+        number = int(value)
+        if kind == "port" and not 0 <= number <= 65535:
+            raise ConfigError(f"{spec.name}: a port is 0-65535, got {number}")
+        if kind == "int" and number < 1:
+            raise ConfigError(f"{spec.name}: must be at least 1, got {number}")
+        return number
+    if kind == "size":
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ConfigError(f"{spec.name}: expected a size like 1048576, 512KiB or 100MiB, "
+                              f"got {value!r}")
+        return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if kind == "duration":
+        match = _DURATION_RE.match(value)
+        if not match or float(match.group(1)) <= 0:
+            raise ConfigError(f"{spec.name}: expected a duration like 30s, 500ms or 5m, "
+                              f"got {value!r}")
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if kind == "bool":
+        lowered = value.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{spec.name}: expected true or false, got {value!r}")
+    if kind == "list":
+        return [v for v in re.split(r"[,\s]+", value) if v]
+    if kind.startswith("choice:"):
+        choices = kind[7:].split(",")
+        if value not in choices:
+            raise ConfigError(f"{spec.name}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    raise ConfigError(f"{spec.name}: unknown kind {kind}")
+
+
 class Settings:
-    """Everything the running broker is configured with (flags > env > config file > defaults)."""
+    """Everything the running broker is configured with: defaults < config file < env < flags."""
 
     def __init__(self, **overrides: Any) -> None:
-        self.host = DEFAULT_HOST
-        self.port = DEFAULT_PORT
-        self.max_body = MAX_BODY_BYTES
-        self.max_connections = MAX_CONNECTIONS
-        self.client_timeout = CLIENT_TIMEOUT_S
-        self.connect_timeout = UPSTREAM_CONNECT_TIMEOUT_S
-        self.upstream_timeout = UPSTREAM_TIMEOUT_S
-        self.quiet = False
-        self.audit = True
+        for spec in SETTINGS:
+            setattr(self, spec.name, list(spec.default) if isinstance(spec.default, list)
+                    else spec.default)
+        self.upstreams: Dict[str, str] = {}          # provider -> base URL override
+        self.discord_gateway = "wss://gateway.discord.gg"
+        self.custom_providers: Dict[str, Provider] = {}
         for name, value in overrides.items():
             if not hasattr(self, name):
                 raise ConfigError(f"unknown setting {name!r}")
             setattr(self, name, value)
 
+    def agent_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{self.port}"
 
-def load_providers(environ: Dict[str, str]) -> Dict[str, Provider]:
-    """Built-in providers, with upstream bases replaced by ``SEKS_UPSTREAM_<NAME>``."""
+
+def ini_line_numbers(text: str) -> Dict[Tuple[str, str], int]:
+    """(section, key) -> line number, and (section, "") -> the section header's line."""
+    lines: Dict[Tuple[str, str], int] = {}
+    section = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1].strip()
+            lines.setdefault((section, ""), number)
+        elif stripped and not stripped.startswith(("#", ";")) and not line[:1].isspace():
+            key = re.split(r"[=:]", stripped, 1)[0].strip().lower()
+            lines.setdefault((section, key), number)
+    return lines
+
+
+def read_config(text: str, source: str, settings: Settings) -> List[str]:
+    """Apply a config file to ``settings``; return every error as 'source:line: message'."""
+    errors: List[str] = []
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as exc:
+        return [f"{source}: {' '.join(str(exc).split())}"]
+    lines = ini_line_numbers(text)
+
+    def where(section: str, key: str = "") -> str:
+        return f"{source}:{lines.get((section, key), lines.get((section, ''), 0))}"
+
+    by_place = {(spec.section, spec.key): spec for spec in SETTINGS}
+    for section in parser.sections():
+        if section.startswith("provider:"):
+            name = section[len("provider:"):]
+            try:
+                settings.custom_providers[name] = provider_from_section(name, parser[section])
+            except ConfigError as exc:
+                errors.append(f"{where(section)}: [{section}] {exc}")
+            continue
+        if section == "upstream":
+            for key, value in parser.items(section):
+                if (section, key) in by_place:
+                    continue
+                if key == "discord_gateway":
+                    if not re.match(r"^wss?://[^/?#\s]+/?$", value.strip()):
+                        errors.append(f"{where(section, key)}: discord_gateway must be "
+                                      f"ws(s)://host[:port]")
+                    else:
+                        settings.discord_gateway = value.strip().rstrip("/")
+                    continue
+                try:
+                    parse_upstream_base(value.strip())
+                    settings.upstreams[key] = value.strip()
+                except ConfigError as exc:
+                    errors.append(f"{where(section, key)}: [upstream] {key}: {exc}")
+        elif section not in ("server", "limits", "log"):
+            errors.append(f"{where(section)}: unknown section [{section}] (known: server, "
+                          f"limits, log, upstream, provider:NAME)")
+            continue
+        for key, value in parser.items(section):
+            spec = by_place.get((section, key))
+            if spec is None:
+                if section != "upstream":
+                    known = ", ".join(s.key for s in SETTINGS if s.section == section)
+                    errors.append(f"{where(section, key)}: unknown key '{key}' in [{section}] "
+                                  f"(known: {known})")
+                continue
+            try:
+                setattr(settings, spec.name, parse_setting(spec, value))
+            except ConfigError as exc:
+                errors.append(f"{where(section, key)}: {exc}")
+    return errors
+
+
+def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
+                     flags: Dict[str, Any]) -> Settings:
+    """Defaults < config file (--config or $SEKS_CONFIG) < SEKS_* env < command-line flags."""
+    settings = Settings()
+    path = config_path or environ.get("SEKS_CONFIG")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        errors = read_config(text, path, settings)
+        if errors:
+            raise ConfigError("invalid config file:\n  " + "\n  ".join(errors)
+                              + f"\n(run: seks_broker.py config check {path})")
+    for spec in SETTINGS:
+        if spec.env in environ and environ[spec.env].strip() != "":
+            setattr(settings, spec.name, parse_setting(spec, environ[spec.env]))
+    for name, value in flags.items():
+        if value is not None:
+            setattr(settings, name, parse_setting(SETTINGS_BY_NAME[name], value))
+    for name, value in environ.items():
+        if name.startswith("SEKS_UPSTREAM_") and name not in ("SEKS_UPSTREAM_CA",
+                                                               "SEKS_UPSTREAM_TIMEOUT") and value:
+            key = name[len("SEKS_UPSTREAM_"):].lower()
+            if key == "discord_gateway":
+                settings.discord_gateway = value.strip().rstrip("/")
+            else:
+                settings.upstreams[key.replace("_", "-")] = value.strip()
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("TLS needs both tls_cert and tls_key")
+    return settings
+
+
+def load_providers(settings: Settings) -> Dict[str, Provider]:
+    """Built-in providers plus custom ones from the config file, with upstream overrides."""
     providers = providers_from_ini(BUILTIN_PROVIDERS_INI)
-    for name, provider in providers.items():
-        override = environ.get("SEKS_UPSTREAM_" + name.upper().replace("-", "_"))
-        if override:
-            providers[name] = provider.with_upstream(override.strip())
+    for name, provider in settings.custom_providers.items():
+        providers[name] = provider
+    routes = {alias for p in providers.values() for alias in p.aliases}
+    for name, url in settings.upstreams.items():
+        if name not in providers:
+            raise ConfigError(f"upstream override for unknown provider {name!r}")
+        providers[name] = providers[name].with_upstream(url)
+    for name in settings.insecure_upstream:
+        if name not in providers:
+            raise ConfigError(f"insecure_upstream names unknown provider {name!r}")
+    clash = routes & set(providers)
+    if clash:
+        raise ConfigError(f"provider names clash with aliases: {', '.join(sorted(clash))}")
     return providers
 
 
-def upstream_ssl_context(cafile: Optional[str] = None) -> ssl.SSLContext:
-    """Verified TLS to upstreams (system trust, SSL_CERT_FILE, or an explicit CA file)."""
-    context = ssl.create_default_context(cafile=cafile)
+def upstream_ssl_context(cafile: str = "", verify: bool = True) -> ssl.SSLContext:
+    """Verified TLS 1.2+ to upstreams: system trust (which honours SSL_CERT_FILE) plus an
+    optional extra CA file. ``verify=False`` only for providers named in insecure_upstream."""
+    context = ssl.create_default_context()
+    if cafile:
+        context.load_verify_locations(cafile=cafile)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     return context
 
 
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """Counters for /metrics (Prometheus text format 0.0.4), updated once per request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: Dict[Tuple[str, str], int] = {}
+        self.upstream_errors: Dict[Tuple[str, str], int] = {}
+        self.bytes_in: Dict[str, int] = {}
+        self.bytes_out: Dict[str, int] = {}
+        self.latency: Dict[str, List[float]] = {}       # provider -> bucket counts + [sum, count]
+        self.open_streams = 0
+        self.open_connections = 0
+
+    def observe(self, ex: "Exchange", seconds: float) -> None:
+        provider = ex.provider or "-"
+        with self._lock:
+            key = (provider, str(ex.status))
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.bytes_in[provider] = self.bytes_in.get(provider, 0) + ex.bytes_in
+            self.bytes_out[provider] = self.bytes_out.get(provider, 0) + ex.bytes_out
+            hist = self.latency.get(provider)
+            if hist is None:
+                hist = self.latency[provider] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    hist[i] += 1
+            hist[-2] += seconds
+            hist[-1] += 1
+            if ex.status in (502, 504):
+                kind = "timeout" if ex.status == 504 else "error"
+                ukey = (provider, kind)
+                self.upstream_errors[ukey] = self.upstream_errors.get(ukey, 0) + 1
+
+    def add_stream(self, delta: int) -> None:
+        with self._lock:
+            self.open_streams += delta
+
+    def render(self, connections: int) -> str:
+        def labels(**pairs: str) -> str:
+            inner = ",".join(f'{k}="{v}"' for k, v in pairs.items())
+            return "{" + inner + "}"
+
+        out = [f"# HELP seks_build_info Broker version.", "# TYPE seks_build_info gauge",
+               f"seks_build_info{labels(version=__version__)} 1"]
+        with self._lock:
+            out += ["# HELP seks_requests_total Requests answered, by provider and status.",
+                    "# TYPE seks_requests_total counter"]
+            out += [f"seks_requests_total{labels(provider=p, status=s)} {n}"
+                    for (p, s), n in sorted(self.requests.items())]
+            out += ["# HELP seks_request_duration_seconds Time from request head to last byte.",
+                    "# TYPE seks_request_duration_seconds histogram"]
+            for provider, hist in sorted(self.latency.items()):
+                for i, bound in enumerate(LATENCY_BUCKETS):
+                    out.append(f"seks_request_duration_seconds_bucket"
+                               f"{labels(provider=provider, le=repr(bound))} {int(hist[i])}")
+                out.append(f"seks_request_duration_seconds_bucket"
+                           f"{labels(provider=provider, le='+Inf')} {int(hist[-1])}")
+                out.append(f"seks_request_duration_seconds_sum{labels(provider=provider)} "
+                           f"{hist[-2]:.6f}")
+                out.append(f"seks_request_duration_seconds_count{labels(provider=provider)} "
+                           f"{int(hist[-1])}")
+            out += ["# HELP seks_upstream_errors_total Upstream failures (502 error, 504 timeout).",
+                    "# TYPE seks_upstream_errors_total counter"]
+            out += [f"seks_upstream_errors_total{labels(provider=p, kind=k)} {n}"
+                    for (p, k), n in sorted(self.upstream_errors.items())]
+            for name, table, text in (("seks_request_bytes_total", self.bytes_in,
+                                       "Request body bytes from agents."),
+                                      ("seks_response_bytes_total", self.bytes_out,
+                                       "Response body bytes to agents.")):
+                out += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+                out += [f"{name}{labels(provider=p)} {n}" for p, n in sorted(table.items())]
+            out += ["# HELP seks_open_streams Streamed answers being relayed now.",
+                    "# TYPE seks_open_streams gauge", f"seks_open_streams {self.open_streams}",
+                    "# HELP seks_open_connections Agent connections open now.",
+                    "# TYPE seks_open_connections gauge", f"seks_open_connections {connections}"]
+        return "\n".join(out) + "\n"
+
+
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
 class Broker:
-    """The running broker: providers, token cache, upstream pool, logging. Shared by threads."""
+    """The running broker: providers, token cache, upstream pool, audit, metrics, logging.
+    One instance per process, shared by all handler threads."""
 
     def __init__(self, settings: Settings, store: Store, master_key: bytes,
                  providers: Dict[str, Provider]) -> None:
@@ -2233,8 +2647,10 @@ class Broker:
         self.store = store
         self.cipher = SecretCipher(master_key)
         self.tokens = TokenCache(store, self.cipher)
-        self.pool = UpstreamPool(upstream_ssl_context(), settings.connect_timeout,
-                                 settings.upstream_timeout)
+        insecure = upstream_ssl_context(settings.upstream_ca, verify=False) \
+            if settings.insecure_upstream else None
+        self.pool = UpstreamPool(upstream_ssl_context(settings.upstream_ca),
+                                 settings.connect_timeout, settings.upstream_timeout, insecure)
         self.opener = make_opener(self.pool)
         self.providers = providers
         self.routes: Dict[str, Provider] = {}
@@ -2245,6 +2661,11 @@ class Broker:
         self._fingerprint_key = derive_key(master_key, "fingerprint")
         self._audit_key = derive_key(master_key, "audit")
         self._log_lock = threading.Lock()
+        self._level = LOG_LEVELS[settings.log_level]
+        self.metrics = Metrics()
+        self.in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.draining = False
 
     def __repr__(self) -> str:
         return f"Broker({len(self.providers)} providers)"
@@ -2257,7 +2678,7 @@ class Broker:
         name, sep, rest = path[1:].partition("/")
         provider = self.routes.get(name)
         if provider is None:
-            shown = name if PROVIDER_NAME_RE.match(name) else name[:0] + "?"
+            shown = name if PROVIDER_NAME_RE.match(name) else "?"
             raise NotFound(f"unknown provider '{shown}'")
         return provider, "/" + rest if sep else "/", f"{alias}/{name}"
 
@@ -2271,6 +2692,7 @@ class Broker:
         """Send the request with urllib over the pool; map network failures to 502/504."""
         request = urllib.request.Request(url, data=body, headers=dict(headers), method=method)
         request.seks_host, request.seks_port = provider.host, provider.port  # type: ignore[attr-defined]
+        request.seks_verify = provider.name not in self.settings.insecure_upstream  # type: ignore[attr-defined]
         try:
             return self.opener.open(request)
         except (BrokerError, ClientGone):
@@ -2283,7 +2705,11 @@ class Broker:
             raise UpstreamError(f"upstream {provider.name} unreachable or closed the "
                                 f"connection") from None
 
-    def record(self, ex: Exchange) -> None:
+    def begin(self) -> None:
+        with self._in_flight_lock:
+            self.in_flight += 1
+
+    def record(self, ex: "Exchange") -> None:
         """Write the request's chained audit row (once). Health checks are not audited."""
         if ex.recorded or ex.outcome == "health":
             return
@@ -2301,25 +2727,44 @@ class Broker:
         try:
             self.store.append_audit(self._audit_key, row, counted=ex.counted or ex.outcome != "ok")
         except sqlite3.Error as exc:
-            self.log_error(f"AUDIT WRITE FAILED: {type(exc).__name__}: {exc}")
+            self.log("error", "audit", message=f"AUDIT WRITE FAILED: {type(exc).__name__}: {exc}")
 
-    def finish(self, ex: Exchange) -> None:
-        """After the request: the audit row if not yet written, and one log line."""
+    def finish(self, ex: "Exchange") -> None:
+        """After each request: the audit row if not yet written, metrics, one log line."""
+        with self._in_flight_lock:
+            self.in_flight -= 1
         self.record(ex)
-        if self.settings.quiet:
+        seconds = time.monotonic() - ex.started
+        self.metrics.observe(ex, seconds)
+        if self.settings.quiet or ex.outcome == "health":
             return
-        ms = (time.monotonic() - ex.started) * 1000
-        line = (f"{utc_iso()} {ex.client} {ex.method} {ex.path} status={ex.status} "
-                f"provider={ex.provider or '-'} agent={ex.agent or '-'} token={ex.token_id or '-'} "
-                f"in={ex.bytes_in} out={ex.bytes_out} ms={ms:.1f} outcome={ex.outcome}"
-                + (f" reason={ex.reason!r}" if ex.reason else ""))
-        self._emit(line)
+        level = "info" if ex.status < 500 else "warning"
+        self.log(level, "request", client=ex.client, method=ex.method, path=ex.path,
+                 status=ex.status, provider=ex.provider or None, agent=ex.agent or None,
+                 token=ex.token_id or None, bytes_in=ex.bytes_in, bytes_out=ex.bytes_out,
+                 ms=round(seconds * 1000, 1), outcome=ex.outcome, reason=ex.reason or None,
+                 model=ex.model, tokens_in=ex.tokens_in, tokens_out=ex.tokens_out)
 
     def log_error(self, message: str) -> None:
-        self._emit(f"{utc_iso()} ERROR {message}")
+        self.log("error", "error", message=message)
 
-    def _emit(self, line: str) -> None:
-        line = redact(line)
+    def log(self, level: str, event: str, **fields: Any) -> None:
+        """The one logging path: redacted, control characters escaped, text or JSON lines."""
+        if LOG_LEVELS[level] < self._level:
+            return
+        if self.settings.log_format == "json":
+            record = {"ts": utc_iso(), "level": level, "event": event}
+            record.update((k, v) for k, v in fields.items() if v is not None)
+            line = redact(json.dumps(record, ensure_ascii=False))
+        else:
+            parts = [utc_iso(), level.upper(), event]
+            for key, value in fields.items():
+                if value is None:
+                    continue
+                text = str(value)
+                parts.append(text if key in ("client", "method", "path") else
+                             f"{key}={json.dumps(text) if ' ' in text or not text else text}")
+            line = redact(" ".join(parts))
         with self._log_lock:
             try:
                 sys.stderr.write(line + "\n")
@@ -2335,20 +2780,69 @@ BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application
                               ).encode().ljust(80))
 
 
+class DeadlineWatch:
+    """Closes connections whose current read phase overran its deadline (slow headers, idle
+    keep-alive): one thread for all connections instead of a timer per socket."""
+
+    def __init__(self) -> None:
+        self._deadlines: Dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        thread = threading.Thread(target=self._run, name="seks-deadlines", daemon=True)
+        thread.start()
+
+    def arm(self, sock: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._deadlines[sock] = time.monotonic() + seconds
+
+    def disarm(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._deadlines.pop(sock, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._lock:
+                expired = [s for s, d in self._deadlines.items() if d <= now]
+                for sock in expired:
+                    del self._deadlines[sock]
+            for sock in expired:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 class BrokerServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with a bound on concurrent connections (503 past it)."""
+    """ThreadingHTTPServer with a bound on concurrent connections (503 past it), optional TLS
+    (handshake in the connection's own thread), and SO_REUSEPORT for --workers."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
 
-    def __init__(self, address: Tuple[str, int], broker: Broker) -> None:
+    def __init__(self, address: Tuple[str, int], broker: Broker,
+                 tls: Optional[ssl.SSLContext] = None, reuse_port: bool = False) -> None:
         self.broker = broker
+        self.tls = tls
+        self.reuse_port = reuse_port
         self.active = 0
         self._active_lock = threading.Lock()
+        self.watch = DeadlineWatch()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, BrokerHandler)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> Tuple[Any, Any]:
+        sock, address = self.socket.accept()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._active_lock:
@@ -2372,14 +2866,48 @@ class BrokerServer(http.server.ThreadingHTTPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
+            if self.tls is not None:
+                request.settimeout(self.broker.settings.header_timeout)
+                request.do_handshake()
             super().process_request_thread(request, client_address)
+        except (OSError, ssl.SSLError):
+            self.shutdown_request(request)
         finally:
+            self.watch.disarm(request)
             with self._active_lock:
                 self.active -= 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         kind = sys.exc_info()[0]
         self.broker.log_error(f"connection error: {kind.__name__ if kind else 'unknown'}")
+
+
+class AdminHandler(http.server.BaseHTTPRequestHandler):
+    """The admin listener: /metrics (Prometheus text) and /healthz; nothing else."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "seks-broker-admin"
+
+    def do_GET(self) -> None:
+        broker: Broker = self.server.broker  # type: ignore[attr-defined]
+        agent_server: BrokerServer = self.server.agent_server  # type: ignore[attr-defined]
+        if self.path == "/metrics":
+            body = broker.metrics.render(agent_server.active).encode()
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
+            status = 200
+        elif self.path == "/healthz":
+            body, ctype, status = b'{"status":"ok"}', "application/json", 200
+        else:
+            body, ctype, status = b'{"error":{"type":"not_found","message":"not found"}}', \
+                "application/json", 404
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def disable_core_dumps() -> None:
@@ -2391,28 +2919,125 @@ def disable_core_dumps() -> None:
         pass
 
 
+def agent_tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
+    if not settings.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate/key: {exc}") from None
+    return context
+
+
 def serve(settings: Settings, store: Store, master_key: bytes,
-          providers: Dict[str, Provider]) -> int:
+          providers: Dict[str, Provider], worker: int = 0) -> int:
+    """Run one broker process until SIGTERM/SIGINT, then drain for up to ``grace`` seconds."""
     threading.stack_size(THREAD_STACK_BYTES)
     disable_core_dumps()
     broker = Broker(settings, store, master_key, providers)
-    server = BrokerServer((settings.host, settings.port), broker)
+    server = BrokerServer((settings.host, settings.port), broker, agent_tls_context(settings),
+                          reuse_port=settings.workers > 1)
+    admin = None
+    if settings.admin_port >= 0:
+        admin_port = settings.admin_port + worker if settings.admin_port else 0
+        admin = http.server.ThreadingHTTPServer((settings.admin_host, admin_port), AdminHandler)
+        admin.daemon_threads = True
+        admin.broker, admin.agent_server = broker, server  # type: ignore[attr-defined]
+        threading.Thread(target=admin.serve_forever, daemon=True).start()
+    for name in settings.insecure_upstream:
+        broker.log("warning", "insecure-upstream", message=f"TLS certificate verification is "
+                   f"OFF for provider {name}: anyone on the path can read its real key")
     host, port = server.server_address[:2]
-    shown_host = f"[{host}]" if ":" in host else host
-    sys.stderr.write(f"seks-broker listening on http://{shown_host}:{port}\n")
-    sys.stderr.flush()
+    shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if server.tls else "http"
+    ready = f"seks-broker listening on {scheme}://{shown}:{port}"
+    if admin is not None:
+        ready += f" (admin on http://{settings.admin_host}:{admin.server_address[1]})"
+    if worker:
+        sys.stdout.write(f"ready {port}\n")
+        sys.stdout.flush()
+    else:
+        sys.stderr.write(ready + "\n")
+        sys.stderr.flush()
 
     def stop(signum: int, frame: Any) -> None:
+        broker.draining = True
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever(poll_interval=0.2)
     finally:
-        server.server_close()
+        server.socket.close()                 # stop accepting: new connections are refused
+        deadline = time.monotonic() + settings.grace
+        while broker.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if broker.in_flight:
+            broker.log("warning", "shutdown", message=f"{broker.in_flight} request(s) cut at "
+                       f"the end of the grace period")
+        if admin is not None:
+            admin.shutdown()
         broker.pool.close()
     return 0
+
+
+def serve_workers(settings: Settings, argv: List[str]) -> int:
+    """``--workers N``: N broker processes bound to one port with SO_REUSEPORT; the kernel
+    spreads connections. Each re-runs this file (no fork), so it works wherever Python does."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise UsageError("--workers needs SO_REUSEPORT, which this platform lacks; run one "
+                         "process (and put several behind a load balancer if needed)")
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    reserve = socket.socket(family, socket.SOCK_STREAM)
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserve.bind((settings.host, settings.port))    # holds the port (port 0 picks one)
+    port = reserve.getsockname()[1]
+    children: List[Any] = []
+    import subprocess
+    try:
+        for index in range(settings.workers):
+            env = dict(os.environ, SEKS_WORKER_INDEX=str(index + 1), SEKS_PORT=str(port))
+            children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv,
+                                             env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL))
+        for child in children:
+            line = child.stdout.readline()
+            if not line.startswith(b"ready"):
+                raise ConfigError("a worker failed to start (see its error above)")
+    except BaseException:
+        for child in children:
+            child.terminate()
+        raise
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    scheme = "https" if settings.tls_cert else "http"
+    sys.stderr.write(f"seks-broker listening on {scheme}://{shown}:{port} "
+                     f"({settings.workers} workers)\n")
+    sys.stderr.flush()
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.set()
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping.is_set() and all(c.poll() is None for c in children):
+        stopping.wait(0.5)
+    stop(signal.SIGTERM, None)
+    codes = []
+    for child in children:
+        try:
+            codes.append(child.wait(timeout=settings.grace + 5))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            codes.append(1)
+    reserve.close()
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 # ============================================================================================
@@ -2436,37 +3061,53 @@ def parse_ttl(text: str) -> int:
     return int(match.group(1)) * TTL_UNITS[match.group(2)]
 
 
-def load_master_key(db_path: str, environ: Dict[str, str], store: Store) -> bytes:
-    """The master key from $SEKS_MASTER_KEY or ``<db>.key`` (created 0600 on first use)."""
-    text = environ.get("SEKS_MASTER_KEY", "").strip()
-    source = "SEKS_MASTER_KEY"
-    if not text:
-        path = db_path + ".key"
-        source = path
-        try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            if store.has_secrets():
-                raise ConfigError(f"this database holds secrets but its key file {path} is "
-                                  f"missing; restore it or set SEKS_MASTER_KEY") from None
-            key = secrets.token_bytes(32)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(base64.urlsafe_b64encode(key).decode() + "\n")
-            store.check_master_key(derive_key(key, "key-check"))
-            return key
-        if os.name == "posix" and info.st_mode & 0o077:
-            raise ConfigError(f"key file {path} is readable by group or others (mode "
-                              f"{stat.S_IMODE(info.st_mode):04o}); fix it with: chmod 600 {path}")
-        with open(path, encoding="ascii") as handle:
-            text = handle.read().strip()
+def decode_master_key(text: str, source: str) -> bytes:
     try:
         key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != 32:
         raise ConfigError(f"{source} must be URL-safe base64 of 32 bytes")
-    store.check_master_key(derive_key(key, "key-check"))
+    return key
+
+
+def load_master_key(db_path: str, environ: Dict[str, str], store: Store) -> bytes:
+    """The master key from $SEKS_MASTER_KEY or ``<db>.key`` (created 0600 on first use; refused
+    if group or others can read it). Finishes a key rotation that died after its commit."""
+    text = environ.get("SEKS_MASTER_KEY", "").strip()
+    if text:
+        key = decode_master_key(text, "SEKS_MASTER_KEY")
+        store.check_master_key(derive_key(key, "key-check"))
+        return key
+    path = db_path + ".key"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if store.has_secrets():
+            raise ConfigError(f"this database holds secrets but its key file {path} is "
+                              f"missing; restore it or set SEKS_MASTER_KEY") from None
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(base64.urlsafe_b64encode(key).decode() + "\n")
+        store.check_master_key(derive_key(key, "key-check"))
+        return key
+    if os.name == "posix" and info.st_mode & 0o077:
+        raise ConfigError(f"key file {path} is readable by group or others (mode "
+                          f"{stat.S_IMODE(info.st_mode):04o}); fix it with: chmod 600 {path}")
+    with open(path, encoding="ascii") as handle:
+        key = decode_master_key(handle.read().strip(), path)
+    try:
+        store.check_master_key(derive_key(key, "key-check"))
+    except ConfigError:
+        pending = path + ".new"
+        if not os.path.exists(pending):
+            raise
+        with open(pending, encoding="ascii") as handle:
+            new_key = decode_master_key(handle.read().strip(), pending)
+        store.check_master_key(derive_key(new_key, "key-check"))
+        os.replace(pending, path)            # the rotation committed; finish its last step
+        return new_key
     return key
 
 
@@ -2490,15 +3131,41 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Credential broker for AI agents: agents hold fake tokens, "
                                    "the broker injects real keys.")
     parser.add_argument("--version", action="version", version=f"seks-broker {__version__}")
-    parser.add_argument("--db", help="database path (default: $SEKS_DB or ./seks.db)")
+    parser.add_argument("--db", help="database path (default: $SEKS_DB, the config file's "
+                                      "[server] db, or ./seks.db)")
+    parser.add_argument("--config", help="config file (INI; default: $SEKS_CONFIG)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
     sub.required = True
 
     p = sub.add_parser("serve", help="run the broker")
-    p.add_argument("--host", default=None, help=f"listen address (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=None, help=f"listen port (default {DEFAULT_PORT})")
-    p.add_argument("--max-body", type=int, default=None, help="largest request body in bytes")
-    p.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    for spec in SETTINGS:
+        if spec.name == "db":
+            continue
+        if spec.kind == "bool" and spec.default is False:
+            p.add_argument(spec.flag, dest=spec.name, action="store_const", const="true",
+                           help=spec.help)
+        elif spec.kind == "bool":
+            p.add_argument("--no-" + spec.flag[2:], dest=spec.name, action="store_const",
+                           const="false", help=spec.help)
+        elif spec.kind == "list":
+            p.add_argument(spec.flag, dest=spec.name, action="append", metavar="NAME",
+                           help=spec.help + " (repeatable)")
+        else:
+            p.add_argument(spec.flag, dest=spec.name, metavar=spec.kind.split(":")[0].upper(),
+                           help=spec.help)
+
+    p = sub.add_parser("config", help="check a config file")
+    csub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
+    csub.required = True
+    q = csub.add_parser("check", help="validate a config file, explaining each error with its line")
+    q.add_argument("path")
+
+    p = sub.add_parser("backup", help="online, consistent copy of the DB (0600; not the key)")
+    p.add_argument("path")
+    p = sub.add_parser("rotate-master-key",
+                       help="re-encrypt every secret and re-key the audit chain under a new key")
+    p.add_argument("--force", action="store_true",
+                   help="rotate even if the audit chain does not verify (it is re-keyed as is)")
 
     p = sub.add_parser("secret", help="store, list and remove real keys")
     ssub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
@@ -2506,6 +3173,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser("add", help="store a real key (value from stdin or a hidden prompt)")
     q.add_argument("name")
     q.add_argument("--provider", required=True)
+    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
+    q = ssub.add_parser("rotate", help="replace a secret's value; its tokens keep working")
+    q.add_argument("name")
     q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
     ssub.add_parser("list", help="names, providers and dates (never values)")
     q = ssub.add_parser("rm", help="delete a secret and revoke its tokens")
@@ -2527,6 +3197,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--models", metavar="M1,M2", help="LLM models this token may use")
     q.add_argument("--budget-tokens", type=int, metavar="N",
                    help="LLM tokens (input + output) this token may spend")
+    q.add_argument("--format", choices=["token", "env"], default="token",
+                   help="token: the token alone; env: the variables the provider's SDK reads")
     tsub.add_parser("list", help="tokens with agent, provider, dates, policy and status")
     q = tsub.add_parser("revoke", help="revoke a token (give the token or its id)")
     q.add_argument("token_or_id")
@@ -2567,66 +3239,107 @@ def token_status(expires_at: Optional[float], revoked_at: Optional[str], now: fl
     return "active"
 
 
-def run_command(args: argparse.Namespace, environ: Dict[str, str]) -> int:
-    db_path = args.db or environ.get("SEKS_DB") or DEFAULT_DB
-    providers = load_providers(environ)
+def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[str]) -> int:
+    if args.command == "config":
+        return cmd_config_check(args.path)
+    flags: Dict[str, Any] = {"db": args.db}
+    if args.command == "serve":
+        for spec in SETTINGS:
+            value = getattr(args, spec.name, None)
+            if spec.name != "db" and value is not None:
+                flags[spec.name] = ",".join(value) if isinstance(value, list) else value
+    settings = resolve_settings(args.config, environ, flags)
+    providers = load_providers(settings)
+    db_path = settings.db
     store = Store(db_path)
     try:
         if args.command == "serve":
-            settings = Settings()
-            if args.host is not None:
-                settings.host = args.host
-            if args.port is not None:
-                settings.port = args.port
-            if args.max_body is not None:
-                settings.max_body = args.max_body
-            settings.quiet = args.quiet
-            if environ.get("SEKS_UPSTREAM_TIMEOUT"):
-                settings.upstream_timeout = float(environ["SEKS_UPSTREAM_TIMEOUT"])
             master_key = load_master_key(db_path, environ, store)
-            return serve(settings, store, master_key, providers)
+            worker = int(environ.get("SEKS_WORKER_INDEX", "0") or 0)
+            if settings.workers > 1 and not worker:
+                store.close()
+                return serve_workers(settings, argv)
+            if worker:
+                settings.port = int(environ["SEKS_WORKER_PORT"])
+            return serve(settings, store, master_key, providers, worker)
         if args.command == "secret":
             return cmd_secret(args, store, db_path, environ, providers)
         if args.command == "token":
-            return cmd_token(args, store, providers, db_path, environ)
+            return cmd_token(args, store, providers, db_path, environ, settings)
         if args.command == "agent":
             return cmd_agent(args, store)
         if args.command == "audit":
             return cmd_audit(args, store, db_path, environ)
         if args.command == "usage":
             return cmd_usage(args, store)
+        if args.command == "backup":
+            return cmd_backup(args.path, store, db_path)
+        if args.command == "rotate-master-key":
+            return cmd_rotate_master_key(args, store, db_path, environ)
     finally:
         store.close()
     return 2
 
 
+def cmd_config_check(path: str) -> int:
+    """Validate a config file: every error with its file and line; exit 1 if any."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot read {path}: {exc.strerror}\n")
+        return 1
+    settings = Settings()
+    errors = read_config(text, path, settings)
+    if not errors:
+        try:
+            providers = load_providers(settings)
+        except ConfigError as exc:
+            errors.append(f"{path}: {exc}")
+    if errors:
+        for error in errors:
+            print(error)
+        print(f"{len(errors)} error(s)")
+        return 1
+    custom = ", ".join(sorted(settings.custom_providers)) or "none"
+    print(f"{path}: OK (custom providers: {custom}; {len(providers)} providers in all)")
+    return 0
+
+
 def cmd_secret(args: argparse.Namespace, store: Store, db_path: str, environ: Dict[str, str],
                providers: Dict[str, Provider]) -> int:
-    if args.action == "add":
+    if args.action in ("add", "rotate"):
         if args.value is not None:
             sys.stderr.write("error: refusing a secret on the command line (every local user can "
                              "read it with ps). Pipe it on stdin instead, e.g.\n"
-                             f"  printf %s \"$KEY\" | seks_broker.py secret add {args.name} "
-                             f"--provider {args.provider}\nor run the command on a terminal to "
-                             "be prompted with hidden input.\n")
+                             f"  printf %s \"$KEY\" | seks_broker.py secret {args.action} "
+                             f"{args.name} ...\nor run the command on a terminal to be prompted "
+                             "with hidden input.\n")
             return 2
         if not NAME_RE.match(args.name):
             raise UsageError("secret names are 1-64 letters, digits, '.', '_' or '-'")
-        provider = providers.get(args.provider) or next(
-            (p for p in providers.values() if args.provider in p.aliases), None)
-        if provider is None:
-            raise ConfigError(f"unknown provider {args.provider!r}; known: "
-                              + ", ".join(sorted(providers)))
-        master_key = load_master_key(db_path, environ, store)
+        if args.action == "add":
+            provider = providers.get(args.provider) or next(
+                (p for p in providers.values() if args.provider in p.aliases), None)
+            if provider is None:
+                raise UsageError(f"unknown provider {args.provider!r}; known: "
+                                 + ", ".join(sorted(providers)))
+            provider_name = provider.name
+        else:
+            found = store.get_secret(args.name)
+            if found is None:
+                raise ConfigError(f"no secret named {args.name!r}")
+            provider_name = found[0]
+        cipher = SecretCipher(load_master_key(db_path, environ, store))
         value = read_secret_value(args.name)
         if not value:
             raise ConfigError("empty secret value")
         if "seks_" in value:
             raise ConfigError("that looks like a seks fake token, not a real key")
-        cipher = SecretCipher(master_key)
-        ciphertext = cipher.encrypt(value.encode(), secret_ad(args.name, provider.name))
-        store.put_secret(args.name, provider.name, ciphertext, replace=False)
-        print(f"stored secret {args.name} for {provider.name}", file=sys.stderr)
+        ciphertext = cipher.encrypt(value.encode(), secret_ad(args.name, provider_name))
+        store.put_secret(args.name, provider_name, ciphertext, replace=args.action == "rotate")
+        verb = "stored" if args.action == "add" else "rotated"
+        print(f"{verb} secret {args.name} for {provider_name}", file=sys.stderr)
         return 0
     if args.action == "list":
         rows = [[n, p, c, u] for n, p, c, u in store.list_secrets()]
@@ -2640,7 +3353,7 @@ def cmd_secret(args: argparse.Namespace, store: Store, db_path: str, environ: Di
 
 
 def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provider],
-              db_path: str, environ: Dict[str, str]) -> int:
+              db_path: str, environ: Dict[str, str], settings: Settings) -> int:
     if args.action == "mint":
         found = store.get_secret(args.secret)
         if found is None:
@@ -2664,7 +3377,10 @@ def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provi
         token = new_token(provider, real_key)
         store.add_token(new_token_id(), token_digest(token), args.secret, provider_name,
                         args.agent, expires, policy)
-        print(token)
+        if args.format == "env":
+            print(env_handoff(provider, token, settings.agent_url()))
+        else:
+            print(token)
         return 0
     if args.action == "list":
         now = time.time()
@@ -2689,6 +3405,80 @@ def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provi
         print(f"revoked {token_id}", file=sys.stderr)
         return 0
     return 2
+
+
+def env_handoff(provider: Provider, token: str, broker_url: str) -> str:
+    """The variables the provider's SDK reads, pointing at the broker: KEY=value lines for
+    ``eval``/``set -a`` or a .env file."""
+    if provider.env:
+        base_part, key_var = provider.env.split()
+        base_var, _, suffix = base_part.partition("=")
+    else:
+        prefix = provider.name.upper().replace("-", "_")
+        base_var, suffix, key_var = f"{prefix}_BASE_URL", "", f"{prefix}_API_KEY"
+    return (f"{base_var}={broker_url}/{provider.name}{suffix}\n"
+            f"{key_var}={token}")
+
+
+def cmd_backup(path: str, store: Store, db_path: str) -> int:
+    """Online, consistent copy through sqlite's backup API, created 0600; never overwrites."""
+    if os.path.exists(path):
+        raise ConfigError(f"{path} exists; choose a new file name")
+    create_private_file(path)
+    try:
+        target = sqlite3.connect(path)
+        with store.connection() as db:
+            db.backup(target)
+        target.close()
+    except sqlite3.Error:
+        os.unlink(path)
+        raise
+    print(f"backed up {db_path} to {path} (mode 0600). The master key is not in the backup: "
+          f"keep {db_path}.key or SEKS_MASTER_KEY safe separately.", file=sys.stderr)
+    return 0
+
+
+def cmd_rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
+                          environ: Dict[str, str]) -> int:
+    """New master key: secrets re-encrypted and the audit chain re-keyed in one transaction.
+    With a key file, the new key is written to ``<db>.key.new`` first and renamed over the old
+    one only after the commit; a run that dies before the commit leaves the old state intact,
+    and one that dies after it is finished by the next command (the DB tells which key it
+    wants)."""
+    old_key = load_master_key(db_path, environ, store)
+    from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
+    key_path = db_path + ".key"
+    if from_env:
+        text = sys.stdin.read().strip() if sys.stdin is not None else ""
+        new_key = decode_master_key(text, "the new key on stdin")
+    else:
+        new_key = secrets.token_bytes(32)
+    if hmac.compare_digest(new_key, old_key):
+        raise ConfigError("the new master key equals the old one")
+    old_audit, new_audit = derive_key(old_key, "audit"), derive_key(new_key, "audit")
+    ok, message = verify_audit_chain(old_audit, store.audit_rows(), store.audit_anchor())
+    if not ok and not args.force:
+        raise ConfigError(f"audit chain does not verify ({message}); re-keying would hide "
+                          f"that. Investigate, or pass --force")
+    pending = key_path + ".new"
+    if not from_env:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pending)
+        fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(base64.urlsafe_b64encode(new_key).decode() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
+                        derive_key(new_key, "key-check"))
+    if from_env:
+        print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key now and "
+              f"restart running brokers", file=sys.stderr)
+    else:
+        os.replace(pending, key_path)
+        print(f"re-encrypted {count} secret(s) under a new key in {key_path}; restart running "
+              f"brokers", file=sys.stderr)
+    return 0
 
 
 def cmd_agent(args: argparse.Namespace, store: Store) -> int:
@@ -2838,12 +3628,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command == "secret" and getattr(args, "action", "") == "add":
+        if args.command == "secret" and getattr(args, "action", "") in ("add", "rotate"):
             args.value = extra[0]            # refused below with a how-to, never echoed
         else:
             parser.error("unrecognized arguments")
     try:
-        return run_command(args, dict(os.environ))
+        return run_command(args, dict(os.environ), list(sys.argv[1:] if argv is None else argv))
     except ConfigError as exc:
         sys.stderr.write(f"error: {redact(str(exc))}\n")
         return 2 if isinstance(exc, UsageError) else 1

@@ -13,7 +13,6 @@ Layout of this file:
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
 import http.client
 import json
@@ -23,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse

@@ -21,6 +21,22 @@ from conftest import BROKER_PY, LISTEN_RE, START_TIMEOUT_S, Broker, FakeUpstream
 
 RAW_TIMEOUT_S = 10.0
 
+
+def load_broker_module() -> Any:
+    """seks_broker as a module, loaded from the file the broker subprocesses run (BROKER_PY), so
+    the pure-function tests and the socket tests always exercise the same code."""
+    import importlib.util
+    existing = sys.modules.get("seks_broker")
+    if existing is not None and Path(getattr(existing, "__file__", "") or "").resolve() == BROKER_PY:
+        return existing
+    name = "seks_broker" if existing is None else "seks_broker_under_test"
+    spec = importlib.util.spec_from_file_location(name, str(BROKER_PY))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
 # ============================================================================
 # Raw-socket HTTP client
 # ============================================================================
@@ -161,7 +177,7 @@ def read_response(sock: socket.socket, method: str = "GET", close_wait: float = 
     return RawResponse(status, reason, headers, body, rd.raw, closed, interim, extra)
 
 
-def raw_exchange(port: int, data: bytes, *, method: str = "", close_wait: float = 2.0,
+def raw_exchange(port: int, data: bytes, *, method: str = "", close_wait: float = 0.2,
                  timeout: float = RAW_TIMEOUT_S, shut_write: bool = False) -> RawResponse:
     """Send `data` on a fresh connection and read one response."""
     if not method:
@@ -250,9 +266,9 @@ class TcpRecorder:
 
 
 def assert_no_traffic(upstreams: Dict[str, FakeUpstream], attacker: Optional[TcpRecorder],
-                      what: str = "") -> None:
+                      what: str = "", settle: float = 0.05) -> None:
     """No FakeUpstream recorded a request and the attacker saw no connection at all."""
-    time.sleep(0.05)   # let a (wrong) connection reach the recorder threads
+    time.sleep(settle)   # let a (wrong) connection reach the recorder threads
     for name, up in upstreams.items():
         with up.lock:
             got = [f"{r.method} {r.target}" for r in up.requests]

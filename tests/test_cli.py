@@ -15,7 +15,7 @@ from typing import Dict, List
 import pytest
 
 from conftest import (
-    BROKER_PY, MASTER_KEY, REAL_KEYS, Broker, FakeUpstream, auth_headers, broker_env, error_type_and_message,
+    MASTER_KEY, REAL_KEYS, Broker, FakeUpstream, auth_headers, broker_env, error_type_and_message,
     run_cli, secret_name,
 )
 

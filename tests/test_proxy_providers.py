@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import secrets
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -203,7 +204,6 @@ def check_forwarded(upstreams: Dict[str, FakeUpstream], provider: str, call: Cal
     expected = call.upstream.replace("{K}", key)
     if call.compare_query_parsed:
         assert req.path == expected.split("?")[0]
-        import urllib.parse
         assert req.query == urllib.parse.parse_qs(expected.split("?", 1)[1])
     else:
         assert req.target == expected

@@ -1,0 +1,673 @@
+"""The audit log over real sockets (issue 3): one chained row per request, allowed or denied;
+credentials never recorded (unknown tokens only as a keyed fingerprint, Telegram's key segment
+and Gemini's key= masked); `audit` filters, JSON and table output, `--follow`; `audit verify`
+against rows edited, deleted, reordered and forged with the sqlite3 CLI; `audit prune`; and a
+broker killed with SIGKILL mid-traffic.
+
+Layout: helpers → what a row records (security first) → output and filters → tamper detection →
+pruning → crash safety → the shared broker's whole chain.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
+
+import pytest
+
+from conftest import (
+    BROKER_PY, REAL_KEYS, Broker, FakeUpstream, RecordedRequest, Response, UpstreamHandler, auth_headers,
+    http_request, key_check_failure, run_cli,
+)
+
+FIELDS = {"id", "ts", "agent", "token_id", "provider", "secret", "method", "path", "status", "bytes_in",
+          "bytes_out", "duration_ms", "client", "outcome", "reason", "model", "tokens_in", "tokens_out"}
+TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+FP_RE = re.compile(r"\bfp:[0-9a-f]{8,}\b")
+TABLE_HEADER = ["ID", "TIME", "AGENT", "PROVIDER", "METHOD", "PATH", "STATUS", "IN", "OUT", "DURATION", "OUTCOME"]
+FOLLOW_TIMEOUT_S = 15.0
+# The sqlite3 command-line shell is the tool the issue names for editing rows. Where it is not
+# installed, the same SQL runs through Python's sqlite3 module in a separate process instead.
+SQLITE3_CLI = shutil.which("sqlite3")
+
+
+# ============================================================================
+# Helpers
+# ============================================================================
+
+
+def fresh_agent(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def ok(cp: Any) -> str:
+    assert cp.returncode == 0, f"rc={cp.returncode}\nstdout={cp.stdout}\nstderr={cp.stderr}"
+    return cp.stdout
+
+
+def audit_json(broker: Broker, *args: str, db: Optional[Path] = None) -> List[Dict[str, Any]]:
+    cp = run_cli(db or broker.db, "audit", "--json", "--limit", "1000000", *args, env=broker.env)
+    return [json.loads(line) for line in ok(cp).splitlines() if line.strip()]
+
+
+def rows_with(broker: Broker, marker: str) -> List[Dict[str, Any]]:
+    return [r for r in audit_json(broker) if marker in (r["path"] or "")]
+
+
+def parse_table(text: str) -> List[Dict[str, str]]:
+    """A print_table table as dicts, columns sliced at the header's column starts."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    cols = [(m.start(), m.group(0)) for m in re.finditer(r"\S+(?: \S+)*", lines[0])]
+    rows = []
+    for line in lines[1:]:
+        rows.append({name: line[start:(cols[i + 1][0] if i + 1 < len(cols) else None)].strip()
+                     for i, (start, name) in enumerate(cols)})
+    return rows
+
+
+def token_id_of(broker: Broker, agent: str) -> str:
+    ids = [r["ID"] for r in parse_table(ok(broker.cli("token", "list"))) if r["AGENT"] == agent]
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+def call(broker: Broker, provider: str, token: str, method: str = "GET", path: str = "/v1/models",
+         body: Optional[bytes] = None) -> Response:
+    target = f"/telegram/bot{token}{path}" if provider == "telegram" else f"/{provider}{path}"
+    return http_request(broker.url + target, method, auth_headers(provider, token), body, 30.0)
+
+
+def unknown_token(provider: str = "openai") -> str:
+    return f"seks_{provider}_{secrets.token_urlsafe(32)}"
+
+
+def random_part(token: str) -> str:
+    m = re.search(r"seks_[a-z]+_([A-Za-z0-9_-]+)$", token)
+    assert m, token
+    return m.group(1)
+
+
+def db_bytes(db: Path) -> bytes:
+    return b"".join(f.read_bytes() for f in sorted(db.parent.iterdir())
+                    if f.name.startswith(db.name) and not f.name.endswith(".key") and f.is_file())
+
+
+def key_checked(provider: str, respond: Callable[[UpstreamHandler, RecordedRequest], None]
+                ) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    def wrapper(h: UpstreamHandler, req: RecordedRequest) -> None:
+        if key_check_failure(provider, REAL_KEYS[provider], req) is not None:
+            h.send_json(401, {"error": {"message": "fake upstream: invalid key"}})
+            return
+        respond(h, req)
+    return wrapper
+
+
+def sized_body(n: int) -> bytes:
+    """A JSON body of exactly n bytes."""
+    base = b'{"pad": ""}'
+    return base[:-2] + b"x" * (n - len(base)) + base[-2:]
+
+
+def sql_edit(db: Path, sql: str) -> None:
+    """Edit the DB from outside the broker, like an intruder would: the sqlite3 CLI (or, where it
+    is not installed, Python's sqlite3 module in a separate process)."""
+    if SQLITE3_CLI:
+        cmd = [SQLITE3_CLI, str(db), sql]
+    else:
+        cmd = [sys.executable, "-c", "import sqlite3, sys\n"
+               "db = sqlite3.connect(sys.argv[1]); db.executescript(sys.argv[2]); db.commit(); db.close()",
+               str(db), sql]
+    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, f"{cmd[0]} failed: {cp.stderr}"
+
+
+def verify(broker: Broker, db: Optional[Path] = None) -> subprocess.CompletedProcess:
+    return run_cli(db or broker.db, "audit", "verify", env=broker.env)
+
+
+# ============================================================================
+# What a row records: never a credential (security first)
+# ============================================================================
+
+
+def test_unknown_token_rows_carry_a_fingerprint_never_the_token(broker: Broker,
+                                                               upstreams: Dict[str, FakeUpstream]) -> None:
+    marker = secrets.token_hex(6)
+    bad1, bad2 = unknown_token(), unknown_token()
+    for bad in (bad1, bad1, bad2):
+        assert call(broker, "openai", bad, path=f"/v1/models?probe={marker}").status == 401
+    assert http_request(f"{broker.url}/openai/v1/models?probe={marker}-missing").status == 401
+    rows = rows_with(broker, marker)
+    assert len(rows) == 4, rows
+    fps = []
+    for row in rows[:3]:
+        assert (row["status"], row["outcome"], row["agent"], row["token_id"]) == (401, "denied", None, None), row
+        assert row["provider"] == "openai"
+        found = FP_RE.findall(row["reason"] or "")
+        assert len(found) == 1, row["reason"]
+        fps.append(found[0])
+    assert fps[0] == fps[1], "the same bad token must give the same fingerprint"
+    assert fps[0] != fps[2], "different bad tokens must give different fingerprints"
+    assert rows[3]["status"] == 401 and "missing" in (rows[3]["reason"] or "").lower()
+
+    shown = (ok(broker.cli("audit", "--json", "--limit", "1000")) + ok(broker.cli("audit", "--limit", "1000"))
+             + ok(broker.cli("audit", "verify")))
+    for bad in (bad1, bad2):
+        rand = random_part(bad)
+        assert rand[:8] not in shown, "part of an unknown token is shown by `audit`"
+        assert rand[:12].encode() not in db_bytes(broker.db), "part of an unknown token is stored in the DB"
+    assert not upstreams["openai"].requests
+
+
+def test_valid_token_never_recorded(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    agent = fresh_agent("secretless")
+    token = broker.mint("openai", agent)
+    assert call(broker, "openai", token, path="/v1/models?limit=1").status == 200
+    assert call(broker, "openai", token, "DELETE", "/v1/nothing").status == 200
+    shown = ok(broker.cli("audit", "--json", "--agent", agent)) + ok(broker.cli("audit", "--agent", agent))
+    assert random_part(token)[:8] not in shown
+    assert REAL_KEYS["openai"] not in shown
+    assert random_part(token)[:12].encode() not in db_bytes(broker.db)
+
+
+def test_telegram_key_segment_masked(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    agent = fresh_agent("tg-mask")
+    token = broker.mint("telegram", agent)
+    assert call(broker, "telegram", token, "POST", "/sendMessage?chat_id=42", b'{"text": "hi"}').status == 200
+    resp = http_request(f"{broker.url}/telegram/file/bot{token}/photos/file_1.jpg")
+    assert resp.status == 200
+    bad = f"1234567890:{unknown_token('telegram')}"
+    marker = secrets.token_hex(6)
+    assert http_request(f"{broker.url}/telegram/bot{bad}/getMe?m={marker}").status == 401
+    rows = audit_json(broker, "--agent", agent)
+    assert [r["path"] for r in rows] == ["/telegram/bot***/sendMessage?chat_id=42",
+                                        "/telegram/file/bot***/photos/file_1.jpg"]
+    [denied] = rows_with(broker, marker)
+    assert denied["path"] == f"/telegram/bot***/getMe?m={marker}"
+    assert FP_RE.search(denied["reason"] or "")
+    shown = ok(broker.cli("audit", "--json", "--limit", "1000")) + ok(broker.cli("audit", "--limit", "1000"))
+    for secret in (random_part(token)[:8], random_part(bad)[:8], REAL_KEYS["telegram"].split(":")[1]):
+        assert secret not in shown
+
+
+def test_gemini_key_query_masked(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    agent = fresh_agent("gem-mask")
+    token = broker.mint("gemini", agent)
+    path = "/gemini/v1beta/models/gemini-2.0-flash:generateContent"
+    resp = http_request(f"{broker.url}{path}?alt=json&key={token}", "POST", {"Content-Type": "application/json"},
+                        b'{"contents": []}')
+    assert resp.status == 200
+    assert upstreams["gemini"].only_request().query["key"] == [REAL_KEYS["gemini"]]
+    bad = unknown_token("gemini")
+    marker = secrets.token_hex(6)
+    assert http_request(f"{broker.url}{path}?key={bad}&m={marker}", "POST", None, b"{}").status == 401
+    [row] = audit_json(broker, "--agent", agent)
+    assert row["path"] == f"{path}?alt=json&key=***"
+    [denied] = rows_with(broker, marker)
+    assert denied["path"] == f"{path}?key=***&m={marker}"
+    shown = ok(broker.cli("audit", "--json", "--limit", "1000")) + ok(broker.cli("audit", "--limit", "1000"))
+    for secret in (random_part(token)[:8], random_part(bad)[:8], REAL_KEYS["gemini"]):
+        assert secret not in shown
+
+
+def test_one_row_per_request_allowed_and_denied(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        h.send_json(404 if "missing" in req.path else 200, {"path": req.path})
+    upstreams["openai"].set_responder(key_checked("openai", respond))
+    agent = fresh_agent("rows")
+    token = broker.mint("openai", agent, "--allow-method", "GET")
+    statuses = [call(broker, "openai", token).status for _ in range(3)]
+    statuses += [call(broker, "openai", token, "POST", "/v1/chat/completions", b"{}").status for _ in range(2)]
+    statuses.append(call(broker, "openai", token, path="/v1/missing").status)
+    assert statuses == [200, 200, 200, 403, 403, 404]
+    rows = audit_json(broker, "--agent", agent)
+    assert [r["status"] for r in rows] == statuses
+    assert [r["outcome"] for r in rows] == ["ok", "ok", "ok", "denied", "denied", "ok"]
+    assert [r["method"] for r in rows] == ["GET"] * 3 + ["POST"] * 2 + ["GET"]
+    ids = [r["id"] for r in rows]
+    assert ids == sorted(ids) and len(set(ids)) == 6
+    tid = token_id_of(broker, agent)
+    for r in rows:
+        assert (r["agent"], r["token_id"], r["provider"], r["secret"], r["client"]) == (
+            agent, tid, "openai", "openai-key", "127.0.0.1"), r
+    for r in rows[3:5]:
+        assert "method POST" in r["reason"], r["reason"]
+    assert all(r["reason"] is None for r in rows[:3])
+
+
+def test_audit_json_exact_fields(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """`audit --json`: one JSON object a line with exactly these fields and values."""
+    answer = json.loads(sized_body(900))
+    answer.update({"id": "chatcmpl-x", "object": "chat.completion", "model": "gpt-4o-mini",
+                   "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}})
+    answer_bytes = json.dumps(answer).encode()
+    upstreams["openai"].set_responder(key_checked("openai", lambda h, req: h.send_bytes(
+        200, answer_bytes, content_type="application/json")))
+    agent = fresh_agent("exact")
+    token = broker.mint("openai", agent)
+    request_body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    before = time.time()
+    resp = call(broker, "openai", token, "POST", "/v1/chat/completions?x=1", request_body)
+    assert resp.status == 200 and resp.body == answer_bytes
+    lines = ok(broker.cli("audit", "--json", "--agent", agent)).splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert set(row) == FIELDS
+    assert TS_RE.match(row["ts"]), row["ts"]
+    ts = dt.datetime.strptime(row["ts"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp()
+    assert before - 2 <= ts <= time.time() + 1
+    assert isinstance(row["id"], int)
+    assert isinstance(row["duration_ms"], (int, float)) and 0 < row["duration_ms"] < 30_000
+    assert {k: v for k, v in row.items() if k not in ("id", "ts", "duration_ms")} == {
+        "agent": agent, "token_id": token_id_of(broker, agent), "provider": "openai", "secret": "openai-key",
+        "method": "POST", "path": "/openai/v1/chat/completions?x=1", "status": 200,
+        "bytes_in": len(request_body), "bytes_out": len(answer_bytes), "client": "127.0.0.1",
+        "outcome": "ok", "reason": None, "model": "gpt-4o-mini", "tokens_in": 11, "tokens_out": 4}
+
+
+# ============================================================================
+# Output: filters, readable table, --follow
+# ============================================================================
+
+
+def test_audit_filters(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    a, b = fresh_agent("filter-a"), fresh_agent("filter-b")
+    ta = broker.mint("openai", a, "--allow-method", "GET")
+    tb = broker.mint("anthropic", b)
+    assert call(broker, "openai", ta).status == 200
+    assert call(broker, "openai", ta, "POST", "/v1/chat/completions", b"{}").status == 403
+    assert call(broker, "openai", ta).status == 200
+    assert call(broker, "anthropic", tb, "POST", "/v1/messages", b"{}").status == 200
+
+    rows_a = audit_json(broker, "--agent", a)
+    assert [r["status"] for r in rows_a] == [200, 403, 200] and {r["agent"] for r in rows_a} == {a}
+    assert [r["status"] for r in audit_json(broker, "--agent", a, "--status", "4xx")] == [403]
+    assert [r["status"] for r in audit_json(broker, "--agent", a, "--status", "403")] == [403]
+    assert [r["status"] for r in audit_json(broker, "--agent", a, "--status", "2xx")] == [200, 200]
+    assert audit_json(broker, "--agent", a, "--status", "5xx") == []
+    assert [r["agent"] for r in audit_json(broker, "--agent", b, "--provider", "anthropic")] == [b]
+    assert audit_json(broker, "--agent", b, "--provider", "openai") == []
+    assert {r["provider"] for r in audit_json(broker, "--provider", "anthropic")} == {"anthropic"}
+    assert all(r["status"] // 100 == 4 for r in audit_json(broker, "--status", "4xx"))
+
+    assert audit_json(broker, "--agent", a, "--since", "1h") == rows_a
+    assert audit_json(broker, "--agent", a, "--since", "2000-01-01") == rows_a
+    minute_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)
+    assert audit_json(broker, "--agent", a, "--since", minute_ago.strftime("%Y-%m-%dT%H:%M:%SZ")) == rows_a
+    assert audit_json(broker, "--agent", a, "--since", "2999-01-01T00:00:00") == []
+
+    assert audit_json(broker, "--agent", a, "--limit", "2") == rows_a[1:], "--limit keeps the newest rows"
+    newest = audit_json(broker)[-1]
+    assert json.loads(ok(broker.cli("audit", "--json", "--limit", "1")).strip()) == newest
+
+    for bad in (("--status", "4x"), ("--status", "teapot"), ("--since", "yesterday")):
+        cp = broker.cli("audit", *bad)
+        assert cp.returncode == 2, (bad, cp.returncode, cp.stderr)
+
+
+def test_audit_table_is_readable(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    answer = sized_body(1234)
+    upstreams["openai"].set_responder(key_checked("openai", lambda h, req: h.send_bytes(
+        200, answer, content_type="application/json")))
+    agent = fresh_agent("table")
+    token = broker.mint("openai", agent, "--allow-method", "GET", "--allow-method", "POST")
+    assert call(broker, "openai", token, "POST", "/v1/files", sized_body(2500)).status == 200
+    assert call(broker, "openai", token, "DELETE", "/v1/files/f1").status == 403
+    out = ok(broker.cli("audit", "--agent", agent))
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 3, out
+    header = lines[0]
+    cols = [(m.start(), m.group(0)) for m in re.finditer(r"\S+(?: \S+)*", header)]
+    assert [name for _, name in cols] == TABLE_HEADER, header
+    for line in lines[1:]:   # every value starts exactly under its column name
+        for start, name in cols[1:]:
+            assert line[start - 2:start] == "  " and line[start] != " ", (name, header, line)
+    rows = parse_table(out)
+    allowed, denied = rows
+    assert (allowed["AGENT"], allowed["PROVIDER"], allowed["METHOD"], allowed["PATH"], allowed["STATUS"]) == (
+        agent, "openai", "POST", "/openai/v1/files", "200")
+    assert TS_RE.match(allowed["TIME"])
+    assert allowed["IN"] == "2.4 KB" and allowed["OUT"] == "1.2 KB", allowed
+    assert re.fullmatch(r"\d+\.\d ms|\d+\.\d\d s", allowed["DURATION"]), allowed["DURATION"]
+    assert allowed["OUTCOME"] == "ok"
+    assert denied["STATUS"] == "403" and denied["IN"] == "0 B"
+    assert denied["OUTCOME"].startswith("denied: ") and "method DELETE" in denied["OUTCOME"], denied
+
+
+class FollowProcess:
+    """`audit --follow` as a subprocess; stdout lines are read by a thread into a queue."""
+
+    def __init__(self, broker: Broker, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BROKER_PY), "--db", str(broker.db), "audit", "--follow", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=broker.env, cwd=str(broker.workdir))
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.seen: List[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, needle: str, timeout: float = FOLLOW_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        seen = self.seen
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            seen.append(line)
+            if needle in line:
+                return line
+        raise AssertionError(f"`audit --follow` printed no line with {needle!r} within {timeout}s; "
+                             f"alive={self.proc.poll() is None} saw={seen!r}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "table"])
+def test_audit_follow_prints_new_rows(broker: Broker, upstreams: Dict[str, FakeUpstream], as_json: bool) -> None:
+    agent = fresh_agent("follow")
+    token = broker.mint("openai", agent)
+    follower = FollowProcess(broker, "--agent", agent, *(["--json"] if as_json else []))
+    try:
+        if not as_json:
+            header = follower.wait_for("DURATION")
+            assert header.split()[:3] == ["ID", "TIME", "AGENT"]
+        time.sleep(0.3)   # let it reach its polling loop; a row written earlier is printed too
+        for n in range(2):
+            marker = f"m{n}{secrets.token_hex(4)}"
+            assert call(broker, "openai", token, path=f"/v1/models?{marker}=1").status == 200
+            line = follower.wait_for(marker)
+            if as_json:
+                row = json.loads(line)
+                assert (row["agent"], row["status"], row["outcome"]) == (agent, 200, "ok")
+                assert set(row) == FIELDS
+            else:
+                assert agent in line and " 200 " in line and line.rstrip().endswith("ok"), line
+    finally:
+        follower.stop()
+
+
+def test_audit_follow_with_limit_0_prints_only_new_rows(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Like `tail -n 0 -f`: no history, then every new row."""
+    assert call(broker, "openai", broker.token("openai")).status == 200
+    newest = audit_json(broker)[-1]["id"]
+    follower = FollowProcess(broker, "--json", "--limit", "0")
+    try:
+        time.sleep(1.2)   # two polling rounds with no new row
+        marker = secrets.token_hex(6)
+        assert call(broker, "openai", broker.token("openai"), path=f"/v1/models?{marker}=1").status == 200
+        follower.wait_for(marker)
+        old = [json.loads(line)["id"] for line in follower.seen if json.loads(line)["id"] <= newest]
+        assert not old, f"`audit --follow --limit 0` printed {len(old)} old rows"
+    finally:
+        follower.stop()
+
+
+# ============================================================================
+# audit verify: tampering with the sqlite3 CLI is detected and the row named
+# ============================================================================
+
+
+@pytest.fixture(scope="module")
+def chain_db(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Iterator[Broker]:
+    """A broker of its own with a known mix of rows (allowed, unknown token, policy refusal),
+    stopped, so each tamper test can edit a private copy of its DB."""
+    b = broker_factory({p: u.url for p, u in upstreams.items()}, providers=("openai",))
+    limited = b.mint("openai", "limited-agent", "--allow-method", "GET")
+    plan = ["ok", "ok", "post", "unknown", "ok", "ok", "forbidden", "ok", "ok", "ok"]
+    for step in plan:
+        if step == "ok":
+            assert call(b, "openai", b.token("openai")).status == 200
+        elif step == "post":
+            assert call(b, "openai", b.token("openai"), "POST", "/v1/chat/completions", b"{}").status == 200
+        elif step == "unknown":
+            assert call(b, "openai", unknown_token()).status == 401
+        else:
+            assert call(b, "openai", limited, "POST", "/v1/chat/completions", b"{}").status == 403
+    b.stop()
+    rows = audit_json(b)
+    assert len(rows) == len(plan), rows
+    b.chain_ids = [r["id"] for r in rows]  # type: ignore[attr-defined]
+    yield b
+
+
+def private_copy(b: Broker, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy.db"
+    src_db = sqlite3.connect(str(b.db))
+    dst_db = sqlite3.connect(str(dst))
+    try:
+        src_db.backup(dst_db)
+    finally:
+        src_db.close()
+        dst_db.close()
+    return dst
+
+
+def test_verify_intact_chain(chain_db: Broker, tmp_path: Path) -> None:
+    copy = private_copy(chain_db, tmp_path)
+    cp = verify(chain_db, copy)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    n = len(chain_db.chain_ids)  # type: ignore[attr-defined]
+    assert cp.stdout.splitlines()[0].strip() == f"{n} rows, chain intact", cp.stdout
+
+
+COLUMNS = ("ts, agent, token_id, provider, secret, method, path, status, bytes_in, bytes_out, duration_ms, "
+           "client, outcome, reason, model, tokens_in, tokens_out")
+
+# name: (SQL with {i} = the i-th row's id (1-based position), {last}, {next}; the row verify must name)
+TAMPERING = {
+    "edit-status-of-denied-row": ("UPDATE audit SET status = 200, outcome = 'ok', reason = NULL WHERE id = {4}",
+                                  "{4}"),
+    "edit-path": ("UPDATE audit SET path = '/openai/v1/other' WHERE id = {3}", "{3}"),
+    "edit-bytes": ("UPDATE audit SET bytes_out = bytes_out + 1 WHERE id = {6}", "{6}"),
+    "edit-timestamp": ("UPDATE audit SET ts = '2000-01-01T00:00:00Z' WHERE id = {2}", "{2}"),
+    "edit-agent-of-last-row": ("UPDATE audit SET agent = 'someone-else' WHERE id = {last}", "{last}"),
+    "delete-middle-row": ("DELETE FROM audit WHERE id = {5}", "{6}"),
+    "delete-first-row": ("DELETE FROM audit WHERE id = {1}", "{2}"),
+    "delete-row-and-renumber": ("DELETE FROM audit WHERE id = {5}; "
+                                "UPDATE audit SET id = -id + 1 WHERE id > {5}; UPDATE audit SET id = -id WHERE id < 0",
+                                "{5}"),
+    "swap-two-rows": ("UPDATE audit SET id = -1 WHERE id = {3}; UPDATE audit SET id = {3} WHERE id = {4}; "
+                      "UPDATE audit SET id = {4} WHERE id = -1", "{3}"),
+    "swap-contents-keep-macs": (f"CREATE TEMP TABLE t AS SELECT * FROM audit WHERE id IN ({{3}}, {{4}}); "
+                                f"UPDATE audit SET ({COLUMNS}) = (SELECT {COLUMNS} FROM t "
+                                f"WHERE t.id = {{3}} + {{4}} - audit.id) WHERE id IN ({{3}}, {{4}})", "{3}"),
+    "insert-forged-row-at-end": (f"INSERT INTO audit (id, {COLUMNS}, mac) SELECT {{next}}, {COLUMNS}, "
+                                 f"randomblob(32) FROM audit WHERE id = {{2}}", "{next}"),
+    "replay-row-at-end-with-its-mac": (f"INSERT INTO audit (id, {COLUMNS}, mac) SELECT {{next}}, {COLUMNS}, mac "
+                                       f"FROM audit WHERE id = {{last}}", "{next}"),
+    "insert-forged-row-in-middle": (f"UPDATE audit SET id = -id - 1 WHERE id > {{4}}; "
+                                    f"UPDATE audit SET id = -id WHERE id < 0; "
+                                    f"INSERT INTO audit (id, {COLUMNS}, mac) SELECT {{5}}, {COLUMNS}, mac "
+                                    f"FROM audit WHERE id = {{4}}", "{5}"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERING))
+def test_verify_detects_tampering(chain_db: Broker, tmp_path: Path, case: str) -> None:
+    ids: List[int] = chain_db.chain_ids  # type: ignore[attr-defined]
+    names = {str(i + 1): ids[i] for i in range(len(ids))}
+    names.update(last=ids[-1], next=ids[-1] + 1)
+    sql, expect = (s.format(*([None] + ids), **{k: v for k, v in names.items() if not k.isdigit()})
+                   for s in TAMPERING[case])
+    copy = private_copy(chain_db, tmp_path)
+    assert verify(chain_db, copy).returncode == 0
+    sql_edit(copy, sql)
+    cp = verify(chain_db, copy)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 1, f"{case}: verify did not fail: {out}"
+    assert "chain intact" not in out
+    assert re.search(rf"\brow {expect}\b", out), f"{case}: expected row {expect} to be named: {out}"
+
+
+# ============================================================================
+# Pruning keeps the chain verifiable and is itself on record
+# ============================================================================
+
+
+@pytest.fixture
+def own_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+    return broker_factory({p: u.url for p, u in upstreams.items()}, providers=("openai",))
+
+
+def test_prune_before_a_future_date(own_broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    b = own_broker
+    for _ in range(5):
+        assert call(b, "openai", b.token("openai")).status == 200
+    assert call(b, "openai", unknown_token()).status == 401
+    cp = b.cli("audit", "prune", "--before", "2999-01-01")
+    assert cp.returncode == 0, cp.stderr
+    assert "6" in cp.stdout, cp.stdout
+    rows = audit_json(b)
+    assert [r["outcome"] for r in rows] == ["prune"], rows
+    record = json.loads(rows[0]["reason"])
+    assert record["deleted"] == 6
+    cp = verify(b)
+    assert cp.returncode == 0, f"chain broken right after a prune: {cp.stdout}{cp.stderr}"
+    assert cp.stdout.splitlines()[0] == "1 rows, chain intact"
+    # traffic continues on the pruned chain
+    assert call(b, "openai", b.token("openai")).status == 200
+    cp = verify(b)
+    assert cp.returncode == 0, f"chain broken after traffic following a prune: {cp.stdout}{cp.stderr}"
+    assert cp.stdout.splitlines()[0] == "2 rows, chain intact"
+
+
+def test_prune_older_rows_keeps_the_rest(own_broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    b = own_broker
+    for _ in range(3):
+        assert call(b, "openai", b.token("openai"), path="/v1/models?old=1").status == 200
+    time.sleep(1.2)   # audit timestamps have one-second resolution
+    cut = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for _ in range(3):
+        assert call(b, "openai", b.token("openai"), path="/v1/models?new=1").status == 200
+    before = audit_json(b)
+    cp = b.cli("audit", "prune", "--before", cut)
+    assert cp.returncode == 0, cp.stderr
+    after = audit_json(b)
+    assert after[:3] == before[3:], "rows newer than --before must be kept unchanged"
+    assert [r["outcome"] for r in after] == ["ok"] * 3 + ["prune"]
+    assert all("new=1" in r["path"] for r in after[:3])
+    record = json.loads(after[3]["reason"])
+    assert record["deleted"] == 3
+    cp = verify(b)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert cp.stdout.splitlines()[0] == "4 rows, chain intact"
+    assert call(b, "openai", b.token("openai")).status == 200
+    assert verify(b).returncode == 0
+    # pruning again with nothing older deletes nothing and the chain still verifies
+    assert b.cli("audit", "prune", "--before", "2000-01-01").returncode == 0
+    assert verify(b).returncode == 0
+    # the first kept row deleted behind the prune's back is still detected
+    sql_edit(b.db, f"DELETE FROM audit WHERE id = {after[0]['id']}")
+    cp = verify(b)
+    assert cp.returncode == 1, cp.stdout
+
+
+# ============================================================================
+# Crash safety: SIGKILL mid-traffic
+# ============================================================================
+
+
+def test_sigkill_mid_traffic_leaves_a_verifiable_chain_with_every_completed_request(
+        own_broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    b = own_broker
+    big = b"x" * (100 * 1024)   # sized, larger than one inline write: relayed in pieces
+
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        if "/big" in req.path:
+            h.send_bytes(200, big)
+        elif "/sse" in req.path:
+            h.send_sse([b'data: {"n": %d}\n\n' % i for i in range(3)], 0.01)
+        else:
+            h.send_json(200, {"ok": True})
+    upstreams["openai"].set_responder(key_checked("openai", respond))
+
+    stop = threading.Event()
+    completed: Set[str] = set()
+    lock = threading.Lock()
+    token = b.token("openai")
+
+    def client(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            kind = ("small", "big", "sse")[(n + i) % 3]
+            rid = f"r{n}x{i}"
+            i += 1
+            conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=10)
+            try:
+                conn.request("POST", f"/openai/v1/{kind}?id={rid}", body=b"{}", headers=auth_headers("openai", token))
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status == 200 and (kind != "big" or data == big):
+                    with lock:
+                        completed.add(rid)
+            except (OSError, http.client.HTTPException):
+                pass   # the broker died under this request
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    os.kill(b.proc.pid, signal.SIGKILL)
+    b.proc.wait(timeout=10)
+    stop.set()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads)
+    assert b.proc.returncode == -signal.SIGKILL
+    assert len(completed) >= 10, f"too little traffic before the kill: {len(completed)}"
+
+    cp = verify(b)
+    assert cp.returncode == 0, f"chain broken by SIGKILL: {cp.stdout}{cp.stderr}"
+    rows = audit_json(b)
+    assert cp.stdout.splitlines()[0] == f"{len(rows)} rows, chain intact"
+    assert len(rows) >= len(completed)
+    recorded = {m.group(1) for r in rows for m in [re.search(r"[?&]id=(r\d+x\d+)", r["path"] or "")] if m}
+    missing = completed - recorded
+    assert not missing, f"{len(missing)} completed requests have no audit row, e.g. {sorted(missing)[:5]}"
+
+
+# ============================================================================
+# The shared broker's whole chain, after everything above
+# ============================================================================
+
+
+def test_shared_broker_chain_intact_after_all_traffic(broker: Broker) -> None:
+    rows = audit_json(broker)
+    assert rows, "the module made requests"
+    assert [r["id"] for r in rows] == list(range(rows[0]["id"], rows[0]["id"] + len(rows)))
+    cp = verify(broker)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert cp.stdout.splitlines()[0] == f"{len(rows)} rows, chain intact"

@@ -1,0 +1,790 @@
+"""Agents and per-token policy over real sockets (issue 3): agent disable/enable, method, path,
+rate, lifetime and model limits, token budgets, limits under 50 concurrent requests, and usage
+metered from real-shaped answers of each LLM provider (plain JSON and server-sent events).
+
+Every test mints its own tokens for a fresh agent, so counters and usage rows are its own.
+Nothing is mocked: the broker is a subprocess, the providers are loopback FakeUpstreams that
+answer 401 unless the real key arrives.
+
+Layout: helpers → real-shaped LLM answers → agents → refusals per policy (security first) →
+limits under concurrency → usage metering.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import secrets
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pytest
+
+from conftest import (
+    REAL_KEYS, Broker, FakeUpstream, RecordedRequest, Response, UpstreamHandler, auth_headers,
+    error_type_and_message, http_request, key_check_failure, send_request,
+)
+
+CONCURRENCY = 50
+THREAD_JOIN_S = 60.0
+
+
+# ============================================================================
+# Helpers
+# ============================================================================
+
+
+def fresh_agent(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def ok(cp: Any) -> str:
+    assert cp.returncode == 0, f"rc={cp.returncode}\nstdout={cp.stdout}\nstderr={cp.stderr}"
+    return cp.stdout
+
+
+def call(broker: Broker, provider: str, token: str, method: str = "GET", path: str = "/v1/models",
+         body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,
+         timeout: float = 30.0) -> Response:
+    """One request for `provider` carrying `token` the way that provider's client does.
+    For telegram, `path` is the method part (`/sendMessage`) and the token goes in the path."""
+    if provider == "telegram":
+        target = f"/telegram/bot{token}{path}"
+    else:
+        target = f"/{provider}{path}"
+    hs = {**auth_headers(provider, token), **(headers or {})}
+    if body is not None:
+        hs.setdefault("Content-Type", "application/json")
+    return http_request(broker.url + target, method, hs, body, timeout)
+
+
+def assert_denied(resp: Response, status: int, *words: str) -> str:
+    """The broker's own JSON error with `status`; its message mentions every word given."""
+    assert resp.status == status, (resp.status, resp.body[:300])
+    data = resp.json()
+    if isinstance(data, dict) and data.get("ok") is False:   # Telegram-shaped, for Telegram clients
+        assert data.get("error_code") == status, data
+        message = data.get("description")
+        assert isinstance(message, str), data
+    else:
+        _, message = error_type_and_message(resp)
+    for word in words:
+        assert word.lower() in message.lower(), f"{word!r} not in message {message!r}"
+    return message
+
+
+def parse_table(text: str) -> List[Dict[str, str]]:
+    """A print_table table as dicts: columns are sliced at the header's column starts
+    (column names may hold single spaces; columns are separated by two or more)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert lines, "empty table"
+    header = lines[0]
+    cols = [(m.start(), m.group(0)) for m in re.finditer(r"\S+(?: \S+)*", header)]
+    rows = []
+    for line in lines[1:]:
+        row = {}
+        for i, (start, name) in enumerate(cols):
+            end = cols[i + 1][0] if i + 1 < len(cols) else None
+            row[name] = line[start:end].strip()
+        rows.append(row)
+    return rows
+
+
+def token_row(broker: Broker, agent: str) -> Dict[str, str]:
+    rows = [r for r in parse_table(ok(broker.cli("token", "list"))) if r["AGENT"] == agent]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def usage_json(broker: Broker, *args: str) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in ok(broker.cli("usage", "--json", *args)).splitlines() if line.strip()]
+
+
+def run_concurrently(n: int, fn: Callable[[int], Any]) -> List[Any]:
+    """Run fn(0..n-1) in n threads released together by a barrier; every thread must finish."""
+    barrier = threading.Barrier(n)
+    results: List[Any] = [None] * n
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait(timeout=THREAD_JOIN_S)
+            results[i] = fn(i)
+        except BaseException as exc:  # reported by the assertion below, not lost in a thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=THREAD_JOIN_S)
+    assert not any(t.is_alive() for t in threads), "a client thread hung"
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, f"{len(errors)} client threads failed, first: {errors[0]!r}"
+    return results
+
+
+def requests_to(up: FakeUpstream, path_part: str) -> List[RecordedRequest]:
+    with up.lock:
+        return [r for r in up.requests if path_part in r.target]
+
+
+# ============================================================================
+# Real-shaped LLM answers (what each provider sends, trimmed to the fields that matter)
+# ============================================================================
+
+
+def key_checked(provider: str, respond: Callable[[UpstreamHandler, RecordedRequest], None]
+                ) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    """Answer 401 like the real API unless the real key arrived, else call `respond`."""
+    def wrapper(h: UpstreamHandler, req: RecordedRequest) -> None:
+        if key_check_failure(provider, REAL_KEYS[provider], req) is not None:
+            h.send_json(401, {"error": {"message": "fake upstream: invalid key"}})
+            return
+        respond(h, req)
+    return wrapper
+
+
+def body_json(req: RecordedRequest) -> Dict[str, Any]:
+    try:
+        obj = json.loads(req.body or b"{}")
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def sse(obj: Any, event: Optional[str] = None, sep: bytes = b"\n\n") -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(obj).encode() + sep
+
+
+def send_in_pieces(h: UpstreamHandler, data: bytes, piece: int, content_type: str) -> None:
+    """Send `data` chunked in `piece`-byte chunks (events and JSON split mid-line)."""
+    h.send_stream(200, (data[i:i + piece] for i in range(0, len(data), piece)),
+                  [("Content-Type", content_type)], delay=0.001)
+
+
+def openai_answer(tin: int, tout: int, groq: bool = False, content: str = "Hello!",
+                  piece: int = 0) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    """OpenAI (and Groq) chat completions. Like the real API, a stream carries usage only when
+    asked with stream_options.include_usage; Groq's streams always end with x_groq.usage.
+    With `piece`, a JSON answer is sent chunked in pieces of that size."""
+    provider = "groq" if groq else "openai"
+
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        body = body_json(req)
+        model = body.get("model", "gpt-4o-mini")
+        usage = {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}
+        base = {"id": "chatcmpl-test", "created": 1700000000, "model": model, "system_fingerprint": "fp_test"}
+        if body.get("stream") is not True:
+            answer = {**base, "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                 "finish_reason": "stop"}],
+                "usage": {**usage, "prompt_tokens_details": {"cached_tokens": 0},
+                          "completion_tokens_details": {"reasoning_tokens": 0}}}
+            if piece:
+                send_in_pieces(h, json.dumps(answer).encode(), piece, "application/json")
+            else:
+                h.send_json(200, answer)
+            return
+        include = (body.get("stream_options") or {}).get("include_usage") is True
+        chunk = {**base, "object": "chat.completion.chunk"}
+        extra = {"usage": None} if include else {}
+        events = [
+            sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}], **extra}),
+            sse({**chunk, "choices": [{"index": 0, "delta": {"content": "Hello"}, "logprobs": None,
+                                       "finish_reason": None}], **extra}),
+        ]
+        last = {**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], **extra}
+        if groq:
+            last["x_groq"] = {"id": "req_test", "usage": {"queue_time": 0.01, "prompt_tokens": tin,
+                                                          "prompt_time": 0.002, "completion_tokens": tout,
+                                                          "completion_time": 0.03, "total_tokens": tin + tout,
+                                                          "total_time": 0.032}}
+        events.append(sse(last))
+        if include:
+            events.append(sse({**chunk, "choices": [], "usage": usage}))
+        events.append(b"data: [DONE]\n\n")
+        h.send_sse(events, 0.0)
+    return key_checked(provider, respond)
+
+
+def anthropic_answer(tin: int, tout: int, piece: int = 0) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    """Anthropic Messages: usage in the message; in a stream, input tokens in message_start and
+    the final output count in message_delta. With `piece`, the stream is cut into chunks of that
+    many bytes, so events arrive split mid-line."""
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        body = body_json(req)
+        model = body.get("model", "claude-3-5-haiku-20241022")
+        if body.get("stream") is not True:
+            h.send_json(200, {"id": "msg_test", "type": "message", "role": "assistant", "model": model,
+                              "content": [{"type": "text", "text": "Hello!"}], "stop_reason": "end_turn",
+                              "stop_sequence": None,
+                              "usage": {"input_tokens": tin, "cache_creation_input_tokens": 0,
+                                        "cache_read_input_tokens": 0, "output_tokens": tout}})
+            return
+        events = [
+            sse({"type": "message_start", "message": {
+                "id": "msg_test", "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": tin, "output_tokens": 1}}}, "message_start"),
+            sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                "content_block_start"),
+            sse({"type": "ping"}, "ping"),
+            sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}},
+                "content_block_delta"),
+            sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+            sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                 "usage": {"output_tokens": tout}}, "message_delta"),
+            sse({"type": "message_stop"}, "message_stop"),
+        ]
+        if piece:
+            send_in_pieces(h, b"".join(events), piece, "text/event-stream")
+        else:
+            h.send_sse(events, 0.0)
+    return key_checked("anthropic", respond)
+
+
+def gemini_answer(tin: int, tout: int, thoughts: int = 0) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    """Gemini generateContent (usageMetadata) and streamGenerateContent?alt=sse, whose events are
+    separated by CRLF CRLF and each carry the running usageMetadata (the last one is final)."""
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        m = re.search(r"/models/([^/:]+):(\w+)", req.path)
+        model = m.group(1) if m else "gemini-2.0-flash"
+
+        def usage(out: int) -> Dict[str, int]:
+            u = {"promptTokenCount": tin, "candidatesTokenCount": out, "totalTokenCount": tin + out + thoughts}
+            if thoughts:
+                u["thoughtsTokenCount"] = thoughts
+            return u
+
+        def candidate(text: str, final: bool) -> Dict[str, Any]:
+            c: Dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
+            if final:
+                c["finishReason"] = "STOP"
+            return c
+
+        if m and m.group(2) == "streamGenerateContent":
+            h.send_sse([
+                sse({"candidates": [candidate("Hel", False)], "usageMetadata": usage(1), "modelVersion": model},
+                    sep=b"\r\n\r\n"),
+                sse({"candidates": [candidate("lo", False)], "usageMetadata": usage(2), "modelVersion": model},
+                    sep=b"\r\n\r\n"),
+                sse({"candidates": [candidate("!", True)], "usageMetadata": usage(tout), "modelVersion": model},
+                    sep=b"\r\n\r\n"),
+            ], 0.0)
+            return
+        h.send_json(200, {"candidates": [candidate("Hello!", True)], "usageMetadata": usage(tout),
+                          "modelVersion": model, "responseId": "resp-test"})
+    return key_checked("gemini", respond)
+
+
+def read_through(broker: Broker, provider: str, token: str, method: str, path: str, body: Optional[bytes]
+                 ) -> Response:
+    """A request whose whole answer (stream included) is read before returning."""
+    resp = call(broker, provider, token, method, path, body, {"Accept": "text/event-stream, application/json"})
+    assert resp.status == 200, (resp.status, resp.body[:300])
+    return resp
+
+
+# ============================================================================
+# Agents: disable stops every token of the agent on its next request; enable restores
+# ============================================================================
+
+
+def test_agent_disable_stops_every_token_then_enable_restores(broker: Broker,
+                                                             upstreams: Dict[str, FakeUpstream]) -> None:
+    agent = fresh_agent("disable")
+    other = fresh_agent("bystander")
+    out = broker.cli("agent", "add", agent)
+    assert out.returncode == 0, out.stderr
+    assert broker.cli("agent", "add", agent).returncode == 1, "adding an existing agent must fail"
+    tokens = {p: broker.mint(p, agent) for p in ("openai", "anthropic", "telegram")}
+    bystander = broker.mint("openai", other)
+    for p, t in tokens.items():
+        assert call(broker, p, t, path="/getMe" if p == "telegram" else "/v1/models").status == 200, p
+
+    agents = {r["NAME"]: r for r in parse_table(ok(broker.cli("agent", "list")))}
+    assert agents[agent]["STATE"] == "enabled"
+    assert agents[agent]["ACTIVE TOKENS"] == "3"
+
+    ok(broker.cli("agent", "disable", agent))
+    for u in upstreams.values():
+        u.reset()
+    for p, t in tokens.items():   # the very next request, no restart, no wait
+        resp = call(broker, p, t, path="/getMe" if p == "telegram" else "/v1/models")
+        assert_denied(resp, 401, "agent", "disabled")
+    assert not any(u.requests for u in upstreams.values()), "a disabled agent's request reached upstream"
+    assert call(broker, "openai", bystander).status == 200, "another agent must keep working"
+    agents = {r["NAME"]: r for r in parse_table(ok(broker.cli("agent", "list")))}
+    assert agents[agent]["STATE"] == "disabled"
+    assert agents[other]["STATE"] == "enabled"
+
+    ok(broker.cli("agent", "enable", agent))
+    for p, t in tokens.items():
+        assert call(broker, p, t, path="/getMe" if p == "telegram" else "/v1/models").status == 200, p
+    agents = {r["NAME"]: r for r in parse_table(ok(broker.cli("agent", "list")))}
+    assert agents[agent]["STATE"] == "enabled"
+
+
+def test_agent_commands_refuse_unknown_agents(broker: Broker) -> None:
+    for action in ("disable", "enable"):
+        cp = broker.cli("agent", action, fresh_agent("nobody"))
+        assert cp.returncode == 1, (action, cp.returncode, cp.stderr)
+        assert "no agent" in cp.stderr.lower()
+
+
+# ============================================================================
+# Each policy refuses what it should, with the right status and a clear message
+# ============================================================================
+
+
+def test_method_policy(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    agent = fresh_agent("method")
+    token = broker.mint("openai", agent, "--allow-method", "get")
+    assert call(broker, "openai", token, "GET", "/v1/models").status == 200
+    for method in ("POST", "DELETE", "PUT"):
+        resp = call(broker, "openai", token, method, "/v1/models", b"{}")
+        message = assert_denied(resp, 403, f"method {method}", "not allowed", "GET")
+        assert token not in message
+    assert [r.method for r in upstreams["openai"].requests] == ["GET"]
+    assert token_row(broker, agent)["POLICY"] == "methods=GET"
+
+
+def test_method_policy_repeatable(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    token = broker.mint("openai", fresh_agent("methods"), "--allow-method", "GET", "--allow-method", "POST")
+    assert call(broker, "openai", token, "GET").status == 200
+    assert call(broker, "openai", token, "POST", "/v1/chat/completions", b"{}").status == 200
+    assert_denied(call(broker, "openai", token, "DELETE", "/v1/models/x"), 403, "method DELETE")
+
+
+def test_path_policy_is_a_segment_prefix(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    agent = fresh_agent("path")
+    token = broker.mint("openai", agent, "--allow-path", "/v1/chat")
+    for path in ("/v1/chat", "/v1/chat/completions", "/v1/chat/completions/abc"):
+        assert call(broker, "openai", token, "POST", path, b"{}").status == 200, path
+    for path in ("/v1/chatty", "/v1/chat-completions", "/v1/embeddings", "/v1", "/v2/chat/completions",
+                 "/v1/cha%74ty", "/x/v1/chat/completions"):
+        resp = call(broker, "openai", token, "POST", path, b"{}")
+        assert_denied(resp, 403, "path", "not allowed", "/v1/chat")
+    got = [r.path for r in upstreams["openai"].requests]
+    assert got == ["/v1/chat", "/v1/chat/completions", "/v1/chat/completions/abc"], got
+    # encoded climbs out of the allowed prefix are refused before any upstream contact
+    upstreams["openai"].reset()
+    for path in ("/v1/chat/../embeddings", "/v1/chat/%2e%2e/embeddings", "/v1/chat/%252e%252e/embeddings"):
+        resp = call(broker, "openai", token, "POST", path, b"{}")
+        assert resp.status in (400, 403), (path, resp.status)
+    assert not upstreams["openai"].requests
+    assert token_row(broker, agent)["POLICY"] == "paths=/v1/chat"
+
+
+def test_path_policy_repeatable(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    token = broker.mint("openai", fresh_agent("paths"), "--allow-path", "/v1/chat/completions",
+                        "--allow-path", "/v1/models")
+    assert call(broker, "openai", token, "POST", "/v1/chat/completions", b"{}").status == 200
+    assert call(broker, "openai", token, "GET", "/v1/models/gpt-4o-mini").status == 200
+    assert_denied(call(broker, "openai", token, "POST", "/v1/embeddings", b"{}"), 403, "path")
+
+
+def test_telegram_path_policy_matched_without_the_token_segment(broker: Broker,
+                                                                upstreams: Dict[str, FakeUpstream]) -> None:
+    token = broker.mint("telegram", fresh_agent("tg"), "--allow-path", "/bot/sendMessage")
+    resp = call(broker, "telegram", token, "POST", "/sendMessage", b'{"chat_id": 1, "text": "hi"}')
+    assert resp.status == 200, resp.body[:300]
+    for path in ("/getUpdates", "/sendMessageX", "/deleteWebhook"):
+        resp = call(broker, "telegram", token, "POST", path, b"{}")
+        message = assert_denied(resp, 403, "path", "/bot/sendMessage")
+        assert token.split(":", 1)[1] not in message
+    reqs = upstreams["telegram"].requests
+    assert [r.path for r in reqs] == [f"/bot{REAL_KEYS['telegram']}/sendMessage"]
+
+
+def test_rate_policy_429_with_retry_after(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    agent = fresh_agent("rate")
+    token = broker.mint("openai", agent, "--rate", "3/h")
+    for _ in range(3):
+        assert call(broker, "openai", token).status == 200
+    for _ in range(2):
+        resp = call(broker, "openai", token)
+        assert_denied(resp, 429, "rate limit", "3", "hour")
+        retry = resp.headers.get("Retry-After")
+        assert retry is not None and retry.isdigit(), f"Retry-After={retry!r}"
+        # one request comes back every 3600/3 s
+        assert 1 <= int(retry) <= 1200, retry
+    assert len(upstreams["openai"].requests) == 3
+    assert token_row(broker, agent)["POLICY"] == "rate=3/h"
+
+
+def test_rate_policy_refills(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    token = broker.mint("openai", fresh_agent("refill"), "--rate", "1/s")
+    assert call(broker, "openai", token).status == 200
+    resp = call(broker, "openai", token)
+    assert resp.status == 429
+    assert resp.headers.get("Retry-After") == "1"
+    time.sleep(1.2)
+    assert call(broker, "openai", token).status == 200
+
+
+def test_rate_flag_is_validated(broker: Broker) -> None:
+    for bad in ("60", "0/m", "ten/m", "5/w", "-1/s"):
+        cp = broker.cli("token", "mint", "--secret", "openai-key", "--agent", fresh_agent("bad"), "--rate", bad)
+        assert cp.returncode == 2, (bad, cp.returncode, cp.stdout, cp.stderr)
+        assert not cp.stdout.strip(), "no token may be printed for a refused mint"
+
+
+def test_max_requests_policy(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    agent = fresh_agent("maxreq")
+    token = broker.mint("openai", agent, "--max-requests", "3")
+    for _ in range(3):
+        assert call(broker, "openai", token).status == 200
+    for _ in range(2):
+        assert_denied(call(broker, "openai", token), 429, "3 requests")
+    assert len(upstreams["openai"].requests) == 3
+    row = token_row(broker, agent)
+    assert row["POLICY"] == "max-requests=3"
+    assert row["REQUESTS"] == "3"
+
+
+def test_refused_requests_do_not_use_up_max_requests(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    token = broker.mint("openai", fresh_agent("maxreq403"), "--max-requests", "2", "--allow-method", "GET")
+    for _ in range(3):
+        assert call(broker, "openai", token, "POST", "/v1/models", b"{}").status == 403
+    assert call(broker, "openai", token).status == 200
+    assert call(broker, "openai", token).status == 200
+    assert call(broker, "openai", token).status == 429
+
+
+@pytest.mark.parametrize("provider,path,allowed,refused", [
+    ("openai", "/v1/chat/completions", "gpt-4o-mini", "gpt-4o"),
+    ("groq", "/openai/v1/chat/completions", "llama-3.1-8b-instant", "llama-3.3-70b-versatile"),
+    ("anthropic", "/v1/messages", "claude-3-5-haiku-20241022", "claude-opus-4-20250514"),
+])
+def test_models_policy_on_json_body(broker: Broker, upstreams: Dict[str, FakeUpstream], provider: str, path: str,
+                                    allowed: str, refused: str) -> None:
+    """`model` in the JSON body (OpenAI, Groq, Anthropic), whatever the body's framing."""
+    agent = fresh_agent("models")
+    token = broker.mint(provider, agent, "--models", f"{allowed},other-model")
+
+    def body(model: str) -> bytes:
+        return json.dumps({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    assert call(broker, provider, token, "POST", path, body(allowed)).status == 200
+    assert call(broker, provider, token, "POST", path, iter([body("other-model")])).status == 200
+    resp = call(broker, provider, token, "POST", path, body(refused))
+    assert_denied(resp, 403, f"model '{refused}'", "not allowed", allowed)
+    # the same, with the body sent chunked: the broker must still read the model
+    resp = call(broker, provider, token, "POST", path, iter([body(refused)[:10], body(refused)[10:]]))
+    assert_denied(resp, 403, f"model '{refused}'", "not allowed")
+    sent = [json.loads(r.body or b"{}")["model"] for r in upstreams[provider].requests]
+    assert sent == [allowed, "other-model"]
+    assert token_row(broker, agent)["POLICY"] == f"models={allowed},other-model"
+
+
+def test_models_policy_on_gemini_path(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    token = broker.mint("gemini", fresh_agent("gmodels"), "--models", "gemini-2.0-flash")
+    body = b'{"contents": [{"parts": [{"text": "hi"}]}]}'
+    for path in ("/v1beta/models/gemini-2.0-flash:generateContent",
+                 "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+                 "/v1/models/gemini-2.0-flash:countTokens"):
+        assert call(broker, "gemini", token, "POST", path, body).status == 200, path
+    for path in ("/v1beta/models/gemini-2.5-pro:generateContent",
+                 "/v1beta/models/gemini-2.0-flash-thinking:streamGenerateContent?alt=sse",
+                 "/v1beta/models/gemini-2.0-flas%68x:generateContent"):
+        resp = call(broker, "gemini", token, "POST", path, body)
+        assert_denied(resp, 403, "model", "not allowed", "gemini-2.0-flash")
+    assert len(upstreams["gemini"].requests) == 3
+
+
+def test_models_policy_on_gemini_path_survives_percent_encoding(broker: Broker,
+                                                                upstreams: Dict[str, FakeUpstream]) -> None:
+    """'%6D' is 'm' (RFC 3986 6.2.2.2: percent-encoded unreserved characters are equivalent to
+    their decoded form, and servers normalise them), so '/v1beta/%6Dodels/gemini-2.5-pro:...'
+    names gemini-2.5-pro. Like --allow-path, the model must be read from the normalised path;
+    a request whose model cannot be read there is refused, never forwarded."""
+    token = broker.mint("gemini", fresh_agent("gmodels-enc"), "--models", "gemini-2.0-flash")
+    body = b'{"contents": [{"parts": [{"text": "hi"}]}]}'
+    for path in ("/v1beta/%6Dodels/gemini-2.5-pro:generateContent",
+                 "/v1beta/models%2Fgemini-2.5-pro:generateContent"):
+        resp = call(broker, "gemini", token, "POST", path, body)
+        assert resp.status in (400, 403), (path, resp.status, resp.body[:200])
+    assert not upstreams["gemini"].requests, [r.target for r in upstreams["gemini"].requests]
+
+
+def test_budget_policy_sequential(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Budget 250, 100 tokens an answer: requests run while less than 250 is spent (3), then 429."""
+    upstreams["openai"].set_responder(openai_answer(60, 40))
+    agent = fresh_agent("budget")
+    token = broker.mint("openai", agent, "--budget-tokens", "250")
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for _ in range(3):
+        read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)
+    for _ in range(2):
+        assert_denied(call(broker, "openai", token, "POST", "/v1/chat/completions", body), 429, "budget", "250")
+    assert len(upstreams["openai"].requests) == 3
+    row = token_row(broker, agent)
+    assert row["TOKENS"] == "300"
+    assert row["POLICY"] == "budget=250"
+
+
+def test_openai_stream_budget_asks_for_usage(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """With --budget-tokens the broker adds stream_options.include_usage, so the stream's last
+    chunk carries usage and the spend is counted."""
+    upstreams["openai"].set_responder(openai_answer(60, 40))
+    agent = fresh_agent("budget-stream")
+    token = broker.mint("openai", agent, "--budget-tokens", "150")
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": []}).encode()
+    for _ in range(2):
+        resp = read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)
+        assert b'"usage": {"prompt_tokens": 60' in resp.body
+    assert_denied(call(broker, "openai", token, "POST", "/v1/chat/completions", body), 429, "budget")
+    reqs = upstreams["openai"].requests
+    assert len(reqs) == 2
+    for r in reqs:
+        sent = json.loads(r.body or b"{}")
+        assert sent["stream_options"]["include_usage"] is True
+        assert sent["model"] == "gpt-4o-mini" and sent["messages"] == []
+        assert r.header("Content-Length") == str(len(r.body or b""))
+    assert token_row(broker, agent)["TOKENS"] == "200"
+
+
+def test_openai_stream_budget_cannot_be_dodged_with_include_usage_false(broker: Broker,
+                                                                       upstreams: Dict[str, FakeUpstream]) -> None:
+    """An agent that sends stream_options.include_usage=false would get unmetered streams and an
+    unlimited budget: with --budget-tokens the broker must still get usage reported."""
+    upstreams["openai"].set_responder(openai_answer(60, 40))
+    agent = fresh_agent("budget-dodge")
+    token = broker.mint("openai", agent, "--budget-tokens", "150")
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": False},
+                       "messages": []}).encode()
+    statuses = [call(broker, "openai", token, "POST", "/v1/chat/completions", body).status for _ in range(4)]
+    sent = [json.loads(r.body or b"{}").get("stream_options") for r in upstreams["openai"].requests]
+    assert statuses == [200, 200, 429, 429], (statuses, sent, token_row(broker, agent))
+
+
+def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Anthropic reports the input tokens in message_start, the first event. An agent that reads
+    that event and hangs up has still spent them (the provider bills the prompt): the broker saw
+    them go past and must count them, or hanging up early makes any budget unlimited."""
+    tin, tout = 80, 40
+    events = [
+        sse({"type": "message_start", "message": {
+            "id": "msg_test", "type": "message", "role": "assistant", "model": "claude-3-5-haiku-20241022",
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": tin, "output_tokens": 1}}}, "message_start"),
+        *[sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "word "}},
+              "content_block_delta") for _ in range(6)],
+        sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+             "usage": {"output_tokens": tout}}, "message_delta"),
+        sse({"type": "message_stop"}, "message_stop"),
+    ]
+    upstreams["anthropic"].set_responder(key_checked("anthropic", lambda h, req: h.send_sse(events, 0.25)))
+    agent = fresh_agent("budget-hangup")
+    token = broker.mint("anthropic", agent, "--budget-tokens", "50")
+    body = json.dumps({"model": "claude-3-5-haiku-20241022", "max_tokens": 64, "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=15)
+    try:
+        send_request(conn, "POST", "/anthropic/v1/messages",
+                     {**auth_headers("anthropic", token), "Content-Type": "application/json"}, body)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert b"message_start" in resp.read1(65536)
+    finally:
+        conn.close()   # hang up after the first event
+    deadline = time.monotonic() + 15
+    rows: List[Dict[str, Any]] = []
+    while time.monotonic() < deadline and not rows:
+        time.sleep(0.3)
+        rows = [json.loads(line) for line in ok(broker.cli("audit", "--json", "--agent", agent)).splitlines()]
+    assert len(rows) == 1, "the abandoned request has no audit row"
+    assert rows[0]["tokens_in"] == tin, json.dumps(rows[0])
+    assert int(token_row(broker, agent)["TOKENS"]) >= tin
+    assert_denied(call(broker, "anthropic", token, "POST", "/v1/messages", body), 429, "budget")
+
+
+# ============================================================================
+# Limits under 50 concurrent requests
+# ============================================================================
+
+
+def test_max_requests_exact_under_50_concurrent(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    agent = fresh_agent("maxreq-conc")
+    token = broker.mint("openai", agent, "--max-requests", "10")
+    marker = secrets.token_hex(4)
+    statuses = run_concurrently(CONCURRENCY, lambda i: call(broker, "openai", token,
+                                                            path=f"/v1/models?c={marker}&i={i}").status)
+    assert sorted(statuses).count(200) == 10, sorted(statuses)
+    assert sorted(statuses).count(429) == CONCURRENCY - 10, sorted(statuses)
+    assert len(requests_to(upstreams["openai"], marker)) == 10
+    assert token_row(broker, agent)["REQUESTS"] == "10"
+    assert call(broker, "openai", token).status == 429
+
+
+def test_rate_exact_under_50_concurrent(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    token = broker.mint("openai", fresh_agent("rate-conc"), "--rate", "5/h")
+    marker = secrets.token_hex(4)
+    results = run_concurrently(CONCURRENCY, lambda i: call(broker, "openai", token,
+                                                           path=f"/v1/models?c={marker}&i={i}"))
+    statuses = sorted(r.status for r in results)
+    assert statuses.count(200) == 5, statuses
+    assert statuses.count(429) == CONCURRENCY - 5, statuses
+    assert all(r.headers.get("Retry-After", "").isdigit() for r in results if r.status == 429)
+    assert len(requests_to(upstreams["openai"], marker)) == 5
+
+
+@pytest.mark.parametrize("concurrency", [5, CONCURRENCY])
+def test_budget_overspend_bounded_by_requests_in_flight(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                        concurrency: int) -> None:
+    """Budget 1000, 100 tokens per answer, `concurrency` clients each looping until refused.
+    A request is admitted only while less than the budget is spent; its own usage is known only
+    when its answer ends. So the spend can pass the budget only by requests in flight:
+    spent <= budget - 100 + 100 * concurrency. Every allowed request is metered, and once the
+    budget is spent every request is 429."""
+    per_answer, budget = 100, 1000
+    upstreams["openai"].set_responder(openai_answer(60, 40))
+    agent = fresh_agent(f"budget-conc{concurrency}")
+    token = broker.mint("openai", agent, "--budget-tokens", str(budget))
+    body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
+
+    def client(i: int) -> Tuple[int, List[int]]:
+        allowed, others = 0, []
+        for _ in range(100):
+            resp = call(broker, "openai", token, "POST", "/v1/chat/completions", body)
+            if resp.status == 200:
+                allowed += 1
+                continue
+            if resp.status == 429:
+                return allowed, others
+            others.append(resp.status)
+        raise AssertionError("never refused")
+
+    results = run_concurrently(concurrency, client)
+    allowed = sum(a for a, _ in results)
+    assert not any(o for _, o in results), [o for _, o in results if o]
+    spent = int(token_row(broker, agent)["TOKENS"])
+    assert spent == allowed * per_answer, (spent, allowed)
+    assert budget <= spent <= budget - per_answer + per_answer * concurrency, (spent, concurrency)
+    assert len(upstreams["openai"].requests) == allowed
+    after = run_concurrently(10, lambda i: call(broker, "openai", token, "POST", "/v1/chat/completions",
+                                                body).status)
+    assert after == [429] * 10
+    [u] = usage_json(broker, "--agent", agent)
+    assert (u["requests"], u["tokens"]) == (allowed, spent)
+
+
+# ============================================================================
+# Usage metered from real-shaped answers, streaming and not
+# ============================================================================
+
+USAGE_CASES = {
+    # name: (provider, path, request body, responder, model, tokens_in, tokens_out)
+    "openai-json": ("openai", "/v1/chat/completions",
+                    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                    openai_answer(12, 7), "gpt-4o-mini", 12, 7),
+    "openai-sse": ("openai", "/v1/chat/completions",
+                   {"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": "hi"}]},
+                   openai_answer(13, 21), "gpt-4o-mini", 13, 21),
+    "openai-json-100k-chunked": ("openai", "/v1/chat/completions",
+                                 {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "long"}]},
+                                 openai_answer(15, 30000, content="z" * 100_000, piece=4096), "gpt-4o-mini",
+                                 15, 30000),
+    "groq-json": ("groq", "/openai/v1/chat/completions",
+                  {"model": "llama-3.1-8b-instant", "messages": [{"role": "user", "content": "hi"}]},
+                  openai_answer(31, 5, groq=True), "llama-3.1-8b-instant", 31, 5),
+    "groq-sse-x_groq": ("groq", "/openai/v1/chat/completions",
+                        {"model": "llama-3.1-8b-instant", "stream": True,
+                         "messages": [{"role": "user", "content": "hi"}]},
+                        openai_answer(17, 44, groq=True), "llama-3.1-8b-instant", 17, 44),
+    "anthropic-json": ("anthropic", "/v1/messages",
+                       {"model": "claude-3-5-haiku-20241022", "max_tokens": 64,
+                        "messages": [{"role": "user", "content": "hi"}]},
+                       anthropic_answer(25, 9), "claude-3-5-haiku-20241022", 25, 9),
+    "anthropic-sse": ("anthropic", "/v1/messages",
+                      {"model": "claude-3-5-haiku-20241022", "max_tokens": 64, "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]},
+                      anthropic_answer(25, 15), "claude-3-5-haiku-20241022", 25, 15),
+    "anthropic-sse-split-mid-line": ("anthropic", "/v1/messages",
+                                     {"model": "claude-3-5-haiku-20241022", "max_tokens": 64, "stream": True,
+                                      "messages": [{"role": "user", "content": "hi"}]},
+                                     anthropic_answer(31, 17, piece=7), "claude-3-5-haiku-20241022", 31, 17),
+    "gemini-json": ("gemini", "/v1beta/models/gemini-2.5-flash:generateContent",
+                    {"contents": [{"parts": [{"text": "hi"}]}]},
+                    gemini_answer(8, 5, thoughts=20), "gemini-2.5-flash", 8, 25),
+    "gemini-sse": ("gemini", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+                   {"contents": [{"parts": [{"text": "hi"}]}]},
+                   gemini_answer(9, 12), "gemini-2.0-flash", 9, 12),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_CASES))
+def test_usage_counted_from_real_shaped_answers(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                case: str) -> None:
+    provider, path, body, responder, model, tin, tout = USAGE_CASES[case]
+    upstreams[provider].set_responder(responder)
+    agent = fresh_agent(f"usage-{case}")
+    token = broker.mint(provider, agent)
+    raw = json.dumps(body).encode()
+    for _ in range(2):
+        resp = read_through(broker, provider, token, "POST", path, raw)
+        if "-sse" in case:
+            assert resp.headers.get("Content-Type", "").startswith("text/event-stream")
+    assert len(upstreams[provider].requests) == 2
+    assert usage_json(broker, "--agent", agent) == [{
+        "agent": agent, "provider": provider, "model": model, "requests": 2,
+        "tokens_in": 2 * tin, "tokens_out": 2 * tout, "tokens": 2 * (tin + tout)}]
+    row = token_row(broker, agent)
+    assert (row["REQUESTS"], row["TOKENS"]) == ("2", str(2 * (tin + tout)))
+
+
+def test_usage_groups_by_agent_provider_and_model(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    upstreams["openai"].set_responder(openai_answer(10, 2))
+    upstreams["anthropic"].set_responder(anthropic_answer(7, 3))
+    agent = fresh_agent("usage-mix")
+    other = fresh_agent("usage-other")
+    t_openai = broker.mint("openai", agent)
+    t_anthropic = broker.mint("anthropic", agent)
+    t_other = broker.mint("openai", other)
+    for model, n in (("gpt-4o-mini", 3), ("gpt-4.1", 1)):
+        for _ in range(n):
+            read_through(broker, "openai", t_openai, "POST", "/v1/chat/completions",
+                         json.dumps({"model": model, "messages": []}).encode())
+    read_through(broker, "anthropic", t_anthropic, "POST", "/v1/messages",
+                 json.dumps({"model": "claude-sonnet-4-20250514", "max_tokens": 8, "messages": []}).encode())
+    read_through(broker, "openai", t_other, "POST", "/v1/chat/completions",
+                 json.dumps({"model": "gpt-4o-mini", "messages": []}).encode())
+    # a request with no LLM answer (GET /v1/models) counts as a request with no tokens
+    upstreams["openai"].reset()
+    assert call(broker, "openai", t_openai).status == 200
+    # a refused request is not usage (anthropic token on the openai route: 403)
+    assert call(broker, "openai", t_anthropic).status == 403
+
+    got = usage_json(broker, "--agent", agent)
+    key = lambda u: (u["provider"], u["model"] or "")  # noqa: E731
+    assert sorted(got, key=key) == sorted([
+        {"agent": agent, "provider": "anthropic", "model": "claude-sonnet-4-20250514", "requests": 1,
+         "tokens_in": 7, "tokens_out": 3, "tokens": 10},
+        {"agent": agent, "provider": "openai", "model": None, "requests": 1,
+         "tokens_in": 0, "tokens_out": 0, "tokens": 0},
+        {"agent": agent, "provider": "openai", "model": "gpt-4.1", "requests": 1,
+         "tokens_in": 10, "tokens_out": 2, "tokens": 12},
+        {"agent": agent, "provider": "openai", "model": "gpt-4o-mini", "requests": 3,
+         "tokens_in": 30, "tokens_out": 6, "tokens": 36},
+    ], key=key)
+    assert usage_json(broker, "--agent", other) == [
+        {"agent": other, "provider": "openai", "model": "gpt-4o-mini", "requests": 1,
+         "tokens_in": 10, "tokens_out": 2, "tokens": 12}]
+    assert usage_json(broker, "--agent", agent, "--since", "1h") == got
+    assert usage_json(broker, "--agent", agent, "--since", "2999-01-01") == []
+
+    table = ok(broker.cli("usage", "--agent", agent))
+    rows = parse_table(table)
+    assert [r["AGENT"] for r in rows] == [agent] * 4
+    mini = [r for r in rows if r["MODEL"] == "gpt-4o-mini"][0]
+    assert (mini["REQUESTS"], mini["TOKENS IN"], mini["TOKENS OUT"], mini["TOTAL"]) == ("3", "30", "6", "36")
+    # token list: per token
+    tokens = {r["PROVIDER"]: r for r in parse_table(ok(broker.cli("token", "list"))) if r["AGENT"] == agent}
+    assert (tokens["openai"]["REQUESTS"], tokens["openai"]["TOKENS"]) == ("5", "48")
+    assert (tokens["anthropic"]["REQUESTS"], tokens["anthropic"]["TOKENS"]) == ("1", "10")

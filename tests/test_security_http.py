@@ -1,0 +1,633 @@
+"""Adversarial suite for issue 5, part 4: strict and bounded HTTP parsing, over raw sockets.
+
+Every framing attack carries a valid token, so the broker's request parser (not the token check)
+is what refuses it. For each refusal: the status, the connection closed right after the answer
+(recv returns b''), no second answer (no request smuggled out of a body), and no complete request
+at any upstream. Limits: 414 / 431 / 413 (answered before the body is sent), idle and slow
+clients, the connection cap (503), dead and silent upstreams (502 / 504). A seeded fuzz loop
+mixes framing headers and malformed lines.
+
+The broker has no flag for its client timeouts or connection cap; those tests run the real broker
+with the module constants overridden (sec_helpers.PatchedBroker) instead of waiting 60 s.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import pytest
+
+from conftest import (
+    REAL_KEYS, Broker, FakeUpstream, RecordedRequest, UpstreamHandler, auth_headers, closed_port,
+    key_check_failure,
+)
+from sec_helpers import (
+    PatchedBroker, RawResponse, _Reader, raw_exchange, read_response, request_bytes, requests_to,
+)
+
+CHAT = "/openai/v1/chat/completions"
+
+
+def auth(broker: Broker, provider: str = "openai") -> List[Tuple[str, str]]:
+    return list(auth_headers(provider, broker.token(provider)).items())
+
+
+def nothing_forwarded(upstreams: Dict[str, FakeUpstream], what: str) -> None:
+    time.sleep(0.1)
+    got = requests_to(upstreams)
+    assert not got, f"{what}: upstream(s) received complete requests: {got}"
+
+
+def assert_refused_and_closed(resp: RawResponse, statuses: Sequence[int], what: str) -> None:
+    assert resp.status in statuses, f"{what}: expected {statuses}, got {resp!r}"
+    assert resp.header("Content-Type") == "application/json", resp
+    assert resp.closed, f"{what}: connection left open after {resp.status}"
+    assert resp.extra == b"", f"{what}: bytes after the answer (a second response?): {resp.extra[:200]!r}"
+
+
+# ============================================================================
+# Content-Length / Transfer-Encoding: ambiguity is a 400 and a closed connection
+# ============================================================================
+
+SMUGGLED = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+# (id, framing headers, body bytes, http version)
+FRAMING_ATTACKS: List[Tuple[str, List[Tuple[str, str]], bytes, str]] = [
+    ("cl-duplicate-same", [("Content-Length", "5"), ("Content-Length", "5")], b"hello", "HTTP/1.1"),
+    ("cl-duplicate-conflict", [("Content-Length", "5"), ("Content-Length", str(5 + len(SMUGGLED)))],
+     b"hello" + SMUGGLED, "HTTP/1.1"),
+    ("cl-list", [("Content-Length", "5, 5")], b"hello", "HTTP/1.1"),
+    ("cl-list-conflict", [("Content-Length", "5, 40")], b"hello", "HTTP/1.1"),
+    ("cl-plus", [("Content-Length", "+5")], b"hello", "HTTP/1.1"),
+    ("cl-negative", [("Content-Length", "-5")], b"hello", "HTTP/1.1"),
+    ("cl-hex", [("Content-Length", "0x5")], b"hello", "HTTP/1.1"),
+    ("cl-float", [("Content-Length", "5.0")], b"hello", "HTTP/1.1"),
+    ("cl-exp", [("Content-Length", "5e0")], b"hello", "HTTP/1.1"),
+    ("cl-empty", [("Content-Length", "")], b"", "HTTP/1.1"),
+    ("cl-inner-space", [("Content-Length", "5 5")], b"hello", "HTTP/1.1"),
+    ("cl-overflow", [("Content-Length", "9" * 30)], b"hello", "HTTP/1.1"),
+    ("cl-unicode-digit", [("Content-Length", "\xb9")], b"h", "HTTP/1.1"),
+    ("cl-then-te", [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+     b"0\r\n\r\n" + SMUGGLED, "HTTP/1.1"),
+    ("te-then-cl", [("Transfer-Encoding", "chunked"), ("Content-Length", "40")],
+     b"0\r\n\r\n" + SMUGGLED, "HTTP/1.1"),
+    ("cl-zero-and-te", [("Content-Length", "0"), ("Transfer-Encoding", "chunked")], b"0\r\n\r\n", "HTTP/1.1"),
+    ("te-gzip-chunked", [("Transfer-Encoding", "gzip, chunked")], b"5\r\nhello\r\n0\r\n\r\n", "HTTP/1.1"),
+    ("te-chunkedx", [("Transfer-Encoding", "chunkedx")], b"5\r\nhello\r\n0\r\n\r\n", "HTTP/1.1"),
+    ("te-x-chunked", [("Transfer-Encoding", "x-chunked")], b"5\r\nhello\r\n0\r\n\r\n", "HTTP/1.1"),
+    ("te-chunked-identity", [("Transfer-Encoding", "chunked, identity")], b"5\r\nhello\r\n0\r\n\r\n", "HTTP/1.1"),
+    ("te-identity", [("Transfer-Encoding", "identity")], b"hello", "HTTP/1.1"),
+    ("te-gzip", [("Transfer-Encoding", "gzip")], b"hello", "HTTP/1.1"),
+    ("te-empty", [("Transfer-Encoding", "")], b"", "HTTP/1.1"),
+    ("te-chunked-twice-list", [("Transfer-Encoding", "chunked, chunked")], b"0\r\n\r\n", "HTTP/1.1"),
+    ("te-chunked-two-fields", [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
+     b"0\r\n\r\n", "HTTP/1.1"),
+    ("te-quoted", [("Transfer-Encoding", '"chunked"')], b"0\r\n\r\n", "HTTP/1.1"),
+    ("te-params", [("Transfer-Encoding", "chunked;q=1")], b"0\r\n\r\n", "HTTP/1.1"),
+    ("te-vertical-tab", [("Transfer-Encoding", "\x0bchunked")], b"0\r\n\r\n", "HTTP/1.1"),
+    ("te-http10", [("Transfer-Encoding", "chunked")], b"5\r\nhello\r\n0\r\n\r\n", "HTTP/1.0"),
+]
+
+
+@pytest.mark.parametrize("name,framing,body,version", FRAMING_ATTACKS, ids=[a[0] for a in FRAMING_ATTACKS])
+def test_ambiguous_framing_is_400_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream], name: str,
+                                             framing: List[Tuple[str, str]], body: bytes, version: str) -> None:
+    data = request_bytes("POST", CHAT, auth(broker) + [("Content-Type", "application/json")] + framing,
+                         body, version=version)
+    resp = raw_exchange(broker.port, data, close_wait=2.0)
+    assert_refused_and_closed(resp, (400,), name)
+    nothing_forwarded(upstreams, name)
+
+
+# Malformed header lines: each one refused outright.
+MALFORMED_HEADER_LINES = [
+    ("obs-fold-te", b"Transfer-Encoding: identity\r\n chunked\r\n"),
+    ("obs-fold-tab", b"X-A: 1\r\n\tcontinued\r\n"),
+    ("space-before-colon-te", b"Transfer-Encoding : chunked\r\n"),
+    ("space-before-colon-cl", b"Content-Length : 5\r\n"),
+    ("tab-before-colon", b"Content-Length\t: 5\r\n"),
+    ("no-colon", b"X-A 1\r\n"),
+    ("empty-name", b": 1\r\n"),
+    ("bare-lf-line", b"X-A: 1\nX-B: 2\r\n"),
+    ("bare-cr-in-value", b"X-A: 1\rX-B: 2\r\n"),
+    ("nul-in-value", b"X-A: a\x00b\r\n"),
+    ("ctl-in-value", b"X-A: a\x01b\r\n"),
+    ("del-in-value", b"X-A: a\x7fb\r\n"),
+    ("non-token-name", b"X(A): 1\r\n"),
+    ("utf8-name", b"X-\xc3\xa9: 1\r\n"),
+]
+
+
+@pytest.mark.parametrize("name,line", MALFORMED_HEADER_LINES, ids=[m[0] for m in MALFORMED_HEADER_LINES])
+def test_malformed_header_line_is_400_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                 name: str, line: bytes) -> None:
+    head = request_bytes("POST", CHAT, auth(broker) + [("Content-Length", "5")])[:-2]
+    resp = raw_exchange(broker.port, head + line + b"\r\nhello", close_wait=2.0)
+    assert_refused_and_closed(resp, (400,), name)
+    nothing_forwarded(upstreams, name)
+
+
+MALFORMED_REQUEST_LINES = [
+    ("lowercase-version", b"GET /healthz http/1.1\r\n"),
+    ("http2", b"GET /healthz HTTP/2.0\r\n"),
+    ("http09", b"GET /healthz\r\n"),
+    ("double-space", b"GET  /healthz HTTP/1.1\r\n"),
+    ("trailing-space", b"GET /healthz HTTP/1.1 \r\n"),
+    ("bare-lf", b"GET /healthz HTTP/1.1\n"),
+    ("method-with-slash", b"GE/T /healthz HTTP/1.1\r\n"),
+    ("leading-space", b" GET /healthz HTTP/1.1\r\n"),
+    ("nul-method", b"G\x00ET /healthz HTTP/1.1\r\n"),
+    ("version-http11x", b"GET /healthz HTTP/1.11\r\n"),
+]
+
+
+@pytest.mark.parametrize("name,line", MALFORMED_REQUEST_LINES, ids=[m[0] for m in MALFORMED_REQUEST_LINES])
+def test_malformed_request_line_is_400_and_closed(broker: Broker, name: str, line: bytes) -> None:
+    resp = raw_exchange(broker.port, line + b"Host: x\r\n\r\n", close_wait=2.0)
+    assert_refused_and_closed(resp, (400,), name)
+
+
+# ============================================================================
+# Chunked bodies: bad chunk sizes are a 400 and a closed connection
+# ============================================================================
+
+BAD_CHUNKED = [
+    ("non-hex", b"zz\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("negative", b"-5\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("0x-prefix", b"0x5\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("plus-sign", b"+5\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("inner-space", b"5 5\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("empty-size", b"\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("huge-17-digits", b"1" + b"0" * 16 + b"\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("huge-64-bit", b"FFFFFFFFFFFFFFFF\r\nhello\r\n0\r\n\r\n", (400, 413)),
+    ("huge-many-digits", b"F" * 200 + b"\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("size-line-too-long", b"5;" + b"e" * 4000 + b"\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("bare-lf-size", b"5\nhello\r\n0\r\n\r\n", (400,)),
+    ("missing-crlf-after-data", b"5\r\nhelloXX0\r\n\r\n", (400,)),
+    ("lf-only-after-data", b"5\r\nhello\n0\r\n\r\n", (400,)),
+    ("size-too-small", b"3\r\nhello\r\n0\r\n\r\n", (400,)),
+    ("second-chunk-bad", b"5\r\nhello\r\nxyz\r\nabc\r\n0\r\n\r\n", (400,)),
+    ("smuggle-after-bad-size", b"5\r\nhello\r\ng\r\n" + SMUGGLED, (400,)),
+]
+
+
+@pytest.mark.parametrize("name,body,statuses", BAD_CHUNKED, ids=[b[0] for b in BAD_CHUNKED])
+def test_bad_chunked_body_is_400_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream], name: str,
+                                            body: bytes, statuses: Tuple[int, ...]) -> None:
+    data = request_bytes("POST", CHAT, auth(broker) + [("Content-Type", "application/json"),
+                                                       ("Transfer-Encoding", "chunked")], body)
+    resp = raw_exchange(broker.port, data, close_wait=2.0)
+    assert_refused_and_closed(resp, statuses, name)
+    nothing_forwarded(upstreams, name)
+
+
+def test_good_chunked_body_with_extensions_and_trailers_is_forwarded(broker: Broker,
+                                                                     upstreams: Dict[str, FakeUpstream]) -> None:
+    """Positive control for the chunked parser: odd but valid framing reaches the upstream intact."""
+    body = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n"
+    data = request_bytes("POST", CHAT, auth(broker) + [("Transfer-Encoding", "Chunked")], body)
+    resp = raw_exchange(broker.port, data)
+    assert resp.status == 200, resp
+    req = upstreams["openai"].only_request()
+    assert req.body == b"hello0123456789"
+
+
+# ============================================================================
+# Smuggling: a body is never taken for the next request
+# ============================================================================
+
+SMUGGLE_CASES = [
+    ("healthz-with-body", "GET", "/healthz", False),
+    ("missing-token-401", "POST", CHAT, False),
+    ("unknown-provider-404", "POST", "/nosuch/v1/x", True),
+    ("wrong-provider-403", "POST", "/anthropic/v1/messages", True),
+    ("bad-path-400", "POST", "/openai/v1/%2e%2e/x", True),
+]
+
+
+@pytest.mark.parametrize("name,method,path,with_token", SMUGGLE_CASES, ids=[s[0] for s in SMUGGLE_CASES])
+def test_unread_body_is_never_a_second_request(broker: Broker, upstreams: Dict[str, FakeUpstream], name: str,
+                                               method: str, path: str, with_token: bool) -> None:
+    inner = request_bytes("GET", "/openai/v1/models", auth(broker))     # would be a 200 from upstream
+    hs = [("Authorization", f"Bearer {broker.token('openai')}")] if with_token else []
+    hs.append(("Content-Length", str(len(inner))))
+    resp = raw_exchange(broker.port, request_bytes(method, path, hs, inner), close_wait=1.5)
+    assert resp.status != 0, resp
+    assert resp.extra == b"", f"{name}: the body was answered as a request: {resp.extra[:300]!r}"
+    nothing_forwarded(upstreams, name)
+
+
+def test_keep_alive_works_so_closing_tests_mean_something(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Positive control: after a clean 200 and a body-less 401 the connection stays open; the
+    'closed' assertions above would be vacuous if the broker closed every connection."""
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as sock:
+        rd = _Reader(sock)
+        for data in (request_bytes("GET", "/healthz"),
+                     request_bytes("GET", "/openai/v1/models", auth(broker)),
+                     request_bytes("GET", "/openai/v1/models"),          # 401, no body
+                     request_bytes("GET", "/healthz")):
+            sock.sendall(data)
+            resp = read_response(sock, close_wait=0.3, reader=rd)
+            assert resp.status in (200, 401), resp
+            assert not resp.closed, f"connection closed after {resp.status}: {resp!r}"
+
+
+# ============================================================================
+# Size limits: 414, 431, 413
+# ============================================================================
+
+
+def line_of_length(n: int) -> bytes:
+    """A request line of exactly n bytes, CRLF included, to the openai upstream."""
+    fixed = len(b"GET /openai/v1/ HTTP/1.1\r\n")
+    return b"GET /openai/v1/" + b"a" * (n - fixed) + b" HTTP/1.1\r\n"
+
+
+@pytest.mark.parametrize("size", [8 * 1024 + 1, 9000, 64 * 1024, 1024 * 1024])
+def test_request_line_over_8k_is_414_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream], size: int) -> None:
+    data = line_of_length(size) + b"Authorization: Bearer " + broker.token("openai").encode() + b"\r\n\r\n"
+    resp = raw_exchange(broker.port, data, close_wait=2.0)
+    assert_refused_and_closed(resp, (414,), f"request line {size}")
+    nothing_forwarded(upstreams, "414")
+
+
+def test_request_line_of_exactly_8k_is_accepted(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    line = line_of_length(8 * 1024)
+    assert len(line) == 8192
+    resp = raw_exchange(broker.port, line + b"Authorization: Bearer " + broker.token("openai").encode() + b"\r\n\r\n")
+    assert resp.status == 200, resp
+    assert len(upstreams["openai"].only_request().target) == 8192 - len(b"GET  HTTP/1.1\r\n") - len("/openai")
+
+
+@pytest.mark.parametrize("shape", ["one-huge-header", "many-medium-headers", "101-headers", "huge-name"])
+def test_headers_over_limit_are_431_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream], shape: str) -> None:
+    if shape == "one-huge-header":
+        extra = [("X-Big", "b" * (33 * 1024))]
+    elif shape == "many-medium-headers":
+        extra = [(f"X-M{i}", "m" * 1000) for i in range(40)]
+    elif shape == "101-headers":
+        extra = [(f"X-N{i}", "n") for i in range(101)]
+    else:
+        extra = [("X-" + "h" * (33 * 1024), "1")]
+    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models", auth(broker) + extra), close_wait=2.0)
+    assert_refused_and_closed(resp, (431,), shape)
+    nothing_forwarded(upstreams, shape)
+
+
+def test_headers_just_under_limits_are_accepted(broker: Broker) -> None:
+    """Positive controls at the edges: ~31 KiB of headers, and 100 header fields ('more' -> 431)."""
+    resp = raw_exchange(broker.port, request_bytes("GET", "/healthz", [("X-Big", "b" * (31 * 1024))]))
+    assert resp.status == 200, resp
+    hundred = [(f"X-N{i}", "n") for i in range(99)]       # + Host = 100 header fields
+    resp = raw_exchange(broker.port, request_bytes("GET", "/healthz", hundred))
+    assert resp.status == 200, f"exactly 100 header fields refused: {resp!r}"
+
+
+@pytest.fixture(scope="module")
+def small_body_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+    return broker_factory({"openai": upstreams["openai"].url}, providers=("openai",),
+                          serve_args=("--max-body", "1000"))
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100-continue"])
+@pytest.mark.parametrize("length", [1001, 1_000_000, 10 ** 17])
+def test_body_over_max_body_is_413_before_the_body_is_sent(small_body_broker: Broker,
+                                                           upstreams: Dict[str, FakeUpstream],
+                                                           length: int, expect: bool) -> None:
+    hs = auth(small_body_broker) + [("Content-Type", "application/json"), ("Content-Length", str(length))]
+    if expect:
+        hs.append(("Expect", "100-continue"))
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", small_body_broker.port), timeout=5) as sock:
+        sock.sendall(request_bytes("POST", CHAT, hs))          # headers only; no body byte sent
+        resp = read_response(sock, "POST", close_wait=2.0)
+    assert resp.status == 413, f"no 413 before the body: {resp!r}"
+    assert time.monotonic() - t0 < 4
+    assert resp.interim == [], f"sent {resp.interim} before refusing the body"
+    assert resp.closed, "connection left open after 413"
+    nothing_forwarded(upstreams, "413")
+
+
+def test_body_at_max_body_is_accepted(small_body_broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    resp = small_body_broker.request("POST", CHAT, auth_headers("openai", small_body_broker.token("openai")),
+                                     b"x" * 1000)
+    assert resp.status == 200
+    assert upstreams["openai"].only_request().body_len == 1000
+
+
+def test_chunked_body_over_max_body_is_413(small_body_broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    body = b"258\r\n" + b"a" * 600 + b"\r\n258\r\n" + b"b" * 600 + b"\r\n0\r\n\r\n"
+    data = request_bytes("POST", CHAT, auth(small_body_broker) + [("Transfer-Encoding", "chunked")], body)
+    resp = raw_exchange(small_body_broker.port, data, close_wait=2.0)
+    assert_refused_and_closed(resp, (413,), "chunked over max-body")
+    nothing_forwarded(upstreams, "chunked 413")
+
+
+# ============================================================================
+# Slow and idle clients, connection cap (limits shortened through PatchedBroker)
+# ============================================================================
+
+SHORT_CLIENT_TIMEOUT = 1.0
+SHORT_HEADER_TIMEOUT = 2.0
+SHORT_MAX_CONNECTIONS = 4
+
+
+@pytest.fixture(scope="module")
+def patched_broker(tmp_path_factory: pytest.TempPathFactory, upstreams: Dict[str, FakeUpstream]) -> Iterator[Broker]:
+    b = PatchedBroker(tmp_path_factory.mktemp("patched"), {"openai": upstreams["openai"].url},
+                      {"CLIENT_TIMEOUT_S": SHORT_CLIENT_TIMEOUT, "HEADER_TIMEOUT_S": SHORT_HEADER_TIMEOUT,
+                       "MAX_CONNECTIONS": SHORT_MAX_CONNECTIONS},
+                      providers=("openai",))
+    yield b
+    b.stop()
+
+
+def seconds_until_closed(sock: socket.socket, limit: float, drip: Optional[bytes] = None,
+                         every: float = 0.3) -> Optional[float]:
+    """Wait (dripping `drip` one byte at a time every `every` s) until the broker closes the
+    connection; return the elapsed seconds, or None if it is still open after `limit`."""
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < limit:
+        sock.settimeout(every)
+        try:
+            data = sock.recv(65536)
+            if not data:
+                return time.monotonic() - t0
+            # an error answer (408/400) before closing is fine; keep reading until the close
+        except socket.timeout:
+            pass
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - t0
+        if drip is not None:
+            try:
+                sock.sendall(drip[i % len(drip):i % len(drip) + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - t0
+            i += 1
+    return None
+
+
+def test_idle_connection_is_closed(patched_broker: Broker) -> None:
+    with socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5) as sock:
+        took = seconds_until_closed(sock, 8)
+    assert took is not None and took < SHORT_CLIENT_TIMEOUT + 3, f"idle connection not closed ({took})"
+
+
+def test_partial_request_line_then_silence_is_closed(patched_broker: Broker) -> None:
+    with socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5) as sock:
+        sock.sendall(b"GET /openai/v1/mod")
+        took = seconds_until_closed(sock, 8)
+    assert took is not None and took < SHORT_CLIENT_TIMEOUT + 3, f"stalled request line not closed ({took})"
+
+
+def test_stalled_body_is_closed_and_nothing_forwarded(patched_broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    with socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5) as sock:
+        sock.sendall(request_bytes("POST", CHAT, auth(patched_broker) + [("Content-Length", "100")], b"0123456789"))
+        took = seconds_until_closed(sock, 8)
+    assert took is not None and took < SHORT_CLIENT_TIMEOUT + 3, f"stalled body not closed ({took})"
+    nothing_forwarded(upstreams, "stalled body")
+
+
+def test_idle_keep_alive_connection_is_closed(patched_broker: Broker) -> None:
+    with socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5) as sock:
+        sock.sendall(request_bytes("GET", "/healthz"))
+        rd = _Reader(sock)
+        resp = read_response(sock, close_wait=0.1, reader=rd)
+        assert resp.status == 200
+        took = seconds_until_closed(sock, 8)
+    assert took is not None and took < SHORT_CLIENT_TIMEOUT + 3, f"idle keep-alive connection not closed ({took})"
+
+
+def test_slowloris_head_dripped_under_the_read_timeout_is_cut(patched_broker: Broker) -> None:
+    """One byte every 0.3 s never trips a 1 s per-read timeout; HEADER_TIMEOUT_S ('whole request
+    head must arrive within this') must still end it."""
+    head = request_bytes("GET", "/openai/v1/models", [("X-Pad", "p" * 200)])
+    with socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5) as sock:
+        took = seconds_until_closed(sock, SHORT_HEADER_TIMEOUT + 6, drip=head[:-4], every=0.3)
+    assert took is not None, (f"a client dripping its head one byte per 0.3 s was still connected after "
+                              f"{SHORT_HEADER_TIMEOUT + 6:.0f} s (HEADER_TIMEOUT_S={SHORT_HEADER_TIMEOUT})")
+    assert took < SHORT_HEADER_TIMEOUT + 3, took
+
+
+def test_connection_cap_answers_503_and_recovers(patched_broker: Broker) -> None:
+    held: List[socket.socket] = []
+    try:
+        for _ in range(SHORT_MAX_CONNECTIONS):
+            s = socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5)
+            s.sendall(b"GET /heal")          # an unfinished request keeps the handler busy
+            held.append(s)
+        time.sleep(0.3)
+        resp = raw_exchange(patched_broker.port, request_bytes("GET", "/healthz"), close_wait=2.0)
+        assert resp.status == 503, f"connection {SHORT_MAX_CONNECTIONS + 1} not refused: {resp!r}"
+        assert resp.closed
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if raw_exchange(patched_broker.port, request_bytes("GET", "/healthz")).status == 200:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the broker did not recover after the held connections closed")
+
+
+# ============================================================================
+# Broken upstreams: refused -> 502, silent -> 504, stalled body -> cut; keys stay out of logs
+# ============================================================================
+
+
+@pytest.fixture(scope="module")
+def silent_upstream() -> Iterator[FakeUpstream]:
+    up = FakeUpstream("anthropic")
+
+    def hang(h: UpstreamHandler, req: RecordedRequest) -> None:
+        up.release.wait(30)
+        h.close_connection = True
+
+    up.set_responder(hang)
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def stalling_upstream() -> Iterator[FakeUpstream]:
+    """Answers 200 with headers and a first piece of body, then goes silent."""
+    up = FakeUpstream("groq")
+
+    def stall(h: UpstreamHandler, req: RecordedRequest) -> None:
+        h.send_head(200, [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")])
+        h.wfile.write(b"10\r\ndata: started\n\n\r\n")
+        h.wfile.flush()
+        up.release.wait(30)
+        h.close_connection = True
+
+    up.set_responder(stall)
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def broken_upstream_broker(broker_factory: Callable[..., Broker], silent_upstream: FakeUpstream,
+                           stalling_upstream: FakeUpstream) -> Broker:
+    dead = f"http://127.0.0.1:{closed_port()}"
+    return broker_factory({"openai": dead, "telegram": dead, "anthropic": silent_upstream.url,
+                           "gemini": silent_upstream.url, "groq": stalling_upstream.url},
+                          extra_env={"SEKS_UPSTREAM_TIMEOUT": "1"},
+                          providers=("openai", "telegram", "anthropic", "gemini", "groq"))
+
+
+@pytest.mark.parametrize("provider,status", [("openai", 502), ("telegram", 502), ("anthropic", 504), ("gemini", 504)])
+def test_dead_or_silent_upstream(broken_upstream_broker: Broker, provider: str, status: int) -> None:
+    b = broken_upstream_broker
+    t = b.token(provider)
+    path = f"/telegram/bot{t}/getMe" if provider == "telegram" else f"/{provider}/v1/x"
+    hs = auth(b, provider) if provider != "telegram" else []
+    t0 = time.monotonic()
+    resp = raw_exchange(b.port, request_bytes("POST", path, hs + [("Content-Length", "2")], b"{}"), timeout=15)
+    assert resp.status == status, resp
+    assert time.monotonic() - t0 < 6
+    text = resp.text()
+    time.sleep(0.1)
+    log = b.stderr_text()
+    key = REAL_KEYS[provider]
+    for where, s in (("answer", text), ("broker log", log)):
+        assert key not in s and key.replace(":", "%3A") not in s, f"{provider} key in {where}"
+        assert t not in s, f"full {provider} token in {where}"
+    assert raw_exchange(b.port, request_bytes("GET", "/healthz")).status == 200
+
+
+def test_upstream_stalling_mid_body_is_cut(broken_upstream_broker: Broker) -> None:
+    b = broken_upstream_broker
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", b.port), timeout=15) as sock:
+        sock.sendall(request_bytes("POST", "/groq/openai/v1/chat/completions", auth(b, "groq") +
+                                   [("Content-Length", "2")], b"{}"))
+        got = b""
+        sock.settimeout(10)
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                got += data
+        except socket.timeout:
+            raise AssertionError(f"the broker kept the client hanging on a silent upstream: {got!r}")
+        except ConnectionResetError:
+            pass
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    assert b"data: started" in got
+    assert not got.endswith(b"0\r\n\r\n"), "a cut stream must not look complete to the client"
+    assert time.monotonic() - t0 < 8
+
+
+# ============================================================================
+# Seeded fuzz over framing headers and header lines
+# ============================================================================
+
+FUZZ_SEED = 1234
+FUZZ_CASES = 250
+
+ANY_FRAMING_REFUSING = ["obs-fold", "space-colon", "bare-lf", "ctl-value", "no-colon"]
+REFUSING_MUTATIONS = {
+    "cl": ["dup-cl", "conflict-cl", "bad-cl"] + ANY_FRAMING_REFUSING,
+    "chunked": ["cl-te", "bad-te", "te-http10", "te-twice"] + ANY_FRAMING_REFUSING,
+}
+ANY_FRAMING_BENIGN = ["value-ws", "extra-headers", "expect", "conn-keep-alive"]
+BENIGN_MUTATIONS = {
+    "cl": ["cl-zeros"] + ANY_FRAMING_BENIGN,
+    "chunked": ["te-case", "chunk-ext", "trailers", "tiny-chunks"] + ANY_FRAMING_BENIGN,
+}
+
+
+def fuzz_request(rng: random.Random, token_line: bytes) -> Tuple[bytes, bool, bytes, List[str]]:
+    """(request bytes, must_refuse, intended body, mutations)."""
+    body = rng.choice([b"hello", b"x" * rng.randint(1, 3000), SMUGGLED, b'{"model":"m"}', b""])
+    framing = "chunked" if rng.random() < 0.5 else "cl"
+    muts = rng.sample(REFUSING_MUTATIONS[framing], k=1) if rng.random() < 0.5 else []
+    muts += rng.sample(BENIGN_MUTATIONS[framing], k=rng.randint(0, 3))
+    version = b"HTTP/1.0" if "te-http10" in muts else b"HTTP/1.1"
+    lines = [b"POST " + CHAT.encode() + b" " + version, b"Host: broker", token_line]
+    te_word = b"chunked"
+    if "te-case" in muts:
+        te_word = rng.choice([b"Chunked", b"CHUNKED", b"cHuNkEd"])
+    ws = (lambda v: b" \t " + v + b" \t") if "value-ws" in muts else (lambda v: v)
+    if framing == "chunked":
+        te_value = rng.choice([b"gzip, chunked", b"chunkedx", b"chunked, identity", b"identity", b"chunked;x=1"]) \
+            if "bad-te" in muts else te_word
+        lines.append(b"Transfer-Encoding: " + ws(te_value))
+        if "te-twice" in muts:
+            lines.append(b"Transfer-Encoding: " + te_word)
+        if "cl-te" in muts:
+            lines.insert(rng.randint(2, len(lines)), b"Content-Length: %d" % len(body))
+        pieces = []
+        step = 1 if "tiny-chunks" in muts else rng.randint(1, 4000)
+        for i in range(0, len(body), step):
+            chunk = body[i:i + step]
+            ext = b";a=b" if "chunk-ext" in muts else b""
+            pieces.append(b"%x%s\r\n%s\r\n" % (len(chunk), ext, chunk))
+        trailer = b"X-T: 1\r\n" if "trailers" in muts else b""
+        wire_body = b"".join(pieces) + b"0\r\n" + trailer + b"\r\n"
+    else:
+        cl = b"%d" % len(body)
+        if "cl-zeros" in muts:
+            cl = b"000" + cl
+        if "bad-cl" in muts:
+            cl = rng.choice([b"+" + cl, b"-1", cl + b".0", b"0x%x" % len(body), cl + b", " + cl, b""])
+        lines.append(b"Content-Length: " + ws(cl))
+        if "dup-cl" in muts:
+            lines.append(b"Content-Length: " + cl)
+        if "conflict-cl" in muts:
+            lines.append(b"Content-Length: %d" % (len(body) + 1))
+        wire_body = body
+    if "obs-fold" in muts:
+        lines.append(b"X-Fold: a")
+        lines.append(rng.choice([b" folded", b"\tfolded"]))
+    if "space-colon" in muts:
+        lines.append(rng.choice([b"X-A : 1", b"Content-Length : 0", b"Transfer-Encoding : chunked"]))
+    if "ctl-value" in muts:
+        lines.append(b"X-C: a" + bytes([rng.choice([0, 1, 8, 11, 12, 27, 127])]) + b"b")
+    if "no-colon" in muts:
+        lines.append(b"X-NoColon value")
+    if "extra-headers" in muts:
+        lines.extend(b"X-Fuzz-%d: %d" % (i, rng.randint(0, 10 ** 6)) for i in range(rng.randint(1, 20)))
+    if "expect" in muts:
+        lines.append(b"Expect: 100-continue")
+    if "conn-keep-alive" in muts:
+        lines.append(b"Connection: keep-alive")
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    if "bare-lf" in muts:
+        head = head.replace(b"\r\nHost: broker\r\n", b"\r\nHost: broker\n", 1)
+    must_refuse = any(m in REFUSING_MUTATIONS[framing] for m in muts)
+    return head + wire_body, must_refuse, body, muts
+
+
+def test_fuzz_framing_headers(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    rng = random.Random(FUZZ_SEED)
+    token_line = b"Authorization: Bearer " + broker.token("openai").encode()
+    tally = {"forwarded": 0, "refused": 0}
+    for i in range(FUZZ_CASES):
+        for u in upstreams.values():
+            u.reset()
+        data, must_refuse, body, muts = fuzz_request(rng, token_line)
+        resp = raw_exchange(broker.port, data, close_wait=0.05)
+        what = f"case {i} {muts}: {data[:300]!r}"
+        assert resp.extra == b"", f"{what}: second answer {resp.extra[:200]!r}"
+        if must_refuse:
+            assert 400 <= resp.status < 500, f"{what} -> {resp!r}"
+            assert resp.closed, f"{what}: left open after {resp.status}"
+            time.sleep(0.02)
+            assert not requests_to(upstreams), f"{what}: forwarded {requests_to(upstreams)}"
+            tally["refused"] += 1
+        else:
+            assert resp.status == 200, f"{what} -> {resp!r}"
+            req = upstreams["openai"].only_request()
+            assert req.body == body, f"{what}: upstream got {req.body[:100]!r}"
+            assert key_check_failure("openai", REAL_KEYS["openai"], req) is None
+            tally["forwarded"] += 1
+    assert tally["forwarded"] >= 50 and tally["refused"] >= 50, tally
+    assert raw_exchange(broker.port, request_bytes("GET", "/healthz")).status == 200
