@@ -551,7 +551,8 @@ def _migration_1(db: sqlite3.Connection) -> None:
         CREATE TABLE state (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             generation INTEGER NOT NULL,          -- bumped by every change a token check reads
-            audit_anchor BLOB,                    -- MAC preceding the oldest kept audit row
+            audit_anchor BLOB,                    -- MAC of the last pruned audit row
+            audit_anchor_id INTEGER NOT NULL DEFAULT 0,   -- and its id (new rows follow it)
             key_check BLOB                        -- tells a wrong master key from a right one
         );
         INSERT INTO state (id, generation, audit_anchor, key_check) VALUES (1, 0, NULL, NULL);
@@ -870,8 +871,9 @@ class Store:
         with self.transaction() as db:
             last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone()
             if last is None:
-                anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
-                last_id, prev = 0, bytes(anchor or b"")
+                anchor, last_id = db.execute("SELECT audit_anchor, audit_anchor_id FROM state "
+                                             "WHERE id = 1").fetchone()
+                prev = bytes(anchor or b"")
             else:
                 last_id, prev = last[0], bytes(last[1])
             row.id = last_id + 1
@@ -897,6 +899,10 @@ class Store:
         with self.connection() as db:
             return [AuditRow.from_db(r) for r in db.execute(sql, (after_id,) + params)]
 
+    def last_audit_id(self) -> int:
+        with self.connection() as db:
+            return db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
+
     def audit_anchor(self) -> bytes:
         with self.connection() as db:
             anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
@@ -912,7 +918,8 @@ class Store:
                 return 0
             anchor_id, anchor_mac = last[0], bytes(last[1])
             deleted = db.execute("DELETE FROM audit WHERE id <= ?", (anchor_id,)).rowcount
-            db.execute("UPDATE state SET audit_anchor = ? WHERE id = 1", (anchor_mac,))
+            db.execute("UPDATE state SET audit_anchor = ?, audit_anchor_id = ? WHERE id = 1",
+                       (anchor_mac, anchor_id))
         row = AuditRow(ts=utc_iso(), outcome="prune", reason=json.dumps(
             {"before": before_ts, "deleted": deleted, "anchor_id": anchor_id,
              "anchor_mac": anchor_mac.hex()}, sort_keys=True))
@@ -1223,8 +1230,8 @@ def ask_for_stream_usage(body: bytes) -> bytes:
     options = obj.get("stream_options")
     if options is None:
         obj["stream_options"] = {"include_usage": True}
-    elif isinstance(options, dict) and "include_usage" not in options:
-        options["include_usage"] = True
+    elif isinstance(options, dict) and options.get("include_usage") is not True:
+        options["include_usage"] = True          # a budget cannot be dodged by saying false
     else:
         return body
     return json.dumps(obj).encode()
@@ -2210,6 +2217,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         metrics.add_stream(1)
         try:
             self._relay_chunks(resp, decoder, scrubber, chunked, length, meter, ex, write, record)
+        except BaseException:
+            if meter is not None and not ex.recorded:
+                self._take_usage(meter, ex)       # an abandoned stream is charged what passed
+            raise
         finally:
             metrics.add_stream(-1)
 
@@ -3596,7 +3607,7 @@ def cmd_audit(args: argparse.Namespace, store: Store, db_path: str,
     print_audit(rows, args.json)
     if not args.follow:
         return 0
-    last = rows[-1].id if rows else 0
+    last = rows[-1].id if rows else store.last_audit_id()
     try:
         while True:
             time.sleep(0.5)
