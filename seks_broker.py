@@ -3011,7 +3011,7 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
     import subprocess
     try:
         for index in range(settings.workers):
-            env = dict(os.environ, SEKS_WORKER_INDEX=str(index + 1), SEKS_PORT=str(port))
+            env = dict(os.environ, SEKS_WORKER_INDEX=str(index + 1), SEKS_WORKER_PORT=str(port))
             children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv,
                                              env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL))
         for child in children:
