@@ -869,24 +869,28 @@ class Store:
     def append_audit(self, key: bytes, row: "AuditRow", counted: bool) -> None:
         """Append one chained audit row (and the request's usage) in one short transaction."""
         with self.transaction() as db:
-            last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-            if last is None:
-                anchor, last_id = db.execute("SELECT audit_anchor, audit_anchor_id FROM state "
-                                             "WHERE id = 1").fetchone()
-                prev = bytes(anchor or b"")
-            else:
-                last_id, prev = last[0], bytes(last[1])
-            row.id = last_id + 1
-            row.mac = audit_mac(key, row.values(), prev)
-            db.execute(f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
-                       f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})",
-                       row.values() + (row.mac,))
+            self._append_audit(db, key, row)
             if row.token_id:
                 spent = (row.tokens_in or 0) + (row.tokens_out or 0)
                 if spent or not counted:
                     db.execute("UPDATE token_usage SET tokens_used = tokens_used + ?, "
                                "requests = requests + ? WHERE token_id = ?",
                                (spent, 0 if counted else 1, row.token_id))
+
+    @staticmethod
+    def _append_audit(db: sqlite3.Connection, key: bytes, row: "AuditRow") -> None:
+        last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        if last is None:
+            anchor, last_id = db.execute("SELECT audit_anchor, audit_anchor_id FROM state "
+                                         "WHERE id = 1").fetchone()
+            prev = bytes(anchor or b"")
+        else:
+            last_id, prev = last[0], bytes(last[1])
+        row.id = last_id + 1
+        row.mac = audit_mac(key, row.values(), prev)
+        db.execute(f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
+                   f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})",
+                   row.values() + (row.mac,))
 
     def audit_rows(self, where: str = "", params: Tuple[Any, ...] = (),
                    limit: Optional[int] = None, after_id: int = 0) -> List["AuditRow"]:
@@ -920,10 +924,10 @@ class Store:
             deleted = db.execute("DELETE FROM audit WHERE id <= ?", (anchor_id,)).rowcount
             db.execute("UPDATE state SET audit_anchor = ?, audit_anchor_id = ? WHERE id = 1",
                        (anchor_mac, anchor_id))
-        row = AuditRow(ts=utc_iso(), outcome="prune", reason=json.dumps(
-            {"before": before_ts, "deleted": deleted, "anchor_id": anchor_id,
-             "anchor_mac": anchor_mac.hex()}, sort_keys=True))
-        self.append_audit(key, row, counted=True)
+            row = AuditRow(ts=utc_iso(), outcome="prune", reason=json.dumps(
+                {"before": before_ts, "deleted": deleted, "anchor_id": anchor_id,
+                 "anchor_mac": anchor_mac.hex()}, sort_keys=True))
+            self._append_audit(db, key, row)       # same transaction: no half-pruned log
         return deleted
 
     def usage_rows(self, where: str, params: Tuple[Any, ...]) -> List[Tuple[Any, ...]]:
@@ -1205,18 +1209,25 @@ def needs_admission(policy: Dict[str, Any]) -> bool:
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:?]+)")
 
 
+_MULTIPART_MODEL_RE = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
+
+
 def request_model(provider: Provider, rest: str, body: Optional[bytes]) -> Optional[str]:
-    """The model a request names: Gemini's path, or the JSON body's ``model`` field."""
+    """The model a request names: Gemini's path, the JSON body's ``model`` field, or a
+    multipart form's ``model`` field (audio and image uploads)."""
     if provider.usage == "gemini":
         match = _GEMINI_MODEL_RE.search(urllib.parse.unquote(rest))
         return match.group(1) if match else None
-    if body and body[:1] in (b"{", b" ", b"\n", b"\r", b"\t"):
-        try:
-            value = json.loads(body).get("model")
-        except (ValueError, AttributeError):
-            return None
-        return value if isinstance(value, str) else None
-    return None
+    if not body:
+        return None
+    if body.startswith(b"--"):
+        match = _MULTIPART_MODEL_RE.search(body)
+        return match.group(1).decode("utf-8", "replace") if match else None
+    try:
+        value = json.loads(body.decode("utf-8-sig")).get("model")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def ask_for_stream_usage(body: bytes) -> bytes:
@@ -1831,7 +1842,7 @@ class Exchange:
 
     __slots__ = ("started", "client", "method", "path", "provider", "agent", "token_id",
                  "secret", "status", "bytes_in", "bytes_out", "outcome", "reason", "model",
-                 "tokens_in", "tokens_out", "counted", "recorded")
+                 "tokens_in", "tokens_out", "counted", "recorded", "drain_usage")
 
     def __init__(self, client: str) -> None:
         self.started = time.monotonic()
@@ -1845,6 +1856,7 @@ class Exchange:
         self.tokens_out: Optional[int] = None
         self.counted = False       # the request was already counted by policy admission
         self.recorded = False      # the audit row is written
+        self.drain_usage = False   # a budget applies: count a stream even if the agent leaves
 
 
 class BrokerHandler(http.server.BaseHTTPRequestHandler):
@@ -2111,11 +2123,17 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if provider.usage and (body is None or isinstance(body, bytes)):
             ex.model = request_model(provider, rest, body)
             check_policy(policy, head.method, policy_path, ex.model)
-            if body and "budget_tokens" in policy and provider.usage == "openai":
+            if ("models" in policy and ex.model is None
+                    and head.method not in ("GET", "HEAD", "OPTIONS")):
+                raise Forbidden("this token is limited to some models and the broker cannot "
+                                "read which model this request uses")
+            if (body and "budget_tokens" in policy and provider.usage == "openai"
+                    and policy_path.endswith("completions")):
                 body = ask_for_stream_usage(body)
         if needs_admission(policy):
             broker.store.admit(record.id, policy, time.time())
             ex.counted = True
+        ex.drain_usage = "budget_tokens" in policy
         if isinstance(body, bytes):
             headers.append(("Content-Length", str(len(body))))
         elif framing == "length":
@@ -2217,9 +2235,14 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         metrics.add_stream(1)
         try:
             self._relay_chunks(resp, decoder, scrubber, chunked, length, meter, ex, write, record)
-        except BaseException:
-            if meter is not None and not ex.recorded:
-                self._take_usage(meter, ex)       # an abandoned stream is charged what passed
+        except BaseException as exc:
+            if not ex.recorded:
+                ex.outcome = "error"
+                ex.reason = ex.reason or "client closed the connection mid-answer"
+                if meter is not None:
+                    if isinstance(exc, ClientGone) and ex.drain_usage:
+                        drain_for_usage(resp, decoder, meter)
+                    self._take_usage(meter, ex)   # an abandoned stream is charged what passed
             raise
         finally:
             metrics.add_stream(-1)
@@ -2271,6 +2294,26 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """http.server's own messages go through the one redacting log path."""
         self.server.broker.log_error(format % args)
+
+
+USAGE_DRAIN_SECONDS = 60.0        # reading on after the agent left, to learn a stream's usage
+USAGE_DRAIN_BYTES = 16 * 1024 * 1024
+
+
+def drain_for_usage(resp: "UpstreamResponse", decoder: Any, meter: UsageMeter) -> None:
+    """The agent hung up on a stream of a budget-limited token: read the rest (bounded) so the
+    tokens the provider bills are still counted (OpenAI reports usage only at the end)."""
+    deadline = time.monotonic() + USAGE_DRAIN_SECONDS
+    seen = 0
+    try:
+        while time.monotonic() < deadline and seen < USAGE_DRAIN_BYTES:
+            data = resp.read1(STREAM_CHUNK)
+            if not data:
+                return
+            seen += len(data)
+            meter.feed(decoder.decompress(data) if decoder is not None else data)
+    except (http.client.HTTPException, OSError, zlib.error):
+        return
 
 
 def request_has_body(head: RequestHead) -> bool:
