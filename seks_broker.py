@@ -108,6 +108,8 @@ REQUEST_HEADERS_REPLACED = frozenset({"host", "content-length", "expect", "accep
 #   token_shape  bot-id: fake tokens look like "<bot id>:seks_…" (clients check Telegram's shape)
 #   errors    telegram: broker errors use Telegram's {"ok": false, "error_code", "description"}
 #   env       what `token mint --format env` prints: BASE_VAR=<path after the route> KEY_VAR
+#   gateway   discord: /discord/gateway is a WebSocket route to the configured Discord gateway,
+#             with the token checked and swapped inside IDENTIFY/RESUME (section 6b)
 BUILTIN_PROVIDERS_INI = """
 [openai]
 upstream = https://api.openai.com
@@ -145,6 +147,7 @@ upstream = https://discord.com
 token = header Authorization Bot
 inject = header Authorization Bot
 env = DISCORD_API_BASE=/api/v10 DISCORD_TOKEN
+gateway = discord
 
 [telegram]
 upstream = https://api.telegram.org
@@ -226,12 +229,12 @@ class Provider:
     """A route: name, upstream base, where tokens arrive and where the real key goes."""
 
     __slots__ = ("name", "upstream", "scheme", "host", "port", "base_path", "token_places",
-                 "inject", "usage", "aliases", "token_shape", "errors", "env")
+                 "inject", "usage", "aliases", "token_shape", "errors", "env", "gateway")
 
     def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
                  inject: Optional[CredentialPlace], usage: str = "",
                  aliases: Tuple[str, ...] = (), token_shape: str = "",
-                 errors: str = "", env: str = "") -> None:
+                 errors: str = "", env: str = "", gateway: str = "") -> None:
         self.name = name
         self.upstream = upstream
         self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream)
@@ -242,10 +245,11 @@ class Provider:
         self.token_shape = token_shape
         self.errors = errors
         self.env = env
+        self.gateway = gateway
 
     def with_upstream(self, upstream: str) -> "Provider":
         return Provider(self.name, upstream, self.token_places, self.inject, self.usage,
-                        self.aliases, self.token_shape, self.errors, self.env)
+                        self.aliases, self.token_shape, self.errors, self.env, self.gateway)
 
     @property
     def origin(self) -> str:
@@ -282,7 +286,8 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     """One provider from its INI section (built-in ``[name]`` or a config ``[provider:name]``)."""
     if not PROVIDER_NAME_RE.match(name):
         raise ConfigError("provider names are lower-case letters, digits and '-'")
-    known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env"}
+    known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env",
+             "gateway"}
     unknown = set(sec.keys()) - known - set(sec.parser.defaults())
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} (known: "
@@ -297,9 +302,11 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     usage = sec.get("usage", "").strip()
     shape = sec.get("token_shape", "").strip()
     errors = sec.get("errors", "").strip()
+    gateway = sec.get("gateway", "").strip()
     for key, value, allowed in (("usage", usage, ("", "openai", "anthropic", "gemini")),
                                 ("token_shape", shape, ("", "bot-id")),
-                                ("errors", errors, ("", "telegram"))):
+                                ("errors", errors, ("", "telegram")),
+                                ("gateway", gateway, ("", "discord"))):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(a for a in allowed if a)}")
     env = sec.get("env", "").strip()
@@ -307,7 +314,7 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         raise ConfigError("env must be 'BASE_VAR=/path KEY_VAR', e.g. 'OPENAI_BASE_URL=/v1 "
                           "OPENAI_API_KEY'")
     return Provider(name, sec["upstream"].strip(), places, inject, usage,
-                    tuple(sec.get("aliases", "").split()), shape, errors, env)
+                    tuple(sec.get("aliases", "").split()), shape, errors, env, gateway)
 
 
 def providers_from_ini(text: str) -> Dict[str, Provider]:
@@ -1780,6 +1787,411 @@ def masked_request_path(provider: Optional[Provider], path: str, query: str) -> 
     return redact(path)
 
 
+# --------------------------------------------------------------------------------------------
+# 6b. FORWARDING: WEBSOCKETS (RFC 6455 relay; Discord gateway token swap)
+# --------------------------------------------------------------------------------------------
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_MAX_MESSAGE = 16 * 1024 * 1024     # largest message either way -> close 1009
+WS_IDLE_TIMEOUT_S = 600.0             # no frame either way for this long -> close 1001
+WS_POLL_S = 5.0                       # how often a quiet reader checks idle and shutdown
+WS_IDENTIFY_TIMEOUT_S = 60.0          # a gateway client must IDENTIFY/RESUME within this
+WS_MAX_HANDSHAKE = 64 * 1024          # upstream handshake answer head
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_DROP_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-accept", "sec-websocket-version",
+                             "sec-websocket-extensions", "origin"})
+
+
+class WsClose(Exception):
+    """End the session: send this close code and reason to the side(s) still open."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"{code} {reason}")
+        self.code, self.reason = code, reason
+
+
+def ws_accept(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode()
+
+
+def ws_mask(payload: bytes, mask: bytes) -> bytes:
+    """XOR a payload with a 4-byte mask (masking and unmasking are the same operation)."""
+    if not payload:
+        return payload
+    n = len(payload)
+    stream = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+
+
+def ws_frame(opcode: int, payload: bytes, masked: bool, fin: bool = True) -> bytes:
+    """Encode one frame; frames the broker sends upstream are masked, to agents unmasked."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    if masked:
+        mask = os.urandom(4)
+        return head + mask + ws_mask(payload, mask)
+    return head + payload
+
+
+def ws_close_payload(code: int, reason: str) -> bytes:
+    return code.to_bytes(2, "big") + reason.encode("utf-8")[:120]
+
+
+class SockReader:
+    """Exact reads from a raw socket with a poll timeout (a buffered file object cannot be
+    read again after a timeout; this can)."""
+
+    def __init__(self, sock: socket.socket, pending: bytes = b"") -> None:
+        self.sock = sock
+        self.buf = bytearray(pending)
+
+    def read_exact(self, n: int, idle: Callable[[], None]) -> bytes:
+        while len(self.buf) < n:
+            try:
+                data = self.sock.recv(max(65536, n - len(self.buf)))
+            except socket.timeout:
+                idle()
+                continue
+            if not data:
+                raise ConnectionResetError("peer closed")
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def read_head(self, limit: int) -> bytes:
+        """Bytes up to and including the blank line that ends an HTTP head."""
+        while b"\r\n\r\n" not in self.buf:
+            if len(self.buf) > limit:
+                raise UpstreamError("upstream handshake answer too large")
+            data = self.sock.recv(65536)
+            if not data:
+                raise UpstreamError("upstream closed during the WebSocket handshake")
+            self.buf += data
+        end = self.buf.index(b"\r\n\r\n") + 4
+        head = bytes(self.buf[:end])
+        del self.buf[:end]
+        return head
+
+
+def ws_read_frame(reader: SockReader, expect_masked: bool,
+                  idle: Callable[[], None]) -> Tuple[bool, int, bytes]:
+    """Read one frame -> (fin, opcode, unmasked payload), enforcing RFC 6455's rules."""
+    b1, b2 = reader.read_exact(2, idle)
+    fin, rsv, opcode = bool(b1 & 0x80), b1 & 0x70, b1 & 0x0F
+    masked, length = bool(b2 & 0x80), b2 & 0x7F
+    if rsv:
+        raise WsClose(1002, "reserved bits set (no extension was negotiated)")
+    if opcode not in (OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG):
+        raise WsClose(1002, "unknown opcode")
+    if masked != expect_masked:
+        raise WsClose(1002, "client frames must be masked" if expect_masked
+                      else "server frames must not be masked")
+    if opcode >= OP_CLOSE and (length > 125 or not fin):
+        raise WsClose(1002, "bad control frame")
+    if length == 126:
+        length = int.from_bytes(reader.read_exact(2, idle), "big")
+    elif length == 127:
+        length = int.from_bytes(reader.read_exact(8, idle), "big")
+    if length > WS_MAX_MESSAGE:
+        raise WsClose(1009, "message too big")
+    mask = reader.read_exact(4, idle) if masked else b""
+    payload = reader.read_exact(length, idle) if length else b""
+    return fin, opcode, ws_mask(payload, mask) if masked else payload
+
+
+class WsPeer:
+    """One side of a relayed session: its socket, reader and a write lock."""
+
+    def __init__(self, name: str, sock: socket.socket, reader: SockReader, masked_out: bool) -> None:
+        self.name = name
+        self.sock = sock
+        self.reader = reader
+        self.masked_out = masked_out         # the broker masks what it sends upstream
+        self.lock = threading.Lock()
+        self.closed_sent = False
+        self.frames = 0
+        self.bytes = 0
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        data = ws_frame(opcode, payload, self.masked_out)
+        with self.lock:
+            if self.closed_sent:
+                return
+            if opcode == OP_CLOSE:
+                self.closed_sent = True
+            self.sock.sendall(data)
+
+    def close(self, code: int, reason: str) -> None:
+        try:
+            self.send(OP_CLOSE, ws_close_payload(code, reason))
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class WsRelay:
+    """Relays messages both ways between an agent and an upstream WebSocket.
+
+    Data messages are reassembled (at most WS_MAX_MESSAGE) so that hooks see whole messages:
+    ``on_client`` may rewrite or refuse what the agent sends (Discord IDENTIFY), ``on_server``
+    rewrites what the upstream sends (scrubbing keys, Discord READY). Control frames pass at
+    once. A close from either side is passed on with its code and reason; a side that dies
+    gets the other closed with 1011/1001."""
+
+    def __init__(self, client: WsPeer, upstream: WsPeer,
+                 on_client: Callable[[int, bytes], Tuple[int, bytes]],
+                 on_server: Callable[[int, bytes], Tuple[int, bytes]]) -> None:
+        self.client, self.upstream = client, upstream
+        self.on_client, self.on_server = on_client, on_server
+        self.last_activity = time.monotonic()
+        self.done = threading.Event()
+        self.close_code: Optional[int] = None
+        self.close_reason = ""
+
+    def _idle(self) -> None:
+        if self.done.is_set():
+            raise ConnectionAbortedError("session over")
+        if time.monotonic() - self.last_activity > WS_IDLE_TIMEOUT_S:
+            raise WsClose(1001, "idle timeout")
+
+    def run(self) -> None:
+        for peer in (self.client, self.upstream):
+            peer.sock.settimeout(WS_POLL_S)
+        thread = threading.Thread(target=self._pump, args=(self.upstream, self.client, self.on_server),
+                                  name="seks-ws-down", daemon=True)
+        thread.start()
+        self._pump(self.client, self.upstream, self.on_client)
+        thread.join(WS_POLL_S * 2)
+
+    def _pump(self, src: WsPeer, dst: WsPeer, hook: Callable[[int, bytes], Tuple[int, bytes]]) -> None:
+        parts: List[bytes] = []
+        size = 0
+        opcode_first = 0
+        try:
+            while not self.done.is_set():
+                fin, opcode, payload = ws_read_frame(src.reader, src is self.client, self._idle)
+                self.last_activity = time.monotonic()
+                src.frames += 1
+                src.bytes += len(payload)
+                if opcode == OP_CLOSE:
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                    reason = payload[2:].decode("utf-8", "replace")
+                    self.close_code = self.close_code or code
+                    self.close_reason = self.close_reason or reason
+                    _, payload = hook(OP_CLOSE, payload)
+                    dst.send(OP_CLOSE, payload)
+                    if src.closed_sent:            # this was the answer to a close we passed on
+                        break
+                    continue
+                if opcode in (OP_PING, OP_PONG):
+                    dst.send(opcode, payload)
+                    continue
+                if opcode == OP_CONT:
+                    if not parts:
+                        raise WsClose(1002, "continuation without a message")
+                elif parts:
+                    raise WsClose(1002, "new message inside a fragmented one")
+                else:
+                    opcode_first = opcode
+                size += len(payload)
+                if size > WS_MAX_MESSAGE:
+                    raise WsClose(1009, "message too big")
+                parts.append(payload)
+                if fin:
+                    message = b"".join(parts)
+                    parts, size = [], 0
+                    if opcode_first == OP_TEXT:
+                        try:
+                            message.decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise WsClose(1007, "text message is not UTF-8") from None
+                    out_opcode, out = hook(opcode_first, message)
+                    dst.send(out_opcode, out)
+        except WsClose as exc:
+            self.close_code = self.close_code or exc.code
+            self.close_reason = self.close_reason or exc.reason
+            for peer in (dst, src):
+                peer.close(exc.code, exc.reason)
+        except (OSError, ConnectionAbortedError):
+            if not self.done.is_set():
+                # this side died without a close: tell the other, then stop both
+                code, reason = (1011, "upstream connection lost") if src is self.upstream \
+                    else (1001, "client went away")
+                self.close_code = self.close_code or 1006
+                dst.close(code, reason)
+        finally:
+            self.done.set()
+            for peer in (self.client, self.upstream):
+                peer.shutdown()
+
+
+def open_upstream_websocket(provider: Provider, target: str, headers: List[Tuple[str, str]],
+                            context: Optional[ssl.SSLContext], connect_timeout: float,
+                            host: Optional[str] = None, port: Optional[int] = None,
+                            scheme: Optional[str] = None
+                            ) -> Tuple[socket.socket, SockReader, int, List[Tuple[str, str]]]:
+    """Connect and send the upstream handshake; return the socket, its reader, the status and
+    the answer headers. The caller relays a non-101 answer as a normal HTTP answer."""
+    host = host or provider.host
+    port = port or provider.port
+    scheme = scheme or provider.scheme
+    try:
+        sock = socket.create_connection((host, port), timeout=connect_timeout)
+        if scheme in ("https", "wss"):
+            assert context is not None
+            sock = context.wrap_socket(sock, server_hostname=host)
+    except socket.timeout:
+        raise UpstreamTimeout(f"upstream {provider.name} timed out") from None
+    except ssl.SSLError:
+        raise UpstreamError(f"TLS to upstream {provider.name} failed") from None
+    except OSError:
+        raise UpstreamError(f"upstream {provider.name} unreachable") from None
+    key = base64.b64encode(os.urandom(16)).decode()
+    default = 443 if scheme in ("https", "wss") else 80
+    host_header = (f"[{host}]" if ":" in host else host) + ("" if port == default else f":{port}")
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host_header}", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    lines += [f"{n}: {v}" for n, v in headers]
+    reader = SockReader(sock)
+    try:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        head = reader.read_head(WS_MAX_HANDSHAKE)
+    except socket.timeout:
+        sock.close()
+        raise UpstreamTimeout(f"upstream {provider.name} timed out") from None
+    except (OSError, UpstreamError):
+        sock.close()
+        raise UpstreamError(f"upstream {provider.name} failed the WebSocket handshake") from None
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        sock.close()
+        raise UpstreamError(f"upstream {provider.name} sent a malformed handshake answer")
+    answer = [tuple(x.strip() for x in line.split(":", 1)) for line in header_lines if ":" in line]
+    status = int(parts[1])
+    if status == 101:
+        accept = next((v for n, v in answer if n.lower() == "sec-websocket-accept"), "")
+        if not hmac.compare_digest(accept, ws_accept(key)):
+            sock.close()
+            raise UpstreamError(f"upstream {provider.name} answered the WebSocket handshake "
+                                f"wrongly")
+    return sock, reader, status, answer  # type: ignore[return-value]
+
+
+class DiscordGateway:
+    """The hooks that make a Discord gateway session safe to relay.
+
+    The agent's fake token travels in IDENTIFY (op 2) and RESUME (op 6) as ``d.token``: it is
+    checked like a header token and swapped for the real one before anything reaches Discord;
+    until then only heartbeats pass. READY's ``resume_gateway_url`` is pointed back at the
+    broker. The upstream is asked for plain JSON (no compression) so every frame can be
+    scrubbed; if the agent asked for ``compress=zlib-stream`` the broker compresses for it with
+    one zlib context per connection, as Discord does."""
+
+    def __init__(self, broker: "Broker", provider: Provider, ex: "Exchange", broker_ws_url: str,
+                 compress: bool) -> None:
+        self.broker, self.provider, self.ex = broker, provider, ex
+        self.broker_ws_url = broker_ws_url
+        self.authenticated = False
+        self.scrubber: Optional[Scrubber] = None
+        self.started = time.monotonic()
+        self.compressor = zlib.compressobj() if compress else None
+
+    def on_client(self, opcode: int, message: bytes) -> Tuple[int, bytes]:
+        if opcode == OP_CLOSE:
+            return opcode, message
+        if opcode != OP_TEXT:
+            raise WsClose(4002, "seks-broker relays the JSON gateway encoding only")
+        try:
+            payload = json.loads(message)
+        except ValueError:
+            raise WsClose(4002, "payload is not JSON") from None
+        op = payload.get("op") if isinstance(payload, dict) else None
+        if op in (2, 6):
+            data = payload.get("d")
+            presented = data.get("token") if isinstance(data, dict) else None
+            if not isinstance(presented, str):
+                raise WsClose(4004, "authentication failed")
+            if presented.lower().startswith("bot "):
+                presented = presented[4:]
+            try:
+                record, key = self.broker.tokens.lookup(presented.strip())
+                if record is None:
+                    self.ex.reason = "unknown token " + self.broker.fingerprint(presented)
+                check_token(record, self.provider.name, time.time())
+                assert record is not None and key is not None
+                check_policy(record.policy, "GET", "/gateway", None)
+                if needs_admission(record.policy):
+                    self.broker.store.admit(record.id, record.policy, time.time())
+                    self.ex.counted = True
+            except BrokerError as exc:
+                self.ex.status, self.ex.outcome = exc.status, "denied"
+                self.ex.reason = self.ex.reason or exc.message
+                raise WsClose(4004, "authentication failed") from None
+            self.ex.agent, self.ex.token_id, self.ex.secret = record.agent, record.id, record.secret_name
+            real = key.decode("utf-8", "surrogateescape")
+            self.scrubber = Scrubber(secret_variants(real))
+            data["token"] = real
+            self.authenticated = True
+            return OP_TEXT, json.dumps(payload).encode()
+        if not self.authenticated:
+            if op != 1 or time.monotonic() - self.started > WS_IDENTIFY_TIMEOUT_S:
+                raise WsClose(4003, "not authenticated: send IDENTIFY or RESUME first")
+        return OP_TEXT, message
+
+    def on_server(self, opcode: int, message: bytes) -> Tuple[int, bytes]:
+        if self.scrubber is not None:
+            message = self.scrubber.scrub(message)
+        if opcode == OP_CLOSE:
+            return opcode, message
+        if opcode == OP_TEXT and b'"READY"' in message and b"resume_gateway_url" in message:
+            try:
+                payload = json.loads(message)
+                data = payload.get("d") or {}
+                url = data.get("resume_gateway_url")
+                if isinstance(url, str):
+                    host = urllib.parse.urlsplit(url).netloc
+                    data["resume_gateway_url"] = f"{self.broker_ws_url}/resume/{host}"
+                    message = json.dumps(payload).encode()
+            except (ValueError, AttributeError):
+                pass
+        if self.compressor is not None:
+            return OP_BINARY, self.compressor.compress(message) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+        return opcode, message
+
+
+def gateway_resume_host(rest: str, gateway_host: str) -> Optional[str]:
+    """The host of a RESUME route (``/gateway/resume/<host[:port]>``) if the broker may connect
+    there: the configured gateway's host or a discord.gg subdomain. None for the plain route."""
+    parts = [p for p in rest.split("/") if p]
+    if parts[:1] != ["gateway"] or len(parts) not in (1, 3):
+        raise NotFound("unknown gateway route")
+    if len(parts) == 1:
+        return None
+    if parts[1] != "resume":
+        raise NotFound("unknown gateway route")
+    host = urllib.parse.unquote(parts[2]).lower()
+    if not re.match(r"^[a-z0-9.-]+(:\d{1,5})?$", host):
+        raise BadRequest("bad resume host")
+    name = host.rsplit(":", 1)[0] if ":" in host else host
+    if host == gateway_host.lower() or name.endswith(".discord.gg"):
+        return host
+    raise Forbidden("resume host is not a Discord gateway")
+
+
 # ============================================================================================
 # 7. HTTP HANDLER
 # ============================================================================================
@@ -2080,6 +2492,12 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         ex.path = masked_request_path(provider, path, query)
         validate_query(query)
         framing, length = request_framing(head, broker.settings.max_body)
+        upgrade = is_websocket_upgrade(head)
+        if provider.gateway == "discord" and (rest == "/gateway" or rest.startswith("/gateway/")):
+            if not upgrade:
+                raise BadRequest("the gateway route takes WebSocket connections only")
+            self._discord_gateway(head, provider, rest, query, route_prefix, ex)
+            return
         swap = find_token(provider, head.headers, rest, query)
         if swap is None:
             raise AuthError(f"missing token: send your seks token where the {provider.name} "
@@ -2139,11 +2557,161 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         elif framing == "length":
             headers.append(("Content-Length", str(length)))
         scrubber = Scrubber(secret_variants(real_key))
+        if upgrade:
+            target = url[len(provider.origin):]
+            headers = [(n, v) for n, v in headers if n.lower() not in WS_DROP_HEADERS
+                       and n.lower() not in ("host", "accept-encoding", "content-length")]
+            self._websocket(head, provider, target, headers, scrubber, ex)
+            return
+        rewrite = None
+        if provider.gateway == "discord" and _GATEWAY_REST_RE.match(rest):
+            ws_base = self._agent_base_url(head, websocket=True) + route_prefix + "/gateway"
+            rewrite = lambda data: rewrite_gateway_url(data, ws_base)  # noqa: E731
         resp = broker.open_upstream(provider, head.method, url, headers, body)
         try:
-            self._relay(head, resp, provider, route_prefix, scrubber, ex)
+            self._relay(head, resp, provider, route_prefix, scrubber, ex, rewrite)
         finally:
             resp.finish(complete=ex.outcome == "ok")
+
+    def _agent_base_url(self, head: RequestHead, websocket: bool = False) -> str:
+        """The broker's address as this agent reaches it (public_url, else its Host header),
+        for URLs handed back to it (Discord gateway and resume URLs)."""
+        settings = self.server.broker.settings
+        if settings.public_url:
+            base = settings.public_url.rstrip("/")
+        else:
+            host = head.get("host") or ""
+            if not _HOST_RE.match(host):
+                host = settings.agent_url().split("://", 1)[1]
+            base = ("https" if self.server.tls else "http") + "://" + host
+        return ("ws" + base[4:]) if websocket else base
+
+    def _client_ws_handshake(self, head: RequestHead) -> str:
+        key = head.get("sec-websocket-key") or ""
+        try:
+            valid = len(base64.b64decode(key, validate=True)) == 16
+        except (binascii.Error, ValueError):
+            valid = False
+        if not valid or (head.get("sec-websocket-version") or "").strip() != "13":
+            raise BadRequest("bad WebSocket handshake (Sec-WebSocket-Key, Version 13)",
+                             headers={"Sec-WebSocket-Version": "13"})
+        return key
+
+    def _accept_websocket(self, key: str, subprotocol: str) -> WsPeer:
+        """Answer the agent's handshake with 101 and take over its socket."""
+        lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Accept: {ws_accept(key)}"]
+        if subprotocol:
+            lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+        self._write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.close_connection = True
+        sock = self.connection
+        pending = b""
+        sock.setblocking(False)
+        try:
+            pending = self.rfile.read1(65536) or b""    # frames sent right behind the handshake
+        except (BlockingIOError, ssl.SSLWantReadError, OSError):
+            pending = b""
+        finally:
+            sock.setblocking(True)
+        return WsPeer("client", sock, SockReader(sock, pending), masked_out=False)
+
+    def _relay_handshake_refusal(self, sock: socket.socket, reader: SockReader, status: int,
+                                 answer: List[Tuple[str, str]], scrubber: Scrubber,
+                                 ex: Exchange) -> None:
+        """The upstream refused the upgrade: pass its (small, scrubbed) answer on."""
+        length = next((int(v) for n, v in answer if n.lower() == "content-length"
+                       and _CONTENT_LENGTH_RE.match(v)), 0)
+        body = b""
+        try:
+            body = reader.read_exact(min(length, INLINE_BODY_MAX), lambda: None) if length else b""
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        body = scrubber.scrub(body)
+        headers = [(n, scrubber.scrub(v.encode("latin-1")).decode("latin-1"))
+                   for n, v in response_headers(answer, {"content-length"})]
+        headers.append(("Content-Length", str(len(body))))
+        ex.status, ex.outcome, ex.bytes_out = status, "ok", len(body)
+        self.server.broker.record(ex)
+        self._write(self._head_bytes(status, HTTP_REASONS.get(status, "Unknown"), headers) + body)
+
+    def _run_relay(self, client: WsPeer, upstream: WsPeer, on_client: Any, on_server: Any,
+                   ex: Exchange) -> None:
+        ex.status, ex.outcome = 101, "ok"
+        metrics = self.server.broker.metrics
+        metrics.add_stream(1)
+        relay = WsRelay(client, upstream, on_client, on_server)
+        try:
+            relay.run()
+        finally:
+            metrics.add_stream(-1)
+            ex.bytes_in, ex.bytes_out = client.bytes, upstream.bytes
+            summary = (f"websocket frames in={client.frames} out={upstream.frames} "
+                       f"close={relay.close_code}")
+            ex.reason = f"{ex.reason}; {summary}" if ex.reason else summary
+            upstream.sock.close()
+
+    def _websocket(self, head: RequestHead, provider: Provider, target: str,
+                   headers: List[Tuple[str, str]], scrubber: Scrubber, ex: Exchange) -> None:
+        """A WebSocket on any provider route: authenticated like HTTP (done by the caller),
+        real credential in the upstream handshake, frames relayed and scrubbed."""
+        broker = self.server.broker
+        key = self._client_ws_handshake(head)
+        offered = [p.strip() for v in head.get_all("sec-websocket-protocol") for p in v.split(",")]
+        context = broker.pool.ssl_context if provider.name not in broker.settings.insecure_upstream \
+            else broker.pool.insecure_context
+        sock, reader, status, answer = open_upstream_websocket(
+            provider, target, headers, context, broker.settings.connect_timeout)
+        if status != 101:
+            self._relay_handshake_refusal(sock, reader, status, answer, scrubber, ex)
+            return
+        chosen = next((v for n, v in answer if n.lower() == "sec-websocket-protocol"), "")
+        if chosen and chosen not in offered:
+            sock.close()
+            raise UpstreamError("upstream chose a WebSocket subprotocol the client did not offer")
+        client = self._accept_websocket(key, chosen)
+        upstream = WsPeer("upstream", sock, reader, masked_out=True)
+        self._run_relay(client, upstream, lambda op, m: (op, m),
+                        lambda op, m: (op, scrubber.scrub(m)), ex)
+
+    def _discord_gateway(self, head: RequestHead, provider: Provider, rest: str, query: str,
+                         route_prefix: str, ex: Exchange) -> None:
+        """``/discord/gateway[/resume/<host>]``: relay to the configured Discord gateway (or a
+        permitted resume host), checking and swapping the token inside IDENTIFY/RESUME."""
+        broker = self.server.broker
+        key = self._client_ws_handshake(head)
+        params = urllib.parse.parse_qs(query)
+        encoding = params.get("encoding", ["json"])[0]
+        compress = params.get("compress", [""])[0]
+        version = params.get("v", ["10"])[0]
+        gateway = urllib.parse.urlsplit(broker.settings.discord_gateway)
+        resume_host = gateway_resume_host(rest, gateway.netloc)
+        if encoding != "json" or compress not in ("", "zlib-stream") or not version.isdigit():
+            client = self._accept_websocket(key, "")
+            client.close(4002 if encoding != "json" else 1003,
+                         "seks-broker relays encoding=json only (etf is not supported)"
+                         if encoding != "json" else "unsupported compress or version")
+            ex.status, ex.outcome, ex.reason = 101, "error", "unsupported gateway encoding"
+            return
+        netloc = resume_host or gateway.netloc
+        scheme = gateway.scheme
+        host, _, port_text = netloc.rpartition(":") if ":" in netloc else (netloc, "", "")
+        port = int(port_text) if port_text else (443 if scheme == "wss" else 80)
+        context = broker.pool.ssl_context if provider.name not in broker.settings.insecure_upstream \
+            else broker.pool.insecure_context
+        sock, reader, status, answer = open_upstream_websocket(
+            provider, f"/?v={version}&encoding=json", [], context,
+            broker.settings.connect_timeout, host=host, port=port, scheme=scheme)
+        if status != 101:
+            self._relay_handshake_refusal(sock, reader, status, answer, Scrubber([]), ex)
+            return
+        ws_base = self._agent_base_url(head, websocket=True) + route_prefix + "/gateway"
+        hooks = DiscordGateway(broker, provider, ex, ws_base, compress == "zlib-stream")
+        client = self._accept_websocket(key, "")
+        upstream = WsPeer("upstream", sock, reader, masked_out=True)
+        self._run_relay(client, upstream, hooks.on_client, hooks.on_server, ex)
 
     def _expect_continue(self, head: RequestHead) -> None:
         expect = head.get("expect")
@@ -2151,7 +2719,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _relay(self, head: RequestHead, resp: UpstreamResponse, provider: Provider,
-               route_prefix: str, scrubber: Scrubber, ex: Exchange) -> None:
+               route_prefix: str, scrubber: Scrubber, ex: Exchange,
+               rewrite: Optional[Callable[[bytes], bytes]] = None) -> None:
         """Send the upstream answer on: status and headers (scrubbed), then the body as it
         arrives, in the same framing where possible. The audit row is written just before the
         last bytes go out, so a request the agent saw complete is always on record."""
@@ -2200,6 +2769,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             except (http.client.HTTPException, OSError):
                 ex.outcome = "error"
                 raise UpstreamError("upstream answer ended early") from None
+            if rewrite is not None and status == 200:
+                data = rewrite(data)
             data = scrubber.scrub(data)
             headers.append(("Content-Length", str(len(data))))
             ex.bytes_out = len(data)
@@ -2314,6 +2885,28 @@ def drain_for_usage(resp: "UpstreamResponse", decoder: Any, meter: UsageMeter) -
             meter.feed(decoder.decompress(data) if decoder is not None else data)
     except (http.client.HTTPException, OSError, zlib.error):
         return
+
+
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
+_GATEWAY_REST_RE = re.compile(r"^/api(/v\d+)?/gateway(/bot)?/?$")
+
+
+def is_websocket_upgrade(head: RequestHead) -> bool:
+    upgrade = (head.get("upgrade") or "").lower()
+    connection = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
+    return head.method == "GET" and "websocket" in upgrade and "upgrade" in connection
+
+
+def rewrite_gateway_url(data: bytes, ws_base: str) -> bytes:
+    """Point the ``url`` of a Discord /gateway(/bot) answer at the broker's gateway route."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return data
+    if isinstance(payload, dict) and isinstance(payload.get("url"), str):
+        payload["url"] = ws_base
+        return json.dumps(payload).encode()
+    return data
 
 
 def request_has_body(head: RequestHead) -> bool:
