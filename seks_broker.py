@@ -44,7 +44,6 @@ import http.client
 import http.server
 import json
 import os
-import queue
 import re
 import secrets
 import select
@@ -394,6 +393,10 @@ class UsageError(ConfigError):
     """A command-line value is malformed (exit code 2, like argparse's own errors)."""
 
 
+class KeyRotated(Exception):
+    """The DB was re-keyed by rotate-master-key while this process held the old key."""
+
+
 class DecryptError(Exception):
     """A ciphertext failed verification. Deliberately carries no detail."""
 
@@ -525,6 +528,22 @@ def derive_key(master_key: bytes, purpose: str) -> bytes:
     return hkdf_sha256(master_key, b"", b"seks-broker/v1/" + purpose.encode(), 32)
 
 
+class KeyRing:
+    """Everything derived once from a master key: the secret cipher, the audit-chain key, the
+    fingerprint key, and the check value that tells the DB which master key this is."""
+
+    __slots__ = ("cipher", "audit", "fingerprint", "check")
+
+    def __init__(self, master_key: bytes) -> None:
+        self.cipher = SecretCipher(master_key)
+        self.audit = derive_key(master_key, "audit")
+        self.fingerprint = derive_key(master_key, "fingerprint")
+        self.check = derive_key(master_key, "key-check")
+
+    def __repr__(self) -> str:
+        return "KeyRing(<keys hidden>)"
+
+
 # ============================================================================================
 # 4. STORE
 # ============================================================================================
@@ -628,7 +647,8 @@ class Store:
         self.path = path
         if path != ":memory:":
             create_private_file(path)
-        self._pool: "queue.LifoQueue[sqlite3.Connection]" = queue.LifoQueue()
+        self._pool: List[sqlite3.Connection] = []
+        self.autocheckpoint = True
         self._opened = 0
         self._lock = threading.Lock()
         with self.connection() as db:
@@ -640,22 +660,43 @@ class Store:
         db.execute("PRAGMA busy_timeout = 30000")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")   # durable across a process crash
+        if not self.autocheckpoint:
+            db.execute("PRAGMA wal_autocheckpoint = 0")  # serve checkpoints in the background
         return db
+
+    def checkpoint_in_background(self, interval: float = 1.0) -> None:
+        """Move WAL checkpoints off the request path (they are a p99 spike when a commit
+        triggers one): connections opened from now on leave it to this thread."""
+        self.autocheckpoint = False
+        self.close()
+
+        def run() -> None:
+            while True:
+                time.sleep(interval)
+                try:
+                    with self.connection() as db:
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass
+
+        threading.Thread(target=run, name="seks-checkpoint", daemon=True).start()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
-        try:
-            db = self._pool.get_nowait()
-        except queue.Empty:
+        with self._lock:
+            db = self._pool.pop() if self._pool else None
+        if db is None:
             db = self._open()
         try:
             yield db
         finally:
             if db.in_transaction:
                 db.rollback()
-            if self._pool.qsize() < self.POOL_SIZE:
-                self._pool.put(db)
-            else:
+            with self._lock:
+                keep = len(self._pool) < self.POOL_SIZE
+                if keep:
+                    self._pool.append(db)
+            if not keep:
                 db.close()
 
     @contextlib.contextmanager
@@ -688,16 +729,18 @@ class Store:
             version = db.execute("PRAGMA user_version").fetchone()[0]
 
     def close(self) -> None:
-        while True:
-            try:
-                self._pool.get_nowait().close()
-            except queue.Empty:
-                return
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for db in pool:
+            db.close()
 
-    def generation(self) -> int:
-        """A counter that changes whenever a secret, token or agent changes (triggers)."""
+    def generation(self) -> Tuple[int, bytes]:
+        """A counter that changes whenever a secret, token or agent changes (triggers), and the
+        check value of the master key the DB is encrypted under (changes on rotation)."""
         with self.connection() as db:
-            return db.execute("SELECT generation FROM state WHERE id = 1").fetchone()[0]
+            generation, check = db.execute("SELECT generation, key_check FROM state "
+                                           "WHERE id = 1").fetchone()
+        return generation, bytes(check or b"")
 
     def check_master_key(self, check: bytes) -> None:
         """Remember which master key this DB belongs to; refuse any other one."""
@@ -873,10 +916,14 @@ class Store:
                        "WHERE token_id = ?", (bucket, bucket_at, token_id))
 
     # --- audit -----------------------------------------------------------------------------
-    def append_audit(self, key: bytes, row: "AuditRow", counted: bool) -> None:
-        """Append one chained audit row (and the request's usage) in one short transaction."""
+    def append_audit(self, keys: "KeyRing", row: "AuditRow", counted: bool) -> None:
+        """Append one chained audit row (and the request's usage) in one short transaction;
+        refuses (KeyRotated) if the DB moved to another master key meanwhile."""
         with self.transaction() as db:
-            self._append_audit(db, key, row)
+            check = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
+            if check is not None and not hmac.compare_digest(bytes(check), keys.check):
+                raise KeyRotated()
+            self._append_audit(db, keys.audit, row)
             if row.token_id:
                 spent = (row.tokens_in or 0) + (row.tokens_out or 0)
                 if spent or not counted:
@@ -1082,17 +1129,27 @@ class TokenCache:
     indexed sqlite read instead of a join and a decryption.
     """
 
-    def __init__(self, store: Store, cipher: SecretCipher, size: int = TOKEN_CACHE_SIZE) -> None:
+    def __init__(self, store: Store, keys: KeyRing, reload: Callable[[], KeyRing],
+                 size: int = TOKEN_CACHE_SIZE) -> None:
         self._store = store
-        self._cipher = cipher
+        self.keys = keys
+        self._reload = reload
         self._size = size
         self._lock = threading.Lock()
         self._generation = -1
         self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[bytes]]] = {}
 
+    def reload_keys(self) -> None:
+        """The master key was rotated under us: take the new one (or refuse to serve)."""
+        with self._lock:
+            self.keys = self._reload()
+            self._entries.clear()
+
     def lookup(self, token: str) -> Tuple[Optional[TokenRecord], Optional[bytes]]:
         digest = token_digest(token)
-        generation = self._store.generation()
+        generation, check = self._store.generation()
+        if check and not hmac.compare_digest(check, self.keys.check):
+            self.reload_keys()
         with self._lock:
             if generation != self._generation:
                 self._entries.clear()
@@ -1104,8 +1161,8 @@ class TokenCache:
         key = None
         if record is not None and record.secret_ciphertext is not None:
             try:
-                key = self._cipher.decrypt(record.secret_ciphertext,
-                                           secret_ad(record.secret_name, record.secret_provider or ""))
+                key = self.keys.cipher.decrypt(record.secret_ciphertext, secret_ad(
+                    record.secret_name, record.secret_provider or ""))
             except DecryptError:
                 raise BrokerError("a stored secret failed verification (wrong master key or "
                                   "edited database)") from None
@@ -1354,12 +1411,14 @@ class UsageMeter:
 _PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
+_FORBIDDEN_TARGET_RE = re.compile(r"[^\x21-\x7e]|[\\#]")
+_FORBIDDEN_DECODED_RE = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
 def _check_chars(text: str, what: str) -> None:
     """Raw request-target text: printable ASCII only, no backslash, no fragment."""
-    for ch in text:
-        code = ord(ch)
-        if code < 0x21 or code > 0x7E or ch in "\\#":
-            raise BadRequest(f"{what} contains a forbidden character")
+    if _FORBIDDEN_TARGET_RE.search(text):
+        raise BadRequest(f"{what} contains a forbidden character")
 
 
 def validate_path(rest: str) -> str:
@@ -1387,8 +1446,7 @@ def validate_path(rest: str) -> str:
         for form in forms:
             if any(seg in (".", "..") for seg in form.split("/")):
                 raise BadRequest("dot segments are not allowed in paths")
-            if depth and (form.startswith("//") or "\\" in form or
-                          any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in form)):
+            if depth and (form.startswith("//") or _FORBIDDEN_DECODED_RE.search(form)):
                 raise BadRequest("path decodes to a forbidden character")
         if not _PCT_RE.search(layer):
             return rest
@@ -2197,6 +2255,8 @@ def gateway_resume_host(rest: str, gateway_host: str) -> Optional[str]:
 # ============================================================================================
 
 _CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}$")
+_BAD_TARGET_BYTES_RE = re.compile(rb"[^\x21-\x7e]")
+_BAD_VALUE_BYTES_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_SIZE_RE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
 _METHOD_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")
 
@@ -2349,7 +2409,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         method, target, version = parts
         if version not in (b"HTTP/1.1", b"HTTP/1.0"):
             raise BadRequest("only HTTP/1.0 and HTTP/1.1 are supported", close=True)
-        if any(b < 0x21 or b > 0x7E for b in target):
+        if _BAD_TARGET_BYTES_RE.search(target):
             raise BadRequest("request target contains a forbidden character", close=True)
         headers: List[Tuple[str, str]] = []
         total = 0
@@ -2370,7 +2430,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if not sep or not HEADER_NAME_RE.match(name):
                 raise BadRequest("malformed header line", close=True)
             value = value.strip(b" \t")
-            if any((b < 0x20 and b != 0x09) or b == 0x7F for b in value):
+            if _BAD_VALUE_BYTES_RE.search(value):
                 raise BadRequest("header value contains a control character", close=True)
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
         head = RequestHead(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"),
@@ -3292,8 +3352,7 @@ class Broker:
                  providers: Dict[str, Provider]) -> None:
         self.settings = settings
         self.store = store
-        self.cipher = SecretCipher(master_key)
-        self.tokens = TokenCache(store, self.cipher)
+        self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys)
         insecure = upstream_ssl_context(settings.upstream_ca, verify=False) \
             if settings.insecure_upstream else None
         self.pool = UpstreamPool(upstream_ssl_context(settings.upstream_ca),
@@ -3305,8 +3364,6 @@ class Broker:
             self.routes[provider.name] = provider
             for alias in provider.aliases:
                 self.routes[alias] = provider
-        self._fingerprint_key = derive_key(master_key, "fingerprint")
-        self._audit_key = derive_key(master_key, "audit")
         self._log_lock = threading.Lock()
         self._level = LOG_LEVELS[settings.log_level]
         self.metrics = Metrics()
@@ -3331,8 +3388,18 @@ class Broker:
 
     def fingerprint(self, presented: str) -> str:
         """A short, keyed, non-reversible tag of an unknown token, to correlate attempts."""
-        return "fp:" + hmac.new(self._fingerprint_key, presented.encode("utf-8", "replace"),
+        return "fp:" + hmac.new(self.tokens.keys.fingerprint, presented.encode("utf-8", "replace"),
                                 hashlib.sha256).hexdigest()[:12]
+
+    def _reload_keys(self) -> KeyRing:
+        try:
+            key = load_master_key(self.store.path, dict(os.environ), self.store)
+        except ConfigError as exc:
+            self.log("error", "keys", message=f"master key no longer matches the DB: {exc}")
+            raise Unavailable("the broker's master key was rotated; restart it with the new "
+                              "key") from None
+        self.log("warning", "keys", message="the master key was rotated; reloaded it")
+        return KeyRing(key)
 
     def open_upstream(self, provider: Provider, method: str, url: str,
                       headers: List[Tuple[str, str]], body: Any) -> UpstreamResponse:
@@ -3371,8 +3438,15 @@ class Broker:
                        client=ex.client, outcome=ex.outcome, reason=ex.reason[:300] or None,
                        model=ex.model[:100] if ex.model else None, tokens_in=ex.tokens_in,
                        tokens_out=ex.tokens_out)
+        counted = ex.counted or ex.outcome != "ok"
         try:
-            self.store.append_audit(self._audit_key, row, counted=ex.counted or ex.outcome != "ok")
+            try:
+                self.store.append_audit(self.tokens.keys, row, counted)
+            except KeyRotated:
+                self.tokens.reload_keys()
+                self.store.append_audit(self.tokens.keys, row, counted)
+        except (KeyRotated, Unavailable):
+            self.log("error", "audit", message="AUDIT WRITE SKIPPED: master key rotated")
         except sqlite3.Error as exc:
             self.log("error", "audit", message=f"AUDIT WRITE FAILED: {type(exc).__name__}: {exc}")
 
@@ -3583,6 +3657,7 @@ def serve(settings: Settings, store: Store, master_key: bytes,
     """Run one broker process until SIGTERM/SIGINT, then drain for up to ``grace`` seconds."""
     threading.stack_size(THREAD_STACK_BYTES)
     disable_core_dumps()
+    store.checkpoint_in_background()
     broker = Broker(settings, store, master_key, providers)
     server = BrokerServer((settings.host, settings.port), broker, agent_tls_context(settings),
                           reuse_port=settings.workers > 1)
