@@ -37,6 +37,7 @@ import binascii
 import configparser
 import contextlib
 import datetime
+import functools
 import getpass
 import hashlib
 import hmac
@@ -548,11 +549,20 @@ class KeyRing:
 # 4. STORE
 # ============================================================================================
 
+_ISO_CACHE: Tuple[int, str] = (-1, "")
+
+
 def utc_iso(epoch: Optional[float] = None) -> str:
     """UTC timestamp as ISO 8601 with a Z, to the second (what tables and audit rows show)."""
-    moment = datetime.datetime.fromtimestamp(time.time() if epoch is None else epoch,
-                                             datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    global _ISO_CACHE
+    second = int(time.time() if epoch is None else epoch)
+    cached = _ISO_CACHE                  # one read: another thread may replace it meanwhile
+    if cached[0] == second:
+        return cached[1]
+    text = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+    _ISO_CACHE = (second, text)
+    return text
 
 
 def create_private_file(path: str) -> None:
@@ -916,20 +926,22 @@ class Store:
                        "WHERE token_id = ?", (bucket, bucket_at, token_id))
 
     # --- audit -----------------------------------------------------------------------------
-    def append_audit(self, keys: "KeyRing", row: "AuditRow", counted: bool) -> None:
-        """Append one chained audit row (and the request's usage) in one short transaction;
-        refuses (KeyRotated) if the DB moved to another master key meanwhile."""
+    def append_audit(self, keys: "KeyRing", rows: List[Tuple["AuditRow", bool]]) -> None:
+        """Append chained audit rows (and each request's usage) in one short transaction;
+        refuses (KeyRotated) if the DB moved to another master key meanwhile. ``rows`` holds
+        (row, counted): counted means the request was already counted at admission."""
         with self.transaction() as db:
             check = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
             if check is not None and not hmac.compare_digest(bytes(check), keys.check):
                 raise KeyRotated()
-            self._append_audit(db, keys.audit, row)
-            if row.token_id:
-                spent = (row.tokens_in or 0) + (row.tokens_out or 0)
-                if spent or not counted:
-                    db.execute("UPDATE token_usage SET tokens_used = tokens_used + ?, "
-                               "requests = requests + ? WHERE token_id = ?",
-                               (spent, 0 if counted else 1, row.token_id))
+            for row, counted in rows:
+                self._append_audit(db, keys.audit, row)
+                if row.token_id:
+                    spent = (row.tokens_in or 0) + (row.tokens_out or 0)
+                    if spent or not counted:
+                        db.execute("UPDATE token_usage SET tokens_used = tokens_used + ?, "
+                                   "requests = requests + ? WHERE token_id = ?",
+                                   (spent, 0 if counted else 1, row.token_id))
 
     @staticmethod
     def _append_audit(db: sqlite3.Connection, key: bytes, row: "AuditRow") -> None:
@@ -1359,30 +1371,37 @@ def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
 
 class UsageMeter:
     """Reads token usage from an answer as it streams past: the JSON body of a plain answer,
-    or the ``data:`` lines of server-sent events (only lines that mention usage are parsed)."""
+    or the ``data:`` lines of server-sent events (only lines that mention usage are parsed).
+    Other content types (files, audio) are not looked at."""
 
     def __init__(self, kind: str, content_type: str) -> None:
+        media = content_type.split(";")[0].strip().lower()
         self.kind = kind
-        self.sse = content_type.split(";")[0].strip().lower() == "text/event-stream"
+        self.sse = media == "text/event-stream"
+        self.active = self.sse or media in ("", "application/json") or media.endswith("+json")
         self.state: Dict[str, Any] = {}
-        self._buf = b""
+        self._parts: List[bytes] = []
+        self._size = 0
+        self._line = b""
         self._overflow = False
 
     def feed(self, data: bytes) -> None:
-        if self._overflow:
+        if self._overflow or not self.active:
             return
         if not self.sse:
-            if len(self._buf) + len(data) > MAX_USAGE_BODY:
-                self._overflow, self._buf = True, b""
+            self._size += len(data)
+            if self._size > MAX_USAGE_BODY:
+                self._overflow, self._parts = True, []
             else:
-                self._buf += data
+                self._parts.append(data)
             return
-        self._buf += data
         if b"\n" not in data:
-            if len(self._buf) > MAX_USAGE_BODY:
-                self._overflow, self._buf = True, b""
+            self._line += data
+            if len(self._line) > MAX_USAGE_BODY:
+                self._overflow, self._line = True, b""
             return
-        *lines, self._buf = self._buf.split(b"\n")
+        *lines, tail = (self._line + data).split(b"\n")
+        self._line = tail
         for line in lines:
             if line.startswith(b"data:") and b"sage" in line:
                 self._parse(line[5:])
@@ -1394,13 +1413,13 @@ class UsageMeter:
             pass
 
     def finish(self) -> Dict[str, Any]:
-        if not self._overflow and self._buf.strip():
+        if not self._overflow and self.active:
             if self.sse:
-                if self._buf.startswith(b"data:"):
-                    self._parse(self._buf[5:])
-            else:
-                self._parse(self._buf)
-        self._buf = b""
+                if self._line.startswith(b"data:"):
+                    self._parse(self._line[5:])
+            elif self._parts:
+                self._parse(b"".join(self._parts))
+        self._parts, self._line = [], b""
         return self.state
 
 
@@ -1562,8 +1581,12 @@ class Scrubber:
     """
 
     def __init__(self, secrets_: Iterable[bytes]) -> None:
-        self._pairs = [(s, mask_secret(s)) for s in sorted(set(secrets_), key=len, reverse=True) if s]
+        self._pairs = scrub_pairs(tuple(secrets_))
         self._held = b""
+
+    @classmethod
+    def for_key(cls, key: str) -> "Scrubber":
+        return cls(secret_variants(key))
 
     def scrub(self, data: bytes) -> bytes:
         for secret, mask in self._pairs:
@@ -1594,7 +1617,14 @@ class Scrubber:
         return held
 
 
-def secret_variants(key: str) -> List[bytes]:
+@functools.lru_cache(maxsize=256)
+def scrub_pairs(secrets_: Tuple[bytes, ...]) -> Tuple[Tuple[bytes, bytes], ...]:
+    """(secret, same-length mask) pairs, longest first; cached per key set (hot path)."""
+    return tuple((s, mask_secret(s)) for s in sorted(set(secrets_), key=len, reverse=True) if s)
+
+
+@functools.lru_cache(maxsize=256)
+def secret_variants(key: str) -> Tuple[bytes, ...]:
     """The forms in which an upstream might echo a key: raw, and percent-encoded the ways
     URL libraries do it (every reserved character or only some, upper or lower-case hex,
     '+' for spaces)."""
@@ -1604,7 +1634,7 @@ def secret_variants(key: str) -> List[bytes]:
         variants.add(quoted.encode())
         variants.add(re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quoted).encode())
     variants.add(urllib.parse.quote_plus(key).encode())
-    return sorted(variants, key=len, reverse=True)
+    return tuple(sorted(variants, key=len, reverse=True))
 
 
 PoolKey = Tuple[str, str, int, bool]      # scheme, host, port, verify TLS
@@ -1646,6 +1676,29 @@ class UpstreamResponse:
             conn.close()
 
 
+class _CoalescingSend:
+    """Send a small request body in the same write as the request head: one packet, one
+    wake-up of the upstream (http.client sends them separately). Uses http.client's
+    ``_buffer``/``_send_output``, stable from Python 3.9 to 3.13."""
+
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        if isinstance(message_body, bytes) and len(message_body) <= INLINE_BODY_MAX:
+            self._buffer.extend((b"", b""))                       # type: ignore[attr-defined]
+            data = b"\r\n".join(self._buffer) + message_body     # type: ignore[attr-defined]
+            del self._buffer[:]                                    # type: ignore[attr-defined]
+            self.send(data)                                        # type: ignore[attr-defined]
+            return
+        super()._send_output(message_body, encode_chunked)        # type: ignore[misc]
+
+
+class UpstreamHTTPConnection(_CoalescingSend, http.client.HTTPConnection):
+    pass
+
+
+class UpstreamHTTPSConnection(_CoalescingSend, http.client.HTTPSConnection):
+    pass
+
+
 class UpstreamPool:
     """Keep-alive connections per (scheme, host, port), shared by all handler threads.
 
@@ -1680,10 +1733,10 @@ class UpstreamPool:
         scheme, host, port, verify = key
         if scheme == "https":
             context = self.ssl_context if verify else self.insecure_context
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            conn: http.client.HTTPConnection = UpstreamHTTPSConnection(
                 host, port, timeout=self.connect_timeout, context=context)
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+            conn = UpstreamHTTPConnection(host, port, timeout=self.connect_timeout)
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout)
@@ -2201,7 +2254,7 @@ class DiscordGateway:
                 raise WsClose(4004, "authentication failed") from None
             self.ex.agent, self.ex.token_id, self.ex.secret = record.agent, record.id, record.secret_name
             real = key.decode("utf-8", "surrogateescape")
-            self.scrubber = Scrubber(secret_variants(real))
+            self.scrubber = Scrubber.for_key(real)
             data["token"] = real
             self.authenticated = True
             return OP_TEXT, json.dumps(payload).encode()
@@ -2616,7 +2669,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(len(body))))
         elif framing == "length":
             headers.append(("Content-Length", str(length)))
-        scrubber = Scrubber(secret_variants(real_key))
+        scrubber = Scrubber.for_key(real_key)
         if upgrade:
             target = url[len(provider.origin):]
             headers = [(n, v) for n, v in headers if n.lower() not in WS_DROP_HEADERS
@@ -3369,6 +3422,9 @@ class Broker:
         self.metrics = Metrics()
         self.in_flight = 0
         self._in_flight_lock = threading.Lock()
+        self._audit_cv = threading.Condition()
+        self._audit_pending: List[List[Any]] = []
+        self._audit_writing = False
         self.draining = False
 
     def __repr__(self) -> str:
@@ -3438,17 +3494,47 @@ class Broker:
                        client=ex.client, outcome=ex.outcome, reason=ex.reason[:300] or None,
                        model=ex.model[:100] if ex.model else None, tokens_in=ex.tokens_in,
                        tokens_out=ex.tokens_out)
-        counted = ex.counted or ex.outcome != "ok"
+        error = self._group_commit(row, ex.counted or ex.outcome != "ok")
+        if error:
+            self.log("error", "audit", message=f"AUDIT WRITE FAILED: {error}")
+
+    def _group_commit(self, row: AuditRow, counted: bool) -> str:
+        """Durable before the caller goes on. Rows that arrive while another thread commits
+        wait and go together in the next transaction (leader-based group commit), so audit
+        costs one sqlite transaction per batch, not per request."""
+        item: List[Any] = [row, counted, False, ""]
+        with self._audit_cv:
+            self._audit_pending.append(item)
+            while not item[2]:
+                if self._audit_writing:
+                    self._audit_cv.wait()
+                    continue
+                self._audit_writing = True
+                batch, self._audit_pending = self._audit_pending, []
+                self._audit_cv.release()
+                error = ""
+                try:
+                    error = self._commit_batch([(it[0], it[1]) for it in batch])
+                finally:
+                    self._audit_cv.acquire()
+                    self._audit_writing = False
+                    for it in batch:
+                        it[2], it[3] = True, error
+                    self._audit_cv.notify_all()
+        return item[3]
+
+    def _commit_batch(self, rows: List[Tuple[AuditRow, bool]]) -> str:
         try:
             try:
-                self.store.append_audit(self.tokens.keys, row, counted)
+                self.store.append_audit(self.tokens.keys, rows)
             except KeyRotated:
                 self.tokens.reload_keys()
-                self.store.append_audit(self.tokens.keys, row, counted)
+                self.store.append_audit(self.tokens.keys, rows)
         except (KeyRotated, Unavailable):
-            self.log("error", "audit", message="AUDIT WRITE SKIPPED: master key rotated")
+            return "master key rotated; restart the broker"
         except sqlite3.Error as exc:
-            self.log("error", "audit", message=f"AUDIT WRITE FAILED: {type(exc).__name__}: {exc}")
+            return f"{type(exc).__name__}: {exc}"
+        return ""
 
     def finish(self, ex: "Exchange") -> None:
         """After each request: the audit row if not yet written, metrics, one log line."""
