@@ -926,16 +926,19 @@ class Store:
                        "WHERE token_id = ?", (bucket, bucket_at, token_id))
 
     # --- audit -----------------------------------------------------------------------------
-    def append_audit(self, keys: "KeyRing", rows: List[Tuple["AuditRow", bool]]) -> None:
+    def append_audit(self, keys: "KeyRing", rows: List[Tuple["AuditRow", bool]],
+                     write_rows: bool = True) -> None:
         """Append chained audit rows (and each request's usage) in one short transaction;
         refuses (KeyRotated) if the DB moved to another master key meanwhile. ``rows`` holds
-        (row, counted): counted means the request was already counted at admission."""
+        (row, counted): counted means the request was already counted at admission. With
+        ``write_rows`` False (audit off) only the usage counters move."""
         with self.transaction() as db:
             check = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
             if check is not None and not hmac.compare_digest(bytes(check), keys.check):
                 raise KeyRotated()
             for row, counted in rows:
-                self._append_audit(db, keys.audit, row)
+                if write_rows:
+                    self._append_audit(db, keys.audit, row)
                 if row.token_id:
                     spent = (row.tokens_in or 0) + (row.tokens_out or 0)
                     if spent or not counted:
@@ -2469,7 +2472,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         while True:
             line = self.rfile.readline(MAX_HEADER_BYTES + 1)
             total += len(line)
-            if total > MAX_HEADER_BYTES or len(headers) >= MAX_HEADER_COUNT:
+            if total > MAX_HEADER_BYTES:
                 raise HeadersTooLarge("request header fields too large", close=True)
             if not line:
                 raise ClientGone()
@@ -2486,6 +2489,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if _BAD_VALUE_BYTES_RE.search(value):
                 raise BadRequest("header value contains a control character", close=True)
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            if len(headers) > MAX_HEADER_COUNT:
+                raise HeadersTooLarge("too many request header fields", close=True)
         head = RequestHead(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"),
                            headers)
         conn_tokens = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
@@ -2596,6 +2601,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         ex.path = redact(path)
         if path == "/healthz" and head.method in ("GET", "HEAD"):
             ex.outcome, ex.status = "health", 200
+            if request_has_body(head):
+                self.close_connection = True      # never read a stray body as a request
             self._send_simple(200, b'{"status":"ok"}' if head.method == "GET" else b"")
             return
         validate_path(path)
@@ -3063,8 +3070,8 @@ SETTINGS: List[SettingSpec] = [
     SettingSpec("admin_host", "server", "admin_host", "str", "127.0.0.1",
                 "listen address of the admin port"),
     SettingSpec("admin_port", "server", "admin_port", "port", -1,
-                "admin port serving /metrics and /healthz (off unless set; worker i of "
-                "--workers uses admin_port + i)"),
+                "admin port serving /metrics and /healthz (off unless set; with --workers N "
+                "the workers use admin_port .. admin_port+N-1)"),
     SettingSpec("workers", "server", "workers", "int", 1,
                 "processes sharing the agent port (SO_REUSEPORT) and the DB"),
     SettingSpec("grace", "server", "grace", "duration", 10.0,
@@ -3072,7 +3079,8 @@ SETTINGS: List[SettingSpec] = [
     SettingSpec("public_url", "server", "public_url", "str", "",
                 "the broker's address as agents see it (token mint --format env)"),
     SettingSpec("audit", "server", "audit", "bool", True,
-                "write the audit log (turn off only to measure its cost)"),
+                "the audit log (on by default; --no-audit / audit = false only to measure "
+                "its cost: it breaks the accountability promise)"),
     SettingSpec("max_body", "limits", "max_body", "size", MAX_BODY_BYTES,
                 "largest request body (413 past it)"),
     SettingSpec("max_connections", "limits", "max_connections", "int", MAX_CONNECTIONS,
@@ -3192,7 +3200,7 @@ def ini_line_numbers(text: str) -> Dict[Tuple[str, str], int]:
 def read_config(text: str, source: str, settings: Settings) -> List[str]:
     """Apply a config file to ``settings``; return every error as 'source:line: message'."""
     errors: List[str] = []
-    parser = configparser.ConfigParser(interpolation=None)
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
     try:
         parser.read_string(text, source=source)
     except configparser.Error as exc:
@@ -3280,14 +3288,18 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
     return settings
 
 
-def load_providers(settings: Settings) -> Dict[str, Provider]:
-    """Built-in providers plus custom ones from the config file, with upstream overrides."""
+def load_providers(settings: Settings, strict: bool = True) -> Dict[str, Provider]:
+    """Built-in providers plus custom ones from the config file, with upstream overrides.
+    ``strict`` (serve, config check) refuses an override naming an unknown provider: a typo
+    there would send traffic to the real upstream while the operator thinks it does not."""
     providers = providers_from_ini(BUILTIN_PROVIDERS_INI)
     for name, provider in settings.custom_providers.items():
         providers[name] = provider
     routes = {alias for p in providers.values() for alias in p.aliases}
     for name, url in settings.upstreams.items():
         if name not in providers:
+            if not strict:
+                continue
             raise ConfigError(f"upstream override for unknown provider {name!r}")
         providers[name] = providers[name].with_upstream(url)
     for name in settings.insecure_upstream:
@@ -3484,8 +3496,6 @@ class Broker:
         if ex.recorded or ex.outcome == "health":
             return
         ex.recorded = True
-        if not self.settings.audit:
-            return
         row = AuditRow(ts=utc_iso(), agent=ex.agent or None, token_id=ex.token_id or None,
                        provider=ex.provider or None, secret=ex.secret or None,
                        method=ex.method[:16], path=ex.path[:1024], status=ex.status,
@@ -3526,10 +3536,10 @@ class Broker:
     def _commit_batch(self, rows: List[Tuple[AuditRow, bool]]) -> str:
         try:
             try:
-                self.store.append_audit(self.tokens.keys, rows)
+                self.store.append_audit(self.tokens.keys, rows, self.settings.audit)
             except KeyRotated:
                 self.tokens.reload_keys()
-                self.store.append_audit(self.tokens.keys, rows)
+                self.store.append_audit(self.tokens.keys, rows, self.settings.audit)
         except (KeyRotated, Unavailable):
             return "master key rotated; restart the broker"
         except sqlite3.Error as exc:
@@ -3749,7 +3759,7 @@ def serve(settings: Settings, store: Store, master_key: bytes,
                           reuse_port=settings.workers > 1)
     admin = None
     if settings.admin_port >= 0:
-        admin_port = settings.admin_port + worker if settings.admin_port else 0
+        admin_port = settings.admin_port + max(worker - 1, 0) if settings.admin_port else 0
         admin = http.server.ThreadingHTTPServer((settings.admin_host, admin_port), AdminHandler)
         admin.daemon_threads = True
         admin.broker, admin.agent_server = broker, server  # type: ignore[attr-defined]
@@ -3764,7 +3774,7 @@ def serve(settings: Settings, store: Store, master_key: bytes,
     if admin is not None:
         ready += f" (admin on http://{settings.admin_host}:{admin.server_address[1]})"
     if worker:
-        sys.stdout.write(f"ready {port}\n")
+        sys.stdout.write(f"ready {port} {admin.server_address[1] if admin else '-'}\n")
         sys.stdout.flush()
     else:
         sys.stderr.write(ready + "\n")
@@ -3811,18 +3821,22 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
             env = dict(os.environ, SEKS_WORKER_INDEX=str(index + 1), SEKS_WORKER_PORT=str(port))
             children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv,
                                              env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL))
+        admin_ports = []
         for child in children:
             line = child.stdout.readline()
             if not line.startswith(b"ready"):
                 raise ConfigError("a worker failed to start (see its error above)")
+            admin_ports.append(line.split()[2].decode())
     except BaseException:
         for child in children:
             child.terminate()
         raise
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     scheme = "https" if settings.tls_cert else "http"
+    admin = "" if settings.admin_port < 0 else \
+        f", admin ports {','.join(admin_ports)} on {settings.admin_host}"
     sys.stderr.write(f"seks-broker listening on {scheme}://{shown}:{port} "
-                     f"({settings.workers} workers)\n")
+                     f"({settings.workers} workers{admin})\n")
     sys.stderr.flush()
     stopping = threading.Event()
 
@@ -4030,7 +4044,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100, help="newest N rows (default 100)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.add_argument("--follow", action="store_true", help="keep printing new rows")
-    p.add_argument("--before", help="with prune: delete rows older than this ISO date/time")
+    p.add_argument("--before", help="with prune: delete rows older than this (ISO date/time, "
+                                    "or 1h, 7d... ago)")
 
     p = sub.add_parser("usage", help="requests and LLM tokens per agent, provider and model")
     p.add_argument("--agent")
@@ -4057,7 +4072,7 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
             if spec.name != "db" and value is not None:
                 flags[spec.name] = ",".join(value) if isinstance(value, list) else value
     settings = resolve_settings(args.config, environ, flags)
-    providers = load_providers(settings)
+    providers = load_providers(settings, strict=args.command == "serve")
     db_path = settings.db
     store = Store(db_path)
     try:
@@ -4099,11 +4114,11 @@ def cmd_config_check(path: str) -> int:
         return 1
     settings = Settings()
     errors = read_config(text, path, settings)
-    if not errors:
-        try:
-            providers = load_providers(settings)
-        except ConfigError as exc:
-            errors.append(f"{path}: {exc}")
+    providers: Dict[str, Provider] = {}
+    try:
+        providers = load_providers(settings)
+    except ConfigError as exc:
+        errors.append(f"{path}: {exc}")
     if errors:
         for error in errors:
             print(error)
@@ -4176,6 +4191,9 @@ def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provi
         expires = time.time() + parse_ttl(args.ttl) if args.ttl else None
         policy = make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
                              args.models, args.budget_tokens)
+        if not provider.usage and ("models" in policy or "budget_tokens" in policy):
+            raise UsageError(f"--models and --budget-tokens apply to LLM providers (those with "
+                             f"'usage' set); {provider.name} has none")
         real_key = ""
         if provider.token_shape == "bot-id":
             cipher = SecretCipher(load_master_key(db_path, environ, store))
@@ -4280,12 +4298,12 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
     count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
                         derive_key(new_key, "key-check"))
     if from_env:
-        print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key now and "
-              f"restart running brokers", file=sys.stderr)
+        print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key and restart "
+              f"running brokers now (until then they answer 503)", file=sys.stderr)
     else:
         os.replace(pending, key_path)
-        print(f"re-encrypted {count} secret(s) under a new key in {key_path}; restart running "
-              f"brokers", file=sys.stderr)
+        print(f"re-encrypted {count} secret(s) under a new key in {key_path}; running brokers "
+              f"load it on their next request", file=sys.stderr)
     return 0
 
 
