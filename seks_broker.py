@@ -2067,9 +2067,11 @@ class WsRelay:
 
     def __init__(self, client: WsPeer, upstream: WsPeer,
                  on_client: Callable[[int, bytes], Tuple[int, bytes]],
-                 on_server: Callable[[int, bytes], Tuple[int, bytes]]) -> None:
+                 on_server: Callable[[int, bytes], Tuple[int, bytes]],
+                 scrub: Callable[[bytes], bytes]) -> None:
         self.client, self.upstream = client, upstream
         self.on_client, self.on_server = on_client, on_server
+        self.scrub = scrub                   # for upstream ping/pong payloads
         self.last_activity = time.monotonic()
         self.done = threading.Event()
         self.close_code: Optional[int] = None
@@ -2111,7 +2113,7 @@ class WsRelay:
                         break
                     continue
                 if opcode in (OP_PING, OP_PONG):
-                    dst.send(opcode, payload)
+                    dst.send(opcode, self.scrub(payload) if src is self.upstream else payload)
                     continue
                 if opcode == OP_CONT:
                     if not parts:
@@ -2137,10 +2139,10 @@ class WsRelay:
         except WsClose as exc:
             self.close_code = self.close_code or exc.code
             self.close_reason = self.close_reason or exc.reason
-            for peer in (dst, src):
+            for peer in (self.client, self.upstream):      # the agent hears the reason first
                 peer.close(exc.code, exc.reason)
         except (OSError, ConnectionAbortedError):
-            if not self.done.is_set():
+            if not self.done.is_set() and not dst.closed_sent:
                 # this side died without a close: tell the other, then stop both
                 code, reason = (1011, "upstream connection lost") if src is self.upstream \
                     else (1001, "client went away")
@@ -2266,6 +2268,9 @@ class DiscordGateway:
                 raise WsClose(4003, "not authenticated: send IDENTIFY or RESUME first")
         return OP_TEXT, message
 
+    def scrub(self, payload: bytes) -> bytes:
+        return self.scrubber.scrub(payload) if self.scrubber is not None else payload
+
     def on_server(self, opcode: int, message: bytes) -> Tuple[int, bytes]:
         if self.scrubber is not None:
             message = self.scrubber.scrub(message)
@@ -2298,7 +2303,8 @@ def gateway_resume_host(rest: str, gateway_host: str) -> Optional[str]:
     if parts[1] != "resume":
         raise NotFound("unknown gateway route")
     host = urllib.parse.unquote(parts[2]).lower()
-    if not re.match(r"^[a-z0-9.-]+(:\d{1,5})?$", host):
+    match = re.match(r"^[a-z0-9.-]+(?::(\d{1,5}))?$", host)
+    if not match or (match.group(1) and not 0 < int(match.group(1)) < 65536):
         raise BadRequest("bad resume host")
     name = host.rsplit(":", 1)[0] if ":" in host else host
     if host == gateway_host.lower() or name.endswith(".discord.gg"):
@@ -2758,11 +2764,11 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         self._write(self._head_bytes(status, HTTP_REASONS.get(status, "Unknown"), headers) + body)
 
     def _run_relay(self, client: WsPeer, upstream: WsPeer, on_client: Any, on_server: Any,
-                   ex: Exchange) -> None:
+                   scrub: Callable[[bytes], bytes], ex: Exchange) -> None:
         ex.status, ex.outcome = 101, "ok"
         metrics = self.server.broker.metrics
         metrics.add_stream(1)
-        relay = WsRelay(client, upstream, on_client, on_server)
+        relay = WsRelay(client, upstream, on_client, on_server, scrub)
         try:
             relay.run()
         finally:
@@ -2794,7 +2800,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         client = self._accept_websocket(key, chosen)
         upstream = WsPeer("upstream", sock, reader, masked_out=True)
         self._run_relay(client, upstream, lambda op, m: (op, m),
-                        lambda op, m: (op, scrubber.scrub(m)), ex)
+                        lambda op, m: (op, scrubber.scrub(m)), scrubber.scrub, ex)
 
     def _discord_gateway(self, head: RequestHead, provider: Provider, rest: str, query: str,
                          route_prefix: str, ex: Exchange) -> None:
@@ -2831,7 +2837,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         hooks = DiscordGateway(broker, provider, ex, ws_base, compress == "zlib-stream")
         client = self._accept_websocket(key, "")
         upstream = WsPeer("upstream", sock, reader, masked_out=True)
-        self._run_relay(client, upstream, hooks.on_client, hooks.on_server, ex)
+        self._run_relay(client, upstream, hooks.on_client, hooks.on_server, hooks.scrub, ex)
 
     def _expect_continue(self, head: RequestHead) -> None:
         expect = head.get("expect")
@@ -2873,7 +2879,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if name.lower() == "location":
                 value = rewrite_location(value, provider, route_prefix)
             headers.append((name, scrubber.scrub(value.encode("latin-1", "replace")).decode("latin-1")))
-        no_body = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        if 100 <= status < 200:
+            raise UpstreamError(f"upstream sent an informational {status} answer as final")
+        no_body = head.method == "HEAD" or status in (204, 304)
         reason = HTTP_REASONS.get(status, "Unknown")     # never the upstream's own text
         meter = UsageMeter(provider.usage, content_type) if provider.usage and not no_body else None
         ex.outcome = "ok"
@@ -3703,6 +3711,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     """The admin listener: /metrics (Prometheus text) and /healthz; nothing else."""
 
     protocol_version = "HTTP/1.1"
+    timeout = 10.0
     server_version = "seks-broker-admin"
 
     def do_GET(self) -> None:

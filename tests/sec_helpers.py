@@ -1,13 +1,15 @@
 """Helpers for the adversarial suites (test_security*.py): a raw-socket HTTP client that controls
-every byte, a TCP recorder standing in for an attacker's server, and broker processes that the
-conftest `Broker` cannot start (limits shortened for tests, a second process on the same DB).
+every byte, a TCP recorder standing in for an attacker's server, and a second broker process
+serving the same DB as a conftest `Broker`.
 
 Nothing here mocks the broker: every request crosses a real socket into `seks_broker.py serve`.
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from conftest import BROKER_PY, LISTEN_RE, START_TIMEOUT_S, Broker, FakeUpstream
 
@@ -288,43 +290,8 @@ def requests_to(upstreams: Dict[str, FakeUpstream]) -> Dict[str, List[str]]:
 
 
 # ============================================================================
-# Broker processes the conftest Broker cannot start
+# A second broker process on the same DB (the conftest Broker always makes its own DB)
 # ============================================================================
-
-# Runs the real broker's main() after overriding some of its named limits (CLIENT_TIMEOUT_S,
-# HEADER_TIMEOUT_S, MAX_CONNECTIONS): the broker offers no flag for them, and waiting 60 s for
-# the real client timeout is not a unit test.
-_LAUNCHER = r'''
-import importlib.util, json, os, sys
-path = sys.argv[1]
-spec = importlib.util.spec_from_file_location("seks_broker", path)
-mod = importlib.util.module_from_spec(spec)
-sys.modules["seks_broker"] = mod
-spec.loader.exec_module(mod)
-for name, value in json.loads(sys.argv[2]).items():
-    if not hasattr(mod, name):
-        sys.stderr.write("launcher: seks_broker has no constant %s\n" % name)
-        sys.exit(3)
-    setattr(mod, name, value)
-sys.exit(mod.main(sys.argv[3:]))
-'''
-
-
-class PatchedBroker(Broker):
-    """A conftest Broker whose `serve` process runs with some module constants overridden."""
-
-    def __init__(self, workdir: Path, upstream_urls: Dict[str, str], patches: Dict[str, Any],
-                 **kw: Any) -> None:
-        self.patches = dict(patches)
-        super().__init__(workdir, upstream_urls, **kw)
-
-    def _start(self, serve_args: Sequence[str]) -> None:
-        launcher = self.workdir / "patched_launcher.py"
-        launcher.write_text(_LAUNCHER)
-        argv = [sys.executable, str(launcher), str(BROKER_PY), json.dumps(self.patches),
-                "--db", str(self.db), "serve", "--host", "127.0.0.1", "--port", "0", *serve_args]
-        spawn_and_wait(self, argv)
-
 
 def spawn_and_wait(b: Broker, argv: List[str]) -> None:
     """Start `argv` as b's serve process (stderr to b.stderr_path) and wait for its listen line."""
@@ -364,3 +331,209 @@ def second_process(first: Broker, name: str = "second") -> Broker:
     spawn_and_wait(b, [sys.executable, str(BROKER_PY), "--db", str(b.db), "serve",
                        "--host", "127.0.0.1", "--port", "0"])
     return b
+
+
+# ============================================================================
+# WebSocket: a recording upstream and a raw client
+# ============================================================================
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _ws_mask(payload: bytes, mask: bytes) -> bytes:
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def ws_encode(opcode: int, payload: bytes, masked: bool, fin: bool = True, rsv1: bool = False) -> bytes:
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    if masked:
+        mask = os.urandom(4)
+        return head + mask + _ws_mask(payload, mask)
+    return head + payload
+
+
+def ws_decode(rd: "_Reader") -> Optional[Tuple[bool, int, bytes]]:
+    """One frame (fin, opcode, unmasked payload) or None at EOF."""
+    b = rd.exactly(2)
+    if b is None:
+        return None
+    fin, opcode, masked, n = bool(b[0] & 0x80), b[0] & 0x0F, bool(b[1] & 0x80), b[1] & 0x7F
+    if n == 126:
+        ext = rd.exactly(2)
+        n = int.from_bytes(ext or b"\0\0", "big")
+    elif n == 127:
+        ext = rd.exactly(8)
+        n = int.from_bytes(ext or bytes(8), "big")
+    mask = rd.exactly(4) if masked else b""
+    payload = rd.exactly(n) if n else b""
+    if payload is None or mask is None:
+        return None
+    return fin, opcode, _ws_mask(payload, mask) if masked else payload
+
+
+class WsConn:
+    """One connection accepted by WsUpstream, as its behaviour function sees it."""
+
+    def __init__(self, sock: socket.socket, head: bytes) -> None:
+        self.sock = sock
+        self.head = head
+        self.rd = _Reader(sock)
+
+    def header(self, name: str) -> Optional[str]:
+        for line in self.head.decode("latin-1").split("\r\n")[1:]:
+            k, _, v = line.partition(":")
+            if k.strip().lower() == name.lower():
+                return v.strip()
+        return None
+
+    def accept(self, extra: Sequence[Tuple[str, str]] = ()) -> None:
+        key = self.header("Sec-WebSocket-Key") or ""
+        accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
+        lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Accept: {accept}"] + [f"{k}: {v}" for k, v in extra]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def refuse(self, status: int, body: bytes, headers: Sequence[Tuple[str, str]] = ()) -> None:
+        lines = [f"HTTP/1.1 {status} Refused"] + [f"{k}: {v}" for k, v in headers] + \
+                [f"Content-Length: {len(body)}", "Connection: close"]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    def send(self, opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> None:
+        self.sock.sendall(ws_encode(opcode, payload, masked=False, fin=fin, rsv1=rsv1))
+
+    def recv(self) -> Optional[Tuple[bool, int, bytes]]:
+        return ws_decode(self.rd)
+
+
+class WsUpstream:
+    """A loopback WebSocket server. `.heads` records each handshake request head; `.frames`
+    every (opcode, payload) the broker sent; `.behaviour(conn)` answers (default: accept, echo)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.heads: List[bytes] = []
+        self.frames: List[Tuple[int, bytes]] = []
+        self.behaviour: Callable[[WsConn], None] = self.echo
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ws-upstream", daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.heads.clear()
+            self.frames.clear()
+            self.behaviour = self.echo
+
+    def echo(self, conn: WsConn) -> None:
+        conn.accept()
+        self.pump(conn, echo=True)
+
+    def pump(self, conn: WsConn, echo: bool = False) -> None:
+        """Record the broker's frames until close; echo data frames if asked."""
+        while True:
+            frame = conn.recv()
+            if frame is None:
+                return
+            fin, opcode, payload = frame
+            with self.lock:
+                self.frames.append((opcode, payload))
+            if opcode == 0x8:
+                try:
+                    conn.send(0x8, payload[:2])
+                except OSError:
+                    pass
+                return
+            if echo and opcode in (0x1, 0x2):
+                conn.send(opcode, payload)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                s, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+
+    def _serve(self, s: socket.socket) -> None:
+        s.settimeout(10)
+        try:
+            rd = _Reader(s)
+            head = rd.until(b"\r\n\r\n")
+            if head is None:
+                return
+            with self.lock:
+                self.heads.append(head)
+            conn = WsConn(s, head)
+            conn.rd = rd
+            self.behaviour(conn)
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+class WsClient:
+    """A raw WebSocket client (frames masked, as RFC 6455 requires of clients)."""
+
+    def __init__(self, port: int, target: str, headers: Sequence[Tuple[str, str]] = (),
+                 timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        hs = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", key),
+              ("Sec-WebSocket-Version", "13")] + list(headers)
+        self.sock.sendall(request_bytes("GET", target, hs))
+        self.rd = _Reader(self.sock)
+        head = self.rd.until(b"\r\n\r\n") or b""
+        self.head = head
+        self.status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+        self.body = b""
+        if self.status != 101:
+            m = [l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")]
+            if m:
+                self.body = self.rd.exactly(int(m[0].split(b":")[1])) or b""
+
+    def send(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        self.sock.sendall(ws_encode(opcode, payload, masked=True, fin=fin))
+
+    def recv(self) -> Optional[Tuple[bool, int, bytes]]:
+        try:
+            return ws_decode(self.rd)
+        except socket.timeout:
+            return None
+
+    def recv_all(self, limit: float = 3.0) -> List[Tuple[bool, int, bytes]]:
+        """Frames until the broker closes (or `limit` seconds)."""
+        self.sock.settimeout(limit)
+        out = []
+        while True:
+            frame = self.recv()
+            if frame is None:
+                return out
+            out.append(frame)
+            if frame[1] == 0x8:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()

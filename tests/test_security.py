@@ -18,9 +18,13 @@ import os
 import posixpath
 import random
 import re
+import shutil
+import socket
+import ssl
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -33,7 +37,7 @@ import pytest
 from conftest import (
     BROKER_PY, MASTER_KEY, PROVIDERS, REAL_KEYS, Broker, FakeUpstream, RecordedRequest, Response,
     UpstreamHandler, auth_headers, broker_env, error_type_and_message, http_request, key_check_failure,
-    run_cli, secret_name,
+    run_cli,
 )
 from sec_helpers import (
     RawResponse, TcpRecorder, assert_no_traffic, raw_exchange, request_bytes, requests_to, second_process,
@@ -128,8 +132,8 @@ def one_request(up: FakeUpstream) -> RecordedRequest:
 
 
 def only_upstream_contacted(upstreams: Dict[str, FakeUpstream], provider: str,
-                            attacker: Optional[TcpRecorder] = None) -> RecordedRequest:
-    time.sleep(0.05)
+                            attacker: Optional[TcpRecorder] = None, settle: float = 0.05) -> RecordedRequest:
+    time.sleep(settle)
     got = requests_to(upstreams)
     assert set(got) == {provider}, f"expected only {provider} to be contacted, got {got}"
     if attacker is not None:
@@ -180,6 +184,9 @@ ROUTING_ATTACKS: List[Tuple[str, str, str, Tuple[int, ...]]] = [
     ("overlong-c0af-slash", "GET", "/openai/v1/..%c0%af..%c0%afx", (400,)),
     ("overlong-c1-9c-backslash", "GET", "/openai/v1/..%c1%9c..%c1%9cx", (400,)),
     ("fullwidth-dots", "GET", "/openai/v1/%ef%bc%8e%ef%bc%8e/x", (400,)),
+    ("two-dot-leader", "GET", "/openai/v1/%e2%80%a5/x", (400,)),
+    ("fullwidth-solidus-dotdot", "GET", "/openai/v1/..%ef%bc%8f..%ef%bc%8fx", (400,)),
+    ("fullwidth-backslash", "GET", "/openai/v1/..%ef%bc%bc..%ef%bc%bcx", (400,)),
     ("double-overlong", "GET", "/openai/v1/%25c0%25ae%25c0%25ae/x", (400,)),
     ("dotdot-nul", "GET", "/openai/v1/..%00/x", (400,)),
     # backslashes
@@ -337,6 +344,141 @@ def test_duplicate_host_headers_never_move_the_request(broker: Broker, upstreams
     assert resp.status == 200, resp
     req = only_upstream_contacted(upstreams, "openai", attacker)
     assert req.header_all("Host") == [f"127.0.0.1:{upstreams['openai'].port}"]
+
+
+def test_proxy_environment_cannot_divert_the_key(broker_factory: Callable[..., Broker],
+                                                 upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder) -> None:
+    """urllib honours HTTP(S)_PROXY by default: a broker started in an environment with a proxy
+    set must still connect straight to the configured upstream (the proxy would see every key)."""
+    proxy_env = {name: attacker.url for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy",
+                                                  "ALL_PROXY", "all_proxy")}
+    proxy_env.update({"NO_PROXY": "", "no_proxy": ""})
+    b = broker_factory({"openai": upstreams["openai"].url}, extra_env=proxy_env, providers=("openai",))
+    resp = b.request("GET", "/openai/v1/models", auth_headers("openai", b.token("openai")))
+    assert resp.status == 200, resp.body[:200]
+    assert only_upstream_contacted(upstreams, "openai", attacker).target == "/v1/models"
+    time.sleep(0.2)
+    assert not attacker.seen(), "the broker went through the proxy from its environment"
+
+
+# --- TLS to the upstream is verified: a key never goes to a server that cannot prove its name ------
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+def make_cert(d: Path, name: str, ca: str, san: str) -> Tuple[Path, Path]:
+    key, csr, crt, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem", d / f"{name}.ext"
+    ext.write_text(f"subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                   "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(d / f"{ca}.pem"), "-CAkey", str(d / f"{ca}.key"),
+            "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext))
+    return crt, key
+
+
+def make_ca(d: Path, name: str) -> None:
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.pem"), "-days", "2",
+            "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+
+class TlsRecorder:
+    """An HTTPS server on 127.0.0.1 that records every request it decrypts (and counts failed
+    handshakes), answering each with 200."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.requests: List[bytes] = []
+        self.failed_handshakes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            raw.settimeout(5)
+            try:
+                conn = self.ctx.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError):
+                self.failed_handshakes += 1
+                raw.close()
+                continue
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        break
+                    data += piece
+                self.requests.append(data)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 11\r\nConnection: close\r\n\r\n{\"ok\":true}")
+            except (ssl.SSLError, OSError):
+                pass
+            finally:
+                conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def tls_setup(tmp_path_factory: pytest.TempPathFactory, broker_factory: Callable[..., Broker]
+              ) -> Iterator[Tuple[Broker, Dict[str, TlsRecorder]]]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make test certificates")
+    d = tmp_path_factory.mktemp("tls")
+    make_ca(d, "trusted-ca")
+    make_ca(d, "other-ca")
+    servers = {
+        "openai": TlsRecorder(*make_cert(d, "good", "trusted-ca", "IP:127.0.0.1")),
+        "anthropic": TlsRecorder(*make_cert(d, "wrong-name", "trusted-ca", "DNS:wrong.example")),
+        "groq": TlsRecorder(*make_cert(d, "untrusted", "other-ca", "IP:127.0.0.1")),
+    }
+    b = broker_factory({p: f"https://127.0.0.1:{s.port}" for p, s in servers.items()},
+                       providers=tuple(servers), serve_args=("--upstream-ca", str(d / "trusted-ca.pem")))
+    yield b, servers
+    for s in servers.values():
+        s.stop()
+
+
+def test_verified_tls_upstream_gets_the_key(tls_setup: Tuple[Broker, Dict[str, TlsRecorder]]) -> None:
+    """Positive control: a certificate from the configured CA for the right name works."""
+    b, servers = tls_setup
+    resp = b.request("GET", "/openai/v1/models", auth_headers("openai", b.token("openai")))
+    assert resp.status == 200, resp.body[:300]
+    assert len(servers["openai"].requests) == 1
+    assert f"Bearer {REAL_KEYS['openai']}".encode() in servers["openai"].requests[0]
+
+
+@pytest.mark.parametrize("provider,why", [("anthropic", "name mismatch"), ("groq", "unknown CA")])
+def test_unverifiable_tls_upstream_never_gets_the_key(tls_setup: Tuple[Broker, Dict[str, TlsRecorder]],
+                                                     provider: str, why: str) -> None:
+    b, servers = tls_setup
+    resp = b.request("POST", f"/{provider}/v1/x", auth_headers(provider, b.token(provider)), b"{}")
+    assert resp.status == 502, (why, resp.status, resp.body[:300])
+    assert servers[provider].requests == [], f"{why}: a request was sent over an unverified TLS session"
+    assert servers[provider].failed_handshakes >= 1
+    assert_key_absent(agent_view(resp), REAL_KEYS[provider], why)
 
 
 # --- redirects ----------------------------------------------------------------------------------
@@ -772,6 +914,16 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> No
     assert "second" not in run_cli(db, "secret", "list", env=env).stdout
 
 
+def test_serve_disables_core_dumps(broker: Broker) -> None:
+    """A core dump of the broker would hold every decrypted key."""
+    limits = Path(f"/proc/{broker.proc.pid}/limits")
+    if not limits.exists():
+        pytest.skip("no /proc on this platform")
+    line = next(l for l in limits.read_text().splitlines() if l.startswith("Max core file size"))
+    soft, hard = line.split()[4:6]
+    assert soft == "0" and hard == "0", line
+
+
 # ============================================================================
 # 6. The agent port serves proxy routes and /healthz only
 # ============================================================================
@@ -926,7 +1078,7 @@ def test_fuzz_paths_over_real_sockets(broker: Broker, upstreams: Dict[str, FakeU
         resp = raw_exchange(broker.port, data, close_wait=0.01)
         if resp.status == 200:
             outcomes["forwarded"] += 1
-            req = only_upstream_contacted(upstreams, "openai", attacker)
+            req = only_upstream_contacted(upstreams, "openai", None, settle=0)
             rest, _, query = target.partition("?")
             expected = rest + ("?" + query if query else "")   # a bare trailing '?' may be dropped
             assert req.target == expected, f"{data!r}: upstream got {req.target!r}"
@@ -934,8 +1086,10 @@ def test_fuzz_paths_over_real_sockets(broker: Broker, upstreams: Dict[str, FakeU
         else:
             outcomes["refused"] += 1
             assert 400 <= resp.status < 500, f"{data!r} -> {resp!r}"
-            assert_no_traffic(upstreams, attacker, repr(data[:120]))
+            assert_no_traffic(upstreams, None, repr(data[:120]), settle=0)
     assert outcomes["forwarded"] >= 20 and outcomes["refused"] >= 20, outcomes
+    time.sleep(0.3)
+    assert not attacker.seen(), f"the attacker's server was contacted: {attacker.seen()[:2]!r}"
 
 
 # Paths real SDKs send that the checks above must not break (refusing them is safe, but breaks the
@@ -961,12 +1115,23 @@ def test_legit_percent_encoded_paths_are_forwarded(broker: Broker, upstreams: Di
 # 8. Leak sweep: logs, DB bytes, CLI listings and --help hold no real key and no full token
 # ============================================================================
 
-HELP_COMMANDS = [
-    ["--help"], ["--version"], ["serve", "--help"], ["secret", "--help"], ["secret", "add", "--help"],
-    ["secret", "list", "--help"], ["secret", "rm", "--help"], ["token", "--help"], ["token", "mint", "--help"],
-    ["token", "list", "--help"], ["token", "revoke", "--help"], ["agent", "--help"], ["agent", "add", "--help"],
-    ["agent", "list", "--help"], ["agent", "disable", "--help"], ["agent", "enable", "--help"],
-]
+def every_command_path() -> List[List[str]]:
+    """Every sub-command of the CLI (walked from its argparse parser, so new ones are included)."""
+    import argparse
+
+    def walk(parser: argparse.ArgumentParser, prefix: List[str]) -> Iterator[List[str]]:
+        yield prefix
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, prefix + [name])
+
+    return list(walk(seks_broker.build_parser(), []))
+
+
+LISTINGS = [["secret", "list"], ["token", "list"], ["agent", "list"], ["audit"], ["audit", "--json"],
+            ["audit", "verify"], ["usage"], ["usage", "--json"]]
+ADMIN_RE = re.compile(r"admin on http://127\.0\.0\.1:(\d+)")
 
 
 def drive_all_traffic(b: Broker, upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder) -> None:
@@ -1003,18 +1168,29 @@ def drive_all_traffic(b: Broker, upstreams: Dict[str, FakeUpstream], attacker: T
     b.request("GET", "/nosuch/v1/x", auth_headers("openai", b.token("openai")))          # 404
 
 
-def test_no_key_or_token_in_logs_db_or_cli(broker_factory: Callable[..., Broker],
-                                           upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder) -> None:
-    b = broker_factory({p: u.url for p, u in upstreams.items()})
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_key_or_token_in_logs_db_metrics_or_cli(broker_factory: Callable[..., Broker],
+                                                   upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder,
+                                                   log_format: str) -> None:
+    b = broker_factory({p: u.url for p, u in upstreams.items()},
+                       serve_args=("--log-format", log_format, "--admin-port", "0"))
     drive_all_traffic(b, upstreams, attacker)
     outputs: Dict[str, str] = {}
-    for args in (["secret", "list"], ["token", "list"], ["agent", "list"]):
+    for args in LISTINGS:
         cp = b.cli(*args)
-        assert cp.returncode == 0, cp.stderr
+        assert cp.returncode == 0, (args, cp.stderr)
         outputs[" ".join(args)] = cp.stdout + cp.stderr
-    for args in HELP_COMMANDS:
+    commands = every_command_path()
+    assert len(commands) >= 15, commands
+    for args in [["--version"]] + [c + ["--help"] for c in commands]:
         cp = b.cli(*args)
+        assert cp.returncode == 0, (args, cp.stderr)
         outputs[" ".join(args)] = cp.stdout + cp.stderr
+    m = ADMIN_RE.search(b.stderr_text())
+    assert m, "no admin port in the listening line"
+    metrics = http_request(f"http://127.0.0.1:{m.group(1)}/metrics")
+    assert metrics.status == 200
+    outputs["/metrics"] = metrics.body.decode("latin-1")
     time.sleep(0.2)
     log = b.stderr_text() + b.stdout_text()
     assert log.count("\n") >= 10, "expected per-request log lines"

@@ -7,8 +7,8 @@ at any upstream. Limits: 414 / 431 / 413 (answered before the body is sent), idl
 clients, the connection cap (503), dead and silent upstreams (502 / 504). A seeded fuzz loop
 mixes framing headers and malformed lines.
 
-The broker has no flag for its client timeouts or connection cap; those tests run the real broker
-with the module constants overridden (sec_helpers.PatchedBroker) instead of waiting 60 s.
+Client timeouts and the connection cap are shortened with the real `serve` flags
+(--client-timeout, --header-timeout, --max-connections), so no test waits 60 s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import random
 import socket
 import time
-from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
@@ -26,7 +25,7 @@ from conftest import (
     key_check_failure,
 )
 from sec_helpers import (
-    PatchedBroker, RawResponse, _Reader, raw_exchange, read_response, request_bytes, requests_to,
+    RawResponse, _Reader, raw_exchange, read_response, request_bytes, requests_to,
 )
 
 CHAT = "/openai/v1/chat/completions"
@@ -328,7 +327,7 @@ def test_chunked_body_over_max_body_is_413(small_body_broker: Broker, upstreams:
 
 
 # ============================================================================
-# Slow and idle clients, connection cap (limits shortened through PatchedBroker)
+# Slow and idle clients, connection cap (limits shortened with serve flags)
 # ============================================================================
 
 SHORT_CLIENT_TIMEOUT = 1.0
@@ -337,13 +336,12 @@ SHORT_MAX_CONNECTIONS = 4
 
 
 @pytest.fixture(scope="module")
-def patched_broker(tmp_path_factory: pytest.TempPathFactory, upstreams: Dict[str, FakeUpstream]) -> Iterator[Broker]:
-    b = PatchedBroker(tmp_path_factory.mktemp("patched"), {"openai": upstreams["openai"].url},
-                      {"CLIENT_TIMEOUT_S": SHORT_CLIENT_TIMEOUT, "HEADER_TIMEOUT_S": SHORT_HEADER_TIMEOUT,
-                       "MAX_CONNECTIONS": SHORT_MAX_CONNECTIONS},
-                      providers=("openai",))
-    yield b
-    b.stop()
+def patched_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+    """A broker with its client limits shortened through the real serve flags."""
+    return broker_factory({"openai": upstreams["openai"].url}, providers=("openai",),
+                          serve_args=("--client-timeout", f"{SHORT_CLIENT_TIMEOUT}s",
+                                      "--header-timeout", f"{SHORT_HEADER_TIMEOUT}s",
+                                      "--max-connections", str(SHORT_MAX_CONNECTIONS)))
 
 
 def seconds_until_closed(sock: socket.socket, limit: float, drip: Optional[bytes] = None,
@@ -472,16 +470,42 @@ def stalling_upstream() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture(scope="module")
+def blackhole_upstream() -> Iterator[str]:
+    """A port whose accept queue is full: a connect to it hangs (SYNs are dropped)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        c = socket.socket()
+        c.settimeout(0.3)
+        try:
+            c.connect(("127.0.0.1", port))
+            fillers.append(c)
+        except OSError:
+            c.close()
+            break
+    yield f"http://127.0.0.1:{port}"
+    for c in fillers:
+        c.close()
+    srv.close()
+
+
+@pytest.fixture(scope="module")
 def broken_upstream_broker(broker_factory: Callable[..., Broker], silent_upstream: FakeUpstream,
-                           stalling_upstream: FakeUpstream) -> Broker:
+                           stalling_upstream: FakeUpstream, blackhole_upstream: str) -> Broker:
     dead = f"http://127.0.0.1:{closed_port()}"
     return broker_factory({"openai": dead, "telegram": dead, "anthropic": silent_upstream.url,
-                           "gemini": silent_upstream.url, "groq": stalling_upstream.url},
+                           "gemini": silent_upstream.url, "groq": stalling_upstream.url,
+                           "brave": blackhole_upstream},
                           extra_env={"SEKS_UPSTREAM_TIMEOUT": "1"},
-                          providers=("openai", "telegram", "anthropic", "gemini", "groq"))
+                          providers=("openai", "telegram", "anthropic", "gemini", "groq", "brave"),
+                          serve_args=("--connect-timeout", "1s"))
 
 
-@pytest.mark.parametrize("provider,status", [("openai", 502), ("telegram", 502), ("anthropic", 504), ("gemini", 504)])
+@pytest.mark.parametrize("provider,status", [("openai", 502), ("telegram", 502), ("anthropic", 504), ("gemini", 504),
+                                             ("brave", 504)])
 def test_dead_or_silent_upstream(broken_upstream_broker: Broker, provider: str, status: int) -> None:
     b = broken_upstream_broker
     t = b.token(provider)

@@ -1,0 +1,302 @@
+"""Adversarial suite for issue 5 over WebSockets: the same promises as HTTP (closed forwarding,
+the key never reaches the agent) for the RFC 6455 relay on provider routes and for the Discord
+gateway route, where the token travels inside IDENTIFY/RESUME.
+
+A raw WebSocket client talks to a real broker; a loopback WebSocket upstream (sec_helpers.WsUpstream)
+records every handshake and frame and sends whatever each test scripts - including the real key,
+split over fragments, in control frames, in a close reason, or compressed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import pytest
+
+from conftest import REAL_KEYS, Broker
+from sec_helpers import TcpRecorder, WsClient, WsConn, WsUpstream
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+KEY = REAL_KEYS["openai"]
+DISCORD_KEY = REAL_KEYS["discord"]
+
+
+@pytest.fixture(scope="module")
+def ws_upstream() -> Iterator[WsUpstream]:
+    up = WsUpstream()
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_upstream() -> Iterator[WsUpstream]:
+    up = WsUpstream()
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def attacker() -> Iterator[TcpRecorder]:
+    rec = TcpRecorder()
+    yield rec
+    rec.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(ws_upstream: WsUpstream, gateway_upstream: WsUpstream, attacker: TcpRecorder) -> None:
+    ws_upstream.reset()
+    gateway_upstream.reset()
+    attacker.clear()
+
+
+@pytest.fixture(scope="module")
+def ws_broker(broker_factory: Callable[..., Broker], ws_upstream: WsUpstream,
+              gateway_upstream: WsUpstream) -> Broker:
+    return broker_factory({"openai": ws_upstream.url},
+                          extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": f"ws://127.0.0.1:{gateway_upstream.port}"},
+                          providers=("openai", "discord"))
+
+
+def bearer(b: Broker) -> List[Tuple[str, str]]:
+    return [("Authorization", f"Bearer {b.token('openai')}")]
+
+
+def everything_seen(c: WsClient, frames: List[Tuple[bool, int, bytes]]) -> bytes:
+    """All the agent received: the handshake answer, any body, every frame payload, and the
+    payloads inflated in case they were compressed."""
+    out = c.head + c.body + b"".join(p for _, _, p in frames)
+    for _, _, p in frames:
+        for wbits in (-15, 15, 31):
+            try:
+                out += zlib.decompressobj(wbits).decompress(p)
+            except zlib.error:
+                pass
+    return out
+
+
+def assert_no_key(data: bytes, key: str, what: str) -> None:
+    assert key.encode() not in data, f"{what}: real key reached the agent"
+
+
+# ============================================================================
+# Closed forwarding and the handshake
+# ============================================================================
+
+
+def test_ws_handshake_carries_the_real_key_to_the_configured_upstream(ws_broker: Broker,
+                                                                       ws_upstream: WsUpstream) -> None:
+    c = WsClient(ws_broker.port, "/openai/v1/realtime?model=gpt-test",
+                 bearer(ws_broker) + [("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"),
+                                      ("Origin", "http://evil.example")])
+    try:
+        assert c.status == 101, c.head
+        c.send(OP_TEXT, b'{"type":"ping"}')
+        echo = c.recv()
+        assert echo is not None and echo[2] == b'{"type":"ping"}', echo
+    finally:
+        c.close()
+    assert len(ws_upstream.heads) == 1
+    head = ws_upstream.heads[0].decode("latin-1")
+    assert head.startswith("GET /v1/realtime?model=gpt-test HTTP/1.1\r\n"), head
+    assert f"authorization: bearer {KEY}".lower() in head.lower()
+    assert "seks_" not in head, "the fake token reached the upstream"
+    assert f"Host: 127.0.0.1:{ws_upstream.port}" in head
+    assert "permessage-deflate" not in head.lower(), "compression offered upstream: frames could not be scrubbed"
+
+
+@pytest.mark.parametrize("target", ["/openai/%2e%2e/v1/realtime", "/openai//127.0.0.1:{A}/x",
+                                    "http://127.0.0.1:{A}/openai/v1/realtime", "/openai/v1\\..\\x"])
+def test_ws_routing_attacks_are_refused(ws_broker: Broker, ws_upstream: WsUpstream, attacker: TcpRecorder,
+                                        target: str) -> None:
+    c = WsClient(ws_broker.port, target.replace("{A}", str(attacker.port)), bearer(ws_broker))
+    c.close()
+    assert c.status == 400, c.head
+    time.sleep(0.1)
+    assert not ws_upstream.heads and not attacker.seen()
+
+
+def test_ws_without_token_is_401_and_never_opens_upstream(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
+    c = WsClient(ws_broker.port, "/openai/v1/realtime")
+    c.close()
+    assert c.status == 401, c.head
+    assert not ws_upstream.heads
+
+
+# ============================================================================
+# The key never reaches the agent over a WebSocket
+# ============================================================================
+
+def scripted(*frames: Tuple[int, bytes, bool, bool]) -> Callable[[WsConn], None]:
+    """Accept, wait for the client's first message, send `frames` (opcode, payload, fin, rsv1),
+    then record until close."""
+    def behaviour(conn: WsConn) -> None:
+        conn.accept()
+        conn.recv()
+        for opcode, payload, fin, rsv1 in frames:
+            conn.send(opcode, payload, fin=fin, rsv1=rsv1)
+            time.sleep(0.05)
+        conn.send(OP_CLOSE, (1000).to_bytes(2, "big") + b"bye")
+        conn.recv()
+    return behaviour
+
+
+K = KEY.encode()
+WS_LEAKS: Dict[str, Tuple[Tuple[int, bytes, bool, bool], ...]] = {
+    "text": ((OP_TEXT, b'{"echo":"' + K + b'"}', True, False),),
+    "binary": ((OP_BINARY, b"\x00\x01" + K + b"\xff", True, False),),
+    "fragmented-3": ((OP_TEXT, b'{"echo":"' + K[:4], False, False), (OP_CONT, K[4:17], False, False),
+                     (OP_CONT, K[17:] + b'"}', True, False)),
+    "ping-payload": ((OP_PING, b"k=" + K, True, False),),
+    "pong-payload": ((OP_PONG, b"k=" + K, True, False),),
+    "ping-inside-fragments": ((OP_TEXT, K[:10], False, False), (OP_PING, K, True, False),
+                              (OP_CONT, K[10:], True, False)),
+    "compressed-rsv1": ((OP_TEXT, zlib.compress(b'{"echo":"' + K + b'"}')[2:-4], True, True),),
+}
+
+
+@pytest.mark.parametrize("name", list(WS_LEAKS))
+def test_ws_key_from_upstream_never_reaches_agent(ws_broker: Broker, ws_upstream: WsUpstream, name: str) -> None:
+    ws_upstream.behaviour = scripted(*WS_LEAKS[name])
+    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    try:
+        assert c.status == 101, c.head
+        c.send(OP_TEXT, b'{"type":"hello"}')
+        frames = c.recv_all(limit=3.0)
+    finally:
+        c.close()
+    assert_no_key(everything_seen(c, frames), KEY, name)
+
+
+def test_ws_close_reason_with_key_is_scrubbed(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
+    def behaviour(conn: WsConn) -> None:
+        conn.accept()
+        conn.recv()
+        conn.send(OP_CLOSE, (4001).to_bytes(2, "big") + b"bad key " + K)
+        conn.recv()
+    ws_upstream.behaviour = behaviour
+    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    try:
+        c.send(OP_TEXT, b"{}")
+        frames = c.recv_all(limit=3.0)
+    finally:
+        c.close()
+    assert frames and frames[-1][1] == OP_CLOSE, frames
+    assert_no_key(everything_seen(c, frames), KEY, "close reason")
+
+
+def test_ws_handshake_refusal_with_key_is_scrubbed(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
+    ws_upstream.behaviour = lambda conn: conn.refuse(
+        401, b'{"error":"invalid key ' + K + b'"}', [("WWW-Authenticate", f"Bearer key={KEY}")])
+    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    c.close()
+    assert c.status == 401, c.head
+    assert_no_key(c.head + c.body, KEY, "refused handshake")
+
+
+def test_ws_handshake_answer_headers_not_passed(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
+    def behaviour(conn: WsConn) -> None:
+        conn.accept([("X-Echo-Key", KEY), ("Set-Cookie", f"k={KEY}")])
+        ws_upstream.pump(conn, echo=True)
+    ws_upstream.behaviour = behaviour
+    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    c.close()
+    assert c.status == 101
+    assert_no_key(c.head, KEY, "101 headers")
+
+
+# ============================================================================
+# Discord gateway: token inside IDENTIFY, resume hosts pinned
+# ============================================================================
+
+
+def gateway_script(up: WsUpstream, *after_identify: bytes) -> Callable[[WsConn], None]:
+    """HELLO, then record the broker's frames (in up.frames); answer IDENTIFY with
+    `after_identify` and a close."""
+    def behaviour(conn: WsConn) -> None:
+        conn.accept()
+        conn.send(OP_TEXT, json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}).encode())
+        while True:
+            frame = conn.recv()
+            if frame is None:
+                return
+            _, opcode, payload = frame
+            with up.lock:
+                up.frames.append((opcode, payload))
+            if opcode == OP_CLOSE:
+                try:
+                    conn.send(OP_CLOSE, payload[:2])     # echo the close, as RFC 6455 asks
+                except OSError:
+                    pass
+                return
+            if opcode == OP_TEXT and json.loads(payload).get("op") == 2:
+                for msg in after_identify:
+                    conn.send(OP_TEXT, msg)
+                conn.send(OP_CLOSE, (1000).to_bytes(2, "big"))
+    return behaviour
+
+
+def identify(token: str) -> bytes:
+    return json.dumps({"op": 2, "d": {"token": token, "intents": 513,
+                                      "properties": {"os": "linux", "browser": "t", "device": "t"}}}).encode()
+
+
+def test_gateway_identify_swaps_token_and_scrubs_echo(ws_broker: Broker, gateway_upstream: WsUpstream) -> None:
+    ready = json.dumps({"op": 0, "t": "READY", "s": 1, "d": {"v": 10, "session_id": "s",
+                        "echo": DISCORD_KEY, "resume_gateway_url": f"ws://127.0.0.1:{gateway_upstream.port}"}})
+    gateway_upstream.behaviour = gateway_script(gateway_upstream, ready.encode())
+    c = WsClient(ws_broker.port, "/discord/gateway?v=10&encoding=json")
+    try:
+        assert c.status == 101, c.head
+        hello = c.recv()
+        assert hello is not None and b'"op": 10' in hello[2]
+        c.send(OP_TEXT, identify(ws_broker.token("discord")))
+        frames = c.recv_all(limit=3.0)
+    finally:
+        c.close()
+    sent = [json.loads(p) for op, p in gateway_upstream.frames if op == OP_TEXT]
+    assert sent and sent[0]["op"] == 2 and sent[0]["d"]["token"] == DISCORD_KEY, sent
+    assert not any(b"seks_" in p for _, p in gateway_upstream.frames), "fake token reached the gateway"
+    seen = everything_seen(c, frames)
+    assert_no_key(seen, DISCORD_KEY, "gateway READY echo")
+    assert b"READY" in seen
+    assert b"/discord/gateway/resume/" in seen, "resume_gateway_url not pointed back at the broker route"
+    assert f'"ws://127.0.0.1:{gateway_upstream.port}"'.encode() not in seen, "agent told to resume at the gateway itself"
+
+
+@pytest.mark.parametrize("token", ["unknown", "other-provider", "none"])
+def test_gateway_bad_identify_never_reaches_discord(ws_broker: Broker, gateway_upstream: WsUpstream,
+                                                    token: str) -> None:
+    gateway_upstream.behaviour = gateway_script(gateway_upstream)
+    c = WsClient(ws_broker.port, "/discord/gateway?v=10&encoding=json")
+    try:
+        assert c.status == 101, c.head
+        c.recv()
+        if token == "none":
+            c.send(OP_TEXT, json.dumps({"op": 8, "d": {"guild_id": "1"}}).encode())   # before IDENTIFY
+        else:
+            t = "seks_discord_" + "A" * 43 if token == "unknown" else ws_broker.token("openai")
+            c.send(OP_TEXT, identify(t))
+        frames = c.recv_all(limit=3.0)
+    finally:
+        c.close()
+    assert frames and frames[-1][1] == OP_CLOSE, frames
+    code = int.from_bytes(frames[-1][2][:2], "big")
+    assert code in (4003, 4004), code
+    got = [p for op, p in gateway_upstream.frames if op == OP_TEXT]
+    assert not got, f"gateway received {got}"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{A}", "127.0.0.1%3A{A}", "evil.example", "discord.gg.evil.example",
+                                  "127.0.0.1"])
+def test_gateway_resume_host_is_pinned(ws_broker: Broker, gateway_upstream: WsUpstream, attacker: TcpRecorder,
+                                       host: str) -> None:
+    target = "/discord/gateway/resume/" + host.replace("{A}", str(attacker.port)) + "?v=10&encoding=json"
+    c = WsClient(ws_broker.port, target)
+    c.close()
+    assert c.status in (400, 403, 404), c.head
+    time.sleep(0.1)
+    assert not attacker.seen(), "the broker connected to an agent-chosen resume host"
+    assert not gateway_upstream.heads
