@@ -294,11 +294,21 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
                           f"{', '.join(sorted(known))})")
     if "upstream" not in sec or "token" not in sec:
         raise ConfigError("'upstream' and 'token' are required")
-    places = [CredentialPlace.parse(line) for line in sec["token"].splitlines() if line.strip()]
+    try:
+        places = [CredentialPlace.parse(line) for line in sec["token"].splitlines() if line.strip()]
+    except ConfigError as exc:
+        raise ConfigError(f"token: {exc}", key="token") from None
     inject_text = sec.get("inject", "same").strip()
-    inject = None if inject_text == "same" else CredentialPlace.parse(inject_text)
+    try:
+        inject = None if inject_text == "same" else CredentialPlace.parse(inject_text)
+    except ConfigError as exc:
+        raise ConfigError(f"inject: {exc}", key="inject") from None
     if inject is not None and inject.kind == "path":
-        raise ConfigError("path-prefix injection is written 'inject = same'")
+        raise ConfigError("path-prefix injection is written 'inject = same'", key="inject")
+    try:
+        parse_upstream_base(sec["upstream"].strip())
+    except ConfigError as exc:
+        raise ConfigError(str(exc), key="upstream") from None
     usage = sec.get("usage", "").strip()
     shape = sec.get("token_shape", "").strip()
     errors = sec.get("errors", "").strip()
@@ -308,11 +318,12 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
                                 ("errors", errors, ("", "telegram")),
                                 ("gateway", gateway, ("", "discord"))):
         if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(a for a in allowed if a)}")
+            raise ConfigError(f"{key} must be one of {', '.join(a for a in allowed if a)}",
+                              key=key)
     env = sec.get("env", "").strip()
     if env and not re.match(r"^[A-Z_][A-Z0-9_]*=\S* [A-Z_][A-Z0-9_]*$", env):
         raise ConfigError("env must be 'BASE_VAR=/path KEY_VAR', e.g. 'OPENAI_BASE_URL=/v1 "
-                          "OPENAI_API_KEY'")
+                          "OPENAI_API_KEY'", key="env")
     return Provider(name, sec["upstream"].strip(), places, inject, usage,
                     tuple(sec.get("aliases", "").split()), shape, errors, env, gateway)
 
@@ -387,7 +398,12 @@ class UpstreamTimeout(BrokerError):
 
 
 class ConfigError(Exception):
-    """Bad configuration or CLI input: reported to the operator, never to an agent."""
+    """Bad configuration or CLI input: reported to the operator, never to an agent. ``key``
+    names the config key at fault, so `config check` can point at its line."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class UsageError(ConfigError):
@@ -3225,7 +3241,7 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
             try:
                 settings.custom_providers[name] = provider_from_section(name, parser[section])
             except ConfigError as exc:
-                errors.append(f"{where(section)}: [{section}] {exc}")
+                errors.append(f"{where(section, exc.key)}: [{section}] {exc}")
             continue
         if section == "upstream":
             for key, value in parser.items(section):
@@ -3259,7 +3275,21 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
                 setattr(settings, spec.name, parse_setting(spec, value))
             except ConfigError as exc:
                 errors.append(f"{where(section, key)}: {exc}")
+    known = set(settings.custom_providers) | set(parser_builtin_names())
+    for name in settings.upstreams:
+        if name not in known:
+            errors.append(f"{where('upstream', name)}: [upstream] {name}: no such provider")
+    for name in settings.insecure_upstream:
+        if name not in known:
+            errors.append(f"{where('upstream', 'insecure')}: [upstream] insecure: no such "
+                          f"provider {name!r}")
     return errors
+
+
+def parser_builtin_names() -> List[str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(BUILTIN_PROVIDERS_INI)
+    return parser.sections()
 
 
 def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
@@ -3579,8 +3609,9 @@ class Broker:
             return
         if self.settings.log_format == "json":
             record = {"ts": utc_iso(), "level": level, "event": event}
-            record.update((k, v) for k, v in fields.items() if v is not None)
-            line = redact(json.dumps(record, ensure_ascii=False))
+            record.update((k, redact(v) if isinstance(v, str) else v)
+                          for k, v in fields.items() if v is not None)
+            line = json.dumps(record)
         else:
             parts = [utc_iso(), level.upper(), event]
             for key, value in fields.items():
@@ -4127,7 +4158,8 @@ def cmd_config_check(path: str) -> int:
     try:
         providers = load_providers(settings)
     except ConfigError as exc:
-        errors.append(f"{path}: {exc}")
+        if not errors:
+            errors.append(f"{path}: {exc}")
     if errors:
         for error in errors:
             print(error)
