@@ -1549,7 +1549,8 @@ def find_token(provider: Provider, headers: List[Tuple[str, str]], rest: str,
             for prefix in place.prefixes:
                 if rest.startswith(prefix) and len(rest) > len(prefix):
                     segment = rest[len(prefix):].split("/", 1)[0]
-                    return CredentialSwap(urllib.parse.unquote(segment), place, prefix)
+                    if segment:
+                        return CredentialSwap(urllib.parse.unquote(segment), place, prefix)
     return None
 
 
