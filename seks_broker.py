@@ -2530,17 +2530,21 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise ClientGone() from exc
 
+    def _read_exactly(self, size: int, ex: Exchange) -> Iterator[bytes]:
+        """``size`` body bytes as they arrive (never more: the rest is the next request)."""
+        remaining = size
+        while remaining:
+            data = self.rfile.read1(min(remaining, STREAM_CHUNK))
+            if not data:
+                raise ClientGone()
+            remaining -= len(data)
+            ex.bytes_in += len(data)
+            yield data
+
     def _read_body(self, framing: str, length: int, ex: Exchange) -> Iterator[bytes]:
         rfile = self.rfile
         if framing == "length":
-            remaining = length
-            while remaining:
-                data = rfile.read1(min(remaining, STREAM_CHUNK))
-                if not data:
-                    raise ClientGone()
-                remaining -= len(data)
-                ex.bytes_in += len(data)
-                yield data
+            yield from self._read_exactly(length, ex)
             return
         max_body = self.server.broker.settings.max_body
         while True:
@@ -2566,14 +2570,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                         return
             if ex.bytes_in + size > max_body:
                 raise PayloadTooLarge(f"request body larger than {max_body} bytes", close=True)
-            remaining = size
-            while remaining:
-                data = rfile.read1(min(remaining, STREAM_CHUNK))
-                if not data:
-                    raise ClientGone()
-                remaining -= len(data)
-                ex.bytes_in += len(data)
-                yield data
+            yield from self._read_exactly(size, ex)
             if rfile.read(2) != b"\r\n":
                 raise BadRequest("chunk data not followed by CRLF", close=True)
 
