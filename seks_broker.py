@@ -2052,13 +2052,22 @@ class WsPeer:
         self.bytes = 0
 
     def send(self, opcode: int, payload: bytes) -> None:
-        data = ws_frame(opcode, payload, self.masked_out)
+        data = memoryview(ws_frame(opcode, payload, self.masked_out))
         with self.lock:
             if self.closed_sent:
                 return
             if opcode == OP_CLOSE:
                 self.closed_sent = True
-            self.sock.sendall(data)
+            stalled = time.monotonic()
+            while data:
+                try:
+                    sent = self.sock.send(data)       # all or part; nothing if it times out
+                except socket.timeout:
+                    if time.monotonic() - stalled > WS_IDLE_TIMEOUT_S:
+                        raise
+                    continue
+                data = data[sent:]
+                stalled = time.monotonic()
 
     def close(self, code: int, reason: str) -> None:
         try:
@@ -2094,6 +2103,12 @@ class WsRelay:
         self.close_code: Optional[int] = None
         self.close_reason = ""
 
+    def stop(self, code: int, reason: str) -> None:
+        """Close both sides (broker shutdown); the pumps end when the answers arrive."""
+        self.close_code = self.close_code or code
+        for peer in (self.client, self.upstream):
+            peer.close(code, reason)
+
     def _idle(self) -> None:
         if self.done.is_set():
             raise ConnectionAbortedError("session over")
@@ -2125,8 +2140,9 @@ class WsRelay:
                     self.close_code = self.close_code or code
                     self.close_reason = self.close_reason or reason
                     _, payload = hook(OP_CLOSE, payload)
+                    answered = src.closed_sent     # read before forwarding: the other pump may set it meanwhile
                     dst.send(OP_CLOSE, payload)
-                    if src.closed_sent:            # this was the answer to a close we passed on
+                    if answered:                   # this was the answer to a close we passed on
                         break
                     continue
                 if opcode in (OP_PING, OP_PONG):
@@ -2264,6 +2280,8 @@ class DiscordGateway:
                 record, key = self.broker.tokens.lookup(presented.strip())
                 if record is None:
                     self.ex.reason = "unknown token " + self.broker.fingerprint(presented)
+                else:
+                    self.ex.agent, self.ex.token_id = record.agent, record.id
                 check_token(record, self.provider.name, time.time())
                 assert record is not None and key is not None
                 check_policy(record.policy, "GET", "/gateway", None)
@@ -2278,6 +2296,8 @@ class DiscordGateway:
             real = key.decode("utf-8", "surrogateescape")
             self.scrubber = Scrubber.for_key(real)
             data["token"] = real
+            if op == 2:
+                data["compress"] = False     # no transport compression upstream -> no payload compression either
             self.authenticated = True
             return OP_TEXT, json.dumps(payload).encode()
         if not self.authenticated:
@@ -2289,6 +2309,11 @@ class DiscordGateway:
         return self.scrubber.scrub(payload) if self.scrubber is not None else payload
 
     def on_server(self, opcode: int, message: bytes) -> Tuple[int, bytes]:
+        if opcode == OP_BINARY:
+            try:
+                message, opcode = zlib.decompress(message), OP_TEXT
+            except zlib.error:
+                raise WsClose(1011, "binary gateway payload the broker cannot inspect") from None
         if self.scrubber is not None:
             message = self.scrubber.scrub(message)
         if opcode == OP_CLOSE:
@@ -2701,6 +2726,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             target = url[len(provider.origin):]
             headers = [(n, v) for n, v in headers if n.lower() not in WS_DROP_HEADERS
                        and n.lower() not in ("host", "accept-encoding", "content-length")]
+            headers = [(n, ", ".join(p.strip() for p in v.split(",") if "seks_" not in p))
+                       if n.lower() == "sec-websocket-protocol" else (n, v) for n, v in headers]
+            headers = [(n, v) for n, v in headers if v]
             self._websocket(head, provider, target, headers, scrubber, ex)
             return
         rewrite = None
@@ -2783,9 +2811,12 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         metrics = self.server.broker.metrics
         metrics.add_stream(1)
         relay = WsRelay(client, upstream, on_client, on_server, scrub)
+        broker = self.server.broker
+        broker.ws_relays.add(relay)
         try:
             relay.run()
         finally:
+            broker.ws_relays.discard(relay)
             metrics.add_stream(-1)
             ex.bytes_in, ex.bytes_out = client.bytes, upstream.bytes
             summary = (f"websocket frames in={client.frames} out={upstream.frames} "
@@ -2828,7 +2859,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         version = params.get("v", ["10"])[0]
         gateway = urllib.parse.urlsplit(broker.settings.discord_gateway)
         resume_host = gateway_resume_host(rest, gateway.netloc)
-        if encoding != "json" or compress not in ("", "zlib-stream") or not version.isdigit():
+        if compress != "zlib-stream":
+            compress = ""                    # e.g. zstd-stream: plain text frames, which discord.py reads too
+        if encoding != "json" or not version.isdigit():
             client = self._accept_websocket(key, "")
             client.close(4002 if encoding != "json" else 1003,
                          "seks-broker relays encoding=json only (etf is not supported)"
@@ -3246,11 +3279,11 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
                 if (section, key) in by_place:
                     continue
                 if key == "discord_gateway":
-                    if not re.match(r"^wss?://[^/?#\s]+/?$", value.strip()):
-                        errors.append(f"{where(section, key)}: discord_gateway must be "
-                                      f"ws(s)://host[:port]")
-                    else:
+                    try:
+                        check_gateway_url(value.strip())
                         settings.discord_gateway = value.strip().rstrip("/")
+                    except ConfigError as exc:
+                        errors.append(f"{where(section, key)}: {exc}")
                     continue
                 try:
                     parse_upstream_base(value.strip())
@@ -3321,7 +3354,20 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
                 settings.upstreams[key.replace("_", "-")] = value.strip()
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("TLS needs both tls_cert and tls_key")
+    check_gateway_url(settings.discord_gateway)
     return settings
+
+
+def check_gateway_url(url: str) -> None:
+    """The Discord gateway must be ws(s)://host[:port]: checked at start, not on first use."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port                                    # raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"discord gateway {url!r} has a bad port") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.username:
+        raise ConfigError(f"discord gateway must be ws(s)://host[:port], got {url!r}")
 
 
 def load_providers(settings: Settings, strict: bool = True) -> Dict[str, Provider]:
@@ -3474,6 +3520,7 @@ class Broker:
         self._audit_pending: List[List[Any]] = []
         self._audit_writing = False
         self.draining = False
+        self.ws_relays: set = set()             # open WebSocket sessions, closed at shutdown
 
     def __repr__(self) -> str:
         return f"Broker({len(self.providers)} providers)"
@@ -3828,6 +3875,8 @@ def serve(settings: Settings, store: Store, master_key: bytes,
         server.serve_forever(poll_interval=0.2)
     finally:
         server.socket.close()                 # stop accepting: new connections are refused
+        for relay in list(broker.ws_relays):
+            relay.stop(1001, "broker shutting down")
         deadline = time.monotonic() + settings.grace
         while broker.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
