@@ -15,18 +15,23 @@ Threat model in short (the full text is THREAT_MODEL.md in the project's shared 
     redacted, Telegram's key segment is masked wherever a URL could be printed;
   * a stolen DB reveals nothing usable: secrets are encrypted and authenticated, tokens are
     stored as SHA-256 digests, the master key lives outside the DB;
-  * hostile input gets a clear 4xx/5xx and changes nothing.
+  * hostile input gets a clear 4xx/5xx and changes nothing;
+  * every request, allowed or denied, leaves a row in an HMAC-chained audit log.
 
 Sections, in dependency order (search for the banner to jump):
   1. CONSTANTS AND LIMITS      named limits, hop-by-hop headers, provider table (data)
   2. ERRORS                    one root exception, one subclass per status, one mapping
-  3. CIPHER                    HKDF-SHA256 and the HMAC keystream cipher (format spec inside)
-  4. STORE                     sqlite: schema, migrations, secrets, tokens, agents
-  5. POLICY                    the token check and the token cache
+  3. CIPHER                    HKDF-SHA256, the HMAC keystream cipher (format spec inside), KeyRing
+  4. STORE                     sqlite: schema, migrations, secrets, tokens, agents, audit chain
+  5. POLICY                    the token check, token cache, per-token policy, usage metering
   6. FORWARDING                upstream URL builder, credential swap, scrubber, upstream pool
+  6b. WEBSOCKETS               RFC 6455 relay, Discord gateway token swap
   7. HTTP HANDLER              strict request parsing, the proxy pipeline, streaming
-  8. SERVER                    threading server, connection limit, start-up
+  8. SERVER                    settings and config file, metrics, logging, server, workers
   9. CLI                       argparse sub-commands and main()
+
+The security core, each a small unit without I/O: SecretCipher, check_token / check_policy,
+build_upstream_url (with validate_path), and Scrubber.
 """
 
 from __future__ import annotations
