@@ -1,0 +1,105 @@
+"""The security core, tested directly (no sockets): the token check, the policy check and the
+scrubber are pure functions/classes, so their edge cases are cheapest to pin here."""
+import json
+import random
+
+import pytest
+
+import seks_broker as sb
+
+
+def record(**over):
+    values = dict(id="tok_000000000001", token_hash=b"h" * 32, secret_name="main", provider="openai",
+                  agent="a1", expires_at=None, revoked_at=None, policy="{}", agent_disabled_at=None,
+                  secret_provider="openai", secret_ciphertext="ct")
+    values.update(over)
+    return sb.TokenRecord(**values)
+
+
+@pytest.mark.parametrize("rec,provider,status,words", [
+    (None, "openai", 401, "unknown"),
+    (record(revoked_at="2026-01-01T00:00:00Z"), "openai", 401, "revoked"),
+    (record(expires_at=1000.0), "openai", 401, "expired"),
+    (record(agent_disabled_at="2026-01-01T00:00:00Z"), "openai", 401, "disabled"),
+    (record(secret_ciphertext=None), "openai", 401, "removed"),
+    (record(), "anthropic", 403, "for provider 'openai'"),
+])
+def test_check_token_denies(rec, provider, status, words):
+    with pytest.raises(sb.BrokerError) as info:
+        sb.check_token(rec, provider, now=2000.0)
+    assert info.value.status == status and words in info.value.message
+
+
+def test_check_token_allows_live_token_at_its_provider():
+    rec = record(expires_at=3000.0)
+    assert sb.check_token(rec, "openai", now=2000.0) is rec
+
+
+def test_expiry_is_exclusive():
+    with pytest.raises(sb.AuthError):
+        sb.check_token(record(expires_at=2000.0), "openai", now=2000.0)
+
+
+@pytest.mark.parametrize("policy,method,path,model,allowed", [
+    ({"methods": ["POST"]}, "POST", "/v1/x", None, True),
+    ({"methods": ["POST"]}, "GET", "/v1/x", None, False),
+    ({"paths": ["/v1/chat"]}, "POST", "/v1/chat/completions", None, True),
+    ({"paths": ["/v1/chat"]}, "POST", "/v1/chat", None, True),
+    ({"paths": ["/v1/chat"]}, "POST", "/v1/chatty", None, False),
+    ({"paths": ["/v1/models/"]}, "GET", "/v1/models/x", None, True),
+    ({"paths": ["/v1beta/models/gemini-2.0-flash"]}, "POST",
+     "/v1beta/models/gemini-2.0-flash:generateContent", None, True),
+    ({"models": ["gpt-4o-mini"]}, "POST", "/v1/chat/completions", "gpt-4o-mini", True),
+    ({"models": ["gpt-4o-mini"]}, "POST", "/v1/chat/completions", "gpt-4o", False),
+])
+def test_check_policy(policy, method, path, model, allowed):
+    if allowed:
+        sb.check_policy(policy, method, path, model)
+    else:
+        with pytest.raises(sb.Forbidden):
+            sb.check_policy(policy, method, path, model)
+
+
+def test_scrubber_masks_whole_and_split_keys_with_same_length():
+    key = b"sk-test-openai-0123456789abcdef"
+    text = b"before " + key + b" middle " + key + b" after"
+    rng = random.Random(7)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 6)))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        scrubber = sb.Scrubber([key])
+        out = b"".join(scrubber.feed(p) for p in pieces) + scrubber.flush()
+        assert key not in out and len(out) == len(text)
+        assert out.startswith(b"before ") and out.endswith(b" after")
+
+
+def test_scrubber_holds_back_at_most_len_key_minus_one():
+    key = b"sk-test-0123456789"
+    scrubber = sb.Scrubber([key])
+    out = scrubber.feed(b"data: event\n\n" + key[:-1])
+    assert out == b"data: event\n\n"                  # the event itself is not held
+    assert len(scrubber.flush()) == len(key) - 1
+
+
+def test_scrubber_passes_unrelated_data_untouched():
+    scrubber = sb.Scrubber([b"sk-test-abc"])
+    assert scrubber.feed(b"data: {}\n\n") == b"data: {}\n\n"
+    assert scrubber.flush() == b""
+
+
+def test_secret_variants_cover_percent_encodings():
+    variants = sb.secret_variants("123:AB/c+d")
+    for form in (b"123:AB/c+d", b"123%3AAB%2Fc%2Bd", b"123%3aAB%2fc%2bd", b"123:AB%2Fc%2Bd"):
+        assert form in variants
+
+
+def test_usage_meter_reads_openai_stream_usage_split_across_chunks():
+    events = [{"choices": [{"delta": {"content": "hi"}}], "model": "gpt-4o-mini"},
+              {"choices": [], "model": "gpt-4o-mini",
+               "usage": {"prompt_tokens": 12, "completion_tokens": 5}}]
+    raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    meter = sb.UsageMeter("openai", "text/event-stream")
+    for i in range(0, len(raw), 7):
+        meter.feed(raw[i:i + 7])
+    state = meter.finish()
+    assert state == {"model": "gpt-4o-mini", "tokens_in": 12, "tokens_out": 5}
