@@ -223,9 +223,6 @@ class CredentialPlace:
         raise ConfigError(f"expected 'header NAME [PREFIX]', 'query PARAM' or "
                           f"'path-prefix PREFIX...', got {text!r}")
 
-    def header_value(self, key: str) -> str:
-        return f"{self.prefixes[0]} {key}" if self.prefixes else key
-
     def __repr__(self) -> str:
         return f"CredentialPlace({self.kind} {self.name} {' '.join(self.prefixes)})".strip()
 
@@ -423,8 +420,9 @@ class DecryptError(Exception):
     """A ciphertext failed verification. Deliberately carries no detail."""
 
 
-class ClientGone(Exception):
-    """The agent closed its connection; nothing more can be sent."""
+class ConnectionCut(Exception):
+    """This exchange cannot go on: the agent left, the upstream cut its answer mid-way, or the
+    audit row could not be written. The connection is closed without another response."""
 
 
 HTTP_REASONS = {code: phrase for code, (phrase, _) in http.server.BaseHTTPRequestHandler.responses.items()}
@@ -680,7 +678,6 @@ class Store:
             create_private_file(path)
         self._pool: List[sqlite3.Connection] = []
         self.autocheckpoint = True
-        self._opened = 0
         self._lock = threading.Lock()
         with self.connection() as db:
             self._migrate(db)
@@ -784,8 +781,9 @@ class Store:
                                   "SEKS_MASTER_KEY or key file?)")
 
     def rekey(self, old: "SecretCipher", new: "SecretCipher", old_audit: bytes,
-              new_audit: bytes, new_check: bytes) -> int:
-        """Re-encrypt every secret and recompute every audit MAC under new keys, atomically."""
+              new_audit: bytes, new_check: bytes, force: bool = False) -> int:
+        """Re-encrypt every secret and recompute every audit MAC under new keys, atomically;
+        the old chain is verified inside the same transaction (no row slips in unchecked)."""
         with self.transaction() as db:
             rows = db.execute("SELECT name, provider, ciphertext FROM secrets").fetchall()
             for name, provider, ciphertext in rows:
@@ -798,11 +796,16 @@ class Store:
                 db.execute("UPDATE secrets SET ciphertext = ? WHERE name = ?",
                            (new.encrypt(plaintext, ad), name))
             anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
-            prev = bytes(anchor or b"")
+            prev = old_prev = bytes(anchor or b"")
             cursor = db.execute(f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit ORDER BY id")
             updates = []
             for raw in cursor.fetchall():
                 row = AuditRow.from_db(raw)
+                if not force and not hmac.compare_digest(
+                        audit_mac(old_audit, row.values(), old_prev), row.mac):
+                    raise ConfigError(f"audit row {row.id} does not verify; nothing was changed "
+                                      f"(investigate, or pass --force)")
+                old_prev = row.mac
                 mac = audit_mac(new_audit, row.values(), prev)
                 updates.append((mac, row.id))
                 prev = mac
@@ -1152,6 +1155,8 @@ def check_token(record: Optional[TokenRecord], provider: str, now: float) -> Tok
         raise AuthError(f"agent '{record.agent}' is disabled")
     if record.secret_ciphertext is None:
         raise AuthError("the token's secret was removed")
+    if record.secret_provider != record.provider:      # an edited row must not borrow a key
+        raise AuthError("the token does not match its secret")
     if record.provider != provider:
         raise Forbidden(f"token is for provider '{record.provider}', not '{provider}'")
     return record
@@ -1174,6 +1179,11 @@ class TokenCache:
         self._lock = threading.Lock()
         self._generation = -1
         self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[bytes]]] = {}
+
+    @staticmethod
+    def _store_error() -> None:
+        sys.stderr.write(f"{utc_iso()} ERROR a stored secret failed verification (wrong master "
+                         f"key or edited database)\n")
 
     def reload_keys(self) -> None:
         """The master key was rotated under us: take the new one (or refuse to serve)."""
@@ -1200,8 +1210,8 @@ class TokenCache:
                 key = self.keys.cipher.decrypt(record.secret_ciphertext, secret_ad(
                     record.secret_name, record.secret_provider or ""))
             except DecryptError:
-                raise BrokerError("a stored secret failed verification (wrong master key or "
-                                  "edited database)") from None
+                self._store_error()
+                raise BrokerError("the broker could not use the stored secret") from None
         entry = (record, key)
         with self._lock:
             if self._generation == generation:
@@ -1214,7 +1224,8 @@ class TokenCache:
 RATE_RE = re.compile(r"^(\d+)/(s|m|h|d)$")
 RATE_WORDS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
 MAX_INSPECT_BODY = 16 * 1024 * 1024   # largest request body read whole to check --models
-MAX_USAGE_BODY = 8 * 1024 * 1024      # largest non-stream answer parsed for token usage
+MAX_USAGE_BODY = 8 * 1024 * 1024      # largest non-stream answer parsed whole for token usage
+USAGE_TAIL_BYTES = 64 * 1024          # of a larger one, the tail searched for its usage
 
 
 def parse_rate(text: str) -> List[Any]:
@@ -1309,22 +1320,51 @@ def needs_admission(policy: Dict[str, Any]) -> bool:
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:?]+)")
 
 
-_MULTIPART_MODEL_RE = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
+def multipart_field(body: bytes, content_type: str, field: str) -> Optional[str]:
+    """The value of a form field in a multipart/form-data body, read from part headers only
+    (a file's content cannot fake it). None unless the field appears exactly once."""
+    match = re.search(r'boundary="?([^";,\s]{1,200})"?', content_type)
+    if not match:
+        return None
+    delimiter = b"--" + match.group(1).encode("latin-1")
+    values = []
+    for part in body.split(delimiter)[1:]:
+        head, sep, content = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() != b"content-disposition":
+                continue
+            params = dict(
+                (k.strip().lower(), v.strip().strip('"'))
+                for k, _, v in (p.partition("=") for p in value.decode("latin-1").split(";")[1:]))
+            if params.get("name") == field and "filename" not in params:
+                values.append(content[:-2] if content.endswith(b"\r\n") else content)
+    return values[0].decode("utf-8", "replace") if len(values) == 1 else None
 
 
-def request_model(provider: Provider, rest: str, body: Optional[bytes]) -> Optional[str]:
-    """The model a request names: Gemini's path, the JSON body's ``model`` field, or a
-    multipart form's ``model`` field (audio and image uploads)."""
+def _reject_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+def request_model(provider: Provider, rest: str, body: Optional[bytes],
+                  content_type: str = "") -> Optional[str]:
+    """The model a request names: Gemini's path, the JSON body's ``model`` field (None if
+    any key repeats: parsers disagree on which one wins), or a multipart form's ``model``."""
     if provider.usage == "gemini":
         match = _GEMINI_MODEL_RE.search(urllib.parse.unquote(rest))
         return match.group(1) if match else None
     if not body:
         return None
-    if body.startswith(b"--"):
-        match = _MULTIPART_MODEL_RE.search(body)
-        return match.group(1).decode("utf-8", "replace") if match else None
+    if content_type.lower().startswith("multipart/form-data"):
+        return multipart_field(body, content_type, "model")
     try:
-        value = json.loads(body.decode("utf-8-sig")).get("model")
+        value = json.loads(body.decode("utf-8-sig"),
+                           object_pairs_hook=_reject_duplicate_keys).get("model")
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
@@ -1408,16 +1448,17 @@ class UsageMeter:
         self._size = 0
         self._line = b""
         self._overflow = False
+        self._tail_only = False
 
     def feed(self, data: bytes) -> None:
         if self._overflow or not self.active:
             return
         if not self.sse:
             self._size += len(data)
-            if self._size > MAX_USAGE_BODY:
-                self._overflow, self._parts = True, []
-            else:
-                self._parts.append(data)
+            self._parts.append(data)
+            if self._size > MAX_USAGE_BODY:         # keep only the tail, where usage sits
+                tail = b"".join(self._parts)[-USAGE_TAIL_BYTES:]
+                self._parts, self._size, self._tail_only = [tail], len(tail), True
             return
         if b"\n" not in data:
             self._line += data
@@ -1432,15 +1473,34 @@ class UsageMeter:
 
     def _parse(self, text: bytes) -> None:
         try:
-            read_usage(self.kind, json.loads(text), self.state)
+            answer = json.loads(text)
         except ValueError:
-            pass
+            return
+        for item in answer if isinstance(answer, list) else [answer]:   # Gemini JSON streams
+            read_usage(self.kind, item, self.state)
+
+    def _parse_tail(self, tail: bytes) -> None:
+        """A body too big to keep whole: read the last usage object in its tail."""
+        decoder = json.JSONDecoder()
+        text = tail.decode("utf-8", "replace")
+        for name in ("usage", "usageMetadata"):
+            at = text.rfind(f'"{name}"')
+            start = text.find("{", at) if at != -1 else -1
+            if start == -1:
+                continue
+            try:
+                value, _ = decoder.raw_decode(text, start)
+            except ValueError:
+                continue
+            read_usage(self.kind, {name: value}, self.state)
 
     def finish(self) -> Dict[str, Any]:
         if not self._overflow and self.active:
             if self.sse:
                 if self._line.startswith(b"data:"):
                     self._parse(self._line[5:])
+            elif self._tail_only:
+                self._parse_tail(b"".join(self._parts))
             elif self._parts:
                 self._parse(b"".join(self._parts))
         self._parts, self._line = [], b""
@@ -1663,6 +1723,7 @@ def secret_variants(key: str) -> Tuple[bytes, ...]:
 
 
 PoolKey = Tuple[str, str, int, bool]      # scheme, host, port, verify TLS
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # safe to resend
 
 
 class UpstreamResponse:
@@ -1817,7 +1878,7 @@ class PooledHTTPHandler(urllib.request.BaseHandler):
         key = (scheme, req.seks_host, req.seks_port, req.seks_verify)  # type: ignore[attr-defined]
         headers = dict(req.header_items())
         body = req.data
-        replayable = body is None or isinstance(body, bytes)
+        replayable = req.get_method() in IDEMPOTENT_METHODS and (body is None or isinstance(body, bytes))
         for attempt in (0, 1):
             conn, reused = self.pool.get(key)
             try:
@@ -1832,7 +1893,7 @@ class PooledHTTPHandler(urllib.request.BaseHandler):
                 conn.close()
                 raise
             return UpstreamResponse(self.pool, key, conn, resp)
-        raise UpstreamError("upstream closed the connection")
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def make_opener(pool: UpstreamPool) -> urllib.request.OpenerDirector:
@@ -2099,10 +2160,11 @@ class WsRelay:
     def __init__(self, client: WsPeer, upstream: WsPeer,
                  on_client: Callable[[int, bytes], Tuple[int, bytes]],
                  on_server: Callable[[int, bytes], Tuple[int, bytes]],
-                 scrub: Callable[[bytes], bytes]) -> None:
+                 scrub: Callable[[bytes], bytes], tick: Callable[[], None]) -> None:
         self.client, self.upstream = client, upstream
         self.on_client, self.on_server = on_client, on_server
         self.scrub = scrub                   # for upstream ping/pong payloads
+        self.tick = tick                     # every poll: revocation, IDENTIFY deadline
         self.last_activity = time.monotonic()
         self.done = threading.Event()
         self.close_code: Optional[int] = None
@@ -2117,6 +2179,7 @@ class WsRelay:
     def _idle(self) -> None:
         if self.done.is_set():
             raise ConnectionAbortedError("session over")
+        self.tick()
         if time.monotonic() - self.last_activity > WS_IDLE_TIMEOUT_S:
             raise WsClose(1001, "idle timeout")
 
@@ -2260,6 +2323,7 @@ class DiscordGateway:
         self.broker, self.provider, self.ex = broker, provider, ex
         self.broker_ws_url = broker_ws_url
         self.authenticated = False
+        self.token = ""
         self.scrubber: Optional[Scrubber] = None
         self.started = time.monotonic()
         self.compressor = zlib.compressobj() if compress else None
@@ -2298,6 +2362,7 @@ class DiscordGateway:
                 self.ex.reason = self.ex.reason or exc.message
                 raise WsClose(4004, "authentication failed") from None
             self.ex.agent, self.ex.token_id, self.ex.secret = record.agent, record.id, record.secret_name
+            self.token = presented.strip()
             real = key.decode("utf-8", "surrogateescape")
             self.scrubber = Scrubber.for_key(real)
             data["token"] = real
@@ -2305,10 +2370,23 @@ class DiscordGateway:
                 data["compress"] = False     # no transport compression upstream -> no payload compression either
             self.authenticated = True
             return OP_TEXT, json.dumps(payload).encode()
-        if not self.authenticated:
-            if op != 1 or time.monotonic() - self.started > WS_IDENTIFY_TIMEOUT_S:
-                raise WsClose(4003, "not authenticated: send IDENTIFY or RESUME first")
+        if not self.authenticated and op != 1:
+            raise WsClose(4003, "not authenticated: send IDENTIFY or RESUME first")
+        self.tick()
         return OP_TEXT, message
+
+    def tick(self) -> None:
+        """Before IDENTIFY: enforce its deadline. After: the token must stay valid (revoked,
+        expired or disabled ends the session with 4004, like a fresh IDENTIFY would)."""
+        if not self.authenticated:
+            if time.monotonic() - self.started > WS_IDENTIFY_TIMEOUT_S:
+                raise WsClose(4003, "not authenticated: send IDENTIFY or RESUME first")
+            return
+        try:
+            record, _ = self.broker.tokens.lookup(self.token)
+            check_token(record, self.provider.name, time.time())
+        except BrokerError:
+            raise WsClose(4004, "authentication failed") from None
 
     def scrub(self, payload: bytes) -> bytes:
         return self.scrubber.scrub(payload) if self.scrubber is not None else payload
@@ -2354,8 +2432,10 @@ def gateway_resume_host(rest: str, gateway_host: str) -> Optional[str]:
     if not match or (match.group(1) and not 0 < int(match.group(1)) < 65536):
         raise BadRequest("bad resume host")
     name = host.rsplit(":", 1)[0] if ":" in host else host
-    if host == gateway_host.lower() or name.endswith(".discord.gg"):
+    if host == gateway_host.lower():
         return host
+    if name.endswith(".discord.gg") and host in (name, name + ":443"):
+        return name                        # reached with wss on 443 (see _discord_gateway)
     raise Forbidden("resume host is not a Discord gateway")
 
 
@@ -2460,7 +2540,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (OSError, ValueError) as exc:
             self.close_connection = True
-            raise ClientGone() from exc
+            raise ConnectionCut() from exc
 
     def _head_bytes(self, status: int, reason: str, headers: List[Tuple[str, str]]) -> bytes:
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
@@ -2485,7 +2565,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         self.server.broker.record(ex)
         try:
             self._send_simple(exc.status, error_body(exc, self._error_style), exc.headers)
-        except ClientGone:
+        except ConnectionCut:
             pass
 
     # --- request parsing -------------------------------------------------------------------
@@ -2528,7 +2608,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if total > MAX_HEADER_BYTES:
                 raise HeadersTooLarge("request header fields too large", close=True)
             if not line:
-                raise ClientGone()
+                raise ConnectionCut()
             if line == b"\r\n":
                 break
             if not line.endswith(b"\r\n"):
@@ -2553,12 +2633,12 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     def _body_chunks(self, framing: str, length: int, ex: Exchange) -> Iterator[bytes]:
         """The request body as it arrives, checked against the framing and the size limit.
-        A client-side timeout or reset surfaces as ClientGone, never as an upstream error."""
+        A client-side timeout or reset surfaces as ConnectionCut, never as an upstream error."""
         try:
             yield from self._read_body(framing, length, ex)
         except (socket.timeout, OSError) as exc:
             self.close_connection = True
-            raise ClientGone() from exc
+            raise ConnectionCut() from exc
 
     def _read_exactly(self, size: int, ex: Exchange) -> Iterator[bytes]:
         """``size`` body bytes as they arrive (never more: the rest is the next request)."""
@@ -2566,7 +2646,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         while remaining:
             data = self.rfile.read1(min(remaining, STREAM_CHUNK))
             if not data:
-                raise ClientGone()
+                raise ConnectionCut()
             remaining -= len(data)
             ex.bytes_in += len(data)
             yield data
@@ -2580,7 +2660,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         while True:
             line = rfile.readline(MAX_CHUNK_LINE + 1)
             if not line:
-                raise ClientGone()
+                raise ConnectionCut()
             if not line.endswith(b"\r\n"):
                 raise BadRequest("malformed chunk size line", close=True)
             size_text = line[:-2].split(b";", 1)[0].strip(b" \t")
@@ -2593,7 +2673,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                     trailer = rfile.readline(MAX_HEADER_BYTES + 1)
                     trailer_bytes += len(trailer)
                     if not trailer:
-                        raise ClientGone()
+                        raise ConnectionCut()
                     if trailer_bytes > MAX_HEADER_BYTES:
                         raise HeadersTooLarge("chunked trailers too large", close=True)
                     if trailer == b"\r\n":
@@ -2622,7 +2702,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if head is not None and request_has_body(head):
                 self.close_connection = True     # unread body would be taken for a request
             self._send_error(exc, ex)
-        except ClientGone:
+        except ConnectionCut:
             self.close_connection = True
             ex.reason = ex.reason or "client closed the connection"
             if head is None:
@@ -2696,7 +2776,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                                         (inspect and length <= MAX_INSPECT_BODY)):
                 body = self.rfile.read(length)
                 if len(body) != length:
-                    raise ClientGone()
+                    raise ConnectionCut()
                 ex.bytes_in = length
             elif inspect:
                 if framing == "length":
@@ -2709,7 +2789,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             else:
                 body = self._body_chunks(framing, length, ex)
         if provider.usage and (body is None or isinstance(body, bytes)):
-            ex.model = request_model(provider, rest, body)
+            ex.model = request_model(provider, rest, body, head.get("content-type") or "")
             check_policy(policy, head.method, policy_path, ex.model)
             if ("models" in policy and ex.model is None
                     and head.method not in ("GET", "HEAD", "OPTIONS")):
@@ -2734,7 +2814,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers = [(n, ", ".join(p.strip() for p in v.split(",") if "seks_" not in p))
                        if n.lower() == "sec-websocket-protocol" else (n, v) for n, v in headers]
             headers = [(n, v) for n, v in headers if v]
-            self._websocket(head, provider, target, headers, scrubber, ex)
+            self._websocket(head, provider, target, headers, scrubber, swap.token, ex)
             return
         rewrite = None
         if provider.gateway == "discord" and _GATEWAY_REST_RE.match(rest):
@@ -2807,15 +2887,16 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                    for n, v in response_headers(answer, {"content-length"})]
         headers.append(("Content-Length", str(len(body))))
         ex.status, ex.outcome, ex.bytes_out = status, "ok", len(body)
-        self.server.broker.record(ex)
+        self._record_or_withhold(ex)
         self._write(self._head_bytes(status, HTTP_REASONS.get(status, "Unknown"), headers) + body)
 
     def _run_relay(self, client: WsPeer, upstream: WsPeer, on_client: Any, on_server: Any,
-                   scrub: Callable[[bytes], bytes], ex: Exchange) -> None:
+                   scrub: Callable[[bytes], bytes], tick: Callable[[], None],
+                   ex: Exchange) -> None:
         ex.status, ex.outcome = 101, "ok"
         metrics = self.server.broker.metrics
         metrics.add_stream(1)
-        relay = WsRelay(client, upstream, on_client, on_server, scrub)
+        relay = WsRelay(client, upstream, on_client, on_server, scrub, tick)
         broker = self.server.broker
         broker.ws_relays.add(relay)
         try:
@@ -2830,7 +2911,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             upstream.sock.close()
 
     def _websocket(self, head: RequestHead, provider: Provider, target: str,
-                   headers: List[Tuple[str, str]], scrubber: Scrubber, ex: Exchange) -> None:
+                   headers: List[Tuple[str, str]], scrubber: Scrubber, token: str,
+                   ex: Exchange) -> None:
         """A WebSocket on any provider route: authenticated like HTTP (done by the caller),
         real credential in the upstream handshake, frames relayed and scrubbed."""
         broker = self.server.broker
@@ -2849,8 +2931,20 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             raise UpstreamError("upstream chose a WebSocket subprotocol the client did not offer")
         client = self._accept_websocket(key, chosen)
         upstream = WsPeer("upstream", sock, reader, masked_out=True)
-        self._run_relay(client, upstream, lambda op, m: (op, m),
-                        lambda op, m: (op, scrubber.scrub(m)), scrubber.scrub, ex)
+        def still_valid() -> None:
+            """Revocation, expiry and agent disable end an open session too."""
+            try:
+                record, _ = broker.tokens.lookup(token)
+                check_token(record, provider.name, time.time())
+            except BrokerError:
+                raise WsClose(1008, "token no longer valid") from None
+
+        def on_client(opcode: int, message: bytes) -> Tuple[int, bytes]:
+            still_valid()
+            return opcode, message
+
+        self._run_relay(client, upstream, on_client, lambda op, m: (op, scrubber.scrub(m)),
+                        scrubber.scrub, still_valid, ex)
 
     def _discord_gateway(self, head: RequestHead, provider: Provider, rest: str, query: str,
                          route_prefix: str, ex: Exchange) -> None:
@@ -2875,6 +2969,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             return
         netloc = resume_host or gateway.netloc
         scheme = gateway.scheme
+        if resume_host and resume_host != gateway.netloc.lower():
+            scheme = "wss"                        # a discord.gg resume host: TLS, port 443
         host, _, port_text = netloc.rpartition(":") if ":" in netloc else (netloc, "", "")
         port = int(port_text) if port_text else (443 if scheme == "wss" else 80)
         context = broker.pool.ssl_context if provider.name not in broker.settings.insecure_upstream \
@@ -2889,7 +2985,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         hooks = DiscordGateway(broker, provider, ex, ws_base, compress == "zlib-stream")
         client = self._accept_websocket(key, "")
         upstream = WsPeer("upstream", sock, reader, masked_out=True)
-        self._run_relay(client, upstream, hooks.on_client, hooks.on_server, hooks.scrub, ex)
+        self._run_relay(client, upstream, hooks.on_client, hooks.on_server, hooks.scrub,
+                        hooks.tick, ex)
 
     def _expect_continue(self, head: RequestHead) -> None:
         expect = head.get("expect")
@@ -2908,6 +3005,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         content_type = ""
         codings: List[str] = []
         length: Optional[int] = None
+        chunked_upstream = False
         for name, value in resp.headers:
             lower = name.lower()
             if lower == "content-encoding":
@@ -2917,6 +3015,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 content_type = value
             elif lower == "content-length" and _CONTENT_LENGTH_RE.match(value.strip()):
                 length = int(value.strip())
+            elif lower == "transfer-encoding":
+                chunked_upstream = True
+        if chunked_upstream:
+            length = None                         # http.client read it chunked: ignore the CL
         decoder = None
         drop = {"content-length", "content-encoding"}
         if codings in (["gzip"], ["x-gzip"], ["deflate"]):
@@ -2940,7 +3042,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if no_body:
             if length is not None and head.method == "HEAD":
                 headers.append(("Content-Length", str(length)))
-            broker.record(ex)
+            self._record_or_withhold(ex)
             self._write(self._head_bytes(status, reason, headers))
             return
         if length is not None and length <= INLINE_BODY_MAX:
@@ -2957,7 +3059,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if meter is not None:
                 meter.feed(data)
                 self._take_usage(meter, ex)
-            broker.record(ex)
+            self._record_or_withhold(ex)
             self._write(self._head_bytes(status, reason, headers) + data)
             return
         chunked = length is None and head.version == "HTTP/1.1"
@@ -2970,6 +3072,13 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         self._write(self._head_bytes(status, reason, headers))
         self._stream_body(resp, decoder, scrubber, chunked, length, meter, ex)
 
+    def _record_or_withhold(self, ex: Exchange) -> None:
+        """The audit row goes first; if it cannot be written the answer is not completed."""
+        if not self.server.broker.record(ex):
+            ex.outcome, ex.reason = "error", "audit write failed; answer withheld"
+            self.close_connection = True
+            raise ConnectionCut()
+
     def _take_usage(self, meter: UsageMeter, ex: Exchange) -> None:
         state = meter.finish()
         ex.model = ex.model or state.get("model")
@@ -2981,7 +3090,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         """Relay the body: each read returns what is available (an SSE event is sent at once).
         The bytes that complete the answer are held until its audit row is written."""
         write = self._write
-        record = self.server.broker.record
+        record = self._record_or_withhold
         metrics = self.server.broker.metrics
         metrics.add_stream(1)
         try:
@@ -2991,7 +3100,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 ex.outcome = "error"
                 ex.reason = ex.reason or "client closed the connection mid-answer"
                 if meter is not None:
-                    if isinstance(exc, ClientGone) and ex.drain_usage:
+                    if isinstance(exc, ConnectionCut) and ex.drain_usage:
                         drain_for_usage(resp, decoder, meter)
                     self._take_usage(meter, ex)   # an abandoned stream is charged what passed
             raise
@@ -3008,7 +3117,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             except (http.client.HTTPException, OSError):
                 self.close_connection = True      # head already sent: all we can do is cut
                 ex.outcome, ex.reason = "error", "upstream answer ended early"
-                raise ClientGone() from None
+                raise ConnectionCut() from None
             if not data:
                 break
             if decoder is not None:
@@ -3022,7 +3131,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if length is not None and ex.bytes_out >= length:
                 if meter is not None:
                     self._take_usage(meter, ex)
-                record(ex)                        # last bytes of a sized body
+                record(ex)                        # last bytes of a sized body: row first
             write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
         tail = scrubber.feed(decoder.flush()) if decoder is not None else b""
         tail += scrubber.flush()
@@ -3033,7 +3142,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if length is not None and ex.bytes_out < length:
             self.close_connection = True
             ex.outcome, ex.reason = "error", "upstream answer shorter than its Content-Length"
-            raise ClientGone()
+            raise ConnectionCut()
         if meter is not None:
             self._take_usage(meter, ex)
         record(ex)
@@ -3087,6 +3196,20 @@ def rewrite_gateway_url(data: bytes, ws_base: str) -> bytes:
         payload["url"] = ws_base
         return json.dumps(payload).encode()
     return data
+
+
+def clean_text(value: Optional[str], limit: int) -> Optional[str]:
+    """Text as it may be stored: valid UTF-8 (lone surrogates escaped), bounded, None if empty."""
+    if not value:
+        return None
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
+
+
+def clean_count(value: Optional[int]) -> Optional[int]:
+    """A token count an upstream reported, kept within sqlite's integer range."""
+    if value is None:
+        return None
+    return max(0, min(int(value), 2 ** 62))
 
 
 def request_has_body(head: RequestHead) -> bool:
@@ -3426,7 +3549,6 @@ class Metrics:
         self.bytes_out: Dict[str, int] = {}
         self.latency: Dict[str, List[float]] = {}       # provider -> bucket counts + [sum, count]
         self.open_streams = 0
-        self.open_connections = 0
 
     def observe(self, ex: "Exchange", seconds: float) -> None:
         provider = ex.provider or "-"
@@ -3565,7 +3687,7 @@ class Broker:
         request.seks_verify = provider.name not in self.settings.insecure_upstream  # type: ignore[attr-defined]
         try:
             return self.opener.open(request)
-        except (BrokerError, ClientGone):
+        except (BrokerError, ConnectionCut):
             raise
         except socket.timeout:
             raise UpstreamTimeout(f"upstream {provider.name} timed out") from None
@@ -3579,22 +3701,24 @@ class Broker:
         with self._in_flight_lock:
             self.in_flight += 1
 
-    def record(self, ex: "Exchange") -> None:
-        """Write the request's chained audit row (once). Health checks are not audited."""
+    def record(self, ex: "Exchange") -> bool:
+        """Write the request's chained audit row (once); False if it could not be written, so
+        the caller withholds the answer's last bytes. Health checks are not audited."""
         if ex.recorded or ex.outcome == "health":
-            return
+            return True
         ex.recorded = True
-        row = AuditRow(ts=utc_iso(), agent=ex.agent or None, token_id=ex.token_id or None,
+        row = AuditRow(ts=utc_iso(), agent=clean_text(ex.agent, 64), token_id=ex.token_id or None,
                        provider=ex.provider or None, secret=ex.secret or None,
-                       method=ex.method[:16], path=ex.path[:1024], status=ex.status,
-                       bytes_in=ex.bytes_in, bytes_out=ex.bytes_out,
+                       method=clean_text(ex.method, 16), path=clean_text(ex.path, 1024),
+                       status=ex.status, bytes_in=ex.bytes_in, bytes_out=ex.bytes_out,
                        duration_ms=round((time.monotonic() - ex.started) * 1000, 3),
-                       client=ex.client, outcome=ex.outcome, reason=ex.reason[:300] or None,
-                       model=ex.model[:100] if ex.model else None, tokens_in=ex.tokens_in,
-                       tokens_out=ex.tokens_out)
+                       client=ex.client, outcome=ex.outcome, reason=clean_text(ex.reason, 300),
+                       model=clean_text(ex.model, 100), tokens_in=clean_count(ex.tokens_in),
+                       tokens_out=clean_count(ex.tokens_out))
         error = self._group_commit(row, ex.counted or ex.outcome != "ok")
         if error:
             self.log("error", "audit", message=f"AUDIT WRITE FAILED: {error}")
+        return not error
 
     def _group_commit(self, row: AuditRow, counted: bool) -> str:
         """Durable before the caller goes on. Rows that arrive while another thread commits
@@ -3630,8 +3754,8 @@ class Broker:
                 self.store.append_audit(self.tokens.keys, rows, self.settings.audit)
         except (KeyRotated, Unavailable):
             return "master key rotated; restart the broker"
-        except sqlite3.Error as exc:
-            return f"{type(exc).__name__}: {exc}"
+        except Exception as exc:                  # every row of the batch shares the outcome
+            return f"{type(exc).__name__}"
         return ""
 
     def finish(self, ex: "Exchange") -> None:
@@ -4368,8 +4492,11 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
     from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
     key_path = db_path + ".key"
     if from_env:
-        text = sys.stdin.read().strip() if sys.stdin is not None else ""
-        new_key = decode_master_key(text, "the new key on stdin")
+        if sys.stdin is not None and sys.stdin.isatty():
+            text = getpass.getpass("New master key (urlsafe base64 of 32 bytes, hidden): ")
+        else:
+            text = sys.stdin.read() if sys.stdin is not None else ""
+        new_key = decode_master_key(text.strip(), "the new key on stdin")
     else:
         new_key = secrets.token_bytes(32)
     if hmac.compare_digest(new_key, old_key):
@@ -4389,12 +4516,15 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
             handle.flush()
             os.fsync(handle.fileno())
     count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
-                        derive_key(new_key, "key-check"))
+                        derive_key(new_key, "key-check"), force=args.force)
     if from_env:
         print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key and restart "
               f"running brokers now (until then they answer 503)", file=sys.stderr)
     else:
-        os.replace(pending, key_path)
+        try:
+            os.replace(pending, key_path)
+        except FileNotFoundError:
+            pass                                  # a running broker finished the rename first
         print(f"re-encrypted {count} secret(s) under a new key in {key_path}; running brokers "
               f"load it on their next request", file=sys.stderr)
     return 0
