@@ -2769,25 +2769,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         headers.append(("Host", provider.host_header))
         headers.append(("Accept-Encoding", "identity"))
         inspect = bool(provider.usage) and ("models" in policy or "budget_tokens" in policy)
-        body: Any = None
-        if framing != "none":
-            self._expect_continue(head)
-            if framing == "length" and (length <= INLINE_BODY_MAX or
-                                        (inspect and length <= MAX_INSPECT_BODY)):
-                body = self.rfile.read(length)
-                if len(body) != length:
-                    raise ConnectionCut()
-                ex.bytes_in = length
-            elif inspect:
-                if framing == "length":
-                    raise PayloadTooLarge("bodies over 16 MiB cannot be checked against this "
-                                          "token's model or budget policy", close=True)
-                body = b"".join(self._body_chunks(framing, length, ex))
-                if len(body) > MAX_INSPECT_BODY:
-                    raise PayloadTooLarge("bodies over 16 MiB cannot be checked against this "
-                                          "token's model or budget policy", close=True)
-            else:
-                body = self._body_chunks(framing, length, ex)
+        body = self._request_body(head, framing, length, inspect, ex)
         if provider.usage and (body is None or isinstance(body, bytes)):
             ex.model = request_model(provider, rest, body, head.get("content-type") or "")
             check_policy(policy, head.method, policy_path, ex.model)
@@ -2808,13 +2790,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(length)))
         scrubber = Scrubber.for_key(real_key)
         if upgrade:
-            target = url[len(provider.origin):]
-            headers = [(n, v) for n, v in headers if n.lower() not in WS_DROP_HEADERS
-                       and n.lower() not in ("host", "accept-encoding", "content-length")]
-            headers = [(n, ", ".join(p.strip() for p in v.split(",") if "seks_" not in p))
-                       if n.lower() == "sec-websocket-protocol" else (n, v) for n, v in headers]
-            headers = [(n, v) for n, v in headers if v]
-            self._websocket(head, provider, target, headers, scrubber, swap.token, ex)
+            self._websocket(head, provider, url[len(provider.origin):], headers, scrubber,
+                            swap.token, ex)
             return
         rewrite = None
         if provider.gateway == "discord" and _GATEWAY_REST_RE.match(rest):
@@ -2825,6 +2802,34 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             self._relay(head, resp, provider, route_prefix, scrubber, ex, rewrite)
         finally:
             resp.finish(complete=ex.outcome == "ok")
+
+    def _request_body(self, head: RequestHead, framing: str, length: int, inspect: bool,
+                      ex: Exchange) -> Any:
+        """None, the whole body as bytes (small, or needed to check a model or budget policy,
+        at most MAX_INSPECT_BODY), or an iterator that streams it upstream as it arrives."""
+        if framing == "none":
+            return None
+        self._expect_continue(head)
+        if framing == "length" and (length <= INLINE_BODY_MAX or
+                                    (inspect and length <= MAX_INSPECT_BODY)):
+            body = self.rfile.read(length)
+            if len(body) != length:
+                raise ConnectionCut()
+            ex.bytes_in = length
+            return body
+        if not inspect:
+            return self._body_chunks(framing, length, ex)
+        too_big = PayloadTooLarge("bodies over 16 MiB cannot be checked against this token's "
+                                  "model or budget policy", close=True)
+        if framing == "length":
+            raise too_big
+        parts, size = [], 0
+        for chunk in self._body_chunks(framing, length, ex):
+            size += len(chunk)
+            if size > MAX_INSPECT_BODY:
+                raise too_big
+            parts.append(chunk)
+        return b"".join(parts)
 
     def _agent_base_url(self, head: RequestHead, websocket: bool = False) -> str:
         """The broker's address as this agent reaches it (public_url, else its Host header),
@@ -2918,6 +2923,11 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         broker = self.server.broker
         key = self._client_ws_handshake(head)
         offered = [p.strip() for v in head.get_all("sec-websocket-protocol") for p in v.split(",")]
+        headers = [(n, v) for n, v in headers if n.lower() not in WS_DROP_HEADERS
+                   and n.lower() not in ("host", "accept-encoding", "content-length")]
+        headers = [(n, ", ".join(p.strip() for p in v.split(",") if "seks_" not in p))
+                   if n.lower() == "sec-websocket-protocol" else (n, v) for n, v in headers]
+        headers = [(n, v) for n, v in headers if v]     # a seks token never goes upstream
         context = broker.pool.ssl_context if provider.name not in broker.settings.insecure_upstream \
             else broker.pool.insecure_context
         sock, reader, status, answer = open_upstream_websocket(
