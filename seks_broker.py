@@ -65,7 +65,7 @@ import unicodedata
 import urllib.parse
 import urllib.request
 import zlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -2795,8 +2795,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             return
         rewrite = None
         if provider.gateway == "discord" and _GATEWAY_REST_RE.match(rest):
-            ws_base = self._agent_base_url(head, websocket=True) + route_prefix + "/gateway"
-            rewrite = lambda data: rewrite_gateway_url(data, ws_base)  # noqa: E731
+            rewrite = functools.partial(rewrite_gateway_url, ws_base=self._agent_base_url(
+                head, websocket=True) + route_prefix + "/gateway")
         resp = broker.open_upstream(provider, head.method, url, headers, body)
         try:
             self._relay(head, resp, provider, route_prefix, scrubber, ex, rewrite)
@@ -3008,8 +3008,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                rewrite: Optional[Callable[[bytes], bytes]] = None) -> None:
         """Send the upstream answer on: status and headers (scrubbed), then the body as it
         arrives, in the same framing where possible. The audit row is written just before the
-        last bytes go out, so a request the agent saw complete is always on record."""
-        broker = self.server.broker
+        last bytes go out (or they are withheld), so a completed answer is always on record."""
         status = resp.status
         ex.status = status
         content_type = ""
@@ -3589,7 +3588,7 @@ class Metrics:
             inner = ",".join(f'{k}="{v}"' for k, v in pairs.items())
             return "{" + inner + "}"
 
-        out = [f"# HELP seks_build_info Broker version.", "# TYPE seks_build_info gauge",
+        out = ["# HELP seks_build_info Broker version.", "# TYPE seks_build_info gauge",
                f"seks_build_info{labels(version=__version__)} 1"]
         with self._lock:
             out += ["# HELP seks_requests_total Requests answered, by provider and status.",
@@ -4095,7 +4094,7 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
 class CliParser(argparse.ArgumentParser):
     """argparse that never echoes unrecognised arguments: they might be a pasted secret."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]
+    def error(self, message: str) -> "NoReturn":
         if "unrecognized arguments" in message:
             message = "unrecognized arguments (not shown, in case they hold a secret)"
         self.print_usage(sys.stderr)
