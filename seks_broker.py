@@ -4698,6 +4698,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except sqlite3.Error as exc:
         sys.stderr.write(f"error: database: {exc}\n")
         return 1
+    except OSError as exc:                    # e.g. the port is taken, a file is unreadable
+        sys.stderr.write(f"error: {redact(str(exc))}\n")
+        return 1
 
 
 if __name__ == "__main__":
