@@ -2346,22 +2346,13 @@ class DiscordGateway:
             if presented.lower().startswith("bot "):
                 presented = presented[4:]
             try:
-                record, key = self.broker.tokens.lookup(presented.strip())
-                if record is None:
-                    self.ex.reason = "unknown token " + self.broker.fingerprint(presented)
-                else:
-                    self.ex.agent, self.ex.token_id = record.agent, record.id
-                check_token(record, self.provider.name, time.time())
-                assert record is not None and key is not None
+                record, key = self.broker.authenticate(presented.strip(), self.provider, self.ex)
                 check_policy(record.policy, "GET", "/gateway", None)
-                if needs_admission(record.policy):
-                    self.broker.store.admit(record.id, record.policy, time.time())
-                    self.ex.counted = True
+                self.broker.admit(record, self.ex)
             except BrokerError as exc:
                 self.ex.status, self.ex.outcome = exc.status, "denied"
                 self.ex.reason = self.ex.reason or exc.message
                 raise WsClose(4004, "authentication failed") from None
-            self.ex.agent, self.ex.token_id, self.ex.secret = record.agent, record.id, record.secret_name
             self.token = presented.strip()
             real = key.decode("utf-8", "surrogateescape")
             self.scrubber = Scrubber.for_key(real)
@@ -2752,13 +2743,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if swap is None:
             raise AuthError(f"missing token: send your seks token where the {provider.name} "
                             f"client sends its API key")
-        record, key = broker.tokens.lookup(swap.token)
-        if record is None:
-            ex.reason = "unknown token " + broker.fingerprint(swap.token)
-        else:
-            ex.agent, ex.token_id, ex.secret = record.agent, record.id, record.secret_name
-        check_token(record, provider.name, time.time())
-        assert record is not None and key is not None
+        record, key = broker.authenticate(swap.token, provider, ex)
         policy = record.policy
         policy_path = path_for_policy(rest, swap)
         check_policy(policy, head.method, policy_path, None)
@@ -2780,9 +2765,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if (body and "budget_tokens" in policy and provider.usage == "openai"
                     and policy_path.endswith("completions")):
                 body = ask_for_stream_usage(body)
-        if needs_admission(policy):
-            broker.store.admit(record.id, policy, time.time())
-            ex.counted = True
+        broker.admit(record, ex)
         ex.drain_usage = "budget_tokens" in policy
         if isinstance(body, bytes):
             headers.append(("Content-Length", str(len(body))))
@@ -3672,6 +3655,26 @@ class Broker:
             shown = name if PROVIDER_NAME_RE.match(name) else "?"
             raise NotFound(f"unknown provider '{shown}'")
         return provider, "/" + rest if sep else "/", f"{alias}/{name}"
+
+    def authenticate(self, token: str, provider: Provider,
+                     ex: "Exchange") -> Tuple[TokenRecord, bytes]:
+        """The token check shared by HTTP requests and gateway IDENTIFY/RESUME: look the token
+        up (cached), note whose it is for the audit row, deny unless it is live and bound to
+        this provider. Returns the record and the real key."""
+        record, key = self.tokens.lookup(token)
+        if record is None:
+            ex.reason = "unknown token " + self.fingerprint(token)
+        else:
+            ex.agent, ex.token_id, ex.secret = record.agent, record.id, record.secret_name
+        check_token(record, provider.name, time.time())
+        assert record is not None and key is not None
+        return record, key
+
+    def admit(self, record: TokenRecord, ex: "Exchange") -> None:
+        """Count the request against the token's rate, lifetime and budget limits (if any)."""
+        if needs_admission(record.policy):
+            self.store.admit(record.id, record.policy, time.time())
+            ex.counted = True
 
     def fingerprint(self, presented: str) -> str:
         """A short, keyed, non-reversible tag of an unknown token, to correlate attempts."""
