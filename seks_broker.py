@@ -1902,10 +1902,16 @@ def make_opener(pool: UpstreamPool) -> urllib.request.OpenerDirector:
     return opener
 
 
+def connection_tokens(headers: List[Tuple[str, str]]) -> set:
+    """The lower-case tokens of every Connection header (``close``, ``upgrade``, header names
+    that are hop-by-hop for this message)."""
+    return {t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")}
+
+
 def forward_request_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
     """Client headers minus hop-by-hop ones (and those named in Connection) and the few the
     broker sets itself; duplicates are joined with ', ' (urllib keeps one value per name)."""
-    named = {t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")}
+    named = connection_tokens(headers)
     merged: Dict[str, Tuple[str, str]] = {}
     for name, value in headers:
         lower = name.lower()
@@ -1944,7 +1950,7 @@ def rewrite_location(value: str, provider: Provider, route_prefix: str) -> str:
 
 def response_headers(headers: List[Tuple[str, str]], drop: Iterable[str]) -> List[Tuple[str, str]]:
     """Upstream answer headers minus hop-by-hop ones, those named in Connection, and ``drop``."""
-    named = {t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")}
+    named = connection_tokens(headers)
     dropped = HOP_BY_HOP | named | set(drop)
     return [(n, v) for n, v in headers if n.lower() not in dropped]
 
@@ -2617,7 +2623,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 raise HeadersTooLarge("too many request header fields", close=True)
         head = RequestHead(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"),
                            headers)
-        conn_tokens = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
+        conn_tokens = connection_tokens(head.headers)
         if head.version == "HTTP/1.0" or "close" in conn_tokens or self.server.broker.draining:
             self.close_connection = True
         return head
@@ -2911,8 +2917,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         headers = [(n, ", ".join(p.strip() for p in v.split(",") if "seks_" not in p))
                    if n.lower() == "sec-websocket-protocol" else (n, v) for n, v in headers]
         headers = [(n, v) for n, v in headers if v]     # a seks token never goes upstream
-        context = broker.pool.ssl_context if provider.name not in broker.settings.insecure_upstream \
-            else broker.pool.insecure_context
+        context = broker.upstream_tls(provider)
         sock, reader, status, answer = open_upstream_websocket(
             provider, target, headers, context, broker.settings.connect_timeout)
         if status != 101:
@@ -2966,8 +2971,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             scheme = "wss"                        # a discord.gg resume host: TLS, port 443
         host, _, port_text = netloc.rpartition(":") if ":" in netloc else (netloc, "", "")
         port = int(port_text) if port_text else (443 if scheme == "wss" else 80)
-        context = broker.pool.ssl_context if provider.name not in broker.settings.insecure_upstream \
-            else broker.pool.insecure_context
+        context = broker.upstream_tls(provider)
         sock, reader, status, answer = open_upstream_websocket(
             provider, f"/?v={version}&encoding=json", [], context,
             broker.settings.connect_timeout, host=host, port=port, scheme=scheme)
@@ -3174,8 +3178,8 @@ _GATEWAY_REST_RE = re.compile(r"^/api(/v\d+)?/gateway(/bot)?/?$")
 
 def is_websocket_upgrade(head: RequestHead) -> bool:
     upgrade = (head.get("upgrade") or "").lower()
-    connection = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
-    return head.method == "GET" and "websocket" in upgrade and "upgrade" in connection
+    return head.method == "GET" and "websocket" in upgrade and \
+        "upgrade" in connection_tokens(head.headers)
 
 
 def rewrite_gateway_url(data: bytes, ws_base: str) -> bytes:
@@ -3426,7 +3430,7 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
                 setattr(settings, spec.name, parse_setting(spec, value))
             except ConfigError as exc:
                 errors.append(f"{where(section, key)}: {exc}")
-    known = set(settings.custom_providers) | set(parser_builtin_names())
+    known = set(settings.custom_providers) | set(builtin_providers())
     for name in settings.upstreams:
         if name not in known:
             errors.append(f"{where('upstream', name)}: [upstream] {name}: no such provider")
@@ -3437,10 +3441,10 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
     return errors
 
 
-def parser_builtin_names() -> List[str]:
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read_string(BUILTIN_PROVIDERS_INI)
-    return parser.sections()
+@functools.lru_cache(maxsize=1)
+def builtin_providers() -> Dict[str, Provider]:
+    """The built-in provider table, parsed once (callers copy before changing it)."""
+    return providers_from_ini(BUILTIN_PROVIDERS_INI)
 
 
 def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
@@ -3494,7 +3498,7 @@ def load_providers(settings: Settings, strict: bool = True) -> Dict[str, Provide
     """Built-in providers plus custom ones from the config file, with upstream overrides.
     ``strict`` (serve, config check) refuses an override naming an unknown provider: a typo
     there would send traffic to the real upstream while the operator thinks it does not."""
-    providers = providers_from_ini(BUILTIN_PROVIDERS_INI)
+    providers = dict(builtin_providers())
     for name, provider in settings.custom_providers.items():
         providers[name] = provider
     routes = {alias for p in providers.values() for alias in p.aliases}
@@ -3708,6 +3712,12 @@ class Broker:
         except (OSError, http.client.HTTPException):
             raise UpstreamError(f"upstream {provider.name} unreachable or closed the "
                                 f"connection") from None
+
+    def upstream_tls(self, provider: Provider) -> Optional[ssl.SSLContext]:
+        """Verified TLS, unless the operator named this provider in insecure_upstream."""
+        if provider.name in self.settings.insecure_upstream:
+            return self.pool.insecure_context
+        return self.pool.ssl_context
 
     def begin(self) -> None:
         with self._in_flight_lock:
