@@ -737,3 +737,25 @@ def assert_token_absent(req: RecordedRequest, token: str) -> None:
     assert token not in wire, f"fake token reached upstream: {req.method} {req.target}"
     assert rand not in wire, f"fake token's random part reached upstream: {req.method} {req.target}"
     assert "seks_" not in wire.lower(), f"'seks_' reached upstream: {req.method} {req.target}"
+
+
+# ============================================================================
+# WebSocket fakes shared by the WebSocket test modules (tests/ws_helpers.py)
+# ============================================================================
+
+@pytest.fixture(scope="module")
+def realtime() -> Iterator[Any]:
+    """A fake OpenAI Realtime server that requires the real Bearer key in the handshake."""
+    from ws_helpers import FakeRealtime
+    srv = FakeRealtime(REAL_KEYS["openai"])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Any]:
+    """A fake Discord gateway that requires the real token in IDENTIFY/RESUME."""
+    from ws_helpers import FakeGateway
+    srv = FakeGateway(REAL_KEYS["discord"])
+    yield srv
+    srv.stop()

@@ -24,7 +24,7 @@ import socket
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -54,19 +54,6 @@ def hb(broker_factory: Any, upstreams: Dict[str, FakeUpstream]) -> Broker:
     """HTTP broker: openai, gemini and github pointed at their recording FakeUpstreams."""
     return broker_factory({p: upstreams[p].url for p in HTTP_PROVIDERS}, providers=HTTP_PROVIDERS)
 
-
-@pytest.fixture(scope="module")
-def realtime() -> Iterator[FakeRealtime]:
-    srv = FakeRealtime(REAL_KEYS["openai"])
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[FakeGateway]:
-    srv = FakeGateway(REAL_KEYS["discord"])
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -45,19 +45,6 @@ ZLIB_SUFFIX = b"\x00\x00\xff\xff"
 # ============================================================================
 
 
-@pytest.fixture(scope="module")
-def realtime() -> Iterator[FakeRealtime]:
-    srv = FakeRealtime(REAL_KEYS["openai"])
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[FakeGateway]:
-    srv = FakeGateway(REAL_KEYS["discord"])
-    yield srv
-    srv.stop()
-
 
 @pytest.fixture(scope="module")
 def echo() -> Iterator[EchoServer]:
