@@ -239,8 +239,23 @@ def sha256_of_chunks(total: int, chunk: int = 1024 * 1024, seed: int = 1234) -> 
 # ============================================================================
 
 
+class HeaderLookup:
+    """Case-insensitive lookups over a ``headers`` list of (name, value) pairs."""
+
+    headers: List[Tuple[str, str]]
+
+    def header(self, name: str) -> Optional[str]:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def header_all(self, name: str) -> List[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
 @dataclass
-class RecordedRequest:
+class RecordedRequest(HeaderLookup):
     """One request as the upstream saw it on the wire."""
     method: str
     target: str                      # raw request target: path + "?" + query, exactly as received
@@ -260,14 +275,6 @@ class RecordedRequest:
         q = self.target.split("?", 1)[1] if "?" in self.target else ""
         return urllib.parse.parse_qs(q, keep_blank_values=True)
 
-    def header(self, name: str) -> Optional[str]:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
-
-    def header_all(self, name: str) -> List[str]:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
 
     def header_names(self) -> List[str]:
         return [k.lower() for k, _ in self.headers]

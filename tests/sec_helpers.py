@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from conftest import BROKER_PY, LISTEN_RE, START_TIMEOUT_S, Broker, FakeUpstream
+from conftest import BROKER_PY, LISTEN_RE, START_TIMEOUT_S, Broker, FakeUpstream, HeaderLookup
 
 RAW_TIMEOUT_S = 10.0
 
@@ -45,7 +45,7 @@ def load_broker_module() -> Any:
 
 
 @dataclass
-class RawResponse:
+class RawResponse(HeaderLookup):
     """One response read off a raw socket. status 0 means the broker sent nothing at all."""
     status: int
     reason: str
@@ -56,14 +56,6 @@ class RawResponse:
     interim: List[int] = field(default_factory=list)   # 1xx statuses seen before the final one
     extra: bytes = b""               # bytes that arrived after the response (a second response?)
 
-    def header(self, name: str) -> Optional[str]:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
-
-    def header_all(self, name: str) -> List[str]:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
 
     def text(self) -> str:
         return self.raw.decode("latin-1")
