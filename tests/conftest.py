@@ -239,6 +239,14 @@ def sha256_of_chunks(total: int, chunk: int = 1024 * 1024, seed: int = 1234) -> 
 # ============================================================================
 
 
+def file_text(path: Path) -> str:
+    """A process's captured output so far ('' before the file exists)."""
+    try:
+        return path.read_bytes().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
 class HeaderLookup:
     """Case-insensitive lookups over a ``headers`` list of (name, value) pairs."""
 
@@ -639,16 +647,10 @@ class Broker:
         raise RuntimeError(f"broker did not print its listening line: {self.stderr_text()[-3000:]}")
 
     def stderr_text(self) -> str:
-        try:
-            return self.stderr_path.read_bytes().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return file_text(self.stderr_path)
 
     def stdout_text(self) -> str:
-        try:
-            return self.stdout_path.read_bytes().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return file_text(self.stdout_path)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

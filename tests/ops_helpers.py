@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from conftest import (
     BROKER_PY, CLI_TIMEOUT_S, HTTP_TIMEOUT_S, REAL_KEYS, START_TIMEOUT_S, FakeUpstream, Response,
-    UpstreamHandler, _UpstreamServer, broker_env, default_responder, run_cli, secret_name,
+    UpstreamHandler, _UpstreamServer, broker_env, default_responder, file_text, run_cli, secret_name,
 )
 
 READY_RE = re.compile(r"seks-broker listening on (https?)://([0-9.]+):(\d+)"
@@ -91,16 +91,10 @@ class ServeProc:
 
     # -- output ------------------------------------------------------------------------------
     def stderr_text(self) -> str:
-        try:
-            return self.stderr_path.read_bytes().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return file_text(self.stderr_path)
 
     def stdout_text(self) -> str:
-        try:
-            return self.stdout_path.read_bytes().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return file_text(self.stdout_path)
 
     def lines_after_ready(self) -> List[str]:
         text = self.stderr_text()
