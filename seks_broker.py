@@ -679,6 +679,9 @@ class Store:
         self._pool: List[sqlite3.Connection] = []
         self.autocheckpoint = True
         self._lock = threading.Lock()
+        self._audit_lock = threading.Lock()
+        self._audit_db: Optional[sqlite3.Connection] = None
+        self._audit_head: Optional[Tuple[int, int, bytes]] = None   # data_version, id, MAC
         with self.connection() as db:
             self._migrate(db)
 
@@ -759,6 +762,10 @@ class Store:
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, []
+        with self._audit_lock:
+            if self._audit_db is not None:
+                pool.append(self._audit_db)
+            self._audit_db, self._audit_head = None, None
         for db in pool:
             db.close()
 
@@ -955,35 +962,67 @@ class Store:
         """Append chained audit rows (and each request's usage) in one short transaction;
         refuses (KeyRotated) if the DB moved to another master key meanwhile. ``rows`` holds
         (row, counted): counted means the request was already counted at admission. With
-        ``write_rows`` False (audit off) only the usage counters move."""
-        with self.transaction() as db:
-            check = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
-            if check is not None and not hmac.compare_digest(bytes(check), keys.check):
-                raise KeyRotated()
-            for row, counted in rows:
-                if write_rows:
-                    self._append_audit(db, keys.audit, row)
-                if row.token_id:
-                    spent = (row.tokens_in or 0) + (row.tokens_out or 0)
-                    if spent or not counted:
-                        db.execute("UPDATE token_usage SET tokens_used = tokens_used + ?, "
-                                   "requests = requests + ? WHERE token_id = ?",
-                                   (spent, 0 if counted else 1, row.token_id))
+        ``write_rows`` False (audit off) only the usage counters move.
+
+        Runs on a connection of its own. The chain head (last id and MAC) and the key check are
+        kept from its previous commit and re-read only when another connection (another
+        process, the CLI, an admission) committed since (``PRAGMA data_version``)."""
+        with self._audit_lock:
+            if self._audit_db is None:
+                self._audit_db = self._open()
+            db = self._audit_db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = db.execute("PRAGMA data_version").fetchone()[0]
+                head = self._audit_head
+                if head is None or head[0] != version:
+                    check = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
+                    if check is not None and not hmac.compare_digest(bytes(check), keys.check):
+                        raise KeyRotated()
+                    head = (version,) + self._chain_head(db)
+                _, last_id, prev = head
+                usage: Dict[str, List[int]] = {}
+                for row, counted in rows:
+                    if write_rows:
+                        last_id += 1
+                        row.id = last_id
+                        values = row.values()
+                        prev = row.mac = audit_mac(keys.audit, values, prev)
+                        db.execute(_AUDIT_INSERT, values + (prev,))
+                    if row.token_id:
+                        spent = (row.tokens_in or 0) + (row.tokens_out or 0)
+                        if spent or not counted:
+                            item = usage.setdefault(row.token_id, [0, 0])
+                            item[0] += spent
+                            item[1] += 0 if counted else 1
+                for token_id, (spent, count) in usage.items():
+                    db.execute("UPDATE token_usage SET tokens_used = tokens_used + ?, "
+                               "requests = requests + ? WHERE token_id = ?",
+                               (spent, count, token_id))
+                db.execute("COMMIT")
+            except BaseException:
+                self._audit_head = None
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            self._audit_head = (version, last_id, prev)
+
+    @staticmethod
+    def _chain_head(db: sqlite3.Connection) -> Tuple[int, bytes]:
+        """The last audit row's id and MAC, or the prune anchor's when the log is empty."""
+        last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        if last is not None:
+            return last[0], bytes(last[1])
+        anchor, anchor_id = db.execute("SELECT audit_anchor, audit_anchor_id FROM state "
+                                       "WHERE id = 1").fetchone()
+        return anchor_id, bytes(anchor or b"")
 
     @staticmethod
     def _append_audit(db: sqlite3.Connection, key: bytes, row: "AuditRow") -> None:
-        last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-        if last is None:
-            anchor, last_id = db.execute("SELECT audit_anchor, audit_anchor_id FROM state "
-                                         "WHERE id = 1").fetchone()
-            prev = bytes(anchor or b"")
-        else:
-            last_id, prev = last[0], bytes(last[1])
+        last_id, prev = Store._chain_head(db)
         row.id = last_id + 1
         row.mac = audit_mac(key, row.values(), prev)
-        db.execute(f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
-                   f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})",
-                   row.values() + (row.mac,))
+        db.execute(_AUDIT_INSERT, row.values() + (row.mac,))
 
     def audit_rows(self, where: str = "", params: Tuple[Any, ...] = (),
                    limit: Optional[int] = None, after_id: int = 0) -> List["AuditRow"]:
@@ -1057,6 +1096,10 @@ class AuditRow:
 
     def as_dict(self) -> Dict[str, Any]:
         return {name: getattr(self, name) for name in self.FIELDS}
+
+
+_AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
+                 f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})")
 
 
 def audit_mac(key: bytes, values: Tuple[Any, ...], prev_mac: bytes) -> bytes:
@@ -1726,19 +1769,240 @@ PoolKey = Tuple[str, str, int, bool]      # scheme, host, port, verify TLS
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # safe to resend
 
 
+MAX_UPSTREAM_HEAD = 64 * 1024          # status line and headers of an upstream answer -> 502
+_STATUS_LINE_RE = re.compile(rb"^HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([^\r\n]*))?$")
+
+
+class UpstreamFraming(http.client.HTTPException):
+    """An upstream answer that is malformed or ends before its framing says it does."""
+
+
+class UpstreamReply:
+    """An upstream answer, read from the pooled connection's socket with a buffer of its own
+    (the connections' ``response_class``; used in place of ``http.client.HTTPResponse``).
+
+    The head is parsed strictly and without ``email.parser``; the body is framed by RFC 9112
+    section 6.3: none for HEAD, 1xx, 204 and 304; chunked when chunked is the final transfer
+    coding (a Content-Length beside it is ignored and the connection is not reused); else
+    Content-Length (several must agree); else until the upstream closes. Interim 1xx answers
+    (100, 102, 103) are skipped. Reads return what is available, never waiting to fill.
+    """
+
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: Optional[str] = None,
+                 url: Optional[str] = None) -> None:
+        self._sock = sock
+        self._ref: Any = None     # a socket file, held once http.client may close the socket
+        self._buf = b""
+        self._method = method
+        self.status = 0
+        self.reason = ""
+        self.headers: List[Tuple[str, str]] = []
+        self.will_close = True
+        self.chunked = False
+        self._left = 0            # body bytes (Content-Length) or chunk bytes still to read
+        self._until_close = False
+        self._done = False
+
+    # --- reading the socket ----------------------------------------------------------------
+    def _more(self, size: int = 65536) -> None:
+        data = self._sock.recv(size)
+        if not data:
+            raise UpstreamFraming("upstream closed the connection mid-answer")
+        self._buf += data
+
+    def _line(self, limit: int) -> bytes:
+        """One CRLF-terminated line (without it) from the buffer, reading as needed."""
+        while True:
+            end = self._buf.find(b"\r\n")
+            if end != -1:
+                line, self._buf = self._buf[:end], self._buf[end + 2:]
+                return line
+            if len(self._buf) > limit:
+                raise UpstreamFraming("upstream sent an over-long line")
+            self._more()
+
+    # --- the head --------------------------------------------------------------------------
+    def begin(self) -> None:
+        for _ in range(16):                         # interim answers, then the final one
+            while True:
+                end = self._buf.find(b"\r\n\r\n")
+                if end != -1:
+                    break
+                if len(self._buf) > MAX_UPSTREAM_HEAD:
+                    raise UpstreamFraming("upstream answer head too large")
+                data = self._sock.recv(65536)
+                if not data:
+                    if not self._buf:
+                        raise http.client.RemoteDisconnected("upstream closed the connection "
+                                                             "without answering")
+                    raise UpstreamFraming("upstream closed the connection mid-head")
+                self._buf += data
+            head, self._buf = self._buf[:end], self._buf[end + 4:]
+            if end > MAX_UPSTREAM_HEAD:
+                raise UpstreamFraming("upstream answer head too large")
+            lines = head.split(b"\r\n")
+            match = _STATUS_LINE_RE.match(lines[0])
+            if match is None:
+                raise UpstreamFraming("upstream sent a malformed status line")
+            status = int(match.group(2))
+            if status in (100, 102, 103):
+                continue
+            self.status = status
+            self.reason = (match.group(3) or b"").decode("latin-1")
+            self.headers = self._parse_headers(lines[1:])
+            self._frame(match.group(1) == b"1")
+            self._framed()
+            return
+        raise UpstreamFraming("upstream sent too many interim answers")
+
+    @staticmethod
+    def _parse_headers(lines: List[bytes]) -> List[Tuple[str, str]]:
+        if len(lines) > MAX_HEADER_COUNT:
+            raise UpstreamFraming("upstream sent too many header fields")
+        headers: List[Tuple[str, str]] = []
+        for line in lines:
+            if line[:1] in (b" ", b"\t"):           # obsolete folding: RFC 9112 says join
+                if not headers:
+                    raise UpstreamFraming("upstream header block starts with a folded line")
+                name, value = headers[-1]
+                headers[-1] = (name, value + " " + line.strip(b" \t").decode("latin-1"))
+                continue
+            name, sep, value = line.partition(b":")
+            if not sep or not HEADER_NAME_RE.match(name):
+                raise UpstreamFraming("upstream sent a malformed header line")
+            value = value.strip(b" \t")
+            if _BAD_VALUE_BYTES_RE.search(value):
+                raise UpstreamFraming("upstream header value contains a control character")
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        return headers
+
+    def _frame(self, http11: bool) -> None:
+        codings: List[str] = []
+        lengths: List[str] = []
+        connection: List[str] = []
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == "transfer-encoding":
+                codings += [c.strip().lower() for c in value.split(",") if c.strip()]
+            elif lower == "content-length":
+                lengths += [v.strip() for v in value.split(",")]
+            elif lower == "connection":
+                connection += [t.strip().lower() for t in value.split(",")]
+        self.will_close = "close" in connection or (not http11 and "keep-alive" not in connection)
+        if (self._method == "HEAD" or self.status in (204, 304)):
+            self._done = True
+            return
+        if codings:
+            if codings[-1] == "chunked":
+                self.chunked = True
+                self._left = -1                     # no chunk started yet
+            else:
+                self._until_close = True
+            if lengths or not self.chunked:
+                self.will_close = True              # ambiguous framing: never reuse
+            return
+        if lengths:
+            if len(set(lengths)) != 1 or not _CONTENT_LENGTH_RE.match(lengths[0]):
+                raise UpstreamFraming("upstream sent an invalid Content-Length")
+            self._left = int(lengths[0])
+            self._done = self._left == 0
+            return
+        self._until_close = True
+        self.will_close = True
+
+    def _framed(self) -> None:
+        if self.will_close:                         # http.client closes the socket now: keep
+            self._ref = self._sock.makefile("rb", buffering=0)   # it open until we are done
+        if self._done and self._buf:
+            self.will_close = True                  # bytes beyond the answer: never reuse
+
+    def getheaders(self) -> List[Tuple[str, str]]:
+        return list(self.headers)
+
+    # --- the body --------------------------------------------------------------------------
+    def read1(self, size: int = STREAM_CHUNK) -> bytes:
+        """Up to ``size`` body bytes: what is buffered or arrives in one receive; b"" at end."""
+        if self._done:
+            return b""
+        if self.chunked:
+            return self._read1_chunked(size)
+        if not self._until_close:
+            size = min(size, self._left)
+        if self._buf:
+            data, self._buf = self._buf[:size], self._buf[size:]
+        else:
+            data = self._sock.recv(size)
+            if not data:
+                if self._until_close:
+                    self._done = True
+                    return b""
+                raise UpstreamFraming("upstream answer shorter than its Content-Length")
+        if not self._until_close:
+            self._left -= len(data)
+            if self._left == 0:
+                self._finished()
+        return data
+
+    def _read1_chunked(self, size: int) -> bytes:
+        if self._left <= 0:
+            if self._left == 0:                     # end of the previous chunk's data
+                if self._line(2):
+                    raise UpstreamFraming("upstream chunk data not followed by CRLF")
+            line = self._line(MAX_CHUNK_LINE)
+            size_text = line.split(b";", 1)[0].strip(b" \t")
+            if not _CHUNK_SIZE_RE.match(size_text):
+                raise UpstreamFraming("upstream sent a malformed chunk size")
+            self._left = int(size_text, 16)
+            if self._left == 0:
+                trailers = 0
+                while self._line(MAX_HEADER_BYTES):
+                    trailers += 1
+                    if trailers > MAX_HEADER_COUNT:
+                        raise UpstreamFraming("upstream sent too many trailer fields")
+                self._finished()
+                return b""
+        if not self._buf:
+            self._more(max(4096, min(size, self._left + 2)))
+        data, self._buf = self._buf[:min(size, self._left)], self._buf[min(size, self._left):]
+        self._left -= len(data)
+        return data
+
+    def read(self) -> bytes:
+        parts = []
+        while True:
+            data = self.read1(STREAM_CHUNK)
+            if not data:
+                return b"".join(parts)
+            parts.append(data)
+
+    def _finished(self) -> None:
+        self._done = True
+        if self._buf:
+            self.will_close = True                  # bytes beyond the answer: never reuse
+
+    def isclosed(self) -> bool:
+        return self._done
+
+    def close(self) -> None:
+        self._done = True
+        ref, self._ref = self._ref, None
+        if ref is not None:
+            ref.close()
+
+
 class UpstreamResponse:
     """An upstream answer being relayed; returns its connection to the pool only when the body
     was read to the end and the upstream did not ask to close."""
 
     def __init__(self, pool: "UpstreamPool", pool_key: PoolKey,
-                 conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+                 conn: http.client.HTTPConnection, resp: UpstreamReply) -> None:
         self._pool = pool
         self._pool_key = pool_key
         self._conn: Optional[http.client.HTTPConnection] = conn
         self._resp = resp
         self.status = resp.status
         self.reason = resp.reason
-        self.headers: List[Tuple[str, str]] = resp.getheaders()
+        self.headers: List[Tuple[str, str]] = resp.headers
 
     def read1(self, size: int) -> bytes:
         return self._resp.read1(size)
@@ -1778,11 +2042,11 @@ class _CoalescingSend:
 
 
 class UpstreamHTTPConnection(_CoalescingSend, http.client.HTTPConnection):
-    pass
+    response_class = UpstreamReply       # type: ignore[assignment]
 
 
 class UpstreamHTTPSConnection(_CoalescingSend, http.client.HTTPSConnection):
-    pass
+    response_class = UpstreamReply       # type: ignore[assignment]
 
 
 class UpstreamPool:
@@ -1883,7 +2147,7 @@ class PooledHTTPHandler(urllib.request.BaseHandler):
             conn, reused = self.pool.get(key)
             try:
                 conn.request(req.get_method(), req.selector, body=body, headers=headers)
-                resp = conn.getresponse()
+                resp: Any = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
                 if reused and replayable and attempt == 0:
