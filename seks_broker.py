@@ -682,6 +682,8 @@ class Store:
         self._audit_lock = threading.Lock()
         self._audit_db: Optional[sqlite3.Connection] = None
         self._audit_head: Optional[Tuple[int, int, bytes]] = None   # data_version, id, MAC
+        self._generation_lock = threading.Lock()
+        self._generation_db: Optional[sqlite3.Connection] = None
         with self.connection() as db:
             self._migrate(db)
 
@@ -766,15 +768,21 @@ class Store:
             if self._audit_db is not None:
                 pool.append(self._audit_db)
             self._audit_db, self._audit_head = None, None
+        with self._generation_lock:
+            if self._generation_db is not None:
+                pool.append(self._generation_db)
+            self._generation_db = None
         for db in pool:
             db.close()
 
     def generation(self) -> Tuple[int, bytes]:
         """A counter that changes whenever a secret, token or agent changes (triggers), and the
         check value of the master key the DB is encrypted under (changes on rotation)."""
-        with self.connection() as db:
-            generation, check = db.execute("SELECT generation, key_check FROM state "
-                                           "WHERE id = 1").fetchone()
+        with self._generation_lock:          # one connection of its own: read on every request
+            if self._generation_db is None:
+                self._generation_db = self._open()
+            generation, check = self._generation_db.execute(
+                "SELECT generation, key_check FROM state WHERE id = 1").fetchone()
         return generation, bytes(check or b"")
 
     def check_master_key(self, check: bytes) -> None:
@@ -1567,6 +1575,9 @@ def _check_chars(text: str, what: str) -> None:
         raise BadRequest(f"{what} contains a forbidden character")
 
 
+_VALID_PATHS: Dict[str, bool] = {}    # paths already accepted (never ones holding a token)
+
+
 def validate_path(rest: str) -> str:
     """Accept a provider path only if no decoding of it can climb out or name another host.
 
@@ -1577,6 +1588,17 @@ def validate_path(rest: str) -> str:
     '@', ':' and non-ASCII letters stay legal once decoded (file names, emoji reactions):
     the host never comes from this string.
     """
+    if rest in _VALID_PATHS:
+        return rest
+    _validate_path(rest)
+    if "seks_" not in rest and len(rest) <= 512:     # never keep a token (Telegram paths)
+        if len(_VALID_PATHS) >= 4096:
+            _VALID_PATHS.clear()
+        _VALID_PATHS[rest] = True
+    return rest
+
+
+def _validate_path(rest: str) -> None:
     if not rest.startswith("/"):
         raise BadRequest("path must start with '/'")
     _check_chars(rest, "path")
@@ -1595,7 +1617,7 @@ def validate_path(rest: str) -> str:
             if depth and (form.startswith("//") or _FORBIDDEN_DECODED_RE.search(form)):
                 raise BadRequest("path decodes to a forbidden character")
         if not _PCT_RE.search(layer):
-            return rest
+            return
         try:
             layer = urllib.parse.unquote_to_bytes(layer).decode("utf-8", "strict")
         except UnicodeDecodeError:
@@ -1604,9 +1626,8 @@ def validate_path(rest: str) -> str:
 
 
 def validate_query(query: str) -> str:
-    _check_chars(query, "query")
-    if any(ord(ch) > 0x7E for ch in query):
-        raise BadRequest("query contains a forbidden character")
+    if query:
+        _check_chars(query, "query")      # printable ASCII only
     return query
 
 
@@ -2140,13 +2161,22 @@ class PooledHTTPHandler(urllib.request.BaseHandler):
 
     def _open(self, req: urllib.request.Request, scheme: str) -> UpstreamResponse:
         key = (scheme, req.seks_host, req.seks_port, req.seks_verify)  # type: ignore[attr-defined]
-        headers = dict(req.header_items())
+        head = header_block(req.seks_headers)                           # type: ignore[attr-defined]
         body = req.data
-        replayable = req.get_method() in IDEMPOTENT_METHODS and (body is None or isinstance(body, bytes))
+        chunked = body is not None and not isinstance(body, bytes) and not any(
+            n.lower() == "content-length" for n, _ in req.seks_headers)  # type: ignore[attr-defined]
+        method = req.get_method()
+        if chunked:
+            head += b"\r\nTransfer-Encoding: chunked"
+        elif body is None and method in ("POST", "PUT", "PATCH"):
+            head += b"\r\nContent-Length: 0"     # as http.client does: some servers want it
+        replayable = method in IDEMPOTENT_METHODS and (body is None or isinstance(body, bytes))
         for attempt in (0, 1):
             conn, reused = self.pool.get(key)
             try:
-                conn.request(req.get_method(), req.selector, body=body, headers=headers)
+                conn.putrequest(method, req.selector, skip_host=True, skip_accept_encoding=True)
+                conn._buffer.append(head)                       # type: ignore[attr-defined]
+                conn.endheaders(body, encode_chunked=chunked)
                 resp: Any = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
@@ -2158,6 +2188,23 @@ class PooledHTTPHandler(urllib.request.BaseHandler):
                 raise
             return UpstreamResponse(self.pool, key, conn, resp)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+_HEADER_NAMES_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+(?::[!#$%&'*+.^_`|~0-9A-Za-z-]+)*$")
+_BAD_HEADER_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def header_block(headers: List[Tuple[str, str]]) -> bytes:
+    """The request's header lines for http.client's buffer, checked as a whole (one pass in
+    place of http.client's per-header checks): token names, no control character or line
+    break in any value, latin-1 only."""
+    if not _HEADER_NAMES_RE.match(":".join(n for n, _ in headers)) or _BAD_HEADER_VALUE_RE.search(
+            "\t".join(v for _, v in headers)):
+        raise UpstreamError("a request header cannot be sent upstream")
+    try:
+        return "\r\n".join(f"{n}: {v}" for n, v in headers).encode("latin-1")
+    except UnicodeEncodeError:
+        raise UpstreamError("a request header cannot be sent upstream") from None
 
 
 def make_opener(pool: UpstreamPool) -> urllib.request.OpenerDirector:
@@ -2224,6 +2271,8 @@ _TOKEN_TEXT_RE = re.compile(r"(seks_[a-z0-9-]{1,32}_)([A-Za-z0-9_-]{4})[A-Za-z0-
 
 def redact(text: str) -> str:
     """Make any text safe to log: tokens cut to a short prefix, control characters escaped."""
+    if "seks_" not in text and text.isascii() and text.isprintable():
+        return text
     text = _TOKEN_TEXT_RE.sub(r"\1\2…", text)
     return text.encode("unicode_escape", "backslashreplace").decode("ascii").replace("\\u2026", "…")
 
@@ -3962,7 +4011,8 @@ class Broker:
     def open_upstream(self, provider: Provider, method: str, url: str,
                       headers: List[Tuple[str, str]], body: Any) -> UpstreamResponse:
         """Send the request with urllib over the pool; map network failures to 502/504."""
-        request = urllib.request.Request(url, data=body, headers=dict(headers), method=method)
+        request = urllib.request.Request(url, data=body, method=method)
+        request.seks_headers = headers                   # type: ignore[attr-defined]
         request.seks_host, request.seks_port = provider.host, provider.port  # type: ignore[attr-defined]
         request.seks_verify = provider.name not in self.settings.insecure_upstream  # type: ignore[attr-defined]
         try:
