@@ -660,6 +660,7 @@ def _migration_1(db: sqlite3.Connection) -> None:
 
 
 MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1]
+_GENERATION_SELECT = "SELECT generation, key_check FROM state WHERE id = 1"
 
 
 class Store:
@@ -684,6 +685,7 @@ class Store:
         self._audit_head: Optional[Tuple[int, int, bytes]] = None   # data_version, id, MAC
         self._generation_lock = threading.Lock()
         self._generation_db: Optional[sqlite3.Connection] = None
+        self._generation_seen: Optional[Tuple[int, Tuple[int, bytes]]] = None
         with self.connection() as db:
             self._migrate(db)
 
@@ -767,7 +769,7 @@ class Store:
         with self._audit_lock:
             if self._audit_db is not None:
                 pool.append(self._audit_db)
-            self._audit_db, self._audit_head = None, None
+            self._audit_db, self._audit_head, self._generation_seen = None, None, None
         with self._generation_lock:
             if self._generation_db is not None:
                 pool.append(self._generation_db)
@@ -777,13 +779,30 @@ class Store:
 
     def generation(self) -> Tuple[int, bytes]:
         """A counter that changes whenever a secret, token or agent changes (triggers), and the
-        check value of the master key the DB is encrypted under (changes on rotation)."""
-        with self._generation_lock:          # one connection of its own: read on every request
+        check value of the master key the DB is encrypted under (changes on rotation).
+
+        Read on every request, so made cheap: on the audit connection (when no commit is
+        running on it) ``PRAGMA data_version`` tells whether any other connection or process
+        committed since the last read; if none did, the last answer still holds."""
+        if self._audit_lock.acquire(blocking=False):
+            try:
+                if self._audit_db is None:
+                    self._audit_db = self._open()
+                version = self._audit_db.execute("PRAGMA data_version").fetchone()[0]
+                seen = self._generation_seen
+                if seen is not None and seen[0] == version:
+                    return seen[1]
+                row = self._audit_db.execute(_GENERATION_SELECT).fetchone()
+                answer = (row[0], bytes(row[1] or b""))
+                self._generation_seen = (version, answer)
+                return answer
+            finally:
+                self._audit_lock.release()
+        with self._generation_lock:          # a commit is running: read on a second connection
             if self._generation_db is None:
                 self._generation_db = self._open()
-            generation, check = self._generation_db.execute(
-                "SELECT generation, key_check FROM state WHERE id = 1").fetchone()
-        return generation, bytes(check or b"")
+            row = self._generation_db.execute(_GENERATION_SELECT).fetchone()
+        return row[0], bytes(row[1] or b"")
 
     def check_master_key(self, check: bytes) -> None:
         """Remember which master key this DB belongs to; refuse any other one."""
