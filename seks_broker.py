@@ -2023,6 +2023,22 @@ class UpstreamReply:
     def isclosed(self) -> bool:
         return self._done
 
+    def buffered(self) -> bool:
+        """Whether the next ``read1`` can answer from the buffer, without waiting on the
+        socket (then the broker sends the answer's head together with these first bytes)."""
+        buf = self._buf
+        if self._done or not buf:
+            return False
+        if not self.chunked or self._left > 0:
+            return True
+        pos = 0
+        if self._left == 0:                          # CRLF after the previous chunk first
+            if not buf.startswith(b"\r\n"):
+                return False
+            pos = 2
+        end = buf.find(b"\r\n", pos)
+        return end != -1 and end + 2 < len(buf)
+
     def close(self) -> None:
         self._done = True
         ref, self._ref = self._ref, None
@@ -2046,6 +2062,9 @@ class UpstreamResponse:
 
     def read1(self, size: int) -> bytes:
         return self._resp.read1(size)
+
+    def buffered(self) -> bool:
+        return self._resp.buffered()
 
     def read(self) -> bytes:
         return self._resp.read()
@@ -3064,6 +3083,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True      # never read a stray body as a request
             self._send_simple(200, b'{"status":"ok"}' if head.method == "GET" else b"")
             return
+        if not broker.audit_ok:               # fail closed: no unaudited use while it is broken
+            raise Unavailable("the broker cannot write its audit log; requests are refused "
+                              "until it can")
         validate_path(path)
         provider, rest, route_prefix = broker.route(path)
         ex.provider = provider.name
@@ -3213,7 +3235,6 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                    for n, v in response_headers(answer, {"content-length"})]
         headers.append(("Content-Length", str(len(body))))
         ex.status, ex.outcome, ex.bytes_out = status, "ok", len(body)
-        self._record_or_withhold(ex)
         self._write(self._head_bytes(status, HTTP_REASONS.get(status, "Unknown"), headers) + body)
 
     def _run_relay(self, client: WsPeer, upstream: WsPeer, on_client: Any, on_server: Any,
@@ -3326,8 +3347,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                route_prefix: str, scrubber: Scrubber, ex: Exchange,
                rewrite: Optional[Callable[[bytes], bytes]] = None) -> None:
         """Send the upstream answer on: status and headers (scrubbed), then the body as it
-        arrives, in the same framing where possible. The audit row is written just before the
-        last bytes go out (or they are withheld), so a completed answer is always on record."""
+        arrives, in the same framing where possible. The audit row is committed right after
+        the last bytes went out (``Broker.finish``), before the connection's next request."""
         status = resp.status
         ex.status = status
         content_type = ""
@@ -3370,7 +3391,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if no_body:
             if length is not None and head.method == "HEAD":
                 headers.append(("Content-Length", str(length)))
-            self._record_or_withhold(ex)
+            self._usage_first(ex)
             self._write(self._head_bytes(status, reason, headers))
             return
         if length is not None and length <= INLINE_BODY_MAX:
@@ -3387,7 +3408,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if meter is not None:
                 meter.feed(data)
                 self._take_usage(meter, ex)
-            self._record_or_withhold(ex)
+            self._usage_first(ex)
             self._write(self._head_bytes(status, reason, headers) + data)
             return
         chunked = length is None and head.version == "HTTP/1.1"
@@ -3397,12 +3418,14 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Transfer-Encoding", "chunked"))
         else:
             self.close_connection = True          # HTTP/1.0 client: end of body = close
-        self._write(self._head_bytes(status, reason, headers))
-        self._stream_body(resp, decoder, scrubber, chunked, length, meter, ex)
+        self._stream_body(resp, decoder, scrubber, chunked, length, meter, ex,
+                          self._head_bytes(status, reason, headers))
 
-    def _record_or_withhold(self, ex: Exchange) -> None:
-        """The audit row goes first; if it cannot be written the answer is not completed."""
-        if not self.server.broker.record(ex):
+    def _usage_first(self, ex: Exchange) -> None:
+        """A token with a token budget gets its row (and usage) committed before the last bytes
+        of its answer, so the agent's next request is admitted against the spend so far; if
+        that write fails, the answer is not completed. Other rows follow the answer."""
+        if ex.drain_usage and not self.server.broker.record(ex):
             ex.outcome, ex.reason = "error", "audit write failed; answer withheld"
             self.close_connection = True
             raise ConnectionCut()
@@ -3414,15 +3437,15 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     def _stream_body(self, resp: UpstreamResponse, decoder: Any, scrubber: Scrubber,
                      chunked: bool, length: Optional[int], meter: Optional[UsageMeter],
-                     ex: Exchange) -> None:
+                     ex: Exchange, head: bytes) -> None:
         """Relay the body: each read returns what is available (an SSE event is sent at once).
-        The bytes that complete the answer are held until its audit row is written."""
+        The answer's head goes out with the first bytes if they are already here, else alone
+        before the broker waits for them."""
         write = self._write
-        record = self._record_or_withhold
         metrics = self.server.broker.metrics
         metrics.add_stream(1)
         try:
-            self._relay_chunks(resp, decoder, scrubber, chunked, length, meter, ex, write, record)
+            self._relay_chunks(resp, decoder, scrubber, chunked, length, meter, ex, write, head)
         except BaseException as exc:
             if not ex.recorded:
                 ex.outcome = "error"
@@ -3437,12 +3460,17 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     def _relay_chunks(self, resp: UpstreamResponse, decoder: Any, scrubber: Scrubber,
                       chunked: bool, length: Optional[int], meter: Optional[UsageMeter],
-                      ex: Exchange, write: Callable[[bytes], None],
-                      record: Callable[[Exchange], None]) -> None:
+                      ex: Exchange, write: Callable[[bytes], None], head: bytes) -> None:
         while True:
+            if head and not resp.buffered():
+                write(head)                       # nothing to add to it without waiting
+                head = b""
             try:
                 data = resp.read1(STREAM_CHUNK)
             except (http.client.HTTPException, OSError):
+                if head:                          # nothing sent yet: a clean 502
+                    ex.outcome = "error"
+                    raise UpstreamError("upstream answer ended early") from None
                 self.close_connection = True      # head already sent: all we can do is cut
                 ex.outcome, ex.reason = "error", "upstream answer ended early"
                 raise ConnectionCut() from None
@@ -3456,10 +3484,14 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if meter is not None:
                 meter.feed(data)
             ex.bytes_out += len(data)
-            if length is not None and ex.bytes_out >= length:
+            if length is not None and ex.bytes_out >= length and ex.drain_usage:
                 if meter is not None:
                     self._take_usage(meter, ex)
-                record(ex)                        # last bytes of a sized body: row first
+                self._usage_first(ex)             # last bytes of a sized body: row first
+            if head:
+                write(head + (b"%x\r\n%s\r\n" % (len(data), data) if chunked else data))
+                head = b""
+                continue
             write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
         tail = scrubber.feed(decoder.flush()) if decoder is not None else b""
         tail += scrubber.flush()
@@ -3473,11 +3505,11 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             raise ConnectionCut()
         if meter is not None:
             self._take_usage(meter, ex)
-        record(ex)
+        self._usage_first(ex)
         if chunked:
-            write((b"%x\r\n%s\r\n" % (len(tail), tail) if tail else b"") + b"0\r\n\r\n")
-        elif tail:
-            write(tail)
+            write(head + (b"%x\r\n%s\r\n" % (len(tail), tail) if tail else b"") + b"0\r\n\r\n")
+        elif tail or head:
+            write(head + tail)
 
     def log_message(self, format: str, *args: Any) -> None:
         """http.server's own messages go through the one redacting log path."""
@@ -3975,6 +4007,7 @@ class Broker:
         self._audit_pending: List[List[Any]] = []
         self._audit_writing = False
         self.draining = False
+        self.audit_ok = True          # the last audit write succeeded; if not, refuse (503)
         self.ws_relays: set = set()             # open WebSocket sessions, closed at shutdown
 
     def __repr__(self) -> str:
@@ -4057,8 +4090,9 @@ class Broker:
             self.in_flight += 1
 
     def record(self, ex: "Exchange") -> bool:
-        """Write the request's chained audit row (once); False if it could not be written, so
-        the caller withholds the answer's last bytes. Health checks are not audited."""
+        """Write the request's chained audit row (once); False if it could not be written. A
+        failed write makes the broker refuse new requests (503) until a write succeeds again.
+        Health checks are not audited."""
         if ex.recorded or ex.outcome == "health":
             return True
         ex.recorded = True
@@ -4071,6 +4105,7 @@ class Broker:
                        model=clean_text(ex.model, 100), tokens_in=clean_count(ex.tokens_in),
                        tokens_out=clean_count(ex.tokens_out))
         error = self._group_commit(row, ex.counted or ex.outcome != "ok")
+        self.audit_ok = not error
         if error:
             self.log("error", "audit", message=f"AUDIT WRITE FAILED: {error}")
         return not error
