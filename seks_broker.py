@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import bisect
 import configparser
 import contextlib
 import datetime
@@ -3917,12 +3918,10 @@ class Metrics:
             self.requests[key] = self.requests.get(key, 0) + 1
             self.bytes_in[provider] = self.bytes_in.get(provider, 0) + ex.bytes_in
             self.bytes_out[provider] = self.bytes_out.get(provider, 0) + ex.bytes_out
-            hist = self.latency.get(provider)
+            hist = self.latency.get(provider)    # per-bucket counts, then sum and count
             if hist is None:
-                hist = self.latency[provider] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    hist[i] += 1
+                hist = self.latency[provider] = [0.0] * (len(LATENCY_BUCKETS) + 3)
+            hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             hist[-2] += seconds
             hist[-1] += 1
             if ex.status in (502, 504):
@@ -3949,9 +3948,11 @@ class Metrics:
             out += ["# HELP seks_request_duration_seconds Time from request head to last byte.",
                     "# TYPE seks_request_duration_seconds histogram"]
             for provider, hist in sorted(self.latency.items()):
+                below = 0.0                           # Prometheus buckets are cumulative
                 for i, bound in enumerate(LATENCY_BUCKETS):
+                    below += hist[i]
                     out.append(f"seks_request_duration_seconds_bucket"
-                               f"{labels(provider=provider, le=repr(bound))} {int(hist[i])}")
+                               f"{labels(provider=provider, le=repr(bound))} {int(below)}")
                 out.append(f"seks_request_duration_seconds_bucket"
                            f"{labels(provider=provider, le='+Inf')} {int(hist[-1])}")
                 out.append(f"seks_request_duration_seconds_sum{labels(provider=provider)} "

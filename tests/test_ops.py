@@ -688,6 +688,11 @@ def test_metrics_counters_move_with_traffic(metrics_broker: ServeProc, ops_db: O
     assert delta("seks_request_duration_seconds_count", provider="openai") == 5
     assert delta("seks_request_duration_seconds_bucket", provider="openai", le="+Inf") == 5
     assert delta("seks_request_duration_seconds_sum", provider="openai") > 0
+    # buckets are cumulative: never decreasing with `le`, and the last finite one holds all 5
+    bounds = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0",
+              "2.5", "5.0", "10.0", "30.0", "60.0", "300.0"]
+    steps = [delta("seks_request_duration_seconds_bucket", provider="openai", le=le) for le in bounds]
+    assert steps == sorted(steps) and steps[-1] == 5, steps
 
 
 def test_metrics_open_streams_gauge(metrics_broker: ServeProc, ops_db: OpsDB,
