@@ -92,6 +92,7 @@ POOL_IDLE_PER_HOST = 64              # idle keep-alive connections kept per upst
 POOL_IDLE_SECONDS = 50.0             # an idle pooled connection older than this is retired
 STREAM_CHUNK = 1024 * 1024           # largest single read while relaying a body
 INLINE_BODY_MAX = 64 * 1024          # answers up to this size go out in one write
+BULK_BUFFER = 256 * 1024             # the one read buffer of a large file-like answer
 THREAD_STACK_BYTES = 512 * 1024      # per-connection thread stack (1,000 streams stay small)
 TOKEN_CACHE_SIZE = 10_000            # decrypted (token -> key) entries held in memory
 
@@ -1781,6 +1782,35 @@ class Scrubber:
         self._held = buf[len(buf) - hold:] if hold else b""
         return buf[:len(buf) - hold] if hold else buf
 
+    def pass_through(self, buf: bytearray, n: int) -> Optional[Tuple[bytes, int]]:
+        """``feed`` without copying, for bulk bytes read into ``buf[:n]``: (the bytes held from
+        before, to send first; how many bytes of ``buf`` may follow them). None when a key, or
+        one that may span the boundary, is there: then the caller takes ``feed``'s path."""
+        pairs = self._pairs
+        if not pairs:
+            return b"", n
+        held = self._held
+        if held:
+            longest = len(pairs[0][0])
+            if n < longest:
+                return None
+            edge = held + bytes(buf[:longest - 1])
+            if any(secret in edge for secret, _ in pairs):
+                return None
+        if any(buf.find(secret, 0, n) != -1 for secret, _ in pairs):
+            return None
+        hold = 0
+        for secret, _ in pairs:
+            first = secret[:1]
+            i = buf.find(first, max(0, n - len(secret) + 1), n)
+            while i != -1:
+                if secret.startswith(bytes(buf[i:n])):
+                    hold = max(hold, n - i)
+                    break
+                i = buf.find(first, i + 1, n)
+        self._held = bytes(buf[n - hold:n]) if hold else b""
+        return held, n - hold
+
     def flush(self) -> bytes:
         held, self._held = self._held, b""
         return held
@@ -1984,6 +2014,25 @@ class UpstreamReply:
                 self._finished()
         return data
 
+    def readinto1(self, view: memoryview) -> int:
+        """``read1`` into ``view`` (bulk bodies: no new buffer per read)."""
+        if self.chunked or self._buf or self._done:
+            data = self.read1(len(view))
+            view[:len(data)] = data
+            return len(data)
+        size = len(view) if self._until_close else min(len(view), self._left)
+        n = self._sock.recv_into(view, size)
+        if not n:
+            if self._until_close:
+                self._done = True
+                return 0
+            raise UpstreamFraming("upstream answer shorter than its Content-Length")
+        if not self._until_close:
+            self._left -= n
+            if self._left == 0:
+                self._finished()
+        return n
+
     def _read1_chunked(self, size: int) -> bytes:
         if self._left <= 0:
             if self._left == 0:                     # end of the previous chunk's data
@@ -2066,6 +2115,12 @@ class UpstreamResponse:
 
     def buffered(self) -> bool:
         return self._resp.buffered()
+
+    def readinto1(self, view: memoryview) -> int:
+        return self._resp.readinto1(view)
+
+    def isclosed(self) -> bool:
+        return self._resp.isclosed()
 
     def read(self) -> bytes:
         return self._resp.read()
@@ -3462,19 +3517,19 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
     def _relay_chunks(self, resp: UpstreamResponse, decoder: Any, scrubber: Scrubber,
                       chunked: bool, length: Optional[int], meter: Optional[UsageMeter],
                       ex: Exchange, write: Callable[[bytes], None], head: bytes) -> None:
-        while True:
+        if (decoder is None and length is not None and length > INLINE_BODY_MAX
+                and (meter is None or not meter.active) and not ex.drain_usage):
+            write(head)
+            self._relay_bulk(resp, scrubber, ex, write)
+            head = b""
+        while not resp.isclosed():
             if head and not resp.buffered():
                 write(head)                       # nothing to add to it without waiting
                 head = b""
             try:
                 data = resp.read1(STREAM_CHUNK)
             except (http.client.HTTPException, OSError):
-                if head:                          # nothing sent yet: a clean 502
-                    ex.outcome = "error"
-                    raise UpstreamError("upstream answer ended early") from None
-                self.close_connection = True      # head already sent: all we can do is cut
-                ex.outcome, ex.reason = "error", "upstream answer ended early"
-                raise ConnectionCut() from None
+                self._upstream_cut(ex, head)
             if not data:
                 break
             if decoder is not None:
@@ -3511,6 +3566,43 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             write(head + (b"%x\r\n%s\r\n" % (len(tail), tail) if tail else b"") + b"0\r\n\r\n")
         elif tail or head:
             write(head + tail)
+
+    def _relay_bulk(self, resp: UpstreamResponse, scrubber: Scrubber, ex: Exchange,
+                    write: Callable[[Any], None]) -> None:
+        """A large sized body that nothing needs to read but the scrubber (files, audio): read
+        into one buffer, scanned in place and sent from it, so memory stays flat and no new
+        buffer is made per read. The caller's loop takes over the bytes that are left."""
+        buf = bytearray(BULK_BUFFER)
+        view = memoryview(buf)
+        while True:
+            try:
+                n = resp.readinto1(view)
+            except (http.client.HTTPException, OSError):
+                self._upstream_cut(ex, b"")
+            if not n:
+                return
+            passed = scrubber.pass_through(buf, n)
+            if passed is None:                    # a key is there: the copying path masks it
+                data = scrubber.feed(bytes(view[:n]))
+                ex.bytes_out += len(data)
+                if data:
+                    write(data)
+                continue
+            held, size = passed
+            ex.bytes_out += len(held) + size
+            if held:
+                write(held)
+            if size:
+                write(view[:size])
+
+    def _upstream_cut(self, ex: Exchange, head: bytes) -> NoReturn:
+        """The upstream answer broke off: a clean 502 if nothing was sent yet, else a cut."""
+        ex.outcome = "error"
+        if head:
+            raise UpstreamError("upstream answer ended early") from None
+        self.close_connection = True
+        ex.reason = "upstream answer ended early"
+        raise ConnectionCut() from None
 
     def log_message(self, format: str, *args: Any) -> None:
         """http.server's own messages go through the one redacting log path."""

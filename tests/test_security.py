@@ -566,6 +566,25 @@ def test_key_echoed_in_body_is_masked_same_length(broker: Broker, upstreams: Dic
     assert resp.body.count(seks_broker.mask_secret(key.encode())) == 2
 
 
+@pytest.mark.parametrize("offset", [0, 100 * 1024, 256 * 1024 - 7, 512 * 1024 - 1, -1])
+def test_key_echoed_in_a_large_file_answer_is_masked(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                     offset: int) -> None:
+    """A 1 MiB octet-stream answer (the bulk path: one reused read buffer, scanned in place)
+    with the key at the start, inside, across the 256 KiB read boundary and at the very end."""
+    key = REAL_KEYS["openai"].encode()
+    body = bytearray(b"\x00\x01binary-file " * (1024 * 1024 // 14))
+    at = len(body) - len(key) if offset < 0 else offset
+    body[at:at + len(key)] = key
+    body = bytes(body)
+    upstreams["openai"].set_responder(lambda h, req: h.send_bytes(200, body))
+    resp = broker.request("GET", echo_path(broker, "openai"), auth_headers("openai", broker.token("openai")))
+    assert resp.status == 200
+    assert len(resp.body) == len(body)
+    assert key not in resp.body
+    assert resp.body[at:at + len(key)] == seks_broker.mask_secret(key)
+    assert resp.body[:at] == body[:at] and resp.body[at + len(key):] == body[at + len(key):]
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_key_echoed_in_headers_is_masked(broker: Broker, upstreams: Dict[str, FakeUpstream], provider: str) -> None:
     key = REAL_KEYS[provider]
