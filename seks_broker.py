@@ -1442,6 +1442,11 @@ def request_model(provider: Provider, rest: str, body: Optional[bytes],
     return value if isinstance(value, str) else None
 
 
+def note_request_model(ex: "Exchange", provider: Provider, rest: str, body: Optional[bytes],
+                       content_type: str) -> None:
+    ex.model = request_model(provider, rest, body, content_type)
+
+
 def ask_for_stream_usage(body: bytes) -> bytes:
     """OpenAI streams report usage only if asked: add stream_options.include_usage."""
     try:
@@ -2271,6 +2276,8 @@ class PooledHTTPHandler(urllib.request.BaseHandler):
                 conn.putrequest(method, req.selector, skip_host=True, skip_accept_encoding=True)
                 conn._buffer.append(head)                       # type: ignore[attr-defined]
                 conn.endheaders(body, encode_chunked=chunked)
+                if attempt == 0 and req.seks_while_waiting is not None:  # type: ignore[attr-defined]
+                    req.seks_while_waiting()                             # type: ignore[attr-defined]
                 resp: Any = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 conn.close()
@@ -2966,11 +2973,11 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         ex.status = exc.status
         ex.outcome = "denied" if exc.status in (401, 403, 429) else "error"
         ex.reason = ex.reason or exc.message
-        self.server.broker.record(ex)
         try:
             self._send_simple(exc.status, error_body(exc, self._error_style), exc.headers)
         except ConnectionCut:
             pass
+        self.server.broker.record(ex)             # like every row: right after the answer
 
     # --- request parsing -------------------------------------------------------------------
     def _read_head(self) -> Optional[RequestHead]:
@@ -3171,7 +3178,12 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         headers.append(("Accept-Encoding", "identity"))
         inspect = bool(provider.usage) and ("models" in policy or "budget_tokens" in policy)
         body = self._request_body(head, framing, length, inspect, ex)
-        if provider.usage and (body is None or isinstance(body, bytes)):
+        note_model: Optional[Callable[[], None]] = None
+        if provider.usage and not inspect and (body is None or isinstance(body, bytes)):
+            note_model = functools.partial(     # for the audit row only: read it while the
+                note_request_model, ex, provider, rest, body,    # upstream works
+                head.get("content-type") or "")
+        elif provider.usage and (body is None or isinstance(body, bytes)):
             ex.model = request_model(provider, rest, body, head.get("content-type") or "")
             check_policy(policy, head.method, policy_path, ex.model)
             if ("models" in policy and ex.model is None
@@ -3196,7 +3208,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if provider.gateway == "discord" and _GATEWAY_REST_RE.match(rest):
             rewrite = functools.partial(rewrite_gateway_url, ws_base=self._agent_base_url(
                 head, websocket=True) + route_prefix + "/gateway")
-        resp = broker.open_upstream(provider, head.method, url, headers, body)
+        resp = broker.open_upstream(provider, head.method, url, headers, body, note_model)
         try:
             self._relay(head, resp, provider, route_prefix, scrubber, ex, rewrite)
         finally:
@@ -3463,9 +3475,12 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             ex.bytes_out = len(data)
             if meter is not None:
                 meter.feed(data)
-                self._take_usage(meter, ex)
+                if ex.drain_usage:
+                    self._take_usage(meter, ex)
             self._usage_first(ex)
             self._write(self._head_bytes(status, reason, headers) + data)
+            if meter is not None and not ex.drain_usage:
+                self._take_usage(meter, ex)       # for the audit row, once the agent has it
             return
         chunked = length is None and head.version == "HTTP/1.1"
         if length is not None:
@@ -4154,10 +4169,13 @@ class Broker:
         return KeyRing(key)
 
     def open_upstream(self, provider: Provider, method: str, url: str,
-                      headers: List[Tuple[str, str]], body: Any) -> UpstreamResponse:
-        """Send the request with urllib over the pool; map network failures to 502/504."""
+                      headers: List[Tuple[str, str]], body: Any,
+                      while_waiting: Optional[Callable[[], None]] = None) -> UpstreamResponse:
+        """Send the request with urllib over the pool; map network failures to 502/504.
+        ``while_waiting`` runs once the request is sent, before the answer is read."""
         request = urllib.request.Request(url, data=body, method=method)
         request.seks_headers = headers                   # type: ignore[attr-defined]
+        request.seks_while_waiting = while_waiting       # type: ignore[attr-defined]
         request.seks_host, request.seks_port = provider.host, provider.port  # type: ignore[attr-defined]
         request.seks_verify = provider.name not in self.settings.insecure_upstream  # type: ignore[attr-defined]
         try:

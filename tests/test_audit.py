@@ -653,7 +653,7 @@ def test_sigkill_mid_traffic_leaves_a_verifiable_chain_missing_only_rows_in_flig
     assert cp.returncode == 0, f"chain broken by SIGKILL: {cp.stdout}{cp.stderr}"
     rows = audit_json(b)
     assert cp.stdout.splitlines()[0] == f"{len(rows)} rows, chain intact"
-    assert len(rows) >= len(completed)
+    assert len(rows) >= len(completed) - len(threads)
     recorded = {m.group(1) for r in rows for m in [re.search(r"[?&]id=(r\d+x\d+)", r["path"] or "")] if m}
     missing = completed - recorded
     # a row is committed right after its answer's last byte: only a request still in flight at
