@@ -92,7 +92,7 @@ POOL_IDLE_PER_HOST = 64              # idle keep-alive connections kept per upst
 POOL_IDLE_SECONDS = 50.0             # an idle pooled connection older than this is retired
 STREAM_CHUNK = 1024 * 1024           # largest single read while relaying a body
 INLINE_BODY_MAX = 64 * 1024          # answers up to this size go out in one write
-BULK_BUFFER = 256 * 1024             # the one read buffer of a large file-like answer
+BULK_BUFFER = 1024 * 1024             # the one read buffer of a large file-like answer
 THREAD_STACK_BYTES = 512 * 1024      # per-connection thread stack (1,000 streams stay small)
 TOKEN_CACHE_SIZE = 10_000            # decrypted (token -> key) entries held in memory
 
