@@ -1131,10 +1131,13 @@ _AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
                  f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})")
 
 
+_AUDIT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)   # made once: hot path
+
+
 def audit_mac(key: bytes, values: Tuple[Any, ...], prev_mac: bytes) -> bytes:
     """HMAC-SHA256 over the canonical JSON of a row's fields followed by the previous MAC."""
-    canonical = json.dumps(list(values), separators=(",", ":"), ensure_ascii=True).encode()
-    return hmac.new(key, canonical + b"\x00" + prev_mac, hashlib.sha256).digest()
+    canonical = _AUDIT_JSON.encode(list(values)).encode()
+    return hmac.digest(key, canonical + b"\x00" + prev_mac, "sha256")
 
 
 def verify_audit_chain(key: bytes, rows: List[AuditRow], anchor: bytes) -> Tuple[bool, str]:
