@@ -1861,8 +1861,9 @@ class UpstreamReply:
     (the connections' ``response_class``; used in place of ``http.client.HTTPResponse``).
 
     The head is parsed strictly and without ``email.parser``; the body is framed by RFC 9112
-    section 6.3: none for HEAD, 1xx, 204 and 304; chunked when chunked is the final transfer
-    coding (a Content-Length beside it is ignored and the connection is not reused); else
+    section 6.3: none for HEAD, 1xx, 204 and 304; chunked when the transfer coding is exactly
+    chunked (any other is refused; a Content-Length beside it is ignored and the connection
+    is not reused); else
     Content-Length (several must agree); else until the upstream closes. Interim 1xx answers
     (100, 102, 103) are skipped. Reads return what is available, never waiting to fill.
     """
@@ -1972,12 +1973,11 @@ class UpstreamReply:
             self._done = True
             return
         if codings:
-            if codings[-1] == "chunked":
-                self.chunked = True
-                self._left = -1                     # no chunk started yet
-            else:
-                self._until_close = True
-            if lengths or not self.chunked:
+            if codings != ["chunked"]:              # gzip etc. as a transfer coding: a body the
+                raise UpstreamFraming("upstream used a transfer coding other than chunked")
+            self.chunked = True                     # scrubber could not read, and no client
+            self._left = -1                         # expects: refused (502)
+            if lengths:
                 self.will_close = True              # ambiguous framing: never reuse
             return
         if lengths:

@@ -615,6 +615,79 @@ def test_key_in_status_reason_phrase_is_not_shown(broker: Broker, upstreams: Dic
     assert_key_absent(resp.text(), key, "status line reason phrase")
 
 
+def raw_answer_responder(raw: bytes) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        h.wfile.write(raw)
+        h.wfile.flush()
+        h.close_connection = True
+    return respond
+
+
+def _chunked(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+
+
+def test_key_in_a_gzip_transfer_coded_answer_is_refused_not_passed(
+        broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """`Transfer-Encoding: gzip, chunked` hides the body from the scrubber (and no client
+    expects it): the broker answers 502 instead of relaying bytes an agent could inflate."""
+    key = REAL_KEYS["openai"]
+    body = gzip.compress(b'{"echo": "%s"}' % key.encode())
+    upstreams["openai"].set_responder(raw_answer_responder(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n" + _chunked(body)))
+    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
+                                                   header_lines("openai", broker.token("openai"))))
+    assert resp.status == 502, resp
+    assert body not in resp.body and b"\x1f\x8b" not in resp.body, resp
+    assert_key_absent(resp.text(), key, "gzip transfer coding")
+
+
+def test_upstream_answer_with_length_and_chunked_is_read_chunked_and_scrubbed(
+        broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Both framings at once (a smuggling shape): the chunked framing wins, the key inside is
+    masked, and the bytes the Content-Length would have claimed never reach the agent."""
+    key = REAL_KEYS["openai"]
+    payload = b'{"echo": "%s"}' % key.encode()
+    upstreams["openai"].set_responder(raw_answer_responder(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(payload)))
+    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
+                                                   header_lines("openai", broker.token("openai"))))
+    assert resp.status == 200, resp
+    assert resp.body == payload.replace(key.encode(), seks_broker.mask_secret(key.encode())), resp
+    assert_key_absent(resp.text(), key, "CL+TE answer")
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nX-Bad\x01: 1\r\nContent-Length: 2\r\n\r\n",      # control in a name
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x00b\r\nContent-Length: 2\r\n\r\n",     # NUL in a value
+    b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",   # disagreeing lengths
+    b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n",
+    b"HTTP/2 200 OK\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 101 + b"Content-Length: 2\r\n\r\n",
+])
+def test_malformed_upstream_answer_heads_are_502(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                 head: bytes) -> None:
+    upstreams["openai"].set_responder(raw_answer_responder(head + b"{}"))
+    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
+                                                   header_lines("openai", broker.token("openai"))))
+    assert resp.status == 502, (head, resp)
+
+
+def test_interim_103_is_skipped_and_folded_header_joined(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    upstreams["openai"].set_responder(raw_answer_responder(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Folded: one\r\n  two\r\n"
+        b"Content-Length: 2\r\n\r\n{}"))
+    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
+                                                   header_lines("openai", broker.token("openai"))))
+    assert resp.status == 200 and resp.body == b"{}", resp
+    assert resp.header("x-folded") == "one two", resp
+
+
 def split_stream_responder(pieces: Sequence[bytes], delay: float, sent_at: List[float],
                            headers: Sequence[Tuple[str, str]] = (("Content-Type", "text/event-stream"),)
                            ) -> Callable[[UpstreamHandler, RecordedRequest], None]:
