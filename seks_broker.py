@@ -3460,7 +3460,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         meter = UsageMeter(provider.usage, content_type) if provider.usage and not no_body else None
         ex.outcome = "ok"
         if no_body:
-            if length is not None and head.method == "HEAD":
+            resp.finish(complete=True)            # back in the pool before the agent can
+            if length is not None and head.method == "HEAD":   # send its next request
                 headers.append(("Content-Length", str(length)))
             self._usage_first(ex)
             self._write(self._head_bytes(status, reason, headers))
@@ -3471,6 +3472,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             except (http.client.HTTPException, OSError):
                 ex.outcome = "error"
                 raise UpstreamError("upstream answer ended early") from None
+            resp.finish(complete=True)            # back in the pool before the agent has it
             if rewrite is not None and status == 200:
                 data = rewrite(data)
             data = scrubber.scrub(data)
@@ -3567,6 +3569,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 head = b""
                 continue
             write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+        resp.finish(complete=True)                # read to its end: back in the pool first
         tail = scrubber.feed(decoder.flush()) if decoder is not None else b""
         tail += scrubber.flush()
         if tail:
