@@ -1849,7 +1849,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # s
 
 
 MAX_UPSTREAM_HEAD = 64 * 1024          # status line and headers of an upstream answer -> 502
-_STATUS_LINE_RE = re.compile(rb"^HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([^\r\n]*))?$")
+_STATUS_LINE_RE = re.compile(rb"^HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?$")
 
 
 class UpstreamFraming(http.client.HTTPException):
@@ -1860,12 +1860,13 @@ class UpstreamReply:
     """An upstream answer, read from the pooled connection's socket with a buffer of its own
     (the connections' ``response_class``; used in place of ``http.client.HTTPResponse``).
 
-    The head is parsed strictly and without ``email.parser``; the body is framed by RFC 9112
-    section 6.3: none for HEAD, 1xx, 204 and 304; chunked when the transfer coding is exactly
-    chunked (any other is refused; a Content-Length beside it is ignored and the connection
-    is not reused); else
-    Content-Length (several must agree); else until the upstream closes. Interim 1xx answers
-    (100, 102, 103) are skipped. Reads return what is available, never waiting to fill.
+    The head is parsed strictly and without ``email.parser``; the reason phrase is dropped (it
+    may quote a key; the broker sends the standard one). The body is framed by RFC 9112
+    section 6.3: none for HEAD, 204 and 304; chunked when the transfer coding is exactly
+    chunked (any other is refused: a body the scrubber could not read; a Content-Length beside
+    it is ignored and the connection is not reused); else Content-Length (several must agree);
+    else until the upstream closes. Interim answers (100, 102, 103) are skipped. Reads return
+    what is available, never waiting to fill.
     """
 
     def __init__(self, sock: socket.socket, debuglevel: int = 0, method: Optional[str] = None,
@@ -1875,7 +1876,6 @@ class UpstreamReply:
         self._buf = b""
         self._method = method
         self.status = 0
-        self.reason = ""
         self.headers: List[Tuple[str, str]] = []
         self.will_close = True
         self.chunked = False
@@ -1928,7 +1928,6 @@ class UpstreamReply:
             if status in (100, 102, 103):
                 continue
             self.status = status
-            self.reason = (match.group(3) or b"").decode("latin-1")
             self.headers = self._parse_headers(lines[1:])
             self._frame(match.group(1) == b"1")
             self._framed()
@@ -1973,10 +1972,10 @@ class UpstreamReply:
             self._done = True
             return
         if codings:
-            if codings != ["chunked"]:              # gzip etc. as a transfer coding: a body the
+            if codings != ["chunked"]:
                 raise UpstreamFraming("upstream used a transfer coding other than chunked")
-            self.chunked = True                     # scrubber could not read, and no client
-            self._left = -1                         # expects: refused (502)
+            self.chunked = True
+            self._left = -1                         # no chunk started yet
             if lengths:
                 self.will_close = True              # ambiguous framing: never reuse
             return
@@ -1994,9 +1993,6 @@ class UpstreamReply:
             self._ref = self._sock.makefile("rb", buffering=0)   # it open until we are done
         if self._done and self._buf:
             self.will_close = True                  # bytes beyond the answer: never reuse
-
-    def getheaders(self) -> List[Tuple[str, str]]:
-        return list(self.headers)
 
     # --- the body --------------------------------------------------------------------------
     def read1(self, size: int = STREAM_CHUNK) -> bytes:
@@ -2115,7 +2111,6 @@ class UpstreamResponse:
         self._conn: Optional[http.client.HTTPConnection] = conn
         self._resp = resp
         self.status = resp.status
-        self.reason = resp.reason
         self.headers: List[Tuple[str, str]] = resp.headers
 
     def read1(self, size: int) -> bytes:
