@@ -1429,7 +1429,10 @@ def _reject_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
 def request_model(provider: Provider, rest: str, body: Optional[bytes],
                   content_type: str = "") -> Optional[str]:
     """The model a request names: Gemini's path, the JSON body's ``model`` field (None if
-    any key repeats: parsers disagree on which one wins), or a multipart form's ``model``."""
+    that key may repeat: parsers disagree on which one wins), or a multipart form's ``model``.
+    A body that spells ``"model"`` more than once, or has any ``\\u`` escape (the only way to
+    spell it differently), is parsed with every object checked for repeated keys; any other
+    body takes the C parser's fast path."""
     if provider.usage == "gemini":
         match = _GEMINI_MODEL_RE.search(urllib.parse.unquote(rest))
         return match.group(1) if match else None
@@ -1438,8 +1441,10 @@ def request_model(provider: Provider, rest: str, body: Optional[bytes],
     if content_type.lower().startswith("multipart/form-data"):
         return multipart_field(body, content_type, "model")
     try:
-        value = json.loads(body.decode("utf-8-sig"),
-                           object_pairs_hook=_reject_duplicate_keys).get("model")
+        text = body.decode("utf-8-sig")
+        careful = "\\u" in text or text.count('"model"') > 1
+        value = json.loads(text, object_pairs_hook=_reject_duplicate_keys if careful
+                           else None).get("model")
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None

@@ -142,6 +142,27 @@ def test_scrubber_pass_through_holds_a_key_prefix_at_the_end_of_a_read():
     assert key not in out and len(out) == 10 + len(rest)
 
 
+@pytest.mark.parametrize("body, model", [
+    (b'{"model": "gpt-4o", "messages": []}', "gpt-4o"),
+    (b'\xef\xbb\xbf{"model": "gpt-4o"}', "gpt-4o"),                       # UTF-8 BOM
+    (b'{"model": "a", "model": "b"}', None),                                # which one wins?
+    (b'{"model": "a", "mod\\u0065l": "b"}', None),                          # escaped twin
+    (b'{"mod\\u0065l": "a"}', "a"),                                          # escaped, alone
+    (b'{"model": "a", "messages": [{"model": "x"}, {"model": "y"}]}', "a"),  # nested, not top
+    (b'{"model": "a", "tools": [{"k": 1, "k": 2}]}', "a"),                   # other key repeats
+    (b'{"model": 5}', None),
+    (b'["model"]', None),
+    (b'{"model": "a"', None),                                               # not JSON
+    (b'\xff{"model": "a"}', None),                                          # not UTF-8
+])
+def test_request_model_reads_one_unambiguous_top_level_model(body: bytes, model: object) -> None:
+    """The model a --models policy checks: a `model` key that may repeat (literally or through
+    a \\u escape) gives None, so a parser that takes the other copy cannot be played against
+    the broker's; repeats elsewhere in the body do not matter."""
+    openai = sb.builtin_providers()["openai"]
+    assert sb.request_model(openai, "/v1/chat/completions", body, "application/json") == model
+
+
 def test_secret_variants_cover_percent_encodings():
     variants = sb.secret_variants("123:AB/c+d")
     for form in (b"123:AB/c+d", b"123%3AAB%2Fc%2Bd", b"123%3aAB%2fc%2bd", b"123:AB%2Fc%2Bd"):
