@@ -2,6 +2,10 @@
 scrubber are pure functions/classes, so their edge cases are cheapest to pin here."""
 import json
 import random
+import sqlite3
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +183,29 @@ def test_usage_meter_reads_openai_stream_usage_split_across_chunks():
         meter.feed(raw[i:i + 7])
     state = meter.finish()
     assert state == {"model": "gpt-4o-mini", "tokens_in": 12, "tokens_out": 5}
+
+
+def test_begin_immediate_waits_for_another_connections_write_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holding the write lock: a transaction waits in short steps and goes on
+    as soon as the lock is free; past DB_BUSY_SECONDS it fails instead of hanging."""
+    store = sb.Store(str(tmp_path / "lock.db"))
+    other = sqlite3.connect(str(tmp_path / "lock.db"), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.15, lambda: other.execute("COMMIT")).start()
+    start = time.monotonic()
+    with store.transaction() as db:
+        db.execute("UPDATE state SET generation = generation + 1 WHERE id = 1")
+    waited = time.monotonic() - start
+    assert 0.1 <= waited < 2.0, waited
+    other.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr(sb, "DB_BUSY_SECONDS", 0.2)
+    start = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError):
+        with store.transaction():
+            pass
+    assert 0.15 <= time.monotonic() - start < 2.0
+    other.execute("ROLLBACK")
+    with store.transaction() as db:                    # the connection still works afterwards
+        assert db.execute("SELECT generation FROM state WHERE id = 1").fetchone()[0] >= 1
+    other.close()
+    store.close()
