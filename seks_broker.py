@@ -1643,7 +1643,7 @@ def _check_chars(text: str, what: str) -> None:
 _VALID_PATHS: Dict[str, bool] = {}    # paths already accepted (never ones holding a token)
 
 
-def validate_path(rest: str) -> str:
+def validate_path(rest: str, remember: bool = True) -> str:
     """Accept a provider path only if no decoding of it can climb out or name another host.
 
     The raw path must be printable ASCII starting with one '/', with no '//', backslash,
@@ -1652,11 +1652,14 @@ def validate_path(rest: str) -> str:
     a control character, invalid (e.g. overlong) UTF-8 or a leading '//'. Spaces, '%',
     '@', ':' and non-ASCII letters stay legal once decoded (file names, emoji reactions):
     the host never comes from this string.
+
+    Accepted paths are remembered (a dict lookup next time), unless ``remember`` is False
+    (a path that may carry the real key) or the path holds a token (``seks_``).
     """
     if rest in _VALID_PATHS:
         return rest
     _validate_path(rest)
-    if "seks_" not in rest and len(rest) <= 512:     # never keep a token (Telegram paths)
+    if remember and "seks_" not in rest and len(rest) <= 512:
         if len(_VALID_PATHS) >= 4096:
             _VALID_PATHS.clear()
         _VALID_PATHS[rest] = True
@@ -1696,13 +1699,15 @@ def validate_query(query: str) -> str:
     return query
 
 
-def build_upstream_url(provider: Provider, rest: str, query: str) -> str:
+def build_upstream_url(provider: Provider, rest: str, query: str,
+                       key_in_path: bool = True) -> str:
     """The one place an upstream URL is made: configured origin + base path + validated path.
 
     Only ``rest`` and ``query`` come from the agent, both validated, and ``rest`` always starts
-    with a single '/', so nothing in them can be read as an authority.
+    with a single '/', so nothing in them can be read as an authority. A path that may hold
+    the real key (``key_in_path``, Telegram's) is validated but never remembered.
     """
-    validate_path(rest)
+    validate_path(rest, remember=not key_in_path)
     validate_query(query)
     target = provider.base_path + rest + ("?" + query if query else "")
     return provider.origin + target
@@ -3207,7 +3212,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         real_key = key.decode("utf-8", "surrogateescape")
         headers, rest_up, query_up = swap_credentials(
             provider, swap, real_key, forward_request_headers(head.headers), rest, query)
-        url = build_upstream_url(provider, rest_up, query_up)
+        url = build_upstream_url(provider, rest_up, query_up, key_in_path=rest_up != rest)
         headers.append(("Host", provider.host_header))
         headers.append(("Accept-Encoding", "identity"))
         inspect = bool(provider.usage) and ("models" in policy or "budget_tokens" in policy)

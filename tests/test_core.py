@@ -209,3 +209,17 @@ def test_begin_immediate_waits_for_another_connections_write_lock(tmp_path: Path
         assert db.execute("SELECT generation FROM state WHERE id = 1").fetchone()[0] >= 1
     other.close()
     store.close()
+
+
+def test_a_path_carrying_the_real_key_is_never_remembered() -> None:
+    """Validated paths are cached; Telegram's upstream path holds the real key and must not be
+    kept there (nor one holding a seks token)."""
+    key = "123456:AAtest-real-telegram-key"
+    telegram = sb.builtin_providers()["telegram"]
+    url = sb.build_upstream_url(telegram, f"/bot{key}/getMe", "", key_in_path=True)
+    assert key in url
+    sb.validate_path(f"/bot123:seks_telegram_{'A' * 43}/getMe")
+    sb.validate_path("/v1/chat/completions/remembered")
+    kept = " ".join(sb._VALID_PATHS)
+    assert key not in kept and "seks_" not in kept
+    assert "/v1/chat/completions/remembered" in sb._VALID_PATHS
