@@ -192,7 +192,8 @@ env = BRAVE_BASE_URL=/res/v1 BRAVE_API_KEY
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-HEADER_NAME_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+TOKEN_CHARS = rb"!#$%&'*+.^_`|~0-9A-Za-z-"        # RFC 9110 tchar: header names, methods
+HEADER_NAME_RE = re.compile(rb"^[" + TOKEN_CHARS + rb"]+$")
 TTL_RE = re.compile(r"^(\d+)([smhd])$")
 TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -1999,15 +2000,13 @@ class UpstreamReply:
     def _frame(self, http11: bool) -> None:
         codings: List[str] = []
         lengths: List[str] = []
-        connection: List[str] = []
         for name, value in self.headers:
             lower = name.lower()
             if lower == "transfer-encoding":
                 codings += [c.strip().lower() for c in value.split(",") if c.strip()]
             elif lower == "content-length":
                 lengths += [v.strip() for v in value.split(",")]
-            elif lower == "connection":
-                connection += [t.strip().lower() for t in value.split(",")]
+        connection = connection_tokens(self.headers)
         self.will_close = "close" in connection or (not http11 and "keep-alive" not in connection)
         if (self._method == "HEAD" or self.status in (204, 304)):
             self._done = True
@@ -2330,21 +2329,21 @@ class PooledHTTPHandler(urllib.request.BaseHandler):
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-_HEADER_NAMES_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+(?::[!#$%&'*+.^_`|~0-9A-Za-z-]+)*$")
-_BAD_HEADER_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HEADER_NAMES_RE = re.compile(rb"^[%s]+(?::[%s]+)*$" % (TOKEN_CHARS, TOKEN_CHARS))
 
 
 def header_block(headers: List[Tuple[str, str]]) -> bytes:
     """The request's header lines for http.client's buffer, checked as a whole (one pass in
     place of http.client's per-header checks): token names, no control character or line
-    break in any value, latin-1 only."""
-    if not _HEADER_NAMES_RE.match(":".join(n for n, _ in headers)) or _BAD_HEADER_VALUE_RE.search(
-            "\t".join(v for _, v in headers)):
-        raise UpstreamError("a request header cannot be sent upstream")
+    break in any value (the same checks as on the agent's request), latin-1 only."""
     try:
-        return "\r\n".join(f"{n}: {v}" for n, v in headers).encode("latin-1")
+        names = ":".join(n for n, _ in headers).encode("latin-1")
+        values = "\t".join(v for _, v in headers).encode("latin-1")
     except UnicodeEncodeError:
         raise UpstreamError("a request header cannot be sent upstream") from None
+    if not _HEADER_NAMES_RE.match(names) or _BAD_VALUE_BYTES_RE.search(values):
+        raise UpstreamError("a request header cannot be sent upstream")
+    return "\r\n".join(f"{n}: {v}" for n, v in headers).encode("latin-1")
 
 
 def make_opener(pool: UpstreamPool) -> urllib.request.OpenerDirector:
@@ -2897,7 +2896,7 @@ _CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}$")
 _BAD_TARGET_BYTES_RE = re.compile(rb"[^\x21-\x7e]")
 _BAD_VALUE_BYTES_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_SIZE_RE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
-_METHOD_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")
+_METHOD_RE = re.compile(rb"^[" + TOKEN_CHARS + rb"]{1,32}$")
 
 
 class RequestHead:

@@ -223,3 +223,21 @@ def test_a_path_carrying_the_real_key_is_never_remembered() -> None:
     kept = " ".join(sb._VALID_PATHS)
     assert key not in kept and "seks_" not in kept
     assert "/v1/chat/completions/remembered" in sb._VALID_PATHS
+
+
+@pytest.mark.parametrize("headers", [
+    [("Authorization", "Bearer sk-test-a\r\nX-Injected: 1")],   # a key with a line break
+    [("Authorization", "Bearer sk-test-a\nX-Injected: 1")],
+    [("X-Ok", "1"), ("Bad Name", "1")],
+    [("X-Ok", "1"), ("", "1")],
+    [("X-Nul", "a\x00b")],
+    [("X-Wide", "€")],                                            # not latin-1
+])
+def test_header_block_refuses_what_could_split_or_break_the_upstream_request(headers: list) -> None:
+    with pytest.raises(sb.UpstreamError):
+        sb.header_block(headers)
+
+
+def test_header_block_joins_lines_for_http_client() -> None:
+    block = sb.header_block([("Authorization", "Bearer sk-test-a"), ("X-Tab", "a\tb"), ("X-L1", "café")])
+    assert block == b"Authorization: Bearer sk-test-a\r\nX-Tab: a\tb\r\nX-L1: caf\xe9"

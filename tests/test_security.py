@@ -600,17 +600,10 @@ def test_key_echoed_in_headers_is_masked(broker: Broker, upstreams: Dict[str, Fa
 def test_key_in_status_reason_phrase_is_not_shown(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     """An upstream may put its error in the reason phrase: `HTTP/1.1 401 Invalid key sk-...`."""
     key = REAL_KEYS["openai"]
-
-    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
-        body = b'{"error":"bad key"}'
-        h.wfile.write(b"HTTP/1.1 401 Invalid API key " + key.encode() + b"\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-        h.wfile.flush()
-        h.close_connection = True
-
-    upstreams["openai"].set_responder(respond)
-    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
-                                                   header_lines("openai", broker.token("openai"))))
+    body = b'{"error":"bad key"}'
+    resp = answered_with(broker, upstreams, b"HTTP/1.1 401 Invalid API key " + key.encode() +
+                         b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n" % len(body) + body)
     assert resp.status == 401, resp
     assert_key_absent(resp.text(), key, "status line reason phrase")
 
@@ -623,6 +616,13 @@ def raw_answer_responder(raw: bytes) -> Callable[[UpstreamHandler, RecordedReque
     return respond
 
 
+def answered_with(broker: Broker, upstreams: Dict[str, FakeUpstream], raw: bytes) -> RawResponse:
+    """What the agent gets for a models call when the openai upstream answers with `raw`."""
+    upstreams["openai"].set_responder(raw_answer_responder(raw))
+    return raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
+                                                   header_lines("openai", broker.token("openai"))))
+
+
 def _chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
 
@@ -633,11 +633,8 @@ def test_key_in_a_gzip_transfer_coded_answer_is_refused_not_passed(
     expects it): the broker answers 502 instead of relaying bytes an agent could inflate."""
     key = REAL_KEYS["openai"]
     body = gzip.compress(b'{"echo": "%s"}' % key.encode())
-    upstreams["openai"].set_responder(raw_answer_responder(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: gzip, chunked\r\n\r\n" + _chunked(body)))
-    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
-                                                   header_lines("openai", broker.token("openai"))))
+    resp = answered_with(broker, upstreams, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: gzip, chunked\r\n\r\n" + _chunked(body))
     assert resp.status == 502, resp
     assert body not in resp.body and b"\x1f\x8b" not in resp.body, resp
     assert_key_absent(resp.text(), key, "gzip transfer coding")
@@ -649,11 +646,8 @@ def test_upstream_answer_with_length_and_chunked_is_read_chunked_and_scrubbed(
     masked, and the bytes the Content-Length would have claimed never reach the agent."""
     key = REAL_KEYS["openai"]
     payload = b'{"echo": "%s"}' % key.encode()
-    upstreams["openai"].set_responder(raw_answer_responder(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(payload)))
-    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
-                                                   header_lines("openai", broker.token("openai"))))
+    resp = answered_with(broker, upstreams, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(payload))
     assert resp.status == 200, resp
     assert resp.body == payload.replace(key.encode(), seks_broker.mask_secret(key.encode())), resp
     assert_key_absent(resp.text(), key, "CL+TE answer")
@@ -671,19 +665,15 @@ def test_upstream_answer_with_length_and_chunked_is_read_chunked_and_scrubbed(
 ])
 def test_malformed_upstream_answer_heads_are_502(broker: Broker, upstreams: Dict[str, FakeUpstream],
                                                  head: bytes) -> None:
-    upstreams["openai"].set_responder(raw_answer_responder(head + b"{}"))
-    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
-                                                   header_lines("openai", broker.token("openai"))))
+    resp = answered_with(broker, upstreams, head + b"{}")
     assert resp.status == 502, (head, resp)
 
 
 def test_interim_103_is_skipped_and_folded_header_joined(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    upstreams["openai"].set_responder(raw_answer_responder(
-        b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Folded: one\r\n  two\r\n"
-        b"Content-Length: 2\r\n\r\n{}"))
-    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
-                                                   header_lines("openai", broker.token("openai"))))
+    resp = answered_with(broker, upstreams,
+                         b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+                         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Folded: one\r\n  two\r\n"
+                         b"Content-Length: 2\r\n\r\n{}")
     assert resp.status == 200 and resp.body == b"{}", resp
     assert resp.header("x-folded") == "one two", resp
 
