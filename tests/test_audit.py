@@ -696,13 +696,16 @@ def test_a_failed_audit_write_makes_the_broker_refuse_until_it_can_write_again(
         db.commit()
     finally:
         db.close()
-    statuses = []                                 # refusals get their rows written again,
-    for _ in range(20):                           # and the first success reopens the broker
+    # The first row written after the drop reopens the broker. That may be the last refusal's
+    # own row (it is committed right after its answer, so it can land after the drop), or the
+    # row of a later refusal: either way every request before the reopening is refused.
+    statuses = []
+    for _ in range(20):
         statuses.append(call(b, "openai", token).status)
         if statuses[-1] == 200:
             break
         time.sleep(0.05)
-    assert statuses[0] == 503 and statuses[-1] == 200 and set(statuses) == {503, 200}, statuses
+    assert statuses[-1] == 200 and set(statuses[:-1]) <= {503}, statuses
     assert len(upstreams["openai"].requests) == seen + 2
     cp = verify(b)
     assert cp.returncode == 0, cp.stdout + cp.stderr
