@@ -15,7 +15,9 @@ and prints one table: direct vs broker, with a verdict per target of issue 6.
     python3 bench/bench.py --workers 2      # adds a `serve --workers 2` column
     python3 bench/bench.py --check          # exit 1 when a target is missed by more than 50%
 
-Measures (--only names): conns, latency, tokens, rps, sse, download, upload, streams.
+Measures (--only names): conns, latency, idle, tokens, rps, sse, download, upload, streams.
+("idle" is a diagnostic without a target: the latency case with a pause before each request,
+the state an agent meets after thinking, and the state the SSE case starts its streams in.)
 Standard library only; Python 3.9+. Every process it starts is stopped by PID at the end.
 """
 
@@ -53,7 +55,7 @@ HOST = "127.0.0.1"
 REAL_KEY = "sk-test-bench-" + "0123456789abcdef0123456789abcdef"
 AUTH_OK = b"Bearer " + REAL_KEY.encode()
 MIB = 1024 * 1024
-MEASURES = ("conns", "latency", "tokens", "rps", "sse", "download", "upload", "streams")
+MEASURES = ("conns", "latency", "idle", "tokens", "rps", "sse", "download", "upload", "streams")
 
 SMALL_REQUEST = json.dumps({"model": "gpt-bench", "messages": [
     {"role": "user", "content": "Say hello."}]}, separators=(",", ":")).encode()
@@ -428,6 +430,66 @@ def upstream_main(argv: List[str]) -> int:
 
 
 # ================================================================================================
+# The floor: the least a Python forwarder can do (a reference column for the latency cases)
+# ================================================================================================
+
+def floor_main(argv: List[str]) -> int:
+    """A thread-per-connection forwarder with one keep-alive upstream connection per agent
+    connection, Content-Length bodies only, the token swapped by a plain byte replace and no
+    checks at all: what any Python proxy pays on this machine before doing its job."""
+    upstream_port, fake, real = int(argv[0]), argv[1].encode(), argv[2].encode()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+    def read_message(sock: socket.socket, buf: bytearray) -> Optional[bytes]:
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                return None
+            buf += data
+        end = buf.index(b"\r\n\r\n") + 4
+        match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", bytes(buf[:end]))
+        total = end + (int(match.group(1)) if match else 0)
+        while len(buf) < total:
+            data = sock.recv(65536)
+            if not data:
+                return None
+            buf += data
+        message = bytes(buf[:total])
+        del buf[:total]
+        return message
+
+    def handle(agent: socket.socket) -> None:
+        agent.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        up = socket.create_connection((HOST, upstream_port))
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        abuf, ubuf = bytearray(), bytearray()
+        try:
+            while True:
+                request = read_message(agent, abuf)
+                if request is None:
+                    return
+                up.sendall(request.replace(b" /openai/", b" /", 1).replace(fake, real, 1))
+                answer = read_message(up, ubuf)
+                if answer is None:
+                    return
+                agent.sendall(answer)
+        except OSError:
+            return
+        finally:
+            up.close()
+            agent.close()
+
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(64)
+    sys.stdout.write(f"PORT {listener.getsockname()[1]}\n")
+    sys.stdout.flush()
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+# ================================================================================================
 # Client helpers (raw sockets, so the client costs little next to what it measures)
 # ================================================================================================
 
@@ -734,6 +796,7 @@ class Bench:
         self.token = ""
         self.brokers: Dict[str, Broker] = {}
         self.mitm_port = 0
+        self.floor_port = 0
         self.flags = ""
 
     # --- setup ---------------------------------------------------------------------------------
@@ -762,6 +825,15 @@ class Bench:
         self.upstream_proc = proc
         sock = socket.create_connection((HOST, self.upstream_port), timeout=10)
         self.control = (sock, bytearray())
+
+    def start_floor(self) -> None:
+        proc = self.procs.start([sys.executable, os.path.abspath(__file__), "_floor",
+                                 str(self.upstream_port), self.token, REAL_KEY],
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        line = read_line(proc, 15.0)
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"floor forwarder did not start: {line!r}")
+        self.floor_port = int(line.split()[1])
 
     def upstream_stats(self) -> Dict[str, Any]:
         assert self.control is not None
@@ -881,11 +953,17 @@ class Bench:
         log(f"conns: {n} sequential requests -> " + ", ".join(
             f"{t.name} {self.results[f'conns.{t.name}']}" for t in targets))
 
-    def m_latency(self) -> None:
+    def m_latency(self, pause: float = 0.0, key: str = "lat") -> None:
         """Sequential small-JSON requests on one http.client connection per target, in
-        interleaved blocks (so drift on a shared machine hits every column alike)."""
-        n, warm, block = self.args.requests, self.args.warmup, 50
+        interleaved blocks (so drift on a shared machine hits every column alike). With a
+        ``pause`` (seconds) before each request, every process on the path has gone idle."""
+        if pause:
+            n, warm, block = self.args.idle_requests, 20, 10
+        else:
+            n, warm, block = self.args.requests, self.args.warmup, 50
         targets = self.columns()
+        if self.floor_port:
+            targets.append(Target("floor", self.floor_port, "/openai", self.token))
         conns = {}
         for t in targets:
             conn = http.client.HTTPConnection(HOST, t.port, timeout=30)
@@ -898,6 +976,8 @@ class Bench:
             conn = conns[t.name]
             headers["Authorization"] = t.auth.decode()
             path = t.prefix.decode() + "/v1/chat/completions"
+            if pause:
+                time.sleep(pause)
             t0 = time.perf_counter()
             conn.request("POST", path, body=SMALL_REQUEST, headers=headers)
             resp = conn.getresponse()
@@ -925,22 +1005,22 @@ class Bench:
         for t in targets:
             if t.name in cpu0:
                 cpu = sum(proc_cpu(p) or 0.0 for p in group_pids(self.brokers[t.name].pid))
-                self.results[f"lat.{t.name}.cpu_us"] = (cpu - cpu0[t.name]) / (n + warm) * 1e6
+                self.results[f"{key}.{t.name}.cpu_us"] = (cpu - cpu0[t.name]) / (n + warm) * 1e6
         base50 = percentile(samples["direct"], 50) * 1000
         base99 = percentile(samples["direct"], 99) * 1000
         for t in targets:
             p50 = percentile(samples[t.name], 50) * 1000
             p99 = percentile(samples[t.name], 99) * 1000
-            self.results[f"lat.{t.name}.p50"] = p50
-            self.results[f"lat.{t.name}.p99"] = p99
+            self.results[f"{key}.{t.name}.p50"] = p50
+            self.results[f"{key}.{t.name}.p99"] = p99
             if t.name != "direct":
-                self.results[f"lat.{t.name}.add50"] = p50 - base50
-                self.results[f"lat.{t.name}.add99"] = p99 - base99
+                self.results[f"{key}.{t.name}.add50"] = p50 - base50
+                self.results[f"{key}.{t.name}.add99"] = p99 - base99
             if errors[t.name]:
-                self.results[f"lat.{t.name}.errors"] = errors[t.name]
-        log("latency p50/p99 ms: " + ", ".join(
-            f"{t.name} {self.results[f'lat.{t.name}.p50']:.3f}/"
-            f"{self.results[f'lat.{t.name}.p99']:.3f}" for t in targets))
+                self.results[f"{key}.{t.name}.errors"] = errors[t.name]
+        log(f"{'after idle ' if pause else ''}latency p50/p99 ms: " + ", ".join(
+            f"{t.name} {self.results[f'{key}.{t.name}.p50']:.3f}/"
+            f"{self.results[f'{key}.{t.name}.p99']:.3f}" for t in targets))
 
     def m_tokens(self) -> None:
         """p50 of a request with 10 tokens vs 100,000 tokens in the DB: two fresh brokers, same
@@ -1292,10 +1372,13 @@ class Bench:
                 log(f"mitmproxy column skipped: {exc}")
                 self.notes.append(f"mitmproxy not run: {exc}")
                 self.mitm_port = 0
+        if self.args.floor and ("latency" in only or "idle" in only):
+            self.start_floor()
         if "tokens" in only:
             self.start_broker("small", "small", [])
             self.start_broker("big", "big", [])
         plan = [("conns", self.m_conns), ("latency", self.m_latency),
+                ("idle", lambda: self.m_latency(self.args.idle_ms / 1000.0, "idle")),
                 ("tokens", self.m_tokens), ("rps", self.m_rps), ("sse", self.m_sse),
                 ("download", lambda: self.m_transfer("download")),
                 ("upload", lambda: self.m_transfer("upload")), ("profile", self.m_profile),
@@ -1574,8 +1657,11 @@ def report(bench: Bench) -> Tuple[str, bool]:
         cols.append("workers")
     if args.mitmdump:
         cols.append("mitmproxy")
+    if "lat.floor.p50" in r or "idle.floor.p50" in r:
+        cols.append("floor")
     heads = {"direct": "direct", "broker": "broker", "no-audit": "--no-audit",
-             "workers": f"--workers {args.workers}", "mitmproxy": "mitmproxy"}
+             "workers": f"--workers {args.workers}", "mitmproxy": "mitmproxy",
+             "floor": "stdlib floor"}
 
     def cell(key_fmt: str, col: str, spec: str = ".3f", prefix: str = "") -> str:
         if r.get(f"{col}.unsupported"):
@@ -1603,6 +1689,10 @@ def report(bench: Bench) -> Tuple[str, bool]:
         c = {col: cell("lat.{c}.add99", col, ".3f", "+") for col in cols if col != "direct"}
         c["direct"] = fmt(r.get("lat.direct.p99")) + " abs"
         add("added latency p99, small JSON (ms)", c, "<= 1", verdict(r.get("lat.broker.add99"), 1.0, "le"))
+    if "idle" in only and "idle.broker.p50" in r:
+        c = {col: cell("idle.{c}.add50", col, ".3f", "+") for col in cols if col != "direct"}
+        c["direct"] = fmt(r.get("idle.direct.p50")) + " abs"
+        add(f"  the same, {args.idle_ms:g} ms idle before each (ms)", c, "-", "info")
     if "rps" in only and "rps.broker" in r:
         c = {col: cell("rps.{c}", col, ",.0f") for col in cols}
         best, which = r.get("rps.broker"), "broker"
@@ -1729,11 +1819,15 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--mitmdump", help="mitmdump binary: adds a mitmproxy column (reverse proxy; "
                                       "default: mitmdump on PATH, if any)")
     p.add_argument("--no-mitm", action="store_true", help="no mitmproxy column")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the stdlib-floor column of the latency cases (a minimal forwarder)")
     p.add_argument("--py-spy", help="py-spy binary: profile the broker in a separate phase "
                                     "(sequential requests, N clients, one download)")
     p.add_argument("--profile-dir", default=None,
                    help="where py-spy's raw stacks go (default: a new temp dir, kept)")
     p.add_argument("--requests", type=int, help="sequential requests per latency column (2000)")
+    p.add_argument("--idle-ms", type=float, default=5.0,
+                   help="pause before each request of the idle case (5)")
     p.add_argument("--clients", type=int, default=32, help="client processes for requests/s")
     p.add_argument("--duration", type=float, help="seconds per requests/s column (5)")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens stored for the lookup test")
@@ -1749,6 +1843,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args.size = parse_size(args.size) if args.size else (64 * MIB if quick else 1024 ** 3)
     args.requests = args.requests or (300 if quick else 2000)
     args.warmup = 50 if quick else 200
+    args.idle_requests = 60 if quick else 400
     args.duration = args.duration or (1.0 if quick else 5.0)
     args.conn_requests = 200 if quick else 1000
     args.open_streams = args.open_streams or (200 if quick else 1000)
@@ -1786,6 +1881,8 @@ def parse_size(text: str) -> int:
 def main(argv: List[str]) -> int:
     if argv and argv[0] == "_upstream":
         return upstream_main(argv[1:])
+    if argv and argv[0] == "_floor":
+        return floor_main(argv[1:])
     if argv and argv[0] == "_rps":
         return rps_worker_main(argv[1:])
     args = parse_args(argv)
@@ -1842,6 +1939,13 @@ def main(argv: List[str]) -> int:
         print(f"  latency: {args.requests:,} sequential POSTs per column after {args.warmup} "
               f"warm-up, http.client keep-alive, columns interleaved in blocks of 50; "
               f"'added' = column minus direct (same percentile)")
+    if "idle.broker.p50" in r:
+        print(f"  idle: {args.idle_requests} of the same requests per column, each after "
+              f"{args.idle_ms:g} ms with nothing to do (as for an agent that thinks between calls, "
+              f"and as each SSE stream starts); no target, it shows what idle costs every hop")
+    if "lat.floor.p50" in r or "idle.floor.p50" in r:
+        print("  stdlib floor: a minimal thread-per-connection forwarder (bench.py _floor): "
+              "keep-alive upstream, Content-Length only, token swapped by a byte replace, no checks")
     seq = [f"{col} {r[f'lat.{col}.cpu_us']:,.0f} us" for col in ("broker", "no-audit", "workers")
            if f"lat.{col}.cpu_us" in r]
     if seq:
