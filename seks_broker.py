@@ -190,11 +190,11 @@ inject = header X-Subscription-Token
 env = BRAVE_BASE_URL=/res/v1 BRAVE_API_KEY
 """
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
 TOKEN_CHARS = rb"!#$%&'*+.^_`|~0-9A-Za-z-"        # RFC 9110 tchar: header names, methods
-HEADER_NAME_RE = re.compile(rb"^[" + TOKEN_CHARS + rb"]+$")
-TTL_RE = re.compile(r"^(\d+)([smhd])$")
+HEADER_NAME_RE = re.compile(rb"^[" + TOKEN_CHARS + rb"]+\Z")
+TTL_RE = re.compile(r"^(\d+)([smhd])\Z")
 TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -455,7 +455,7 @@ def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     return out[:length]
 
 
-_URLSAFE_B64_RE = re.compile(r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2}==|[A-Za-z0-9_-]{3}=)?$")
+_URLSAFE_B64_RE = re.compile(r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2}==|[A-Za-z0-9_-]{3}=)?\Z")
 
 
 class SecretCipher:
@@ -1328,7 +1328,7 @@ class TokenCache:
         return entry
 
 
-RATE_RE = re.compile(r"^(\d+)/(s|m|h|d)$")
+RATE_RE = re.compile(r"^(\d+)/(s|m|h|d)\Z")
 RATE_WORDS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
 MAX_INSPECT_BODY = 16 * 1024 * 1024   # largest request body read whole to check --models
 MAX_USAGE_BODY = 8 * 1024 * 1024      # largest non-stream answer parsed whole for token usage
@@ -1648,9 +1648,10 @@ def validate_path(rest: str, remember: bool = True) -> str:
     """Accept a provider path only if no decoding of it can climb out or name another host.
 
     The raw path must be printable ASCII starting with one '/', with no '//', backslash,
-    '#', malformed percent escape or '.'/'..' segment. Then it is percent-decoded again and
-    again (double encoding, up to 3 levels): no level may hold a dot segment, a backslash,
-    a control character, invalid (e.g. overlong) UTF-8 or a leading '//'. Spaces, '%',
+    '#', malformed percent escape or '.'/'..' segment (also before a ';': Tomcat and Spring
+    read '..;x' as '..'). Then it is percent-decoded again and again (double encoding, up to
+    3 levels): no level may hold a dot segment, a backslash, a control character, invalid
+    (e.g. overlong) UTF-8 or a leading '//'. Spaces, '%',
     '@', ':' and non-ASCII letters stay legal once decoded (file names, emoji reactions):
     the host never comes from this string.
 
@@ -1681,8 +1682,8 @@ def _validate_path(rest: str) -> None:
         if not layer.isascii():                  # servers that NFKC-fold see '．．' as '..'
             forms.append(unicodedata.normalize("NFKC", layer))
         for form in forms:
-            if any(seg in (".", "..") for seg in form.split("/")):
-                raise BadRequest("dot segments are not allowed in paths")
+            if any(seg.split(";", 1)[0] in (".", "..") for seg in form.split("/")):
+                raise BadRequest("dot segments are not allowed in paths")   # '..;x' too
             if depth and (form.startswith("//") or _FORBIDDEN_DECODED_RE.search(form)):
                 raise BadRequest("path decodes to a forbidden character")
         if not _PCT_RE.search(layer):
@@ -1792,6 +1793,36 @@ def mask_secret(secret: bytes) -> bytes:
     return label[:len(secret)] + b"*" * max(0, len(secret) - len(label))
 
 
+class Inflater:
+    """A gzip or zlib body from an upstream that compressed though asked not to, inflated so it
+    can be scrubbed: member after member, as the gzip module reads them. A corrupt or
+    truncated stream raises UpstreamFraming (the answer is cut, never passed on half-read)."""
+
+    def __init__(self) -> None:
+        self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)   # gzip or zlib framing
+
+    def decompress(self, data: bytes) -> bytes:
+        out = []
+        try:
+            while True:
+                out.append(self._inflate.decompress(data))
+                if not (self._inflate.eof and self._inflate.unused_data):
+                    return b"".join(out)
+                data = self._inflate.unused_data            # the next member
+                self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)
+        except zlib.error:
+            raise UpstreamFraming("upstream sent a corrupt compressed body") from None
+
+    def finish(self) -> bytes:
+        try:
+            tail = self._inflate.flush()
+        except zlib.error:
+            raise UpstreamFraming("upstream sent a corrupt compressed body") from None
+        if not self._inflate.eof:
+            raise UpstreamFraming("upstream compressed body ended early")
+        return tail
+
+
 class Scrubber:
     """Replaces real keys in a byte stream, holding back at most len(key)-1 bytes.
 
@@ -1874,10 +1905,10 @@ def scrub_pairs(secrets_: Tuple[bytes, ...]) -> Tuple[Tuple[bytes, bytes], ...]:
 
 @functools.lru_cache(maxsize=256)
 def secret_variants(key: str) -> Tuple[bytes, ...]:
-    """The forms in which an upstream might echo a key: raw, and percent-encoded the ways
-    URL libraries do it (every reserved character or only some, upper or lower-case hex,
-    '+' for spaces)."""
-    variants = {key.encode("utf-8")}
+    """The forms in which an upstream might echo a key: raw, JSON with '/' escaped as '\\/'
+    (PHP's default), and percent-encoded the ways URL libraries do it (every reserved
+    character or only some, upper or lower-case hex, '+' for spaces)."""
+    variants = {key.encode("utf-8"), key.replace("/", "\\/").encode("utf-8")}
     for safe in ("", "/", ":", "/:", "-._~"):
         quoted = urllib.parse.quote(key, safe=safe)
         variants.add(quoted.encode())
@@ -1891,7 +1922,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # s
 
 
 MAX_UPSTREAM_HEAD = 64 * 1024          # status line and headers of an upstream answer -> 502
-_STATUS_LINE_RE = re.compile(rb"^HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?$")
+_STATUS_LINE_RE = re.compile(rb"^HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?\Z")
 
 
 class UpstreamFraming(http.client.HTTPException):
@@ -1903,12 +1934,14 @@ class UpstreamReply:
     (the connections' ``response_class``; used in place of ``http.client.HTTPResponse``).
 
     The head is parsed strictly and without ``email.parser``; the reason phrase is dropped (it
-    may quote a key; the broker sends the standard one). The body is framed by RFC 9112
-    section 6.3: none for HEAD, 204 and 304; chunked when the transfer coding is exactly
-    chunked (any other is refused: a body the scrubber could not read; a Content-Length beside
-    it is ignored and the connection is not reused); else Content-Length (several must agree);
-    else until the upstream closes. Interim answers (100, 102, 103) are skipped. Reads return
-    what is available, never waiting to fill.
+    may quote a key; the broker sends the standard one); obsolete line folding is refused (as
+    RFC 9112 allows a gateway: a folded line could smuggle a bare LF or split a key). The body
+    is framed by RFC 9112 section 6.3: none for HEAD, 204 and 304; chunked when a
+    Transfer-Encoding header is there and its coding is exactly chunked (any other, or an empty
+    one, is refused: a body the scrubber could not read; a Content-Length beside it is ignored
+    and the connection is not reused, nor after an HTTP/1.0 answer that used one); else
+    Content-Length (several must agree); else until the upstream closes. Interim answers (100,
+    102, 103) are skipped. Reads return what is available, never waiting to fill.
     """
 
     def __init__(self, sock: socket.socket, debuglevel: int = 0, method: Optional[str] = None,
@@ -1982,12 +2015,8 @@ class UpstreamReply:
             raise UpstreamFraming("upstream sent too many header fields")
         headers: List[Tuple[str, str]] = []
         for line in lines:
-            if line[:1] in (b" ", b"\t"):           # obsolete folding: RFC 9112 says join
-                if not headers:
-                    raise UpstreamFraming("upstream header block starts with a folded line")
-                name, value = headers[-1]
-                headers[-1] = (name, value + " " + line.strip(b" \t").decode("latin-1"))
-                continue
+            if line[:1] in (b" ", b"\t"):
+                raise UpstreamFraming("upstream sent an obsolete folded header line")
             name, sep, value = line.partition(b":")
             if not sep or not HEADER_NAME_RE.match(name):
                 raise UpstreamFraming("upstream sent a malformed header line")
@@ -1998,12 +2027,12 @@ class UpstreamReply:
         return headers
 
     def _frame(self, http11: bool) -> None:
-        codings: List[str] = []
+        codings: Optional[List[str]] = None
         lengths: List[str] = []
         for name, value in self.headers:
             lower = name.lower()
             if lower == "transfer-encoding":
-                codings += [c.strip().lower() for c in value.split(",") if c.strip()]
+                codings = (codings or []) + [c.strip().lower() for c in value.split(",")]
             elif lower == "content-length":
                 lengths += [v.strip() for v in value.split(",")]
         connection = connection_tokens(self.headers)
@@ -2011,13 +2040,13 @@ class UpstreamReply:
         if (self._method == "HEAD" or self.status in (204, 304)):
             self._done = True
             return
-        if codings:
+        if codings is not None:
             if codings != ["chunked"]:
                 raise UpstreamFraming("upstream used a transfer coding other than chunked")
             self.chunked = True
             self._left = -1                         # no chunk started yet
-            if lengths:
-                self.will_close = True              # ambiguous framing: never reuse
+            if lengths or not http11:
+                self.will_close = True              # faulty or ambiguous framing: never reuse
             return
         if lengths:
             if len(set(lengths)) != 1 or not _CONTENT_LENGTH_RE.match(lengths[0]):
@@ -2329,21 +2358,34 @@ class PooledHTTPHandler(urllib.request.BaseHandler):
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-_HEADER_NAMES_RE = re.compile(rb"^[%s]+(?::[%s]+)*$" % (TOKEN_CHARS, TOKEN_CHARS))
+_HEADER_NAMES_RE = re.compile(rb"^[%s]+(?::[%s]+)*\Z" % (TOKEN_CHARS, TOKEN_CHARS))
 
 
-def header_block(headers: List[Tuple[str, str]]) -> bytes:
-    """The request's header lines for http.client's buffer, checked as a whole (one pass in
-    place of http.client's per-header checks): token names, no control character or line
-    break in any value (the same checks as on the agent's request), latin-1 only."""
+def header_block(headers: List[Tuple[str, str]],
+                 refusal: str = "a request header cannot be sent upstream") -> bytes:
+    """Header lines (CRLF-separated, no final CRLF), checked as a whole in one pass: token
+    names, no control character or line break in any value (the same checks as on the agent's
+    request), latin-1 only. Builds the upstream request's head (in place of http.client's
+    per-header checks) and every answer head the agent gets (a last guard: nothing the
+    upstream sent can split the agent's answer)."""
+    if not headers:
+        return b""
     try:
         names = ":".join(n for n, _ in headers).encode("latin-1")
         values = "\t".join(v for _, v in headers).encode("latin-1")
     except UnicodeEncodeError:
-        raise UpstreamError("a request header cannot be sent upstream") from None
+        raise UpstreamError(refusal) from None
     if not _HEADER_NAMES_RE.match(names) or _BAD_VALUE_BYTES_RE.search(values):
-        raise UpstreamError("a request header cannot be sent upstream")
+        raise UpstreamError(refusal)
     return "\r\n".join(f"{n}: {v}" for n, v in headers).encode("latin-1")
+
+
+def refuse_key_in_names(headers: List[Tuple[str, str]], scrubber: "Scrubber") -> None:
+    """Values are masked; a header *name* that holds a key cannot be (the mask is not a legal
+    name), so such an answer is refused (502) rather than passed on."""
+    names = "\n".join(n for n, _ in headers).encode("latin-1", "replace")
+    if scrubber.scrub(names) != names:
+        raise UpstreamError("upstream answered with a header name that holds the key")
 
 
 def make_opener(pool: UpstreamPool) -> urllib.request.OpenerDirector:
@@ -2750,13 +2792,19 @@ def open_upstream_websocket(provider: Provider, target: str, headers: List[Tuple
     except (OSError, UpstreamError):
         sock.close()
         raise UpstreamError(f"upstream {provider.name} failed the WebSocket handshake") from None
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
+    lines = head[:-4].split(b"\r\n")              # parsed as strictly as any other answer
+    match = _STATUS_LINE_RE.match(lines[0])
+    try:
+        if match is None:
+            raise UpstreamFraming("malformed status line")
+        answer = UpstreamReply._parse_headers(lines[1:])
+    except UpstreamFraming:
         sock.close()
-        raise UpstreamError(f"upstream {provider.name} sent a malformed handshake answer")
-    answer = [tuple(x.strip() for x in line.split(":", 1)) for line in header_lines if ":" in line]
-    status = int(parts[1])
+        raise UpstreamError(f"upstream {provider.name} sent a malformed handshake answer") from None
+    status = int(match.group(2))
+    if status < 200 and status != 101:
+        sock.close()
+        raise UpstreamError(f"upstream {provider.name} sent an interim answer to the handshake")
     if status == 101:
         accept = next((v for n, v in answer if n.lower() == "sec-websocket-accept"), "")
         if not hmac.compare_digest(accept, ws_accept(key)):
@@ -2892,11 +2940,11 @@ def gateway_resume_host(rest: str, gateway_host: str) -> Optional[str]:
 # 7. HTTP HANDLER
 # ============================================================================================
 
-_CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}$")
+_CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}\Z")
 _BAD_TARGET_BYTES_RE = re.compile(rb"[^\x21-\x7e]")
 _BAD_VALUE_BYTES_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_CHUNK_SIZE_RE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
-_METHOD_RE = re.compile(rb"^[" + TOKEN_CHARS + rb"]{1,32}$")
+_CHUNK_SIZE_RE = re.compile(rb"^[0-9A-Fa-f]{1,16}\Z")
+_METHOD_RE = re.compile(rb"^[" + TOKEN_CHARS + rb"]{1,32}\Z")
 
 
 class RequestHead:
@@ -2977,6 +3025,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "seks-broker"
     server: "BrokerServer"
+    _answered = False          # some bytes of this request's answer went out
 
     def setup(self) -> None:
         self.timeout = self.server.broker.settings.client_timeout
@@ -2985,6 +3034,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     # --- small writers ---------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
+        self._answered = True                     # from here on, no second answer may follow
         try:
             self.wfile.write(data)
         except (OSError, ValueError) as exc:
@@ -2992,12 +3042,11 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             raise ConnectionCut() from exc
 
     def _head_bytes(self, status: int, reason: str, headers: List[Tuple[str, str]]) -> bytes:
-        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        lines.extend(f"{n}: {v}\r\n" for n, v in headers)
-        if self.close_connection:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1", "replace")
+        block = header_block(headers, "the upstream answer has a header the broker will not "
+                                      "pass on")
+        return b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (
+            status, reason.encode("latin-1", "replace"), block, b"\r\n" if block else b"",
+            b"Connection: close\r\n" if self.close_connection else b"")
 
     def _send_simple(self, status: int, body: bytes, headers: Optional[Dict[str, str]] = None,
                      content_type: str = "application/json") -> None:
@@ -3008,13 +3057,16 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
     def _send_error(self, exc: BrokerError, ex: Exchange) -> None:
         if exc.close:
             self.close_connection = True
-        ex.status = exc.status
         ex.outcome = "denied" if exc.status in (401, 403, 429) else "error"
         ex.reason = ex.reason or exc.message
-        try:
-            self._send_simple(exc.status, error_body(exc, self._error_style), exc.headers)
-        except ConnectionCut:
-            pass
+        if self._answered:                        # part of an answer is out: cut, never a
+            self.close_connection = True          # second answer inside the first one's body
+        else:
+            ex.status = exc.status
+            try:
+                self._send_simple(exc.status, error_body(exc, self._error_style), exc.headers)
+            except ConnectionCut:
+                pass
         self.server.broker.record(ex)             # like every row: right after the answer
 
     # --- request parsing -------------------------------------------------------------------
@@ -3138,6 +3190,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         broker = self.server.broker
         ex = Exchange(self.client_address[0] if self.client_address else "")
         self._error_style = ""
+        self._answered = False
         head: Optional[RequestHead] = None
         try:
             head = self._read_head()
@@ -3337,8 +3390,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         finally:
             sock.close()
         body = scrubber.scrub(body)
-        headers = [(n, scrubber.scrub(v.encode("latin-1")).decode("latin-1"))
-                   for n, v in response_headers(answer, {"content-length"})]
+        passed = response_headers(answer, {"content-length"})
+        refuse_key_in_names(passed, scrubber)
+        headers = [(n, scrubber.scrub(v.encode("latin-1")).decode("latin-1")) for n, v in passed]
         headers.append(("Content-Length", str(len(body))))
         ex.status, ex.outcome, ex.bytes_out = status, "ok", len(body)
         self._write(self._head_bytes(status, HTTP_REASONS.get(status, "Unknown"), headers) + body)
@@ -3477,14 +3531,16 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         decoder = None
         drop = {"content-length", "content-encoding"}
         if codings in (["gzip"], ["x-gzip"], ["deflate"]):
-            decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)   # gzip or zlib framing
+            decoder = Inflater()
             length = None
         elif codings:
             raise UpstreamError(f"upstream answered with content-encoding "
                                 f"'{', '.join(codings)[:40]}', which the broker cannot inspect "
                                 f"for leaked keys")
         headers = []
-        for name, value in response_headers(resp.headers, drop):
+        passed = response_headers(resp.headers, drop)
+        refuse_key_in_names(passed, scrubber)
+        for name, value in passed:
             if name.lower() == "location":
                 value = rewrite_location(value, provider, route_prefix)
             headers.append((name, scrubber.scrub(value.encode("latin-1", "replace")).decode("latin-1")))
@@ -3588,7 +3644,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if not data:
                 break
             if decoder is not None:
-                data = decoder.decompress(data)
+                try:
+                    data = decoder.decompress(data)
+                except UpstreamFraming:
+                    self._upstream_cut(ex, head, "upstream sent a corrupt compressed body")
             data = scrubber.feed(data)
             if not data:
                 continue
@@ -3605,7 +3664,12 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 continue
             write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
         resp.finish(complete=True)                # read to its end: back in the pool first
-        tail = scrubber.feed(decoder.flush()) if decoder is not None else b""
+        tail = b""
+        if decoder is not None:
+            try:
+                tail = scrubber.feed(decoder.finish())
+            except UpstreamFraming:
+                self._upstream_cut(ex, head, "upstream sent a corrupt or cut compressed body")
         tail += scrubber.flush()
         if tail:
             ex.bytes_out += len(tail)
@@ -3651,13 +3715,14 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if size:
                 write(view[:size])
 
-    def _upstream_cut(self, ex: Exchange, head: bytes) -> NoReturn:
+    def _upstream_cut(self, ex: Exchange, head: bytes,
+                      reason: str = "upstream answer ended early") -> NoReturn:
         """The upstream answer broke off: a clean 502 if nothing was sent yet, else a cut."""
         ex.outcome = "error"
         if head:
-            raise UpstreamError("upstream answer ended early") from None
+            raise UpstreamError(reason) from None
         self.close_connection = True
-        ex.reason = "upstream answer ended early"
+        ex.reason = reason
         raise ConnectionCut() from None
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -3681,12 +3746,12 @@ def drain_for_usage(resp: "UpstreamResponse", decoder: Any, meter: UsageMeter) -
                 return
             seen += len(data)
             meter.feed(decoder.decompress(data) if decoder is not None else data)
-    except (http.client.HTTPException, OSError, zlib.error):
+    except (http.client.HTTPException, OSError):
         return
 
 
-_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
-_GATEWAY_REST_RE = re.compile(r"^/api(/v\d+)?/gateway(/bot)?/?$")
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?\Z")
+_GATEWAY_REST_RE = re.compile(r"^/api(/v\d+)?/gateway(/bot)?/?\Z")
 
 
 def is_websocket_upgrade(head: RequestHead) -> bool:
@@ -3796,11 +3861,11 @@ SETTINGS: List[SettingSpec] = [
                 "providers whose upstream TLS certificate is NOT verified (loudly logged)"),
 ]
 SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
-_SIZE_RE = re.compile(r"^(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\Z", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
                "mb": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3,
                "gib": 1024 ** 3}
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 

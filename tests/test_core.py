@@ -232,6 +232,7 @@ def test_a_path_carrying_the_real_key_is_never_remembered() -> None:
     [("X-Ok", "1"), ("", "1")],
     [("X-Nul", "a\x00b")],
     [("X-Wide", "€")],                                            # not latin-1
+    [("X-Ok", "1"), ("X-Last\n", "1")],                          # '$' would match before '\n'
 ])
 def test_header_block_refuses_what_could_split_or_break_the_upstream_request(headers: list) -> None:
     with pytest.raises(sb.UpstreamError):
@@ -241,3 +242,101 @@ def test_header_block_refuses_what_could_split_or_break_the_upstream_request(hea
 def test_header_block_joins_lines_for_http_client() -> None:
     block = sb.header_block([("Authorization", "Bearer sk-test-a"), ("X-Tab", "a\tb"), ("X-L1", "café")])
     assert block == b"Authorization: Bearer sk-test-a\r\nX-Tab: a\tb\r\nX-L1: caf\xe9"
+
+
+# ============================================================================
+# UpstreamReply: the upstream answer parser, fed raw bytes over a socket pair
+# ============================================================================
+
+
+def reply_to(raw: bytes, method: str = "GET") -> "sb.UpstreamReply":
+    """An UpstreamReply that has read the head of ``raw`` (the upstream side then closes)."""
+    import socket
+    ours, theirs = socket.socketpair()
+    theirs.sendall(raw)
+    theirs.close()
+    reply = sb.UpstreamReply(ours, method=method)
+    reply.begin()
+    return reply
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nX-A: one\r\n two\r\nContent-Length: 2\r\n\r\n{}",       # obs-fold
+    b"HTTP/1.1 200 OK\r\nX-A: one\r\n\ttwo\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\nContent-Length: 2\r\n\r\n{}",          # empty TE
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: ,\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, \r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\n\r\nContent-Length: 2\r\n\r\n{}",                              # bare LF
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\r\n\r\n{}",
+])
+def test_upstream_reply_refuses_faulty_heads(raw: bytes) -> None:
+    with pytest.raises(sb.UpstreamFraming):
+        reply_to(raw)
+
+
+def test_upstream_reply_refuses_a_chunk_size_with_a_bare_lf() -> None:
+    reply = reply_to(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\n\r\n{}\r\n0\r\n\r\n")
+    with pytest.raises(sb.UpstreamFraming):
+        reply.read()
+
+
+@pytest.mark.parametrize("version, extra, reuse", [
+    (b"1.1", b"", True),
+    (b"1.1", b"Content-Length: 2\r\n", False),                  # CL beside TE: ambiguous
+    (b"1.0", b"Connection: keep-alive\r\n", False),             # TE in HTTP/1.0: faulty framing
+])
+def test_upstream_reply_reuses_a_chunked_connection_only_when_framing_is_clean(
+        version: bytes, extra: bytes, reuse: bool) -> None:
+    reply = reply_to(b"HTTP/" + version + b" 200 OK\r\n" + extra +
+                     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    assert reply.read() == b"{}"
+    assert reply.will_close is not reuse
+
+
+# ============================================================================
+# Inflater: compressed answers from an upstream that was asked not to compress
+# ============================================================================
+
+
+def test_inflater_reads_every_gzip_member_and_zlib() -> None:
+    import gzip
+    import zlib
+    data = gzip.compress(b"one ") + gzip.compress(b"two ") + gzip.compress(b"three")
+    inf = sb.Inflater()
+    out = b"".join(inf.decompress(data[i:i + 7]) for i in range(0, len(data), 7)) + inf.finish()
+    assert out == b"one two three"
+    inf = sb.Inflater()
+    assert inf.decompress(zlib.compress(b"zlib framed")) + inf.finish() == b"zlib framed"
+
+
+@pytest.mark.parametrize("cut", ["garbage", "truncated", "trailing-garbage"])
+def test_inflater_refuses_corrupt_or_cut_streams(cut: str) -> None:
+    import gzip
+    data = gzip.compress(b"x" * 5000)
+    inf = sb.Inflater()
+    with pytest.raises(sb.UpstreamFraming):
+        if cut == "garbage":
+            inf.decompress(b"\xff" * 40)
+        elif cut == "truncated":
+            inf.decompress(data[:len(data) // 2])
+            inf.finish()
+        else:
+            inf.decompress(data + b"not a gzip member")
+
+
+def test_scrubber_masks_a_key_with_json_escaped_slashes() -> None:
+    key = "sk-test-abc/def+ghi/jk="
+    body = b'{"echo": "sk-test-abc\\/def+ghi\\/jk="}'
+    scrubbed = sb.Scrubber.for_key(key).scrub(body)
+    assert b"abc\\/def" not in scrubbed and b"[REDACTED" in scrubbed
+
+
+@pytest.mark.parametrize("path", ["/a/..;/b", "/a/.;x/b", "/a/..;jsessionid=1/b", "/a/%2e%2e;/b"])
+def test_validate_path_refuses_dot_segments_with_parameters(path: str) -> None:
+    """Tomcat and Spring read '..;x' as '..': such a segment could climb past --allow-path."""
+    with pytest.raises(sb.BadRequest):
+        sb._validate_path(path)
+
+
+def test_validate_path_keeps_other_matrix_parameters() -> None:
+    assert sb.validate_path("/a/b;c=1/d", remember=False) == "/a/b;c=1/d"

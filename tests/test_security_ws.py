@@ -196,6 +196,27 @@ def test_ws_handshake_refusal_with_key_is_scrubbed(ws_broker: Broker, ws_upstrea
     assert_no_key(c.head + c.body, KEY, "refused handshake")
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 401 No\r\nX-Echo-" + KEY.encode() + b": 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    b"HTTP/1.1 401 No\r\nX-A: a\nSet-Cookie: s=1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    b"HTTP/1.1 401 No\r\nX-A: a\r\n b\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    b"HTTP/1.1 401 No\r\nX-A\x00: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 4\xc2\xb21 No\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["key-in-name", "bare-lf", "folded", "nul-in-name", "interim-100", "not-ascii-status"])
+def test_ws_handshake_answer_is_parsed_strictly(ws_broker: Broker, ws_upstream: WsUpstream,
+                                               answer: bytes) -> None:
+    """The upstream's answer to the upgrade goes through the same strict parser as any other
+    answer: a malformed one (or an interim one, or a header name holding the key) is a 502,
+    never relayed with a line break or the key in it."""
+    ws_upstream.behaviour = lambda conn: conn.sock.sendall(answer)
+    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    c.close()
+    assert c.status == 502, c.head
+    assert b"Set-Cookie" not in c.head and b"X-A" not in c.head, c.head
+    assert_no_key(c.head + c.body, KEY, "handshake answer")
+
+
 def test_ws_handshake_answer_headers_not_passed(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
     def behaviour(conn: WsConn) -> None:
         conn.accept([("X-Echo-Key", KEY), ("Set-Cookie", f"k={KEY}")])
