@@ -1793,19 +1793,27 @@ def mask_secret(secret: bytes) -> bytes:
     return label[:len(secret)] + b"*" * max(0, len(secret) - len(label))
 
 
+MAX_INFLATE = 16 * 1024 * 1024     # bytes one read of a compressed answer may inflate to
+
+
 class Inflater:
     """A gzip or zlib body from an upstream that compressed though asked not to, inflated so it
     can be scrubbed: member after member, as the gzip module reads them. A corrupt or
-    truncated stream raises UpstreamFraming (the answer is cut, never passed on half-read)."""
+    truncated stream raises UpstreamFraming (the answer is cut, never passed on half-read),
+    and so does one read that would inflate past MAX_INFLATE (a decompression bomb)."""
 
     def __init__(self) -> None:
         self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)   # gzip or zlib framing
 
     def decompress(self, data: bytes) -> bytes:
         out = []
+        room = MAX_INFLATE
         try:
             while True:
-                out.append(self._inflate.decompress(data))
+                out.append(self._inflate.decompress(data, room))
+                room -= len(out[-1])
+                if self._inflate.unconsumed_tail or room <= 0:
+                    raise UpstreamFraming("upstream compressed body inflates too far")
                 if not (self._inflate.eof and self._inflate.unused_data):
                     return b"".join(out)
                 data = self._inflate.unused_data            # the next member

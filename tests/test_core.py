@@ -309,13 +309,17 @@ def test_inflater_reads_every_gzip_member_and_zlib() -> None:
     assert inf.decompress(zlib.compress(b"zlib framed")) + inf.finish() == b"zlib framed"
 
 
-@pytest.mark.parametrize("cut", ["garbage", "truncated", "trailing-garbage"])
+@pytest.mark.parametrize("cut", ["garbage", "truncated", "trailing-garbage", "bomb", "member-bombs"])
 def test_inflater_refuses_corrupt_or_cut_streams(cut: str) -> None:
     import gzip
     data = gzip.compress(b"x" * 5000)
     inf = sb.Inflater()
     with pytest.raises(sb.UpstreamFraming):
-        if cut == "garbage":
+        if cut == "bomb":                           # 64 KiB that would inflate to 64 MiB
+            inf.decompress(gzip.compress(b"\0" * (4 * sb.MAX_INFLATE)))
+        elif cut == "member-bombs":                 # members each under the bound, not together
+            inf.decompress(gzip.compress(b"\0" * (sb.MAX_INFLATE // 2 + 1)) * 3)
+        elif cut == "garbage":
             inf.decompress(b"\xff" * 40)
         elif cut == "truncated":
             inf.decompress(data[:len(data) // 2])
