@@ -43,6 +43,8 @@ import bisect
 import configparser
 import contextlib
 import datetime
+import email.message
+import email.utils
 import functools
 import getpass
 import hashlib
@@ -1427,28 +1429,46 @@ def needs_admission(policy: Dict[str, Any]) -> bool:
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:?]+)")
 
 
+def header_params(value: str, header: str = "content-type") -> List[Tuple[str, str]]:
+    """A MIME header's parameters as a standard MIME parser reads them (quoted strings,
+    RFC 2231): [(main value, ""), (name, value), ...], names in lower case."""
+    message = email.message.Message()
+    message[header] = value
+    return [(k.lower(), email.utils.collapse_rfc2231_value(v))
+            for k, v in (message.get_params(header=header) or [])]
+
+
 def multipart_field(body: bytes, content_type: str, field: str) -> Optional[str]:
-    """The value of a form field in a multipart/form-data body, read from part headers only
-    (a file's content cannot fake it). None unless the field appears exactly once."""
-    match = re.search(r'boundary="?([^";,\s]{1,200})"?', content_type)
-    if not match:
+    """The value of a form field in a multipart/form-data body (RFC 7578), read from part
+    headers only (a file's content cannot fake it). None, so the caller refuses, unless the
+    boundary parameter appears exactly once, the body is well formed up to its close
+    delimiter and the field appears exactly once."""
+    boundaries = [v for k, v in header_params(content_type)[1:] if k == "boundary"]
+    if len(boundaries) != 1 or not 1 <= len(boundaries[0]) <= 70:
         return None
-    delimiter = b"--" + match.group(1).encode("latin-1")
+    delimiter = b"\r\n--" + boundaries[0].encode("latin-1", "replace")
+    pieces = (b"\r\n" + body).split(delimiter)       # [preamble, part, part, ..., close]
     values = []
-    for part in body.split(delimiter)[1:]:
-        head, sep, content = part.partition(b"\r\n\r\n")
+    for piece in pieces[1:]:
+        if piece.startswith(b"--"):                   # the close delimiter: the epilogue
+            return values[0].decode("utf-8", "replace") if len(values) == 1 else None
+        padding, sep, part = piece.partition(b"\r\n")
+        if not sep or padding.strip(b" \t"):
+            return None
+        head, sep, content = (b"\r\n" + part).partition(b"\r\n\r\n")
         if not sep:
-            continue
-        for line in head.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() != b"content-disposition":
-                continue
-            params = dict(
-                (k.strip().lower(), v.strip().strip('"'))
-                for k, _, v in (p.partition("=") for p in value.decode("latin-1").split(";")[1:]))
-            if params.get("name") == field and "filename" not in params:
-                values.append(content[:-2] if content.endswith(b"\r\n") else content)
-    return values[0].decode("utf-8", "replace") if len(values) == 1 else None
+            return None
+        dispositions = [line.partition(b":")[2].decode("latin-1") for line in head.split(b"\r\n")
+                        if line.partition(b":")[0].strip().lower() == b"content-disposition"]
+        if len(dispositions) != 1:
+            return None
+        params = header_params(dispositions[0], "content-disposition")
+        names = [v for k, v in params[1:] if k == "name"]
+        if len(names) != 1:
+            return None
+        if names[0] == field and not any(k.startswith("filename") for k, _ in params[1:]):
+            values.append(content)
+    return None                                       # no close delimiter: cut or malformed
 
 
 def _reject_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -1488,10 +1508,15 @@ def note_request_model(ex: "Exchange", provider: Provider, rest: str, body: Opti
 
 
 def ask_for_stream_usage(body: bytes) -> bytes:
-    """OpenAI streams report usage only if asked: add stream_options.include_usage."""
+    """OpenAI streams report usage only if asked: add stream_options.include_usage. A body with
+    a repeated key is refused: the broker and the upstream might read different "stream"
+    values, and the budget could go unmetered."""
     try:
-        obj = json.loads(body)
-    except ValueError:
+        obj = json.loads(body, object_pairs_hook=_reject_duplicate_keys)
+    except ValueError as exc:
+        if str(exc) == "duplicate key":
+            raise Forbidden("this token has a token budget, and the request body repeats a key, "
+                            "so the broker cannot tell whether it streams") from None
         return body
     if not isinstance(obj, dict) or obj.get("stream") is not True:
         return body
@@ -2458,6 +2483,17 @@ def response_headers(headers: List[Tuple[str, str]], drop: Iterable[str]) -> Lis
 _TOKEN_TEXT_RE = re.compile(r"(seks_[a-z0-9-]{1,32}_)([A-Za-z0-9_-]{4})[A-Za-z0-9_-]*")
 
 
+def redact_path(path: str) -> str:
+    """A request path as it may be logged before it is validated: percent-escapes decoded (up
+    to three levels, as validate_path reads them) so an escaped token ('%73eks_...') is cut
+    like a plain one, then redacted."""
+    for _ in range(3):
+        if "%" not in path:
+            break
+        path = urllib.parse.unquote(path, errors="replace")
+    return redact(path)
+
+
 def redact(text: str) -> str:
     """Make any text safe to log: tokens cut to a short prefix, control characters escaped."""
     if "seks_" not in text and text.isascii() and text.isprintable():
@@ -2859,6 +2895,10 @@ class DiscordGateway:
                 raise WsClose(4004, "authentication failed")
             if presented.lower().startswith("bot "):
                 presented = presented[4:]
+            again = presented.strip().encode("utf-8", "surrogatepass")
+            if self.authenticated and not hmac.compare_digest(
+                    again, self.token.encode("utf-8", "surrogatepass")):
+                raise WsClose(4005, "already authenticated with another token")  # as Discord
             try:
                 record, key = self.broker.authenticate(presented.strip(), self.provider, self.ex)
                 check_policy(record.policy, "GET", "/gateway", None)
@@ -3238,7 +3278,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if not head.target.startswith("/"):
             raise BadRequest("only origin-form request targets (a path) are accepted", close=True)
         path, _, query = head.target.partition("?")
-        ex.path = redact(path)
+        ex.path = redact_path(path)
+        framing, length = request_framing(head, broker.settings.max_body)  # before any answer
         if path == "/healthz" and head.method in ("GET", "HEAD"):
             ex.outcome, ex.status = "health", 200
             if request_has_body(head):
@@ -3254,8 +3295,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         self._error_style = provider.errors
         ex.path = masked_request_path(provider, path, query)
         validate_query(query)
-        framing, length = request_framing(head, broker.settings.max_body)
         upgrade = is_websocket_upgrade(head)
+        if upgrade and request_has_body(head):
+            raise BadRequest("a WebSocket upgrade request carries no body", close=True)
         if provider.gateway == "discord" and (rest == "/gateway" or rest.startswith("/gateway/")):
             if not upgrade:
                 raise BadRequest("the gateway route takes WebSocket connections only")
@@ -3269,6 +3311,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         policy = record.policy
         policy_path = path_for_policy(rest, swap)
         check_policy(policy, head.method, policy_path, None)
+        if "methods" in policy and any(head.get(h) is not None for h in METHOD_OVERRIDE_HEADERS):
+            raise Forbidden("this token is limited to some methods; a method-override header "
+                            "would change the method the upstream acts on")
         real_key = key.decode("utf-8", "surrogateescape")
         headers, rest_up, query_up = swap_credentials(
             provider, swap, real_key, forward_request_headers(head.headers), rest, query)
@@ -3276,6 +3321,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         headers.append(("Host", provider.host_header))
         headers.append(("Accept-Encoding", "identity"))
         inspect = bool(provider.usage) and ("models" in policy or "budget_tokens" in policy)
+        if upgrade and inspect:        # a realtime session names its model in the query or a
+            raise Forbidden("this token is limited to some models or a token budget, which "  # frame
+                            "the broker cannot check on a WebSocket session")
         body = self._request_body(head, framing, length, inspect, ex)
         note_model: Optional[Callable[[], None]] = None
         if provider.usage and not inspect and (body is None or isinstance(body, bytes)):
@@ -3290,7 +3338,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 raise Forbidden("this token is limited to some models and the broker cannot "
                                 "read which model this request uses")
             if (body and "budget_tokens" in policy and provider.usage == "openai"
-                    and policy_path.endswith("completions")):
+                    and policy_path.rstrip("/").endswith("completions")):
                 body = ask_for_stream_usage(body)
         broker.admit(record, ex)
         ex.drain_usage = "budget_tokens" in policy
@@ -3479,7 +3527,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         resume_host = gateway_resume_host(rest, gateway.netloc)
         if compress != "zlib-stream":
             compress = ""                    # e.g. zstd-stream: plain text frames, which discord.py reads too
-        if encoding != "json" or not version.isdigit():
+        if encoding != "json" or not re.fullmatch(r"[0-9]{1,3}", version):
             client = self._accept_websocket(key, "")
             client.close(4002 if encoding != "json" else 1003,
                          "seks-broker relays encoding=json only (etf is not supported)"
@@ -3510,6 +3558,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         expect = head.get("expect")
         if expect is not None and expect.lower() == "100-continue" and head.version == "HTTP/1.1":
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._answered = False                # an interim answer: the final one is to come
 
     def _relay(self, head: RequestHead, resp: UpstreamResponse, provider: Provider,
                route_prefix: str, scrubber: Scrubber, ex: Exchange,
@@ -3794,11 +3843,16 @@ def clean_count(value: Optional[int]) -> Optional[int]:
     return max(0, min(int(value), 2 ** 62))
 
 
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+
+
 def request_has_body(head: RequestHead) -> bool:
+    """Whether bytes may follow the head (so a refusal must close the connection): any
+    Transfer-Encoding, any Content-Length but a single 0, or several Content-Length fields."""
     if head.get("transfer-encoding") is not None:
         return True
-    length = head.get("content-length")
-    return length is not None and length.strip() not in ("", "0")
+    lengths = head.get_all("content-length")
+    return len(lengths) > 1 or (len(lengths) == 1 and lengths[0].strip() != "0")
 
 
 # ============================================================================================
@@ -5211,7 +5265,7 @@ def audit_filter(args: argparse.Namespace) -> Tuple[str, Tuple[Any, ...]]:
         if match:
             clauses.append("status >= ? AND status < ?")
             params += [int(match.group(1)) * 100, int(match.group(1)) * 100 + 100]
-        elif status.strip().isdigit():
+        elif re.fullmatch(r"[0-9]{3}", status.strip()):
             clauses.append("status = ?")
             params.append(int(status))
         else:
