@@ -1829,8 +1829,10 @@ class Inflater:
 
     def __init__(self) -> None:
         self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)   # gzip or zlib framing
+        self._fed = False
 
     def decompress(self, data: bytes) -> bytes:
+        self._fed = self._fed or bool(data)
         out = []
         room = MAX_INFLATE
         try:
@@ -1851,7 +1853,7 @@ class Inflater:
             tail = self._inflate.flush()
         except zlib.error:
             raise UpstreamFraming("upstream sent a corrupt compressed body") from None
-        if not self._inflate.eof:
+        if self._fed and not self._inflate.eof:   # (an empty body labelled gzip is just empty)
             raise UpstreamFraming("upstream compressed body ended early")
         return tail
 

@@ -298,6 +298,11 @@ def test_upstream_reply_reuses_a_chunked_connection_only_when_framing_is_clean(
 # ============================================================================
 
 
+def test_inflater_takes_an_empty_body_labelled_gzip_as_empty() -> None:
+    inf = sb.Inflater()
+    assert inf.decompress(b"") + inf.finish() == b""
+
+
 def test_inflater_reads_every_gzip_member_and_zlib() -> None:
     import gzip
     import zlib

@@ -730,6 +730,12 @@ def test_multi_member_gzip_answer_is_relayed_whole_and_scrubbed(broker: Broker,
     assert resp.body == b"".join(parts).replace(key, seks_broker.mask_secret(key)), resp
 
 
+def test_empty_answer_labelled_gzip_is_relayed_empty(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    resp = answered_with(broker, upstreams, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Encoding: gzip\r\nContent-Length: 0\r\n\r\n")
+    assert resp.status == 200 and resp.body == b"", resp
+
+
 def test_corrupt_gzip_after_the_head_cuts_the_answer_never_a_second_one(
         broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     """The compressed body breaks after the answer's head and first bytes went out: the
