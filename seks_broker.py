@@ -274,8 +274,12 @@ class Provider:
 
 def parse_upstream_base(url: str) -> Tuple[str, str, int, str]:
     """Split an upstream base URL into scheme, host, port and base path; refuse anything else."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:
+        hostname = None
+    if hostname is None or parts.scheme not in ("http", "https"):
         raise ConfigError(f"upstream must be http(s)://host[:port][/path], got {url!r}")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ConfigError("upstream must not carry credentials, a query or a fragment")
@@ -286,7 +290,7 @@ def parse_upstream_base(url: str) -> Tuple[str, str, int, str]:
     base_path = parts.path.rstrip("/")
     if base_path and (not base_path.startswith("/") or "//" in base_path):
         raise ConfigError(f"bad base path in upstream {url!r}")
-    return parts.scheme, parts.hostname, port, base_path
+    return parts.scheme, hostname, port, base_path
 
 
 def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provider:
@@ -760,19 +764,27 @@ class Store:
                 db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT. ``durable``: the commit is synced to disk before this
+        returns (synchronous=FULL), also across a power cut; others survive a process crash."""
         with self.connection() as db:
             db.execute("PRAGMA busy_timeout = 0")
+            if durable:
+                db.execute("PRAGMA synchronous = FULL")
             try:
                 begin_immediate(db)
             finally:
                 db.execute(f"PRAGMA busy_timeout = {int(DB_BUSY_SECONDS * 1000)}")
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                if durable:
+                    db.execute("PRAGMA synchronous = NORMAL")
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -855,8 +867,9 @@ class Store:
     def rekey(self, old: "SecretCipher", new: "SecretCipher", old_audit: bytes,
               new_audit: bytes, new_check: bytes, force: bool = False) -> int:
         """Re-encrypt every secret and recompute every audit MAC under new keys, atomically;
-        the old chain is verified inside the same transaction (no row slips in unchecked)."""
-        with self.transaction() as db:
+        the old chain is verified inside the same transaction (no row slips in unchecked).
+        The commit is synced before this returns: the caller renames the key file next."""
+        with self.transaction(durable=True) as db:
             rows = db.execute("SELECT name, provider, ciphertext FROM secrets").fetchall()
             for name, provider, ciphertext in rows:
                 ad = secret_ad(name, provider)
@@ -890,9 +903,21 @@ class Store:
             return db.execute("SELECT 1 FROM secrets LIMIT 1").fetchone() is not None
 
     # --- secrets ---------------------------------------------------------------------------
-    def put_secret(self, name: str, provider: str, ciphertext: str, replace: bool) -> None:
+    @staticmethod
+    def _require_key(db: sqlite3.Connection, check: bytes) -> None:
+        """Inside a write transaction: refuse if the DB moved to another master key since the
+        caller loaded its own (a rotate-master-key committed meanwhile)."""
+        stored = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
+        if stored is not None and not hmac.compare_digest(bytes(stored), check):
+            raise ConfigError("the master key was rotated while this command ran; nothing was "
+                              "changed: run it again")
+
+    def put_secret(self, name: str, provider: str, ciphertext: str, replace: bool,
+                   check: bytes) -> None:
+        """Store a secret encrypted under the key whose check value is ``check``."""
         now = utc_iso()
         with self.transaction() as db:
+            self._require_key(db, check)
             exists = db.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone()
             if exists and not replace:
                 raise ConfigError(f"secret {name!r} exists; use 'secret rotate' to change it")
@@ -1107,10 +1132,11 @@ class Store:
             anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
         return bytes(anchor or b"")
 
-    def prune_audit(self, key: bytes, before_ts: str) -> int:
+    def prune_audit(self, key: bytes, before_ts: str, check: bytes) -> int:
         """Delete rows older than ``before_ts`` and append a chained 'prune' row that records
         the anchor (last deleted row's id and MAC), so the rest still verifies."""
         with self.transaction() as db:
+            self._require_key(db, check)
             last = db.execute("SELECT id, mac FROM audit WHERE ts < ? AND outcome != 'prune' "
                               "ORDER BY id DESC LIMIT 1", (before_ts,)).fetchone()
             if last is None:
@@ -1788,6 +1814,8 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, key: str,
     query_places = {p.name for p in provider.token_places if p.kind == "query"}
     if provider.inject is not None and provider.inject.kind == "header":
         header_places.add(provider.inject.name)
+    if provider.inject is not None and provider.inject.kind == "query":
+        query_places.add(provider.inject.name)   # the agent's own value never rides along
     headers = [(n, v) for n, v in headers if n.lower() not in header_places]
     inject = provider.inject or swap.place
     kept: List[str] = []
@@ -2486,14 +2514,19 @@ _TOKEN_TEXT_RE = re.compile(r"(seks_[a-z0-9-]{1,32}_)([A-Za-z0-9_-]{4})[A-Za-z0-
 
 
 def redact_path(path: str) -> str:
-    """A request path as it may be logged before it is validated: percent-escapes decoded (up
-    to three levels, as validate_path reads them) so an escaped token ('%73eks_...') is cut
-    like a plain one, then redacted."""
+    """A request path as it may be logged before it is validated: redacted as it came, unless
+    percent-decoding it (up to three levels, as validate_path reads them) shows a token
+    ('%73eks_...'): then the decoded form, cut like a plain token, with any space or other
+    invisible character escaped again (so a path cannot spell extra log fields)."""
+    decoded = path
     for _ in range(3):
-        if "%" not in path:
+        if "%" not in decoded:
             break
-        path = urllib.parse.unquote(path, errors="replace")
-    return redact(path)
+        decoded = urllib.parse.unquote(decoded, errors="replace")
+    if "seks_" not in decoded or decoded == path:
+        return redact(path)
+    return "".join(c if c.isprintable() and not c.isspace() else urllib.parse.quote(c)
+                   for c in redact(decoded))
 
 
 def redact(text: str) -> str:
@@ -4100,6 +4133,8 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
                 text = handle.read()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
         errors = read_config(text, path, settings)
         if errors:
             raise ConfigError("invalid config file:\n  " + "\n  ".join(errors)
@@ -4754,11 +4789,15 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
 # ============================================================================================
 
 class CliParser(argparse.ArgumentParser):
-    """argparse that never echoes unrecognised arguments: they might be a pasted secret."""
+    """argparse that never echoes an argument it refuses (unrecognised, or an invalid choice
+    or value): it might be a pasted secret."""
 
     def error(self, message: str) -> "NoReturn":
         if "unrecognized arguments" in message:
             message = "unrecognized arguments (not shown, in case they hold a secret)"
+        message = re.sub(r"invalid (\w+ )?(choice|value): '.*?'( \(choose from[^)]*\))?",
+                         r"invalid \1\2 (not shown, in case it holds a secret)\3", message,
+                         flags=re.S)
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -4767,7 +4806,14 @@ def parse_ttl(text: str) -> int:
     match = TTL_RE.match(text.strip())
     if not match or int(match.group(1)) == 0:
         raise UsageError(f"--ttl takes a number and a unit, like 30m, 12h or 7d (got {text!r})")
-    return int(match.group(1)) * TTL_UNITS[match.group(2)]
+    seconds = int(match.group(1)) * TTL_UNITS[match.group(2)]
+    if seconds > MAX_TTL_SECONDS:
+        raise UsageError("--ttl (or a time ago) is at most 36500d (100 years); leave --ttl out "
+                         "for a token that does not expire")
+    return seconds
+
+
+MAX_TTL_SECONDS = 36500 * 86400
 
 
 def decode_master_key(text: str, source: str) -> bytes:
@@ -4804,20 +4850,24 @@ def load_master_key(db_path: str, environ: Dict[str, str], store: Store) -> byte
     if os.name == "posix" and info.st_mode & 0o077:
         raise ConfigError(f"key file {path} is readable by group or others (mode "
                           f"{stat.S_IMODE(info.st_mode):04o}); fix it with: chmod 600 {path}")
-    with open(path, encoding="ascii") as handle:
-        key = decode_master_key(handle.read().strip(), path)
-    try:
-        store.check_master_key(derive_key(key, "key-check"))
-    except ConfigError:
-        pending = path + ".new"
-        if not os.path.exists(pending):
-            raise
-        with open(pending, encoding="ascii") as handle:
-            new_key = decode_master_key(handle.read().strip(), pending)
-        store.check_master_key(derive_key(new_key, "key-check"))
-        os.replace(pending, path)            # the rotation committed; finish its last step
-        return new_key
-    return key
+    pending = path + ".new"
+    for _ in range(3):                       # a rotation may rename files under us: look again
+        with open(path, encoding="ascii") as handle:
+            key = decode_master_key(handle.read().strip(), path)
+        try:
+            store.check_master_key(derive_key(key, "key-check"))
+            return key
+        except ConfigError:
+            try:
+                with open(pending, encoding="ascii") as handle:
+                    new_key = decode_master_key(handle.read().strip(), pending)
+            except FileNotFoundError:
+                continue                     # renamed over the key file meanwhile: read it
+            store.check_master_key(derive_key(new_key, "key-check"))
+            with contextlib.suppress(FileNotFoundError):   # another process may finish it
+                os.replace(pending, path)    # the rotation committed; finish its last step
+            return new_key
+    raise ConfigError(f"the key file {path} does not match this database")
 
 
 def print_table(headers: List[str], rows: List[List[str]]) -> None:
@@ -4999,6 +5049,9 @@ def cmd_config_check(path: str) -> int:
     except OSError as exc:
         sys.stderr.write(f"error: cannot read {path}: {exc.strerror}\n")
         return 1
+    except UnicodeDecodeError:
+        sys.stderr.write(f"error: {path} is not UTF-8 text\n")
+        return 1
     settings = Settings()
     errors = read_config(text, path, settings)
     providers: Dict[str, Provider] = {}
@@ -5041,14 +5094,16 @@ def cmd_secret(args: argparse.Namespace, store: Store, db_path: str, environ: Di
             if found is None:
                 raise ConfigError(f"no secret named {args.name!r}")
             provider_name = found[0]
-        cipher = SecretCipher(load_master_key(db_path, environ, store))
-        value = read_secret_value(args.name)
+        value = read_secret_value(args.name)      # first: the key is loaded after the prompt
+        master = load_master_key(db_path, environ, store)
+        cipher = SecretCipher(master)
         if not value:
             raise ConfigError("empty secret value")
         if "seks_" in value:
             raise ConfigError("that looks like a seks fake token, not a real key")
         ciphertext = cipher.encrypt(value.encode(), secret_ad(args.name, provider_name))
-        store.put_secret(args.name, provider_name, ciphertext, replace=args.action == "rotate")
+        store.put_secret(args.name, provider_name, ciphertext, replace=args.action == "rotate",
+                         check=derive_key(master, "key-check"))
         verb = "stored" if args.action == "add" else "rotated"
         print(f"{verb} secret {args.name} for {provider_name}", file=sys.stderr)
         return 0
@@ -5136,9 +5191,10 @@ def env_handoff(provider: Provider, token: str, broker_url: str) -> str:
 
 def cmd_backup(path: str, store: Store, db_path: str) -> int:
     """Online, consistent copy through sqlite's backup API, created 0600; never overwrites."""
-    if os.path.exists(path):
-        raise ConfigError(f"{path} exists; choose a new file name")
-    create_private_file(path)
+    try:                                          # O_EXCL: not even through a dangling link
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise ConfigError(f"{path} exists; choose a new file name") from None
     try:
         target = sqlite3.connect(path)
         with store.connection() as db:
@@ -5158,7 +5214,47 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
     With a key file, the new key is written to ``<db>.key.new`` first and renamed over the old
     one only after the commit; a run that dies before the commit leaves the old state intact,
     and one that dies after it is finished by the next command (the DB tells which key it
-    wants)."""
+    wants). One rotation at a time: a second one is refused while the first runs."""
+    lock = rotation_lock(db_path)
+    try:
+        return _rotate_master_key(args, store, db_path, environ)
+    finally:
+        lock.close()
+
+
+def rotation_lock(db_path: str) -> Any:
+    """An exclusive lock on ``<db>.key.lock`` for the whole rotation (POSIX flock; where there
+    is none, rotations must simply not overlap)."""
+    path = db_path + ".key.lock"
+    create_private_file(path)
+    handle = open(path, "rb")
+    try:
+        import fcntl
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        handle.close()
+        raise ConfigError("another rotate-master-key is running on this database") from None
+    return handle
+
+
+def fsync_directory(path: str) -> None:
+    """Make a rename in ``path``'s directory durable (POSIX; a no-op where unsupported)."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
+                       environ: Dict[str, str]) -> int:
     old_key = load_master_key(db_path, environ, store)
     from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
     key_path = db_path + ".key"
@@ -5196,6 +5292,7 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
             os.replace(pending, key_path)
         except FileNotFoundError:
             pass                                  # a running broker finished the rename first
+        fsync_directory(key_path)
         print(f"re-encrypted {count} secret(s) under a new key in {key_path}; running brokers "
               f"load it on their next request", file=sys.stderr)
     return 0
@@ -5296,7 +5393,8 @@ def print_audit(rows: List[AuditRow], as_json: bool, header: bool = True) -> Non
 
 def cmd_audit(args: argparse.Namespace, store: Store, db_path: str,
               environ: Dict[str, str]) -> int:
-    key = derive_key(load_master_key(db_path, environ, store), "audit")
+    master = load_master_key(db_path, environ, store)
+    key, keys_check = derive_key(master, "audit"), derive_key(master, "key-check")
     if args.action == "verify":
         rows = store.audit_rows()
         ok, message = verify_audit_chain(key, rows, store.audit_anchor())
@@ -5308,7 +5406,7 @@ def cmd_audit(args: argparse.Namespace, store: Store, db_path: str,
     if args.action == "prune":
         if not args.before:
             raise ConfigError("audit prune needs --before DATE")
-        deleted = store.prune_audit(key, parse_since(args.before))
+        deleted = store.prune_audit(key, parse_since(args.before), keys_check)
         print(f"pruned {deleted} row(s); the chain still verifies from the prune record")
         return 0
     where, params = audit_filter(args)
@@ -5345,6 +5443,7 @@ def cmd_usage(args: argparse.Namespace, store: Store) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     os.umask(0o077)             # DB, WAL, SHM and key files are created private
+    disable_core_dumps()        # every command may hold a decrypted key (serve, token mint, ...)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
