@@ -4153,10 +4153,25 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
                 settings.discord_gateway = value.strip().rstrip("/")
             else:
                 settings.upstreams[key.replace("_", "-")] = value.strip()
-    if bool(settings.tls_cert) != bool(settings.tls_key):
-        raise ConfigError("TLS needs both tls_cert and tls_key")
-    check_gateway_url(settings.discord_gateway)
+    problem = settings_problem(settings)
+    if problem:
+        raise ConfigError(problem)
     return settings
+
+
+def settings_problem(settings: Settings) -> str:
+    """What is wrong with a combination of settings (each valid alone), or ""; checked by
+    ``serve`` and ``config check`` alike."""
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        return "TLS needs both tls_cert and tls_key"
+    if settings.admin_port > 0 and settings.admin_port + max(settings.workers, 1) - 1 > 65535:
+        return (f"admin_port {settings.admin_port} leaves no port for each of the "
+                f"{settings.workers} workers (they use admin_port .. admin_port+N-1)")
+    try:
+        check_gateway_url(settings.discord_gateway)
+    except ConfigError as exc:
+        return str(exc)
+    return ""
 
 
 def check_gateway_url(url: str) -> None:
@@ -5060,6 +5075,8 @@ def cmd_config_check(path: str) -> int:
     except ConfigError as exc:
         if not errors:
             errors.append(f"{path}: {exc}")
+    if not errors and settings_problem(settings):
+        errors.append(f"{path}: {settings_problem(settings)}")
     if errors:
         for error in errors:
             print(error)

@@ -253,3 +253,16 @@ def test_backup_refuses_a_dangling_link(tmp_path: Path) -> None:
     cp = run_cli(db, "backup", str(link), env=key_file_env())
     assert cp.returncode == 1 and "exists" in cp.stderr, cp.stderr
     assert not target.exists(), "the backup followed the link"
+
+
+@pytest.mark.parametrize("ini, words", [
+    ("[server]\ntls_cert = cert.pem\n", "tls_key"),
+    ("[server]\nadmin_port = 65535\nworkers = 2\n", "admin_port"),
+])
+def test_config_check_refuses_what_serve_would_refuse(tmp_path: Path, ini: str, words: str) -> None:
+    conf = tmp_path / "seks.ini"
+    conf.write_text(ini)
+    check = run_cli(tmp_path / "x.db", "config", "check", str(conf))
+    assert check.returncode == 1 and words in check.stdout, check.stdout + check.stderr
+    serve = run_cli(tmp_path / "x.db", "--config", str(conf), "serve", "--port", "0")
+    assert serve.returncode == 1 and words in serve.stderr and "Traceback" not in serve.stderr, serve.stderr
