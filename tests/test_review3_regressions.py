@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -179,7 +180,11 @@ def test_escaped_spaces_in_a_path_do_not_forge_log_fields(broker: Broker) -> Non
     target = "/nosuch/x%20status=200%20provider=openai%20agent=victim%20outcome=ok"
     resp = raw_exchange(broker.port, request_bytes("GET", target))
     assert resp.status == 404, resp
-    lines = [l for l in broker.stderr_text().splitlines() if "/nosuch/x" in l]
+    deadline = time.monotonic() + 10               # the line is written after the answer
+    lines: List[str] = []
+    while not lines and time.monotonic() < deadline:
+        lines = [l for l in broker.stderr_text().splitlines() if "/nosuch/x" in l]
+        time.sleep(0.05)
     assert lines, broker.stderr_text()[-500:]
     assert " agent=victim" not in lines[-1] and " status=200" not in lines[-1], lines[-1]
     assert sb.redact_path("/bot1:%73eks_telegram_AbCdEfGhIjKl%20x=1/getMe") == \
