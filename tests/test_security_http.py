@@ -412,7 +412,18 @@ def test_slowloris_head_dripped_under_the_read_timeout_is_cut(patched_broker: Br
     assert took < SHORT_HEADER_TIMEOUT + 3, took
 
 
-def test_connection_cap_answers_503_and_recovers(patched_broker: Broker) -> None:
+@pytest.fixture(scope="module")
+def capped_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+    """A broker with few connections and long client timeouts: the held connections below
+    must stay held however slow the machine is (with the short timeouts they could be cut
+    before the extra connection arrives, freeing a slot)."""
+    return broker_factory({"openai": upstreams["openai"].url}, providers=("openai",),
+                          serve_args=("--client-timeout", "60s", "--header-timeout", "60s",
+                                      "--max-connections", str(SHORT_MAX_CONNECTIONS)))
+
+
+def test_connection_cap_answers_503_and_recovers(capped_broker: Broker) -> None:
+    patched_broker = capped_broker
     held: List[socket.socket] = []
     try:
         for _ in range(SHORT_MAX_CONNECTIONS):
