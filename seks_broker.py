@@ -5075,8 +5075,9 @@ def cmd_config_check(path: str) -> int:
     except ConfigError as exc:
         if not errors:
             errors.append(f"{path}: {exc}")
-    if not errors and settings_problem(settings):
-        errors.append(f"{path}: {settings_problem(settings)}")
+    problem = "" if errors else settings_problem(settings)
+    if problem:
+        errors.append(f"{path}: {problem}")
     if errors:
         for error in errors:
             print(error)
