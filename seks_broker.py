@@ -1484,8 +1484,9 @@ def multipart_field(body: bytes, content_type: str, field: str) -> Optional[str]
         head, sep, content = (b"\r\n" + part).partition(b"\r\n\r\n")
         if not sep:
             return None
-        dispositions = [line.partition(b":")[2].decode("latin-1") for line in head.split(b"\r\n")
-                        if line.partition(b":")[0].strip().lower() == b"content-disposition"]
+        fields = [line.partition(b":") for line in head.split(b"\r\n")]
+        dispositions = [value.decode("latin-1") for name, _, value in fields
+                        if name.strip().lower() == b"content-disposition"]
         if len(dispositions) != 1:
             return None
         params = header_params(dispositions[0], "content-disposition")
@@ -2443,12 +2444,21 @@ def header_block(headers: List[Tuple[str, str]],
     return "\r\n".join(f"{n}: {v}" for n, v in headers).encode("latin-1")
 
 
-def refuse_key_in_names(headers: List[Tuple[str, str]], scrubber: "Scrubber") -> None:
-    """Values are masked; a header *name* that holds a key cannot be (the mask is not a legal
-    name), so such an answer is refused (502) rather than passed on."""
-    names = "\n".join(n for n, _ in headers).encode("latin-1", "replace")
+def answer_headers(headers: List[Tuple[str, str]], drop: Iterable[str], scrubber: "Scrubber",
+                   location: Optional[Callable[[str], str]] = None) -> List[Tuple[str, str]]:
+    """An upstream answer's headers as the agent may see them: hop-by-hop ones and ``drop``
+    removed, ``location`` applied to a Location value, every value scrubbed. A header *name*
+    that holds a key cannot be masked (the mask is not a legal name): that answer is a 502."""
+    passed = response_headers(headers, drop)
+    names = "\n".join(n for n, _ in passed).encode("latin-1", "replace")
     if scrubber.scrub(names) != names:
         raise UpstreamError("upstream answered with a header name that holds the key")
+    out = []
+    for name, value in passed:
+        if location is not None and name.lower() == "location":
+            value = location(value)
+        out.append((name, scrubber.scrub(value.encode("latin-1", "replace")).decode("latin-1")))
+    return out
 
 
 def make_opener(pool: UpstreamPool) -> urllib.request.OpenerDirector:
@@ -3481,9 +3491,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         finally:
             sock.close()
         body = scrubber.scrub(body)
-        passed = response_headers(answer, {"content-length"})
-        refuse_key_in_names(passed, scrubber)
-        headers = [(n, scrubber.scrub(v.encode("latin-1")).decode("latin-1")) for n, v in passed]
+        headers = answer_headers(answer, {"content-length"}, scrubber)
         headers.append(("Content-Length", str(len(body))))
         ex.status, ex.outcome, ex.bytes_out = status, "ok", len(body)
         self._write(self._head_bytes(status, HTTP_REASONS.get(status, "Unknown"), headers) + body)
@@ -3629,13 +3637,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             raise UpstreamError(f"upstream answered with content-encoding "
                                 f"'{', '.join(codings)[:40]}', which the broker cannot inspect "
                                 f"for leaked keys")
-        headers = []
-        passed = response_headers(resp.headers, drop)
-        refuse_key_in_names(passed, scrubber)
-        for name, value in passed:
-            if name.lower() == "location":
-                value = rewrite_location(value, provider, route_prefix)
-            headers.append((name, scrubber.scrub(value.encode("latin-1", "replace")).decode("latin-1")))
+        headers = answer_headers(resp.headers, drop, scrubber, functools.partial(
+            rewrite_location, provider=provider, route_prefix=route_prefix))
         if 100 <= status < 200:
             raise UpstreamError(f"upstream sent an informational {status} answer as final")
         no_body = head.method == "HEAD" or status in (204, 304)

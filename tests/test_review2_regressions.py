@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Tuple
 import pytest
 
 from conftest import Broker, FakeUpstream, error_type_and_message
-from sec_helpers import RawResponse, raw_exchange, read_response, request_bytes
+from sec_helpers import RawResponse, _Reader, raw_exchange, read_response, request_bytes
 from ws_helpers import FakeGateway, ws_connect
 
 T = 15.0
@@ -56,14 +56,10 @@ def expect_continue(b: Broker, token: str, body: bytes) -> Tuple[bytes, RawRespo
         ("Content-Length", str(len(body))), ("Expect", "100-continue")])
     with socket.create_connection(("127.0.0.1", b.port), timeout=T) as sock:
         sock.sendall(head)
-        interim = b""
-        while b"\r\n\r\n" not in interim:
-            data = sock.recv(4096)
-            if not data:
-                break
-            interim += data
+        reader = _Reader(sock)
+        interim = reader.until(b"\r\n\r\n") or b""
         sock.sendall(body)
-        return interim, read_response(sock, "POST", 0.3)
+        return interim, read_response(sock, "POST", 0.3, reader=reader)
 
 
 # ============================================================================
