@@ -1841,6 +1841,19 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, key: str,
     return headers, rest, "&".join(kept)
 
 
+KNOWN_CODINGS = ("br", "zstd", "compress", "x-compress", "gzip", "x-gzip", "deflate", "exi",
+                 "pack200-gzip", "aes128gcm")
+
+
+def known_coding(codings: List[str]) -> str:
+    """A content coding as a broker-made message may name it: a word from a fixed list, never
+    the upstream's own text (which could carry a key, and is lower-cased past the scrubber)."""
+    for coding in codings:
+        if coding in KNOWN_CODINGS and coding not in ("gzip", "x-gzip", "deflate"):
+            return coding
+    return "of an unknown kind"
+
+
 def mask_secret(secret: bytes) -> bytes:
     """A same-length stand-in for a real key, so Content-Length stays right when scrubbing."""
     label = b"[REDACTED-BY-SEKS]"
@@ -2226,6 +2239,11 @@ class UpstreamReply:
         end = buf.find(b"\r\n", pos)
         return end != -1 and end + 2 < len(buf)
 
+    def take_buffered(self) -> bytes:
+        """Bytes read past the head of a 101 answer: the first WebSocket frames."""
+        data, self._buf = self._buf, b""
+        return data
+
     def close(self) -> None:
         self._done = True
         ref, self._ref = self._ref, None
@@ -2237,8 +2255,8 @@ class UpstreamResponse:
     """An upstream answer being relayed; returns its connection to the pool only when the body
     was read to the end and the upstream did not ask to close."""
 
-    def __init__(self, pool: "UpstreamPool", pool_key: PoolKey,
-                 conn: http.client.HTTPConnection, resp: UpstreamReply) -> None:
+    def __init__(self, pool: Optional["UpstreamPool"], pool_key: Optional[PoolKey],
+                 conn: Any, resp: UpstreamReply) -> None:
         self._pool = pool
         self._pool_key = pool_key
         self._conn: Optional[http.client.HTTPConnection] = conn
@@ -2270,7 +2288,8 @@ class UpstreamResponse:
                 self._resp.read()          # zero bytes left: marks the response closed
             except Exception:
                 complete = False
-        if complete and self._resp.isclosed() and not self._resp.will_close:
+        if (complete and self._resp.isclosed() and not self._resp.will_close
+                and self._pool is not None):
             self._pool.put(self._pool_key, conn)
         else:
             self._resp.close()
@@ -2848,9 +2867,10 @@ def open_upstream_websocket(provider: Provider, target: str, headers: List[Tuple
                             context: Optional[ssl.SSLContext], connect_timeout: float,
                             host: Optional[str] = None, port: Optional[int] = None,
                             scheme: Optional[str] = None
-                            ) -> Tuple[socket.socket, SockReader, int, List[Tuple[str, str]]]:
-    """Connect and send the upstream handshake; return the socket, its reader, the status and
-    the answer headers. The caller relays a non-101 answer as a normal HTTP answer."""
+                            ) -> Tuple[socket.socket, UpstreamReply]:
+    """Connect and send the upstream handshake (asking for no compression); return the socket
+    and its answer, parsed as strictly as any other answer. The caller relays a non-101 answer
+    through the same pipeline as every HTTP answer (framing, inflating, scrubbing)."""
     host = host or provider.host
     port = port or provider.port
     scheme = scheme or provider.scheme
@@ -2869,38 +2889,29 @@ def open_upstream_websocket(provider: Provider, target: str, headers: List[Tuple
     default = 443 if scheme in ("https", "wss") else 80
     host_header = (f"[{host}]" if ":" in host else host) + ("" if port == default else f":{port}")
     lines = [f"GET {target} HTTP/1.1", f"Host: {host_header}", "Upgrade: websocket",
-             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
+             "Accept-Encoding: identity"]
     lines += [f"{n}: {v}" for n, v in headers]
-    reader = SockReader(sock)
+    reply = UpstreamReply(sock, method="GET")
     try:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        head = reader.read_head(WS_MAX_HANDSHAKE)
+        reply.begin()
     except socket.timeout:
         sock.close()
         raise UpstreamTimeout(f"upstream {provider.name} timed out") from None
-    except (OSError, UpstreamError):
-        sock.close()
-        raise UpstreamError(f"upstream {provider.name} failed the WebSocket handshake") from None
-    lines = head[:-4].split(b"\r\n")              # parsed as strictly as any other answer
-    match = _STATUS_LINE_RE.match(lines[0])
-    try:
-        if match is None:
-            raise UpstreamFraming("malformed status line")
-        answer = UpstreamReply._parse_headers(lines[1:])
     except UpstreamFraming:
         sock.close()
         raise UpstreamError(f"upstream {provider.name} sent a malformed handshake answer") from None
-    status = int(match.group(2))
-    if status < 200 and status != 101:
+    except (OSError, http.client.HTTPException):
         sock.close()
-        raise UpstreamError(f"upstream {provider.name} sent an interim answer to the handshake")
-    if status == 101:
-        accept = next((v for n, v in answer if n.lower() == "sec-websocket-accept"), "")
+        raise UpstreamError(f"upstream {provider.name} failed the WebSocket handshake") from None
+    if reply.status == 101:
+        accept = next((v for n, v in reply.headers if n.lower() == "sec-websocket-accept"), "")
         if not hmac.compare_digest(accept, ws_accept(key)):
             sock.close()
             raise UpstreamError(f"upstream {provider.name} answered the WebSocket handshake "
                                 f"wrongly")
-    return sock, reader, status, answer  # type: ignore[return-value]
+    return sock, reply
 
 
 class DiscordGateway:
@@ -3393,8 +3404,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(length)))
         scrubber = Scrubber.for_key(real_key)
         if upgrade:
-            self._websocket(head, provider, url[len(provider.origin):], headers, scrubber,
-                            swap.token, ex)
+            self._websocket(head, provider, route_prefix, url[len(provider.origin):], headers,
+                            scrubber, swap.token, ex)
             return
         rewrite = None
         if provider.gateway == "discord" and _GATEWAY_REST_RE.match(rest):
@@ -3477,24 +3488,16 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             sock.setblocking(True)
         return WsPeer("client", sock, SockReader(sock, pending), masked_out=False)
 
-    def _relay_handshake_refusal(self, sock: socket.socket, reader: SockReader, status: int,
-                                 answer: List[Tuple[str, str]], scrubber: Scrubber,
-                                 ex: Exchange) -> None:
-        """The upstream refused the upgrade: pass its (small, scrubbed) answer on."""
-        length = next((int(v) for n, v in answer if n.lower() == "content-length"
-                       and _CONTENT_LENGTH_RE.match(v)), 0)
-        body = b""
+    def _relay_handshake_refusal(self, head: RequestHead, sock: socket.socket,
+                                 reply: UpstreamReply, provider: Provider, route_prefix: str,
+                                 scrubber: Scrubber, ex: Exchange) -> None:
+        """The upstream refused the upgrade: its answer is relayed like any HTTP answer."""
+        self.close_connection = True
+        resp = UpstreamResponse(None, None, sock, reply)
         try:
-            body = reader.read_exact(min(length, INLINE_BODY_MAX), lambda: None) if length else b""
-        except OSError:
-            pass
+            self._relay(head, resp, provider, route_prefix, scrubber, ex)
         finally:
-            sock.close()
-        body = scrubber.scrub(body)
-        headers = answer_headers(answer, {"content-length"}, scrubber)
-        headers.append(("Content-Length", str(len(body))))
-        ex.status, ex.outcome, ex.bytes_out = status, "ok", len(body)
-        self._write(self._head_bytes(status, HTTP_REASONS.get(status, "Unknown"), headers) + body)
+            resp.finish(complete=False)
 
     def _run_relay(self, client: WsPeer, upstream: WsPeer, on_client: Any, on_server: Any,
                    scrub: Callable[[bytes], bytes], tick: Callable[[], None],
@@ -3516,7 +3519,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             ex.reason = f"{ex.reason}; {summary}" if ex.reason else summary
             upstream.sock.close()
 
-    def _websocket(self, head: RequestHead, provider: Provider, target: str,
+    def _websocket(self, head: RequestHead, provider: Provider, route_prefix: str, target: str,
                    headers: List[Tuple[str, str]], scrubber: Scrubber, token: str,
                    ex: Exchange) -> None:
         """A WebSocket on any provider route: authenticated like HTTP (done by the caller),
@@ -3530,17 +3533,18 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                    if n.lower() == "sec-websocket-protocol" else (n, v) for n, v in headers]
         headers = [(n, v) for n, v in headers if v]     # a seks token never goes upstream
         context = broker.upstream_tls(provider)
-        sock, reader, status, answer = open_upstream_websocket(
+        sock, reply = open_upstream_websocket(
             provider, target, headers, context, broker.settings.connect_timeout)
-        if status != 101:
-            self._relay_handshake_refusal(sock, reader, status, answer, scrubber, ex)
+        if reply.status != 101:
+            self._relay_handshake_refusal(head, sock, reply, provider, route_prefix, scrubber, ex)
             return
-        chosen = next((v for n, v in answer if n.lower() == "sec-websocket-protocol"), "")
+        chosen = next((v for n, v in reply.headers if n.lower() == "sec-websocket-protocol"), "")
         if chosen and chosen not in offered:
             sock.close()
             raise UpstreamError("upstream chose a WebSocket subprotocol the client did not offer")
         client = self._accept_websocket(key, chosen)
-        upstream = WsPeer("upstream", sock, reader, masked_out=True)
+        upstream = WsPeer("upstream", sock, SockReader(sock, reply.take_buffered()),
+                          masked_out=True)
         def still_valid() -> None:
             """Revocation, expiry and agent disable end an open session too."""
             try:
@@ -3584,16 +3588,18 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         host, _, port_text = netloc.rpartition(":") if ":" in netloc else (netloc, "", "")
         port = int(port_text) if port_text else (443 if scheme == "wss" else 80)
         context = broker.upstream_tls(provider)
-        sock, reader, status, answer = open_upstream_websocket(
+        sock, reply = open_upstream_websocket(
             provider, f"/?v={version}&encoding=json", [], context,
             broker.settings.connect_timeout, host=host, port=port, scheme=scheme)
-        if status != 101:
-            self._relay_handshake_refusal(sock, reader, status, answer, Scrubber([]), ex)
+        if reply.status != 101:
+            self._relay_handshake_refusal(head, sock, reply, provider, route_prefix,
+                                          Scrubber([]), ex)
             return
         ws_base = self._agent_base_url(head, websocket=True) + route_prefix + "/gateway"
         hooks = DiscordGateway(broker, provider, ex, ws_base, compress == "zlib-stream")
         client = self._accept_websocket(key, "")
-        upstream = WsPeer("upstream", sock, reader, masked_out=True)
+        upstream = WsPeer("upstream", sock, SockReader(sock, reply.take_buffered()),
+                          masked_out=True)
         self._run_relay(client, upstream, hooks.on_client, hooks.on_server, hooks.scrub,
                         hooks.tick, ex)
 
@@ -3635,7 +3641,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             length = None
         elif codings:
             raise UpstreamError(f"upstream answered with content-encoding "
-                                f"'{', '.join(codings)[:40]}', which the broker cannot inspect "
+                                f"{known_coding(codings)}, which the broker cannot inspect "
                                 f"for leaked keys")
         headers = answer_headers(resp.headers, drop, scrubber, functools.partial(
             rewrite_location, provider=provider, route_prefix=route_prefix))

@@ -1393,3 +1393,24 @@ def test_telegram_key_never_in_broker_log(broker: Broker, upstreams: Dict[str, F
     for form_name, form in key_forms(key).items():
         assert form not in log, f"telegram key ({form_name}) in the broker log"
     assert t not in log and random_part(t) not in log, "full telegram token in the broker log"
+
+
+@pytest.mark.parametrize("coding", [b"x-" + REAL_KEYS["openai"].upper().encode(),
+                                    b"br, " + REAL_KEYS["openai"].encode(),
+                                    b"X-Seks-\xe9" + REAL_KEYS["openai"].encode()[::-1]])
+def test_broker_errors_never_quote_upstream_text(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                 coding: bytes) -> None:
+    """The 502 for a content coding the broker cannot read names a fixed word, never the
+    upstream's value (which may hold the key, and was lower-cased past the scrubber): not in
+    the agent's answer, the log line or the audit row."""
+    key = REAL_KEYS["openai"]
+    before = len(broker.stderr_text())
+    resp = answered_with(broker, upstreams, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Encoding: " + coding + b"\r\nContent-Length: 2\r\n\r\n{}")
+    assert resp.status == 502, resp
+    time.sleep(0.2)
+    seen = (resp.raw.decode("latin-1") + broker.stderr_text()[before:]
+            + broker.cli("audit", "--json", "--limit", "3").stdout).lower()
+    assert key.lower() not in seen and key.lower()[::-1] not in seen, seen[-2000:]
+    assert coding.decode("latin-1").lower()[:8] not in seen, seen[-2000:]
+    assert "content-encoding" in resp.body.decode().lower()

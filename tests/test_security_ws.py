@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -321,3 +321,143 @@ def test_gateway_resume_host_is_pinned(ws_broker: Broker, gateway_upstream: WsUp
     time.sleep(0.1)
     assert not attacker.seen(), "the broker connected to an agent-chosen resume host"
     assert not gateway_upstream.heads
+
+
+# ============================================================================
+# A refused upgrade is an HTTP answer: the same pipeline as every other answer
+# (strict framing, gzip/deflate inflated before scanning, the hold-back scrubber, no cut)
+# ============================================================================
+
+from sec_helpers import read_response, request_bytes  # noqa: E402
+
+WS_HANDSHAKE = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]
+
+
+MASK = b"[REDACTED-BY-SEKS]" + b"*" * (len(K) - 18)
+
+
+def refused_upgrade(b: Broker, extra: List[Tuple[str, str]] = ()) -> Any:
+    """Send an upgrade on a raw socket and read the whole answer (any framing)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", b.port), timeout=10) as sock:
+        sock.sendall(request_bytes("GET", "/openai/v1/realtime", WS_HANDSHAKE + bearer(b) + list(extra)))
+        return read_response(sock, "GET", close_wait=0.5)
+
+
+def key_pieces_seen(data: bytes, key: str, shortest: int = 8) -> List[str]:
+    """Every prefix or suffix of the key (at least `shortest` long) found in `data`: a key cut
+    at a size limit shows up here even though the whole key does not."""
+    k = key.encode()
+    return [k[:n].decode() for n in range(shortest, len(k) + 1) if k[:n] in data] + \
+           [k[-n:].decode() for n in range(shortest, len(k) + 1) if k[-n:] in data]
+
+
+def raw_answer(head: bytes, body: bytes) -> Callable[[WsConn], None]:
+    def behaviour(conn: WsConn) -> None:
+        conn.sock.sendall(head + body)
+        try:
+            conn.sock.shutdown(1)
+        except OSError:
+            pass
+    return behaviour
+
+
+@pytest.mark.parametrize("offset", [1, 2, 7, 15, len(KEY) - 1, len(KEY), len(KEY) + 3])
+def test_ws_refusal_body_is_never_cut_inside_a_key(ws_broker: Broker, ws_upstream: WsUpstream,
+                                                   offset: int) -> None:
+    """The refusal echoes the key so that it straddles 64 KiB (the old cut) at several offsets:
+    the agent gets the whole body with the key masked, never a prefix of it."""
+    pad = b"x" * (65536 - offset)
+    body = pad + K + b"y" * 5000
+    head = (b"HTTP/1.1 400 Bad\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % len(body))
+    ws_upstream.behaviour = raw_answer(head, body)
+    r = refused_upgrade(ws_broker)
+    assert r.status == 400, r
+    assert not key_pieces_seen(r.raw, KEY), key_pieces_seen(r.raw, KEY)
+    assert len(r.body) == len(body), "a refusal body is relayed whole (masked in place)"
+    assert b"[REDACTED-BY-SEKS]" in r.body
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+    return gzip.compress(data)
+
+
+@pytest.mark.parametrize("coding,encode", [("gzip", _gzip), ("x-gzip", _gzip), ("deflate", zlib.compress),
+                                           ("GZIP", _gzip)])
+def test_ws_compressed_refusal_is_inflated_and_scrubbed(ws_broker: Broker, ws_upstream: WsUpstream,
+                                                        coding: str, encode: Callable[[bytes], bytes]) -> None:
+    body = encode((b'{"error":{"message":"bad key ' + K + b'"}}') * 50)
+    head = (b"HTTP/1.1 401 No\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (coding.encode(), len(body)))
+    ws_upstream.behaviour = raw_answer(head, body)
+    r = refused_upgrade(ws_broker)
+    assert r.status == 401, r
+    assert r.header("content-encoding") is None, "the body is relayed inflated"
+    assert_no_key(everything_seen_http(r), KEY, coding)
+    assert r.body.count(b"bad key [REDACTED-BY-SEKS]") == 50
+
+
+def everything_seen_http(r: Any) -> bytes:
+    """The raw answer, plus its body inflated every way an agent's client might try."""
+    out = r.raw
+    for wbits in (-15, 15, 31):
+        try:
+            out += zlib.decompressobj(wbits).decompress(r.body)
+        except zlib.error:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, br", "identity, x-" + KEY.upper()])
+def test_ws_refusal_with_an_uninspectable_coding_is_502(ws_broker: Broker, ws_upstream: WsUpstream,
+                                                        coding: str) -> None:
+    body = b"\x1b\x02" + K
+    head = (b"HTTP/1.1 403 No\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n" % (coding.encode(), len(body)))
+    ws_upstream.behaviour = raw_answer(head, body)
+    r = refused_upgrade(ws_broker)
+    assert r.status == 502, r
+    assert_no_key(r.raw.lower(), KEY.lower(), coding)
+    assert coding.encode().lower() not in r.raw.lower() or coding in ("br", "zstd", "compress"), \
+        "a broker-made message quotes the upstream's header"
+
+
+@pytest.mark.parametrize("split", [1, 5, 16, len(KEY) - 1])
+def test_ws_chunked_refusal_is_dechunked_before_scrubbing(ws_broker: Broker, ws_upstream: WsUpstream,
+                                                          split: int) -> None:
+    """The key is split across chunks (and a Content-Length stands beside the chunking): the
+    scrubber sees the decoded body, so no framing can hide the key from it."""
+    a, b_ = b"echo " + K[:split], K[split:] + b" end"
+    chunks = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(a), a, len(b_), b_)
+    for extra in (b"", b"Content-Length: 7\r\n"):
+        head = (b"HTTP/1.1 401 No\r\nTransfer-Encoding: chunked\r\n" + extra +
+                b"Connection: close\r\n\r\n")
+        ws_upstream.behaviour = raw_answer(head, chunks)
+        r = refused_upgrade(ws_broker)
+        assert r.status == 401, r
+        assert_no_key(r.raw, KEY, f"chunked split at {split}")
+        assert not key_pieces_seen(r.raw, KEY, shortest=len(KEY) // 2 + 1)
+        assert r.body == b"echo " + MASK + b" end", r.body
+
+
+def test_ws_handshake_asks_for_identity(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
+    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker) + [("Accept-Encoding", "gzip, br")])
+    c.close()
+    assert c.status == 101, c.head
+    head = ws_upstream.heads[0].decode("latin-1").lower()
+    assert "accept-encoding: identity\r\n" in head, head
+    assert "gzip" not in head
+
+
+def test_ws_refusal_streams_like_any_answer(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
+    """A large refusal (past the old 64 KiB cap) is relayed whole, sized, keys masked."""
+    body = (b"0123456789" * 1000 + K) * 30
+    head = b"HTTP/1.1 429 Slow\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    ws_upstream.behaviour = raw_answer(head, body)
+    r = refused_upgrade(ws_broker)
+    assert r.status == 429 and len(r.body) == len(body), r
+    assert r.body.count(b"[REDACTED-BY-SEKS]") == 30
+    assert_no_key(r.raw, KEY, "large refusal")
