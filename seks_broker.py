@@ -1439,6 +1439,25 @@ def check_policy(policy: Dict[str, Any], method: str, path: str, model: Optional
                         f"{', '.join(models)})")
 
 
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def check_websocket_policy(policy: Dict[str, Any], usage: bool) -> None:
+    """A WebSocket session is one request that carries any number of messages, and each may do
+    what a write request does: tokens whose limits count requests or forbid writes cannot be
+    held on it, so their upgrade (and their gateway IDENTIFY/RESUME) is refused."""
+    if "max_requests" in policy or "rate" in policy:
+        raise Forbidden("this token has a request limit or rate, which the broker cannot hold "
+                        "on the messages of a WebSocket session")
+    methods = policy.get("methods")
+    if methods and not WRITE_METHODS.intersection(methods):
+        raise Forbidden("this token is limited to read methods; the messages of a WebSocket "
+                        "session can act like writes")
+    if usage and ("models" in policy or "budget_tokens" in policy):
+        raise Forbidden("this token is limited to some models or a token budget, which the "
+                        "broker cannot check on a WebSocket session")
+
+
 def path_for_policy(rest: str, swap: "CredentialSwap") -> str:
     """The decoded path that --allow-path prefixes match, with a token path segment removed
     (Telegram's ``/bot<T>/sendMessage`` is matched as ``/bot/sendMessage``)."""
@@ -2958,11 +2977,13 @@ class DiscordGateway:
             try:
                 record, key = self.broker.authenticate(presented.strip(), self.provider, self.ex)
                 check_policy(record.policy, "GET", "/gateway", None)
+                check_websocket_policy(record.policy, bool(self.provider.usage))
                 self.broker.admit(record, self.ex)
             except BrokerError as exc:
                 self.ex.status, self.ex.outcome = exc.status, "denied"
                 self.ex.reason = self.ex.reason or exc.message
-                raise WsClose(4004, "authentication failed") from None
+                raise WsClose(4004, "authentication failed" if exc.status == 401
+                              else exc.message[:120]) from None
             self.token = presented.strip()
             real = key.decode("utf-8", "surrogateescape")
             self.scrubber = Scrubber.for_key(real)
@@ -3377,9 +3398,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         headers.append(("Host", provider.host_header))
         headers.append(("Accept-Encoding", "identity"))
         inspect = bool(provider.usage) and ("models" in policy or "budget_tokens" in policy)
-        if upgrade and inspect:        # a realtime session names its model in the query or a
-            raise Forbidden("this token is limited to some models or a token budget, which "  # frame
-                            "the broker cannot check on a WebSocket session")
+        if upgrade:
+            check_websocket_policy(policy, bool(provider.usage))
         body = self._request_body(head, framing, length, inspect, ex)
         note_model: Optional[Callable[[], None]] = None
         if provider.usage and not inspect and (body is None or isinstance(body, bytes)):
@@ -4894,11 +4914,23 @@ def load_master_key(db_path: str, environ: Dict[str, str], store: Store) -> byte
     raise ConfigError(f"the key file {path} does not match this database")
 
 
-def print_table(headers: List[str], rows: List[List[str]]) -> None:
-    widths = [max([len(h)] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
+def terminal_text(value: Any) -> str:
+    """A value as a human-readable view may print it: control characters (C0, DEL, C1, ESC),
+    invisible format characters (bidi overrides) and line separators escaped, so text that an
+    agent or upstream chose cannot forge or erase lines on the operator's terminal."""
+    text = str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isprintable() and unicodedata.category(c) not in ("Cf", "Zl", "Zp")
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def print_table(headers: List[str], rows: List[List[Any]]) -> None:
+    cells = [[terminal_text(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 def read_secret_value(name: str) -> str:
@@ -5404,17 +5436,17 @@ def print_audit(rows: List[AuditRow], as_json: bool, header: bool = True) -> Non
         for row in rows:
             print(json.dumps(row.as_dict(), sort_keys=True))
         return
-    table = [[r.id, r.ts, r.agent or "-", r.provider or "-", r.method or "-",
-              (r.path or "-")[:60], r.status or "-", human_size(r.bytes_in),
-              human_size(r.bytes_out), human_duration(r.duration_ms),
+    table = [[r.id, r.ts, r.agent or "-", r.token_id or "-", r.provider or "-",
+              (r.model or "-")[:40], r.method or "-", (r.path or "-")[:60], r.status or "-",
+              human_size(r.bytes_in), human_size(r.bytes_out), human_duration(r.duration_ms),
               r.outcome + (f": {r.reason}" if r.reason and r.outcome != "ok" else "")]
              for r in rows]
     if header:
-        print_table(["ID", "TIME", "AGENT", "PROVIDER", "METHOD", "PATH", "STATUS", "IN",
-                     "OUT", "DURATION", "OUTCOME"], table)
+        print_table(["ID", "TIME", "AGENT", "TOKEN", "PROVIDER", "MODEL", "METHOD", "PATH",
+                     "STATUS", "IN", "OUT", "DURATION", "OUTCOME"], table)
     else:
         for row in table:
-            print("  ".join(str(c) for c in row))
+            print("  ".join(terminal_text(c) for c in row))
     sys.stdout.flush()
 
 

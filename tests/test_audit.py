@@ -38,7 +38,8 @@ FIELDS = {"id", "ts", "agent", "token_id", "provider", "secret", "method", "path
           "bytes_out", "duration_ms", "client", "outcome", "reason", "model", "tokens_in", "tokens_out"}
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 FP_RE = re.compile(r"\bfp:[0-9a-f]{8,}\b")
-TABLE_HEADER = ["ID", "TIME", "AGENT", "PROVIDER", "METHOD", "PATH", "STATUS", "IN", "OUT", "DURATION", "OUTCOME"]
+TABLE_HEADER = ["ID", "TIME", "AGENT", "TOKEN", "PROVIDER", "MODEL", "METHOD", "PATH", "STATUS", "IN", "OUT",
+                "DURATION", "OUTCOME"]
 FOLLOW_TIMEOUT_S = 15.0
 # The sqlite3 command-line shell is the tool the issue names for editing rows. Where it is not
 # installed, the same SQL runs through Python's sqlite3 module in a separate process instead.
@@ -346,6 +347,55 @@ def test_audit_table_is_readable(broker: Broker, upstreams: Dict[str, FakeUpstre
     assert allowed["OUTCOME"] == "ok"
     assert denied["STATUS"] == "403" and denied["IN"] == "0 B"
     assert denied["OUTCOME"].startswith("denied: ") and "method DELETE" in denied["OUTCOME"], denied
+
+
+TERMINAL_TRICKS = ["\x1b[2K\x1b[1A", "\r\n999  2026-01-01T00:00:00Z  forged-row", "\x9b2J", "\x7f",
+                   "\u202etxt.exe", "\u2028", "\x00\x07"]
+
+
+@pytest.mark.parametrize("view", ["usage", "audit", "audit-follow"])
+def test_agent_and_upstream_text_cannot_forge_the_operators_views(broker: Broker,
+                                                                  upstreams: Dict[str, FakeUpstream],
+                                                                  view: str) -> None:
+    """A model name chosen by the agent (request) and one chosen by the upstream (answer) hold
+    escapes and line breaks: every human-readable view escapes them, so each row stays one
+    line and nothing can move the cursor; --json keeps the exact text."""
+    agent = fresh_agent("forge")
+    token = broker.mint("openai", agent)
+    asked = "gpt-" + "".join(TERMINAL_TRICKS)
+    answered = "upstream-" + "".join(reversed(TERMINAL_TRICKS))
+    upstreams["openai"].set_responder(key_checked("openai", lambda h, req: h.send_json(200, {
+        "model": answered, "usage": {"prompt_tokens": 3, "completion_tokens": 4}})))
+    follower = FollowProcess(broker, "--agent", agent) if view == "audit-follow" else None
+    try:
+        if follower is not None:
+            time.sleep(0.8)                  # let it print its first (empty) page
+        body = json.dumps({"model": asked, "messages": []}).encode()
+        assert call(broker, "openai", token, "POST", "/v1/chat/completions", body).status == 200
+        time.sleep(0.3)
+        if view == "usage":
+            out = ok(broker.cli("usage", "--agent", agent))
+            exact = [json.loads(ln)["model"] for ln in ok(broker.cli("usage", "--agent", agent, "--json")).splitlines()]
+            assert exact in ([asked], [answered]), exact
+        elif view == "audit":
+            out = ok(broker.cli("audit", "--agent", agent))
+            exact = [r["model"] for r in audit_json(broker, "--agent", agent)]
+            assert exact in ([asked], [answered]), exact
+        else:
+            assert follower is not None
+            follower.wait_for(agent)
+            time.sleep(0.3)
+            out = "\n".join(follower.seen) + "\n"
+    finally:
+        if follower is not None:
+            follower.stop()
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 2, out                 # the header and one row
+    for bad in ("\x1b", "\x9b", "\x7f", "\r", "\x00", "\x07", "\u202e", "\u2028"):
+        assert bad not in out, (bad, out)
+    shown = 10 ** 6 if view == "usage" else 40        # the audit table cuts a model at 40
+    assert asked[:shown].encode("unicode_escape").decode() in out or \
+        answered[:shown].encode("unicode_escape").decode() in out, "shown escaped, not dropped"
 
 
 class FollowProcess:

@@ -297,6 +297,49 @@ def test_realtime_bad_token_refused_before_upgrade(wsb: Broker, realtime: FakeRe
     assert realtime.connections == 0, "the upstream was contacted for a refused token"
 
 
+@pytest.mark.parametrize("limits", [("--allow-method", "GET", "--max-requests", "1"), ("--max-requests", "5"),
+                                    ("--rate", "1/m"), ("--allow-method", "GET"),
+                                    ("--allow-method", "GET", "--allow-method", "HEAD")],
+                         ids=["get-and-one-request", "max-requests", "rate", "read-only", "get-head"])
+def test_realtime_refused_for_tokens_whose_limits_count_requests(wsb: Broker, realtime: FakeRealtime,
+                                                                 limits: Tuple[str, ...]) -> None:
+    """A session is one request carrying any number of paid messages: a token limited by
+    request count, rate or to read methods gets a clear 403, and the upstream is never asked."""
+    agent, _ = fresh_agent_token(wsb, "openai", "ws-limits")
+    tok = wsb.mint("openai", agent, *limits)
+    hs = ws_connect(wsb.port, RT_PATH, bearer(tok))
+    assert hs.ws is None and hs.status == 403, (hs.status, hs.body)
+    message = hs.json()["error"]["message"]
+    assert "WebSocket" in message, message
+    time.sleep(0.2)
+    assert realtime.connections == 0, "the upstream was contacted for a refused session"
+    [row] = wait_audit(wsb, agent)
+    assert row["outcome"] == "denied" and row["status"] == 403 and "WebSocket" in row["reason"], row
+
+
+def test_realtime_allowed_for_tokens_that_may_write(wsb: Broker, realtime: FakeRealtime) -> None:
+    agent, _ = fresh_agent_token(wsb, "openai", "ws-write")
+    tok = wsb.mint("openai", agent, "--allow-method", "GET", "--allow-method", "POST", "--ttl", "1h")
+    ws = rt_open(wsb, tok)
+    close_cleanly(ws)
+
+
+@pytest.mark.parametrize("limits", [("--max-requests", "1"), ("--rate", "10/s"), ("--allow-method", "GET")])
+def test_gateway_identify_refused_for_tokens_whose_limits_count_requests(
+        wsb: Broker, gateway: FakeGateway, limits: Tuple[str, ...]) -> None:
+    agent = f"gw-limits-{secrets.token_hex(3)}"
+    tok = wsb.mint("discord", agent, *limits)
+    gc = gw_open(wsb, compressed=False)
+    gc.send(identify(tok))
+    code, reason = gc.ws.recv_close()
+    assert code == 4004 and "WebSocket" in reason, (code, reason)
+    s = gateway.wait_session()
+    assert s.ended.wait(END_S)
+    assert gateway.identifies == [], "an IDENTIFY of a limited token reached the gateway"
+    [row] = wait_audit(wsb, agent)
+    assert row["outcome"] == "denied" and row["status"] == 403, row
+
+
 def test_realtime_upstream_refusal_is_relayed_and_scrubbed(wsb: Broker, realtime: FakeRealtime) -> None:
     """A token whose stored key the upstream rejects: the upstream's 401 reaches the agent as an
     HTTP answer (no upgrade) and the key it echoes in its body is masked."""
