@@ -2796,6 +2796,7 @@ class WsRelay:
         self.done = threading.Event()
         self.close_code: Optional[int] = None
         self.close_reason = ""
+        self.exchange: Any = None            # the request's Exchange (its audit row)
 
     def stop(self, code: int, reason: str) -> None:
         """Close both sides (broker shutdown); the pumps end when the answers arrive."""
@@ -3322,7 +3323,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if head is None:
                 self.close_connection = True
                 return
-            broker.begin()
+            broker.begin(ex)
             ex.method = head.method
             self._proxy(head, ex, broker)
         except BrokerError as exc:
@@ -3526,6 +3527,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         metrics = self.server.broker.metrics
         metrics.add_stream(1)
         relay = WsRelay(client, upstream, on_client, on_server, scrub, tick)
+        relay.exchange = ex
         broker = self.server.broker
         broker.ws_relays.add(relay)
         try:
@@ -4358,8 +4360,9 @@ class Broker:
         self._log_lock = threading.Lock()
         self._level = LOG_LEVELS[settings.log_level]
         self.metrics = Metrics()
-        self.in_flight = 0
+        self.in_flight: set = set()             # exchanges begun and not yet finished
         self._in_flight_lock = threading.Lock()
+        self._record_lock = threading.Lock()
         self._audit_cv = threading.Condition()
         self._audit_pending: List[List[Any]] = []
         self._audit_writing = False
@@ -4445,17 +4448,35 @@ class Broker:
             return self.pool.insecure_context
         return self.pool.ssl_context
 
-    def begin(self) -> None:
+    def begin(self, ex: "Exchange") -> None:
         with self._in_flight_lock:
-            self.in_flight += 1
+            self.in_flight.add(ex)
+
+    def cut_in_flight(self) -> int:
+        """At the end of the grace period: every exchange still running gets its audit row now
+        (outcome error, "cut at shutdown", bytes so far), since the process is about to exit
+        and its upstream may already have used the real key. Returns how many were cut."""
+        for relay in list(self.ws_relays):
+            relay.exchange.bytes_in = relay.client.bytes
+            relay.exchange.bytes_out = relay.upstream.bytes
+        with self._in_flight_lock:
+            running = list(self.in_flight)
+        cut = 0
+        for ex in running:
+            if not ex.recorded:
+                ex.outcome = "error"
+                ex.reason = f"{ex.reason}; cut at shutdown" if ex.reason else "cut at shutdown"
+                cut += self.record(ex)
+        return cut
 
     def record(self, ex: "Exchange") -> bool:
         """Write the request's chained audit row (once); False if it could not be written. A
         failed write makes the broker refuse new requests (503) until a write succeeds again.
         Health checks are not audited."""
-        if ex.recorded or ex.outcome == "health":
-            return True
-        ex.recorded = True
+        with self._record_lock:                  # the shutdown path may race the handler
+            if ex.recorded or ex.outcome == "health":
+                return True
+            ex.recorded = True
         row = AuditRow(ts=utc_iso(), agent=clean_text(ex.agent, 64), token_id=ex.token_id or None,
                        provider=ex.provider or None, secret=ex.secret or None,
                        method=clean_text(ex.method, 16), path=clean_text(ex.path, 1024),
@@ -4511,7 +4532,7 @@ class Broker:
     def finish(self, ex: "Exchange") -> None:
         """After each request: the audit row if not yet written, metrics, one log line."""
         with self._in_flight_lock:
-            self.in_flight -= 1
+            self.in_flight.discard(ex)
         self.record(ex)
         seconds = time.monotonic() - ex.started
         self.metrics.observe(ex, seconds)
@@ -4744,28 +4765,48 @@ def serve(settings: Settings, store: Store, master_key: bytes,
         sys.stderr.write(ready + "\n")
         sys.stderr.flush()
 
+    stop_now = threading.Event()
+
     def stop(signum: int, frame: Any) -> None:
+        if broker.draining:                   # a second Ctrl-C (or SIGTERM): stop at once
+            stop_now.set()
+            return
         broker.draining = True
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # a worker's parent relays the operator's signals as SIGTERM; the terminal's own SIGINT to
+    # the whole process group would otherwise count as a second one and skip the grace period
+    signal.signal(signal.SIGINT, signal.SIG_IGN if worker else stop)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.socket.close()                 # stop accepting: new connections are refused
-        for relay in list(broker.ws_relays):
-            relay.stop(1001, "broker shutting down")
-        deadline = time.monotonic() + settings.grace
-        while broker.in_flight > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if broker.in_flight:
-            broker.log("warning", "shutdown", message=f"{broker.in_flight} request(s) cut at "
-                       f"the end of the grace period")
+        drain(broker, settings.grace, stop_now)
         if admin is not None:
             admin.shutdown()
         broker.pool.close()
     return 0
+
+
+def drain(broker: "Broker", grace: float, stop_now: threading.Event) -> None:
+    """Let requests in flight finish for up to ``grace`` seconds (saying so on stderr), ask
+    WebSocket sessions to close, then write the audit row of every exchange still running."""
+    running = len(broker.in_flight)
+    if running:
+        broker.log("warning", "shutdown", message=f"waiting up to {grace:g}s for {running} "
+                   f"request(s) in flight ({len(broker.ws_relays)} WebSocket session(s) asked to "
+                   f"close); send the signal again (Ctrl-C) to stop now")
+    for relay in list(broker.ws_relays):      # a client that stopped reading cannot hold us
+        threading.Thread(target=relay.stop, args=(1001, "broker shutting down"),
+                         daemon=True).start()
+    deadline = time.monotonic() + grace
+    while broker.in_flight and time.monotonic() < deadline and not stop_now.is_set():
+        time.sleep(0.05)
+    cut = broker.cut_in_flight()
+    if cut:
+        broker.log("warning", "shutdown", message=f"{cut} request(s) cut at shutdown; each has "
+                   f"its audit row (outcome error, 'cut at shutdown')")
 
 
 def serve_workers(settings: Settings, argv: List[str]) -> int:

@@ -71,6 +71,10 @@ def module_procs() -> Iterator[ProcRegistry]:
     reg.stop_all()
 
 
+def audit_json(db: OpsDB) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in ok(db.cli("audit", "--json", "--limit", "100000")).splitlines()]
+
+
 def env_for(upstreams: Dict[str, FakeUpstream], extra: Optional[Dict[str, str]] = None,
             master_key: Optional[str] = MASTER_KEY, **urls: str) -> Dict[str, str]:
     mapping = {p: u.url for p, u in upstreams.items()}
@@ -928,6 +932,52 @@ def test_grace_period_cuts_long_stream(ops_db: OpsDB, upstreams: Dict[str, FakeU
     assert rc == 0, b.stderr_text()[-2000:]
     client.join(10)
     assert len(client.events) < 17, "stream should have been cut at the end of the grace period"
+
+
+def test_exchange_cut_at_shutdown_keeps_its_audit_row(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
+                                                      procs: ProcRegistry) -> None:
+    """The upstream already got the real key: an exchange cut at the end of the grace period
+    still leaves its row (outcome error, "cut at shutdown", the bytes relayed so far), and the
+    broker says on stderr what it waits for."""
+    upstreams["openai"].set_responder(sse_responder(40, 0.3))   # ~12 s
+    b = procs.start(ops_db.db, ["--grace", "1"], env=env_for(upstreams), name="cut")
+    before = {r["id"] for r in audit_json(ops_db)}
+    client = StreamClient(b.port, ops_db.tokens["openai"])
+    client.start()
+    assert client.first.wait(10)
+    time.sleep(0.5)
+    b.signal(signal.SIGTERM)
+    assert b.wait(10) == 0, b.stderr_text()[-2000:]
+    client.join(10)
+    rows = [r for r in audit_json(ops_db) if r["id"] not in before]
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row["outcome"] == "error" and "cut at shutdown" in row["reason"], row
+    assert row["status"] == 200 and row["bytes_out"] >= len(client.events) * 5 > 0, (row, client.events)
+    assert "chain intact" in ok(ops_db.cli("audit", "verify"))
+    err = b.stderr_text()
+    assert "waiting up to 1s for 1 request(s) in flight" in err, err[-2000:]
+    assert "1 request(s) cut at shutdown" in err, err[-2000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c-twice", "sigterm-twice"])
+def test_second_signal_stops_at_once(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
+                                     procs: ProcRegistry, sig: int) -> None:
+    upstreams["openai"].set_responder(sse_responder(40, 0.3))
+    b = procs.start(ops_db.db, ["--grace", "30"], env=env_for(upstreams), name="twice")
+    before = {r["id"] for r in audit_json(ops_db)}
+    client = StreamClient(b.port, ops_db.tokens["openai"])
+    client.start()
+    assert client.first.wait(10)
+    b.signal(sig)
+    assert wait_until(lambda: "waiting up to 30s" in b.stderr_text(), 5), b.stderr_text()[-1000:]
+    t0 = time.monotonic()
+    b.signal(sig)
+    assert b.wait(5) == 0
+    assert time.monotonic() - t0 < 2.0
+    client.join(10)
+    rows = [r for r in audit_json(ops_db) if r["id"] not in before]
+    assert len(rows) == 1 and "cut at shutdown" in rows[0]["reason"], rows
 
 
 def test_idle_broker_stops_at_once(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],

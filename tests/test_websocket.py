@@ -1090,6 +1090,33 @@ def test_shutdown_closes_sessions_with_1001_and_audits_them(broker_factory: Any,
     assert not problems, problems
 
 
+def test_shutdown_within_grace_when_the_client_stopped_reading(broker_factory: Any,
+                                                               realtime: FakeRealtime) -> None:
+    """The upstream floods a client that reads nothing, so the broker's writes to it block: the
+    broker still exits within the grace period, and the session's row says it was cut."""
+    b = broker_factory({"openai": realtime.url}, providers=("openai",), serve_args=("--grace", "1s"))
+    agent, tok = fresh_agent_token(b, "openai", "rt-stuck")
+    ws = rt_open(b, tok)
+    ws.send_text({"type": "burst", "count": 400, "size": 256 * 1024})    # 100 MiB, never read
+    s = realtime.wait_session()
+    time.sleep(1.0)                          # the broker's writes to the agent are blocked now
+    assert b.proc is not None
+    t0 = time.monotonic()
+    b.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = b.proc.wait(6)
+    except Exception:                        # noqa: BLE001 - judged below
+        rc = None
+    took = time.monotonic() - t0
+    ws.close()
+    assert rc == 0 and took < 4.0, f"rc={rc} after {took:.1f}s with --grace 1s"
+    rows = audit_rows(b, "--agent", agent)
+    assert len(rows) == 1, rows
+    assert rows[0]["status"] == 101 and "cut at shutdown" in rows[0]["reason"], rows
+    assert rows[0]["bytes_out"] > 1024 * 1024, rows      # the upstream bytes relayed so far
+    assert s.ended.wait(END_S)
+
+
 # ============================================================================
 # Logs
 # ============================================================================
