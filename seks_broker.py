@@ -88,6 +88,7 @@ MAX_CHUNK_LINE = 1024                # a chunk-size line of a chunked body -> 40
 MAX_CONNECTIONS = 2048               # concurrent agent connections; the next one gets 503
 CLIENT_TIMEOUT_S = 60.0              # idle or stalled agent socket is closed
 HEADER_TIMEOUT_S = 20.0              # whole request head must arrive within this
+MIN_BODY_RATE = 1024                 # bytes/s a request body must average after client_timeout
 UPSTREAM_CONNECT_TIMEOUT_S = 10.0    # TCP + TLS connect to an upstream -> 504
 UPSTREAM_TIMEOUT_S = 300.0           # silence from an upstream while waiting for bytes -> 504
 POOL_IDLE_PER_HOST = 64              # idle keep-alive connections kept per upstream
@@ -378,6 +379,10 @@ class Forbidden(BrokerError):
 
 class NotFound(BrokerError):
     status, kind = 404, "not_found"
+
+
+class RequestTimeout(BrokerError):
+    status, kind = 408, "request_timeout"
 
 
 class PayloadTooLarge(BrokerError):
@@ -1313,7 +1318,8 @@ class TokenCache:
         self._size = size
         self._lock = threading.Lock()
         self._generation = -1
-        self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[bytes]]] = {}
+        # digest -> (record, real key, its scrub pairs): key and variants dropped together
+        self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[bytes], Any]] = {}
 
     @staticmethod
     def _store_error() -> None:
@@ -1326,7 +1332,7 @@ class TokenCache:
             self.keys = self._reload()
             self._entries.clear()
 
-    def lookup(self, token: str) -> Tuple[Optional[TokenRecord], Optional[bytes]]:
+    def lookup(self, token: str) -> Tuple[Optional[TokenRecord], Optional[bytes], Any]:
         digest = token_digest(token)
         generation, check = self._store.generation()
         if check and not hmac.compare_digest(check, self.keys.check):
@@ -1339,7 +1345,7 @@ class TokenCache:
         if hit is not None:
             return hit
         record = self._store.find_token(digest)
-        key = None
+        key, pairs = None, ()
         if record is not None and record.secret_ciphertext is not None:
             try:
                 key = self.keys.cipher.decrypt(record.secret_ciphertext, secret_ad(
@@ -1347,7 +1353,8 @@ class TokenCache:
             except DecryptError:
                 self._store_error()
                 raise BrokerError("the broker could not use the stored secret") from None
-        entry = (record, key)
+            pairs = scrub_pairs(secret_variants(key.decode("utf-8", "surrogateescape")))
+        entry = (record, key, pairs)
         with self._lock:
             if self._generation == generation:
                 if len(self._entries) >= self._size:
@@ -1465,6 +1472,27 @@ def path_for_policy(rest: str, swap: "CredentialSwap") -> str:
         _, slash, tail = rest[len(swap.prefix):].partition("/")
         rest = swap.prefix + slash + tail
     return urllib.parse.unquote(rest)
+
+
+ASYNC_JOB_SEGMENTS = frozenset({
+    "batches", "file_batches", "fine_tuning",                 # OpenAI, Groq, Anthropic
+    "batchGenerateContent", "asyncBatchEmbedContent", "predictLongRunning",   # Gemini
+})
+
+
+def check_budget_endpoint(path: str, body: Optional[bytes]) -> None:
+    """Batch and background jobs report their usage later, in files or job objects the meter
+    never reads: a token with a token budget may not start (or manage) them."""
+    segments = set(re.split(r"[/:]", path))
+    background = False
+    if body and "responses" in segments and b'"background"' in body:
+        try:
+            background = json.loads(body).get("background") is True
+        except (ValueError, AttributeError):
+            background = True                 # unreadable: assume the worst
+    if background or not ASYNC_JOB_SEGMENTS.isdisjoint(segments):
+        raise Forbidden("this token has a token budget; batch and background jobs report their "
+                        "usage where the broker cannot meter it, so they are refused")
 
 
 def needs_admission(policy: Dict[str, Any]) -> bool:
@@ -1935,6 +1963,12 @@ class Scrubber:
     def for_key(cls, key: str) -> "Scrubber":
         return cls(secret_variants(key))
 
+    @classmethod
+    def from_pairs(cls, pairs: Tuple[Tuple[bytes, bytes], ...]) -> "Scrubber":
+        scrubber = cls(())
+        scrubber._pairs = pairs
+        return scrubber
+
     def scrub(self, data: bytes) -> bytes:
         for secret, mask in self._pairs:
             if secret in data:
@@ -1993,13 +2027,12 @@ class Scrubber:
         return held
 
 
-@functools.lru_cache(maxsize=256)
 def scrub_pairs(secrets_: Tuple[bytes, ...]) -> Tuple[Tuple[bytes, bytes], ...]:
-    """(secret, same-length mask) pairs, longest first; cached per key set (hot path)."""
+    """(secret, same-length mask) pairs, longest first (the token cache keeps them with the
+    key they come from, and drops both together)."""
     return tuple((s, mask_secret(s)) for s in sorted(set(secrets_), key=len, reverse=True) if s)
 
 
-@functools.lru_cache(maxsize=256)
 def secret_variants(key: str) -> Tuple[bytes, ...]:
     """The forms in which an upstream might echo a key: raw, JSON with '/' escaped as '\\/'
     (PHP's default), and percent-encoded the ways URL libraries do it (every reserved
@@ -2976,7 +3009,8 @@ class DiscordGateway:
                     again, self.token.encode("utf-8", "surrogatepass")):
                 raise WsClose(4005, "already authenticated with another token")  # as Discord
             try:
-                record, key = self.broker.authenticate(presented.strip(), self.provider, self.ex)
+                record, key, pairs = self.broker.authenticate(presented.strip(), self.provider,
+                                                              self.ex)
                 check_policy(record.policy, "GET", "/gateway", None)
                 check_websocket_policy(record.policy, bool(self.provider.usage))
                 self.broker.admit(record, self.ex)
@@ -2987,7 +3021,7 @@ class DiscordGateway:
                               else exc.message[:120]) from None
             self.token = presented.strip()
             real = key.decode("utf-8", "surrogateescape")
-            self.scrubber = Scrubber.for_key(real)
+            self.scrubber = Scrubber.from_pairs(pairs)
             data["token"] = real
             if op == 2:
                 data["compress"] = False     # no transport compression upstream -> no payload compression either
@@ -3006,7 +3040,7 @@ class DiscordGateway:
                 raise WsClose(4003, "not authenticated: send IDENTIFY or RESUME first")
             return
         try:
-            record, _ = self.broker.tokens.lookup(self.token)
+            record = self.broker.tokens.lookup(self.token)[0]
             check_token(record, self.provider.name, time.time())
         except BrokerError:
             raise WsClose(4004, "authentication failed") from None
@@ -3016,14 +3050,15 @@ class DiscordGateway:
 
     def on_server(self, opcode: int, message: bytes) -> Tuple[int, bytes]:
         if opcode == OP_BINARY:
+            inflate = zlib.decompressobj()
             try:
-                message, opcode = zlib.decompress(message), OP_TEXT
+                message, opcode = inflate.decompress(message, MAX_INFLATE), OP_TEXT
             except zlib.error:
                 raise WsClose(1011, "binary gateway payload the broker cannot inspect") from None
-        if self.scrubber is not None:
-            message = self.scrubber.scrub(message)
+            if inflate.unconsumed_tail or not inflate.eof:
+                raise WsClose(1009, "binary gateway payload inflates too far or is cut")
         if opcode == OP_CLOSE:
-            return opcode, message
+            return opcode, self.scrub(message)
         if opcode == OP_TEXT and b'"READY"' in message and b"resume_gateway_url" in message:
             try:
                 payload = json.loads(message)
@@ -3035,6 +3070,7 @@ class DiscordGateway:
                     message = json.dumps(payload).encode()
             except (ValueError, AttributeError):
                 pass
+        message = self.scrub(message)         # what is actually sent, after any re-encoding
         if self.compressor is not None:
             return OP_BINARY, self.compressor.compress(message) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
         return opcode, message
@@ -3261,6 +3297,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
     def _body_chunks(self, framing: str, length: int, ex: Exchange) -> Iterator[bytes]:
         """The request body as it arrives, checked against the framing and the size limit.
         A client-side timeout or reset surfaces as ConnectionCut, never as an upstream error."""
+        self._body_started = time.monotonic()
         try:
             yield from self._read_body(framing, length, ex)
         except (socket.timeout, OSError) as exc:
@@ -3268,7 +3305,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             raise ConnectionCut() from exc
 
     def _read_exactly(self, size: int, ex: Exchange) -> Iterator[bytes]:
-        """``size`` body bytes as they arrive (never more: the rest is the next request)."""
+        """``size`` body bytes as they arrive (never more: the rest is the next request). A
+        body dripped just under the per-read timeout is cut once it has taken longer than
+        client_timeout while averaging less than min_body_rate."""
+        settings = self.server.broker.settings
         remaining = size
         while remaining:
             data = self.rfile.read1(min(remaining, STREAM_CHUNK))
@@ -3276,6 +3316,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 raise ConnectionCut()
             remaining -= len(data)
             ex.bytes_in += len(data)
+            elapsed = time.monotonic() - self._body_started
+            if elapsed > settings.client_timeout and ex.bytes_in < settings.min_body_rate * elapsed:
+                raise RequestTimeout("request body arrived too slowly", close=True)
             yield data
 
     def _read_body(self, framing: str, length: int, ex: Exchange) -> Iterator[bytes]:
@@ -3385,7 +3428,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if swap is None:
             raise AuthError(f"missing token: send your seks token where the {provider.name} "
                             f"client sends its API key")
-        record, key = broker.authenticate(swap.token, provider, ex)
+        record, key, pairs = broker.authenticate(swap.token, provider, ex)
         policy = record.policy
         policy_path = path_for_policy(rest, swap)
         check_policy(policy, head.method, policy_path, None)
@@ -3414,6 +3457,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                     and head.method not in ("GET", "HEAD", "OPTIONS")):
                 raise Forbidden("this token is limited to some models and the broker cannot "
                                 "read which model this request uses")
+            if "budget_tokens" in policy:
+                check_budget_endpoint(policy_path, body)
             if (body and "budget_tokens" in policy and provider.usage == "openai"
                     and policy_path.rstrip("/").endswith("completions")):
                 body = ask_for_stream_usage(body)
@@ -3423,7 +3468,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(len(body))))
         elif framing == "length":
             headers.append(("Content-Length", str(length)))
-        scrubber = Scrubber.for_key(real_key)
+        scrubber = Scrubber.from_pairs(pairs)
         if upgrade:
             self._websocket(head, provider, route_prefix, url[len(provider.origin):], headers,
                             scrubber, swap.token, ex)
@@ -3447,11 +3492,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         self._expect_continue(head)
         if framing == "length" and (length <= INLINE_BODY_MAX or
                                     (inspect and length <= MAX_INSPECT_BODY)):
-            body = self.rfile.read(length)
-            if len(body) != length:
-                raise ConnectionCut()
-            ex.bytes_in = length
-            return body
+            return b"".join(self._body_chunks(framing, length, ex))
         if not inspect:
             return self._body_chunks(framing, length, ex)
         too_big = PayloadTooLarge("bodies over 16 MiB cannot be checked against this token's "
@@ -3570,7 +3611,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         def still_valid() -> None:
             """Revocation, expiry and agent disable end an open session too."""
             try:
-                record, _ = broker.tokens.lookup(token)
+                record = broker.tokens.lookup(token)[0]
                 check_token(record, provider.name, time.time())
             except BrokerError:
                 raise WsClose(1008, "token no longer valid") from None
@@ -3974,6 +4015,9 @@ SETTINGS: List[SettingSpec] = [
                 "an agent connection idle or stalled this long is closed"),
     SettingSpec("header_timeout", "limits", "header_timeout", "duration", HEADER_TIMEOUT_S,
                 "a request head must arrive completely within this (slow-header defence)"),
+    SettingSpec("min_body_rate", "limits", "min_body_rate", "size", MIN_BODY_RATE,
+                "bytes per second a request body must average once it has taken longer than "
+                "client_timeout (slow-body defence; 408 past it)"),
     SettingSpec("connect_timeout", "limits", "connect_timeout", "duration",
                 UPSTREAM_CONNECT_TIMEOUT_S, "TCP and TLS connect to an upstream (504 past it)"),
     SettingSpec("upstream_timeout", "limits", "upstream_timeout", "duration",
@@ -4386,18 +4430,18 @@ class Broker:
         return provider, "/" + rest if sep else "/", f"{alias}/{name}"
 
     def authenticate(self, token: str, provider: Provider,
-                     ex: "Exchange") -> Tuple[TokenRecord, bytes]:
+                     ex: "Exchange") -> Tuple[TokenRecord, bytes, Any]:
         """The token check shared by HTTP requests and gateway IDENTIFY/RESUME: look the token
         up (cached), note whose it is for the audit row, deny unless it is live and bound to
-        this provider. Returns the record and the real key."""
-        record, key = self.tokens.lookup(token)
+        this provider. Returns the record, the real key and its scrub pairs."""
+        record, key, pairs = self.tokens.lookup(token)
         if record is None:
             ex.reason = "unknown token " + self.fingerprint(token)
         else:
             ex.agent, ex.token_id, ex.secret = record.agent, record.id, record.secret_name
         check_token(record, provider.name, time.time())
         assert record is not None and key is not None
-        return record, key
+        return record, key, pairs
 
     def admit(self, record: TokenRecord, ex: "Exchange") -> None:
         """Count the request against the token's rate, lifetime and budget limits (if any)."""

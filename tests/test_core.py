@@ -349,3 +349,26 @@ def test_validate_path_refuses_dot_segments_with_parameters(path: str) -> None:
 
 def test_validate_path_keeps_other_matrix_parameters() -> None:
     assert sb.validate_path("/a/b;c=1/d", remember=False) == "/a/b;c=1/d"
+
+
+def test_key_variants_live_only_in_the_token_cache_and_go_with_a_revocation(tmp_path: Path) -> None:
+    """The derived forms of a real key (percent-encoded, JSON-escaped) are kept only beside the
+    key in the token cache: a revocation (or a rotation) drops both; no other cache holds them."""
+    assert not hasattr(sb.secret_variants, "cache_info") and not hasattr(sb.scrub_pairs, "cache_info")
+    store = sb.Store(str(tmp_path / "v.db"))
+    keys = sb.KeyRing(bytes(range(32)))
+    key = "sk-test-variants/0123456789"
+    store.put_secret("s", "openai", keys.cipher.encrypt(key.encode(), sb.secret_ad("s", "openai")),
+                     False, keys.check)
+    store.add_agent("a")
+    store.add_token("tok_000000000abc", sb.token_digest("seks_openai_v"), "s", "openai", "a", None, {})
+    cache = sb.TokenCache(store, keys, lambda: keys)
+    record, real, pairs = cache.lookup("seks_openai_v")
+    assert real == key.encode() and (b"sk-test-variants\\/0123456789", ) == tuple(
+        s for s, _ in pairs if b"\\/" in s)
+    assert any(pairs is entry[2] for entry in cache._entries.values())
+    store.revoke_token(None, "tok_000000000abc")
+    record, real, pairs = cache.lookup("seks_openai_other")
+    assert record is None and real is None and pairs == ()
+    assert not any(entry[1] for entry in cache._entries.values()), "the revoked token's key is still cached"
+    store.close()

@@ -528,6 +528,41 @@ def test_budget_policy_sequential(broker: Broker, upstreams: Dict[str, FakeUpstr
     assert row["POLICY"] == "budget=250"
 
 
+@pytest.mark.parametrize("provider,method,path,body", [
+    ("openai", "POST", "/v1/batches", b'{"input_file_id": "file-1", "endpoint": "/v1/chat/completions"}'),
+    ("openai", "GET", "/v1/batches/batch_1", None),
+    ("openai", "POST", "/v1/fine_tuning/jobs", b'{"model": "gpt-4o-mini", "training_file": "f"}'),
+    ("openai", "POST", "/v1/vector_stores/vs_1/file_batches", b'{"file_ids": ["f"]}'),
+    ("openai", "POST", "/v1/responses", b'{"model": "gpt-4o-mini", "input": "hi", "background": true}'),
+    ("openai", "POST", "/v1/responses", b'{"model": "gpt-4o-mini", "input": "hi", "background": tru'),
+    ("groq", "POST", "/openai/v1/batches", b'{"input_file_id": "file-1"}'),
+    ("anthropic", "POST", "/v1/messages/batches", b'{"requests": []}'),
+    ("gemini", "POST", "/v1beta/models/gemini-2.0-flash:batchGenerateContent", b'{"batch": {}}'),
+    ("gemini", "POST", "/v1beta/models/text-embedding-004:asyncBatchEmbedContent", b'{}'),
+    ("gemini", "POST", "/v1beta/models/veo-2.0:predictLongRunning", b'{}'),
+    ("gemini", "GET", "/v1beta/batches/b1", None),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_budget_tokens_cannot_start_batch_or_background_jobs(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                             provider: str, method: str, path: str,
+                                                             body: Optional[bytes]) -> None:
+    """Their usage arrives later, in files or job objects the meter never reads: refused with a
+    clear 403 for budget tokens, never forwarded."""
+    token = broker.mint(provider, fresh_agent("budget-batch"), "--budget-tokens", "1000")
+    resp = call(broker, provider, token, method, path, body)
+    assert_denied(resp, 403, "budget", "batch")
+    assert not upstreams[provider].requests
+
+
+def test_budget_tokens_may_use_responses_in_the_foreground(broker: Broker,
+                                                           upstreams: Dict[str, FakeUpstream]) -> None:
+    upstreams["openai"].set_responder(openai_answer(5, 5))
+    token = broker.mint("openai", fresh_agent("budget-fg"), "--budget-tokens", "1000")
+    body = b'{"model": "gpt-4o-mini", "input": "hi", "background": false}'
+    assert call(broker, "openai", token, "POST", "/v1/responses", body).status == 200
+    plain = broker.mint("openai", fresh_agent("no-budget-batch"))
+    assert call(broker, "openai", plain, "POST", "/v1/batches", b'{"input_file_id": "f"}').status == 200
+
+
 def test_openai_stream_budget_asks_for_usage(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     """With --budget-tokens the broker adds stream_options.include_usage, so the stream's last
     chunk carries usage and the spend is counted."""

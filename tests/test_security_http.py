@@ -412,6 +412,38 @@ def test_slowloris_head_dripped_under_the_read_timeout_is_cut(patched_broker: Br
     assert took < SHORT_HEADER_TIMEOUT + 3, took
 
 
+@pytest.mark.parametrize("size", [100, 300_000], ids=["inline", "streamed"])
+def test_body_dripped_under_the_read_timeout_is_cut(patched_broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                    size: int) -> None:
+    """One body byte every 0.3 s never trips the 1 s per-read timeout; the minimum body rate
+    (1 KiB/s on average once the body has taken longer than the client timeout) cuts it with
+    408, so one slow agent cannot hold a connection slot for ever."""
+    with socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5) as sock:
+        sock.sendall(request_bytes("POST", CHAT, auth(patched_broker) + [("Content-Length", str(size))]))
+        t0 = time.monotonic()
+        got = b""
+        while time.monotonic() - t0 < 8:
+            try:
+                sock.sendall(b"x")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sock.settimeout(0.3)
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            got += data
+        took = time.monotonic() - t0
+    assert took < SHORT_CLIENT_TIMEOUT + 3, f"a dripped body held the connection for {took:.1f} s"
+    assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+    if size == 100:
+        nothing_forwarded(upstreams, "dripped body")
+
+
 @pytest.fixture(scope="module")
 def capped_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
     """A broker with few connections and long client timeouts: the held connections below

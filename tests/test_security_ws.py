@@ -461,3 +461,73 @@ def test_ws_refusal_streams_like_any_answer(ws_broker: Broker, ws_upstream: WsUp
     assert r.status == 429 and len(r.body) == len(body), r
     assert r.body.count(b"[REDACTED-BY-SEKS]") == 30
     assert_no_key(r.raw, KEY, "large refusal")
+
+
+def gateway_session(b: Broker, up: WsUpstream, *after_identify: Tuple[int, bytes]) -> Tuple[Any, List[Tuple[bool, int, bytes]]]:
+    """HELLO, IDENTIFY with the broker's token, then the upstream sends `after_identify`
+    (opcode, payload) frames and a close; returns the client and every frame it got."""
+    def behaviour(conn: WsConn) -> None:
+        conn.accept()
+        conn.send(OP_TEXT, json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}).encode())
+        frame = conn.recv()
+        if frame is None:
+            return
+        with up.lock:
+            up.frames.append((frame[1], frame[2]))
+        for opcode, payload in after_identify:
+            conn.send(opcode, payload)
+        conn.send(OP_CLOSE, (1000).to_bytes(2, "big"))
+        conn.recv()
+    up.behaviour = behaviour
+    c = WsClient(b.port, "/discord/gateway?v=10&encoding=json")
+    assert c.status == 101, c.head
+    c.recv()
+    c.send(OP_TEXT, identify(b.token("discord")))
+    frames = c.recv_all(limit=5.0)
+    c.close()
+    return c, frames
+
+
+def decoded_json_texts(frames: List[Tuple[bool, int, bytes]]) -> str:
+    """The text frames as the agent's JSON parser reads them (escapes decoded)."""
+    out = []
+    for _, op, p in frames:
+        if op == OP_TEXT:
+            try:
+                out.append(json.dumps(json.loads(p), ensure_ascii=False))
+            except ValueError:
+                out.append(p.decode("utf-8", "replace"))
+    return "\n".join(out)
+
+
+def test_gateway_scrubs_what_it_sends_after_rewriting_ready(ws_broker: Broker,
+                                                            gateway_upstream: WsUpstream) -> None:
+    """READY is re-encoded to point resume_gateway_url at the broker; a key the upstream wrote
+    with JSON escapes becomes plain text in that re-encoding, so the scrubber reads the bytes
+    actually sent, not the ones received."""
+    escaped = "".join(f"\\u{ord(c):04x}" for c in DISCORD_KEY)
+    ready = ('{"op": 0, "t": "READY", "s": 1, "d": {"v": 10, "session_id": "s", "note": "' + escaped +
+             '", "resume_gateway_url": "ws://127.0.0.1:%d"}}' % gateway_upstream.port).encode()
+    c, frames = gateway_session(ws_broker, gateway_upstream, (OP_TEXT, ready))
+    assert any(b"READY" in p for _, _, p in frames), frames
+    assert_no_key(everything_seen(c, frames), DISCORD_KEY, "re-encoded READY")
+    assert DISCORD_KEY not in decoded_json_texts(frames)
+
+
+@pytest.mark.parametrize("payload", ["bomb", "cut", "not-zlib"])
+def test_gateway_binary_frames_are_inflated_within_bounds(ws_broker: Broker, gateway_upstream: WsUpstream,
+                                                          payload: str) -> None:
+    """A binary (zlib) frame from the gateway that inflates past the HTTP bound, is cut, or is
+    not zlib ends the session with a close; the broker keeps serving."""
+    if payload == "bomb":
+        data = zlib.compress(b"{" + b" " * (64 * 1024 * 1024) + b"}", 9)
+    elif payload == "cut":
+        data = zlib.compress(json.dumps({"op": 11, "echo": DISCORD_KEY}).encode())[:-6]
+    else:
+        data = b"\x00\x01" + DISCORD_KEY.encode()
+    c, frames = gateway_session(ws_broker, gateway_upstream, (OP_BINARY, data))
+    assert frames and frames[-1][1] == OP_CLOSE, frames
+    code = int.from_bytes(frames[-1][2][:2], "big")
+    assert code in (1009, 1011), code
+    assert_no_key(everything_seen(c, frames), DISCORD_KEY, payload)
+    assert ws_broker.request("GET", "/healthz").status == 200
