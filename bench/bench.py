@@ -13,6 +13,7 @@ and prints one table: direct vs broker, with a verdict per target of issue 6.
     python3 bench/bench.py --only latency,sse --mitmdump /path/to/venv/bin/mitmdump
     python3 bench/bench.py --py-spy /path/to/py-spy   # adds where the broker's time goes
     python3 bench/bench.py --workers 2      # adds a `serve --workers 2` column
+    python3 bench/bench.py --baseline old/seks_broker.py   # another build, interleaved
     python3 bench/bench.py --check          # exit 1 when a target is missed by more than 50%
 
 Measures (--only names): conns, latency, idle, tokens, rps, sse, download, upload, streams.
@@ -863,11 +864,12 @@ class Bench:
     def supports(self, flag: str) -> bool:
         return flag in self.serve_flags()
 
-    def start_broker(self, label: str, db_name: str, extra: List[str]) -> Broker:
+    def start_broker(self, label: str, db_name: str, extra: List[str],
+                     path: str = "") -> Broker:
         db = os.path.join(self.tmp, f"{db_name}.db")
         err_path = os.path.join(self.tmp, f"broker-{label}.stderr")
         max_body = max(self.args.size + MIB, 512 * MIB)
-        argv = [sys.executable, self.args.broker, "--db", db, "serve", "--host", HOST,
+        argv = [sys.executable, path or self.args.broker, "--db", db, "serve", "--host", HOST,
                 "--port", "0", "--quiet", "--max-body", str(max_body)] + extra
         with open(err_path, "wb") as err:
             proc = self.procs.start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -924,7 +926,7 @@ class Bench:
     def columns(self) -> List[Target]:
         """Every target for the comparative measures: direct, brokers, mitmproxy."""
         out = [self.direct()]
-        for label in ("broker", "no-audit", "workers"):
+        for label in ("broker", "baseline", "workers"):
             if label in self.brokers:
                 out.append(self.via(label))
         if self.mitm_port:
@@ -1350,8 +1352,8 @@ class Bench:
             insert_tokens(os.path.join(self.tmp, "big.db"), self.args.tokens - 10)
         self.start_broker("broker", "a", [])
         variants = []
-        if self.args.no_audit_column:
-            variants.append(("no-audit", "n", ["--no-audit"]))
+        if self.args.baseline:
+            self.start_broker("baseline", "n", [], self.args.baseline)
         if self.args.workers:
             variants.append(("workers", "w", ["--workers", str(self.args.workers)]))
         for label, db, extra in variants:
@@ -1389,7 +1391,7 @@ class Bench:
             if name != "profile" and name not in only:
                 continue
             if name == "streams":                       # idle brokers only take memory now
-                for label in ("no-audit", "workers", "small", "big"):
+                for label in ("baseline", "workers", "small", "big"):
                     if label in self.brokers:
                         self.procs.stop(self.brokers.pop(label).proc)
                 if self.mitm_port:
@@ -1651,15 +1653,15 @@ def fmt(value: Any, spec: str = ".3f", prefix: str = "") -> str:
 def report(bench: Bench) -> Tuple[str, bool]:
     r, args = bench.results, bench.args
     cols = ["direct", "broker"]
-    if args.no_audit_column:
-        cols.append("no-audit")
+    if args.baseline:
+        cols.append("baseline")
     if args.workers:
         cols.append("workers")
     if args.mitmdump:
         cols.append("mitmproxy")
     if "lat.floor.p50" in r or "idle.floor.p50" in r:
         cols.append("floor")
-    heads = {"direct": "direct", "broker": "broker", "no-audit": "--no-audit",
+    heads = {"direct": "direct", "broker": "broker", "baseline": "baseline",
              "workers": f"--workers {args.workers}", "mitmproxy": "mitmproxy",
              "floor": "stdlib floor"}
 
@@ -1814,8 +1816,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--size", help="download/upload size, e.g. 1G, 256M (default 1G; quick 64M)")
     p.add_argument("--workers", type=int, default=0,
                    help="also run `serve --workers N` (throughput and latency columns)")
-    p.add_argument("--no-no-audit", dest="no_audit_column", action="store_false",
-                   help="skip the `serve --no-audit` column")
+    p.add_argument("--baseline", help="another seks_broker.py (e.g. the previous release): adds "
+                                      "its column, interleaved with the broker's in the same run")
     p.add_argument("--mitmdump", help="mitmdump binary: adds a mitmproxy column (reverse proxy; "
                                       "default: mitmdump on PATH, if any)")
     p.add_argument("--no-mitm", action="store_true", help="no mitmproxy column")
@@ -1946,11 +1948,11 @@ def main(argv: List[str]) -> int:
     if "lat.floor.p50" in r or "idle.floor.p50" in r:
         print("  stdlib floor: a minimal thread-per-connection forwarder (bench.py _floor): "
               "keep-alive upstream, Content-Length only, token swapped by a byte replace, no checks")
-    seq = [f"{col} {r[f'lat.{col}.cpu_us']:,.0f} us" for col in ("broker", "no-audit", "workers")
+    seq = [f"{col} {r[f'lat.{col}.cpu_us']:,.0f} us" for col in ("broker", "baseline", "workers")
            if f"lat.{col}.cpu_us" in r]
     if seq:
         print("  broker CPU per request, sequential (latency case): " + ", ".join(seq))
-    for col in ("direct", "broker", "no-audit", "workers", "mitmproxy"):
+    for col in ("direct", "broker", "baseline", "workers", "mitmproxy"):
         up, br = r.get(f"rps.{col}.upstream_us"), r.get(f"rps.{col}.broker_us")
         if up is not None:
             extra = f", broker {br:,.0f} us" if br is not None else ""

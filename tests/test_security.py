@@ -1170,11 +1170,13 @@ def check_built_url(prov: "seks_broker.Provider", url: str, rest: str, query: st
     default = 443 if prov.scheme == "https" else 80
     assert (parts.scheme, parts.hostname, parts.port or default) == (prov.scheme, prov.host, prov.port), url
     assert parts.username is None and parts.password is None and parts.fragment == "", url
-    assert url == prov.origin + prov.base_path + rest + ("?" + query if query else ""), url
+    netloc = (f"[{prov.host}]" if ":" in prov.host else prov.host) + (
+        "" if prov.port == default else f":{prov.port}")
+    assert url == f"{prov.scheme}://{netloc}" + prov.base_path + rest + ("?" + query if query else ""), url
     assert parts.path.startswith(prov.base_path + "/"), url
     # what the broker's urllib request will do with it
     req = urllib.request.Request(url)
-    assert req.host == prov.host_header, (url, req.host)
+    assert req.host == netloc, (url, req.host)
     assert req.selector == prov.base_path + rest + ("?" + query if query else ""), (url, req.selector)
     # what an upstream that decodes (repeatedly) and normalises could make of it
     decoded = fully_decoded(parts.path)
@@ -1193,9 +1195,11 @@ def test_fuzz_url_builder_never_leaves_the_configured_origin() -> None:
     for target in fuzz_targets(FUZZ_PURE_N):
         prov = rng.choice(chosen)
         rest, _, query = target.partition("?")
+        if prov.gateway and rest.startswith("/gateway"):
+            continue                     # the gateway route: its own target rule, tested apart
         try:
             seks_broker.validate_path(rest)
-            url = seks_broker.build_upstream_url(prov, rest, query)
+            url = seks_broker.upstream_target(prov, rest, query, True).url
         except seks_broker.BadRequest:
             refused += 1
             continue
@@ -1221,7 +1225,7 @@ def test_fuzz_telegram_swap_keeps_key_in_its_segment() -> None:
             swap = seks_broker.find_token(prov, [], rest, query)
             assert swap is not None and swap.token.startswith("1234567890:seks_telegram_"), rest
             _, rest_up, query_up = seks_broker.swap_credentials(prov, swap, key, [], rest, query)
-            url = seks_broker.build_upstream_url(prov, rest_up, query_up)
+            url = seks_broker.upstream_target(prov, rest_up, query_up, True).url
         except seks_broker.BadRequest:
             continue
         checked += 1
