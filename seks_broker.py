@@ -1083,56 +1083,6 @@ def header_block(headers: List[Tuple[str, str]]) -> bytes:
     return "\r\n".join(f"{n}: {v}" for n, v in headers).encode("latin-1")
 
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-
-
-def ws_accept(key: str) -> str:
-    return base64.b64encode(hashlib.sha1(key.encode("latin-1") + WS_GUID).digest()).decode()
-
-
-def ws_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
-    """One final RFC 6455 frame; masked (with a random key) when the broker is the client."""
-    n = len(payload)
-    bit = 0x80 if masked else 0
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([bit | 127]) + n.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    mask = os.urandom(4)
-    return head + mask + ws_mask(payload, mask)
-
-
-def ws_mask(payload: bytes, mask: bytes) -> bytes:
-    """XOR with the 4-byte mask, as one big integer operation (fast for large frames)."""
-    if not payload:
-        return payload
-    n = len(payload)
-    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
-    return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
-
-
-def send_fully(send: Callable[[memoryview], int], data: bytes, stall_limit: float) -> None:
-    """Write all of ``data`` with ``send`` (a socket's), retrying socket timeouts (WebSocket
-    sessions poll with one) until no byte moved for ``stall_limit`` seconds."""
-    view = memoryview(data)
-    stalled = time.monotonic()
-    while view:
-        try:
-            sent = send(view)
-        except socket.timeout:
-            if time.monotonic() - stalled > stall_limit:
-                raise
-            continue
-        view = view[sent:]
-        stalled = time.monotonic()
-
-
 class AgentWriter:
     """Every byte written to an agent connection goes through here: status lines, headers,
     bodies, chunk framing, WebSocket frames, close reasons and errors (a test checks that no
@@ -1277,6 +1227,56 @@ _CHUNK_SIZE_RE = re.compile(rb"^[0-9A-Fa-f]{1,16}\Z")
 _STATUS_LINE_RE = re.compile(rb"^HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?\Z")
 _METHOD_RE = re.compile(rb"^[" + TOKEN_CHARS + rb"]{1,32}\Z")
 _BAD_TARGET_BYTES_RE = re.compile(rb"[^\x21-\x7e]")
+
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def ws_accept(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode("latin-1") + WS_GUID).digest()).decode()
+
+
+def ws_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
+    """One final RFC 6455 frame; masked (with a random key) when the broker is the client."""
+    n = len(payload)
+    bit = 0x80 if masked else 0
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + ws_mask(payload, mask)
+
+
+def ws_mask(payload: bytes, mask: bytes) -> bytes:
+    """XOR with the 4-byte mask, as one big integer operation (fast for large frames)."""
+    if not payload:
+        return payload
+    n = len(payload)
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+    return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
+
+
+def send_fully(send: Callable[[memoryview], int], data: bytes, stall_limit: float) -> None:
+    """Write all of ``data`` with ``send`` (a socket's), retrying socket timeouts (WebSocket
+    sessions poll with one) until no byte moved for ``stall_limit`` seconds."""
+    view = memoryview(data)
+    stalled = time.monotonic()
+    while view:
+        try:
+            sent = send(view)
+        except socket.timeout:
+            if time.monotonic() - stalled > stall_limit:
+                raise
+            continue
+        view = view[sent:]
+        stalled = time.monotonic()
 
 
 class WireReader:
