@@ -1,25 +1,32 @@
-"""Shared fixtures: a real broker subprocess in front of real loopback upstreams.
+"""Shared fixtures and helpers: real broker subprocesses in front of real loopback upstreams.
 
-Nothing of the broker is mocked. Each test talks to `seks_broker.py serve` over a real
-socket on 127.0.0.1; the broker forwards to `FakeUpstream` servers (one per provider) that
-record every request they receive and check that the *real* key arrived where that
-provider expects it (they answer 401 otherwise, like the real APIs do).
+Nothing of the broker is mocked. Each test talks to `seks_broker.py serve` over a real socket on
+127.0.0.1; the broker forwards to `FakeUpstream` servers (one per provider) that record every
+request they receive and check that the *real* key arrived where that provider expects it (they
+answer 401 otherwise, like the real APIs do).
 
 Layout of this file:
-  constants (providers, fake real keys, paths) → HTTP client helpers → FakeUpstream →
-  broker process wrapper → pytest fixtures.
+  constants → small shared helpers → HTTP client helpers → FakeUpstream (and the attacker's
+  recorder) → the broker (its DB, seeded in-process, and its serve process) → pytest fixtures.
+Raw-socket HTTP is in raw_http.py, WebSockets in ws_helpers.py, certificates and the Prometheus
+parser in ops_helpers.py.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import http.client
+import importlib.util
+import itertools
 import json
 import os
 import re
+import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -31,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pytest
+
+from raw_http import HeaderLookup
 
 # ============================================================================
 # Constants
@@ -63,7 +72,9 @@ BEARER_PROVIDERS = ("openai", "groq", "github", "notion", "cloudflare")
 
 MASTER_KEY = base64.urlsafe_b64encode(bytes(range(32))).decode("ascii")
 
-LISTEN_RE = re.compile(r"seks-broker listening on http://([0-9.]+):(\d+)")
+# The line `serve` prints once it listens (a TLS listener says https; --admin-port adds its port).
+READY_RE = re.compile(r"seks-broker listening on (https?)://([0-9.]+):(\d+)"
+                      r"(?: \(admin on http://([0-9.]+):(\d+)\))?")
 
 CLI_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 15.0
@@ -79,6 +90,117 @@ def secret_name(provider: str) -> str:
 
 def agent_name(provider: str) -> str:
     return f"agent-{provider}"
+
+
+# ============================================================================
+# Small shared helpers
+# ============================================================================
+
+
+def load_broker_module() -> Any:
+    """seks_broker as a module, loaded from the file the broker subprocesses run (BROKER_PY), so
+    the pure-function tests, the in-process seeding and the socket tests all use the same code."""
+    existing = sys.modules.get("seks_broker")
+    if existing is not None and Path(getattr(existing, "__file__", "") or "").resolve() == BROKER_PY:
+        return existing
+    name = "seks_broker" if existing is None else "seks_broker_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, str(BROKER_PY))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ok(cp: subprocess.CompletedProcess) -> str:
+    """The stdout of a command that must have succeeded."""
+    assert cp.returncode == 0, f"rc={cp.returncode}\nstdout={cp.stdout}\nstderr={cp.stderr}"
+    return cp.stdout
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02) -> bool:
+    """Poll `pred` until it holds or `timeout` seconds pass; its last answer, as a bool."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
+
+
+def fresh_agent(prefix: str = "agent") -> str:
+    """An agent name no other test uses (so counters, usage and audit rows are this test's)."""
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def random_part(token: str) -> str:
+    """The random part of a fake token (what must never be shown or stored)."""
+    m = re.search(r"seks_[a-z-]+_([A-Za-z0-9_-]+)$", token)
+    assert m, token
+    return m.group(1)
+
+
+def unknown_token(provider: str = "openai") -> str:
+    """A well-formed token of `provider` that no DB knows (Telegram-shaped for telegram)."""
+    rand = secrets.token_urlsafe(32)
+    return f"9876543210:seks_telegram_{rand}" if provider == "telegram" else f"seks_{provider}_{rand}"
+
+
+def db_bytes(db: Path) -> bytes:
+    """The DB and its WAL/SHM/journal companions (everything a backup could copy), key file excluded."""
+    return b"".join(f.read_bytes() for f in sorted(db.parent.iterdir())
+                    if f.name.startswith(db.name) and not f.name.endswith(".key") and f.is_file())
+
+
+def parse_table(text: str) -> List[Dict[str, str]]:
+    """A print_table table as dicts: columns are sliced at the header's column starts
+    (column names may hold single spaces; columns are separated by two or more)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert lines, "empty table"
+    cols = [(m.start(), m.group(0)) for m in re.finditer(r"\S+(?: \S+)*", lines[0])]
+    rows = []
+    for line in lines[1:]:
+        rows.append({name: line[start:(cols[i + 1][0] if i + 1 < len(cols) else None)].strip()
+                     for i, (start, name) in enumerate(cols)})
+    return rows
+
+
+def file_text(path: Path) -> str:
+    """A process's captured output so far ('' before the file exists)."""
+    try:
+        return path.read_bytes().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (bound, then closed): a dead upstream, or a
+    port to hand to --admin-port."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def deterministic_chunks(total: int, chunk: int = 1024 * 1024, seed: int = 1234) -> Iterator[bytes]:
+    """`total` pseudo-random bytes in `chunk`-sized pieces, generated lazily (never all in memory)."""
+    import random
+    rng = random.Random(seed)
+    left = total
+    while left > 0:
+        n = min(chunk, left)
+        yield rng.randbytes(n)
+        left -= n
+
+
+def sha256_of_chunks(total: int, chunk: int = 1024 * 1024, seed: int = 1234) -> str:
+    h = hashlib.sha256()
+    for piece in deterministic_chunks(total, chunk, seed):
+        h.update(piece)
+    return h.hexdigest()
 
 
 # ============================================================================
@@ -157,12 +279,18 @@ def http_request(
     headers: HeaderInput = None,
     body: Union[None, bytes, str, Iterable[bytes]] = None,
     timeout: float = HTTP_TIMEOUT_S,
+    context: Optional[ssl.SSLContext] = None,
 ) -> Response:
-    """One request on a fresh connection; returns Response(status, headers, body) (also unpackable)."""
+    """One request on a fresh connection (http, or https with `context`) to 127.0.0.1; returns
+    Response(status, headers, body) (also unpackable)."""
     parts = urllib.parse.urlsplit(url)
     assert parts.hostname == "127.0.0.1", url
     target = url[len(f"{parts.scheme}://{parts.netloc}"):] or "/"
-    conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=timeout)
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "127.0.0.1", parts.port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=timeout)
     try:
         send_request(conn, method, target, headers, body)
         resp = conn.getresponse()
@@ -170,6 +298,21 @@ def http_request(
         return Response(resp.status, resp.headers, data)
     finally:
         conn.close()
+
+
+def call(broker: "Broker", provider: str, token: str, method: str = "GET", path: str = "/v1/models",
+         body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,
+         timeout: float = 30.0) -> Response:
+    """One request for `provider` carrying `token` the way that provider's client does.
+    For telegram, `path` is the method part (`/sendMessage`) and the token goes in the path."""
+    if provider == "telegram":
+        target = f"/telegram/bot{token}{path}"
+    else:
+        target = f"/{provider}{path}"
+    hs = {**auth_headers(provider, token), **(headers or {})}
+    if body is not None:
+        hs.setdefault("Content-Type", "application/json")
+    return http_request(broker.url + target, method, hs, body, timeout)
 
 
 def error_type_and_message(resp: Response) -> Tuple[str, str]:
@@ -207,59 +350,9 @@ def auth_headers(provider: str, token: str) -> Dict[str, str]:
     raise AssertionError(provider)
 
 
-def closed_port() -> int:
-    """A loopback port with nothing listening on it (bound then closed)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def deterministic_chunks(total: int, chunk: int = 1024 * 1024, seed: int = 1234) -> Iterator[bytes]:
-    """`total` pseudo-random bytes in `chunk`-sized pieces, generated lazily (never all in memory)."""
-    import random
-    rng = random.Random(seed)
-    left = total
-    while left > 0:
-        n = min(chunk, left)
-        yield rng.randbytes(n)
-        left -= n
-
-
-def sha256_of_chunks(total: int, chunk: int = 1024 * 1024, seed: int = 1234) -> str:
-    h = hashlib.sha256()
-    for piece in deterministic_chunks(total, chunk, seed):
-        h.update(piece)
-    return h.hexdigest()
-
-
 # ============================================================================
 # FakeUpstream: a recording loopback HTTP/1.1 server
 # ============================================================================
-
-
-def file_text(path: Path) -> str:
-    """A process's captured output so far ('' before the file exists)."""
-    try:
-        return path.read_bytes().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
-
-
-class HeaderLookup:
-    """Case-insensitive lookups over a ``headers`` list of (name, value) pairs."""
-
-    headers: List[Tuple[str, str]]
-
-    def header(self, name: str) -> Optional[str]:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
-
-    def header_all(self, name: str) -> List[str]:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
 @dataclass
@@ -282,7 +375,6 @@ class RecordedRequest(HeaderLookup):
     def query(self) -> Dict[str, List[str]]:
         q = self.target.split("?", 1)[1] if "?" in self.target else ""
         return urllib.parse.parse_qs(q, keep_blank_values=True)
-
 
     def header_names(self) -> List[str]:
         return [k.lower() for k, _ in self.headers]
@@ -481,43 +573,84 @@ def key_check_failure(provider: str, key: str, req: RecordedRequest) -> Optional
 
 def default_responder(provider: str, key: str) -> Responder:
     """Like a real API: 401 unless the real key is where the provider expects it; else echo JSON."""
-    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
-        why = key_check_failure(provider, key, req)
-        if why is not None:
-            h.send_json(401, {"error": {"message": "fake upstream: invalid key", "where": "key check"}})
-            return
+    def echo(h: UpstreamHandler, req: RecordedRequest) -> None:
         h.send_json(200, {"ok": True, "provider": provider, "method": req.method,
                           "path": req.path, "body_len": req.body_len},
                     headers=[("X-Upstream", provider)])
-    return respond
+    return key_checked(provider, echo, key)
+
+
+def key_checked(provider: str, respond: Responder, key: Optional[str] = None) -> Responder:
+    """A responder that answers 401 like the real API unless the real key arrived where
+    `provider` expects it, and otherwise calls `respond`."""
+    def wrapper(h: UpstreamHandler, req: RecordedRequest) -> None:
+        if key_check_failure(provider, key if key is not None else REAL_KEYS[provider], req) is not None:
+            h.send_json(401, {"error": {"message": "fake upstream: invalid key"}})
+            return
+        respond(h, req)
+    return wrapper
 
 
 class _UpstreamServer(ThreadingHTTPServer):
+    """Counts the TCP connections it accepts; with an SSL context, speaks TLS on each of them."""
     daemon_threads = True
     allow_reuse_address = True
     upstream: "FakeUpstream"
+    ssl_context: Optional[ssl.SSLContext] = None
+
+    def get_request(self) -> Tuple[Any, Any]:
+        sock, addr = self.socket.accept()
+        with self.upstream.lock:
+            self.upstream.accepted += 1
+            self.upstream.peers.append(addr[1])
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            try:
+                request.settimeout(10)
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                with self.upstream.lock:
+                    self.upstream.handshake_failures.append(f"{type(exc).__name__}: {exc}")
+                return
+        super().finish_request(request, client_address)
 
 
 class FakeUpstream:
     """A loopback HTTP/1.1 server standing in for one provider's API.
 
     .requests: every RecordedRequest received; .responder: the function answering (reset() restores
-    the key-checking default); .sse_sent_at: monotonic send times of SSE events; .errors: responder errors.
+    the key-checking default); .sse_sent_at: monotonic send times of SSE events; .errors: responder
+    errors; .accepted / .peers: TCP connections accepted (and their client ports). With `tls`
+    (cert, key) it speaks HTTPS; failed TLS handshakes are in .handshake_failures.
     """
 
-    def __init__(self, provider: str, key: Optional[str] = None) -> None:
+    def __init__(self, provider: str, key: Optional[str] = None,
+                 tls: Optional[Tuple[Path, Path]] = None) -> None:
         self.provider = provider
         self.key = key if key is not None else REAL_KEYS[provider]
         self.lock = threading.Lock()
         self.requests: List[RecordedRequest] = []
         self.sse_sent_at: List[float] = []
         self.errors: List[str] = []
+        self.accepted = 0
+        self.peers: List[int] = []
+        self.handshake_failures: List[str] = []
         self.release = threading.Event()  # set at stop(); responders that hang wait on it
         self.responder: Responder = default_responder(provider, self.key)
         self._server = _UpstreamServer(("127.0.0.1", 0), UpstreamHandler)
         self._server.upstream = self
+        scheme = "http"
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self._server.ssl_context = ctx
+            scheme = "https"
         self.port: int = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name=f"upstream-{provider}", daemon=True)
         self._thread.start()
@@ -527,6 +660,9 @@ class FakeUpstream:
             self.requests.clear()
             self.sse_sent_at.clear()
             self.errors.clear()
+            self.accepted = 0
+            self.peers.clear()
+            self.handshake_failures.clear()
             self.responder = default_responder(self.provider, self.key)
 
     def set_responder(self, fn: Responder) -> None:
@@ -545,14 +681,124 @@ class FakeUpstream:
         self._thread.join(timeout=5)
 
 
+def hanging_upstream(provider: str) -> FakeUpstream:
+    """An upstream that reads the request and never answers (until it is stopped)."""
+    up = FakeUpstream(provider)
+
+    def hang(h: UpstreamHandler, req: RecordedRequest) -> None:
+        up.release.wait(30)
+        h.close_connection = True
+
+    up.set_responder(hang)
+    return up
+
+
 # ============================================================================
-# Broker process
+# The attacker's server, and "nobody received anything"
+# ============================================================================
+
+
+class TcpRecorder:
+    """Listens on 127.0.0.1 for an attacker; `.connections` holds the bytes of each accepted
+    connection. It never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.05)
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.connections: List[bytearray] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="attacker", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            buf = bytearray()
+            with self.lock:
+                self.connections.append(buf)
+            threading.Thread(target=self._drain, args=(conn, buf), daemon=True).start()
+
+    def _drain(self, conn: socket.socket, buf: bytearray) -> None:
+        conn.settimeout(0.5)
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                with self.lock:
+                    buf.extend(data)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.connections.clear()
+
+    def seen(self) -> List[bytes]:
+        with self.lock:
+            return [bytes(b) for b in self.connections]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+def requests_to(upstreams: Dict[str, FakeUpstream]) -> Dict[str, List[str]]:
+    """{provider: ["METHOD target", ...]} for every upstream that received a request."""
+    out: Dict[str, List[str]] = {}
+    for name, up in upstreams.items():
+        with up.lock:
+            if up.requests:
+                out[name] = [f"{r.method} {r.target}" for r in up.requests]
+    return out
+
+
+def assert_no_traffic(upstreams: Dict[str, FakeUpstream], attacker: Optional[TcpRecorder] = None,
+                      what: str = "", settle: float = 0.05) -> None:
+    """No FakeUpstream recorded a request and the attacker saw no connection at all, `settle`
+    seconds after the answer (a wrong connection would be on its way by then)."""
+    if settle:
+        time.sleep(settle)
+    got = requests_to(upstreams)
+    assert not got, f"{what}: upstream(s) received {got}"
+    if attacker is not None:
+        seen = attacker.seen()
+        assert not seen, f"{what}: attacker server got {len(seen)} connection(s): {seen[:2]!r}"
+
+
+def assert_token_absent(req: RecordedRequest, token: str) -> None:
+    """The fake token (or its random part) must appear nowhere the upstream could see."""
+    wire = req.wire_text()
+    m = re.search(r"seks_[a-z]+_([A-Za-z0-9_-]+)$", token)
+    rand = m.group(1) if m else token
+    assert token not in wire, f"fake token reached upstream: {req.method} {req.target}"
+    assert rand not in wire, f"fake token's random part reached upstream: {req.method} {req.target}"
+    assert "seks_" not in wire.lower(), f"'seks_' reached upstream: {req.method} {req.target}"
+
+
+# ============================================================================
+# The broker: its DB (seeded in-process, or through the real CLI) and its serve processes
 # ============================================================================
 
 
 def broker_env(upstream_urls: Optional[Dict[str, str]] = None, extra: Optional[Dict[str, str]] = None,
                master_key: Optional[str] = MASTER_KEY) -> Dict[str, str]:
-    """A clean environment: no inherited SEKS_* or proxy variables."""
+    """A clean environment: no inherited SEKS_* or proxy variables. master_key None: the
+    commands use (and create) the key file <db>.key."""
     env = {k: v for k, v in os.environ.items()
            if not k.upper().startswith("SEKS_") and k.lower() not in
            ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
@@ -568,7 +814,7 @@ def broker_env(upstream_urls: Optional[Dict[str, str]] = None, extra: Optional[D
 
 def run_cli(db: Union[str, Path], *args: str, input: Optional[str] = None,
             env: Optional[Dict[str, str]] = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`python3 seks_broker.py --db DB ARGS...` with text stdin/stdout/stderr captured."""
+    """`python3 seks_broker.py --db DB ARGS...`: the real CLI, text stdin/stdout/stderr captured."""
     return subprocess.run(
         [sys.executable, str(BROKER_PY), "--db", str(db), *args],
         input=input if input is not None else "",
@@ -577,116 +823,328 @@ def run_cli(db: Union[str, Path], *args: str, input: Optional[str] = None,
     )
 
 
+_MINT_PARSER: List[Any] = []
+_PROVIDERS_CACHE: Dict[Optional[str], Dict[str, Any]] = {}
+_SERVE_COUNT = itertools.count(1)
+
+
+def _mint_args(flags: Sequence[str]) -> Any:
+    """`token mint` flags parsed by the broker's own CLI parser (the same names, checks, repeats)."""
+    if not _MINT_PARSER:
+        _MINT_PARSER.append(load_broker_module().build_parser())
+    return _MINT_PARSER[0].parse_args(["token", "mint", *flags])
+
+
+def _providers(config: Optional[Path]) -> Dict[str, Any]:
+    """The broker's providers (built-in plus the config file's custom ones), as a command sees them."""
+    key = str(config) if config else None
+    if key not in _PROVIDERS_CACHE:
+        sb = load_broker_module()
+        _PROVIDERS_CACHE[key] = sb.load_providers(sb.resolve_settings(key, {}, {}), strict=False)
+    return _PROVIDERS_CACHE[key]
+
+
 class Broker:
-    """A `seks_broker.py serve --port 0` subprocess with its own DB, secrets and one token per provider."""
+    """A broker under test: its database (secrets, tokens, the environment its commands run in, an
+    optional config file) and, once started, one `seks_broker.py serve` subprocess on 127.0.0.1.
 
-    def __init__(self, workdir: Path, upstream_urls: Dict[str, str],
-                 extra_env: Optional[Dict[str, str]] = None,
-                 providers: Sequence[str] = PROVIDERS,
-                 keys: Optional[Dict[str, str]] = None,
-                 serve_args: Sequence[str] = ()) -> None:
-        self.workdir = workdir
-        self.db = workdir / "seks.db"
-        self.env = broker_env(upstream_urls, extra_env)
-        self.keys = dict(keys or REAL_KEYS)
-        self._tokens: Dict[str, str] = {}
+    `seed_broker()` makes the database; `.serve(*flags, env=, config=, python=, name=)` starts a
+    serve process on it and returns it as a Broker sharing the DB, keys and tokens (call it again
+    for a second process on the same DB). The process side: `.url`, `.port`, `.scheme` (https
+    with --tls-cert), `.admin_port`, `.ready_line`, stderr/stdout, `signal`, `wait`, `stop` (by PID).
+
+    Setup writes (secrets, tokens) run in this process through seks_broker's own Store and
+    cipher, which is what `secret add` and `token mint` do, minus a Python start each; a broker
+    made with `via_cli=True` (or a call with via_cli=True) runs the real CLI instead, for tests
+    whose subject is the CLI; `.cli()` always runs the real CLI.
+    """
+
+    def __init__(self, db: Path, env: Dict[str, str], keys: Optional[Dict[str, str]] = None,
+                 config: Optional[Path] = None, via_cli: bool = False) -> None:
+        self.db = Path(db)
+        self.via_cli = via_cli                  # every write through the real CLI (test_cli.py)
+        self.workdir = self.db.parent
+        self.env = env
+        self.keys: Dict[str, str] = keys if keys is not None else dict(REAL_KEYS)
+        self.config = config
+        self.tokens: Dict[str, str] = {}        # the token seeded for each provider
         self.proc: Optional[subprocess.Popen] = None
-        self.stderr_path = workdir / "broker.stderr"
-        self.stdout_path = workdir / "broker.stdout"
-        for provider in providers:
-            cp = self.cli("secret", "add", secret_name(provider), "--provider", provider,
-                          input=self.keys[provider] + "\n")
-            assert cp.returncode == 0, f"secret add {provider}: rc={cp.returncode} {cp.stderr}"
-            self._tokens[provider] = self.mint(provider)
-        self._start(serve_args)
+        self.pid = 0
+        self.scheme, self.host, self.port, self.url = "http", "127.0.0.1", 0, ""
+        self.admin_port: Optional[int] = None
+        self.ready_line = ""
+        self.stderr_path = self.workdir / "not-started.stderr"
+        self.stdout_path = self.workdir / "not-started.stdout"
 
-    # -- CLI ----------------------------------------------------------------------------------
-    def cli(self, *args: str, input: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-            timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-        return run_cli(self.db, *args, input=input, env=env if env is not None else self.env, timeout=timeout)
+    def __repr__(self) -> str:
+        return f"Broker({self.db}, pid={self.pid or None}, url={self.url or None})"
 
-    def mint(self, provider: str, agent: Optional[str] = None, *extra: str) -> str:
-        cp = self.cli("token", "mint", "--secret", secret_name(provider),
-                      "--agent", agent or agent_name(provider), *extra)
-        assert cp.returncode == 0, f"token mint {provider}: rc={cp.returncode} {cp.stderr}"
-        lines = cp.stdout.strip().splitlines()
-        assert len(lines) == 1, f"token mint printed {len(lines)} lines"
-        return lines[0].strip()
-
+    # -- the DB: secrets, tokens, the CLI -------------------------------------------------------
     def token(self, provider: str) -> str:
-        return self._tokens[provider]
+        return self.tokens[provider]
 
     def key(self, provider: str) -> str:
         return self.keys[provider]
 
-    # -- process ------------------------------------------------------------------------------
-    def _start(self, serve_args: Sequence[str]) -> None:
+    def cli(self, *args: str, input: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+            timeout: float = CLI_TIMEOUT_S, db: Optional[Path] = None) -> subprocess.CompletedProcess:
+        """The real CLI on this DB (with this broker's env and config file)."""
+        pre = ("--config", str(self.config)) if self.config else ()
+        return run_cli(db or self.db, *pre, *args, input=input,
+                       env=env if env is not None else self.env, timeout=timeout)
+
+    def _store(self) -> Any:
+        return load_broker_module().Store(str(self.db))
+
+    def add_secret(self, name: str, provider: str, value: str, via_cli: Optional[bool] = None) -> None:
+        """`secret add NAME --provider P` with `value` on stdin."""
+        if self.via_cli if via_cli is None else via_cli:
+            ok(self.cli("secret", "add", name, "--provider", provider, input=value + "\n"))
+            return
+        sb = load_broker_module()
+        provider = _providers(self.config)[provider].name
+        store = self._store()
+        try:
+            master = sb.load_master_key(str(self.db), self.env, store)
+            ciphertext = sb.SecretCipher(master).encrypt(value.encode(), sb.secret_ad(name, provider))
+            store.put_secret(name, provider, ciphertext, replace=False, check=sb.derive_key(master, "key-check"))
+        finally:
+            store.close()
+
+    def mint(self, provider: str, agent: Optional[str] = None, *flags: str, secret: Optional[str] = None,
+             via_cli: Optional[bool] = None) -> str:
+        """`token mint --secret <provider>-key --agent AGENT FLAGS...`: the new token."""
+        argv = ["--secret", secret or secret_name(provider), "--agent", agent or agent_name(provider), *flags]
+        if self.via_cli if via_cli is None else via_cli:
+            lines = ok(self.cli("token", "mint", *argv)).strip().splitlines()
+            assert len(lines) == 1, f"token mint printed {len(lines)} lines"
+            return lines[0].strip()
+        sb = load_broker_module()
+        args = _mint_args(argv)
+        store = self._store()
+        try:
+            found = store.get_secret(args.secret)
+            assert found is not None, f"no secret named {args.secret!r}"
+            prov = _providers(self.config)[found[0]]
+            expires = time.time() + sb.parse_ttl(args.ttl) if args.ttl else None
+            policy = sb.make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
+                                    args.models, args.budget_tokens)
+            assert prov.usage or not {"models", "budget_tokens"} & set(policy), \
+                f"--models/--budget-tokens need an LLM provider, not {prov.name}"
+            real_key = ""
+            if prov.token_shape == "bot-id":        # Telegram: the fake token carries the bot id
+                master = sb.load_master_key(str(self.db), self.env, store)
+                real_key = sb.SecretCipher(master).decrypt(
+                    found[1], sb.secret_ad(args.secret, found[0])).decode()
+            store.add_agent(args.agent, exist_ok=True)
+            token = sb.new_token(prov, real_key)
+            store.add_token(sb.new_token_id(), sb.token_digest(token), args.secret, found[0], args.agent,
+                            expires, policy)
+        finally:
+            store.close()
+        return token
+
+    def revoke(self, token: str) -> None:
+        """`token revoke -` (the token on stdin), through the real CLI."""
+        ok(self.cli("token", "revoke", "-", input=token + "\n"))
+
+    # -- the serve process ----------------------------------------------------------------------
+    def serve(self, *serve_args: str, env: Optional[Dict[str, str]] = None, config: Optional[Path] = None,
+              python: str = sys.executable, port_flag: bool = True, name: str = "serve",
+              timeout: float = START_TIMEOUT_S) -> "Broker":
+        """`python seks_broker.py --db DB [--config F] serve --host 127.0.0.1 [--port 0] FLAGS`,
+        waited for until it prints its listening line; returned as a Broker on the same DB."""
+        b = copy.copy(self)
+        if env is not None:
+            b.env = env
+        if config is not None:
+            b.config = config
+        b._start(list(serve_args), python, port_flag, f"{name}-{next(_SERVE_COUNT)}", timeout)
+        return b
+
+    def _start(self, serve_args: List[str], python: str, port_flag: bool, name: str, timeout: float) -> None:
+        cmd = [python, str(BROKER_PY), "--db", str(self.db)]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        cmd += ["serve", "--host", "127.0.0.1"] + (["--port", "0"] if port_flag else []) + serve_args
+        self.stderr_path = self.workdir / f"{name}.stderr"
+        self.stdout_path = self.workdir / f"{name}.stdout"
         err = open(self.stderr_path, "wb")
         out = open(self.stdout_path, "wb")
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(BROKER_PY), "--db", str(self.db), "serve",
-                 "--host", "127.0.0.1", "--port", "0", *serve_args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.env, cwd=str(self.workdir),
-            )
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                         env=self.env, cwd=str(self.workdir))
         finally:
             err.close()
             out.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            m = LISTEN_RE.search(self.stderr_text())
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + timeout
+        while True:
+            m = READY_RE.search(self.stderr_text())
             if m:
-                assert m.group(1) == "127.0.0.1", m.group(0)
-                self.host, self.port = m.group(1), int(m.group(2))
-                self.url = f"http://127.0.0.1:{self.port}"
-                return
+                break
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited rc={self.proc.returncode}: {self.stderr_text()[-3000:]}")
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"broker did not print its listening line: {self.stderr_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"broker did not print its listening line: {self.stderr_text()[-3000:]}")
+            time.sleep(0.01)
+        text = self.stderr_text()
+        end = text.find("\n", m.start())
+        self.ready_line = text[m.start(): end if end >= 0 else len(text)]
+        self.scheme, self.host, self.port = m.group(1), m.group(2), int(m.group(3))
+        assert self.host == "127.0.0.1", m.group(0)
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.admin_port = int(m.group(5)) if m.group(5) else None
 
+    # -- output ---------------------------------------------------------------------------------
     def stderr_text(self) -> str:
         return file_text(self.stderr_path)
 
     def stdout_text(self) -> str:
         return file_text(self.stdout_path)
 
+    def lines_after_ready(self) -> List[str]:
+        text = self.stderr_text()
+        idx = text.find(self.ready_line)
+        assert idx >= 0
+        rest = text[idx + len(self.ready_line):]
+        return [line for line in rest.split("\n")[1:] if line != ""]
+
+    def wait_for_lines(self, n: int, timeout: float = 5.0) -> List[str]:
+        """Request log lines are written after the answer: wait until at least n are there."""
+        wait_until(lambda: len(self.lines_after_ready()) >= n, timeout)
+        return self.lines_after_ready()
+
+    def wait_for_log(self, pred: Callable[[str], Any], timeout: float = 10.0) -> str:
+        """stderr once `pred(stderr)` holds (log lines are written after the answer), asserted."""
+        assert wait_until(lambda: pred(self.stderr_text()), timeout), \
+            f"the broker log never showed what was expected:\n{self.stderr_text()[-1500:]}"
+        return self.stderr_text()
+
+    # -- lifecycle ------------------------------------------------------------------------------
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self) -> None:
-        """Terminate by PID, wait with a timeout, kill if it does not go."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> Optional[int]:
+        """The exit code, or None if still running after `timeout` seconds."""
+        assert self.proc is not None
         try:
-            self.proc.wait(timeout=5)
+            return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.proc is not None
             self.proc.kill()
             self.proc.wait(timeout=5)
 
-    # -- requests -----------------------------------------------------------------------------
+    def stop(self, timeout: float = 8.0) -> Optional[int]:
+        """SIGTERM by PID, wait, SIGKILL if it does not go. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    # -- requests -------------------------------------------------------------------------------
     def request(self, method: str, path: str, headers: HeaderInput = None,
-                body: Union[None, bytes, str, Iterable[bytes]] = None,
-                timeout: float = HTTP_TIMEOUT_S) -> Response:
-        return http_request(self.url + path, method, headers, body, timeout)
+                body: Union[None, bytes, str, Iterable[bytes]] = None, timeout: float = HTTP_TIMEOUT_S,
+                context: Optional[ssl.SSLContext] = None, port: Optional[int] = None) -> Response:
+        """One request on a fresh connection to this broker's agent port (or `port`)."""
+        return http_request(f"{self.scheme}://127.0.0.1:{port or self.port}{path}", method, headers, body,
+                            timeout, context)
+
+    def admin_get(self, path: str, port: Optional[int] = None) -> Response:
+        p = port or self.admin_port
+        assert p, "no admin port"
+        return http_request(f"http://127.0.0.1:{p}{path}")
 
     def reset_peak_rss(self) -> None:
         """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs), so a later peak is this test's."""
         try:
-            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
         except OSError:
             pass
 
     def vm_hwm_bytes(self) -> Optional[int]:
         """Peak resident memory of the broker process (Linux), or None where /proc is missing."""
         try:
-            text = Path(f"/proc/{self.proc.pid}/status").read_text()
+            text = Path(f"/proc/{self.pid}/status").read_text()
         except OSError:
             return None
         m = re.search(r"^VmHWM:\s+(\d+)\s+kB", text, re.M)
         return int(m.group(1)) * 1024 if m else None
+
+
+def seed_broker(workdir: Path, providers: Sequence[str] = PROVIDERS, *,
+                upstream_urls: Optional[Dict[str, str]] = None, extra_env: Optional[Dict[str, str]] = None,
+                env: Optional[Dict[str, str]] = None, keys: Optional[Dict[str, str]] = None,
+                config: Optional[Path] = None, via_cli: bool = False) -> Broker:
+    """A DB in `workdir` with, per provider, its secret `<provider>-key` (the value in `keys`,
+    else REAL_KEYS) and one token for `agent-<provider>`. No process is started. via_cli: made
+    (and later written) through the real CLI."""
+    b = Broker(workdir / "seks.db", env if env is not None else broker_env(upstream_urls, extra_env),
+               dict(REAL_KEYS, **(keys or {})), config, via_cli)
+    for p in providers:
+        b.add_secret(secret_name(p), p, b.keys[p])
+        b.tokens[p] = b.mint(p)
+    return b
+
+
+def audit_json(broker: Broker, *args: str, db: Optional[Path] = None) -> List[Dict[str, Any]]:
+    """The audit rows as `audit --json` prints them (real CLI), oldest first; `args` filter."""
+    cp = run_cli(db or broker.db, "audit", "--json", "--limit", "1000000", *args, env=broker.env)
+    return [json.loads(line) for line in ok(cp).splitlines() if line.strip()]
+
+
+def fresh_token(broker: Broker, provider: str, *policy_flags: str, prefix: str = "agent") -> Tuple[str, str]:
+    """(agent, token): a token of `provider` for a new agent of its own, limited by
+    `policy_flags` as `token mint` takes them (--allow-method GET, --budget-tokens 100, ...)."""
+    agent = fresh_agent(prefix)
+    return agent, broker.mint(provider, agent, *policy_flags)
+
+
+class Brokers:
+    """Makes brokers for one fixture and stops every process it started (by PID) at its end.
+
+    brokers(upstream_urls, extra_env, providers, serve_args=(), **seed options) -> a seeded,
+    running Broker; .seed(providers, **options) -> a seeded DB, no process;
+    .serve(base, *flags, **options) -> a process on base's DB."""
+
+    def __init__(self, mktemp: Callable[[str], Path]) -> None:
+        self._mktemp = mktemp
+        self.started: List[Broker] = []
+
+    def seed(self, providers: Sequence[str] = PROVIDERS, **options: Any) -> Broker:
+        return seed_broker(self._mktemp("broker"), providers, **options)
+
+    def serve(self, base: Broker, *serve_args: str, **options: Any) -> Broker:
+        b = base.serve(*serve_args, **options)
+        self.started.append(b)
+        return b
+
+    def __call__(self, upstream_urls: Optional[Dict[str, str]] = None, extra_env: Optional[Dict[str, str]] = None,
+                 providers: Sequence[str] = PROVIDERS, *, serve_args: Sequence[str] = (), name: str = "broker",
+                 **seed_options: Any) -> Broker:
+        base = self.seed(providers, upstream_urls=upstream_urls, extra_env=extra_env, **seed_options)
+        return self.serve(base, *serve_args, name=name)
+
+    def stop_all(self) -> None:
+        for b in reversed(self.started):
+            try:
+                b.stop()
+            except Exception:  # noqa: BLE001 - stop the others regardless
+                b.kill()
 
 
 # ============================================================================
@@ -717,35 +1175,39 @@ def _reset_upstreams(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(scope="module")
-def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Broker]]:
-    """start(upstream_urls, extra_env=None, providers=PROVIDERS, ...) -> Broker; all stopped at module end."""
-    started: List[Broker] = []
+def broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brokers]:
+    """Brokers for the module (see Brokers), all stopped at module end."""
+    brokers = Brokers(tmp_path_factory.mktemp)
+    yield brokers
+    brokers.stop_all()
 
-    def start(upstream_urls: Dict[str, str], extra_env: Optional[Dict[str, str]] = None,
-              providers: Sequence[str] = PROVIDERS, **kw: Any) -> Broker:
-        b = Broker(tmp_path_factory.mktemp("broker"), upstream_urls, extra_env, providers, **kw)
-        started.append(b)
-        return b
 
-    yield start
-    for b in started:
-        b.stop()
+@pytest.fixture
+def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brokers]:
+    """Brokers for one test (see Brokers), all stopped when it ends, pass or fail."""
+    brokers = Brokers(tmp_path_factory.mktemp)
+    yield brokers
+    brokers.stop_all()
 
 
 @pytest.fixture(scope="module")
-def broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+def broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
     """The module's shared broker, every provider pointed at its FakeUpstream."""
     return broker_factory({p: u.url for p, u in upstreams.items()})
 
 
-def assert_token_absent(req: RecordedRequest, token: str) -> None:
-    """The fake token (or its random part) must appear nowhere the upstream could see."""
-    wire = req.wire_text()
-    m = re.search(r"seks_[a-z]+_([A-Za-z0-9_-]+)$", token)
-    rand = m.group(1) if m else token
-    assert token not in wire, f"fake token reached upstream: {req.method} {req.target}"
-    assert rand not in wire, f"fake token's random part reached upstream: {req.method} {req.target}"
-    assert "seks_" not in wire.lower(), f"'seks_' reached upstream: {req.method} {req.target}"
+@pytest.fixture(scope="module")
+def _attacker_server() -> Iterator[TcpRecorder]:
+    rec = TcpRecorder()
+    yield rec
+    rec.stop()
+
+
+@pytest.fixture
+def attacker(_attacker_server: TcpRecorder) -> TcpRecorder:
+    """A server the attacker controls; every test starts with its log empty."""
+    _attacker_server.clear()
+    return _attacker_server
 
 
 # ============================================================================

@@ -1,304 +1,28 @@
-"""Helpers for the operations suites (test_ops.py, test_pool.py, test_workers.py).
+"""Helpers for the operations suites (test_ops.py, test_workers.py) and the TLS attacks in
+test_security.py: throwaway certificates, a strict Prometheus text parser, runs of free ports.
 
-  * `ServeProc`: a `seks_broker.py serve` subprocess with any flags, env, config file and
-    interpreter, on a DB prepared by the test (http or https, optional admin port, --workers);
-    stopped by PID only.
-  * `LoopUpstream`: a conftest `FakeUpstream` that also counts accepted TCP connections and can
-    speak TLS with a certificate made by the test.
-  * `make_ca_and_leaf`, `make_self_signed`: throwaway certificates made with the `openssl` binary.
+  * `make_ca`, `make_leaf`, `make_ca_and_leaf`, `make_self_signed`: certificates made with the
+    `openssl` binary (a private CA and server certificates for any name).
   * `parse_exposition`: a small, strict parser of the Prometheus text format (0.0.4).
-  * `OpsDB`: a DB with secrets and tokens made through the real CLI.
+  * `free_port_run`, `connect_refused`, `write_private`.
 
-Nothing of the broker is mocked: every request crosses a real socket on 127.0.0.1.
+The broker process, its seeded DB and the fake upstreams are in conftest.py.
 """
 
 from __future__ import annotations
 
-import http.client
 import math
 import os
 import re
 import shutil
-import signal
 import socket
-import ssl
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Tuple
 
-from conftest import (
-    BROKER_PY, CLI_TIMEOUT_S, HTTP_TIMEOUT_S, REAL_KEYS, START_TIMEOUT_S, FakeUpstream, Response,
-    UpstreamHandler, _UpstreamServer, broker_env, default_responder, file_text, run_cli, secret_name,
-)
+from conftest import free_port
 
-READY_RE = re.compile(r"seks-broker listening on (https?)://([0-9.]+):(\d+)"
-                      r"(?: \(admin on http://([0-9.]+):(\d+)\))?")
 OPENSSL = shutil.which("openssl")
-
-
-# ============================================================================
-# Broker subprocess with arbitrary arguments
-# ============================================================================
-
-class ServeProc:
-    """`python seks_broker.py --db DB [--config F] serve --host 127.0.0.1 [--port 0] ARGS`."""
-
-    def __init__(self, db: Path, args: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
-                 config: Optional[Path] = None, python: str = sys.executable,
-                 port_flag: bool = True, name: str = "serve",
-                 start_timeout: float = START_TIMEOUT_S) -> None:
-        self.db = Path(db)
-        self.workdir = self.db.parent
-        self.env = env if env is not None else broker_env()
-        self.stderr_path = self.workdir / f"{name}.{os.getpid()}.{time.monotonic_ns()}.stderr"
-        self.stdout_path = self.stderr_path.with_suffix(".stdout")
-        cmd = [python, str(BROKER_PY), "--db", str(self.db)]
-        if config is not None:
-            cmd += ["--config", str(config)]
-        cmd += ["serve", "--host", "127.0.0.1"] + (["--port", "0"] if port_flag else []) + list(args)
-        self.cmd = cmd
-        err = open(self.stderr_path, "wb")
-        out = open(self.stdout_path, "wb")
-        try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         env=self.env, cwd=str(self.workdir))
-        finally:
-            err.close()
-            out.close()
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + start_timeout
-        while True:
-            m = READY_RE.search(self.stderr_text())
-            if m:
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited rc={self.proc.returncode}: "
-                                   f"{self.stderr_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"no listening line: {self.stderr_text()[-3000:]}")
-            time.sleep(0.02)
-        text = self.stderr_text()
-        end = text.find("\n", m.start())
-        self.ready_line = text[m.start(): end if end >= 0 else len(text)]
-        self.scheme, host, self.port = m.group(1), m.group(2), int(m.group(3))
-        assert host == "127.0.0.1", m.group(0)
-        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
-        self.admin_port = int(m.group(5)) if m.group(5) else None
-
-    # -- output ------------------------------------------------------------------------------
-    def stderr_text(self) -> str:
-        return file_text(self.stderr_path)
-
-    def stdout_text(self) -> str:
-        return file_text(self.stdout_path)
-
-    def lines_after_ready(self) -> List[str]:
-        text = self.stderr_text()
-        idx = text.find(self.ready_line)
-        assert idx >= 0
-        rest = text[idx + len(self.ready_line):]
-        return [line for line in rest.split("\n")[1:] if line != ""]
-
-    def wait_for_lines(self, n: int, timeout: float = 5.0) -> List[str]:
-        """Request log lines are written after the answer: wait until at least n are there."""
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = self.lines_after_ready()
-            if len(lines) >= n or time.monotonic() > deadline:
-                return lines
-            time.sleep(0.02)
-
-    # -- lifecycle ---------------------------------------------------------------------------
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid, sig)
-
-    def wait(self, timeout: float) -> Optional[int]:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-    def stop(self, timeout: float = 8.0) -> Optional[int]:
-        """SIGTERM by PID, wait, SIGKILL if it does not go. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    # -- requests ----------------------------------------------------------------------------
-    def request(self, method: str, path: str, headers: Optional[Dict[str, str]] = None,
-                body: Optional[bytes] = None, timeout: float = HTTP_TIMEOUT_S,
-                context: Optional[ssl.SSLContext] = None, port: Optional[int] = None) -> Response:
-        port = port or self.port
-        if self.scheme == "https":
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                "127.0.0.1", port, timeout=timeout, context=context)
-        else:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return Response(resp.status, resp.headers, resp.read())
-        finally:
-            conn.close()
-
-    def admin_get(self, path: str, port: Optional[int] = None) -> Response:
-        p = port or self.admin_port
-        assert p, "no admin port"
-        conn = http.client.HTTPConnection("127.0.0.1", p, timeout=HTTP_TIMEOUT_S)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            return Response(resp.status, resp.headers, resp.read())
-        finally:
-            conn.close()
-
-
-class ProcRegistry:
-    """Stops every ServeProc a test started (by PID), even when the test fails."""
-
-    def __init__(self) -> None:
-        self.procs: List[ServeProc] = []
-
-    def start(self, *args: Any, **kw: Any) -> ServeProc:
-        p = ServeProc(*args, **kw)
-        self.procs.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            try:
-                p.stop()
-            except Exception:
-                p.kill()
-
-
-# ============================================================================
-# A DB prepared through the CLI
-# ============================================================================
-
-class OpsDB:
-    """A DB with one secret and one token per provider, made with the real CLI."""
-
-    def __init__(self, workdir: Path, providers: Sequence[str], env: Optional[Dict[str, str]] = None,
-                 keys: Optional[Dict[str, str]] = None, config: Optional[Path] = None) -> None:
-        self.workdir = workdir
-        self.db = workdir / "seks.db"
-        self.env = env if env is not None else broker_env()
-        self.config = config
-        self.keys = dict(REAL_KEYS)
-        self.keys.update(keys or {})
-        self.tokens: Dict[str, str] = {}
-        for p in providers:
-            ok(self.cli("secret", "add", secret_name(p), "--provider", p, input=self.keys[p] + "\n"))
-            self.tokens[p] = self.mint(p)
-
-    def cli(self, *args: str, input: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-            timeout: float = CLI_TIMEOUT_S, db: Optional[Path] = None) -> subprocess.CompletedProcess:
-        pre = ("--config", str(self.config)) if self.config else ()
-        return run_cli(db or self.db, *pre, *args, input=input,
-                       env=env if env is not None else self.env, timeout=timeout)
-
-    def mint(self, provider: str, agent: Optional[str] = None, *extra: str,
-             secret: Optional[str] = None) -> str:
-        out = ok(self.cli("token", "mint", "--secret", secret or secret_name(provider),
-                          "--agent", agent or f"agent-{provider}", *extra))
-        lines = out.strip().splitlines()
-        assert len(lines) == 1, out
-        return lines[0].strip()
-
-
-def ok(cp: subprocess.CompletedProcess) -> str:
-    assert cp.returncode == 0, f"rc={cp.returncode}\nstdout={cp.stdout}\nstderr={cp.stderr}"
-    return cp.stdout
-
-
-# ============================================================================
-# Upstreams: connection counting, optional TLS
-# ============================================================================
-
-class _LoopServer(_UpstreamServer):
-    ssl_context: Optional[ssl.SSLContext] = None
-    owner: "LoopUpstream"
-
-    def get_request(self) -> Tuple[Any, Any]:
-        sock, addr = self.socket.accept()
-        with self.owner.lock:
-            self.owner.accepted += 1
-            self.owner.peers.append(addr[1])
-        if self.ssl_context is not None:
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context is not None:
-            try:
-                request.settimeout(10)
-                request.do_handshake()
-            except (OSError, ssl.SSLError) as exc:
-                with self.owner.lock:
-                    self.owner.handshake_failures.append(f"{type(exc).__name__}: {exc}")
-                return
-        super().finish_request(request, client_address)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a broker that hangs up mid-request is expected in these tests
-
-
-class LoopUpstream(FakeUpstream):
-    """FakeUpstream that counts accepted connections (.accepted, .peers) and may speak TLS."""
-
-    def __init__(self, provider: str, key: Optional[str] = None,
-                 tls: Optional[Tuple[Path, Path]] = None) -> None:  # noqa: D401
-        self.provider = provider
-        self.key = key if key is not None else REAL_KEYS[provider]
-        self.lock = threading.Lock()
-        self.requests = []
-        self.sse_sent_at = []
-        self.errors = []
-        self.accepted = 0
-        self.peers: List[int] = []
-        self.handshake_failures: List[str] = []
-        self.release = threading.Event()
-        self.responder = default_responder(provider, self.key)
-        server = _LoopServer(("127.0.0.1", 0), UpstreamHandler)
-        server.upstream = self
-        server.owner = self
-        scheme = "http"
-        if tls is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
-            server.ssl_context = ctx
-            scheme = "https"
-        self._server = server
-        self.port = server.server_address[1]
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"loop-upstream-{provider}", daemon=True)
-        self._thread.start()
-
-    def reset(self) -> None:
-        super().reset()
-        with self.lock:
-            self.accepted = 0
-            self.peers.clear()
-            self.handshake_failures.clear()
 
 
 # ============================================================================
@@ -321,26 +45,40 @@ def make_self_signed(directory: Path, name: str = "agent") -> Tuple[Path, Path]:
     return cert, key
 
 
-def make_ca_and_leaf(directory: Path, name: str = "upstream") -> Tuple[Path, Path, Path]:
-    """A private CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, leaf.pem, leaf.key)."""
-    ca_cert, ca_key = directory / f"{name}-ca.pem", directory / f"{name}-ca.key"
+def make_ca(directory: Path, name: str) -> Tuple[Path, Path]:
+    """A private CA: (name.pem, name.key)."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN=seks test {name} CA",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             cwd=directory)
+    return cert, key
+
+
+def make_leaf(directory: Path, name: str, ca: Tuple[Path, Path],
+              san: str = "IP:127.0.0.1,DNS:localhost") -> Tuple[Path, Path]:
+    """A server certificate for `san` signed by `ca` (cert, key): (name.pem, name.key)."""
     leaf_cert, leaf_key = directory / f"{name}.pem", directory / f"{name}.key"
     csr, ext = directory / f"{name}.csr", directory / f"{name}.ext"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "2",
-             "-subj", f"/CN=seks test {name} CA", cwd=directory)
     _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(leaf_key), "-out", str(csr), "-subj", "/CN=127.0.0.1", cwd=directory)
+             "-keyout", str(leaf_key), "-out", str(csr), "-subj", f"/CN={name}", cwd=directory)
     ext.write_text("basicConstraints=critical,CA:FALSE\n"
                    "keyUsage=critical,digitalSignature,keyEncipherment\n"
                    "extendedKeyUsage=serverAuth\n"
-                   "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                   f"subjectAltName={san}\n"
                    "subjectKeyIdentifier=hash\n"
                    "authorityKeyIdentifier=keyid,issuer\n")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-             "-set_serial", "0x5e45", "-out", str(leaf_cert), "-days", "2", "-extfile", str(ext),
-             cwd=directory)
-    return ca_cert, leaf_cert, leaf_key
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+             "-set_serial", "0x%x" % int.from_bytes(os.urandom(8), "big"), "-out", str(leaf_cert),
+             "-days", "2", "-extfile", str(ext), cwd=directory)
+    return leaf_cert, leaf_key
+
+
+def make_ca_and_leaf(directory: Path, name: str = "upstream") -> Tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, leaf.pem, leaf.key)."""
+    ca = make_ca(directory, f"{name}-ca")
+    leaf_cert, leaf_key = make_leaf(directory, name, ca)
+    return ca[0], leaf_cert, leaf_key
 
 
 # ============================================================================
@@ -486,14 +224,6 @@ def sample_value(samples: List[Sample], name: str, **labels: str) -> float:
 # Small utilities
 # ============================================================================
 
-def free_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def free_port_run(n: int) -> int:
     """A port p such that p .. p+n-1 are all free right now (for admin_port + worker index)."""
     for _ in range(200):
@@ -530,20 +260,8 @@ def connect_refused(port: int, timeout: float = 1.0) -> bool:
     return False
 
 
-def wait_until(pred: Any, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return bool(pred())
-
-
 def write_private(path: Path, text: str) -> Path:
     path.write_text(text)
     os.chmod(path, 0o600)
     return path
 
-
-HeaderDict = Dict[str, str]
-Body = Union[None, bytes]

@@ -25,14 +25,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import pytest
 
 from conftest import (
-    BROKER_PY, REAL_KEYS, Broker, FakeUpstream, RecordedRequest, Response, UpstreamHandler, auth_headers,
-    http_request, key_check_failure, run_cli,
+    BROKER_PY, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, audit_json, call,
+    auth_headers, db_bytes, fresh_agent, fresh_token, http_request, key_checked, ok, parse_table,
+    random_part, run_cli, unknown_token,
 )
+from conftest import REAL_KEYS
 
 FIELDS = {"id", "ts", "agent", "token_id", "provider", "secret", "method", "path", "status", "bytes_in",
           "bytes_out", "duration_ms", "client", "outcome", "reason", "model", "tokens_in", "tokens_out"}
@@ -51,70 +53,14 @@ SQLITE3_CLI = shutil.which("sqlite3")
 # ============================================================================
 
 
-def fresh_agent(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(4)}"
-
-
-def ok(cp: Any) -> str:
-    assert cp.returncode == 0, f"rc={cp.returncode}\nstdout={cp.stdout}\nstderr={cp.stderr}"
-    return cp.stdout
-
-
-def audit_json(broker: Broker, *args: str, db: Optional[Path] = None) -> List[Dict[str, Any]]:
-    cp = run_cli(db or broker.db, "audit", "--json", "--limit", "1000000", *args, env=broker.env)
-    return [json.loads(line) for line in ok(cp).splitlines() if line.strip()]
-
-
 def rows_with(broker: Broker, marker: str) -> List[Dict[str, Any]]:
     return [r for r in audit_json(broker) if marker in (r["path"] or "")]
-
-
-def parse_table(text: str) -> List[Dict[str, str]]:
-    """A print_table table as dicts, columns sliced at the header's column starts."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    cols = [(m.start(), m.group(0)) for m in re.finditer(r"\S+(?: \S+)*", lines[0])]
-    rows = []
-    for line in lines[1:]:
-        rows.append({name: line[start:(cols[i + 1][0] if i + 1 < len(cols) else None)].strip()
-                     for i, (start, name) in enumerate(cols)})
-    return rows
 
 
 def token_id_of(broker: Broker, agent: str) -> str:
     ids = [r["ID"] for r in parse_table(ok(broker.cli("token", "list"))) if r["AGENT"] == agent]
     assert len(ids) == 1, ids
     return ids[0]
-
-
-def call(broker: Broker, provider: str, token: str, method: str = "GET", path: str = "/v1/models",
-         body: Optional[bytes] = None) -> Response:
-    target = f"/telegram/bot{token}{path}" if provider == "telegram" else f"/{provider}{path}"
-    return http_request(broker.url + target, method, auth_headers(provider, token), body, 30.0)
-
-
-def unknown_token(provider: str = "openai") -> str:
-    return f"seks_{provider}_{secrets.token_urlsafe(32)}"
-
-
-def random_part(token: str) -> str:
-    m = re.search(r"seks_[a-z]+_([A-Za-z0-9_-]+)$", token)
-    assert m, token
-    return m.group(1)
-
-
-def db_bytes(db: Path) -> bytes:
-    return b"".join(f.read_bytes() for f in sorted(db.parent.iterdir())
-                    if f.name.startswith(db.name) and not f.name.endswith(".key") and f.is_file())
-
-
-def key_checked(provider: str, respond: Callable[[UpstreamHandler, RecordedRequest], None]
-                ) -> Callable[[UpstreamHandler, RecordedRequest], None]:
-    def wrapper(h: UpstreamHandler, req: RecordedRequest) -> None:
-        if key_check_failure(provider, REAL_KEYS[provider], req) is not None:
-            h.send_json(401, {"error": {"message": "fake upstream: invalid key"}})
-            return
-        respond(h, req)
-    return wrapper
 
 
 def sized_body(n: int) -> bytes:
@@ -175,8 +121,7 @@ def test_unknown_token_rows_carry_a_fingerprint_never_the_token(broker: Broker,
 
 
 def test_valid_token_never_recorded(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    agent = fresh_agent("secretless")
-    token = broker.mint("openai", agent)
+    agent, token = fresh_token(broker, "openai", prefix="secretless")
     assert call(broker, "openai", token, path="/v1/models?limit=1").status == 200
     assert call(broker, "openai", token, "DELETE", "/v1/nothing").status == 200
     shown = ok(broker.cli("audit", "--json", "--agent", agent)) + ok(broker.cli("audit", "--agent", agent))
@@ -186,12 +131,11 @@ def test_valid_token_never_recorded(broker: Broker, upstreams: Dict[str, FakeUps
 
 
 def test_telegram_key_segment_masked(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    agent = fresh_agent("tg-mask")
-    token = broker.mint("telegram", agent)
+    agent, token = fresh_token(broker, "telegram", prefix="tg-mask")
     assert call(broker, "telegram", token, "POST", "/sendMessage?chat_id=42", b'{"text": "hi"}').status == 200
     resp = http_request(f"{broker.url}/telegram/file/bot{token}/photos/file_1.jpg")
     assert resp.status == 200
-    bad = f"1234567890:{unknown_token('telegram')}"
+    bad = unknown_token("telegram")
     marker = secrets.token_hex(6)
     assert http_request(f"{broker.url}/telegram/bot{bad}/getMe?m={marker}").status == 401
     rows = audit_json(broker, "--agent", agent)
@@ -206,8 +150,7 @@ def test_telegram_key_segment_masked(broker: Broker, upstreams: Dict[str, FakeUp
 
 
 def test_gemini_key_query_masked(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    agent = fresh_agent("gem-mask")
-    token = broker.mint("gemini", agent)
+    agent, token = fresh_token(broker, "gemini", prefix="gem-mask")
     path = "/gemini/v1beta/models/gemini-2.0-flash:generateContent"
     resp = http_request(f"{broker.url}{path}?alt=json&key={token}", "POST", {"Content-Type": "application/json"},
                         b'{"contents": []}')
@@ -229,8 +172,7 @@ def test_one_row_per_request_allowed_and_denied(broker: Broker, upstreams: Dict[
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         h.send_json(404 if "missing" in req.path else 200, {"path": req.path})
     upstreams["openai"].set_responder(key_checked("openai", respond))
-    agent = fresh_agent("rows")
-    token = broker.mint("openai", agent, "--allow-method", "GET")
+    agent, token = fresh_token(broker, "openai", "--allow-method", "GET", prefix="rows")
     statuses = [call(broker, "openai", token).status for _ in range(3)]
     statuses += [call(broker, "openai", token, "POST", "/v1/chat/completions", b"{}").status for _ in range(2)]
     statuses.append(call(broker, "openai", token, path="/v1/missing").status)
@@ -258,8 +200,7 @@ def test_audit_json_exact_fields(broker: Broker, upstreams: Dict[str, FakeUpstre
     answer_bytes = json.dumps(answer).encode()
     upstreams["openai"].set_responder(key_checked("openai", lambda h, req: h.send_bytes(
         200, answer_bytes, content_type="application/json")))
-    agent = fresh_agent("exact")
-    token = broker.mint("openai", agent)
+    agent, token = fresh_token(broker, "openai", prefix="exact")
     request_body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
     before = time.time()
     resp = call(broker, "openai", token, "POST", "/v1/chat/completions?x=1", request_body)
@@ -324,8 +265,7 @@ def test_audit_table_is_readable(broker: Broker, upstreams: Dict[str, FakeUpstre
     answer = sized_body(1234)
     upstreams["openai"].set_responder(key_checked("openai", lambda h, req: h.send_bytes(
         200, answer, content_type="application/json")))
-    agent = fresh_agent("table")
-    token = broker.mint("openai", agent, "--allow-method", "GET", "--allow-method", "POST")
+    agent, token = fresh_token(broker, "openai", "--allow-method", "GET", "--allow-method", "POST", prefix="table")
     assert call(broker, "openai", token, "POST", "/v1/files", sized_body(2500)).status == 200
     assert call(broker, "openai", token, "DELETE", "/v1/files/f1").status == 403
     out = ok(broker.cli("audit", "--agent", agent))
@@ -360,8 +300,7 @@ def test_agent_and_upstream_text_cannot_forge_the_operators_views(broker: Broker
     """A model name chosen by the agent (request) and one chosen by the upstream (answer) hold
     escapes and line breaks: every human-readable view escapes them, so each row stays one
     line and nothing can move the cursor; --json keeps the exact text."""
-    agent = fresh_agent("forge")
-    token = broker.mint("openai", agent)
+    agent, token = fresh_token(broker, "openai", prefix="forge")
     asked = "gpt-" + "".join(TERMINAL_TRICKS)
     answered = "upstream-" + "".join(reversed(TERMINAL_TRICKS))
     upstreams["openai"].set_responder(key_checked("openai", lambda h, req: h.send_json(200, {
@@ -445,8 +384,7 @@ class FollowProcess:
 
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "table"])
 def test_audit_follow_prints_new_rows(broker: Broker, upstreams: Dict[str, FakeUpstream], as_json: bool) -> None:
-    agent = fresh_agent("follow")
-    token = broker.mint("openai", agent)
+    agent, token = fresh_token(broker, "openai", prefix="follow")
     follower = FollowProcess(broker, "--agent", agent, *(["--json"] if as_json else []))
     try:
         if not as_json:
@@ -489,7 +427,7 @@ def test_audit_follow_with_limit_0_prints_only_new_rows(broker: Broker, upstream
 
 
 @pytest.fixture(scope="module")
-def chain_db(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Iterator[Broker]:
+def chain_db(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Iterator[Broker]:
     """A broker of its own with a known mix of rows (allowed, unknown token, policy refusal),
     stopped, so each tamper test can edit a private copy of its DB."""
     b = broker_factory({p: u.url for p, u in upstreams.items()}, providers=("openai",))
@@ -586,7 +524,7 @@ def test_verify_detects_tampering(chain_db: Broker, tmp_path: Path, case: str) -
 
 
 @pytest.fixture
-def own_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+def own_broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
     return broker_factory({p: u.url for p, u in upstreams.items()}, providers=("openai",))
 
 

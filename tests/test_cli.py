@@ -10,13 +10,13 @@ import re
 import stat
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
 from conftest import (
-    MASTER_KEY, REAL_KEYS, Broker, FakeUpstream, auth_headers, broker_env, error_type_and_message,
-    run_cli, secret_name,
+    MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, auth_headers, broker_env, db_bytes,
+    error_type_and_message, ok, random_part, run_cli, secret_name,
 )
 
 TOKEN_RE = re.compile(r"^seks_openai_([A-Za-z0-9_-]+)$")
@@ -29,36 +29,23 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "seks.db"
 
 
-def ok(cp) -> str:  # type: ignore[no-untyped-def]
-    assert cp.returncode == 0, f"rc={cp.returncode}\nstdout={cp.stdout}\nstderr={cp.stderr}"
-    return cp.stdout
+def via_cli(db: Path, env: Optional[Dict[str, str]] = None) -> Broker:
+    """The DB at `db` (no serve process) whose every write runs the real CLI."""
+    return Broker(db, env if env is not None else broker_env(), via_cli=True)
 
 
-def add_secret(db: Path, provider: str, name: str = "", value: str = "", env: Dict[str, str] = None) -> None:  # type: ignore[assignment]
-    ok(run_cli(db, "secret", "add", name or secret_name(provider), "--provider", provider,
-               input=(value or REAL_KEYS[provider]) + "\n", env=env))
+def add_secret(db: Path, provider: str, env: Optional[Dict[str, str]] = None) -> None:
+    via_cli(db, env).add_secret(secret_name(provider), provider, REAL_KEYS[provider])
 
 
 def mint(db: Path, provider: str, agent: str = "agent-x", *extra: str) -> str:
-    out = ok(run_cli(db, "token", "mint", "--secret", secret_name(provider), "--agent", agent, *extra))
-    lines = out.splitlines()
-    assert len(lines) == 1, f"token mint must print exactly one line, got {out!r}"
-    return lines[0].strip()
+    return via_cli(db).mint(provider, agent, *extra)
 
 
-def random_part(token: str) -> str:
-    m = re.search(r"seks_[a-z]+_([A-Za-z0-9_-]+)$", token)
-    assert m, token
-    return m.group(1)
-
-
-def all_db_bytes(db: Path) -> bytes:
-    """The DB and its WAL/SHM/journal companions (everything a backup could copy), key file excluded."""
-    out = b""
-    for f in sorted(db.parent.iterdir()):
-        if f.name.startswith(db.name) and not f.name.endswith(".key") and f.is_file():
-            out += f.read_bytes()
-    return out
+@pytest.fixture(scope="module")
+def broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
+    """The module's broker, its secrets and tokens made (and later minted) with the real CLI."""
+    return broker_factory({p: u.url for p, u in upstreams.items()}, via_cli=True)
 
 
 # ============================================================================
@@ -260,7 +247,7 @@ def test_key_file_created_0600_when_no_master_key(db: Path) -> None:
     content = key_file.read_bytes()
     ok(run_cli(db, "secret", "add", "second", "--provider", "brave", input="test-brave-second\n", env=env))
     assert key_file.read_bytes() == content, "key file rewritten on second use"
-    assert content.strip() not in all_db_bytes(db), "master key stored in the DB"
+    assert content.strip() not in db_bytes(db), "master key stored in the DB"
     assert "openai-key" in ok(run_cli(db, "secret", "list", env=env))
 
 
@@ -284,7 +271,7 @@ def test_db_never_holds_real_keys_or_tokens(broker: Broker, upstreams: Dict[str,
     for p in ("openai", "anthropic", "brave"):
         assert broker.request("GET", f"/{p}/v1/x", auth_headers(p, broker.token(p))).status == 200
     assert broker.request("GET", f"/telegram/bot{extra}/getMe").status == 200
-    data = all_db_bytes(broker.db)
+    data = db_bytes(broker.db)
     assert data, "no DB files found"
     for p, k in REAL_KEYS.items():
         assert k.encode() not in data, f"real {p} key in the DB in plain"

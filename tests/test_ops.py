@@ -33,15 +33,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from conftest import (
-    BROKER_PY, MASTER_KEY, REAL_KEYS, FakeUpstream, RecordedRequest, UpstreamHandler,
-    assert_token_absent, auth_headers, broker_env, closed_port, default_responder,
-    key_check_failure, run_cli, secret_name,
+    BROKER_PY, MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler,
+    assert_token_absent, audit_json, auth_headers, broker_env, default_responder, free_port,
+    key_check_failure, key_checked, load_broker_module, ok, run_cli, secret_name, seed_broker, wait_until,
 )
 from ops_helpers import (
-    OPENSSL, LoopUpstream, OpsDB, ProcRegistry, ServeProc, connect_refused, free_port, make_ca_and_leaf,
-    make_self_signed, ok, parse_exposition, sample_value, wait_until, write_private,
+    OPENSSL, connect_refused, make_ca_and_leaf, make_self_signed, parse_exposition, sample_value,
+    write_private,
 )
-from sec_helpers import load_broker_module
 
 OPS_PROVIDERS = ("openai", "anthropic", "gemini", "groq", "telegram")
 VERSION = re.search(r'^__version__ = "([^"]+)"', BROKER_PY.read_text(), re.M).group(1)  # type: ignore[union-attr]
@@ -52,27 +51,10 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', BROKER_PY.read_text(), re.M).gr
 # ============================================================================
 
 @pytest.fixture(scope="module")
-def ops_db(tmp_path_factory: pytest.TempPathFactory) -> OpsDB:
-    """One DB for most tests here: a secret and a token per OPS_PROVIDERS (SEKS_MASTER_KEY)."""
-    return OpsDB(tmp_path_factory.mktemp("ops"), OPS_PROVIDERS)
-
-
-@pytest.fixture
-def procs() -> Iterator[ProcRegistry]:
-    reg = ProcRegistry()
-    yield reg
-    reg.stop_all()
-
-
-@pytest.fixture(scope="module")
-def module_procs() -> Iterator[ProcRegistry]:
-    reg = ProcRegistry()
-    yield reg
-    reg.stop_all()
-
-
-def audit_json(db: OpsDB) -> List[Dict[str, Any]]:
-    return [json.loads(line) for line in ok(db.cli("audit", "--json", "--limit", "100000")).splitlines()]
+def ops_db(broker_factory: Brokers) -> Broker:
+    """One DB for most tests here: a secret and a token per OPS_PROVIDERS (SEKS_MASTER_KEY); the
+    tests start serve processes on it with the flags, env and config they are about."""
+    return broker_factory.seed(OPS_PROVIDERS)
 
 
 def env_for(upstreams: Dict[str, FakeUpstream], extra: Optional[Dict[str, str]] = None,
@@ -82,7 +64,7 @@ def env_for(upstreams: Dict[str, FakeUpstream], extra: Optional[Dict[str, str]] 
     return broker_env(mapping, extra, master_key)
 
 
-def get(b: ServeProc, provider: str, token: str, path: str = "/v1/models", **kw: Any):  # type: ignore[no-untyped-def]
+def get(b: Broker, provider: str, token: str, path: str = "/v1/models", **kw: Any):  # type: ignore[no-untyped-def]
     return b.request("GET", f"/{provider}{path}", headers=auth_headers(provider, token), **kw)
 
 
@@ -102,18 +84,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def tls_broker(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream], certs: SimpleNamespace,
-               module_procs: ProcRegistry) -> ServeProc:
-    return module_procs.start(ops_db.db, ["--tls-cert", str(certs.agent_cert),
-                                          "--tls-key", str(certs.agent_key)],
-                              env=env_for(upstreams), name="tls")
+def tls_broker(ops_db: Broker, upstreams: Dict[str, FakeUpstream], certs: SimpleNamespace,
+               broker_factory: Brokers) -> Broker:
+    return broker_factory.serve(ops_db, "--tls-cert", str(certs.agent_cert), "--tls-key", str(certs.agent_key),
+                                env=env_for(upstreams), name="tls")
 
 
 def trusting_context(cert: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cert))
 
 
-def test_tls_agent_gets_proxied_answer(tls_broker: ServeProc, ops_db: OpsDB,
+def test_tls_agent_gets_proxied_answer(tls_broker: Broker, ops_db: Broker,
                                        upstreams: Dict[str, FakeUpstream], certs: SimpleNamespace) -> None:
     assert tls_broker.scheme == "https", tls_broker.ready_line
     ctx = trusting_context(certs.agent_cert)
@@ -140,7 +121,7 @@ def test_tls_agent_gets_proxied_answer(tls_broker: ServeProc, ops_db: OpsDB,
         assert_token_absent(req, ops_db.tokens["openai"])
 
 
-def test_tls_client_not_trusting_the_cert_fails_verification(tls_broker: ServeProc) -> None:
+def test_tls_client_not_trusting_the_cert_fails_verification(tls_broker: Broker) -> None:
     """The broker really presents the operator's certificate (a default client rejects it)."""
     ctx = ssl.create_default_context()
     with socket.create_connection(("127.0.0.1", tls_broker.port), timeout=10) as raw:
@@ -148,7 +129,7 @@ def test_tls_client_not_trusting_the_cert_fails_verification(tls_broker: ServePr
             ctx.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
-def test_tls_1_1_and_below_refused(tls_broker: ServeProc, ops_db: OpsDB, certs: SimpleNamespace,
+def test_tls_1_1_and_below_refused(tls_broker: Broker, ops_db: Broker, certs: SimpleNamespace,
                                    upstreams: Dict[str, FakeUpstream]) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cafile=str(certs.agent_cert))
@@ -174,7 +155,7 @@ def test_tls_1_1_and_below_refused(tls_broker: ServeProc, ops_db: OpsDB, certs: 
     assert r.status == 200
 
 
-def test_plain_http_to_tls_port_is_not_proxied(tls_broker: ServeProc, ops_db: OpsDB,
+def test_plain_http_to_tls_port_is_not_proxied(tls_broker: Broker, ops_db: Broker,
                                                upstreams: Dict[str, FakeUpstream], certs: SimpleNamespace) -> None:
     req = (f"GET /openai/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
            f"Authorization: Bearer {ops_db.tokens['openai']}\r\nConnection: close\r\n\r\n").encode()
@@ -201,7 +182,7 @@ def test_plain_http_to_tls_port_is_not_proxied(tls_broker: ServeProc, ops_db: Op
 
 
 @pytest.mark.parametrize("case", ["missing-cert-file", "cert-without-key"])
-def test_tls_misconfiguration_refused_at_start(case: str, ops_db: OpsDB, certs: SimpleNamespace,
+def test_tls_misconfiguration_refused_at_start(case: str, ops_db: Broker, certs: SimpleNamespace,
                                                tmp_path: Path) -> None:
     args = ["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(certs.agent_key)] \
         if case == "missing-cert-file" else ["--tls-cert", str(certs.agent_cert)]
@@ -215,8 +196,8 @@ def test_tls_misconfiguration_refused_at_start(case: str, ops_db: OpsDB, certs: 
 
 
 @pytest.fixture(scope="module")
-def tls_upstreams(certs: SimpleNamespace) -> Iterator[Dict[str, LoopUpstream]]:
-    ups = {p: LoopUpstream(p, tls=(certs.leaf, certs.leaf_key)) for p in ("openai", "anthropic")}
+def tls_upstreams(certs: SimpleNamespace) -> Iterator[Dict[str, FakeUpstream]]:
+    ups = {p: FakeUpstream(p, tls=(certs.leaf, certs.leaf_key)) for p in ("openai", "anthropic")}
     yield ups
     for u in ups.values():
         u.stop()
@@ -224,9 +205,9 @@ def tls_upstreams(certs: SimpleNamespace) -> Iterator[Dict[str, LoopUpstream]]:
 
 @pytest.mark.parametrize("mode", ["default-trust", "upstream-ca-flag", "ssl-cert-file-env",
                                   "upstream-ca-config", "insecure-upstream"])
-def test_upstream_tls(mode: str, ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                      tls_upstreams: Dict[str, LoopUpstream], certs: SimpleNamespace,
-                      procs: ProcRegistry, tmp_path: Path) -> None:
+def test_upstream_tls(mode: str, ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                      tls_upstreams: Dict[str, FakeUpstream], certs: SimpleNamespace,
+                      procs: Brokers, tmp_path: Path) -> None:
     for u in tls_upstreams.values():
         u.reset()
     extra: Dict[str, str] = {}
@@ -243,7 +224,7 @@ def test_upstream_tls(mode: str, ops_db: OpsDB, upstreams: Dict[str, FakeUpstrea
         args = ["--insecure-upstream", "openai"]
     env = env_for(upstreams, extra, openai=tls_upstreams["openai"].url,
                   anthropic=tls_upstreams["anthropic"].url)
-    b = procs.start(ops_db.db, args, env=env, config=config, name=f"uptls-{mode}")
+    b = procs.serve(ops_db, *args, env=env, config=config, name=f"uptls-{mode}")
     r = get(b, "openai", ops_db.tokens["openai"])
     r_anth = b.request("POST", "/anthropic/v1/messages", body=b"{}",
                        headers=auth_headers("anthropic", ops_db.tokens["anthropic"]))
@@ -362,21 +343,21 @@ def custom_responder(h: UpstreamHandler, req: RecordedRequest) -> None:
 
 
 @pytest.fixture(scope="module")
-def custom_upstream() -> Iterator[LoopUpstream]:
-    u = LoopUpstream("openai")
+def custom_upstream() -> Iterator[FakeUpstream]:
+    u = FakeUpstream("openai")
     u.set_responder(custom_responder)
     yield u
     u.stop()
 
 
 @pytest.fixture(scope="module")
-def custom_setup(tmp_path_factory: pytest.TempPathFactory, custom_upstream: LoopUpstream,
-                 module_procs: ProcRegistry) -> SimpleNamespace:
+def custom_setup(tmp_path_factory: pytest.TempPathFactory, custom_upstream: FakeUpstream,
+                 broker_factory: Brokers) -> SimpleNamespace:
     d = tmp_path_factory.mktemp("custom")
     config = d / "seks.ini"
     config.write_text(custom_config(custom_upstream.url))
-    db = OpsDB(d, list(CUSTOM_KEYS), keys=CUSTOM_KEYS, config=config)
-    b = module_procs.start(db.db, env=broker_env(), config=config, name="custom")
+    db = seed_broker(d, list(CUSTOM_KEYS), keys=CUSTOM_KEYS, config=config)
+    b = broker_factory.serve(db, env=broker_env(), config=config, name="custom")
     return SimpleNamespace(db=db, broker=b, config=config)
 
 
@@ -398,7 +379,7 @@ CUSTOM_CASES = [
 @pytest.mark.parametrize("name,target,headers,expected", CUSTOM_CASES, ids=[c[0] for c in CUSTOM_CASES])
 def test_custom_provider_injection(name: str, target: str, headers: Callable[[str], Dict[str, str]],
                                    expected: str, custom_setup: SimpleNamespace,
-                                   custom_upstream: LoopUpstream) -> None:
+                                   custom_upstream: FakeUpstream) -> None:
     custom_upstream.reset()
     custom_upstream.set_responder(custom_responder)
     name = name.split("-2nd")[0]
@@ -417,7 +398,7 @@ def test_custom_provider_injection(name: str, target: str, headers: Callable[[st
 
 
 def test_custom_provider_token_in_wrong_place_is_401(custom_setup: SimpleNamespace,
-                                                     custom_upstream: LoopUpstream) -> None:
+                                                     custom_upstream: FakeUpstream) -> None:
     custom_upstream.reset()
     token = custom_setup.db.tokens["xkey"]
     r = custom_setup.broker.request("GET", "/xkey/v1/x", headers={"Authorization": f"Bearer {token}"})
@@ -433,7 +414,7 @@ def test_custom_provider_token_in_wrong_place_is_401(custom_setup: SimpleNamespa
 
 
 def test_custom_provider_logs_never_show_keys_or_tokens(custom_setup: SimpleNamespace,
-                                                        custom_upstream: LoopUpstream) -> None:
+                                                        custom_upstream: FakeUpstream) -> None:
     custom_upstream.reset()
     custom_upstream.set_responder(custom_responder)
     for name, target, headers, _ in CUSTOM_CASES:
@@ -461,29 +442,29 @@ def test_custom_provider_env_handoff(custom_setup: SimpleNamespace) -> None:
 # 3. Config precedence and `config check`
 # ============================================================================
 
-def post_size(b: ServeProc, token: str, n: int) -> int:
+def post_size(b: Broker, token: str, n: int) -> int:
     return b.request("POST", "/openai/v1/files", body=b"x" * n,
                      headers=auth_headers("openai", token)).status
 
 
-def test_config_precedence_file_env_flag(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                         procs: ProcRegistry, tmp_path: Path) -> None:
+def test_config_precedence_file_env_flag(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                         procs: Brokers, tmp_path: Path) -> None:
     cfg = tmp_path / "limits.ini"
     cfg.write_text("[limits]\nmax_body = 1000\n")
     tok = ops_db.tokens["openai"]
     # file only (found through $SEKS_CONFIG)
-    b = procs.start(ops_db.db, env=env_for(upstreams, {"SEKS_CONFIG": str(cfg)}), name="prec-file")
+    b = procs.serve(ops_db, env=env_for(upstreams, {"SEKS_CONFIG": str(cfg)}), name="prec-file")
     assert post_size(b, tok, 900) == 200
     assert post_size(b, tok, 1500) == 413
     b.stop()
     # env beats file
-    b = procs.start(ops_db.db, env=env_for(upstreams, {"SEKS_MAX_BODY": "2000"}), config=cfg,
+    b = procs.serve(ops_db, env=env_for(upstreams, {"SEKS_MAX_BODY": "2000"}), config=cfg,
                     name="prec-env")
     assert post_size(b, tok, 1500) == 200
     assert post_size(b, tok, 2500) == 413
     b.stop()
     # flag beats env
-    b = procs.start(ops_db.db, ["--max-body", "3000"], env=env_for(upstreams, {"SEKS_MAX_BODY": "2000"}),
+    b = procs.serve(ops_db, "--max-body", "3000", env=env_for(upstreams, {"SEKS_MAX_BODY": "2000"}),
                     config=cfg, name="prec-flag")
     assert post_size(b, tok, 2500) == 200
     assert post_size(b, tok, 3500) == 413
@@ -491,13 +472,13 @@ def test_config_precedence_file_env_flag(ops_db: OpsDB, upstreams: Dict[str, Fak
     b.stop()
     other = tmp_path / "other.ini"
     other.write_text("[limits]\nmax_body = 5000\n")
-    b = procs.start(ops_db.db, env=env_for(upstreams, {"SEKS_CONFIG": str(cfg)}), config=other,
+    b = procs.serve(ops_db, env=env_for(upstreams, {"SEKS_CONFIG": str(cfg)}), config=other,
                     name="prec-config-flag")
     assert post_size(b, tok, 4000) == 200
     assert post_size(b, tok, 6000) == 413
 
 
-def test_serve_refuses_invalid_config_naming_the_line(ops_db: OpsDB, tmp_path: Path) -> None:
+def test_serve_refuses_invalid_config_naming_the_line(ops_db: Broker, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.ini"
     cfg.write_text("[server]\nhost = 127.0.0.1\n\n[limits]\nmax_body = lots\n")
     cp = subprocess.run([sys.executable, str(BROKER_PY), "--db", str(ops_db.db), "--config", str(cfg),
@@ -596,17 +577,17 @@ def test_config_check_good_file(tmp_path: Path) -> None:
 # ============================================================================
 
 @pytest.fixture(scope="module")
-def metrics_broker(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                   module_procs: ProcRegistry) -> ServeProc:
+def metrics_broker(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                   broker_factory: Brokers) -> Broker:
     port = free_port()
-    b = module_procs.start(ops_db.db, ["--admin-port", str(port)],
-                           env=env_for(upstreams, groq=f"http://127.0.0.1:{closed_port()}"),
+    b = broker_factory.serve(ops_db, "--admin-port", str(port),
+                           env=env_for(upstreams, groq=f"http://127.0.0.1:{free_port()}"),
                            name="metrics")
     assert b.admin_port == port, b.ready_line
     return b
 
 
-def scrape(b: ServeProc) -> Tuple[Dict[str, Dict[str, str]], List[Any], http.client.HTTPMessage]:
+def scrape(b: Broker) -> Tuple[Dict[str, Dict[str, str]], List[Any], http.client.HTTPMessage]:
     r = b.admin_get("/metrics")
     assert r.status == 200, r.body[:300]
     fams, samples = parse_exposition(r.body.decode("utf-8"))
@@ -644,7 +625,7 @@ def test_exposition_parser_rejects_malformed_text(bad: str) -> None:
         parse_exposition(bad)
 
 
-def test_metrics_only_on_admin_port(metrics_broker: ServeProc, upstreams: Dict[str, FakeUpstream]) -> None:
+def test_metrics_only_on_admin_port(metrics_broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     r = metrics_broker.request("GET", "/metrics")
     assert r.status == 404, r.body[:300]
     assert b"seks_requests_total" not in r.body
@@ -663,11 +644,11 @@ def test_metrics_only_on_admin_port(metrics_broker: ServeProc, upstreams: Dict[s
     assert upstreams["openai"].requests == []
 
 
-def test_admin_port_listens_on_loopback_only(metrics_broker: ServeProc) -> None:
+def test_admin_port_listens_on_loopback_only(metrics_broker: Broker) -> None:
     assert f"admin on http://127.0.0.1:{metrics_broker.admin_port}" in metrics_broker.ready_line
 
 
-def test_metrics_counters_move_with_traffic(metrics_broker: ServeProc, ops_db: OpsDB,
+def test_metrics_counters_move_with_traffic(metrics_broker: Broker, ops_db: Broker,
                                             upstreams: Dict[str, FakeUpstream]) -> None:
     _, before, _ = scrape(metrics_broker)
     tok = ops_db.tokens["openai"]
@@ -699,7 +680,7 @@ def test_metrics_counters_move_with_traffic(metrics_broker: ServeProc, ops_db: O
     assert steps == sorted(steps) and steps[-1] == 5, steps
 
 
-def test_metrics_open_streams_gauge(metrics_broker: ServeProc, ops_db: OpsDB,
+def test_metrics_open_streams_gauge(metrics_broker: Broker, ops_db: Broker,
                                     upstreams: Dict[str, FakeUpstream]) -> None:
     upstreams["openai"].set_responder(lambda h, req: h.send_sse([b"data: %d\n\n" % i for i in range(6)], 0.25))
     started = threading.Event()
@@ -725,11 +706,11 @@ def test_metrics_open_streams_gauge(metrics_broker: ServeProc, ops_db: OpsDB,
     assert sample_value(end, "seks_open_streams") == 0
 
 
-def test_no_admin_listener_unless_asked(env_broker: ServeProc) -> None:
+def test_no_admin_listener_unless_asked(env_broker: Broker) -> None:
     assert "admin" not in env_broker.ready_line, env_broker.ready_line
 
 
-def test_healthz_on_agent_port_has_no_details(metrics_broker: ServeProc) -> None:
+def test_healthz_on_agent_port_has_no_details(metrics_broker: Broker) -> None:
     r = metrics_broker.request("GET", "/healthz")
     assert r.status == 200
     assert r.json() == {"status": "ok"}
@@ -742,7 +723,7 @@ def test_healthz_on_agent_port_has_no_details(metrics_broker: ServeProc) -> None
 # 5. Logs
 # ============================================================================
 
-def log_traffic(b: ServeProc, ops_db: OpsDB) -> int:
+def log_traffic(b: Broker, ops_db: Broker) -> int:
     """A mix of answers, including tokens in a query and in a path; returns the request count."""
     statuses = [
         get(b, "openai", ops_db.tokens["openai"]).status,
@@ -756,7 +737,7 @@ def log_traffic(b: ServeProc, ops_db: OpsDB) -> int:
     return len(statuses)
 
 
-def assert_no_secrets(text: str, ops_db: OpsDB) -> None:
+def assert_no_secrets(text: str, ops_db: Broker) -> None:
     for p in OPS_PROVIDERS:
         assert REAL_KEYS[p] not in text, f"real {p} key in the log"
         tok = ops_db.tokens[p]
@@ -765,9 +746,9 @@ def assert_no_secrets(text: str, ops_db: OpsDB) -> None:
         assert rand[-20:] not in text, f"{p} token's random part in the log"
 
 
-def test_json_logs(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream], procs: ProcRegistry) -> None:
-    b = procs.start(ops_db.db, ["--log-format", "json"],
-                    env=env_for(upstreams, groq=f"http://127.0.0.1:{closed_port()}"), name="jsonlog")
+def test_json_logs(ops_db: Broker, upstreams: Dict[str, FakeUpstream], procs: Brokers) -> None:
+    b = procs.serve(ops_db, "--log-format", "json",
+                    env=env_for(upstreams, groq=f"http://127.0.0.1:{free_port()}"), name="jsonlog")
     n = log_traffic(b, ops_db)
     lines = b.wait_for_lines(n)
     records = []
@@ -786,10 +767,10 @@ def test_json_logs(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream], procs: Pro
     assert_no_secrets(b.stderr_text(), ops_db)
 
 
-def test_json_log_line_stays_json_with_quote_in_path(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                                     procs: ProcRegistry) -> None:
+def test_json_log_line_stays_json_with_quote_in_path(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                                     procs: Brokers) -> None:
     """A '"' or '\\' is legal in a request path; the JSON line must still parse and keep it."""
-    b = procs.start(ops_db.db, ["--log-format", "json"], env=env_for(upstreams), name="jsonquote")
+    b = procs.serve(ops_db, "--log-format", "json", env=env_for(upstreams), name="jsonquote")
     r = get(b, "openai", ops_db.tokens["openai"], '/v1/files/a"b')
     assert r.status == 200
     lines = b.wait_for_lines(1)
@@ -802,9 +783,9 @@ def test_json_log_line_stays_json_with_quote_in_path(ops_db: OpsDB, upstreams: D
         assert rec["path"] == '/openai/v1/files/a"b', rec
 
 
-def test_text_logs_one_line_per_request(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                        procs: ProcRegistry) -> None:
-    b = procs.start(ops_db.db, env=env_for(upstreams, groq=f"http://127.0.0.1:{closed_port()}"),
+def test_text_logs_one_line_per_request(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                        procs: Brokers) -> None:
+    b = procs.serve(ops_db, env=env_for(upstreams, groq=f"http://127.0.0.1:{free_port()}"),
                     name="textlog")
     n = log_traffic(b, ops_db)
     lines = b.wait_for_lines(n)
@@ -820,19 +801,19 @@ def test_text_logs_one_line_per_request(ops_db: OpsDB, upstreams: Dict[str, Fake
     assert_no_secrets(b.stderr_text(), ops_db)
 
 
-def test_quiet_has_no_request_lines(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                    procs: ProcRegistry) -> None:
-    b = procs.start(ops_db.db, ["--quiet"], env=env_for(upstreams, groq=f"http://127.0.0.1:{closed_port()}"),
+def test_quiet_has_no_request_lines(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                    procs: Brokers) -> None:
+    b = procs.serve(ops_db, "--quiet", env=env_for(upstreams, groq=f"http://127.0.0.1:{free_port()}"),
                     name="quiet")
     log_traffic(b, ops_db)
     time.sleep(0.3)
     assert b.lines_after_ready() == [], b.lines_after_ready()
 
 
-def test_log_level_warning_logs_only_problems(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                              procs: ProcRegistry) -> None:
-    b = procs.start(ops_db.db, ["--log-level", "warning"],
-                    env=env_for(upstreams, groq=f"http://127.0.0.1:{closed_port()}"), name="warnlog")
+def test_log_level_warning_logs_only_problems(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                              procs: Brokers) -> None:
+    b = procs.serve(ops_db, "--log-level", "warning",
+                    env=env_for(upstreams, groq=f"http://127.0.0.1:{free_port()}"), name="warnlog")
     log_traffic(b, ops_db)
     lines = b.wait_for_lines(1)
     time.sleep(0.2)
@@ -845,12 +826,7 @@ def test_log_level_warning_logs_only_problems(ops_db: OpsDB, upstreams: Dict[str
 # ============================================================================
 
 def sse_responder(n: int, delay: float) -> Callable[[UpstreamHandler, RecordedRequest], None]:
-    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
-        if key_check_failure("openai", REAL_KEYS["openai"], req):
-            h.send_json(401, {"error": "bad key"})
-            return
-        h.send_sse([b'data: {"i": %d}\n\n' % i for i in range(n)], delay)
-    return respond
+    return key_checked("openai", lambda h, req: h.send_sse([b'data: {"i": %d}\n\n' % i for i in range(n)], delay))
 
 
 class StreamClient(threading.Thread):
@@ -889,11 +865,11 @@ class StreamClient(threading.Thread):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_graceful_shutdown_lets_stream_finish(sig: int, ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                              procs: ProcRegistry) -> None:
+def test_graceful_shutdown_lets_stream_finish(sig: int, ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                              procs: Brokers) -> None:
     n, delay = 7, 0.3
     upstreams["openai"].set_responder(sse_responder(n, delay))
-    b = procs.start(ops_db.db, env=env_for(upstreams), name="drain")
+    b = procs.serve(ops_db, env=env_for(upstreams), name="drain")
     client = StreamClient(b.port, ops_db.tokens["openai"])
     client.start()
     assert client.first.wait(10) and client.error is None, client.error
@@ -916,10 +892,10 @@ def _refused(port: int) -> bool:
     return connect_refused(port, timeout=0.5)
 
 
-def test_grace_period_cuts_long_stream(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                       procs: ProcRegistry) -> None:
+def test_grace_period_cuts_long_stream(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                       procs: Brokers) -> None:
     upstreams["openai"].set_responder(sse_responder(17, 0.3))   # ~5 s
-    b = procs.start(ops_db.db, ["--grace", "1"], env=env_for(upstreams), name="grace")
+    b = procs.serve(ops_db, "--grace", "1", env=env_for(upstreams), name="grace")
     client = StreamClient(b.port, ops_db.tokens["openai"])
     client.start()
     assert client.first.wait(10)
@@ -934,13 +910,13 @@ def test_grace_period_cuts_long_stream(ops_db: OpsDB, upstreams: Dict[str, FakeU
     assert len(client.events) < 17, "stream should have been cut at the end of the grace period"
 
 
-def test_exchange_cut_at_shutdown_keeps_its_audit_row(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                                      procs: ProcRegistry) -> None:
+def test_exchange_cut_at_shutdown_keeps_its_audit_row(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                                      procs: Brokers) -> None:
     """The upstream already got the real key: an exchange cut at the end of the grace period
     still leaves its row (outcome error, "cut at shutdown", the bytes relayed so far), and the
     broker says on stderr what it waits for."""
     upstreams["openai"].set_responder(sse_responder(40, 0.3))   # ~12 s
-    b = procs.start(ops_db.db, ["--grace", "1"], env=env_for(upstreams), name="cut")
+    b = procs.serve(ops_db, "--grace", "1", env=env_for(upstreams), name="cut")
     before = {r["id"] for r in audit_json(ops_db)}
     client = StreamClient(b.port, ops_db.tokens["openai"])
     client.start()
@@ -961,10 +937,10 @@ def test_exchange_cut_at_shutdown_keeps_its_audit_row(ops_db: OpsDB, upstreams: 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c-twice", "sigterm-twice"])
-def test_second_signal_stops_at_once(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                     procs: ProcRegistry, sig: int) -> None:
+def test_second_signal_stops_at_once(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                     procs: Brokers, sig: int) -> None:
     upstreams["openai"].set_responder(sse_responder(40, 0.3))
-    b = procs.start(ops_db.db, ["--grace", "30"], env=env_for(upstreams), name="twice")
+    b = procs.serve(ops_db, "--grace", "30", env=env_for(upstreams), name="twice")
     before = {r["id"] for r in audit_json(ops_db)}
     client = StreamClient(b.port, ops_db.tokens["openai"])
     client.start()
@@ -980,9 +956,9 @@ def test_second_signal_stops_at_once(ops_db: OpsDB, upstreams: Dict[str, FakeUps
     assert len(rows) == 1 and "cut at shutdown" in rows[0]["reason"], rows
 
 
-def test_idle_broker_stops_at_once(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                   procs: ProcRegistry) -> None:
-    b = procs.start(ops_db.db, env=env_for(upstreams), name="idle")
+def test_idle_broker_stops_at_once(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                   procs: Brokers) -> None:
+    b = procs.serve(ops_db, env=env_for(upstreams), name="idle")
     assert get(b, "openai", ops_db.tokens["openai"]).status == 200
     t0 = time.monotonic()
     b.signal(signal.SIGTERM)
@@ -997,11 +973,11 @@ def test_idle_broker_stops_at_once(ops_db: OpsDB, upstreams: Dict[str, FakeUpstr
 NEW_OPENAI_KEY = "sk-test-openai-rotated-9876543210"
 
 
-def test_secret_rotate_same_token_new_key_on_running_broker(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                                                            procs: ProcRegistry) -> None:
+def test_secret_rotate_same_token_new_key_on_running_broker(ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                                                            procs: Brokers) -> None:
     ok(ops_db.cli("secret", "add", "rot-key", "--provider", "openai", input=REAL_KEYS["openai"] + "\n"))
     token = ops_db.mint("openai", "agent-rot", secret="rot-key")
-    b = procs.start(ops_db.db, env=env_for(upstreams), name="rotate")
+    b = procs.serve(ops_db, env=env_for(upstreams), name="rotate")
     assert get(b, "openai", token).status == 200
     ids_before = re.findall(r"tok_[0-9a-f]{12}", ops_db.cli("token", "list").stdout)
     ok(ops_db.cli("secret", "rotate", "rot-key", input=NEW_OPENAI_KEY + "\n"))
@@ -1014,7 +990,7 @@ def test_secret_rotate_same_token_new_key_on_running_broker(ops_db: OpsDB, upstr
     assert ids_before == re.findall(r"tok_[0-9a-f]{12}", ops_db.cli("token", "list").stdout)
     # and a freshly started broker too
     b.stop()
-    b2 = procs.start(ops_db.db, env=env_for(upstreams), name="rotate2")
+    b2 = procs.serve(ops_db, env=env_for(upstreams), name="rotate2")
     assert get(b2, "openai", token).status == 200
     # the other secrets did not change
     upstreams["openai"].reset()
@@ -1035,12 +1011,12 @@ def key_file_env(upstreams: Optional[Dict[str, FakeUpstream]] = None) -> Dict[st
 
 
 def test_rotate_master_key_with_key_file(tmp_path: Path, upstreams: Dict[str, FakeUpstream],
-                                         procs: ProcRegistry) -> None:
+                                         procs: Brokers) -> None:
     env = key_file_env(upstreams)
-    db = OpsDB(tmp_path, ("openai", "anthropic"), env=env)
+    db = seed_broker(tmp_path, ("openai", "anthropic"), env=env)
     key_path = Path(str(db.db) + ".key")
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
-    b = procs.start(db.db, env=env, name="pre-rotation")
+    b = procs.serve(db, env=env, name="pre-rotation")
     for _ in range(3):
         assert get(b, "openai", db.tokens["openai"]).status == 200
     b.stop()
@@ -1056,7 +1032,7 @@ def test_rotate_master_key_with_key_file(tmp_path: Path, upstreams: Dict[str, Fa
     out = ok(db.cli("audit", "verify"))
     assert "intact" in out
     upstreams["openai"].reset()
-    b2 = procs.start(db.db, env=env, name="post-rotation")
+    b2 = procs.serve(db, env=env, name="post-rotation")
     assert get(b2, "openai", db.tokens["openai"]).status == 200
     r = b2.request("POST", "/anthropic/v1/messages", body=b"{}",
                    headers=auth_headers("anthropic", db.tokens["anthropic"]))
@@ -1070,10 +1046,10 @@ def test_rotate_master_key_with_key_file(tmp_path: Path, upstreams: Dict[str, Fa
 
 
 def test_rotate_master_key_from_env_reads_new_key_on_stdin(tmp_path: Path, upstreams: Dict[str, FakeUpstream],
-                                                           procs: ProcRegistry) -> None:
+                                                           procs: Brokers) -> None:
     old_env = env_for(upstreams)
-    db = OpsDB(tmp_path, ("openai",), env=old_env)
-    b = procs.start(db.db, env=old_env, name="env-pre")
+    db = seed_broker(tmp_path, ("openai",), env=old_env)
+    b = procs.serve(db, env=old_env, name="env-pre")
     assert get(b, "openai", db.tokens["openai"]).status == 200
     b.stop()
     # garbage on stdin: refused, nothing changed
@@ -1093,18 +1069,18 @@ def test_rotate_master_key_from_env_reads_new_key_on_stdin(tmp_path: Path, upstr
     assert cp.returncode == 1 and "does not match" in cp.stderr
     ok(db.cli("audit", "verify", env=new_env))
     upstreams["openai"].reset()
-    b2 = procs.start(db.db, env=new_env, name="env-post")
+    b2 = procs.serve(db, env=new_env, name="env-post")
     assert get(b2, "openai", db.tokens["openai"]).status == 200
     assert key_check_failure("openai", REAL_KEYS["openai"], upstreams["openai"].only_request()) is None
 
 
 def test_rotate_master_key_refuses_a_broken_audit_chain(tmp_path: Path, upstreams: Dict[str, FakeUpstream],
-                                                         procs: ProcRegistry) -> None:
+                                                         procs: Brokers) -> None:
     """Re-keying would launder a tampered log: refused (nothing changed) unless --force."""
     import sqlite3
     env = key_file_env(upstreams)
-    db = OpsDB(tmp_path, ("openai",), env=env)
-    b = procs.start(db.db, env=env, name="chain")
+    db = seed_broker(tmp_path, ("openai",), env=env)
+    b = procs.serve(db, env=env, name="chain")
     for _ in range(3):
         assert get(b, "openai", db.tokens["openai"]).status == 200
     b.stop()
@@ -1120,17 +1096,17 @@ def test_rotate_master_key_refuses_a_broken_audit_chain(tmp_path: Path, upstream
     assert cp.returncode == 0, cp.stderr
     assert key_path.read_text() != old_key
     upstreams["openai"].reset()
-    b2 = procs.start(db.db, env=env, name="chain2")
+    b2 = procs.serve(db, env=env, name="chain2")
     assert get(b2, "openai", db.tokens["openai"]).status == 200
 
 
 def test_rotate_master_key_under_a_running_broker(tmp_path: Path, upstreams: Dict[str, FakeUpstream],
-                                                  procs: ProcRegistry) -> None:
+                                                  procs: Brokers) -> None:
     """Key file: a running broker notices the rotation, keeps serving with the real key, and the
     audit rows it writes afterwards are chained under the new key (verify stays intact)."""
     env = key_file_env(upstreams)
-    db = OpsDB(tmp_path, ("openai",), env=env)
-    b = procs.start(db.db, env=env, name="live-rot")
+    db = seed_broker(tmp_path, ("openai",), env=env)
+    b = procs.serve(db, env=env, name="live-rot")
     assert get(b, "openai", db.tokens["openai"]).status == 200
     ok(db.cli("rotate-master-key"))
     upstreams["openai"].reset()
@@ -1146,12 +1122,12 @@ def test_rotate_master_key_under_a_running_broker(tmp_path: Path, upstreams: Dic
 
 
 def test_rotate_env_master_key_under_a_running_broker(tmp_path: Path, upstreams: Dict[str, FakeUpstream],
-                                                      procs: ProcRegistry) -> None:
+                                                      procs: Brokers) -> None:
     """SEKS_MASTER_KEY: a running broker cannot learn the new key; it must refuse (503), never
     send anything upstream, and never write audit rows under the old key."""
     env = env_for(upstreams)
-    db = OpsDB(tmp_path, ("openai",), env=env)
-    b = procs.start(db.db, env=env, name="live-rot-env")
+    db = seed_broker(tmp_path, ("openai",), env=env)
+    b = procs.serve(db, env=env, name="live-rot-env")
     assert get(b, "openai", db.tokens["openai"]).status == 200
     new = base64.urlsafe_b64encode(os.urandom(32)).decode()
     ok(db.cli("rotate-master-key", input=new + "\n"))
@@ -1304,12 +1280,12 @@ def test_rotation_committed_but_not_renamed_is_finished_by_next_command(bulk_tem
 # -- backup --------------------------------------------------------------------------------
 
 def test_backup_restore_round_trip(tmp_path: Path, upstreams: Dict[str, FakeUpstream],
-                                   procs: ProcRegistry) -> None:
+                                   procs: Brokers) -> None:
     env = key_file_env(upstreams)
     live_dir = tmp_path / "live"
     live_dir.mkdir()
-    db = OpsDB(live_dir, ("openai", "gemini"), env=env)
-    live = procs.start(db.db, env=env, name="live")
+    db = seed_broker(live_dir, ("openai", "gemini"), env=env)
+    live = procs.serve(db, env=env, name="live")
     assert get(live, "openai", db.tokens["openai"]).status == 200
     backup = tmp_path / "restore" / "copy.db"
     backup.parent.mkdir()
@@ -1330,7 +1306,7 @@ def test_backup_restore_round_trip(tmp_path: Path, upstreams: Dict[str, FakeUpst
     shutil.copyfile(str(db.db) + ".key", str(backup) + ".key")
     os.chmod(str(backup) + ".key", 0o600)
     upstreams["openai"].reset()
-    restored = procs.start(backup, env=env, name="restored")
+    restored = procs.serve(Broker(backup, env), name="restored")
     assert get(restored, "openai", db.tokens["openai"]).status == 200
     assert key_check_failure("openai", REAL_KEYS["openai"], upstreams["openai"].only_request()) is None
     r = restored.request("GET", "/gemini/v1beta/models", headers=auth_headers("gemini", db.tokens["gemini"]))
@@ -1365,8 +1341,8 @@ def parse_env_lines(out: str) -> Dict[str, str]:
 
 
 @pytest.mark.parametrize("provider", list(ENV_EXPECT))
-def test_token_mint_format_env(provider: str, ops_db: OpsDB, upstreams: Dict[str, FakeUpstream],
-                               module_procs: ProcRegistry, env_broker: ServeProc) -> None:
+def test_token_mint_format_env(provider: str, ops_db: Broker, upstreams: Dict[str, FakeUpstream],
+                               broker_factory: Brokers, env_broker: Broker) -> None:
     base_var, suffix, key_var, req_path = ENV_EXPECT[provider]
     env = dict(ops_db.env, SEKS_PORT=str(env_broker.port))
     out = ok(ops_db.cli("token", "mint", "--secret", secret_name(provider), "--agent", "agent-env",
@@ -1391,11 +1367,11 @@ def test_token_mint_format_env(provider: str, ops_db: OpsDB, upstreams: Dict[str
 
 
 @pytest.fixture(scope="module")
-def env_broker(ops_db: OpsDB, upstreams: Dict[str, FakeUpstream], module_procs: ProcRegistry) -> ServeProc:
-    return module_procs.start(ops_db.db, env=env_for(upstreams), name="envhandoff")
+def env_broker(ops_db: Broker, upstreams: Dict[str, FakeUpstream], broker_factory: Brokers) -> Broker:
+    return broker_factory.serve(ops_db, env=env_for(upstreams), name="envhandoff")
 
 
-def test_token_mint_env_follows_configured_address(ops_db: OpsDB, tmp_path: Path) -> None:
+def test_token_mint_env_follows_configured_address(ops_db: Broker, tmp_path: Path) -> None:
     cfg = tmp_path / "addr.ini"
     cfg.write_text("[server]\nhost = 127.0.0.1\nport = 9123\n")
     out = ok(ops_db.cli("--config", str(cfg), "token", "mint", "--secret", "openai-key", "--agent", "a",
@@ -1414,7 +1390,7 @@ def test_token_mint_env_follows_configured_address(ops_db: OpsDB, tmp_path: Path
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell to eval the output in")
-def test_token_mint_env_output_evals_in_sh(ops_db: OpsDB) -> None:
+def test_token_mint_env_output_evals_in_sh(ops_db: Broker) -> None:
     out = ok(ops_db.cli("token", "mint", "--secret", "openai-key", "--agent", "a", "--format", "env"))
     cp = subprocess.run(["sh", "-c", 'eval "$1"; printf "%s|%s" "$OPENAI_BASE_URL" "$OPENAI_API_KEY"',
                          "sh", out], capture_output=True, text=True, timeout=10)
@@ -1502,7 +1478,7 @@ def test_other_pythons_cli_round_trip_and_serve(other_pythons: List[Tuple[str, s
             cp = run("token", "list")
             assert cp.returncode == 0 and re.search(r"tok_[0-9a-f]{12}", cp.stdout), cp.stderr
             assert token not in cp.stdout
-            b = ServeProc(d / "seks.db", env=env, python=exe, name=f"py{version}")
+            b = Broker(d / "seks.db", env).serve(python=exe, name=f"py{version}")
             try:
                 r = get(b, "openai", token)
                 assert r.status == 200, r.body[:300]

@@ -24,7 +24,8 @@ import pytest
 
 from conftest import (
     REAL_KEYS, Broker, FakeUpstream, RecordedRequest, Response, UpstreamHandler, auth_headers,
-    error_type_and_message, http_request, key_check_failure, send_request,
+    call, error_type_and_message, fresh_agent, fresh_token, key_checked, ok, parse_table,
+    send_request,
 )
 
 CONCURRENCY = 50
@@ -34,30 +35,6 @@ THREAD_JOIN_S = 60.0
 # ============================================================================
 # Helpers
 # ============================================================================
-
-
-def fresh_agent(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(4)}"
-
-
-def ok(cp: Any) -> str:
-    assert cp.returncode == 0, f"rc={cp.returncode}\nstdout={cp.stdout}\nstderr={cp.stderr}"
-    return cp.stdout
-
-
-def call(broker: Broker, provider: str, token: str, method: str = "GET", path: str = "/v1/models",
-         body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,
-         timeout: float = 30.0) -> Response:
-    """One request for `provider` carrying `token` the way that provider's client does.
-    For telegram, `path` is the method part (`/sendMessage`) and the token goes in the path."""
-    if provider == "telegram":
-        target = f"/telegram/bot{token}{path}"
-    else:
-        target = f"/{provider}{path}"
-    hs = {**auth_headers(provider, token), **(headers or {})}
-    if body is not None:
-        hs.setdefault("Content-Type", "application/json")
-    return http_request(broker.url + target, method, hs, body, timeout)
 
 
 def assert_denied(resp: Response, status: int, *words: str) -> str:
@@ -73,23 +50,6 @@ def assert_denied(resp: Response, status: int, *words: str) -> str:
     for word in words:
         assert word.lower() in message.lower(), f"{word!r} not in message {message!r}"
     return message
-
-
-def parse_table(text: str) -> List[Dict[str, str]]:
-    """A print_table table as dicts: columns are sliced at the header's column starts
-    (column names may hold single spaces; columns are separated by two or more)."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert lines, "empty table"
-    header = lines[0]
-    cols = [(m.start(), m.group(0)) for m in re.finditer(r"\S+(?: \S+)*", header)]
-    rows = []
-    for line in lines[1:]:
-        row = {}
-        for i, (start, name) in enumerate(cols):
-            end = cols[i + 1][0] if i + 1 < len(cols) else None
-            row[name] = line[start:end].strip()
-        rows.append(row)
-    return rows
 
 
 def token_row(broker: Broker, agent: str) -> Dict[str, str]:
@@ -125,7 +85,7 @@ def run_concurrently(n: int, fn: Callable[[int], Any]) -> List[Any]:
     return results
 
 
-def requests_to(up: FakeUpstream, path_part: str) -> List[RecordedRequest]:
+def requests_marked(up: FakeUpstream, path_part: str) -> List[RecordedRequest]:
     with up.lock:
         return [r for r in up.requests if path_part in r.target]
 
@@ -133,17 +93,6 @@ def requests_to(up: FakeUpstream, path_part: str) -> List[RecordedRequest]:
 # ============================================================================
 # Real-shaped LLM answers (what each provider sends, trimmed to the fields that matter)
 # ============================================================================
-
-
-def key_checked(provider: str, respond: Callable[[UpstreamHandler, RecordedRequest], None]
-                ) -> Callable[[UpstreamHandler, RecordedRequest], None]:
-    """Answer 401 like the real API unless the real key arrived, else call `respond`."""
-    def wrapper(h: UpstreamHandler, req: RecordedRequest) -> None:
-        if key_check_failure(provider, REAL_KEYS[provider], req) is not None:
-            h.send_json(401, {"error": {"message": "fake upstream: invalid key"}})
-            return
-        respond(h, req)
-    return wrapper
 
 
 def body_json(req: RecordedRequest) -> Dict[str, Any]:
@@ -342,8 +291,7 @@ def test_agent_commands_refuse_unknown_agents(broker: Broker) -> None:
 
 
 def test_method_policy(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    agent = fresh_agent("method")
-    token = broker.mint("openai", agent, "--allow-method", "get")
+    agent, token = fresh_token(broker, "openai", "--allow-method", "get", prefix="method")
     assert call(broker, "openai", token, "GET", "/v1/models").status == 200
     for method in ("POST", "DELETE", "PUT"):
         resp = call(broker, "openai", token, method, "/v1/models", b"{}")
@@ -354,15 +302,14 @@ def test_method_policy(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> No
 
 
 def test_method_policy_repeatable(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    token = broker.mint("openai", fresh_agent("methods"), "--allow-method", "GET", "--allow-method", "POST")
+    _, token = fresh_token(broker, "openai", "--allow-method", "GET", "--allow-method", "POST", prefix="methods")
     assert call(broker, "openai", token, "GET").status == 200
     assert call(broker, "openai", token, "POST", "/v1/chat/completions", b"{}").status == 200
     assert_denied(call(broker, "openai", token, "DELETE", "/v1/models/x"), 403, "method DELETE")
 
 
 def test_path_policy_is_a_segment_prefix(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    agent = fresh_agent("path")
-    token = broker.mint("openai", agent, "--allow-path", "/v1/chat")
+    agent, token = fresh_token(broker, "openai", "--allow-path", "/v1/chat", prefix="path")
     for path in ("/v1/chat", "/v1/chat/completions", "/v1/chat/completions/abc"):
         assert call(broker, "openai", token, "POST", path, b"{}").status == 200, path
     for path in ("/v1/chatty", "/v1/chat-completions", "/v1/embeddings", "/v1", "/v2/chat/completions",
@@ -381,8 +328,8 @@ def test_path_policy_is_a_segment_prefix(broker: Broker, upstreams: Dict[str, Fa
 
 
 def test_path_policy_repeatable(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    token = broker.mint("openai", fresh_agent("paths"), "--allow-path", "/v1/chat/completions",
-                        "--allow-path", "/v1/models")
+    _, token = fresh_token(broker, "openai", "--allow-path", "/v1/chat/completions",
+                        "--allow-path", "/v1/models", prefix="paths")
     assert call(broker, "openai", token, "POST", "/v1/chat/completions", b"{}").status == 200
     assert call(broker, "openai", token, "GET", "/v1/models/gpt-4o-mini").status == 200
     assert_denied(call(broker, "openai", token, "POST", "/v1/embeddings", b"{}"), 403, "path")
@@ -390,7 +337,7 @@ def test_path_policy_repeatable(broker: Broker, upstreams: Dict[str, FakeUpstrea
 
 def test_telegram_path_policy_matched_without_the_token_segment(broker: Broker,
                                                                 upstreams: Dict[str, FakeUpstream]) -> None:
-    token = broker.mint("telegram", fresh_agent("tg"), "--allow-path", "/bot/sendMessage")
+    _, token = fresh_token(broker, "telegram", "--allow-path", "/bot/sendMessage", prefix="tg")
     resp = call(broker, "telegram", token, "POST", "/sendMessage", b'{"chat_id": 1, "text": "hi"}')
     assert resp.status == 200, resp.body[:300]
     for path in ("/getUpdates", "/sendMessageX", "/deleteWebhook"):
@@ -402,8 +349,7 @@ def test_telegram_path_policy_matched_without_the_token_segment(broker: Broker,
 
 
 def test_rate_policy_429_with_retry_after(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    agent = fresh_agent("rate")
-    token = broker.mint("openai", agent, "--rate", "3/h")
+    agent, token = fresh_token(broker, "openai", "--rate", "3/h", prefix="rate")
     for _ in range(3):
         assert call(broker, "openai", token).status == 200
     for _ in range(2):
@@ -418,7 +364,7 @@ def test_rate_policy_429_with_retry_after(broker: Broker, upstreams: Dict[str, F
 
 
 def test_rate_policy_refills(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    token = broker.mint("openai", fresh_agent("refill"), "--rate", "1/s")
+    _, token = fresh_token(broker, "openai", "--rate", "1/s", prefix="refill")
     assert call(broker, "openai", token).status == 200
     resp = call(broker, "openai", token)
     assert resp.status == 429
@@ -435,8 +381,7 @@ def test_rate_flag_is_validated(broker: Broker) -> None:
 
 
 def test_max_requests_policy(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    agent = fresh_agent("maxreq")
-    token = broker.mint("openai", agent, "--max-requests", "3")
+    agent, token = fresh_token(broker, "openai", "--max-requests", "3", prefix="maxreq")
     for _ in range(3):
         assert call(broker, "openai", token).status == 200
     for _ in range(2):
@@ -448,7 +393,7 @@ def test_max_requests_policy(broker: Broker, upstreams: Dict[str, FakeUpstream])
 
 
 def test_refused_requests_do_not_use_up_max_requests(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    token = broker.mint("openai", fresh_agent("maxreq403"), "--max-requests", "2", "--allow-method", "GET")
+    _, token = fresh_token(broker, "openai", "--max-requests", "2", "--allow-method", "GET", prefix="maxreq403")
     for _ in range(3):
         assert call(broker, "openai", token, "POST", "/v1/models", b"{}").status == 403
     assert call(broker, "openai", token).status == 200
@@ -464,8 +409,7 @@ def test_refused_requests_do_not_use_up_max_requests(broker: Broker, upstreams: 
 def test_models_policy_on_json_body(broker: Broker, upstreams: Dict[str, FakeUpstream], provider: str, path: str,
                                     allowed: str, refused: str) -> None:
     """`model` in the JSON body (OpenAI, Groq, Anthropic), whatever the body's framing."""
-    agent = fresh_agent("models")
-    token = broker.mint(provider, agent, "--models", f"{allowed},other-model")
+    agent, token = fresh_token(broker, provider, "--models", f"{allowed},other-model", prefix="models")
 
     def body(model: str) -> bytes:
         return json.dumps({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -483,7 +427,7 @@ def test_models_policy_on_json_body(broker: Broker, upstreams: Dict[str, FakeUps
 
 
 def test_models_policy_on_gemini_path(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    token = broker.mint("gemini", fresh_agent("gmodels"), "--models", "gemini-2.0-flash")
+    _, token = fresh_token(broker, "gemini", "--models", "gemini-2.0-flash", prefix="gmodels")
     body = b'{"contents": [{"parts": [{"text": "hi"}]}]}'
     for path in ("/v1beta/models/gemini-2.0-flash:generateContent",
                  "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
@@ -503,7 +447,7 @@ def test_models_policy_on_gemini_path_survives_percent_encoding(broker: Broker,
     their decoded form, and servers normalise them), so '/v1beta/%6Dodels/gemini-2.5-pro:...'
     names gemini-2.5-pro. Like --allow-path, the model must be read from the normalised path;
     a request whose model cannot be read there is refused, never forwarded."""
-    token = broker.mint("gemini", fresh_agent("gmodels-enc"), "--models", "gemini-2.0-flash")
+    _, token = fresh_token(broker, "gemini", "--models", "gemini-2.0-flash", prefix="gmodels-enc")
     body = b'{"contents": [{"parts": [{"text": "hi"}]}]}'
     for path in ("/v1beta/%6Dodels/gemini-2.5-pro:generateContent",
                  "/v1beta/models%2Fgemini-2.5-pro:generateContent"):
@@ -515,8 +459,7 @@ def test_models_policy_on_gemini_path_survives_percent_encoding(broker: Broker,
 def test_budget_policy_sequential(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     """Budget 250, 100 tokens an answer: requests run while less than 250 is spent (3), then 429."""
     upstreams["openai"].set_responder(openai_answer(60, 40))
-    agent = fresh_agent("budget")
-    token = broker.mint("openai", agent, "--budget-tokens", "250")
+    agent, token = fresh_token(broker, "openai", "--budget-tokens", "250", prefix="budget")
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
     for _ in range(3):
         read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)
@@ -547,7 +490,7 @@ def test_budget_tokens_cannot_start_batch_or_background_jobs(broker: Broker, ups
                                                              body: Optional[bytes]) -> None:
     """Their usage arrives later, in files or job objects the meter never reads: refused with a
     clear 403 for budget tokens, never forwarded."""
-    token = broker.mint(provider, fresh_agent("budget-batch"), "--budget-tokens", "1000")
+    _, token = fresh_token(broker, provider, "--budget-tokens", "1000", prefix="budget-batch")
     resp = call(broker, provider, token, method, path, body)
     assert_denied(resp, 403, "budget", "batch")
     assert not upstreams[provider].requests
@@ -556,10 +499,10 @@ def test_budget_tokens_cannot_start_batch_or_background_jobs(broker: Broker, ups
 def test_budget_tokens_may_use_responses_in_the_foreground(broker: Broker,
                                                            upstreams: Dict[str, FakeUpstream]) -> None:
     upstreams["openai"].set_responder(openai_answer(5, 5))
-    token = broker.mint("openai", fresh_agent("budget-fg"), "--budget-tokens", "1000")
+    _, token = fresh_token(broker, "openai", "--budget-tokens", "1000", prefix="budget-fg")
     body = b'{"model": "gpt-4o-mini", "input": "hi", "background": false}'
     assert call(broker, "openai", token, "POST", "/v1/responses", body).status == 200
-    plain = broker.mint("openai", fresh_agent("no-budget-batch"))
+    _, plain = fresh_token(broker, "openai", prefix="no-budget-batch")
     assert call(broker, "openai", plain, "POST", "/v1/batches", b'{"input_file_id": "f"}').status == 200
 
 
@@ -567,8 +510,7 @@ def test_openai_stream_budget_asks_for_usage(broker: Broker, upstreams: Dict[str
     """With --budget-tokens the broker adds stream_options.include_usage, so the stream's last
     chunk carries usage and the spend is counted."""
     upstreams["openai"].set_responder(openai_answer(60, 40))
-    agent = fresh_agent("budget-stream")
-    token = broker.mint("openai", agent, "--budget-tokens", "150")
+    agent, token = fresh_token(broker, "openai", "--budget-tokens", "150", prefix="budget-stream")
     body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": []}).encode()
     for _ in range(2):
         resp = read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)
@@ -589,8 +531,7 @@ def test_openai_stream_budget_cannot_be_dodged_with_include_usage_false(broker: 
     """An agent that sends stream_options.include_usage=false would get unmetered streams and an
     unlimited budget: with --budget-tokens the broker must still get usage reported."""
     upstreams["openai"].set_responder(openai_answer(60, 40))
-    agent = fresh_agent("budget-dodge")
-    token = broker.mint("openai", agent, "--budget-tokens", "150")
+    agent, token = fresh_token(broker, "openai", "--budget-tokens", "150", prefix="budget-dodge")
     body = json.dumps({"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": False},
                        "messages": []}).encode()
     statuses = [call(broker, "openai", token, "POST", "/v1/chat/completions", body).status for _ in range(4)]
@@ -615,8 +556,7 @@ def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Di
         sse({"type": "message_stop"}, "message_stop"),
     ]
     upstreams["anthropic"].set_responder(key_checked("anthropic", lambda h, req: h.send_sse(events, 0.25)))
-    agent = fresh_agent("budget-hangup")
-    token = broker.mint("anthropic", agent, "--budget-tokens", "50")
+    agent, token = fresh_token(broker, "anthropic", "--budget-tokens", "50", prefix="budget-hangup")
     body = json.dumps({"model": "claude-3-5-haiku-20241022", "max_tokens": 64, "stream": True,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=15)
@@ -645,20 +585,19 @@ def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Di
 
 
 def test_max_requests_exact_under_50_concurrent(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    agent = fresh_agent("maxreq-conc")
-    token = broker.mint("openai", agent, "--max-requests", "10")
+    agent, token = fresh_token(broker, "openai", "--max-requests", "10", prefix="maxreq-conc")
     marker = secrets.token_hex(4)
     statuses = run_concurrently(CONCURRENCY, lambda i: call(broker, "openai", token,
                                                             path=f"/v1/models?c={marker}&i={i}").status)
     assert sorted(statuses).count(200) == 10, sorted(statuses)
     assert sorted(statuses).count(429) == CONCURRENCY - 10, sorted(statuses)
-    assert len(requests_to(upstreams["openai"], marker)) == 10
+    assert len(requests_marked(upstreams["openai"], marker)) == 10
     assert token_row(broker, agent)["REQUESTS"] == "10"
     assert call(broker, "openai", token).status == 429
 
 
 def test_rate_exact_under_50_concurrent(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    token = broker.mint("openai", fresh_agent("rate-conc"), "--rate", "5/h")
+    _, token = fresh_token(broker, "openai", "--rate", "5/h", prefix="rate-conc")
     marker = secrets.token_hex(4)
     results = run_concurrently(CONCURRENCY, lambda i: call(broker, "openai", token,
                                                            path=f"/v1/models?c={marker}&i={i}"))
@@ -666,7 +605,7 @@ def test_rate_exact_under_50_concurrent(broker: Broker, upstreams: Dict[str, Fak
     assert statuses.count(200) == 5, statuses
     assert statuses.count(429) == CONCURRENCY - 5, statuses
     assert all(r.headers.get("Retry-After", "").isdigit() for r in results if r.status == 429)
-    assert len(requests_to(upstreams["openai"], marker)) == 5
+    assert len(requests_marked(upstreams["openai"], marker)) == 5
 
 
 @pytest.mark.parametrize("concurrency", [5, CONCURRENCY])
@@ -679,8 +618,7 @@ def test_budget_overspend_bounded_by_requests_in_flight(broker: Broker, upstream
     budget is spent every request is 429."""
     per_answer, budget = 100, 1000
     upstreams["openai"].set_responder(openai_answer(60, 40))
-    agent = fresh_agent(f"budget-conc{concurrency}")
-    token = broker.mint("openai", agent, "--budget-tokens", str(budget))
+    agent, token = fresh_token(broker, "openai", "--budget-tokens", str(budget), prefix=f"budget-conc{concurrency}")
     body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
 
     def client(i: int) -> Tuple[int, List[int]]:
@@ -759,8 +697,7 @@ def test_usage_counted_from_real_shaped_answers(broker: Broker, upstreams: Dict[
                                                 case: str) -> None:
     provider, path, body, responder, model, tin, tout = USAGE_CASES[case]
     upstreams[provider].set_responder(responder)
-    agent = fresh_agent(f"usage-{case}")
-    token = broker.mint(provider, agent)
+    agent, token = fresh_token(broker, provider, prefix=f"usage-{case}")
     raw = json.dumps(body).encode()
     for _ in range(2):
         resp = read_through(broker, provider, token, "POST", path, raw)

@@ -14,62 +14,50 @@ import json
 import socket
 import threading
 import time
-from typing import Callable, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import pytest
 
 from conftest import (
-    REAL_KEYS, RecordedRequest, Response, UpstreamHandler, assert_token_absent, auth_headers, broker_env,
-    key_check_failure,
+    Broker, Brokers, FakeUpstream, RecordedRequest, Response, UpstreamHandler, assert_token_absent,
+    auth_headers, broker_env, key_checked,
 )
-from ops_helpers import LoopUpstream, OpsDB, ServeProc
 
 TIMEOUT = 15.0
 
 
 @pytest.fixture(scope="module")
-def pool_db(tmp_path_factory: pytest.TempPathFactory) -> OpsDB:
-    return OpsDB(tmp_path_factory.mktemp("pool"), ("openai",))
+def pool_db(broker_factory: Brokers) -> Broker:
+    return broker_factory.seed(("openai",))
 
 
 @pytest.fixture
-def upstream() -> Iterator[LoopUpstream]:
-    u = LoopUpstream("openai")
+def upstream() -> Iterator[FakeUpstream]:
+    u = FakeUpstream("openai")
     yield u
     u.stop()
 
 
 @pytest.fixture
-def broker(pool_db: OpsDB, upstream: LoopUpstream) -> Iterator[ServeProc]:
+def broker(pool_db: Broker, upstream: FakeUpstream, procs: Brokers) -> Broker:
     """A fresh broker per test, so its pool starts empty and the counts are this test's own."""
-    b = ServeProc(pool_db.db, env=broker_env({"openai": upstream.url}), name="pool")
-    yield b
-    b.stop()
+    return procs.serve(pool_db, env=broker_env({"openai": upstream.url}), name="pool")
 
 
-def ask(b: ServeProc, token: str, path: str = "/v1/models", method: str = "GET",
+def ask(b: Broker, token: str, path: str = "/v1/models", method: str = "GET",
         body: Optional[bytes] = None) -> Response:
     """One request on a fresh agent connection (so reuse can only come from the broker's pool)."""
     return b.request(method, f"/openai{path}", headers=auth_headers("openai", token), body=body,
                      timeout=TIMEOUT)
 
 
-def checked(respond: Callable[[UpstreamHandler, RecordedRequest], None]) -> Callable[[UpstreamHandler, RecordedRequest], None]:
-    def wrapper(h: UpstreamHandler, req: RecordedRequest) -> None:
-        if key_check_failure("openai", REAL_KEYS["openai"], req) is not None:
-            h.send_json(401, {"error": "bad key"})
-            return
-        respond(h, req)
-    return wrapper
-
-
 def echo(h: UpstreamHandler, req: RecordedRequest) -> None:
     h.send_json(200, {"path": req.path, "body_len": req.body_len})
 
 
-def test_one_connection_for_50_sequential_requests(broker: ServeProc, upstream: LoopUpstream,
-                                                   pool_db: OpsDB) -> None:
-    upstream.set_responder(checked(echo))
+def test_one_connection_for_50_sequential_requests(broker: Broker, upstream: FakeUpstream,
+                                                   pool_db: Broker) -> None:
+    upstream.set_responder(key_checked("openai", echo))
     for i in range(50):
         r = ask(broker, pool_db.tokens["openai"], f"/v1/items/{i}")
         assert r.status == 200, r.body[:200]
@@ -80,8 +68,8 @@ def test_one_connection_for_50_sequential_requests(broker: ServeProc, upstream: 
         assert_token_absent(req, pool_db.tokens["openai"])
 
 
-def test_keep_alive_agent_and_mixed_methods_share_one_connection(broker: ServeProc, upstream: LoopUpstream,
-                                                                 pool_db: OpsDB) -> None:
+def test_keep_alive_agent_and_mixed_methods_share_one_connection(broker: Broker, upstream: FakeUpstream,
+                                                                 pool_db: Broker) -> None:
     """HEAD (no body), 204, 304, POST with a body and GET on one pooled connection: framing stays right."""
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         if req.path.endswith("/head"):
@@ -92,7 +80,7 @@ def test_keep_alive_agent_and_mixed_methods_share_one_connection(broker: ServePr
             h.send_head(304, [("ETag", '"x"')])
         else:
             echo(h, req)
-    upstream.set_responder(checked(respond))
+    upstream.set_responder(key_checked("openai", respond))
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=TIMEOUT)
     hdrs = auth_headers("openai", pool_db.tokens["openai"])
     try:
@@ -118,11 +106,11 @@ def test_keep_alive_agent_and_mixed_methods_share_one_connection(broker: ServePr
     assert upstream.accepted == 1, upstream.accepted
 
 
-def test_upstream_connection_close_header(broker: ServeProc, upstream: LoopUpstream, pool_db: OpsDB) -> None:
+def test_upstream_connection_close_header(broker: Broker, upstream: FakeUpstream, pool_db: Broker) -> None:
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         h.close_connection = True
         h.send_json(200, {"path": req.path}, headers=[("Connection", "close")])
-    upstream.set_responder(checked(respond))
+    upstream.set_responder(key_checked("openai", respond))
     for i in range(10):
         r = ask(broker, pool_db.tokens["openai"], f"/v1/c/{i}")
         assert r.status == 200, r.body[:200]
@@ -130,13 +118,13 @@ def test_upstream_connection_close_header(broker: ServeProc, upstream: LoopUpstr
     assert upstream.accepted == 10, "a connection the upstream closed must not be reused"
 
 
-def test_upstream_closes_idle_connection(broker: ServeProc, upstream: LoopUpstream, pool_db: OpsDB) -> None:
+def test_upstream_closes_idle_connection(broker: Broker, upstream: FakeUpstream, pool_db: Broker) -> None:
     """The upstream answers with keep-alive, then drops the idle connection a moment later."""
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         echo(h, req)
         sock = h.connection
         threading.Timer(0.1, lambda: _shutdown(sock)).start()
-    upstream.set_responder(checked(respond))
+    upstream.set_responder(key_checked("openai", respond))
     for i in range(5):
         r = ask(broker, pool_db.tokens["openai"], f"/v1/idle/{i}")
         assert r.status == 200, r.body[:200]
@@ -146,8 +134,8 @@ def test_upstream_closes_idle_connection(broker: ServeProc, upstream: LoopUpstre
     assert upstream.accepted == 5
 
 
-def test_upstream_closes_reused_connection_without_answer(broker: ServeProc, upstream: LoopUpstream,
-                                                          pool_db: OpsDB) -> None:
+def test_upstream_closes_reused_connection_without_answer(broker: Broker, upstream: FakeUpstream,
+                                                          pool_db: Broker) -> None:
     """The keep-alive race: the upstream drops the connection just as the broker reuses it
     (it reads the next request, then closes without a word). The broker retries once on a fresh
     connection, so the agent still gets its answer."""
@@ -158,7 +146,7 @@ def test_upstream_closes_reused_connection_without_answer(broker: ServeProc, ups
             h.close_connection = True      # second request on this connection: hang up
             return
         echo(h, req)
-    upstream.set_responder(checked(respond))
+    upstream.set_responder(key_checked("openai", respond))
     for i in range(6):
         r = ask(broker, pool_db.tokens["openai"], f"/v1/race/{i}")
         assert r.status == 200, (i, r.body[:200])
@@ -175,8 +163,8 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 @pytest.mark.parametrize("shape", ["small-sized", "large-sized", "chunked"])
-def test_upstream_dies_mid_response(shape: str, broker: ServeProc, upstream: LoopUpstream,
-                                    pool_db: OpsDB) -> None:
+def test_upstream_dies_mid_response(shape: str, broker: Broker, upstream: FakeUpstream,
+                                    pool_db: Broker) -> None:
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         if not req.path.endswith("/die"):
             echo(h, req)
@@ -193,7 +181,7 @@ def test_upstream_dies_mid_response(shape: str, broker: ServeProc, upstream: Loo
             h.wfile.write(b"d" * (1000 if shape == "small-sized" else 300_000))
         h.wfile.flush()
         _shutdown(h.connection)
-    upstream.set_responder(checked(respond))
+    upstream.set_responder(key_checked("openai", respond))
     tok = pool_db.tokens["openai"]
     assert ask(broker, tok, "/v1/warm").status == 200          # one pooled connection
     cut = False
@@ -214,8 +202,8 @@ def test_upstream_dies_mid_response(shape: str, broker: ServeProc, upstream: Loo
     assert upstream.accepted == 2, upstream.accepted
 
 
-def test_agent_abandoning_stream_retires_the_upstream_connection(broker: ServeProc, upstream: LoopUpstream,
-                                                                 pool_db: OpsDB) -> None:
+def test_agent_abandoning_stream_retires_the_upstream_connection(broker: Broker, upstream: FakeUpstream,
+                                                                 pool_db: Broker) -> None:
     """An answer the agent stops reading must not leave half a body in a pooled connection."""
     release = threading.Event()
 
@@ -234,7 +222,7 @@ def test_agent_abandoning_stream_retires_the_upstream_connection(broker: ServePr
             h.wfile.flush()
         except OSError:
             h.close_connection = True
-    upstream.set_responder(checked(respond))
+    upstream.set_responder(key_checked("openai", respond))
     tok = pool_db.tokens["openai"]
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=TIMEOUT)
     conn.request("GET", "/openai/v1/big", headers=auth_headers("openai", tok))
@@ -252,11 +240,11 @@ def test_agent_abandoning_stream_retires_the_upstream_connection(broker: ServePr
     assert upstream.accepted == 2, upstream.accepted
 
 
-def test_concurrent_reuse_from_20_threads(broker: ServeProc, upstream: LoopUpstream, pool_db: OpsDB) -> None:
+def test_concurrent_reuse_from_20_threads(broker: Broker, upstream: FakeUpstream, pool_db: Broker) -> None:
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         time.sleep(0.005)
         echo(h, req)
-    upstream.set_responder(checked(respond))
+    upstream.set_responder(key_checked("openai", respond))
     tok = pool_db.tokens["openai"]
     errors: List[str] = []
     barrier = threading.Barrier(20)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Tuple
 import pytest
 
 from conftest import Broker, FakeUpstream, error_type_and_message
-from sec_helpers import RawResponse, _Reader, raw_exchange, read_response, request_bytes
+from raw_http import RawResponse, SocketReader as _Reader, raw_exchange, read_response, request_bytes
 from ws_helpers import FakeGateway, ws_connect
 
 T = 15.0

@@ -30,7 +30,8 @@ from typing import Any, Dict, List
 import pytest
 
 from conftest import REAL_KEYS, Broker, broker_env, run_cli
-from sec_helpers import load_broker_module, raw_exchange, request_bytes
+from conftest import load_broker_module
+from raw_http import raw_exchange, request_bytes
 
 sb = load_broker_module()
 KEY = REAL_KEYS["openai"]

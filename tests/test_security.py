@@ -18,13 +18,9 @@ import os
 import posixpath
 import random
 import re
-import shutil
-import socket
-import ssl
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -35,36 +31,20 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 
 from conftest import (
-    BROKER_PY, MASTER_KEY, PROVIDERS, REAL_KEYS, Broker, FakeUpstream, RecordedRequest, Response,
-    UpstreamHandler, auth_headers, broker_env, error_type_and_message, http_request, key_check_failure,
-    run_cli,
+    BROKER_PY, MASTER_KEY, PROVIDERS, REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, Response,
+    TcpRecorder, UpstreamHandler, assert_no_traffic, auth_headers, broker_env, db_bytes,
+    error_type_and_message, http_request, key_check_failure, load_broker_module, random_part, requests_to,
+    run_cli, wait_until,
 )
-from sec_helpers import (
-    RawResponse, TcpRecorder, assert_no_traffic, raw_exchange, request_bytes, requests_to, second_process,
-)
-
-from sec_helpers import load_broker_module
+from ops_helpers import OPENSSL, make_ca, make_leaf
+from raw_http import RawResponse, raw_exchange, request_bytes
 
 seks_broker = load_broker_module()   # the same file the broker subprocesses run (SEKS_TEST_BROKER)
 
 
 # ============================================================================
-# Fixtures and small helpers
+# Small helpers
 # ============================================================================
-
-
-@pytest.fixture(scope="module")
-def _attacker_server() -> Iterator[TcpRecorder]:
-    rec = TcpRecorder()
-    yield rec
-    rec.stop()
-
-
-@pytest.fixture
-def attacker(_attacker_server: TcpRecorder) -> TcpRecorder:
-    """A server the attacker controls; every test starts with its log empty."""
-    _attacker_server.clear()
-    return _attacker_server
 
 
 def route(provider: str, token: str, rest: str = "/v1/echo") -> str:
@@ -76,12 +56,6 @@ def route(provider: str, token: str, rest: str = "/v1/echo") -> str:
 
 def header_lines(provider: str, token: str) -> List[Tuple[str, str]]:
     return list(auth_headers(provider, token).items())
-
-
-def random_part(token: str) -> str:
-    m = re.search(r"seks_[a-z]+_([A-Za-z0-9_-]+)$", token)
-    assert m, token
-    return m.group(1)
 
 
 def key_forms(key: str) -> Dict[str, str]:
@@ -349,7 +323,7 @@ def test_duplicate_host_headers_never_move_the_request(broker: Broker, upstreams
     assert req.header_all("Host") == [f"127.0.0.1:{upstreams['openai'].port}"]
 
 
-def test_proxy_environment_cannot_divert_the_key(broker_factory: Callable[..., Broker],
+def test_proxy_environment_cannot_divert_the_key(broker_factory: Brokers,
                                                  upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder) -> None:
     """urllib honours HTTP(S)_PROXY by default: a broker started in an environment with a proxy
     set must still connect straight to the configured upstream (the proxy would see every key)."""
@@ -367,123 +341,44 @@ def test_proxy_environment_cannot_divert_the_key(broker_factory: Callable[..., B
 # --- TLS to the upstream is verified: a key never goes to a server that cannot prove its name ------
 
 
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
-
-
-def make_cert(d: Path, name: str, ca: str, san: str) -> Tuple[Path, Path]:
-    key, csr, crt, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem", d / f"{name}.ext"
-    ext.write_text(f"subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n"
-                   "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-                   "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(d / f"{ca}.pem"), "-CAkey", str(d / f"{ca}.key"),
-            "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext))
-    return crt, key
-
-
-def make_ca(d: Path, name: str) -> None:
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.pem"), "-days", "2",
-            "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-
-
-class TlsRecorder:
-    """An HTTPS server on 127.0.0.1 that records every request it decrypts (and counts failed
-    handshakes), answering each with 200."""
-
-    def __init__(self, cert: Path, key: Path) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(str(cert), str(key))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.requests: List[bytes] = []
-        self.failed_handshakes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                raw, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            raw.settimeout(5)
-            try:
-                conn = self.ctx.wrap_socket(raw, server_side=True)
-            except (ssl.SSLError, OSError):
-                self.failed_handshakes += 1
-                raw.close()
-                continue
-            try:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    piece = conn.recv(65536)
-                    if not piece:
-                        break
-                    data += piece
-                self.requests.append(data)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: 11\r\nConnection: close\r\n\r\n{\"ok\":true}")
-            except (ssl.SSLError, OSError):
-                pass
-            finally:
-                conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
-def tls_setup(tmp_path_factory: pytest.TempPathFactory, broker_factory: Callable[..., Broker]
-              ) -> Iterator[Tuple[Broker, Dict[str, TlsRecorder]]]:
-    if shutil.which("openssl") is None:
+def tls_setup(tmp_path_factory: pytest.TempPathFactory, broker_factory: Brokers
+              ) -> Iterator[Tuple[Broker, Dict[str, FakeUpstream]]]:
+    """HTTPS upstreams: one with a certificate from the CA the broker trusts (--upstream-ca),
+    one from that CA for another name, one for the right name from a CA nobody configured."""
+    if OPENSSL is None:
         pytest.skip("openssl is needed to make test certificates")
     d = tmp_path_factory.mktemp("tls")
-    make_ca(d, "trusted-ca")
-    make_ca(d, "other-ca")
+    trusted, other = make_ca(d, "trusted-ca"), make_ca(d, "other-ca")
     servers = {
-        "openai": TlsRecorder(*make_cert(d, "good", "trusted-ca", "IP:127.0.0.1")),
-        "anthropic": TlsRecorder(*make_cert(d, "wrong-name", "trusted-ca", "DNS:wrong.example")),
-        "groq": TlsRecorder(*make_cert(d, "untrusted", "other-ca", "IP:127.0.0.1")),
+        "openai": FakeUpstream("openai", tls=make_leaf(d, "good", trusted, "IP:127.0.0.1")),
+        "anthropic": FakeUpstream("anthropic", tls=make_leaf(d, "wrong-name", trusted, "DNS:wrong.example")),
+        "groq": FakeUpstream("groq", tls=make_leaf(d, "untrusted", other, "IP:127.0.0.1")),
     }
-    b = broker_factory({p: f"https://127.0.0.1:{s.port}" for p, s in servers.items()},
-                       providers=tuple(servers), serve_args=("--upstream-ca", str(d / "trusted-ca.pem")))
+    b = broker_factory({p: s.url for p, s in servers.items()},
+                       providers=tuple(servers), serve_args=("--upstream-ca", str(trusted[0])))
     yield b, servers
     for s in servers.values():
         s.stop()
 
 
-def test_verified_tls_upstream_gets_the_key(tls_setup: Tuple[Broker, Dict[str, TlsRecorder]]) -> None:
+def test_verified_tls_upstream_gets_the_key(tls_setup: Tuple[Broker, Dict[str, FakeUpstream]]) -> None:
     """Positive control: a certificate from the configured CA for the right name works."""
     b, servers = tls_setup
     resp = b.request("GET", "/openai/v1/models", auth_headers("openai", b.token("openai")))
     assert resp.status == 200, resp.body[:300]
-    assert len(servers["openai"].requests) == 1
-    assert f"Bearer {REAL_KEYS['openai']}".encode() in servers["openai"].requests[0]
+    assert key_check_failure("openai", REAL_KEYS["openai"], servers["openai"].only_request()) is None
 
 
 @pytest.mark.parametrize("provider,why", [("anthropic", "name mismatch"), ("groq", "unknown CA")])
-def test_unverifiable_tls_upstream_never_gets_the_key(tls_setup: Tuple[Broker, Dict[str, TlsRecorder]],
+def test_unverifiable_tls_upstream_never_gets_the_key(tls_setup: Tuple[Broker, Dict[str, FakeUpstream]],
                                                      provider: str, why: str) -> None:
     b, servers = tls_setup
     resp = b.request("POST", f"/{provider}/v1/x", auth_headers(provider, b.token(provider)), b"{}")
     assert resp.status == 502, (why, resp.status, resp.body[:300])
     assert servers[provider].requests == [], f"{why}: a request was sent over an unverified TLS session"
-    deadline = time.monotonic() + 5      # the server thread counts the aborted handshake a bit later
-    while servers[provider].failed_handshakes < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert servers[provider].failed_handshakes >= 1
+    # the server thread counts the aborted handshake a bit later
+    assert wait_until(lambda: servers[provider].handshake_failures, 5), f"{why}: no TLS handshake was tried"
     assert_key_absent(agent_view(resp), REAL_KEYS[provider], why)
 
 
@@ -902,7 +797,7 @@ SPECIAL_KEY = "sk-test/special+key=0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def special_key_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+def special_key_broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
     """A broker whose openai key has '/', '+' and '=' (like base64-shaped keys): encodings differ."""
     keys = dict(REAL_KEYS, openai=SPECIAL_KEY)
     return broker_factory({"openai": upstreams["openai"].url}, providers=("openai",), keys=keys)
@@ -980,10 +875,10 @@ def test_revoked_token_is_401_on_the_very_next_request(broker: Broker, upstreams
         assert_no_traffic(upstreams, None, f"revoked by {how}")
 
 
-def test_revocation_seen_by_a_second_broker_process(broker_factory: Callable[..., Broker],
+def test_revocation_seen_by_a_second_broker_process(broker_factory: Brokers,
                                                     upstreams: Dict[str, FakeUpstream]) -> None:
     first = broker_factory({"openai": upstreams["openai"].url}, providers=("openai",))
-    second = second_process(first)
+    second = broker_factory.serve(first, name="second")
     try:
         t = first.mint("openai", "two-procs")
         for b in (first, second):  # both cache the token as valid
@@ -1001,15 +896,6 @@ def test_revocation_seen_by_a_second_broker_process(broker_factory: Callable[...
             assert b.request("GET", "/openai/v1/models", auth_headers("openai", first.token("openai"))).status == 200
     finally:
         second.stop()
-
-
-def db_bytes(db: Path) -> bytes:
-    out = b""
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        f = Path(str(db) + suffix)
-        if f.is_file():
-            out += f.read_bytes()
-    return out
 
 
 def test_db_files_never_hold_tokens_or_keys(broker: Broker) -> None:
@@ -1030,12 +916,13 @@ def test_db_files_never_hold_tokens_or_keys(broker: Broker) -> None:
 
 
 @pytest.fixture(scope="module")
-def keyfile_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
-    """A broker with no SEKS_MASTER_KEY: the key lives in <db>.key. Started under umask 022."""
+def keyfile_broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
+    """A broker with no SEKS_MASTER_KEY: the key lives in <db>.key. Made with the real CLI and
+    started under umask 022."""
     old = os.umask(0o022)
     try:
         return broker_factory({"openai": upstreams["openai"].url}, providers=("openai",),
-                              extra_env={"SEKS_MASTER_KEY": ""})
+                              extra_env={"SEKS_MASTER_KEY": ""}, via_cli=True)
     finally:
         os.umask(old)
 
@@ -1043,7 +930,7 @@ def keyfile_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, F
 def test_db_wal_shm_and_key_file_are_0600(keyfile_broker: Broker) -> None:
     b = keyfile_broker
     assert b.request("GET", "/openai/v1/models", auth_headers("openai", b.token("openai"))).status == 200
-    b.mint("openai", "another")        # a write while the server holds the DB open
+    b.mint("openai", "another", via_cli=True)        # a CLI write while the server holds the DB open
     files = {s: Path(str(b.db) + s) for s in ("", "-wal", "-shm", ".key")}
     for suffix, f in files.items():
         assert f.exists(), f"{f.name} missing (have {sorted(p.name for p in b.workdir.iterdir())})"
@@ -1340,7 +1227,7 @@ def drive_all_traffic(b: Broker, upstreams: Dict[str, FakeUpstream], attacker: T
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
-def test_no_key_or_token_in_logs_db_metrics_or_cli(broker_factory: Callable[..., Broker],
+def test_no_key_or_token_in_logs_db_metrics_or_cli(broker_factory: Brokers,
                                                    upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder,
                                                    log_format: str) -> None:
     b = broker_factory({p: u.url for p, u in upstreams.items()},

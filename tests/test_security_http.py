@@ -16,29 +16,21 @@ from __future__ import annotations
 import random
 import socket
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
 from conftest import (
-    REAL_KEYS, Broker, FakeUpstream, RecordedRequest, UpstreamHandler, auth_headers, closed_port,
-    key_check_failure,
+    REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, assert_no_traffic,
+    auth_headers, free_port, hanging_upstream, key_check_failure, requests_to,
 )
-from sec_helpers import (
-    RawResponse, _Reader, raw_exchange, read_response, request_bytes, requests_to,
-)
+from raw_http import RawResponse, SocketReader, raw_exchange, read_response, request_bytes
 
 CHAT = "/openai/v1/chat/completions"
 
 
 def auth(broker: Broker, provider: str = "openai") -> List[Tuple[str, str]]:
     return list(auth_headers(provider, broker.token(provider)).items())
-
-
-def nothing_forwarded(upstreams: Dict[str, FakeUpstream], what: str) -> None:
-    time.sleep(0.1)
-    got = requests_to(upstreams)
-    assert not got, f"{what}: upstream(s) received complete requests: {got}"
 
 
 def assert_refused_and_closed(resp: RawResponse, statuses: Sequence[int], what: str) -> None:
@@ -99,7 +91,7 @@ def test_ambiguous_framing_is_400_and_closed(broker: Broker, upstreams: Dict[str
                          body, version=version)
     resp = raw_exchange(broker.port, data, close_wait=2.0)
     assert_refused_and_closed(resp, (400,), name)
-    nothing_forwarded(upstreams, name)
+    assert_no_traffic(upstreams, None, name, settle=0.1)
 
 
 # Malformed header lines: each one refused outright.
@@ -127,7 +119,7 @@ def test_malformed_header_line_is_400_and_closed(broker: Broker, upstreams: Dict
     head = request_bytes("POST", CHAT, auth(broker) + [("Content-Length", "5")])[:-2]
     resp = raw_exchange(broker.port, head + line + b"\r\nhello", close_wait=2.0)
     assert_refused_and_closed(resp, (400,), name)
-    nothing_forwarded(upstreams, name)
+    assert_no_traffic(upstreams, None, name, settle=0.1)
 
 
 MALFORMED_REQUEST_LINES = [
@@ -181,7 +173,7 @@ def test_bad_chunked_body_is_400_and_closed(broker: Broker, upstreams: Dict[str,
                                                        ("Transfer-Encoding", "chunked")], body)
     resp = raw_exchange(broker.port, data, close_wait=2.0)
     assert_refused_and_closed(resp, statuses, name)
-    nothing_forwarded(upstreams, name)
+    assert_no_traffic(upstreams, None, name, settle=0.1)
 
 
 def test_good_chunked_body_with_extensions_and_trailers_is_forwarded(broker: Broker,
@@ -217,14 +209,14 @@ def test_unread_body_is_never_a_second_request(broker: Broker, upstreams: Dict[s
     resp = raw_exchange(broker.port, request_bytes(method, path, hs, inner), close_wait=1.5)
     assert resp.status != 0, resp
     assert resp.extra == b"", f"{name}: the body was answered as a request: {resp.extra[:300]!r}"
-    nothing_forwarded(upstreams, name)
+    assert_no_traffic(upstreams, None, name, settle=0.1)
 
 
 def test_keep_alive_works_so_closing_tests_mean_something(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     """Positive control: after a clean 200 and a body-less 401 the connection stays open; the
     'closed' assertions above would be vacuous if the broker closed every connection."""
     with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as sock:
-        rd = _Reader(sock)
+        rd = SocketReader(sock)
         for data in (request_bytes("GET", "/healthz"),
                      request_bytes("GET", "/openai/v1/models", auth(broker)),
                      request_bytes("GET", "/openai/v1/models"),          # 401, no body
@@ -251,7 +243,7 @@ def test_request_line_over_8k_is_414_and_closed(broker: Broker, upstreams: Dict[
     data = line_of_length(size) + b"Authorization: Bearer " + broker.token("openai").encode() + b"\r\n\r\n"
     resp = raw_exchange(broker.port, data, close_wait=2.0)
     assert_refused_and_closed(resp, (414,), f"request line {size}")
-    nothing_forwarded(upstreams, "414")
+    assert_no_traffic(upstreams, None, "414", settle=0.1)
 
 
 def test_request_line_of_exactly_8k_is_accepted(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
@@ -274,7 +266,7 @@ def test_headers_over_limit_are_431_and_closed(broker: Broker, upstreams: Dict[s
         extra = [("X-" + "h" * (33 * 1024), "1")]
     resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models", auth(broker) + extra), close_wait=2.0)
     assert_refused_and_closed(resp, (431,), shape)
-    nothing_forwarded(upstreams, shape)
+    assert_no_traffic(upstreams, None, shape, settle=0.1)
 
 
 def test_headers_just_under_limits_are_accepted(broker: Broker) -> None:
@@ -287,7 +279,7 @@ def test_headers_just_under_limits_are_accepted(broker: Broker) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_body_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+def small_body_broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
     return broker_factory({"openai": upstreams["openai"].url}, providers=("openai",),
                           serve_args=("--max-body", "1000"))
 
@@ -308,7 +300,7 @@ def test_body_over_max_body_is_413_before_the_body_is_sent(small_body_broker: Br
     assert time.monotonic() - t0 < 4
     assert resp.interim == [], f"sent {resp.interim} before refusing the body"
     assert resp.closed, "connection left open after 413"
-    nothing_forwarded(upstreams, "413")
+    assert_no_traffic(upstreams, None, "413", settle=0.1)
 
 
 def test_body_at_max_body_is_accepted(small_body_broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
@@ -323,7 +315,7 @@ def test_chunked_body_over_max_body_is_413(small_body_broker: Broker, upstreams:
     data = request_bytes("POST", CHAT, auth(small_body_broker) + [("Transfer-Encoding", "chunked")], body)
     resp = raw_exchange(small_body_broker.port, data, close_wait=2.0)
     assert_refused_and_closed(resp, (413,), "chunked over max-body")
-    nothing_forwarded(upstreams, "chunked 413")
+    assert_no_traffic(upstreams, None, "chunked 413", settle=0.1)
 
 
 # ============================================================================
@@ -336,7 +328,7 @@ SHORT_MAX_CONNECTIONS = 4
 
 
 @pytest.fixture(scope="module")
-def patched_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+def patched_broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
     """A broker with its client limits shortened through the real serve flags."""
     return broker_factory({"openai": upstreams["openai"].url}, providers=("openai",),
                           serve_args=("--client-timeout", f"{SHORT_CLIENT_TIMEOUT}s",
@@ -388,13 +380,13 @@ def test_stalled_body_is_closed_and_nothing_forwarded(patched_broker: Broker, up
         sock.sendall(request_bytes("POST", CHAT, auth(patched_broker) + [("Content-Length", "100")], b"0123456789"))
         took = seconds_until_closed(sock, 8)
     assert took is not None and took < SHORT_CLIENT_TIMEOUT + 3, f"stalled body not closed ({took})"
-    nothing_forwarded(upstreams, "stalled body")
+    assert_no_traffic(upstreams, None, "stalled body", settle=0.1)
 
 
 def test_idle_keep_alive_connection_is_closed(patched_broker: Broker) -> None:
     with socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5) as sock:
         sock.sendall(request_bytes("GET", "/healthz"))
-        rd = _Reader(sock)
+        rd = SocketReader(sock)
         resp = read_response(sock, close_wait=0.1, reader=rd)
         assert resp.status == 200
         took = seconds_until_closed(sock, 8)
@@ -441,11 +433,11 @@ def test_body_dripped_under_the_read_timeout_is_cut(patched_broker: Broker, upst
     assert took < SHORT_CLIENT_TIMEOUT + 3, f"a dripped body held the connection for {took:.1f} s"
     assert got.startswith(b"HTTP/1.1 408 "), got[:200]
     if size == 100:
-        nothing_forwarded(upstreams, "dripped body")
+        assert_no_traffic(upstreams, None, "dripped body", settle=0.1)
 
 
 @pytest.fixture(scope="module")
-def capped_broker(broker_factory: Callable[..., Broker], upstreams: Dict[str, FakeUpstream]) -> Broker:
+def capped_broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
     """A broker with few connections and long client timeouts: the held connections below
     must stay held however slow the machine is (with the short timeouts they could be cut
     before the extra connection arrives, freeing a slot)."""
@@ -484,13 +476,7 @@ def test_connection_cap_answers_503_and_recovers(capped_broker: Broker) -> None:
 
 @pytest.fixture(scope="module")
 def silent_upstream() -> Iterator[FakeUpstream]:
-    up = FakeUpstream("anthropic")
-
-    def hang(h: UpstreamHandler, req: RecordedRequest) -> None:
-        up.release.wait(30)
-        h.close_connection = True
-
-    up.set_responder(hang)
+    up = hanging_upstream("anthropic")
     yield up
     up.stop()
 
@@ -536,9 +522,9 @@ def blackhole_upstream() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def broken_upstream_broker(broker_factory: Callable[..., Broker], silent_upstream: FakeUpstream,
+def broken_upstream_broker(broker_factory: Brokers, silent_upstream: FakeUpstream,
                            stalling_upstream: FakeUpstream, blackhole_upstream: str) -> Broker:
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     return broker_factory({"openai": dead, "telegram": dead, "anthropic": silent_upstream.url,
                            "gemini": silent_upstream.url, "groq": stalling_upstream.url,
                            "brave": blackhole_upstream},

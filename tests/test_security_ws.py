@@ -2,61 +2,60 @@
 the key never reaches the agent) for the RFC 6455 relay on provider routes and for the Discord
 gateway route, where the token travels inside IDENTIFY/RESUME.
 
-A raw WebSocket client talks to a real broker; a loopback WebSocket upstream (sec_helpers.WsUpstream)
-records every handshake and frame and sends whatever each test scripts - including the real key,
-split over fragments, in control frames, in a close reason, or compressed.
+A raw WebSocket client (ws_helpers.ws_connect) talks to a real broker; a loopback WebSocket
+upstream (ws_helpers.ScriptedServer) records every handshake and frame and sends whatever each
+test scripts - including the real key, split over fragments, in control frames, in a close
+reason, or compressed.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import socket
 import time
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
-from conftest import REAL_KEYS, Broker
-from sec_helpers import TcpRecorder, WsClient, WsConn, WsUpstream
+from conftest import REAL_KEYS, Broker, Brokers, TcpRecorder
+from raw_http import RawResponse, read_response, request_bytes
+from ws_helpers import (
+    OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, Handshake, Peer, ScriptedServer, close_payload,
+    parse_close, ws_connect,
+)
 
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 KEY = REAL_KEYS["openai"]
 DISCORD_KEY = REAL_KEYS["discord"]
+Frame = Tuple[bool, int, bytes]
 
 
 @pytest.fixture(scope="module")
-def ws_upstream() -> Iterator[WsUpstream]:
-    up = WsUpstream()
+def ws_upstream() -> Iterator[ScriptedServer]:
+    up = ScriptedServer("ws-upstream")
     yield up
     up.stop()
 
 
 @pytest.fixture(scope="module")
-def gateway_upstream() -> Iterator[WsUpstream]:
-    up = WsUpstream()
+def gateway_upstream() -> Iterator[ScriptedServer]:
+    up = ScriptedServer("gateway-upstream")
     yield up
     up.stop()
-
-
-@pytest.fixture(scope="module")
-def attacker() -> Iterator[TcpRecorder]:
-    rec = TcpRecorder()
-    yield rec
-    rec.stop()
 
 
 @pytest.fixture(autouse=True)
-def _reset(ws_upstream: WsUpstream, gateway_upstream: WsUpstream, attacker: TcpRecorder) -> None:
+def _reset(ws_upstream: ScriptedServer, gateway_upstream: ScriptedServer) -> None:
     ws_upstream.reset()
     gateway_upstream.reset()
-    attacker.clear()
 
 
 @pytest.fixture(scope="module")
-def ws_broker(broker_factory: Callable[..., Broker], ws_upstream: WsUpstream,
-              gateway_upstream: WsUpstream) -> Broker:
+def ws_broker(broker_factory: Brokers, ws_upstream: ScriptedServer,
+              gateway_upstream: ScriptedServer) -> Broker:
     return broker_factory({"openai": ws_upstream.url},
-                          extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": f"ws://127.0.0.1:{gateway_upstream.port}"},
+                          extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": gateway_upstream.ws_url},
                           providers=("openai", "discord"))
 
 
@@ -64,10 +63,21 @@ def bearer(b: Broker) -> List[Tuple[str, str]]:
     return [("Authorization", f"Bearer {b.token('openai')}")]
 
 
-def everything_seen(c: WsClient, frames: List[Tuple[bool, int, bytes]]) -> bytes:
+def session_frames(hs: Handshake, first: Optional[Tuple[int, bytes]] = None, limit: float = 3.0) -> List[Frame]:
+    """Send `first` (opcode, payload) if given, then every frame until the close (or `limit`)."""
+    assert hs.status == 101 and hs.ws is not None, (hs.status, hs.raw_head)
+    try:
+        if first is not None:
+            hs.ws.send_frame(*first)
+        return hs.ws.frames_until_close(limit)
+    finally:
+        hs.ws.close()
+
+
+def everything_seen(hs: Handshake, frames: List[Frame]) -> bytes:
     """All the agent received: the handshake answer, any body, every frame payload, and the
     payloads inflated in case they were compressed."""
-    out = c.head + c.body + b"".join(p for _, _, p in frames)
+    out = hs.raw_head + hs.body + b"".join(p for _, _, p in frames)
     for _, _, p in frames:
         for wbits in (-15, 15, 31):
             try:
@@ -87,19 +97,18 @@ def assert_no_key(data: bytes, key: str, what: str) -> None:
 
 
 def test_ws_handshake_carries_the_real_key_to_the_configured_upstream(ws_broker: Broker,
-                                                                       ws_upstream: WsUpstream) -> None:
-    c = WsClient(ws_broker.port, "/openai/v1/realtime?model=gpt-test",
+                                                                       ws_upstream: ScriptedServer) -> None:
+    hs = ws_connect(ws_broker.port, "/openai/v1/realtime?model=gpt-test",
                  bearer(ws_broker) + [("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits"),
                                       ("Origin", "http://evil.example")])
+    assert hs.status == 101 and hs.ws is not None, hs.raw_head
     try:
-        assert c.status == 101, c.head
-        c.send(OP_TEXT, b'{"type":"ping"}')
-        echo = c.recv()
-        assert echo is not None and echo[2] == b'{"type":"ping"}', echo
+        hs.ws.send_frame(OP_TEXT, b'{"type":"ping"}')
+        assert hs.ws.recv_frame()[2] == b'{"type":"ping"}'
     finally:
-        c.close()
-    assert len(ws_upstream.heads) == 1
-    head = ws_upstream.heads[0].decode("latin-1")
+        hs.ws.close()
+    assert len(ws_upstream.handshakes) == 1
+    head = ws_upstream.handshakes[0].raw.decode("latin-1")
     assert head.startswith("GET /v1/realtime?model=gpt-test HTTP/1.1\r\n"), head
     assert f"authorization: bearer {KEY}".lower() in head.lower()
     assert "seks_" not in head, "the fake token reached the upstream"
@@ -109,37 +118,35 @@ def test_ws_handshake_carries_the_real_key_to_the_configured_upstream(ws_broker:
 
 @pytest.mark.parametrize("target", ["/openai/%2e%2e/v1/realtime", "/openai//127.0.0.1:{A}/x",
                                     "http://127.0.0.1:{A}/openai/v1/realtime", "/openai/v1\\..\\x"])
-def test_ws_routing_attacks_are_refused(ws_broker: Broker, ws_upstream: WsUpstream, attacker: TcpRecorder,
+def test_ws_routing_attacks_are_refused(ws_broker: Broker, ws_upstream: ScriptedServer, attacker: TcpRecorder,
                                         target: str) -> None:
-    c = WsClient(ws_broker.port, target.replace("{A}", str(attacker.port)), bearer(ws_broker))
-    c.close()
-    assert c.status == 400, c.head
+    hs = ws_connect(ws_broker.port, target.replace("{A}", str(attacker.port)), bearer(ws_broker))
+    assert hs.status == 400, hs.raw_head
     time.sleep(0.1)
-    assert not ws_upstream.heads and not attacker.seen()
+    assert ws_upstream.connections == 0 and not attacker.seen()
 
 
-def test_ws_without_token_is_401_and_never_opens_upstream(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
-    c = WsClient(ws_broker.port, "/openai/v1/realtime")
-    c.close()
-    assert c.status == 401, c.head
-    assert not ws_upstream.heads
+def test_ws_without_token_is_401_and_never_opens_upstream(ws_broker: Broker, ws_upstream: ScriptedServer) -> None:
+    hs = ws_connect(ws_broker.port, "/openai/v1/realtime")
+    assert hs.status == 401, hs.raw_head
+    assert ws_upstream.connections == 0
 
 
 # ============================================================================
 # The key never reaches the agent over a WebSocket
 # ============================================================================
 
-def scripted(*frames: Tuple[int, bytes, bool, bool]) -> Callable[[WsConn], None]:
+def scripted(*frames: Tuple[int, bytes, bool, bool]) -> Callable[[Peer], None]:
     """Accept, wait for the client's first message, send `frames` (opcode, payload, fin, rsv1),
-    then record until close."""
-    def behaviour(conn: WsConn) -> None:
-        conn.accept()
-        conn.recv()
+    then close and read the answer."""
+    def behaviour(peer: Peer) -> None:
+        ws = peer.accept().ws
+        ws.recv_frame()
         for opcode, payload, fin, rsv1 in frames:
-            conn.send(opcode, payload, fin=fin, rsv1=rsv1)
+            ws.send_frame(opcode, payload, fin=fin, rsv=0x40 if rsv1 else 0)
             time.sleep(0.05)
-        conn.send(OP_CLOSE, (1000).to_bytes(2, "big") + b"bye")
-        conn.recv()
+        ws.send_close(1000, "bye")
+        ws.recv_frame()
     return behaviour
 
 
@@ -158,42 +165,32 @@ WS_LEAKS: Dict[str, Tuple[Tuple[int, bytes, bool, bool], ...]] = {
 
 
 @pytest.mark.parametrize("name", list(WS_LEAKS))
-def test_ws_key_from_upstream_never_reaches_agent(ws_broker: Broker, ws_upstream: WsUpstream, name: str) -> None:
+def test_ws_key_from_upstream_never_reaches_agent(ws_broker: Broker, ws_upstream: ScriptedServer, name: str) -> None:
     ws_upstream.behaviour = scripted(*WS_LEAKS[name])
-    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
-    try:
-        assert c.status == 101, c.head
-        c.send(OP_TEXT, b'{"type":"hello"}')
-        frames = c.recv_all(limit=3.0)
-    finally:
-        c.close()
-    assert_no_key(everything_seen(c, frames), KEY, name)
+    hs = ws_connect(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    frames = session_frames(hs, (OP_TEXT, b'{"type":"hello"}'))
+    assert_no_key(everything_seen(hs, frames), KEY, name)
 
 
-def test_ws_close_reason_with_key_is_scrubbed(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
-    def behaviour(conn: WsConn) -> None:
-        conn.accept()
-        conn.recv()
-        conn.send(OP_CLOSE, (4001).to_bytes(2, "big") + b"bad key " + K)
-        conn.recv()
+def test_ws_close_reason_with_key_is_scrubbed(ws_broker: Broker, ws_upstream: ScriptedServer) -> None:
+    def behaviour(peer: Peer) -> None:
+        ws = peer.accept().ws
+        ws.recv_frame()
+        ws.send_frame(OP_CLOSE, close_payload(4001, "bad key " + KEY))
+        ws.recv_frame()
     ws_upstream.behaviour = behaviour
-    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
-    try:
-        c.send(OP_TEXT, b"{}")
-        frames = c.recv_all(limit=3.0)
-    finally:
-        c.close()
+    hs = ws_connect(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    frames = session_frames(hs, (OP_TEXT, b"{}"))
     assert frames and frames[-1][1] == OP_CLOSE, frames
-    assert_no_key(everything_seen(c, frames), KEY, "close reason")
+    assert_no_key(everything_seen(hs, frames), KEY, "close reason")
 
 
-def test_ws_handshake_refusal_with_key_is_scrubbed(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
-    ws_upstream.behaviour = lambda conn: conn.refuse(
+def test_ws_handshake_refusal_with_key_is_scrubbed(ws_broker: Broker, ws_upstream: ScriptedServer) -> None:
+    ws_upstream.behaviour = lambda peer: peer.refuse(
         401, b'{"error":"invalid key ' + K + b'"}', [("WWW-Authenticate", f"Bearer key={KEY}")])
-    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
-    c.close()
-    assert c.status == 401, c.head
-    assert_no_key(c.head + c.body, KEY, "refused handshake")
+    hs = ws_connect(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    assert hs.status == 401, hs.raw_head
+    assert_no_key(hs.raw_head + hs.body, KEY, "refused handshake")
 
 
 @pytest.mark.parametrize("answer", [
@@ -204,58 +201,49 @@ def test_ws_handshake_refusal_with_key_is_scrubbed(ws_broker: Broker, ws_upstrea
     b"HTTP/1.1 100 Continue\r\n\r\n",
     b"HTTP/1.1 4\xc2\xb21 No\r\nContent-Length: 2\r\n\r\n{}",
 ], ids=["key-in-name", "bare-lf", "folded", "nul-in-name", "interim-100", "not-ascii-status"])
-def test_ws_handshake_answer_is_parsed_strictly(ws_broker: Broker, ws_upstream: WsUpstream,
+def test_ws_handshake_answer_is_parsed_strictly(ws_broker: Broker, ws_upstream: ScriptedServer,
                                                answer: bytes) -> None:
     """The upstream's answer to the upgrade goes through the same strict parser as any other
     answer: a malformed one (or an interim one, or a header name holding the key) is a 502,
     never relayed with a line break or the key in it."""
-    ws_upstream.behaviour = lambda conn: conn.sock.sendall(answer)
-    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
-    c.close()
-    assert c.status == 502, c.head
-    assert b"Set-Cookie" not in c.head and b"X-A" not in c.head, c.head
-    assert_no_key(c.head + c.body, KEY, "handshake answer")
+    ws_upstream.behaviour = lambda peer: peer.send_raw(answer)
+    hs = ws_connect(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    assert hs.status == 502, hs.raw_head
+    assert b"Set-Cookie" not in hs.raw_head and b"X-A" not in hs.raw_head, hs.raw_head
+    assert_no_key(hs.raw_head + hs.body, KEY, "handshake answer")
 
 
-def test_ws_handshake_answer_headers_not_passed(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
-    def behaviour(conn: WsConn) -> None:
-        conn.accept([("X-Echo-Key", KEY), ("Set-Cookie", f"k={KEY}")])
-        ws_upstream.pump(conn, echo=True)
-    ws_upstream.behaviour = behaviour
-    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
-    c.close()
-    assert c.status == 101
-    assert_no_key(c.head, KEY, "101 headers")
+def test_ws_handshake_answer_headers_not_passed(ws_broker: Broker, ws_upstream: ScriptedServer) -> None:
+    ws_upstream.behaviour = lambda peer: ws_upstream.echo_until_close(
+        peer.accept([("X-Echo-Key", KEY), ("Set-Cookie", f"k={KEY}")]))
+    hs = ws_connect(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker))
+    assert hs.status == 101 and hs.ws is not None, hs.raw_head
+    hs.ws.close()
+    assert_no_key(hs.raw_head, KEY, "101 headers")
 
 
 # ============================================================================
 # Discord gateway: token inside IDENTIFY, resume hosts pinned
 # ============================================================================
 
+HELLO = json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}).encode()
 
-def gateway_script(up: WsUpstream, *after_identify: bytes) -> Callable[[WsConn], None]:
-    """HELLO, then record the broker's frames (in up.frames); answer IDENTIFY with
+
+def gateway_script(up: ScriptedServer, *after_identify: bytes) -> Callable[[Peer], None]:
+    """HELLO, then record the broker's frames (the session's .received); answer IDENTIFY with
     `after_identify` and a close."""
-    def behaviour(conn: WsConn) -> None:
-        conn.accept()
-        conn.send(OP_TEXT, json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}).encode())
+    def behaviour(peer: Peer) -> None:
+        s = peer.accept()
+        s.ws.send_frame(OP_TEXT, HELLO)
         while True:
-            frame = conn.recv()
-            if frame is None:
+            op, payload = up.next_message(s)
+            if op == OP_CLOSE:
+                up.finish_close(s, *parse_close(payload))    # echo the close, as RFC 6455 asks
                 return
-            _, opcode, payload = frame
-            with up.lock:
-                up.frames.append((opcode, payload))
-            if opcode == OP_CLOSE:
-                try:
-                    conn.send(OP_CLOSE, payload[:2])     # echo the close, as RFC 6455 asks
-                except OSError:
-                    pass
-                return
-            if opcode == OP_TEXT and json.loads(payload).get("op") == 2:
+            if op == OP_TEXT and json.loads(payload).get("op") == 2:
                 for msg in after_identify:
-                    conn.send(OP_TEXT, msg)
-                conn.send(OP_CLOSE, (1000).to_bytes(2, "big"))
+                    s.ws.send_frame(OP_TEXT, msg)
+                s.ws.send_close(1000)
     return behaviour
 
 
@@ -264,71 +252,62 @@ def identify(token: str) -> bytes:
                                       "properties": {"os": "linux", "browser": "t", "device": "t"}}}).encode()
 
 
-def test_gateway_identify_swaps_token_and_scrubs_echo(ws_broker: Broker, gateway_upstream: WsUpstream) -> None:
+def test_gateway_identify_swaps_token_and_scrubs_echo(ws_broker: Broker, gateway_upstream: ScriptedServer) -> None:
     ready = json.dumps({"op": 0, "t": "READY", "s": 1, "d": {"v": 10, "session_id": "s",
-                        "echo": DISCORD_KEY, "resume_gateway_url": f"ws://127.0.0.1:{gateway_upstream.port}"}})
+                        "echo": DISCORD_KEY, "resume_gateway_url": gateway_upstream.ws_url}})
     gateway_upstream.behaviour = gateway_script(gateway_upstream, ready.encode())
-    c = WsClient(ws_broker.port, "/discord/gateway?v=10&encoding=json")
-    try:
-        assert c.status == 101, c.head
-        hello = c.recv()
-        assert hello is not None and b'"op": 10' in hello[2]
-        c.send(OP_TEXT, identify(ws_broker.token("discord")))
-        frames = c.recv_all(limit=3.0)
-    finally:
-        c.close()
-    sent = [json.loads(p) for op, p in gateway_upstream.frames if op == OP_TEXT]
+    hs = ws_connect(ws_broker.port, "/discord/gateway?v=10&encoding=json")
+    assert hs.status == 101 and hs.ws is not None, hs.raw_head
+    hello = hs.ws.recv_frame()
+    assert b'"op": 10' in hello[2]
+    frames = session_frames(hs, (OP_TEXT, identify(ws_broker.token("discord"))))
+    received = gateway_upstream.received()
+    sent = [json.loads(p) for op, p in received if op == OP_TEXT]
     assert sent and sent[0]["op"] == 2 and sent[0]["d"]["token"] == DISCORD_KEY, sent
-    assert not any(b"seks_" in p for _, p in gateway_upstream.frames), "fake token reached the gateway"
-    seen = everything_seen(c, frames)
+    assert not any(b"seks_" in p for _, p in received), "fake token reached the gateway"
+    seen = everything_seen(hs, frames)
     assert_no_key(seen, DISCORD_KEY, "gateway READY echo")
     assert b"READY" in seen
     assert b"/discord/gateway/resume/" in seen, "resume_gateway_url not pointed back at the broker route"
-    assert f'"ws://127.0.0.1:{gateway_upstream.port}"'.encode() not in seen, "agent told to resume at the gateway itself"
+    assert f'"{gateway_upstream.ws_url}"'.encode() not in seen, "agent told to resume at the gateway itself"
 
 
 @pytest.mark.parametrize("token", ["unknown", "other-provider", "none"])
-def test_gateway_bad_identify_never_reaches_discord(ws_broker: Broker, gateway_upstream: WsUpstream,
+def test_gateway_bad_identify_never_reaches_discord(ws_broker: Broker, gateway_upstream: ScriptedServer,
                                                     token: str) -> None:
     gateway_upstream.behaviour = gateway_script(gateway_upstream)
-    c = WsClient(ws_broker.port, "/discord/gateway?v=10&encoding=json")
-    try:
-        assert c.status == 101, c.head
-        c.recv()
-        if token == "none":
-            c.send(OP_TEXT, json.dumps({"op": 8, "d": {"guild_id": "1"}}).encode())   # before IDENTIFY
-        else:
-            t = "seks_discord_" + "A" * 43 if token == "unknown" else ws_broker.token("openai")
-            c.send(OP_TEXT, identify(t))
-        frames = c.recv_all(limit=3.0)
-    finally:
-        c.close()
+    hs = ws_connect(ws_broker.port, "/discord/gateway?v=10&encoding=json")
+    assert hs.status == 101 and hs.ws is not None, hs.raw_head
+    hs.ws.recv_frame()
+    if token == "none":
+        first = (OP_TEXT, json.dumps({"op": 8, "d": {"guild_id": "1"}}).encode())   # before IDENTIFY
+    else:
+        t = "seks_discord_" + "A" * 43 if token == "unknown" else ws_broker.token("openai")
+        first = (OP_TEXT, identify(t))
+    frames = session_frames(hs, first)
     assert frames and frames[-1][1] == OP_CLOSE, frames
     code = int.from_bytes(frames[-1][2][:2], "big")
     assert code in (4003, 4004), code
-    got = [p for op, p in gateway_upstream.frames if op == OP_TEXT]
+    got = [p for op, p in gateway_upstream.received() if op == OP_TEXT]
     assert not got, f"gateway received {got}"
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:{A}", "127.0.0.1%3A{A}", "evil.example", "discord.gg.evil.example",
                                   "127.0.0.1"])
-def test_gateway_resume_host_is_pinned(ws_broker: Broker, gateway_upstream: WsUpstream, attacker: TcpRecorder,
+def test_gateway_resume_host_is_pinned(ws_broker: Broker, gateway_upstream: ScriptedServer, attacker: TcpRecorder,
                                        host: str) -> None:
     target = "/discord/gateway/resume/" + host.replace("{A}", str(attacker.port)) + "?v=10&encoding=json"
-    c = WsClient(ws_broker.port, target)
-    c.close()
-    assert c.status in (400, 403, 404), c.head
+    hs = ws_connect(ws_broker.port, target)
+    assert hs.status in (400, 403, 404), hs.raw_head
     time.sleep(0.1)
     assert not attacker.seen(), "the broker connected to an agent-chosen resume host"
-    assert not gateway_upstream.heads
+    assert gateway_upstream.connections == 0
 
 
 # ============================================================================
 # A refused upgrade is an HTTP answer: the same pipeline as every other answer
 # (strict framing, gzip/deflate inflated before scanning, the hold-back scrubber, no cut)
 # ============================================================================
-
-from sec_helpers import read_response, request_bytes  # noqa: E402
 
 WS_HANDSHAKE = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
                 ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]
@@ -337,9 +316,8 @@ WS_HANDSHAKE = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
 MASK = b"[REDACTED-BY-SEKS]" + b"*" * (len(K) - 18)
 
 
-def refused_upgrade(b: Broker, extra: List[Tuple[str, str]] = ()) -> Any:
+def refused_upgrade(b: Broker, extra: Sequence[Tuple[str, str]] = ()) -> RawResponse:
     """Send an upgrade on a raw socket and read the whole answer (any framing)."""
-    import socket
     with socket.create_connection(("127.0.0.1", b.port), timeout=10) as sock:
         sock.sendall(request_bytes("GET", "/openai/v1/realtime", WS_HANDSHAKE + bearer(b) + list(extra)))
         return read_response(sock, "GET", close_wait=0.5)
@@ -353,18 +331,18 @@ def key_pieces_seen(data: bytes, key: str, shortest: int = 8) -> List[str]:
            [k[-n:].decode() for n in range(shortest, len(k) + 1) if k[-n:] in data]
 
 
-def raw_answer(head: bytes, body: bytes) -> Callable[[WsConn], None]:
-    def behaviour(conn: WsConn) -> None:
-        conn.sock.sendall(head + body)
+def raw_answer(head: bytes, body: bytes) -> Callable[[Peer], None]:
+    def behaviour(peer: Peer) -> None:
+        peer.send_raw(head + body)
         try:
-            conn.sock.shutdown(1)
+            peer.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
     return behaviour
 
 
 @pytest.mark.parametrize("offset", [1, 2, 7, 15, len(KEY) - 1, len(KEY), len(KEY) + 3])
-def test_ws_refusal_body_is_never_cut_inside_a_key(ws_broker: Broker, ws_upstream: WsUpstream,
+def test_ws_refusal_body_is_never_cut_inside_a_key(ws_broker: Broker, ws_upstream: ScriptedServer,
                                                    offset: int) -> None:
     """The refusal echoes the key so that it straddles 64 KiB (the old cut) at several offsets:
     the agent gets the whole body with the key masked, never a prefix of it."""
@@ -380,14 +358,9 @@ def test_ws_refusal_body_is_never_cut_inside_a_key(ws_broker: Broker, ws_upstrea
     assert b"[REDACTED-BY-SEKS]" in r.body
 
 
-def _gzip(data: bytes) -> bytes:
-    import gzip
-    return gzip.compress(data)
-
-
-@pytest.mark.parametrize("coding,encode", [("gzip", _gzip), ("x-gzip", _gzip), ("deflate", zlib.compress),
-                                           ("GZIP", _gzip)])
-def test_ws_compressed_refusal_is_inflated_and_scrubbed(ws_broker: Broker, ws_upstream: WsUpstream,
+@pytest.mark.parametrize("coding,encode", [("gzip", gzip.compress), ("x-gzip", gzip.compress),
+                                           ("deflate", zlib.compress), ("GZIP", gzip.compress)])
+def test_ws_compressed_refusal_is_inflated_and_scrubbed(ws_broker: Broker, ws_upstream: ScriptedServer,
                                                         coding: str, encode: Callable[[bytes], bytes]) -> None:
     body = encode((b'{"error":{"message":"bad key ' + K + b'"}}') * 50)
     head = (b"HTTP/1.1 401 No\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\n"
@@ -400,7 +373,7 @@ def test_ws_compressed_refusal_is_inflated_and_scrubbed(ws_broker: Broker, ws_up
     assert r.body.count(b"bad key [REDACTED-BY-SEKS]") == 50
 
 
-def everything_seen_http(r: Any) -> bytes:
+def everything_seen_http(r: RawResponse) -> bytes:
     """The raw answer, plus its body inflated every way an agent's client might try."""
     out = r.raw
     for wbits in (-15, 15, 31):
@@ -412,7 +385,7 @@ def everything_seen_http(r: Any) -> bytes:
 
 
 @pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, br", "identity, x-" + KEY.upper()])
-def test_ws_refusal_with_an_uninspectable_coding_is_502(ws_broker: Broker, ws_upstream: WsUpstream,
+def test_ws_refusal_with_an_uninspectable_coding_is_502(ws_broker: Broker, ws_upstream: ScriptedServer,
                                                         coding: str) -> None:
     body = b"\x1b\x02" + K
     head = (b"HTTP/1.1 403 No\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n"
@@ -426,7 +399,7 @@ def test_ws_refusal_with_an_uninspectable_coding_is_502(ws_broker: Broker, ws_up
 
 
 @pytest.mark.parametrize("split", [1, 5, 16, len(KEY) - 1])
-def test_ws_chunked_refusal_is_dechunked_before_scrubbing(ws_broker: Broker, ws_upstream: WsUpstream,
+def test_ws_chunked_refusal_is_dechunked_before_scrubbing(ws_broker: Broker, ws_upstream: ScriptedServer,
                                                           split: int) -> None:
     """The key is split across chunks (and a Content-Length stands beside the chunking): the
     scrubber sees the decoded body, so no framing can hide the key from it."""
@@ -443,16 +416,16 @@ def test_ws_chunked_refusal_is_dechunked_before_scrubbing(ws_broker: Broker, ws_
         assert r.body == b"echo " + MASK + b" end", r.body
 
 
-def test_ws_handshake_asks_for_identity(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
-    c = WsClient(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker) + [("Accept-Encoding", "gzip, br")])
-    c.close()
-    assert c.status == 101, c.head
-    head = ws_upstream.heads[0].decode("latin-1").lower()
+def test_ws_handshake_asks_for_identity(ws_broker: Broker, ws_upstream: ScriptedServer) -> None:
+    hs = ws_connect(ws_broker.port, "/openai/v1/realtime", bearer(ws_broker) + [("Accept-Encoding", "gzip, br")])
+    assert hs.status == 101 and hs.ws is not None, hs.raw_head
+    hs.ws.close()
+    head = ws_upstream.handshakes[0].raw.decode("latin-1").lower()
     assert "accept-encoding: identity\r\n" in head, head
     assert "gzip" not in head
 
 
-def test_ws_refusal_streams_like_any_answer(ws_broker: Broker, ws_upstream: WsUpstream) -> None:
+def test_ws_refusal_streams_like_any_answer(ws_broker: Broker, ws_upstream: ScriptedServer) -> None:
     """A large refusal (past the old 64 KiB cap) is relayed whole, sized, keys masked."""
     body = (b"0123456789" * 1000 + K) * 30
     head = b"HTTP/1.1 429 Slow\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
@@ -463,32 +436,25 @@ def test_ws_refusal_streams_like_any_answer(ws_broker: Broker, ws_upstream: WsUp
     assert_no_key(r.raw, KEY, "large refusal")
 
 
-def gateway_session(b: Broker, up: WsUpstream, *after_identify: Tuple[int, bytes]) -> Tuple[Any, List[Tuple[bool, int, bytes]]]:
+def gateway_session(b: Broker, up: ScriptedServer, *after_identify: Tuple[int, bytes]) -> Tuple[Handshake, List[Frame]]:
     """HELLO, IDENTIFY with the broker's token, then the upstream sends `after_identify`
-    (opcode, payload) frames and a close; returns the client and every frame it got."""
-    def behaviour(conn: WsConn) -> None:
-        conn.accept()
-        conn.send(OP_TEXT, json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}).encode())
-        frame = conn.recv()
-        if frame is None:
-            return
-        with up.lock:
-            up.frames.append((frame[1], frame[2]))
+    (opcode, payload) frames and a close; returns the handshake and every frame the client got."""
+    def behaviour(peer: Peer) -> None:
+        s = peer.accept()
+        s.ws.send_frame(OP_TEXT, HELLO)
+        up.next_message(s)
         for opcode, payload in after_identify:
-            conn.send(opcode, payload)
-        conn.send(OP_CLOSE, (1000).to_bytes(2, "big"))
-        conn.recv()
+            s.ws.send_frame(opcode, payload)
+        s.ws.send_close(1000)
+        s.ws.recv_frame()
     up.behaviour = behaviour
-    c = WsClient(b.port, "/discord/gateway?v=10&encoding=json")
-    assert c.status == 101, c.head
-    c.recv()
-    c.send(OP_TEXT, identify(b.token("discord")))
-    frames = c.recv_all(limit=5.0)
-    c.close()
-    return c, frames
+    hs = ws_connect(b.port, "/discord/gateway?v=10&encoding=json")
+    assert hs.status == 101 and hs.ws is not None, hs.raw_head
+    hs.ws.recv_frame()
+    return hs, session_frames(hs, (OP_TEXT, identify(b.token("discord"))), limit=5.0)
 
 
-def decoded_json_texts(frames: List[Tuple[bool, int, bytes]]) -> str:
+def decoded_json_texts(frames: List[Frame]) -> str:
     """The text frames as the agent's JSON parser reads them (escapes decoded)."""
     out = []
     for _, op, p in frames:
@@ -501,21 +467,21 @@ def decoded_json_texts(frames: List[Tuple[bool, int, bytes]]) -> str:
 
 
 def test_gateway_scrubs_what_it_sends_after_rewriting_ready(ws_broker: Broker,
-                                                            gateway_upstream: WsUpstream) -> None:
+                                                            gateway_upstream: ScriptedServer) -> None:
     """READY is re-encoded to point resume_gateway_url at the broker; a key the upstream wrote
     with JSON escapes becomes plain text in that re-encoding, so the scrubber reads the bytes
     actually sent, not the ones received."""
     escaped = "".join(f"\\u{ord(c):04x}" for c in DISCORD_KEY)
     ready = ('{"op": 0, "t": "READY", "s": 1, "d": {"v": 10, "session_id": "s", "note": "' + escaped +
-             '", "resume_gateway_url": "ws://127.0.0.1:%d"}}' % gateway_upstream.port).encode()
-    c, frames = gateway_session(ws_broker, gateway_upstream, (OP_TEXT, ready))
+             '", "resume_gateway_url": "%s"}}' % gateway_upstream.ws_url).encode()
+    hs, frames = gateway_session(ws_broker, gateway_upstream, (OP_TEXT, ready))
     assert any(b"READY" in p for _, _, p in frames), frames
-    assert_no_key(everything_seen(c, frames), DISCORD_KEY, "re-encoded READY")
+    assert_no_key(everything_seen(hs, frames), DISCORD_KEY, "re-encoded READY")
     assert DISCORD_KEY not in decoded_json_texts(frames)
 
 
 @pytest.mark.parametrize("payload", ["bomb", "cut", "not-zlib"])
-def test_gateway_binary_frames_are_inflated_within_bounds(ws_broker: Broker, gateway_upstream: WsUpstream,
+def test_gateway_binary_frames_are_inflated_within_bounds(ws_broker: Broker, gateway_upstream: ScriptedServer,
                                                           payload: str) -> None:
     """A binary (zlib) frame from the gateway that inflates past the HTTP bound, is cut, or is
     not zlib ends the session with a close; the broker keeps serving."""
@@ -525,9 +491,9 @@ def test_gateway_binary_frames_are_inflated_within_bounds(ws_broker: Broker, gat
         data = zlib.compress(json.dumps({"op": 11, "echo": DISCORD_KEY}).encode())[:-6]
     else:
         data = b"\x00\x01" + DISCORD_KEY.encode()
-    c, frames = gateway_session(ws_broker, gateway_upstream, (OP_BINARY, data))
+    hs, frames = gateway_session(ws_broker, gateway_upstream, (OP_BINARY, data))
     assert frames and frames[-1][1] == OP_CLOSE, frames
     code = int.from_bytes(frames[-1][2][:2], "big")
     assert code in (1009, 1011), code
-    assert_no_key(everything_seen(c, frames), DISCORD_KEY, payload)
+    assert_no_key(everything_seen(hs, frames), DISCORD_KEY, payload)
     assert ws_broker.request("GET", "/healthz").status == 200

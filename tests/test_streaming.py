@@ -14,25 +14,15 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import pytest
 
 from conftest import (
-    REAL_KEYS, Broker, FakeUpstream, RecordedRequest, UpstreamHandler, assert_token_absent, auth_headers,
-    closed_port, deterministic_chunks, error_type_and_message, key_check_failure, send_request, sha256_of_chunks,
+    REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, assert_token_absent,
+    auth_headers, deterministic_chunks, error_type_and_message, free_port, hanging_upstream,
+    key_check_failure, key_checked, send_request, sha256_of_chunks,
 )
 
 MiB = 1024 * 1024
 BIG = 50 * MiB
 # A streaming broker holds a few buffers, not the body: its peak RSS may not grow by this much.
 MAX_RSS_GROWTH = 30 * MiB
-
-
-def checked(provider: str, respond: Callable[[UpstreamHandler, RecordedRequest], None]
-            ) -> Callable[[UpstreamHandler, RecordedRequest], None]:
-    """Wrap a responder so it first checks the real key, like the real API would."""
-    def wrapper(h: UpstreamHandler, req: RecordedRequest) -> None:
-        if key_check_failure(provider, REAL_KEYS[provider], req) is not None:
-            h.send_json(401, {"error": "fake upstream: invalid key"})
-            return
-        respond(h, req)
-    return wrapper
 
 
 # ============================================================================
@@ -78,7 +68,7 @@ def read_events(resp: http.client.HTTPResponse, deadline: float) -> List[Tuple[b
 def test_sse_events_reach_client_as_sent(broker: Broker, upstreams: Dict[str, FakeUpstream],
                                          provider: str, framing: str) -> None:
     up = upstreams[provider]
-    up.set_responder(checked(provider, lambda h, req: h.send_sse(
+    up.set_responder(key_checked(provider, lambda h, req: h.send_sse(
         [sse_event(i) for i in range(SSE_EVENTS)], SSE_DELAY, framing)))
     path, body = SSE_ROUTES[provider]
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=15)
@@ -105,7 +95,7 @@ def test_sse_events_reach_client_as_sent(broker: Broker, upstreams: Dict[str, Fa
 
 def test_client_disconnect_mid_stream_leaves_broker_serving(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     up = upstreams["openai"]
-    up.set_responder(checked("openai", lambda h, req: h.send_sse([sse_event(i) for i in range(6)], 0.2)))
+    up.set_responder(key_checked("openai", lambda h, req: h.send_sse([sse_event(i) for i in range(6)], 0.2)))
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10)
     send_request(conn, "POST", "/openai/v1/chat/completions",
                  {**auth_headers("openai", broker.token("openai")), "Content-Type": "application/json"}, b"{}")
@@ -130,7 +120,7 @@ def digest_responder(h: UpstreamHandler, req: RecordedRequest) -> None:
 
 def test_chunked_request_body_is_forwarded_intact(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     up = upstreams["openai"]
-    up.set_responder(checked("openai", digest_responder))
+    up.set_responder(key_checked("openai", digest_responder))
     pieces = [b"--boundary\r\n", b"Content-Disposition: form-data; name=\"file\"\r\n\r\n",
               b"x" * 70000, b"\r\n--boundary--\r\n", b"tail"]
 
@@ -153,7 +143,7 @@ def test_chunked_request_body_is_forwarded_intact(broker: Broker, upstreams: Dic
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_upload_50_mib(broker: Broker, upstreams: Dict[str, FakeUpstream], framing: str) -> None:
     up = upstreams["telegram"]
-    up.set_responder(checked("telegram", digest_responder))
+    up.set_responder(key_checked("telegram", digest_responder))
     expected = sha256_of_chunks(BIG, seed=7)
     broker.reset_peak_rss()
     hwm_before = broker.vm_hwm_bytes()
@@ -179,7 +169,7 @@ def test_upload_50_mib(broker: Broker, upstreams: Dict[str, FakeUpstream], frami
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_download_50_mib(broker: Broker, upstreams: Dict[str, FakeUpstream], framing: str) -> None:
     up = upstreams["telegram"]
-    up.set_responder(checked("telegram", lambda h, req: h.send_stream(
+    up.set_responder(key_checked("telegram", lambda h, req: h.send_stream(
         200, deterministic_chunks(BIG, seed=11), [("Content-Type", "application/pdf")],
         length=BIG if framing == "content-length" else None)))
     expected = sha256_of_chunks(BIG, seed=11)
@@ -224,7 +214,7 @@ def test_upstream_status_headers_body_pass_through(broker: Broker, upstreams: Di
     body = b"" if status == 204 else json.dumps(
         {"error": {"type": "upstream_said", "message": f"status {status} from upstream"}}).encode()
     up = upstreams["anthropic"]
-    up.set_responder(checked("anthropic", lambda h, req: h.send_bytes(
+    up.set_responder(key_checked("anthropic", lambda h, req: h.send_bytes(
         status, body, [("Retry-After", "7"), ("X-Request-Id", f"req_{status}"), ("Content-Type", "application/json")])))
     resp = broker.request("POST", "/anthropic/v1/messages",
                           {**auth_headers("anthropic", broker.token("anthropic")),
@@ -259,7 +249,7 @@ def always_gzip(h: UpstreamHandler, req: RecordedRequest) -> None:
 @pytest.mark.parametrize("accept", ["gzip, deflate", "identity"])
 def test_compressed_answer_stays_consistent(broker: Broker, upstreams: Dict[str, FakeUpstream],
                                             responder: Callable, accept: str) -> None:
-    upstreams["openai"].set_responder(checked("openai", responder))
+    upstreams["openai"].set_responder(key_checked("openai", responder))
     resp = broker.request("GET", "/openai/v1/models",
                           {**auth_headers("openai", broker.token("openai")), "Accept-Encoding": accept})
     assert resp.status == 200
@@ -305,22 +295,16 @@ def test_every_method_is_forwarded(broker: Broker, upstreams: Dict[str, FakeUpst
 
 
 @pytest.fixture(scope="module")
-def hanging_upstream() -> Iterator[FakeUpstream]:
+def silent_upstream() -> Iterator[FakeUpstream]:
     """Accepts the request, reads it, never answers (until the module ends)."""
-    up = FakeUpstream("anthropic")
-
-    def hang(h: UpstreamHandler, req: RecordedRequest) -> None:
-        up.release.wait(30)
-        h.close_connection = True
-
-    up.set_responder(hang)
+    up = hanging_upstream("anthropic")
     yield up
     up.stop()
 
 
 @pytest.fixture(scope="module")
-def broken_broker(broker_factory: Callable[..., Broker], hanging_upstream: FakeUpstream) -> Broker:
-    return broker_factory({"openai": f"http://127.0.0.1:{closed_port()}", "anthropic": hanging_upstream.url},
+def broken_broker(broker_factory: Brokers, silent_upstream: FakeUpstream) -> Broker:
+    return broker_factory({"openai": f"http://127.0.0.1:{free_port()}", "anthropic": silent_upstream.url},
                           extra_env={"SEKS_UPSTREAM_TIMEOUT": "1"}, providers=("openai", "anthropic"))
 
 
@@ -336,7 +320,7 @@ def test_upstream_unreachable_is_502(broken_broker: Broker) -> None:
     assert broken_broker.request("GET", "/healthz").status == 200
 
 
-def test_upstream_timeout_is_504(broken_broker: Broker, hanging_upstream: FakeUpstream) -> None:
+def test_upstream_timeout_is_504(broken_broker: Broker, silent_upstream: FakeUpstream) -> None:
     t0 = time.monotonic()
     resp = broken_broker.request("POST", "/anthropic/v1/messages",
                                  {**auth_headers("anthropic", broken_broker.token("anthropic")),
@@ -347,5 +331,5 @@ def test_upstream_timeout_is_504(broken_broker: Broker, hanging_upstream: FakeUp
     error_type_and_message(resp)
     assert REAL_KEYS["anthropic"] not in resp.body.decode("latin-1")
     assert elapsed < 8, f"504 took {elapsed:.1f}s with SEKS_UPSTREAM_TIMEOUT=1"
-    assert len(hanging_upstream.requests) >= 1, "the request never reached the upstream"
+    assert len(silent_upstream.requests) >= 1, "the request never reached the upstream"
     assert broken_broker.request("GET", "/healthz").status == 200

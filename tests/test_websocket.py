@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import signal
 import socket
 import threading
@@ -25,7 +24,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
-from conftest import REAL_KEYS, Broker, FakeUpstream, RecordedRequest, UpstreamHandler, closed_port, run_cli
+from conftest import (
+    REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, audit_json,
+    fresh_token, free_port, wait_until,
+)
 from ws_helpers import (
     OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, EchoServer, FakeGateway, FakeRealtime,
     MiB, PeerClosed, WsConn, deterministic_bytes, encode_frame, parse_close, ws_connect,
@@ -76,7 +78,7 @@ def discord_rest() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture(scope="module")
-def wsb(broker_factory: Any, realtime: FakeRealtime, gateway: FakeGateway, echo: EchoServer,
+def wsb(broker_factory: Brokers, realtime: FakeRealtime, gateway: FakeGateway, echo: EchoServer,
         discord_rest: FakeUpstream) -> Broker:
     """One broker for the module: openai -> FakeRealtime, gemini/anthropic -> EchoServer,
     discord REST -> a FakeUpstream, discord gateway (env) -> FakeGateway."""
@@ -115,11 +117,6 @@ def rt_open(b: Broker, token: Optional[str] = None, target: str = RT_PATH,
     return hs.ws
 
 
-def fresh_agent_token(b: Broker, provider: str, prefix: str) -> Tuple[str, str]:
-    agent = f"{prefix}-{secrets.token_hex(4)}"
-    return agent, b.mint(provider, agent)
-
-
 def assert_no_key(data: bytes, provider: str, where: str) -> None:
     key = REAL_KEYS[provider].encode()
     assert key not in data, f"real {provider} key reached the client in {where}"
@@ -141,26 +138,11 @@ def close_cleanly(ws: WsConn, code: int = 1000, reason: str = "bye") -> Tuple[Op
     return got
 
 
-def wait_until(pred: Any, timeout: float = END_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def audit_rows(b: Broker, *args: str) -> List[Dict[str, Any]]:
-    cp = run_cli(b.db, "audit", "--json", "--limit", "100000", *args, env=b.env)
-    assert cp.returncode == 0, cp.stderr
-    return [json.loads(line) for line in cp.stdout.splitlines() if line.strip()]
-
-
 def wait_audit(b: Broker, agent: str, n: int = 1, timeout: float = 10.0) -> List[Dict[str, Any]]:
     deadline = time.monotonic() + timeout
     rows: List[Dict[str, Any]] = []
     while time.monotonic() < deadline:
-        rows = audit_rows(b, "--agent", agent)
+        rows = audit_json(b, "--agent", agent)
         if len(rows) >= n:
             return rows
         time.sleep(0.1)
@@ -305,8 +287,7 @@ def test_realtime_refused_for_tokens_whose_limits_count_requests(wsb: Broker, re
                                                                  limits: Tuple[str, ...]) -> None:
     """A session is one request carrying any number of paid messages: a token limited by
     request count, rate or to read methods gets a clear 403, and the upstream is never asked."""
-    agent, _ = fresh_agent_token(wsb, "openai", "ws-limits")
-    tok = wsb.mint("openai", agent, *limits)
+    agent, tok = fresh_token(wsb, "openai", *limits, prefix="ws-limits")
     hs = ws_connect(wsb.port, RT_PATH, bearer(tok))
     assert hs.ws is None and hs.status == 403, (hs.status, hs.body)
     message = hs.json()["error"]["message"]
@@ -318,8 +299,8 @@ def test_realtime_refused_for_tokens_whose_limits_count_requests(wsb: Broker, re
 
 
 def test_realtime_allowed_for_tokens_that_may_write(wsb: Broker, realtime: FakeRealtime) -> None:
-    agent, _ = fresh_agent_token(wsb, "openai", "ws-write")
-    tok = wsb.mint("openai", agent, "--allow-method", "GET", "--allow-method", "POST", "--ttl", "1h")
+    agent, tok = fresh_token(wsb, "openai", "--allow-method", "GET", "--allow-method", "POST", "--ttl", "1h",
+                             prefix="ws-write")
     ws = rt_open(wsb, tok)
     close_cleanly(ws)
 
@@ -327,8 +308,7 @@ def test_realtime_allowed_for_tokens_that_may_write(wsb: Broker, realtime: FakeR
 @pytest.mark.parametrize("limits", [("--max-requests", "1"), ("--rate", "10/s"), ("--allow-method", "GET")])
 def test_gateway_identify_refused_for_tokens_whose_limits_count_requests(
         wsb: Broker, gateway: FakeGateway, limits: Tuple[str, ...]) -> None:
-    agent = f"gw-limits-{secrets.token_hex(3)}"
-    tok = wsb.mint("discord", agent, *limits)
+    agent, tok = fresh_token(wsb, "discord", *limits, prefix="gw-limits")
     gc = gw_open(wsb, compressed=False)
     gc.send(identify(tok))
     code, reason = gc.ws.recv_close()
@@ -344,10 +324,8 @@ def test_realtime_upstream_refusal_is_relayed_and_scrubbed(wsb: Broker, realtime
     """A token whose stored key the upstream rejects: the upstream's 401 reaches the agent as an
     HTTP answer (no upgrade) and the key it echoes in its body is masked."""
     wrong = "sk-test-openai-WRONGWRONG-42"
-    assert wsb.cli("secret", "add", "openai-wrong", "--provider", "openai", input=wrong + "\n").returncode == 0
-    cp = wsb.cli("token", "mint", "--secret", "openai-wrong", "--agent", "agent-wrong-key")
-    assert cp.returncode == 0, cp.stderr
-    hs = ws_connect(wsb.port, RT_PATH, bearer(cp.stdout.strip()))
+    wsb.add_secret("openai-wrong", "openai", wrong)
+    hs = ws_connect(wsb.port, RT_PATH, bearer(wsb.mint("openai", "agent-wrong-key", secret="openai-wrong")))
     assert hs.status == 401 and hs.ws is None
     assert wrong.encode() not in hs.body and MASK_LABEL[:8] in hs.body, hs.body
     assert hs.json()["error"]["code"] == "invalid_api_key"
@@ -405,7 +383,7 @@ def test_concurrent_sessions_close_handshakes_complete(wsb: Broker, realtime: Fa
         t.join(60)
     assert not errors, errors
     assert len(realtime.sessions) == 200
-    wait_until(lambda: all(s.ended.is_set() for s in realtime.sessions), what="all upstream sessions ended")
+    assert wait_until(lambda: all(s.ended.is_set() for s in realtime.sessions), END_S), "all upstream sessions ended"
 
 
 @pytest.mark.parametrize("split", [1, 2, 7])
@@ -471,7 +449,7 @@ def test_fragmented_server_message_with_pings_between(wsb: Broker, realtime: Fak
     assert seen == [OP_PING, OP_PING, OP_TEXT]
     assert json.loads(payload) == {"type": "fragmented", "answer": "ok ünïcode"}
     s = realtime.wait_session()
-    wait_until(lambda: len([1 for op, _ in s.received if op == OP_PONG]) == 2, what="pongs upstream")
+    assert wait_until(lambda: len([1 for op, _ in s.received if op == OP_PONG]) == 2, END_S), "pongs upstream"
     assert [p for op, p in s.received if op == OP_PONG] == [b"between-0", b"between-1"]
     close_cleanly(ws)
 
@@ -484,7 +462,7 @@ def test_ping_pong_both_ways(wsb: Broker, realtime: FakeRealtime) -> None:
     assert ws.recv_message() == (OP_PING, b"from-server")
     ws.send_frame(OP_PONG, b"from-server")
     s = realtime.wait_session()
-    wait_until(lambda: (OP_PONG, b"from-server") in s.received, what="the pong upstream")
+    assert wait_until(lambda: (OP_PONG, b"from-server") in s.received, END_S), "the pong upstream"
     ws.send_frame(OP_PING, b"")          # empty control payloads are fine too
     assert ws.recv_message() == (OP_PONG, b"")
     close_cleanly(ws)
@@ -711,10 +689,10 @@ def test_generic_relay_refuses_bad_handshake(wsb: Broker, echo: EchoServer) -> N
     assert echo.connections == 0
 
 
-def test_unreachable_upstreams_502_before_upgrade(broker_factory: Any) -> None:
-    dead = f"http://127.0.0.1:{closed_port()}"
+def test_unreachable_upstreams_502_before_upgrade(broker_factory: Brokers) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
     b = broker_factory({"openai": dead, "discord": dead}, providers=("openai", "discord"),
-                       extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": f"ws://127.0.0.1:{closed_port()}"})
+                       extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": f"ws://127.0.0.1:{free_port()}"})
     hs = ws_connect(b.port, RT_PATH, bearer(b.token("openai")))
     assert hs.ws is None and hs.status == 502, (hs.status, hs.body)
     hs = ws_connect(b.port, gw_target())
@@ -722,7 +700,7 @@ def test_unreachable_upstreams_502_before_upgrade(broker_factory: Any) -> None:
     b.stop()
 
 
-def test_gateway_close_from_discord_is_passed_on(broker_factory: Any, discord_rest: FakeUpstream) -> None:
+def test_gateway_close_from_discord_is_passed_on(broker_factory: Brokers, discord_rest: FakeUpstream) -> None:
     """The stored Discord key is wrong (e.g. reset at Discord): the broker swaps it in, Discord
     answers 4004 itself, and the agent gets that code and reason; the wrong key is not shown."""
     srv = FakeGateway(REAL_KEYS["discord"], "gateway-wrong-key")
@@ -748,7 +726,7 @@ def test_gateway_close_from_discord_is_passed_on(broker_factory: Any, discord_re
 
 
 def test_audit_one_row_per_realtime_session(wsb: Broker) -> None:
-    agent, tok = fresh_agent_token(wsb, "openai", "rt-audit")
+    agent, tok = fresh_token(wsb, "openai", prefix="rt-audit")
     ws = rt_open(wsb, tok)
     for i in range(3):
         ws.send_text({"type": "echo", "i": i})
@@ -763,7 +741,7 @@ def test_audit_one_row_per_realtime_session(wsb: Broker) -> None:
     m = re.search(r"in=(\d+) out=(\d+)", reason)
     assert m and int(m.group(1)) >= 4 and int(m.group(2)) >= 4, reason   # 3 events + close each way
     time.sleep(0.5)
-    assert len(audit_rows(wsb, "--agent", agent)) == 1
+    assert len(audit_json(wsb, "--agent", agent)) == 1
 
 
 # ============================================================================
@@ -935,7 +913,7 @@ def test_gateway_reconnect_op7_then_resume_through_broker(wsb: Broker, gateway: 
                                   "evildiscord.gg", "127.0.0.1:{closed}", "localhost:{gw}", "127.0.0.2:{gw}",
                                   "127.0.0.1%3A{gw}%2F..%2Fx", "[::1]:{gw}", "user@127.0.0.1:{gw}"])
 def test_gateway_resume_to_other_hosts_refused(wsb: Broker, gateway: FakeGateway, host: str) -> None:
-    host = host.format(closed=closed_port(), gw=gateway.port)
+    host = host.format(closed=free_port(), gw=gateway.port)
     hs = ws_connect(wsb.port, gw_target("compress=zlib-stream", f"/discord/gateway/resume/{host}"))
     assert hs.ws is None, f"resume to {host} was upgraded"
     assert hs.status in (400, 403, 404), (hs.status, hs.body)
@@ -1014,7 +992,7 @@ def test_gateway_rest_other_answers_untouched(wsb: Broker, discord_rest: FakeUps
 
 
 def test_gateway_audit_row_per_session(wsb: Broker, gateway: FakeGateway) -> None:
-    agent, tok = fresh_agent_token(wsb, "discord", "gw-audit")
+    agent, tok = fresh_token(wsb, "discord", prefix="gw-audit")
     gc = gw_open(wsb, compressed=True)
     gc.send(identify(tok))
     gc.recv()
@@ -1029,12 +1007,12 @@ def test_gateway_audit_row_per_session(wsb: Broker, gateway: FakeGateway) -> Non
 def test_gateway_denied_session_is_audited(wsb: Broker, gateway: FakeGateway) -> None:
     tok = wsb.mint("discord", "agent-gw-revoked-audit")
     assert wsb.cli("token", "revoke", tok).returncode == 0
-    before = len(audit_rows(wsb, "--provider", "discord"))
+    before = len(audit_json(wsb, "--provider", "discord"))
     gc = gw_open(wsb, compressed=False)
     gc.send(identify(tok))
     assert gc.ws.recv_close()[0] == 4004
-    wait_until(lambda: len(audit_rows(wsb, "--provider", "discord")) > before, 10, "the audit row")
-    row = audit_rows(wsb, "--provider", "discord")[-1]
+    assert wait_until(lambda: len(audit_json(wsb, "--provider", "discord")) > before, 10), "the audit row"
+    row = audit_json(wsb, "--provider", "discord")[-1]
     assert row["outcome"] == "denied" and row["status"] in (401, 403), row
     assert "revoked" in (row["reason"] or ""), row
     # like a denied HTTP request with a revoked token, the row names the token's agent, so
@@ -1042,7 +1020,7 @@ def test_gateway_denied_session_is_audited(wsb: Broker, gateway: FakeGateway) ->
     assert row["agent"] == "agent-gw-revoked-audit", row
 
 
-def test_gateway_urls_use_public_url(broker_factory: Any, gateway: FakeGateway,
+def test_gateway_urls_use_public_url(broker_factory: Brokers, gateway: FakeGateway,
                                      discord_rest: FakeUpstream) -> None:
     """Behind a TLS front end (`--public-url https://…`), the URLs handed to the bot are wss://
     URLs of that public address."""
@@ -1062,11 +1040,11 @@ def test_gateway_urls_use_public_url(broker_factory: Any, gateway: FakeGateway,
         b.stop()
 
 
-def test_shutdown_closes_sessions_with_1001_and_audits_them(broker_factory: Any, realtime: FakeRealtime) -> None:
+def test_shutdown_closes_sessions_with_1001_and_audits_them(broker_factory: Brokers, realtime: FakeRealtime) -> None:
     """SIGTERM with a session open: within the grace period the agent gets a close frame
     (1001 going away / 1012 restart), the upstream is closed too, and the session has its row."""
     b = broker_factory({"openai": realtime.url}, providers=("openai",), serve_args=("--grace", "3s"))
-    agent, tok = fresh_agent_token(b, "openai", "rt-shutdown")
+    agent, tok = fresh_token(b, "openai", prefix="rt-shutdown")
     ws = rt_open(b, tok)
     ws.send_text({"type": "echo"})
     ws.recv_json()
@@ -1081,7 +1059,7 @@ def test_shutdown_closes_sessions_with_1001_and_audits_them(broker_factory: Any,
     elapsed = time.monotonic() - t0
     b.proc.wait(10)
     assert s.ended.wait(END_S)
-    rows = audit_rows(b, "--agent", agent)
+    rows = audit_json(b, "--agent", agent)
     problems = []
     if code not in (1001, 1012):
         problems.append(f"no close frame at shutdown (got {code} after {elapsed:.1f}s)")
@@ -1090,12 +1068,12 @@ def test_shutdown_closes_sessions_with_1001_and_audits_them(broker_factory: Any,
     assert not problems, problems
 
 
-def test_shutdown_within_grace_when_the_client_stopped_reading(broker_factory: Any,
+def test_shutdown_within_grace_when_the_client_stopped_reading(broker_factory: Brokers,
                                                                realtime: FakeRealtime) -> None:
     """The upstream floods a client that reads nothing, so the broker's writes to it block: the
     broker still exits within the grace period, and the session's row says it was cut."""
     b = broker_factory({"openai": realtime.url}, providers=("openai",), serve_args=("--grace", "1s"))
-    agent, tok = fresh_agent_token(b, "openai", "rt-stuck")
+    agent, tok = fresh_token(b, "openai", prefix="rt-stuck")
     ws = rt_open(b, tok)
     ws.send_text({"type": "burst", "count": 400, "size": 256 * 1024})    # 100 MiB, never read
     s = realtime.wait_session()
@@ -1110,7 +1088,7 @@ def test_shutdown_within_grace_when_the_client_stopped_reading(broker_factory: A
     took = time.monotonic() - t0
     ws.close()
     assert rc == 0 and took < 4.0, f"rc={rc} after {took:.1f}s with --grace 1s"
-    rows = audit_rows(b, "--agent", agent)
+    rows = audit_json(b, "--agent", agent)
     assert len(rows) == 1, rows
     assert rows[0]["status"] == 101 and "cut at shutdown" in rows[0]["reason"], rows
     assert rows[0]["bytes_out"] > 1024 * 1024, rows      # the upstream bytes relayed so far

@@ -19,8 +19,8 @@ from typing import Iterator, List, Set
 
 import pytest
 
-from conftest import REAL_KEYS, auth_headers, broker_env, key_check_failure
-from ops_helpers import LoopUpstream, OpsDB, ServeProc, free_port_run, parse_exposition, sample_value
+from conftest import REAL_KEYS, Broker, Brokers, FakeUpstream, auth_headers, broker_env, key_check_failure
+from ops_helpers import free_port_run, parse_exposition, sample_value
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"),
                                 reason="--workers needs SO_REUSEPORT, which this platform lacks")
@@ -30,13 +30,13 @@ FRESH_CONNECTIONS = 40
 
 
 @pytest.fixture(scope="module")
-def workers_db(tmp_path_factory: pytest.TempPathFactory) -> OpsDB:
-    return OpsDB(tmp_path_factory.mktemp("workers"), ("openai",))
+def workers_db(broker_factory: Brokers) -> Broker:
+    return broker_factory.seed(("openai",))
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[LoopUpstream]:
-    u = LoopUpstream("openai")
+def upstream() -> Iterator[FakeUpstream]:
+    u = FakeUpstream("openai")
     yield u
     u.stop()
 
@@ -44,13 +44,13 @@ def upstream() -> Iterator[LoopUpstream]:
 ADMIN_RE = re.compile(r"admin ports ([0-9,]+) on 127\.0\.0\.1")
 
 
-def start_workers(db: OpsDB, upstream: LoopUpstream, name: str) -> ServeProc:
+def start_workers(db: Broker, upstream: FakeUpstream, name: str) -> Broker:
     """`serve --workers 2 --admin-port P`; each worker's admin port is read from the ready line."""
     last = ""
     for _ in range(5):
         base = free_port_run(WORKERS + 1)
-        b = ServeProc(db.db, ["--workers", str(WORKERS), "--admin-port", str(base)],
-                      env=broker_env({"openai": upstream.url}), name=name)
+        b = db.serve("--workers", str(WORKERS), "--admin-port", str(base),
+                     env=broker_env({"openai": upstream.url}), name=name)
         m = ADMIN_RE.search(b.ready_line)
         assert m, f"the ready line does not list the workers' admin ports: {b.ready_line}"
         ports = [int(p) for p in m.group(1).split(",")]
@@ -76,13 +76,13 @@ def _admin_up(port: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def workers(workers_db: OpsDB, upstream: LoopUpstream) -> Iterator[ServeProc]:
+def workers(workers_db: Broker, upstream: FakeUpstream) -> Iterator[Broker]:
     b = start_workers(workers_db, upstream, "workers")
     yield b
     b.stop()
 
 
-def worker_counts(b: ServeProc, status: str) -> List[float]:
+def worker_counts(b: Broker, status: str) -> List[float]:
     """seks_requests_total{provider="openai",status=...} of each worker, from its own /metrics."""
     out = []
     for port in b.worker_admin_ports:  # type: ignore[attr-defined]
@@ -93,7 +93,7 @@ def worker_counts(b: ServeProc, status: str) -> List[float]:
     return out
 
 
-def fresh_requests(b: ServeProc, token: str, n: int) -> List[int]:
+def fresh_requests(b: Broker, token: str, n: int) -> List[int]:
     statuses = []
     for i in range(n):
         r = b.request("GET", f"/openai/v1/models/{i}", headers=auth_headers("openai", token))
@@ -146,8 +146,8 @@ def socket_inodes(pid: int) -> Set[str]:
     return out
 
 
-def test_requests_are_served_by_more_than_one_process(workers: ServeProc, workers_db: OpsDB,
-                                                      upstream: LoopUpstream) -> None:
+def test_requests_are_served_by_more_than_one_process(workers: Broker, workers_db: Broker,
+                                                      upstream: FakeUpstream) -> None:
     assert f"({WORKERS} workers" in workers.ready_line, workers.ready_line
     upstream.reset()
     before = worker_counts(workers, "200")
@@ -164,7 +164,7 @@ def test_requests_are_served_by_more_than_one_process(workers: ServeProc, worker
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_each_worker_process_listens_on_the_shared_port(workers: ServeProc) -> None:
+def test_each_worker_process_listens_on_the_shared_port(workers: Broker) -> None:
     kids = children_of(workers.pid)
     assert len(kids) == WORKERS, kids
     listeners = listening_inodes(workers.port)
@@ -173,7 +173,7 @@ def test_each_worker_process_listens_on_the_shared_port(workers: ServeProc) -> N
     assert not (socket_inodes(workers.pid) & listeners), "the parent should not accept connections itself"
 
 
-def test_revocation_through_cli_is_seen_by_every_worker(workers: ServeProc, workers_db: OpsDB) -> None:
+def test_revocation_through_cli_is_seen_by_every_worker(workers: Broker, workers_db: Broker) -> None:
     token = workers_db.mint("openai", "agent-revoke")
     warm = fresh_requests(workers, token, FRESH_CONNECTIONS)
     assert warm == [200] * FRESH_CONNECTIONS       # both workers now hold it in their cache
@@ -190,7 +190,7 @@ def test_revocation_through_cli_is_seen_by_every_worker(workers: ServeProc, work
     assert fresh_requests(workers, workers_db.tokens["openai"], 10) == [200] * 10
 
 
-def test_sigterm_stops_parent_and_every_worker(workers_db: OpsDB, upstream: LoopUpstream) -> None:
+def test_sigterm_stops_parent_and_every_worker(workers_db: Broker, upstream: FakeUpstream) -> None:
     b = start_workers(workers_db, upstream, "workers-stop")
     try:
         kids = children_of(b.pid)
@@ -207,7 +207,7 @@ def test_sigterm_stops_parent_and_every_worker(workers_db: OpsDB, upstream: Loop
         b.stop()
 
 
-def test_a_dead_worker_does_not_leave_a_half_service(workers_db: OpsDB, upstream: LoopUpstream) -> None:
+def test_a_dead_worker_does_not_leave_a_half_service(workers_db: Broker, upstream: FakeUpstream) -> None:
     """If one worker dies, the parent must not leave orphans behind: it exits (or keeps N alive)."""
     b = start_workers(workers_db, upstream, "workers-kill")
     try:

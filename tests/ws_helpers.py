@@ -1,11 +1,15 @@
-"""WebSocket helpers for test_websocket.py (and the by-hand SDK scripts): standard library only.
+"""The suite's one WebSocket test stack (test_websocket.py, test_security_ws.py, and the by-hand
+SDK scripts): standard library only; HTTP heads are read with raw_http.
 
   * `WsConn`      one side of an RFC 6455 connection on a raw socket: frames in and out, with
                   full control (masking, fragments, reserved bits, raw bytes), every read bounded.
   * `ws_connect`  the client handshake on a fresh socket to 127.0.0.1 -> `Handshake`
-                  (status, headers, body; `.ws` is a client `WsConn` after a 101).
+                  (status, headers, raw head, body; `.ws` is a client `WsConn` after a 101).
   * `WsTestServer` a loopback WebSocket server: reads the HTTP head, lets a subclass accept or
                   refuse it, answers 101 and runs one thread per session, recording everything.
+  * `ScriptedServer` a WsTestServer whose `behaviour(peer)` answers the handshake itself (accept
+                  with any headers, refuse with any answer, or raw bytes) and scripts the session:
+                  how the attack tests play a hostile upstream.
   * `FakeRealtime` an OpenAI-Realtime-like upstream: requires `Authorization: Bearer <real key>`
                   (401 otherwise), sends session.created, then obeys scripted client events
                   (echo, echo the key, fragments, pings, close, abort, bursts, big messages).
@@ -31,6 +35,8 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from raw_http import HeaderLookup, SocketReader, parse_head
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -223,6 +229,20 @@ class WsConn:
             if op == OP_CLOSE:
                 return parse_close(payload)
 
+    def frames_until_close(self, timeout: float = 3.0) -> List[Tuple[bool, int, bytes]]:
+        """Every frame (fin, opcode, payload) until a close frame (included), EOF, or `timeout`
+        seconds in all."""
+        deadline = time.monotonic() + timeout
+        out: List[Tuple[bool, int, bytes]] = []
+        while True:
+            try:
+                fin, opcode, payload, _ = self.recv_frame(max(0.01, deadline - time.monotonic()))
+            except (PeerClosed, socket.timeout):
+                return out
+            out.append((fin, opcode, payload))
+            if opcode == OP_CLOSE:
+                return out
+
     def wait_eof(self, timeout: float = 5.0) -> bool:
         """True when the peer closes the TCP connection within `timeout` (data is discarded)."""
         deadline = time.monotonic() + timeout
@@ -256,49 +276,27 @@ class WsConn:
 
 
 @dataclass
-class Handshake:
+class Handshake(HeaderLookup):
     status: int
     reason: str
     headers: List[Tuple[str, str]]
     body: bytes
     ws: Optional[WsConn]
-
-    def header(self, name: str) -> Optional[str]:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
+    raw_head: bytes = b""
 
     def json(self) -> Any:
         return json.loads(self.body)
 
 
-def _read_head(sock: socket.socket, buf: bytearray, deadline: float, limit: int = 65536) -> bytes:
-    while b"\r\n\r\n" not in buf:
-        if len(buf) > limit:
-            raise AssertionError("HTTP head too large")
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("no HTTP head in time")
-        sock.settimeout(min(left, IO_TIMEOUT_S))
-        data = sock.recv(65536)
-        if not data:
+def read_head(sock: socket.socket, deadline: float) -> Tuple[bytes, bytes]:
+    """(HTTP head, bytes already read after it); PeerClosed at EOF, socket.timeout at the deadline."""
+    rd = SocketReader(sock, deadline=deadline)
+    head = rd.head(65536)
+    if head is None:
+        if rd.eof:
             raise PeerClosed("EOF before the end of the HTTP head")
-        buf += data
-    end = buf.index(b"\r\n\r\n") + 4
-    head = bytes(buf[:end])
-    del buf[:end]
-    return head
-
-
-def _parse_head_lines(head: bytes) -> Tuple[str, List[Tuple[str, str]]]:
-    first, *lines = head.decode("latin-1").split("\r\n")
-    headers = []
-    for line in lines:
-        if ":" in line:
-            k, v = line.split(":", 1)
-            headers.append((k.strip(), v.strip()))
-    return first, headers
+        raise AssertionError("HTTP head too large")
+    return head, rd.take()
 
 
 def ws_connect(port: int, target: str, headers: Sequence[Tuple[str, str]] = (),
@@ -313,34 +311,30 @@ def ws_connect(port: int, target: str, headers: Sequence[Tuple[str, str]] = (),
              "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", f"Sec-WebSocket-Version: {version}"]
     lines += [f"{k}: {v}" for k, v in headers]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + after_head)
-    buf = bytearray()
     deadline = time.monotonic() + timeout
     try:
-        head = _read_head(sock, buf, deadline)
+        head, pending = read_head(sock, deadline)
     except BaseException:
         sock.close()
         raise
-    first, hdrs = _parse_head_lines(head)
+    first, hdrs = parse_head(head)
     parts = first.split(" ", 2)
     status = int(parts[1])
     reason = parts[2] if len(parts) > 2 else ""
-    hs = Handshake(status, reason, hdrs, b"", None)
+    hs = Handshake(status, reason, hdrs, b"", None, head)
     if status == 101:
         assert hs.header("Sec-WebSocket-Accept") == ws_accept_value(key), "bad Sec-WebSocket-Accept"
         assert (hs.header("Upgrade") or "").lower() == "websocket"
-        hs.ws = WsConn(sock, mask_out=True, pending=bytes(buf), name="client")
+        hs.ws = WsConn(sock, mask_out=True, pending=pending, name="client")
         return hs
     length = int(hs.header("Content-Length") or "0")
+    rd = SocketReader(sock, pending, deadline)
     try:
-        while len(buf) < length and time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            data = sock.recv(65536)
-            if not data:
-                break
-            buf += data
+        hs.body = rd.exactly(length) or rd.take()
+    except socket.timeout:
+        hs.body = rd.take()
     finally:
         sock.close()
-    hs.body = bytes(buf[:length])
     return hs
 
 
@@ -350,7 +344,7 @@ def ws_connect(port: int, target: str, headers: Sequence[Tuple[str, str]] = (),
 
 
 @dataclass
-class ServerSession:
+class ServerSession(HeaderLookup):
     """One accepted upstream session, as the fake server saw it."""
     target: str
     headers: List[Tuple[str, str]]
@@ -370,30 +364,64 @@ class ServerSession:
     def query(self) -> Dict[str, List[str]]:
         return urllib.parse.parse_qs(self.target.partition("?")[2], keep_blank_values=True)
 
-    def header(self, name: str) -> Optional[str]:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
-
     def messages(self, opcode: Optional[int] = None) -> List[bytes]:
         return [p for op, p in list(self.received) if opcode is None or op == opcode]
 
 
 @dataclass
-class HandshakeRecord:
+class HandshakeRecord(HeaderLookup):
     target: str
     headers: List[Tuple[str, str]]
     status: int
-
-    def header(self, name: str) -> Optional[str]:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
+    raw: bytes = b""                 # the request head exactly as received
 
     def wire_text(self) -> str:
         return self.target + "\n" + "\n".join(f"{k}: {v}" for k, v in self.headers)
+
+
+class Peer(HeaderLookup):
+    """The server end of a connection whose handshake head was read and not answered yet."""
+
+    def __init__(self, server: "WsTestServer", sock: socket.socket, head: bytes, pending: bytes) -> None:
+        self.server = server
+        self.sock = sock
+        self.head = head
+        self.pending = pending
+        first, self.headers = parse_head(head)
+        self.target = first.split(" ")[1] if " " in first else ""
+        self.session: Optional[ServerSession] = None
+
+    def _record(self, status: int) -> None:
+        with self.server.lock:
+            self.server.handshakes.append(HandshakeRecord(self.target, self.headers, status, self.head))
+
+    def refuse(self, status: int, body: bytes, headers: Sequence[Tuple[str, str]] = (
+            ("Content-Type", "application/json"),)) -> None:
+        self._record(status)
+        lines = [f"HTTP/1.1 {status} Refused"] + [f"{k}: {v}" for k, v in headers] + \
+                [f"Content-Length: {len(body)}", "Connection: close"]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+    def send_raw(self, data: bytes) -> None:
+        """Answer the handshake with exactly these bytes (a malformed answer, say)."""
+        self._record(0)
+        self.sock.sendall(data)
+
+    def accept(self, extra: Sequence[Tuple[str, str]] = (), subprotocol: Optional[str] = None) -> ServerSession:
+        """Answer 101 (with `extra` headers); the session, recorded before the 101 goes out."""
+        key = self.header("Sec-WebSocket-Key") or ""
+        lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Accept: {ws_accept_value(key)}"]
+        if subprotocol:
+            lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+        lines += [f"{k}: {v}" for k, v in extra]
+        self.session = ServerSession(self.target, self.headers, WsConn(
+            self.sock, mask_out=False, pending=self.pending, name=f"{self.server.name}-server"))
+        self._record(101)
+        with self.server.lock:
+            self.server.sessions.append(self.session)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return self.session
 
 
 class WsTestServer:
@@ -470,45 +498,18 @@ class WsTestServer:
 
     def _serve(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = bytearray()
-        session: Optional[ServerSession] = None
+        peer: Optional[Peer] = None
         try:
-            head = _read_head(sock, buf, time.monotonic() + IO_TIMEOUT_S)
-            first, headers = _parse_head_lines(head)
-            target = first.split(" ")[1]
-            refused = self.refuse(target, headers)
-            if refused is None and not any(k.lower() == "upgrade" and v.lower() == "websocket"
-                                           for k, v in headers):
-                refused = (400, b'{"error": "not a websocket request"}')
-            if refused is not None:
-                status, body = refused
-                with self.lock:
-                    self.handshakes.append(HandshakeRecord(target, headers, status))
-                sock.sendall(f"HTTP/1.1 {status} Refused\r\nContent-Type: application/json\r\n"
-                             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-                return
-            key = next(v for k, v in headers if k.lower() == "sec-websocket-key")
-            offered = [p.strip() for k, v in headers if k.lower() == "sec-websocket-protocol"
-                       for p in v.split(",") if p.strip()]
-            proto = self.subprotocol(offered)
-            lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
-                     f"Sec-WebSocket-Accept: {ws_accept_value(key)}"]
-            if proto:
-                lines.append(f"Sec-WebSocket-Protocol: {proto}")
-            session = ServerSession(target, headers, WsConn(sock, mask_out=False, pending=bytes(buf),
-                                                            name=f"{self.name}-server"))
-            with self.lock:                       # recorded before the 101 goes out: no race
-                self.handshakes.append(HandshakeRecord(target, headers, 101))
-                self.sessions.append(session)
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-            self.run(session)
+            head, pending = read_head(sock, time.monotonic() + IO_TIMEOUT_S)
+            peer = Peer(self, sock, head, pending)
+            self.handle(peer)
         except PeerClosed:
-            if session is not None:
-                session.eof = True
+            if peer is not None and peer.session is not None:
+                peer.session.eof = True
         except Exception as exc:  # noqa: BLE001 -- a fake's bug must show in the test
             msg = f"{type(exc).__name__}: {exc}"
-            if session is not None:
-                session.error = msg
+            if peer is not None and peer.session is not None:
+                peer.session.error = msg
             with self.lock:
                 self.errors.append(msg)
         finally:
@@ -516,8 +517,21 @@ class WsTestServer:
                 sock.close()
             except OSError:
                 pass
-            if session is not None:
-                session.ended.set()
+            if peer is not None and peer.session is not None:
+                peer.session.ended.set()
+
+    def handle(self, peer: "Peer") -> None:
+        """Answer a handshake: refuse it (`refuse`), or accept it and run the session (`run`)."""
+        refused = self.refuse(peer.target, peer.headers)
+        if refused is None and not any(k.lower() == "upgrade" and v.lower() == "websocket"
+                                       for k, v in peer.headers):
+            refused = (400, b'{"error": "not a websocket request"}')
+        if refused is not None:
+            peer.refuse(*refused)
+            return
+        offered = [p.strip() for k, v in peer.headers if k.lower() == "sec-websocket-protocol"
+                   for p in v.split(",") if p.strip()]
+        self.run(peer.accept(subprotocol=self.subprotocol(offered)))
 
     # -- helpers for run() ---------------------------------------------------------------------
     @staticmethod
@@ -532,6 +546,16 @@ class WsTestServer:
         elif op == OP_CLOSE:
             s.close_received = parse_close(payload)
         return op, payload
+
+    def echo_until_close(self, s: ServerSession) -> None:
+        """Echo data messages until the peer closes; answer its close with the same code."""
+        while True:
+            op, payload = self.next_message(s)
+            if op == OP_CLOSE:
+                self.finish_close(s, *parse_close(payload))
+                return
+            if op in (OP_TEXT, OP_BINARY):
+                s.ws.send_frame(op, payload)
 
     @staticmethod
     def finish_close(s: ServerSession, code: Optional[int], reason: str, wait: float = 5.0) -> None:
@@ -675,13 +699,33 @@ class EchoServer(WsTestServer):
         return offered[0] if offered else None
 
     def run(self, s: ServerSession) -> None:
-        while True:
-            op, payload = self.next_message(s)
-            if op == OP_CLOSE:
-                self.finish_close(s, *parse_close(payload))
-                return
-            if op in (OP_TEXT, OP_BINARY):
-                s.ws.send_frame(op, payload)
+        self.echo_until_close(s)
+
+
+class ScriptedServer(WsTestServer):
+    """A hostile or odd upstream: `behaviour(peer)` answers the handshake itself (`peer.accept`,
+    `peer.refuse`, `peer.send_raw`) and scripts the session; the default accepts and echoes.
+    `reset()` restores the default. What the broker sent: `.handshakes` (with the raw head) and
+    `received()` (every message of every session)."""
+
+    def __init__(self, name: str = "scripted") -> None:
+        self.behaviour: Callable[[Peer], None] = self.echo
+        super().__init__(name)
+
+    def reset(self) -> None:
+        super().reset()
+        self.behaviour = self.echo
+
+    def handle(self, peer: Peer) -> None:
+        self.behaviour(peer)
+
+    def echo(self, peer: Peer) -> None:
+        self.echo_until_close(peer.accept())
+
+    def received(self) -> List[Tuple[int, bytes]]:
+        with self.lock:
+            sessions = list(self.sessions)
+        return [m for s in sessions for m in list(s.received)]
 
 
 # ----------------------------------------------------------------------------------------------
