@@ -25,14 +25,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
 from conftest import (
     BROKER_PY, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, audit_json, call,
     auth_headers, db_bytes, fresh_agent, fresh_token, http_request, key_checked, ok, parse_table,
-    random_part, run_cli, unknown_token,
+    random_part, run_cli, unknown_token, wait_until,
 )
 from conftest import REAL_KEYS
 
@@ -219,6 +219,96 @@ def test_audit_json_exact_fields(broker: Broker, upstreams: Dict[str, FakeUpstre
         "method": "POST", "path": "/openai/v1/chat/completions?x=1", "status": 200,
         "bytes_in": len(request_body), "bytes_out": len(answer_bytes), "client": "127.0.0.1",
         "outcome": "ok", "reason": None, "model": "gpt-4o-mini", "tokens_in": 11, "tokens_out": 4}
+
+
+SURROGATE_BODY = b'{"model":"\\ud800","messages":[]}'     # JSON escape of a lone surrogate
+BENIGN_BODY = b'{"model":"gpt-4o","messages":[]}'
+
+
+def audit_count(b: Broker, where: str = "1=1", params: Tuple[Any, ...] = ()) -> int:
+    conn = sqlite3.connect(f"file:{b.db}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(f"SELECT count(*) FROM audit WHERE {where}", params).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def post_whole(b: Broker, path: str, headers: Dict[str, str], body: bytes,
+               timeout: float = 15.0) -> Tuple[Optional[int], bytes, bool]:
+    """-> (status or None, body, complete). `complete` is False when the connection was cut
+    before the whole body arrived (how the broker withholds an answer it could not audit)."""
+    conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=timeout)
+    status: Optional[int] = None
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        status = resp.status
+        data = resp.read()
+        return status, data, True
+    except (http.client.HTTPException, OSError):
+        return status, b"", False
+    finally:
+        conn.close()
+
+
+def test_lone_surrogate_model_is_answered_and_audited(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """A lone surrogate in the JSON `model` must not make the audit INSERT fail (the row is
+    sanitised, the chain still verifies): no answer without its audit row."""
+    agent, token = fresh_token(broker, "openai", prefix="surrogate")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    status, body, complete = post_whole(broker, "/openai/v1/chat/completions", headers, SURROGATE_BODY)
+    assert status == 200 and complete, (status, body[:300], broker.stderr_text()[-1500:])
+    assert len(upstreams["openai"].requests) == 1
+    assert wait_until(lambda: audit_count(broker, "agent = ?", (agent,)) >= 1, 5), \
+        "the surrogate request's audit row"
+    conn = sqlite3.connect(f"file:{broker.db}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = conn.execute("SELECT status, outcome, model, path FROM audit WHERE agent = ?", (agent,)).fetchall()
+    finally:
+        conn.close()
+    assert len(rows) == 1, rows
+    st, outcome, _model, path = rows[0]
+    assert st == 200 and outcome == "ok" and path == "/openai/v1/chat/completions", rows
+    # the chain still verifies with the sanitised row in it
+    cp = broker.cli("audit", "verify")
+    assert cp.returncode == 0, cp.stderr
+
+
+def test_concurrent_answers_all_have_audit_rows(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """60 benign requests racing 20 surrogate ones, interleaved (they share group-commit
+    batches): every request that got a complete 200 must have its audit row."""
+    agent, token = fresh_token(broker, "openai", prefix="surrogate-batch")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    bodies = [SURROGATE_BODY if i % 4 == 3 else BENIGN_BODY for i in range(80)]
+    results: List[Tuple[bool, Optional[int], bool]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(bodies), timeout=20)
+
+    def worker(body: bytes) -> None:
+        try:
+            start.wait()
+        except threading.BrokenBarrierError:
+            pass
+        st, _, complete = post_whole(broker, "/openai/v1/chat/completions", headers, body)
+        with lock:
+            results.append((body == SURROGATE_BODY, st, complete))
+
+    threads = [threading.Thread(target=worker, args=(b,), daemon=True) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert len(results) == len(bodies), "some requests never finished"
+    ok_benign = sum(1 for sur, st, c in results if not sur and st == 200 and c)
+    ok_all = sum(1 for _, st, c in results if st == 200 and c)
+    assert ok_all >= 20, f"too few complete 200s to judge: {results}"
+    # rows are committed before an answer's last bytes; allow a moment anyway
+    wait_until(lambda: audit_count(broker, "agent = ?", (agent,)) >= ok_all, 3)
+    rows = audit_count(broker, "agent = ?", (agent,))
+    assert rows >= ok_all, (f"{ok_all} requests got a complete 200 but only {rows} audit rows exist "
+                            f"(benign 200s: {ok_benign}); broker log: {broker.stderr_text()[-1500:]}")
+    # and a surrogate in a batch must not cost the benign requests sharing it their answers
+    assert ok_benign >= 55, f"only {ok_benign}/60 benign requests answered 200: {results}"
 
 
 # ============================================================================

@@ -155,6 +155,26 @@ def test_ttl_units_accepted_and_nonsense_refused(db: Path) -> None:
         assert "seks_" not in cp.stdout
 
 
+def test_ttl_past_100_years_is_refused(db: Path) -> None:
+    """--ttl (and a time ago) is at most 36500d: a larger one once broke `token list` for good."""
+    env = broker_env(master_key=None)
+    add_secret(db, "openai", env=env)
+    cp = run_cli(db, "token", "mint", "--secret", "openai-key", "--agent", "a", "--ttl", "3000000d", env=env)
+    assert cp.returncode == 2 and "36500d" in cp.stderr, cp.stderr
+    listing = run_cli(db, "token", "list", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert run_cli(db, "audit", "--since", "99999999d", env=env).returncode == 2
+
+
+@pytest.mark.parametrize("args", [["secret", "sk-test-pasted-value"], ["audit", "sk-test-pasted-value"],
+                                  ["token", "list", "--format", "sk-test-pasted-value"]])
+def test_refused_arguments_are_never_echoed(tmp_path: Path, args: List[str]) -> None:
+    """argparse never echoes a value it refuses (it may be a pasted secret)."""
+    cp = run_cli(tmp_path / "x.db", *args)
+    assert cp.returncode == 2, cp
+    assert "sk-test-pasted-value" not in cp.stderr + cp.stdout, cp.stderr
+
+
 # ============================================================================
 # a running broker sees revocation and expiry on the next request
 # ============================================================================

@@ -10,6 +10,7 @@ upstreams check that the real key arrived exactly where the provider expects it.
 from __future__ import annotations
 
 import base64
+import configparser
 import glob
 import http.client
 import json
@@ -43,6 +44,7 @@ from ops_helpers import (
 )
 
 OPS_PROVIDERS = ("openai", "anthropic", "gemini", "groq", "telegram")
+sb = load_broker_module()    # the file the subprocesses run (SEKS_TEST_BROKER)
 VERSION = re.search(r'^__version__ = "([^"]+)"', BROKER_PY.read_text(), re.M).group(1)  # type: ignore[union-attr]
 
 
@@ -438,6 +440,21 @@ def test_custom_provider_env_handoff(custom_setup: SimpleNamespace) -> None:
     assert re.match(r"^HDR_BEARER_API_KEY=seks_hdr-bearer_[A-Za-z0-9_-]{43}$", lines[1]), out
 
 
+def test_inject_query_drops_the_agents_own_parameter() -> None:
+    """A custom provider with `inject = query NAME` forwards the real key as NAME once: the
+    agent's own NAME parameter (in any spelling) is a credential place and goes."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string("[provider:search]\nupstream = https://search.internal.example/api/v2\n"
+                       "token = header X-Api-Key\ninject = query api_key\n")
+    provider = sb.provider_from_section("search", parser["provider:search"])
+    headers = [("X-Api-Key", "seks_search_abc")]
+    swap = sb.find_token(provider, headers, "/find", "q=x&api_key=MINE&api%5Fkey=AGAIN")
+    assert swap is not None
+    _, _, query = sb.swap_credentials(provider, swap, "sk-test-real", headers, "/find",
+                                      "q=x&api_key=MINE&api%5Fkey=AGAIN")
+    assert query == "q=x&api_key=sk-test-real", query
+
+
 # ============================================================================
 # 3. Config precedence and `config check`
 # ============================================================================
@@ -550,7 +567,6 @@ def test_config_check_reports_every_error_at_once(tmp_path: Path) -> None:
 
 
 def test_config_check_good_file(tmp_path: Path) -> None:
-    sb = load_broker_module()
     samples = {"path": "/tmp/seks-test-file", "str": "127.0.0.1", "port": "8788", "int": "2",
                "duration": "30s", "bool": "true", "size": "1MiB", "list": "openai"}
     sections: Dict[str, List[str]] = {}
@@ -570,6 +586,38 @@ def test_config_check_good_file(tmp_path: Path) -> None:
     cp = run_cli(tmp_path / "unused.db", "config", "check", str(path))
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "OK" in cp.stdout and "internal-llm" in cp.stdout, cp.stdout
+
+
+@pytest.mark.parametrize("env_extra, args", [
+    ({"SEKS_UPSTREAM_OPENAI": "http://[::1"}, ["secret", "list"]),
+    ({}, ["--config", "{bad_ini}", "secret", "list"]),
+    ({}, ["config", "check", "{bad_ini}"]),
+])
+def test_invalid_configuration_is_a_clear_error_not_a_traceback(tmp_path: Path, env_extra: Dict[str, str],
+                                                                args: List[str]) -> None:
+    """An invalid upstream URL or a config file that is not UTF-8 is a clear error, exit 1 or 2."""
+    bad = tmp_path / "bad.ini"
+    bad.write_bytes(b"# caf\xe9\n[upstream]\n")
+    env = {**broker_env(), **env_extra}
+    argv = [a.replace("{bad_ini}", str(bad)) for a in args]
+    cp = subprocess.run([sys.executable, str(BROKER_PY), "--db", str(tmp_path / "x.db"), *argv],
+                        capture_output=True, text=True, env=env, timeout=30)
+    assert cp.returncode in (1, 2), cp
+    assert "Traceback" not in cp.stderr and "error" in cp.stderr, cp.stderr
+
+
+@pytest.mark.parametrize("ini, words", [
+    ("[server]\ntls_cert = cert.pem\n", "tls_key"),
+    ("[server]\nadmin_port = 65535\nworkers = 2\n", "admin_port"),
+])
+def test_config_check_refuses_what_serve_would_refuse(tmp_path: Path, ini: str, words: str) -> None:
+    """`config check` runs serve's cross-checks (TLS pair, admin_port range for the workers)."""
+    conf = tmp_path / "seks.ini"
+    conf.write_text(ini)
+    check = run_cli(tmp_path / "x.db", "config", "check", str(conf))
+    assert check.returncode == 1 and words in check.stdout, check.stdout + check.stderr
+    serve = run_cli(tmp_path / "x.db", "--config", str(conf), "serve", "--port", "0")
+    assert serve.returncode == 1 and words in serve.stderr and "Traceback" not in serve.stderr, serve.stderr
 
 
 # ============================================================================
@@ -1140,6 +1188,121 @@ def test_rotate_env_master_key_under_a_running_broker(tmp_path: Path, upstreams:
     assert "intact" in ok(db.cli("audit", "verify", env=new_env))
 
 
+def read_key(db: Path) -> bytes:
+    return base64.urlsafe_b64decode(Path(str(db) + ".key").read_text().strip())
+
+
+def key_file_db(tmp_path: Path) -> Path:
+    """A DB whose master key is in <db>.key (no SEKS_MASTER_KEY), with the secret openai-key."""
+    return seed_broker(tmp_path, ("openai",), env=key_file_env()).db
+
+
+def test_secret_stored_under_a_key_the_db_no_longer_has_is_refused(tmp_path: Path) -> None:
+    """`secret add` and `audit prune` racing a rotation: a write made with the old key is
+    refused inside its transaction (the check is there), so nothing is stored under it."""
+    db = key_file_db(tmp_path)
+    old = read_key(db)
+    assert run_cli(db, "rotate-master-key", env=key_file_env()).returncode == 0
+    store = sb.Store(str(db))
+    try:
+        ciphertext = sb.SecretCipher(old).encrypt(b"sk-test-late", sb.secret_ad("late", "openai"))
+        with pytest.raises(sb.ConfigError, match="rotated while this command ran"):
+            store.put_secret("late", "openai", ciphertext, replace=False,
+                             check=sb.derive_key(old, "key-check"))
+        assert store.get_secret("late") is None
+        with pytest.raises(sb.ConfigError, match="rotated while this command ran"):
+            store.prune_audit(sb.derive_key(old, "audit"), "2999-01-01T00:00:00Z",
+                              sb.derive_key(old, "key-check"))
+    finally:
+        store.close()
+    cp = run_cli(db, "audit", "verify", env=key_file_env())
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_secret_add_reads_the_value_before_the_key(tmp_path: Path) -> None:
+    """The prompt may take minutes; the key is loaded after it, so a rotation committed while
+    the operator typed is the key the value gets encrypted under."""
+    db = key_file_db(tmp_path)
+    calls: List[str] = []
+    real_read, real_load = sb.read_secret_value, sb.load_master_key
+    umask = os.umask(0o077)
+    try:
+        sb.read_secret_value = lambda name: calls.append("read") or "sk-test-typed"
+        sb.load_master_key = lambda *a: calls.append("load") or real_load(*a)
+        os.environ.pop("SEKS_MASTER_KEY", None)
+        assert sb.main(["--db", str(db), "secret", "add", "typed", "--provider", "openai"]) == 0
+    finally:
+        sb.read_secret_value, sb.load_master_key = real_read, real_load
+        os.umask(umask)
+    assert calls[:2] == ["read", "load"], calls
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_second_rotation_is_refused_while_one_runs(tmp_path: Path) -> None:
+    """One rotate-master-key at a time (a lock on <db>.key.lock): two could leave a key file
+    that does not open the DB."""
+    import fcntl
+    db = key_file_db(tmp_path)
+    before = read_key(db)
+    lock_path = str(db) + ".key.lock"
+    Path(lock_path).touch(mode=0o600)
+    with open(lock_path, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        cp = run_cli(db, "rotate-master-key", env=key_file_env())
+        assert cp.returncode == 1 and "another rotate-master-key is running" in cp.stderr, cp.stderr
+        assert read_key(db) == before and not Path(str(db) + ".key.new").exists()
+    cp = run_cli(db, "rotate-master-key", env=key_file_env())
+    assert cp.returncode == 0, cp.stderr
+    assert read_key(db) != before
+    assert run_cli(db, "secret", "list", env=key_file_env()).returncode == 0
+
+
+def test_concurrent_loads_finish_a_committed_rotation_without_errors(tmp_path: Path) -> None:
+    """Many processes reading the key files while a committed rotation is finished all get the
+    new key (no error, so no 502 and no lost audit row in a running broker)."""
+    db = key_file_db(tmp_path)
+    key_path = Path(str(db) + ".key")
+    old_text = key_path.read_text()
+    assert run_cli(db, "rotate-master-key", env=key_file_env()).returncode == 0
+    new = read_key(db)
+    for _ in range(5):           # the state a rotation leaves if it dies right after its commit
+        Path(str(key_path) + ".new").write_text(key_path.read_text())
+        os.chmod(str(key_path) + ".new", 0o600)
+        key_path.write_text(old_text)
+        results: List[Any] = []
+        stores = [sb.Store(str(db)) for _ in range(8)]
+
+        def load(store: Any) -> None:
+            try:
+                results.append(sb.load_master_key(str(db), {}, store))
+            except Exception as exc:          # noqa: BLE001 - any failure is the finding
+                results.append(exc)
+        threads = [threading.Thread(target=load, args=(st,)) for st in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for st in stores:
+            st.close()
+        assert results == [new] * 8, results
+        assert read_key(db) == new and not Path(str(key_path) + ".new").exists()
+
+
+def test_rekey_commits_with_synchronous_full(tmp_path: Path) -> None:
+    """The rotation's commit is synced to disk (synchronous=FULL) before the key file is renamed."""
+    db = key_file_db(tmp_path)
+    store = sb.Store(str(db))
+    seen: List[int] = []
+    try:
+        with store.transaction(durable=True) as conn:
+            seen.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+        with store.connection() as conn:
+            seen.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+    finally:
+        store.close()
+    assert seen == [2, 1], seen                   # FULL inside, NORMAL again after
+
+
 # -- rotation interrupted by SIGKILL -------------------------------------------------------
 
 BULK_SECRETS = 3000
@@ -1153,7 +1316,6 @@ def bulk_value(i: int) -> str:
 @pytest.fixture(scope="module")
 def bulk_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A key-file DB with 3,000 secrets and a 30,000-row audit chain, made with the Store API."""
-    sb = load_broker_module()
     d = tmp_path_factory.mktemp("bulk")
     path = str(d / "bulk.db")
     store = sb.Store(path)
@@ -1197,7 +1359,6 @@ def copy_db(template: Path, dest_dir: Path) -> Path:
 
 def check_bulk_db(db: Path) -> Tuple[str, bool]:
     """Open the DB as the next CLI command would, then decrypt every secret with the key file."""
-    sb = load_broker_module()
     env = key_file_env()
     cp = run_cli(db, "audit", "verify", env=env, timeout=60)
     assert cp.returncode == 0, f"audit verify after the kill: {cp.stdout}{cp.stderr}"
@@ -1313,6 +1474,18 @@ def test_backup_restore_round_trip(tmp_path: Path, upstreams: Dict[str, FakeUpst
     assert r.status == 200
     assert get(restored, "openai", later).status == 401
     ok(run_cli(backup, "audit", "verify", env=env))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks")
+def test_backup_refuses_a_dangling_link(tmp_path: Path) -> None:
+    """`backup` never follows a link at its destination (not even a dangling one)."""
+    db = key_file_db(tmp_path)
+    target = tmp_path / "elsewhere.db"
+    link = tmp_path / "backup.db"
+    link.symlink_to(target)
+    cp = run_cli(db, "backup", str(link), env=key_file_env())
+    assert cp.returncode == 1 and "exists" in cp.stderr, cp.stderr
+    assert not target.exists(), "the backup followed the link"
 
 
 # ============================================================================

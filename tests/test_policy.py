@@ -308,6 +308,18 @@ def test_method_policy_repeatable(broker: Broker, upstreams: Dict[str, FakeUpstr
     assert_denied(call(broker, "openai", token, "DELETE", "/v1/models/x"), 403, "method DELETE")
 
 
+@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
+def test_method_override_header_under_a_methods_policy_is_403(
+        broker: Broker, upstreams: Dict[str, FakeUpstream], header: str) -> None:
+    """A method-override header cannot turn an allowed POST into a DELETE the upstream obeys."""
+    _, token = fresh_token(broker, "openai", "--allow-method", "POST", prefix="override")
+    resp = broker.request("POST", "/openai/v1/files/f1", {"Authorization": f"Bearer {token}",
+                                                          header: "DELETE"}, b"")
+    assert resp.status == 403, (resp.status, resp.body[:300])
+    assert error_type_and_message(resp)[0] == "permission_denied"
+    assert upstreams["openai"].requests == []
+
+
 def test_path_policy_is_a_segment_prefix(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     agent, token = fresh_token(broker, "openai", "--allow-path", "/v1/chat", prefix="path")
     for path in ("/v1/chat", "/v1/chat/completions", "/v1/chat/completions/abc"):
@@ -456,6 +468,88 @@ def test_models_policy_on_gemini_path_survives_percent_encoding(broker: Broker,
     assert not upstreams["gemini"].requests, [r.target for r in upstreams["gemini"].requests]
 
 
+CT_MP = "multipart/form-data; boundary=XyZ"
+TRANSCRIBE = "/openai/v1/audio/transcriptions"
+
+
+def _mp_headers(token: str, ctype: str = CT_MP) -> Dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": ctype}
+
+
+def test_models_multipart_decoy_in_file_part_refused(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """--models reads the real multipart `model` field, not a byte search that a decoy inside a
+    file part satisfies; a clean form naming the allowed model passes, body unchanged."""
+    _, token = fresh_token(broker, "openai", "--models", "whisper-1", prefix="mp-decoy")
+    decoy = (b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n"
+             b"Content-Type: text/plain\r\n\r\n"
+             b"hello name=\"model\"\r\n\r\nwhisper-1\r\n bye\r\n"
+             b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n--XyZ--\r\n")
+    resp = broker.request("POST", TRANSCRIBE, _mp_headers(token), decoy)
+    assert resp.status == 403, (resp.status, resp.body[:300])
+    assert error_type_and_message(resp)[0] == "permission_denied"
+    assert upstreams["openai"].requests == [], "a forbidden model reached the upstream"
+    # control: the same token with a clean form naming the allowed model passes, body unchanged
+    clean = (b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+             b"Content-Type: audio/wav\r\n\r\nRIFF....WAVEfmt \r\n"
+             b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ--\r\n")
+    resp = broker.request("POST", TRANSCRIBE, _mp_headers(token), clean)
+    assert resp.status == 200, (resp.status, resp.body[:300])
+    assert upstreams["openai"].only_request().body == clean, "the multipart body must pass unchanged"
+
+
+def test_models_multipart_two_model_fields_refused(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Two `model` fields (servers keep the last) cannot smuggle a model past the first."""
+    _, token = fresh_token(broker, "openai", "--models", "whisper-1", prefix="mp-twice")
+    twice = (b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n"
+             b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n--XyZ--\r\n")
+    resp = broker.request("POST", TRANSCRIBE, _mp_headers(token), twice)
+    assert resp.status == 403, (resp.status, resp.body[:300])
+    assert upstreams["openai"].requests == []
+
+
+def test_models_json_duplicate_model_keys_refused(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """JSON with two `model` keys is refused whichever one is allowed."""
+    _, token = fresh_token(broker, "openai", "--models", "whisper-1", prefix="json-twice")
+    for body in (b'{"model":"gpt-4o","model":"whisper-1"}', b'{"model":"whisper-1","model":"gpt-4o"}'):
+        resp = broker.request("POST", TRANSCRIBE, _mp_headers(token, "application/json"), body)
+        assert resp.status == 403, (body, resp.status, resp.body[:300])
+    assert upstreams["openai"].requests == []
+
+
+DECOY_FILE = (b"--DECOY\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n"
+              b"--DECOY--\r\n")
+FORM = (b"--REAL\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n"
+        b"--REAL\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+        b"Content-Type: audio/wav\r\n\r\n" + DECOY_FILE + b"\r\n--REAL--\r\n")
+
+
+@pytest.mark.parametrize("ctype", [
+    "multipart/form-data; xboundary=DECOY; boundary=REAL",
+    "multipart/form-data; boundary=DECOY; boundary=REAL",         # repeated: refused as unreadable
+    "multipart/form-data; boundary=REAL",
+])
+def test_multipart_model_is_read_from_the_real_boundary(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                        ctype: str) -> None:
+    """The boundary is the `boundary` parameter as a MIME parser reads it, not an unanchored
+    search that `xboundary=DECOY` fools into reading a decoy form inside a file part."""
+    _, token = fresh_token(broker, "openai", "--models", "whisper-1", prefix="mp-boundary")
+    resp = broker.request("POST", TRANSCRIBE, _mp_headers(token, ctype), FORM)
+    assert resp.status == 403, (resp.status, resp.body[:300])
+    assert upstreams["openai"].requests == [], "a forbidden model reached the upstream"
+
+
+def test_multipart_with_a_quoted_boundary_and_the_allowed_model_passes(
+        broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Positive control: a quoted boundary with a space, a preamble and a tricky filename."""
+    upstreams["openai"].set_responder(lambda h, req: h.send_json(200, {"text": "ok"}))
+    _, token = fresh_token(broker, "openai", "--models", "whisper-1", prefix="mp-quoted")
+    form = (b"preamble\r\n--a b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x; name=model\"\r\n"
+            b"\r\nRIFF\r\n--a b\r\nContent-Disposition: form-data; name=model\r\n\r\nwhisper-1\r\n--a b--\r\n")
+    resp = broker.request("POST", TRANSCRIBE, _mp_headers(token, 'multipart/form-data; boundary="a b"'), form)
+    assert resp.status == 200, (resp.status, resp.body[:300])
+    assert upstreams["openai"].only_request().body == form
+
+
 def test_budget_policy_sequential(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     """Budget 250, 100 tokens an answer: requests run while less than 250 is spent (3), then 429."""
     upstreams["openai"].set_responder(openai_answer(60, 40))
@@ -577,6 +671,60 @@ def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Di
     assert rows[0]["tokens_in"] == tin, json.dumps(rows[0])
     assert int(token_row(broker, agent)["TOKENS"]) >= tin
     assert_denied(call(broker, "anthropic", token, "POST", "/v1/messages", body), 429, "budget")
+
+
+def test_repeated_stream_key_under_a_budget_is_403(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """A repeated "stream" key could make the meter and the upstream read different answers."""
+    _, token = fresh_token(broker, "openai", "--budget-tokens", "1000", prefix="budget-stream-twice")
+    body = b'{"model":"gpt-4o","stream":true,"stream":false,"messages":[]}'
+    resp = broker.request("POST", "/openai/v1/chat/completions/",
+                          {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, body)
+    assert resp.status == 403, (resp.status, resp.body[:300])
+    assert upstreams["openai"].requests == []
+
+
+def _big_embeddings_body(size: int = 9_000_000) -> bytes:
+    body = json.dumps({"object": "list",
+                       "data": [{"object": "embedding", "index": 0, "embedding": [0.0123456] * (size // 11)}],
+                       "model": "text-embedding-3-small",
+                       "usage": {"prompt_tokens": 5000, "total_tokens": 5000}}).encode()
+    assert len(body) > 8 * 1024 * 1024 and body.rstrip(b"}").endswith(b'"total_tokens": 5000')
+    return body
+
+
+def test_budget_charged_from_tail_of_9mb_json_answer(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Usage at the end of a JSON answer over 8 MiB (embeddings) is still charged."""
+    up = upstreams["openai"]
+    big = _big_embeddings_body()
+    up.set_responder(key_checked("openai", lambda h, req: h.send_bytes(200, big, content_type="application/json")))
+    _, token = fresh_token(broker, "openai", "--budget-tokens", "100", prefix="budget-9mb")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    body = b'{"model":"text-embedding-3-small","input":"x"}'
+    first = broker.request("POST", "/openai/v1/embeddings", headers, body, timeout=60)
+    assert first.status == 200 and len(first.body) == len(big), (first.status, len(first.body))
+    second = broker.request("POST", "/openai/v1/embeddings", headers, body, timeout=60)
+    assert second.status == 429, (f"5000 tokens used of a 100 budget, second request got {second.status} "
+                                  f"({len(second.body)} bytes)")
+    assert len(up.requests) == 1, "the over-budget request reached the upstream"
+
+
+def test_gemini_stream_generate_content_json_array_charges_budget(
+        broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Usage in a JSON array answer (Gemini streamGenerateContent without alt=sse) is charged."""
+    up = upstreams["gemini"]
+    item = {"candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"}}],
+            "usageMetadata": {"promptTokenCount": 4000, "candidatesTokenCount": 1000, "totalTokenCount": 5000},
+            "modelVersion": "gemini-2.0-flash"}
+    answer = json.dumps([item, item]).encode()
+    up.set_responder(key_checked("gemini", lambda h, req: h.send_bytes(200, answer, content_type="application/json")))
+    _, token = fresh_token(broker, "gemini", "--budget-tokens", "100", prefix="budget-array")
+    headers = {"x-goog-api-key": token, "Content-Type": "application/json"}
+    path = "/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent"
+    first = broker.request("POST", path, headers, b'{"contents":[]}')
+    assert first.status == 200 and first.body == answer, (first.status, first.body[:300])
+    second = broker.request("POST", path, headers, b'{"contents":[]}')
+    assert second.status == 429, f"usageMetadata in a JSON array not charged: second request got {second.status}"
+    assert len(up.requests) == 1
 
 
 # ============================================================================

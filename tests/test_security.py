@@ -18,6 +18,7 @@ import os
 import posixpath
 import random
 import re
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -33,8 +34,8 @@ import pytest
 from conftest import (
     BROKER_PY, MASTER_KEY, PROVIDERS, REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, Response,
     TcpRecorder, UpstreamHandler, assert_no_traffic, auth_headers, broker_env, db_bytes,
-    error_type_and_message, http_request, key_check_failure, load_broker_module, random_part, requests_to,
-    run_cli, wait_until,
+    error_type_and_message, fresh_token, http_request, key_check_failure, load_broker_module, random_part,
+    requests_to, run_cli, secret_name, wait_until,
 )
 from ops_helpers import OPENSSL, make_ca, make_leaf
 from raw_http import RawResponse, raw_exchange, request_bytes
@@ -898,6 +899,29 @@ def test_revocation_seen_by_a_second_broker_process(broker_factory: Brokers,
         second.stop()
 
 
+def test_token_row_pointing_at_other_providers_secret_gets_401(
+        broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """A token row edited to name another provider's secret never sends that secret anywhere."""
+    agent, token = fresh_token(broker, "openai", prefix="edited-row")
+    conn = sqlite3.connect(str(broker.db), timeout=10)
+    try:
+        with conn:
+            n = conn.execute("UPDATE tokens SET secret_name = ? WHERE agent = ?",
+                             (secret_name("github"), agent)).rowcount
+        assert n == 1
+    finally:
+        conn.close()
+    resp = broker.request("GET", "/openai/v1/models", auth_headers("openai", token))
+    github_key = REAL_KEYS["github"]
+    for p, up in upstreams.items():
+        for req in up.requests:
+            assert github_key not in req.wire_text(), f"the github key reached the {p} upstream"
+    assert resp.status == 401, (resp.status, resp.body[:300])
+    assert error_type_and_message(resp)[0] == "authentication_error"
+    assert upstreams["openai"].requests == [], "the request was forwarded"
+    assert github_key.encode() not in resp.body
+
+
 def test_db_files_never_hold_tokens_or_keys(broker: Broker) -> None:
     for p in PROVIDERS:
         broker.request("GET", route(p, broker.token(p), "/v1/models"), auth_headers(p, broker.token(p)))
@@ -1262,6 +1286,37 @@ def test_no_key_or_token_in_logs_db_metrics_or_cli(broker_factory: Brokers,
         assert MASTER_KEY not in text, f"master key in {where}"
     for line in log.splitlines()[1:]:
         assert all(0x20 <= ord(c) < 0x7F or c in "\t…" for c in line), f"unescaped control char in log: {line!r}"
+
+
+def test_percent_encoded_token_in_a_refused_path_is_not_logged(broker: Broker) -> None:
+    """A token spelled with percent-escapes (`%73eks_...`) in a refused path is cut in the log
+    line and the audit row like a plain one."""
+    token = broker.token("telegram")
+    bot_id, rest = token.split(":", 1)
+    encoded = bot_id + ":%73" + rest[1:]                  # the 's' of 'seks_' as %73
+    secret_part = rest[len("seks_telegram_"):]
+    for target in (f"/telegram/bot{encoded}/x/../getMe", f"/telegram/bot%25{encoded[1:]}/../getMe"):
+        resp = raw_exchange(broker.port, request_bytes("GET", target))
+        assert resp.status == 400, resp
+
+    def logged(text: str) -> List[str]:
+        return [l for l in text.splitlines() if "/telegram/bot" in l and "400" in l and "seks_telegram_" in l]
+    broker.wait_for_log(lambda text: len(logged(text)) >= 2)    # both lines are written after the answers
+    assert secret_part not in broker.stderr_text(), "the token reached the log"
+    audit = broker.cli("audit", "--json").stdout
+    assert secret_part[:12] not in audit, "the token reached an audit row"
+
+
+def test_escaped_spaces_in_a_path_do_not_forge_log_fields(broker: Broker) -> None:
+    """A request path with %20 cannot spell extra key=value fields in its log line."""
+    target = "/nosuch/x%20status=200%20provider=openai%20agent=victim%20outcome=ok"
+    resp = raw_exchange(broker.port, request_bytes("GET", target))
+    assert resp.status == 404, resp
+    text = broker.wait_for_log(lambda t: "/nosuch/x" in t)      # the line is written after the answer
+    lines = [l for l in text.splitlines() if "/nosuch/x" in l]
+    assert " agent=victim" not in lines[-1] and " status=200" not in lines[-1], lines[-1]
+    assert seks_broker.redact_path("/bot1:%73eks_telegram_AbCdEfGhIjKl%20x=1/getMe") == \
+        "/bot1:seks_telegram_AbCd…%20x=1/getMe"
 
 
 def test_telegram_key_never_in_broker_log(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:

@@ -13,6 +13,7 @@ Client timeouts and the connection cap are shortened with the real `serve` flags
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import time
@@ -22,7 +23,7 @@ import pytest
 
 from conftest import (
     REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, assert_no_traffic,
-    auth_headers, free_port, hanging_upstream, key_check_failure, requests_to,
+    auth_headers, free_port, fresh_token, hanging_upstream, key_check_failure, requests_to,
 )
 from raw_http import RawResponse, SocketReader, raw_exchange, read_response, request_bytes
 
@@ -210,6 +211,56 @@ def test_unread_body_is_never_a_second_request(broker: Broker, upstreams: Dict[s
     assert resp.status != 0, resp
     assert resp.extra == b"", f"{name}: the body was answered as a request: {resp.extra[:300]!r}"
     assert_no_traffic(upstreams, None, name, settle=0.1)
+
+
+@pytest.mark.parametrize("target", ["/healthz", "/nosuchprovider/x", "/openai/v1/a%zz"])
+def test_duplicate_content_length_is_refused_before_any_answer(
+        broker: Broker, upstreams: Dict[str, FakeUpstream], target: str) -> None:
+    """Framing is checked before any answer, even one the broker makes itself (/healthz, 404,
+    400): a body behind two Content-Lengths is never run as a second request."""
+    inner = request_bytes("POST", CHAT, auth(broker) + [("Content-Type", "application/json"),
+                                                        ("Content-Length", "2")]) + b"{}"
+    data = request_bytes("GET", target, [("Content-Length", "0"), ("Content-Length", str(len(inner)))]) + inner
+    resp = raw_exchange(broker.port, data, close_wait=0.5)
+    assert resp.status == 400, resp
+    assert resp.closed and resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw[-300:]
+    assert_no_traffic(upstreams, None, "the body ran as a second request", settle=0.2)
+
+
+def expect_continue(b: Broker, token: str, body: bytes) -> Tuple[bytes, RawResponse]:
+    """POST with Expect: 100-continue; send the body only after the interim answer."""
+    head = request_bytes("POST", CHAT, [
+        ("Authorization", f"Bearer {token}"), ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))), ("Expect", "100-continue")])
+    with socket.create_connection(("127.0.0.1", b.port), timeout=15) as sock:
+        sock.sendall(head)
+        reader = SocketReader(sock)
+        interim = reader.head() or b""
+        sock.sendall(body)
+        return interim, read_response(sock, "POST", 0.3, reader=reader)
+
+
+def chat_body(model: str = "gpt-4o") -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def test_expect_continue_then_a_refusal_still_gets_its_answer(broker: Broker,
+                                                              upstreams: Dict[str, FakeUpstream]) -> None:
+    """After the interim 100 Continue, a refusal (here --models: 403) is still sent, not EOF."""
+    _, token = fresh_token(broker, "openai", "--models", "gpt-4o-mini", prefix="expect")
+    interim, resp = expect_continue(broker, token, chat_body("gpt-4o"))
+    assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+    assert resp.status == 403, resp
+    assert upstreams["openai"].requests == []
+
+
+def test_expect_continue_then_success(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Positive control: after the interim 100 Continue the upstream's answer arrives."""
+    upstreams["openai"].set_responder(lambda h, req: h.send_json(200, {"ok": True}))
+    _, token = fresh_token(broker, "openai", prefix="expect-ok")
+    interim, resp = expect_continue(broker, token, chat_body())
+    assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+    assert resp.status == 200 and json.loads(resp.body) == {"ok": True}, resp
 
 
 def test_keep_alive_works_so_closing_tests_mean_something(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:

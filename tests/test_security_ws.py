@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 
 from conftest import REAL_KEYS, Broker, Brokers, TcpRecorder
-from raw_http import RawResponse, read_response, request_bytes
+from raw_http import RawResponse, raw_exchange, read_response, request_bytes
 from ws_helpers import (
     OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, Handshake, Peer, ScriptedServer, close_payload,
     parse_close, ws_connect,
@@ -339,6 +339,21 @@ def raw_answer(head: bytes, body: bytes) -> Callable[[Peer], None]:
         except OSError:
             pass
     return behaviour
+
+
+@pytest.mark.parametrize("target", ["/openai/v1/realtime", "/discord/gateway?v=10&encoding=json"])
+def test_ws_upgrade_with_a_body_is_400_and_closed(ws_broker: Broker, ws_upstream: ScriptedServer,
+                                                  gateway_upstream: ScriptedServer, target: str) -> None:
+    """An upgrade request carrying a body is refused and closed: the unread body is never run as
+    the next request, and no upstream is contacted."""
+    inner = request_bytes("POST", "/openai/v1/chat/completions", bearer(ws_broker) + [
+        ("Content-Type", "application/json"), ("Content-Length", "2")]) + b"{}"
+    data = request_bytes("GET", target, bearer(ws_broker) + WS_HANDSHAKE + [("Content-Length", str(len(inner)))]) + inner
+    resp = raw_exchange(ws_broker.port, data, close_wait=0.5)
+    assert resp.status == 400, resp
+    assert resp.closed and resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw[-300:]
+    time.sleep(0.2)
+    assert ws_upstream.connections == 0 and gateway_upstream.connections == 0
 
 
 @pytest.mark.parametrize("offset", [1, 2, 7, 15, len(KEY) - 1, len(KEY), len(KEY) + 3])

@@ -298,6 +298,84 @@ def test_realtime_refused_for_tokens_whose_limits_count_requests(wsb: Broker, re
     assert row["outcome"] == "denied" and row["status"] == 403 and "WebSocket" in row["reason"], row
 
 
+@pytest.mark.parametrize("policy", [("--models", "gpt-4o-mini"), ("--budget-tokens", "10")])
+def test_realtime_refused_for_models_or_budget_tokens(wsb: Broker, realtime: FakeRealtime,
+                                                      policy: Tuple[str, str]) -> None:
+    """A session names its model in the query or a frame and is never metered: a token with
+    --models or --budget-tokens gets 403 before the upgrade, and the upstream is never asked."""
+    _, tok = fresh_token(wsb, "openai", *policy, prefix="ws-models")
+    hs = ws_connect(wsb.port, "/openai/v1/realtime?model=gpt-4o-realtime-preview", bearer(tok))
+    assert hs.status == 403, (hs.status, hs.body[:300])
+    assert realtime.connections == 0
+
+
+def close_code_within(ws: WsConn, timeout: float) -> Tuple[Optional[int], str]:
+    """The close frame the broker sends within `timeout`; any data message relayed to the
+    client before it (the session still working after the revocation) fails the test."""
+    deadline = time.monotonic() + timeout
+    relayed: List[bytes] = []
+    try:
+        while True:
+            op, payload = ws.recv_data(max(0.01, deadline - time.monotonic()))
+            if op == OP_CLOSE:
+                assert not relayed, f"data relayed after the revocation: {relayed!r}"
+                return parse_close(payload)
+            relayed.append(payload[:200])
+    except PeerClosed:
+        raise AssertionError("the broker dropped the connection without a close frame "
+                             f"(relayed before: {relayed!r})") from None
+    except socket.timeout:
+        raise AssertionError(f"no close frame within {timeout}s of the revocation; the session "
+                             f"kept going (relayed: {relayed!r})") from None
+
+
+def data_messages(s: Any) -> List[bytes]:
+    return [p for op, p in list(s.received) if op in (OP_TEXT, OP_BINARY)]
+
+
+def test_realtime_revoked_token_next_client_message_closes_1008(wsb: Broker, realtime: FakeRealtime) -> None:
+    """A session opened with a token ends (1008) at the client's next message once the token is
+    revoked; that message never reaches the upstream."""
+    _, token = fresh_token(wsb, "openai", prefix="ws-revoke")
+    ws = rt_open(wsb, token)
+    try:
+        ws.send_text({"type": "echo", "n": 1})
+        assert ws.recv_json()["event"]["n"] == 1
+        s = realtime.wait_session()
+        before = len(data_messages(s))
+        wsb.revoke(token)
+        ws.send_text({"type": "echo", "n": 2, "text": "after revoke"})
+        code, reason = close_code_within(ws, 4.0)
+        assert code == 1008, (code, reason)
+        s.ended.wait(2.0)                  # the upstream side is closed (or data would be there by now)
+        after = data_messages(s)
+        assert len(after) == before and not any(b"after revoke" in m for m in after), \
+            f"the upstream received data after the revocation: {after[before:]!r}"
+    finally:
+        ws.close()
+
+
+def test_realtime_revoked_token_silent_client_closed_by_poll(wsb: Broker, realtime: FakeRealtime) -> None:
+    """A revoked token's session ends (1008) within the broker's poll even if the client stays
+    silent, and the upstream side is closed too."""
+    _, token = fresh_token(wsb, "openai", prefix="ws-revoke-silent")
+    ws = rt_open(wsb, token)
+    try:
+        ws.send_text({"type": "echo", "n": 1})
+        assert ws.recv_json()["event"]["n"] == 1
+        s = realtime.wait_session()
+        before = len(data_messages(s))
+        wsb.revoke(token)
+        t0 = time.monotonic()
+        code, reason = close_code_within(ws, BROKER_POLL_S + 2.5)   # client stays silent
+        assert code == 1008, (code, reason)
+        assert time.monotonic() - t0 < BROKER_POLL_S + 2.5
+        assert len(data_messages(s)) == before
+        assert s.ended.wait(5.0), "upstream session still open after the revocation close"
+    finally:
+        ws.close()
+
+
 def test_realtime_allowed_for_tokens_that_may_write(wsb: Broker, realtime: FakeRealtime) -> None:
     agent, tok = fresh_token(wsb, "openai", "--allow-method", "GET", "--allow-method", "POST", "--ttl", "1h",
                              prefix="ws-write")
@@ -862,6 +940,56 @@ def test_gateway_bad_token_closes_4004_before_discord(wsb: Broker, gateway: Fake
     assert s.ended.wait(END_S), "the upstream gateway connection stayed open"
     assert gateway.identifies == [], "an IDENTIFY with a bad token reached the gateway"
     assert 2 not in gateway.ops_seen
+
+
+def test_gateway_revoked_token_closes_4004(wsb: Broker, gateway: FakeGateway) -> None:
+    """An identified gateway session ends (4004) at the client's next payload once its token is
+    revoked; nothing more reaches Discord."""
+    _, token = fresh_token(wsb, "discord", prefix="gw-revoke")
+    gc = gw_open(wsb, compressed=False)
+    try:
+        gc.send(identify(token))
+        assert gc.recv()["t"] == "READY"
+        assert gc.recv()["t"] == "MESSAGE_CREATE"
+        ops_before = list(gateway.ops_seen)
+        wsb.revoke(token)
+        gc.send({"op": 1, "d": 2})
+        code, reason = close_code_within(gc.ws, 4.0)
+        assert code == 4004, (code, reason)
+        gateway.wait_session().ended.wait(2.0)
+        assert gateway.ops_seen == ops_before, f"gateway got {gateway.ops_seen[len(ops_before):]} after revocation"
+    finally:
+        gc.ws.close()
+
+
+def test_gateway_second_identify_with_another_token_is_closed_4005(wsb: Broker, gateway: FakeGateway) -> None:
+    """A session identified with one token cannot switch to another (a second IDENTIFY: 4005)."""
+    (_, first), (_, second) = fresh_token(wsb, "discord", prefix="gw-first"), fresh_token(wsb, "discord", prefix="gw-second")
+    gc = gw_open(wsb, compressed=False)
+    try:
+        gc.send(identify(first))
+        assert gc.recv()["t"] == "READY"
+        identifies = len(gateway.identifies)
+        gc.send(identify(second))
+        code, _ = gc.ws.recv_close(5.0)
+        assert code == 4005, code
+        gateway.wait_session().ended.wait(2.0)
+        assert len(gateway.identifies) == identifies, "the second IDENTIFY reached Discord"
+    finally:
+        gc.ws.close()
+
+
+@pytest.mark.parametrize("version", ["%C2%B2", "%D9%A1", "1x"])
+def test_gateway_version_must_be_ascii_digits(wsb: Broker, gateway: FakeGateway, version: str) -> None:
+    """`v=` takes ASCII digits only (not Unicode digits): 1003, and the gateway is never opened."""
+    hs = ws_connect(wsb.port, f"/discord/gateway?v={version}&encoding=json")
+    assert hs.status == 101 and hs.ws is not None, (hs.status, hs.body[:300])
+    try:
+        code, _ = hs.ws.recv_close(5.0)
+        assert code == 1003, code
+    finally:
+        hs.ws.close()
+    assert gateway.ops_seen == [], "the broker opened the gateway for a bad version"
 
 
 def test_gateway_resume_with_bad_token_closes_4004(wsb: Broker, gateway: FakeGateway) -> None:
