@@ -15,6 +15,7 @@ parser in ops_helpers.py.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import copy
 import hashlib
 import http.client
@@ -1095,9 +1096,19 @@ def seed_broker(workdir: Path, providers: Sequence[str] = PROVIDERS, *,
     (and later written) through the real CLI."""
     b = Broker(workdir / "seks.db", env if env is not None else broker_env(upstream_urls, extra_env),
                dict(REAL_KEYS, **(keys or {})), config, via_cli)
-    for p in providers:
+    if not via_cli:
+        for p in providers:
+            b.add_secret(secret_name(p), p, b.keys[p])
+            b.tokens[p] = b.mint(p)
+        return b
+    # the real CLI: the first command makes the DB (and key file), the rest run side by side
+    # (every write is its own BEGIN IMMEDIATE transaction, as with several operators at once)
+    first, rest = providers[:1], list(providers[1:])
+    for p in first:
         b.add_secret(secret_name(p), p, b.keys[p])
-        b.tokens[p] = b.mint(p)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda p: b.add_secret(secret_name(p), p, b.keys[p]), rest))
+        b.tokens.update(zip(providers, pool.map(b.mint, providers)))
     return b
 
 
@@ -1140,6 +1151,9 @@ class Brokers:
         return self.serve(base, *serve_args, name=name)
 
     def stop_all(self) -> None:
+        """SIGTERM to every process first, then wait for each (they drain side by side)."""
+        for b in self.started:
+            b.signal(signal.SIGTERM)
         for b in reversed(self.started):
             try:
                 b.stop()

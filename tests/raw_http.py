@@ -201,9 +201,10 @@ def read_response(sock: socket.socket, method: str = "GET", close_wait: Optional
     return RawResponse(status, reason, headers, body, rd.raw, closed, interim, extra)
 
 
-def raw_exchange(port: int, data: bytes, *, method: str = "", close_wait: Optional[float] = 0.2,
+def raw_exchange(port: int, data: bytes, *, method: str = "", close_wait: Optional[float] = None,
                  timeout: float = RAW_TIMEOUT_S, shut_write: bool = False) -> RawResponse:
-    """Send `data` on a fresh connection to 127.0.0.1:port and read one response."""
+    """Send `data` on a fresh connection to 127.0.0.1:port and read one response. A test that
+    judges whether the peer closed the connection or sent more gives `close_wait` (seconds)."""
     if not method:
         method = data.split(b" ", 1)[0].decode("latin-1", "replace")
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:

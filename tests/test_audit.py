@@ -644,7 +644,8 @@ def test_prune_older_rows_keeps_the_rest(own_broker: Broker, upstreams: Dict[str
     b = own_broker
     for _ in range(3):
         assert call(b, "openai", b.token("openai"), path="/v1/models?old=1").status == 200
-    time.sleep(1.2)   # audit timestamps have one-second resolution
+    old_done = int(time.time())    # audit timestamps have one-second resolution: the next second
+    assert wait_until(lambda: int(time.time()) > old_done, 2.0, interval=0.01)
     cut = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     for _ in range(3):
         assert call(b, "openai", b.token("openai"), path="/v1/models?new=1").status == 200

@@ -19,7 +19,9 @@ from typing import Iterator, List, Set
 
 import pytest
 
-from conftest import REAL_KEYS, Broker, Brokers, FakeUpstream, auth_headers, broker_env, key_check_failure
+from conftest import (
+    REAL_KEYS, Broker, Brokers, FakeUpstream, auth_headers, broker_env, key_check_failure, wait_until,
+)
 from ops_helpers import free_port_run, parse_exposition, sample_value
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"),
@@ -153,7 +155,8 @@ def test_requests_are_served_by_more_than_one_process(workers: Broker, workers_d
     before = worker_counts(workers, "200")
     statuses = fresh_requests(workers, workers_db.tokens["openai"], FRESH_CONNECTIONS)
     assert statuses == [200] * FRESH_CONNECTIONS
-    time.sleep(0.2)
+    # the counters move after each answer's last byte: wait until they account for all
+    wait_until(lambda: sum(worker_counts(workers, "200")) - sum(before) >= FRESH_CONNECTIONS, 5, interval=0.05)
     served = [a - b for a, b in zip(worker_counts(workers, "200"), before)]
     assert sum(served) == FRESH_CONNECTIONS, served
     assert all(n > 0 for n in served), f"one worker served everything: {served}"
@@ -182,7 +185,7 @@ def test_revocation_through_cli_is_seen_by_every_worker(workers: Broker, workers
     assert cp.returncode == 0, cp.stderr
     statuses = fresh_requests(workers, token, FRESH_CONNECTIONS)
     assert statuses == [401] * FRESH_CONNECTIONS, statuses
-    time.sleep(0.2)
+    wait_until(lambda: sum(worker_counts(workers, "401")) - sum(before) >= FRESH_CONNECTIONS, 5, interval=0.05)
     denied = [a - b for a, b in zip(worker_counts(workers, "401"), before)]
     assert sum(denied) == FRESH_CONNECTIONS
     assert all(n > 0 for n in denied), f"not every worker saw the revoked token: {denied}"
