@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import pytest
 
-from raw_http import HeaderLookup
+from raw_http import HeaderLookup, LoopbackServer, SocketReader
 
 # ============================================================================
 # Constants
@@ -334,21 +334,21 @@ def error_type_and_message(resp: Response) -> Tuple[str, str]:
     return err["type"], err["message"]
 
 
+# Where each provider's official clients put the credential: (header, value prefix). Gemini
+# and Telegram have other places too (?key=, the path) and are handled where it matters.
+KEY_HEADERS: Dict[str, Tuple[str, str]] = {
+    **{p: ("Authorization", "Bearer ") for p in BEARER_PROVIDERS},
+    "anthropic": ("x-api-key", ""), "gemini": ("x-goog-api-key", ""), "discord": ("Authorization", "Bot "),
+    "brave": ("X-Subscription-Token", ""),
+}
+
+
 def auth_headers(provider: str, token: str) -> Dict[str, str]:
     """Headers an official client sends to carry `token` (empty for telegram: it is in the path)."""
-    if provider in BEARER_PROVIDERS:
-        return {"Authorization": f"Bearer {token}"}
-    if provider == "anthropic":
-        return {"x-api-key": token}
-    if provider == "gemini":
-        return {"x-goog-api-key": token}
-    if provider == "discord":
-        return {"Authorization": f"Bot {token}"}
-    if provider == "brave":
-        return {"X-Subscription-Token": token}
     if provider == "telegram":
         return {}
-    raise AssertionError(provider)
+    name, prefix = KEY_HEADERS[provider]
+    return {name: prefix + token}
 
 
 # ============================================================================
@@ -420,6 +420,14 @@ class UpstreamHandler(BaseHTTPRequestHandler):
                 else:
                     kept.extend(data)
 
+        def read_exactly(left: int, eof: str) -> None:
+            while left:
+                data = self.rfile.read(min(left, 1024 * 1024))
+                if not data:
+                    raise ConnectionError(eof)
+                take(data)
+                left -= len(data)
+
         te = ",".join(self.headers.get_all("Transfer-Encoding") or []).lower()
         if "chunked" in te:
             while True:
@@ -433,24 +441,12 @@ class UpstreamHandler(BaseHTTPRequestHandler):
                         if t in (b"\r\n", b"\n", b""):
                             break
                     break
-                left = size
-                while left:
-                    data = self.rfile.read(min(left, 1024 * 1024))
-                    if not data:
-                        raise ConnectionError("eof in chunk")
-                    take(data)
-                    left -= len(data)
+                read_exactly(size, "eof in chunk")
                 self.rfile.readline(16)  # CRLF after the chunk
             return (bytes(kept) if keep else None), total, h.hexdigest(), True
         cl = self.headers.get("Content-Length")
         if cl is not None:
-            left = int(cl)
-            while left:
-                data = self.rfile.read(min(left, 1024 * 1024))
-                if not data:
-                    raise ConnectionError("eof in body")
-                take(data)
-                left -= len(data)
+            read_exactly(int(cl), "eof in body")
         return (bytes(kept) if keep else None), total, h.hexdigest(), False
 
     def _handle(self) -> None:
@@ -542,18 +538,10 @@ class UpstreamHandler(BaseHTTPRequestHandler):
 
 def key_check_failure(provider: str, key: str, req: RecordedRequest) -> Optional[str]:
     """None if `req` carries the real `key` in the provider's style, else why not."""
-    if provider in BEARER_PROVIDERS:
-        vals = req.header_all("Authorization")
-        return None if vals == [f"Bearer {key}"] else f"Authorization={vals!r}"
-    if provider == "anthropic":
-        vals = req.header_all("x-api-key")
-        return None if vals == [key] else f"x-api-key={vals!r}"
-    if provider == "discord":
-        vals = req.header_all("Authorization")
-        return None if vals == [f"Bot {key}"] else f"Authorization={vals!r}"
-    if provider == "brave":
-        vals = req.header_all("X-Subscription-Token")
-        return None if vals == [key] else f"X-Subscription-Token={vals!r}"
+    if provider in KEY_HEADERS and provider != "gemini":
+        name, prefix = KEY_HEADERS[provider]
+        vals = req.header_all(name)
+        return None if vals == [prefix + key] else f"{name}={vals!r}"
     if provider == "gemini":
         hv = req.header_all("x-goog-api-key")
         qv = req.query.get("key", [])
@@ -699,63 +687,34 @@ def hanging_upstream(provider: str) -> FakeUpstream:
 # ============================================================================
 
 
-class TcpRecorder:
-    """Listens on 127.0.0.1 for an attacker; `.connections` holds the bytes of each accepted
+class TcpRecorder(LoopbackServer):
+    """Listens on 127.0.0.1 for an attacker; `seen()` holds the bytes of each accepted
     connection. It never answers."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.05)
-        self.port: int = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.lock = threading.Lock()
-        self.connections: List[bytearray] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="attacker", daemon=True)
-        self._thread.start()
+        self.readers: List[SocketReader] = []
+        super().__init__("attacker")
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            buf = bytearray()
-            with self.lock:
-                self.connections.append(buf)
-            threading.Thread(target=self._drain, args=(conn, buf), daemon=True).start()
-
-    def _drain(self, conn: socket.socket, buf: bytearray) -> None:
-        conn.settimeout(0.5)
+    def serve(self, sock: socket.socket) -> None:
+        rd = SocketReader(sock)
+        with self.lock:
+            self.readers.append(rd)
+        sock.settimeout(0.5)
         try:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                with self.lock:
-                    buf.extend(data)
+            rd.rest()
         except OSError:
             pass
         finally:
-            conn.close()
+            sock.close()
 
     def clear(self) -> None:
         with self.lock:
-            self.connections.clear()
+            self.readers.clear()
+            self.connections = 0
 
     def seen(self) -> List[bytes]:
         with self.lock:
-            return [bytes(b) for b in self.connections]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
+            return [rd.raw for rd in self.readers]
 
 
 def requests_to(upstreams: Dict[str, FakeUpstream]) -> Dict[str, List[str]]:
@@ -1208,6 +1167,14 @@ def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brokers]:
 def broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
     """The module's shared broker, every provider pointed at its FakeUpstream."""
     return broker_factory({p: u.url for p, u in upstreams.items()})
+
+
+@pytest.fixture(scope="module")
+def silent_upstream() -> Iterator[FakeUpstream]:
+    """An anthropic upstream that reads every request and never answers (until the module ends)."""
+    up = hanging_upstream("anthropic")
+    yield up
+    up.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ and fake servers).
   * `read_response`  one answer (1xx skipped and noted, any framing), then whether the peer closed
                      the connection or sent more (a second answer?) -> `RawResponse`.
   * `raw_exchange`   send bytes on a fresh connection to 127.0.0.1 and read one answer.
+  * `LoopbackServer` a TCP listener on 127.0.0.1 that hands each connection to `serve(sock)` in a
+                     thread of its own: the base of the fake servers that are not HTTP servers.
 
 Standard library only, no pytest: ws_helpers (and scratch scripts) import it too.
 """
@@ -18,6 +20,7 @@ Standard library only, no pytest: ws_helpers (and scratch scripts) import it too
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -215,3 +218,40 @@ def raw_exchange(port: int, data: bytes, *, method: str = "", close_wait: Option
         if shut_write:
             sock.shutdown(socket.SHUT_WR)
         return read_response(sock, method, close_wait)
+
+
+class LoopbackServer:
+    """Listens on 127.0.0.1 (port 0); each accepted connection goes to `serve(sock)` in its own
+    daemon thread; `.connections` counts them. `stop()` closes the listener."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.connections = 0
+        self._stop = threading.Event()
+        self._lsock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self._lsock.settimeout(0.05)
+        self.port: int = self._lsock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
+        self._thread.start()
+
+    def serve(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+            threading.Thread(target=self.serve, args=(sock,), name=f"{self.name}-conn", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._lsock.close()
+        self._thread.join(timeout=5)

@@ -1,8 +1,9 @@
 """The audit log over real sockets (issue 3): one chained row per request, allowed or denied;
 credentials never recorded (unknown tokens only as a keyed fingerprint, Telegram's key segment
 and Gemini's key= masked); `audit` filters, JSON and table output, `--follow`; `audit verify`
-against rows edited, deleted, reordered and forged with the sqlite3 CLI; `audit prune`; and a
-broker killed with SIGKILL mid-traffic.
+against rows edited, deleted, reordered and forged with the sqlite3 CLI; `audit prune`; a
+broker killed with SIGKILL mid-traffic; and no answer without its row (a lone surrogate in a
+model name, alone and racing benign requests in one commit batch).
 
 Layout: helpers → what a row records (security first) → output and filters → tamper detection →
 pruning → crash safety → the shared broker's whole chain.

@@ -1,5 +1,6 @@
 """The command line through subprocess: secrets from stdin only, tokens shown once, listings without
-values, revocation and expiry seen by a running broker, key file and DB at rest."""
+values, refused values never echoed, --ttl bounds, revocation and expiry seen by a running
+broker, key file and DB at rest. Every write here runs the real CLI."""
 
 from __future__ import annotations
 

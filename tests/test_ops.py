@@ -1,7 +1,9 @@
 """Running the broker for real (issue 4): TLS both ways, custom providers from a config file,
 config precedence and `config check`, /metrics on the admin port, logs, graceful shutdown,
-key management (secret rotate, rotate-master-key incl. a SIGKILL mid-rotation, backup), the
-`token mint --format env` hand-off, --version, and other CPython versions.
+key management (secret rotate, rotate-master-key incl. a SIGKILL mid-rotation, commands and
+loads racing a rotation, one rotation at a time, backup that follows no link), invalid
+configurations as clear errors, the `token mint --format env` hand-off, --version, and other
+CPython versions.
 
 Every test talks to a real `seks_broker.py serve` subprocess over 127.0.0.1 sockets; the fake
 upstreams check that the real key arrived exactly where the provider expects it.
@@ -38,6 +40,7 @@ from conftest import (
     assert_token_absent, audit_json, auth_headers, broker_env, default_responder, free_port,
     key_check_failure, key_checked, load_broker_module, ok, run_cli, secret_name, seed_broker, wait_until,
 )
+from raw_http import SocketReader
 from ops_helpers import (
     OPENSSL, connect_refused, make_ca_and_leaf, make_self_signed, parse_exposition, sample_value,
     write_private,
@@ -161,18 +164,15 @@ def test_plain_http_to_tls_port_is_not_proxied(tls_broker: Broker, ops_db: Broke
                                                upstreams: Dict[str, FakeUpstream], certs: SimpleNamespace) -> None:
     req = (f"GET /openai/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
            f"Authorization: Bearer {ops_db.tokens['openai']}\r\nConnection: close\r\n\r\n").encode()
-    data = b""
     with socket.create_connection(("127.0.0.1", tls_broker.port), timeout=10) as s:
         s.sendall(req)
         s.settimeout(5)
+        rd = SocketReader(s)
         try:
-            while True:
-                piece = s.recv(65536)
-                if not piece:
-                    break
-                data += piece
-        except (socket.timeout, ConnectionResetError):
+            rd.rest()
+        except socket.timeout:
             pass
+    data = rd.raw
     assert not re.match(rb"HTTP/1\.[01] 2\d\d", data), data[:200]
     assert b"sk-test" not in data and b'"provider"' not in data
     assert upstreams["openai"].requests == []

@@ -1,6 +1,9 @@
 """Agents and per-token policy over real sockets (issue 3): agent disable/enable, method, path,
-rate, lifetime and model limits, token budgets, limits under 50 concurrent requests, and usage
-metered from real-shaped answers of each LLM provider (plain JSON and server-sent events).
+rate, lifetime and model limits (including decoys in multipart forms, repeated JSON keys and
+boundary tricks), method-override headers, token budgets (charged from answers over 8 MiB and
+from JSON arrays), limits under 50 concurrent requests, and usage metered from real-shaped
+answers of each LLM provider (plain JSON and server-sent events). Tokens are minted in-process
+(the CLI's own code); the CLI itself is tested in test_cli.py.
 
 Every test mints its own tokens for a fresh agent, so counters and usage rows are its own.
 Nothing is mocked: the broker is a subprocess, the providers are loopback FakeUpstreams that

@@ -1,6 +1,7 @@
 """Adversarial suite for issue 5 (THREAT_MODEL.md): closed forwarding, no key ever reaches the
-agent, narrow and instantly revocable tokens, private files, an agent port without listings, a
-seeded fuzz loop over the URL builder, and a leak sweep over logs, DB bytes and CLI output.
+agent, narrow and instantly revocable tokens (an edited token row borrows no key), private
+files, an agent port without listings, a seeded fuzz loop over the URL builder, and a leak sweep
+over logs, DB bytes and CLI output (escaped tokens and forged fields in log lines included).
 
 Every attack goes over a real socket into a real `seks_broker.py serve` process, in front of
 loopback upstreams that record every request (conftest.FakeUpstream) and a TCP recorder that plays

@@ -4,8 +4,9 @@ Every framing attack carries a valid token, so the broker's request parser (not 
 is what refuses it. For each refusal: the status, the connection closed right after the answer
 (recv returns b''), no second answer (no request smuggled out of a body), and no complete request
 at any upstream. Limits: 414 / 431 / 413 (answered before the body is sent), idle and slow
-clients, the connection cap (503), dead and silent upstreams (502 / 504). A seeded fuzz loop
-mixes framing headers and malformed lines.
+clients, the connection cap (503), dead and silent upstreams (502 / 504). Framing is checked
+before any answer, even the broker's own (/healthz, 404); a refusal after `Expect:
+100-continue` still arrives. A seeded fuzz loop mixes framing headers and malformed lines.
 
 Client timeouts and the connection cap are shortened with the real `serve` flags
 (--client-timeout, --header-timeout, --max-connections), so no test waits 60 s.
@@ -23,7 +24,7 @@ import pytest
 
 from conftest import (
     REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, assert_no_traffic,
-    auth_headers, free_port, fresh_token, hanging_upstream, key_check_failure, requests_to,
+    auth_headers, free_port, fresh_token, key_check_failure, requests_to,
 )
 from raw_http import RawResponse, SocketReader, raw_exchange, read_response, request_bytes
 
@@ -526,13 +527,6 @@ def test_connection_cap_answers_503_and_recovers(capped_broker: Broker) -> None:
 
 
 @pytest.fixture(scope="module")
-def silent_upstream() -> Iterator[FakeUpstream]:
-    up = hanging_upstream("anthropic")
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
 def stalling_upstream() -> Iterator[FakeUpstream]:
     """Answers 200 with headers and a first piece of body, then goes silent."""
     up = FakeUpstream("groq")
@@ -611,18 +605,13 @@ def test_upstream_stalling_mid_body_is_cut(broken_upstream_broker: Broker) -> No
     with socket.create_connection(("127.0.0.1", b.port), timeout=15) as sock:
         sock.sendall(request_bytes("POST", "/groq/openai/v1/chat/completions", auth(b, "groq") +
                                    [("Content-Length", "2")], b"{}"))
-        got = b""
+        rd = SocketReader(sock)
         sock.settimeout(10)
         try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                got += data
+            rd.rest()
         except socket.timeout:
-            raise AssertionError(f"the broker kept the client hanging on a silent upstream: {got!r}")
-        except ConnectionResetError:
-            pass
+            raise AssertionError(f"the broker kept the client hanging on a silent upstream: {rd.raw!r}")
+        got = rd.raw
     assert got.startswith(b"HTTP/1.1 200"), got[:200]
     assert b"data: started" in got
     assert not got.endswith(b"0\r\n\r\n"), "a cut stream must not look complete to the client"

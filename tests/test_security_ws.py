@@ -1,6 +1,6 @@
 """Adversarial suite for issue 5 over WebSockets: the same promises as HTTP (closed forwarding,
 the key never reaches the agent) for the RFC 6455 relay on provider routes and for the Discord
-gateway route, where the token travels inside IDENTIFY/RESUME.
+gateway route, where the token travels inside IDENTIFY/RESUME, and an upgrade carrying a body.
 
 A raw WebSocket client (ws_helpers.ws_connect) talks to a real broker; a loopback WebSocket
 upstream (ws_helpers.ScriptedServer) records every handshake and frame and sends whatever each

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import (
     REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, assert_token_absent,
-    auth_headers, deterministic_chunks, error_type_and_message, free_port, hanging_upstream,
+    auth_headers, deterministic_chunks, error_type_and_message, free_port,
     key_check_failure, key_checked, send_request, sha256_of_chunks,
 )
 
@@ -292,14 +292,6 @@ def test_every_method_is_forwarded(broker: Broker, upstreams: Dict[str, FakeUpst
 # ============================================================================
 # Broken upstreams: 502 unreachable, 504 timeout
 # ============================================================================
-
-
-@pytest.fixture(scope="module")
-def silent_upstream() -> Iterator[FakeUpstream]:
-    """Accepts the request, reads it, never answers (until the module ends)."""
-    up = hanging_upstream("anthropic")
-    yield up
-    up.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """WebSockets through the broker over real sockets (issue 7): the generic relay on any provider
 route, OpenAI Realtime (Bearer in the handshake), the Discord gateway (token checked and swapped
 inside IDENTIFY/RESUME, READY's resume_gateway_url and /gateway/bot rewritten, zlib-stream for
-the agent), RFC 6455 edge cases, the audit row of a session, and no real key in any frame or log.
+the agent, `v=` ASCII digits only, a second IDENTIFY refused), RFC 6455 edge cases, sessions
+refused for tokens with limits they cannot hold (request counts, models, budgets) and ended
+when their token is revoked, the audit row of a session, and no real key in any frame or log.
 
 Upstreams are loopback WebSocket servers from ws_helpers.py (standard library): FakeRealtime
 (401 unless `Authorization: Bearer <real key>`), FakeGateway (4004 unless IDENTIFY/RESUME carry
@@ -333,17 +335,24 @@ def data_messages(s: Any) -> List[bytes]:
     return [p for op, p in list(s.received) if op in (OP_TEXT, OP_BINARY)]
 
 
+def session_then_revoke(wsb: Broker, realtime: FakeRealtime) -> Tuple[WsConn, Any, int]:
+    """A working Realtime session of a fresh token, then that token revoked (real CLI):
+    (the agent's end, the upstream session, how many data messages reached the upstream)."""
+    _, token = fresh_token(wsb, "openai", prefix="ws-revoke")
+    ws = rt_open(wsb, token)
+    ws.send_text({"type": "echo", "n": 1})
+    assert ws.recv_json()["event"]["n"] == 1
+    s = realtime.wait_session()
+    before = len(data_messages(s))
+    wsb.revoke(token)
+    return ws, s, before
+
+
 def test_realtime_revoked_token_next_client_message_closes_1008(wsb: Broker, realtime: FakeRealtime) -> None:
     """A session opened with a token ends (1008) at the client's next message once the token is
     revoked; that message never reaches the upstream."""
-    _, token = fresh_token(wsb, "openai", prefix="ws-revoke")
-    ws = rt_open(wsb, token)
+    ws, s, before = session_then_revoke(wsb, realtime)
     try:
-        ws.send_text({"type": "echo", "n": 1})
-        assert ws.recv_json()["event"]["n"] == 1
-        s = realtime.wait_session()
-        before = len(data_messages(s))
-        wsb.revoke(token)
         ws.send_text({"type": "echo", "n": 2, "text": "after revoke"})
         code, reason = close_code_within(ws, 4.0)
         assert code == 1008, (code, reason)
@@ -358,14 +367,8 @@ def test_realtime_revoked_token_next_client_message_closes_1008(wsb: Broker, rea
 def test_realtime_revoked_token_silent_client_closed_by_poll(wsb: Broker, realtime: FakeRealtime) -> None:
     """A revoked token's session ends (1008) within the broker's poll even if the client stays
     silent, and the upstream side is closed too."""
-    _, token = fresh_token(wsb, "openai", prefix="ws-revoke-silent")
-    ws = rt_open(wsb, token)
+    ws, s, before = session_then_revoke(wsb, realtime)
     try:
-        ws.send_text({"type": "echo", "n": 1})
-        assert ws.recv_json()["event"]["n"] == 1
-        s = realtime.wait_session()
-        before = len(data_messages(s))
-        wsb.revoke(token)
         t0 = time.monotonic()
         code, reason = close_code_within(ws, BROKER_POLL_S + 2.5)   # client stays silent
         assert code == 1008, (code, reason)

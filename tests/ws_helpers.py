@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from raw_http import HeaderLookup, SocketReader, parse_head
+from raw_http import HeaderLookup, LoopbackServer, SocketReader, parse_head
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -424,26 +424,16 @@ class Peer(HeaderLookup):
         return self.session
 
 
-class WsTestServer:
+class WsTestServer(LoopbackServer):
     """A threaded loopback WebSocket server. Subclasses override `refuse` (return (status, body)
     to refuse the handshake), `subprotocol` and `run(session)`."""
 
     def __init__(self, name: str = "ws") -> None:
-        self.name = name
-        self.lock = threading.Lock()
         self.handshakes: List[HandshakeRecord] = []
         self.sessions: List[ServerSession] = []
         self.errors: List[str] = []
-        self.connections = 0
-        self._stop = threading.Event()
-        self._lsock = socket.create_server(("127.0.0.1", 0))
-        self._lsock.settimeout(0.2)
-        self.port: int = self._lsock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(name)
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        self._threads: List[threading.Thread] = []
-        self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
-        self._thread.start()
 
     # -- to override ---------------------------------------------------------------------------
     def refuse(self, target: str, headers: List[Tuple[str, str]]) -> Optional[Tuple[int, bytes]]:
@@ -475,28 +465,13 @@ class WsTestServer:
                              f"(handshakes: {[h.target for h in self.handshakes]})")
 
     def stop(self) -> None:
-        self._stop.set()
-        self._lsock.close()
         with self.lock:
             sessions = list(self.sessions)
         for s in sessions:
             s.ws.close()
-        self._thread.join(timeout=5)
+        super().stop()
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._lsock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-            t = threading.Thread(target=self._serve, args=(sock,), name=f"{self.name}-conn", daemon=True)
-            t.start()
-
-    def _serve(self, sock: socket.socket) -> None:
+    def serve(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer: Optional[Peer] = None
         try:
@@ -785,6 +760,16 @@ class FakeGateway(WsTestServer):
         self.extra_ready = {}
         self.payload_compression = True
 
+    def _real_token(self, s: ServerSession, d: Any, seen: List[Any]) -> bool:
+        """IDENTIFY/RESUME (recorded in `seen`) must carry the real token; else close 4004 like Discord."""
+        with self.lock:
+            seen.append(d)
+        if isinstance(d, dict) and d.get("token") == self.key:
+            return True
+        s.ws.send_close(4004, "Authentication failed.")
+        s.eof = s.ws.wait_eof(5)
+        return False
+
     def run(self, s: ServerSession) -> None:
         ws = s.ws
         zctx = zlib.compressobj() if s.query.get("compress", [""])[0] == "zlib-stream" else None
@@ -820,11 +805,7 @@ class FakeGateway(WsTestServer):
             if gop == 1:
                 send({"op": 11, "d": None, "s": None, "t": None})
             elif gop == 2:
-                with self.lock:
-                    self.identifies.append(d)
-                if not isinstance(d, dict) or d.get("token") != self.key:
-                    ws.send_close(4004, "Authentication failed.")
-                    s.eof = ws.wait_eof(5)
+                if not self._real_token(s, d, self.identifies):
                     return
                 per_payload[0] = bool(d.get("compress")) and self.payload_compression
                 seq += 1
@@ -841,11 +822,7 @@ class FakeGateway(WsTestServer):
                 if self.reconnect_after_ready:
                     send({"op": 7, "d": None, "s": None, "t": None})
             elif gop == 6:
-                with self.lock:
-                    self.resumes.append(d)
-                if not isinstance(d, dict) or d.get("token") != self.key:
-                    ws.send_close(4004, "Authentication failed.")
-                    s.eof = ws.wait_eof(5)
+                if not self._real_token(s, d, self.resumes):
                     return
                 if d.get("session_id") != self.SESSION_ID:
                     send({"op": 9, "d": False, "s": None, "t": None})
