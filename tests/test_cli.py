@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import os
 import re
 import stat
@@ -17,7 +18,8 @@ import pytest
 
 from conftest import (
     MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, auth_headers, broker_env, db_bytes,
-    error_type_and_message, ok, random_part, run_cli, secret_name, wait_until,
+    call, error_type_and_message, ok, parse_table, random_part, run_cli, secret_name,
+    wait_until,
 )
 
 TOKEN_RE = re.compile(r"^seks_openai_([A-Za-z0-9_-]+)$")
@@ -174,6 +176,23 @@ def test_refused_arguments_are_never_echoed(tmp_path: Path, args: List[str]) -> 
     cp = run_cli(tmp_path / "x.db", *args)
     assert cp.returncode == 2, cp
     assert "sk-test-pasted-value" not in cp.stderr + cp.stdout, cp.stderr
+
+
+def test_token_mint_policy_flags_reach_the_broker(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Every policy flag given to `token mint` is stored with the token (token list shows it) and
+    held by a running broker (the other suites mint in-process; this is the CLI's wiring)."""
+    limited = broker.mint("openai", "cli-limits", "--allow-method", "GET", "--allow-path", "/v1/models",
+                          "--rate", "100/m", "--max-requests", "5", "--ttl", "1h")
+    metered = broker.mint("openai", "cli-metered", "--models", "gpt-4o-mini", "--budget-tokens", "1000")
+    rows = {r["AGENT"]: r for r in parse_table(ok(broker.cli("token", "list")))}
+    assert rows["cli-limits"]["POLICY"] == "methods=GET paths=/v1/models rate=100/m max-requests=5", rows
+    assert rows["cli-metered"]["POLICY"] == "models=gpt-4o-mini budget=1000", rows
+    assert call(broker, "openai", limited).status == 200
+    assert call(broker, "openai", limited, "POST", "/v1/models", b"{}").status == 403
+    assert call(broker, "openai", limited, path="/v1/files").status == 403
+    chat = json.dumps({"model": "gpt-4o", "messages": []}).encode()
+    assert call(broker, "openai", metered, "POST", "/v1/chat/completions", chat).status == 403
+    assert [r.method + " " + r.path for r in upstreams["openai"].requests] == ["GET /v1/models"]
 
 
 # ============================================================================
