@@ -399,7 +399,7 @@ def test_agent_and_upstream_text_cannot_forge_the_operators_views(broker: Broker
     follower = FollowProcess(broker, "--agent", agent) if view == "audit-follow" else None
     try:
         if follower is not None:
-            time.sleep(0.8)                  # let it print its first (empty) page
+            follower.wait_for("DURATION")    # its first (empty) page is printed
         body = json.dumps({"model": asked, "messages": []}).encode()
         assert call(broker, "openai", token, "POST", "/v1/chat/completions", body).status == 200
         time.sleep(0.3)

@@ -1225,37 +1225,42 @@ ADMIN_RE = re.compile(r"admin on http://127\.0\.0\.1:(\d+)")
 
 
 def drive_all_traffic(b: Broker, upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder) -> None:
-    """Every provider: success, echo in body/header/stream/error, 401/403/400/404 denials."""
-    for p in PROVIDERS:
-        key = REAL_KEYS[p]
-        t = b.token(p)
-        hs = auth_headers(p, t)
-        up = upstreams[p]
-        up.reset()
-        assert b.request("POST", route(p, t, "/v1/x?stream=false"), hs, b'{"q":1}').status == 200
-        up.set_responder(lambda h, req, key=key: h.send_json(401, {"error": f"bad key {key}"},
-                                                            headers=[("X-Key", key)]))
-        b.request("GET", route(p, t, "/v1/err"), hs)
-        up.set_responder(split_stream_responder([b"data: " + key.encode()[:5], key.encode()[5:] + b"\n\n"], 0.05, []))
-        b.request("GET", route(p, t, "/v1/stream"), hs)
-        up.set_responder(gzip_responder(key, "chunked", "gzip", 3))
-        b.request("GET", route(p, t, "/v1/gz"), {**hs, "Accept-Encoding": "gzip"})
-        up.set_responder(redirect_responder(302, f"{up.url}/v1/moved?key={key}"))
-        b.request("GET", route(p, t, "/v1/redir?key=" + t), hs)
-        # denials and refusals, with the token riding along
-        other = b.token("openai" if p != "openai" else "anthropic")
-        b.request("GET", route(p, other, "/v1/x"), auth_headers(p, other))              # 403
-        b.request("GET", route(p, t + "x", "/v1/x"), auth_headers(p, t + "x"))          # 401
-        raw_exchange(b.port, request_bytes("GET", route(p, t, "/v1/%2e%2e/x"), header_lines(p, t)),
-                     close_wait=0.01)                                                   # 400
-        raw_exchange(b.port, request_bytes("GET", f"http://127.0.0.1:{attacker.port}{route(p, t, '/x')}",
-                                           header_lines(p, t)), close_wait=0.01)       # 400
-        up.reset()
+    """Every provider: success, echo in body/header/stream/error, 401/403/400/404 denials (the
+    providers side by side: each has its own upstream)."""
+    with concurrent.futures.ThreadPoolExecutor(len(PROVIDERS)) as pool:
+        list(pool.map(lambda p: drive_provider_traffic(b, upstreams[p], p, attacker), PROVIDERS))
     # gemini with the token in the query, telegram file route
     t = b.token("gemini")
     b.request("POST", f"/gemini/v1beta/models/m:generateContent?key={t}", {}, b"{}")
     b.request("GET", f"/telegram/file/bot{b.token('telegram')}/photos/file_1.jpg")
     b.request("GET", "/nosuch/v1/x", auth_headers("openai", b.token("openai")))          # 404
+
+
+def drive_provider_traffic(b: Broker, up: FakeUpstream, p: str, attacker: TcpRecorder) -> None:
+    """One provider's share of drive_all_traffic."""
+    key = REAL_KEYS[p]
+    t = b.token(p)
+    hs = auth_headers(p, t)
+    up.reset()
+    assert b.request("POST", route(p, t, "/v1/x?stream=false"), hs, b'{"q":1}').status == 200
+    up.set_responder(lambda h, req, key=key: h.send_json(401, {"error": f"bad key {key}"},
+                                                        headers=[("X-Key", key)]))
+    b.request("GET", route(p, t, "/v1/err"), hs)
+    up.set_responder(split_stream_responder([b"data: " + key.encode()[:5], key.encode()[5:] + b"\n\n"], 0.05, []))
+    b.request("GET", route(p, t, "/v1/stream"), hs)
+    up.set_responder(gzip_responder(key, "chunked", "gzip", 3))
+    b.request("GET", route(p, t, "/v1/gz"), {**hs, "Accept-Encoding": "gzip"})
+    up.set_responder(redirect_responder(302, f"{up.url}/v1/moved?key={key}"))
+    b.request("GET", route(p, t, "/v1/redir?key=" + t), hs)
+    # denials and refusals, with the token riding along
+    other = b.token("openai" if p != "openai" else "anthropic")
+    b.request("GET", route(p, other, "/v1/x"), auth_headers(p, other))              # 403
+    b.request("GET", route(p, t + "x", "/v1/x"), auth_headers(p, t + "x"))          # 401
+    raw_exchange(b.port, request_bytes("GET", route(p, t, "/v1/%2e%2e/x"), header_lines(p, t)),
+                 close_wait=0.01)                                                   # 400
+    raw_exchange(b.port, request_bytes("GET", f"http://127.0.0.1:{attacker.port}{route(p, t, '/x')}",
+                                       header_lines(p, t)), close_wait=0.01)       # 400
+    up.reset()
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
