@@ -12,6 +12,7 @@ upstreams check that the real key arrived exactly where the provider expects it.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import configparser
 import glob
 import http.client
@@ -1593,13 +1594,19 @@ def _other_pythons() -> List[Tuple[str, str]]:
         if found:
             candidates.append(found)
     me = os.path.realpath(sys.executable)
-    seen, out = set(), []
-    for exe in candidates:
+
+    def probe(exe: str) -> Optional[subprocess.CompletedProcess]:
         try:
-            cp = subprocess.run([exe, "-c", "import sys, platform; print(platform.python_implementation(), "
-                                 "'%d.%d.%d' % sys.version_info[:3], sys.executable)"],
-                                capture_output=True, text=True, timeout=20)
+            return subprocess.run([exe, "-c", "import sys, platform; print(platform.python_implementation(), "
+                                   "'%d.%d.%d' % sys.version_info[:3], sys.executable)"],
+                                  capture_output=True, text=True, timeout=20)
         except (OSError, subprocess.TimeoutExpired):
+            return None
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        probes = list(pool.map(probe, candidates))
+    seen, out = set(), []
+    for cp in probes:
+        if cp is None:
             continue
         parts = cp.stdout.split()
         if cp.returncode != 0 or len(parts) != 3 or parts[0] != "CPython":
@@ -1624,8 +1631,9 @@ def other_pythons() -> List[Tuple[str, str]]:
 def test_other_pythons_cli_round_trip_and_serve(other_pythons: List[Tuple[str, str]], tmp_path: Path,
                                                 upstreams: Dict[str, FakeUpstream]) -> None:
     print("\nother CPythons:", ", ".join(v for v, _ in other_pythons))
-    failures = []
-    for version, exe in other_pythons:
+
+    def check(version: str, exe: str) -> Optional[str]:
+        """The round trip on one interpreter: None, or what failed."""
         d = tmp_path / version
         d.mkdir()
         env = dict(env_for(upstreams), PYTHONDONTWRITEBYTECODE="1")
@@ -1658,5 +1666,9 @@ def test_other_pythons_cli_round_trip_and_serve(other_pythons: List[Tuple[str, s
             finally:
                 assert b.stop() == 0, b.stderr_text()[-1500:]
         except AssertionError as exc:
-            failures.append(f"Python {version} ({exe}): {exc}")
+            return f"Python {version} ({exe}): {exc}"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(len(other_pythons)) as pool:   # one directory each
+        failures = [f for f in pool.map(lambda vr: check(*vr), other_pythons) if f]
     assert not failures, "\n".join(failures)

@@ -120,16 +120,22 @@ def test_upstream_connection_close_header(broker: Broker, upstream: FakeUpstream
 
 def test_upstream_closes_idle_connection(broker: Broker, upstream: FakeUpstream, pool_db: Broker) -> None:
     """The upstream answers with keep-alive, then drops the idle connection a moment later."""
+    dropped = threading.Semaphore(0)
+
+    def drop(sock: socket.socket) -> None:
+        _shutdown(sock)
+        dropped.release()
+
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         echo(h, req)
-        sock = h.connection
-        threading.Timer(0.1, lambda: _shutdown(sock)).start()
+        threading.Timer(0.1, drop, args=(h.connection,)).start()
     upstream.set_responder(key_checked("openai", respond))
     for i in range(5):
         r = ask(broker, pool_db.tokens["openai"], f"/v1/idle/{i}")
         assert r.status == 200, r.body[:200]
         assert r.json()["path"] == f"/v1/idle/{i}"
-        time.sleep(0.4)
+        assert dropped.acquire(timeout=5), "the upstream did not drop its idle connection"
+        time.sleep(0.05)                     # its FIN reaches the broker's pooled socket
     assert len(upstream.requests) == 5
     assert upstream.accepted == 5
 

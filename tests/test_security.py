@@ -37,7 +37,7 @@ from conftest import (
     BROKER_PY, MASTER_KEY, PROVIDERS, REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, Response,
     TcpRecorder, UpstreamHandler, assert_no_traffic, auth_headers, broker_env, db_bytes,
     error_type_and_message, fresh_token, http_request, key_check_failure, load_broker_module, random_part,
-    requests_to, run_cli, secret_name, wait_until,
+    requests_to, run_cli, secret_name, seed_broker, wait_until,
 )
 from ops_helpers import OPENSSL, make_ca, make_leaf
 from raw_http import RawResponse, raw_exchange, request_bytes
@@ -985,15 +985,16 @@ def run_bounded(argv: List[str], env: Dict[str, str], input: str = "", timeout: 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
 def test_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
-    db = tmp_path / "seks.db"
     env = broker_env(master_key=None)
-    cp = run_cli(db, "secret", "add", "openai-key", "--provider", "openai", input=REAL_KEYS["openai"] + "\n", env=env)
-    assert cp.returncode == 0, cp.stderr
+    db = seed_broker(tmp_path, ("openai",), env=env).db      # the key is in <db>.key, made 0600
     key_file = Path(str(db) + ".key")
     key_file.chmod(mode)
-    for args, stdin in ((["serve", "--host", "127.0.0.1", "--port", "0"], ""),
-                        (["secret", "add", "second", "--provider", "brave"], "test-brave-x\n")):
-        rc, output = run_bounded([sys.executable, str(BROKER_PY), "--db", str(db), *args], env, stdin)
+    commands = ((["serve", "--host", "127.0.0.1", "--port", "0"], ""),
+                (["secret", "add", "second", "--provider", "brave"], "test-brave-x\n"))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda c: run_bounded([sys.executable, str(BROKER_PY), "--db", str(db), *c[0]],
+                                                      env, c[1]), commands))
+    for (args, _), (rc, output) in zip(commands, results):
         assert rc not in (None, 0), f"{args[0]} accepted a key file of mode {mode:04o}: rc={rc} {output[-500:]}"
         assert "chmod 600" in output, f"{args[0]}: message must say how to fix it: {output[-500:]}"
         assert "listening" not in output
