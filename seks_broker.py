@@ -47,12 +47,16 @@ import binascii
 import bisect
 import configparser
 import contextlib
+import copy
 import datetime
+import difflib
+import errno
 import email.message
 import email.utils
 import getpass
 import hashlib
 import hmac
+import http.client
 import http.server
 import json
 import os
@@ -68,6 +72,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
@@ -272,6 +277,7 @@ class BrokerError(SeksError):
 
     status = 500
     kind = "internal_error"
+    detail = ""               # for the operator's log and audit row only (e.g. which upstream)
 
     def __init__(self, message: str = "internal error", headers: Optional[Dict[str, str]] = None,
                  close: bool = False) -> None:
@@ -311,6 +317,16 @@ class UriTooLong(BrokerError):
 
 class RateLimited(BrokerError):
     status, kind = 429, "rate_limited"
+
+
+class Exhausted(BrokerError):
+    """A limit that will not come back (requests or budget spent): 403 and the header the
+    official SDKs read as "do not retry" (a 429 would be retried)."""
+
+    status, kind = 403, "insufficient_quota"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"x-should-retry": "false"})
 
 
 class HeadersTooLarge(BrokerError):
@@ -642,15 +658,15 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
 
 def check_limits(policy: Dict[str, Any], requests_: int, used: int, bucket: Optional[float],
                  bucket_at: Optional[float], now: float) -> Tuple[Optional[float], Optional[float]]:
-    """The counting limits of one request, given the token's counters: raise RateLimited, or
-    return the new token-bucket state. Store.admit runs it inside one write transaction, so
+    """The counting limits of one request, given the token's counters: raise Exhausted (for
+    good) or RateLimited (for now), or return the new token-bucket state. Store.admit runs it inside one write transaction, so
     the same counters are never read twice by concurrent requests, in any process."""
     max_requests = policy.get("max_requests")
     if max_requests is not None and requests_ >= max_requests:
-        raise RateLimited(f"token has used all {max_requests} requests it was minted for")
+        raise Exhausted(f"token has used all {max_requests} requests it was minted for")
     budget = policy.get("budget_tokens")
     if budget is not None and used >= budget:
-        raise RateLimited(f"token budget of {budget} tokens is spent ({used} used)")
+        raise Exhausted(f"token budget of {budget} tokens is spent ({used} used)")
     rate = policy.get("rate")
     if rate is None:
         return bucket, bucket_at
@@ -976,12 +992,16 @@ def audit_mac(key: bytes, values: Tuple[Any, ...], prev_mac: bytes) -> bytes:
     return hmac.digest(key, canonical + b"\x00" + prev_mac, "sha256")
 
 
-def verify_audit_chain(key: bytes, rows: List[AuditRow], anchor: bytes) -> Tuple[bool, str]:
+def verify_audit_chain(key: bytes, rows: List[AuditRow], anchor: bytes,
+                       progress: Optional[Callable[[int], None]] = None) -> Tuple[bool, str]:
     """Walk the chain; report the first row that was edited, inserted, deleted or moved.
-    ``anchor`` is the MAC of the last pruned row (empty if the log was never pruned)."""
+    ``anchor`` is the MAC of the last pruned row (empty if the log was never pruned);
+    ``progress`` (for a terminal) is told every 1000 rows."""
     prev, expected_id = anchor, None
     latest_prune: Optional[Dict[str, Any]] = None
-    for row in rows:
+    for number, row in enumerate(rows, 1):
+        if progress is not None and number % 1000 == 0:
+            progress(1000)
         if expected_id is not None and row.id != expected_id:
             return False, (f"row {row.id}: rows {expected_id}..{row.id - 1} are missing "
                            f"(deleted) or ids were changed")
@@ -1651,7 +1671,16 @@ def _migration_1(db: sqlite3.Connection) -> None:
                        f"BEGIN UPDATE state SET generation = generation + 1 WHERE id = 1; END")
 
 
-MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1]
+def _migration_2(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE tokens ADD COLUMN label TEXT")     # the operator's note (--label)
+
+
+def _migration_3(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE state ADD COLUMN verified TEXT")   # last `audit verify`, as JSON
+
+
+MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2,
+                                                          _migration_3]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
 
 
@@ -1685,9 +1714,20 @@ class Store:
 
     POOL_SIZE = 16
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, create: bool = True) -> None:
+        """Open the database at ``path``; only ``create`` (commands that store something, and
+        serve) may make a new one: a typo in --db must not look like an empty broker."""
         self.path = path
         if path != ":memory:":
+            if not create and not os.path.exists(path):
+                raise ConfigError(f"no database at {os.path.abspath(path)} (give --db or "
+                                  f"$SEKS_DB; 'secret add' creates one)")
+            if os.path.isdir(path):
+                raise ConfigError(f"--db {path} is a folder, not a database file")
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise ConfigError(f"cannot create the database {path}: the folder {folder} "
+                                  f"does not exist")
             create_private_file(path)
         self._pool: List[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -1695,8 +1735,24 @@ class Store:
         self._generation_lock = threading.Lock()
         self._generation_db: Optional[sqlite3.Connection] = None
         self._generation_seen: Optional[Tuple[int, Tuple[int, bytes]]] = None
+        try:
+            with self.connection() as db:
+                self._migrate(db)
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise ConfigError(f"{path} is not a seks-broker database (not sqlite, or "
+                                  f"damaged)") from None
+            raise
+        if path != ":memory:" and not self.is_ours():
+            self.close()
+            raise ConfigError(f"{path} is an sqlite database of something else, not "
+                              f"seks-broker's")
+
+    def is_ours(self) -> bool:
         with self.connection() as db:
-            self._migrate(db)
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        return {"state", "secrets", "tokens", "audit"} <= names
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=DB_BUSY_SECONDS, isolation_level=None,
@@ -1805,7 +1861,8 @@ class Store:
                                   "SEKS_MASTER_KEY or key file?)")
 
     def rekey(self, old: "SecretCipher", new: "SecretCipher", old_audit: bytes,
-              new_audit: bytes, new_check: bytes, force: bool = False) -> int:
+              new_audit: bytes, new_check: bytes, force: bool = False,
+              progress: Callable[[int], None] = lambda done: None) -> int:
         """Re-encrypt every secret and recompute every audit MAC under new keys, atomically;
         the old chain is verified inside the same transaction (no row slips in unchecked).
         The commit is synced before this returns: the caller renames the key file next."""
@@ -1820,6 +1877,7 @@ class Store:
                                       f"nothing was changed") from None
                 db.execute("UPDATE secrets SET ciphertext = ? WHERE name = ?",
                            (new.encrypt(plaintext, ad), name))
+                progress(1)
             anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
             prev = old_prev = bytes(anchor or b"")
             cursor = db.execute(f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit ORDER BY id")
@@ -1834,6 +1892,8 @@ class Store:
                 mac = audit_mac(new_audit, row.values(), prev)
                 updates.append((mac, row.id))
                 prev = mac
+                if len(updates) % 1000 == 0:
+                    progress(1000)
             db.executemany("UPDATE audit SET mac = ? WHERE id = ?", updates)
             db.execute("UPDATE state SET key_check = ? WHERE id = 1", (new_check,))
         return len(rows)
@@ -1841,6 +1901,20 @@ class Store:
     def has_secrets(self) -> bool:
         with self.connection() as db:
             return db.execute("SELECT 1 FROM secrets LIMIT 1").fetchone() is not None
+
+    def has_key_check(self) -> bool:
+        with self.connection() as db:
+            return db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0] is not None
+
+    def counts(self, now: float) -> Dict[str, int]:
+        """What the database holds, for serve's start-up lines and `status`."""
+        with self.connection() as db:
+            one = lambda sql, *args: db.execute(sql, args).fetchone()[0]   # noqa: E731
+            return {"secrets": one("SELECT COUNT(*) FROM secrets"),
+                    "agents": one("SELECT COUNT(*) FROM agents"),
+                    "live_tokens": one("SELECT COUNT(*) FROM tokens WHERE revoked_at IS NULL "
+                                       "AND (expires_at IS NULL OR expires_at > ?)", now),
+                    "audit_rows": one("SELECT COUNT(*) FROM audit")}
 
     # --- secrets ---------------------------------------------------------------------------
     @staticmethod
@@ -1906,21 +1980,41 @@ class Store:
             if not changed:
                 raise ConfigError(f"no agent named {name!r}")
 
+    def remove_agent(self, name: str, force: bool) -> int:
+        """Delete an agent and its tokens (they stop working with it); without ``force``
+        refused while it has live tokens. Returns how many token rows went."""
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
+                raise ConfigError(f"no agent named {name!r}")
+            live = db.execute("SELECT COUNT(*) FROM tokens WHERE agent = ? AND revoked_at IS "
+                              "NULL AND (expires_at IS NULL OR expires_at > ?)",
+                              (name, time.time())).fetchone()[0]
+            if live and not force:
+                raise ConfigError(f"agent {name!r} has {live} live token(s); revoke them, or "
+                                  f"pass --force to remove the agent and its tokens")
+            db.execute("DELETE FROM token_usage WHERE token_id IN (SELECT id FROM tokens "
+                       "WHERE agent = ?)", (name,))
+            gone = db.execute("DELETE FROM tokens WHERE agent = ?", (name,)).rowcount
+            db.execute("DELETE FROM agents WHERE name = ?", (name,))
+            return gone
+
     def list_agents(self) -> List[Tuple[str, str, Optional[str], int]]:
         with self.connection() as db:
             return db.execute(
                 "SELECT a.name, a.created_at, a.disabled_at, "
-                "(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND t.revoked_at IS NULL) "
-                "FROM agents a ORDER BY a.name").fetchall()
+                "(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND t.revoked_at IS NULL "
+                "AND (t.expires_at IS NULL OR t.expires_at > ?)) "
+                "FROM agents a ORDER BY a.name", (time.time(),)).fetchall()
 
     # --- tokens ----------------------------------------------------------------------------
     def add_token(self, token_id: str, token_hash: bytes, secret_name: str, provider: str,
-                  agent: str, expires_at: Optional[float], policy: Dict[str, Any]) -> None:
+                  agent: str, expires_at: Optional[float], policy: Dict[str, Any],
+                  label: Optional[str] = None) -> None:
         with self.transaction() as db:
             db.execute("INSERT INTO tokens (id, token_hash, secret_name, provider, agent, "
-                       "created_at, expires_at, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       "created_at, expires_at, policy, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (token_id, token_hash, secret_name, provider, agent, utc_iso(),
-                        expires_at, json.dumps(policy, sort_keys=True)))
+                        expires_at, json.dumps(policy, sort_keys=True), label))
             db.execute("INSERT INTO token_usage (token_id) VALUES (?)", (token_id,))
 
     def find_token(self, token_hash: bytes) -> Optional["TokenRecord"]:
@@ -1936,15 +2030,43 @@ class Store:
             return None
         return TokenRecord(*row)
 
-    def list_tokens(self) -> List[Tuple[Any, ...]]:
-        with self.connection() as db:
-            return db.execute(
-                "SELECT t.id, t.agent, t.provider, t.secret_name, t.created_at, t.expires_at, "
-                "t.revoked_at, t.policy, u.requests, u.tokens_used "
-                "FROM tokens t LEFT JOIN token_usage u ON u.token_id = t.id "
-                "ORDER BY t.created_at, t.id").fetchall()
+    TOKEN_FIELDS = ("id", "agent", "provider", "secret", "label", "created_at", "expires_at",
+                    "revoked_at", "policy", "requests", "tokens_used", "agent_disabled_at",
+                    "secret_exists")
 
-    def revoke_token(self, token_hash: Optional[bytes], token_id: Optional[str]) -> str:
+    def list_tokens(self) -> List[Dict[str, Any]]:
+        with self.connection() as db:
+            rows = db.execute(
+                "SELECT t.id, t.agent, t.provider, t.secret_name, t.label, t.created_at, "
+                "t.expires_at, t.revoked_at, t.policy, COALESCE(u.requests, 0), "
+                "COALESCE(u.tokens_used, 0), a.disabled_at, s.name IS NOT NULL "
+                "FROM tokens t LEFT JOIN token_usage u ON u.token_id = t.id "
+                "LEFT JOIN agents a ON a.name = t.agent "
+                "LEFT JOIN secrets s ON s.name = t.secret_name "
+                "ORDER BY t.created_at, t.id").fetchall()
+        tokens = [dict(zip(self.TOKEN_FIELDS, row)) for row in rows]
+        for token in tokens:
+            token["policy"] = json.loads(token["policy"] or "{}")
+            token["secret_exists"] = bool(token["secret_exists"])
+        return tokens
+
+    def prune_tokens(self, before: float) -> int:
+        """Delete revoked and expired tokens whose end is older than ``before`` (unix time);
+        their audit rows stay. Returns how many went."""
+        cutoff = utc_iso(before)
+        with self.transaction() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM tokens WHERE (revoked_at IS NOT NULL AND revoked_at < ?) OR "
+                "(revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at < ?)",
+                (cutoff, before))]
+            for token_id in ids:
+                db.execute("DELETE FROM token_usage WHERE token_id = ?", (token_id,))
+                db.execute("DELETE FROM tokens WHERE id = ?", (token_id,))
+            return len(ids)
+
+    def revoke_token(self, token_hash: Optional[bytes],
+                     token_id: Optional[str]) -> Tuple[str, Optional[str]]:
+        """Revoke a token by digest or id: its id, and when it was revoked before (or None)."""
         with self.transaction() as db:
             if token_hash is not None:
                 row = db.execute("SELECT id, revoked_at FROM tokens WHERE token_hash = ?",
@@ -1956,7 +2078,7 @@ class Store:
                 raise ConfigError("no such token")
             if row[1] is None:
                 db.execute("UPDATE tokens SET revoked_at = ? WHERE id = ?", (utc_iso(), row[0]))
-            return row[0]
+            return row[0], row[1]
 
     # --- policy counters -------------------------------------------------------------------
     def admit(self, token_id: str, policy: Dict[str, Any], now: float) -> None:
@@ -2018,12 +2140,29 @@ class Store:
         with self.connection() as db:
             return db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
 
+    def record_verify(self, outcome: Dict[str, Any]) -> None:
+        """Remember the last `audit verify` (for `status`): when, whether it passed, the head."""
+        with self.transaction() as db:
+            db.execute("UPDATE state SET verified = ? WHERE id = 1",
+                       (json.dumps(outcome, sort_keys=True),))
+
+    def last_verify(self) -> Optional[Dict[str, Any]]:
+        with self.connection() as db:
+            text = db.execute("SELECT verified FROM state WHERE id = 1").fetchone()[0]
+        return json.loads(text) if text else None
+
+    def query(self, sql: str, params: Tuple[Any, ...] = ()) -> List[Tuple[Any, ...]]:
+        """A read-only SELECT for the CLI's summaries (`status`)."""
+        with self.connection() as db:
+            return db.execute(sql, params).fetchall()
+
     def audit_anchor(self) -> bytes:
         with self.connection() as db:
             anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
         return bytes(anchor or b"")
 
-    def prune_audit(self, key: bytes, before_ts: str, check: bytes) -> int:
+    def prune_audit(self, key: bytes, before_ts: str, check: bytes,
+                    progress: Callable[[int, int], None] = lambda done, total: None) -> int:
         """Delete rows older than ``before_ts`` and append a chained 'prune' row that records
         the anchor (last deleted row's id and MAC), so the rest still verifies."""
         with self.transaction() as db:
@@ -2033,7 +2172,14 @@ class Store:
             if last is None:
                 return 0
             anchor_id, anchor_mac = last[0], bytes(last[1])
-            deleted = db.execute("DELETE FROM audit WHERE id <= ?", (anchor_id,)).rowcount
+            first = db.execute("SELECT COALESCE(MIN(id), 0) FROM audit").fetchone()[0]
+            deleted, done = 0, first - 1
+            while done < anchor_id:                 # in batches, for progress; one transaction
+                upto = min(done + 10000, anchor_id)
+                deleted += db.execute("DELETE FROM audit WHERE id > ? AND id <= ?",
+                                      (done, upto)).rowcount
+                progress(upto - done, anchor_id - first + 1)
+                done = upto
             db.execute("UPDATE state SET audit_anchor = ?, audit_anchor_id = ? WHERE id = 1",
                        (anchor_mac, anchor_id))
             row = AuditRow(ts=utc_iso(), outcome="prune", reason=json.dumps(
@@ -2044,8 +2190,9 @@ class Store:
 
     def usage_rows(self, where: str, params: Tuple[Any, ...]) -> List[Tuple[Any, ...]]:
         sql = ("SELECT agent, provider, COALESCE(model, ''), COUNT(*), "
-               "COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0) FROM audit "
-               "WHERE outcome = 'ok'" + (f" AND {where}" if where else "")
+               "COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0), "
+               "SUM(CASE WHEN model IS NOT NULL AND tokens_in IS NULL AND tokens_out IS NULL "
+               "THEN 1 ELSE 0 END) FROM audit WHERE outcome = 'ok'" + (f" AND {where}" if where else "")
                + " GROUP BY agent, provider, COALESCE(model, '') ORDER BY agent, provider, 3")
         with self.connection() as db:
             return db.execute(sql, params).fetchall()
@@ -3169,7 +3316,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     def answer_error(self, exc: BrokerError, ex: Exchange) -> None:
         ex.outcome = "denied" if exc.status in (401, 403, 429) else "error"
-        ex.reason = ex.reason or exc.message
+        ex.reason = ex.reason or " ".join(filter(None, (exc.message, exc.detail)))
         with contextlib.suppress(ConnectionCut):
             if self.writer.error(exc, self.error_style):
                 ex.status = exc.status
@@ -3223,6 +3370,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             writer.close = writer.close or request_has_body(head.fields)
             writer.answer(200, [("Content-Type", "application/json")],
                           b'{"status":"ok"}' if head.method == "GET" else b"")
+            return
+        if path == "/seks/v1/token" and head.method == "GET":
+            self.introspect(head, ex)
             return
         if not broker.audit_ok:               # fail closed: no unaudited use while it is broken
             raise Unavailable("the broker cannot write its audit log; requests are refused "
@@ -3282,6 +3432,22 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             rewrite = lambda data: rewrite_gateway_url(data, ws_base)      # noqa: E731
         answer = broker.forward(target, head.method, headers, body)
         self.relay(head, answer, provider, route_prefix, ex, rewrite)
+
+    def introspect(self, head: RequestHead, ex: Exchange) -> None:
+        """GET /seks/v1/token: the presented token's own id, agent, provider and expiry, so
+        a tool (`run`) can tell that this broker serves its database. Nothing else."""
+        value = head.get("authorization") or ""
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("send the token as 'Authorization: Bearer <token>'")
+        record, _, _ = self.server.broker.tokens.lookup(token.strip())
+        if record is None:
+            raise AuthError("unknown token")
+        check_token(record, record.provider, time.time())
+        ex.outcome, ex.status = "health", 200
+        self.writer.answer(200, [("Content-Type", "application/json")], json.dumps({
+            "token_id": record.id, "agent": record.agent, "provider": record.provider,
+            "expires_at": record.expires_at}).encode())
 
     def relay(self, head: RequestHead, answer: UpstreamAnswer, provider: Provider,
               route_prefix: str, ex: Exchange,
@@ -3828,10 +3994,11 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
                               + f"\n(run: seks_broker.py config check {path})")
     for spec in SETTINGS:
         if spec.env in environ and environ[spec.env].strip() != "":
-            setattr(settings, spec.name, parse_setting(spec, environ[spec.env]))
+            setattr(settings, spec.name, parse_named(spec, environ[spec.env], "$" + spec.env))
     for name, value in flags.items():
         if value is not None:
-            setattr(settings, name, parse_setting(SETTINGS_BY_NAME[name], value))
+            spec = SETTINGS_BY_NAME[name]
+            setattr(settings, name, parse_named(spec, value, spec.flag))
     for name, value in environ.items():
         if name.startswith("SEKS_UPSTREAM_") and name not in ("SEKS_UPSTREAM_CA",
                                                                "SEKS_UPSTREAM_TIMEOUT") and value:
@@ -3844,6 +4011,14 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
     if problem:
         raise ConfigError(problem)
     return settings
+
+
+def parse_named(spec: SettingSpec, value: Any, source: str) -> Any:
+    """parse_setting, with errors naming where the value came from (--port, $SEKS_PORT)."""
+    try:
+        return parse_setting(spec, value)
+    except ConfigError as exc:
+        raise ConfigError(source + str(exc)[len(spec.name):]) from None
 
 
 def settings_problem(settings: Settings) -> str:
@@ -4005,6 +4180,44 @@ def clean_count(value: Optional[int]) -> Optional[int]:
     return None if value is None else max(0, min(int(value), 2 ** 62))
 
 
+def upstream_failure(exc: BaseException) -> Tuple[type, str]:
+    """Why an upstream could not be reached, in a few fixed words (never its text)."""
+    if isinstance(exc, socket.timeout):
+        return UpstreamTimeout, "timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return UpstreamError, "TLS certificate verification failed"
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError, "TLS handshake failed"
+    if isinstance(exc, socket.gaierror):
+        return UpstreamError, "DNS lookup failed (unknown host)"
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamError, "refused the connection"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return UpstreamError, "reset the connection"
+    if isinstance(exc, UpstreamFraming):
+        return UpstreamError, "sent a malformed answer or closed the connection"
+    return UpstreamError, "unreachable (network error)"
+
+
+REAL_KEY_SHAPES = (          # (pattern, what it looks like): hints for a key sent as a token
+    (re.compile(r"^sk-ant-"), "an Anthropic API key"),
+    (re.compile(r"^sk-(proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"), "an OpenAI API key"),
+    (re.compile(r"^gsk_[A-Za-z0-9]{20,}"), "a Groq API key"),
+    (re.compile(r"^AIza[0-9A-Za-z_-]{30,}"), "a Google API key"),
+    (re.compile(r"^(ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}|^github_pat_"), "a GitHub token"),
+    (re.compile(r"^(secret_|ntn_)[A-Za-z0-9]{30,}"), "a Notion token"),
+    (re.compile(r"^[0-9]{5,12}:[A-Za-z0-9_-]{30,}"), "a Telegram bot token"),
+    (re.compile(r"^BSA[A-Za-z0-9_-]{20,}"), "a Brave Search key"),
+)
+
+
+def real_key_kind(presented: str) -> str:
+    """What a presented credential that is not a seks token looks like ("" if nothing)."""
+    if presented.startswith("seks_"):
+        return ""
+    return next((kind for pattern, kind in REAL_KEY_SHAPES if pattern.match(presented)), "")
+
+
 class Broker:
     """The running broker: providers, token cache, upstream pool, audit, metrics, logging.
     One instance per process, shared by all handler threads."""
@@ -4048,8 +4261,17 @@ class Broker:
         name, sep, rest = path[1:].partition("/")
         provider = self.routes.get(name)
         if provider is None:
-            shown = name if PROVIDER_NAME_RE.match(name) else "?"
-            raise NotFound(f"unknown provider '{shown}'")
+            example = "/openai/v1/chat/completions"
+            if not name:
+                raise NotFound(f"this is seks-broker: send requests to /<provider>/<API path>, "
+                               f"e.g. {example}; providers: {', '.join(sorted(self.providers))}")
+            if not PROVIDER_NAME_RE.match(name):
+                raise NotFound(f"unknown provider (paths start with /<provider>/, e.g. "
+                               f"{example})")
+            close = difflib.get_close_matches(name, list(self.routes), n=1, cutoff=0.6)
+            raise NotFound(f"unknown provider '{name}'" + (
+                f"; did you mean '{close[0]}' (/{close[0]}/...)?" if close else
+                f"; providers: {', '.join(sorted(self.providers))}"))
         return provider, "/" + rest if sep else "/", f"{alias}/{name}"
 
     def authenticate(self, token: str, provider: Provider,
@@ -4060,6 +4282,11 @@ class Broker:
         record, key, pairs = self.tokens.lookup(token)
         if record is None:
             ex.reason = "unknown token " + self.fingerprint(token)
+            kind = real_key_kind(token)
+            if kind:
+                raise AuthError(f"unknown token: this looks like {kind}, not a seks token. "
+                                f"Real keys stay with the broker ('secret add'); give the agent "
+                                f"a token from 'token mint' or start it with 'run'")
         else:
             ex.agent, ex.token_id, ex.secret = record.agent, record.id, record.secret_name
         check_token(record, provider.name, time.time())
@@ -4095,12 +4322,11 @@ class Broker:
             answer = self.opener.open(UpstreamRequest(target, method, headers, body))
         except (BrokerError, ConnectionCut):
             raise
-        except socket.timeout:
-            raise UpstreamTimeout("upstream timed out") from None
-        except ssl.SSLError:
-            raise UpstreamError("TLS to the upstream failed") from None
-        except (OSError, UpstreamFraming):
-            raise UpstreamError("upstream unreachable or closed the connection") from None
+        except (OSError, UpstreamFraming) as exc:
+            kind, cause = upstream_failure(exc)
+            error = kind(f"upstream {cause}")     # the agent: the cause, not the host
+            error.detail = f"({target!r})"
+            raise error from None
         assert isinstance(answer, UpstreamAnswer)
         return answer
 
@@ -4360,24 +4586,130 @@ def agent_tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
     try:
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS certificate/key: {exc}") from None
+        for flag, path in (("--tls-cert", settings.tls_cert), ("--tls-key", settings.tls_key)):
+            if not os.path.isfile(path):
+                raise ConfigError(f"{flag} {path}: no such file") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            getattr(exc, "reason", None) or "not a PEM certificate and matching key"
+        raise ConfigError(f"cannot load --tls-cert {settings.tls_cert} with --tls-key "
+                          f"{settings.tls_key}: {reason}") from None
     return context
 
 
-def serve(settings: Settings, store: Store, master_key: bytes,
-          providers: Dict[str, Provider], worker: int = 0,
-          on_ready: Optional[Callable[[int], None]] = None) -> int:
-    """Run one broker process until SIGTERM/SIGINT, then drain for up to ``grace`` seconds."""
-    threading.stack_size(THREAD_STACK_BYTES)
-    disable_core_dumps()
+def listen(address: Tuple[str, int], broker: Broker, tls: Optional[ssl.SSLContext],
+           reuse_port: bool = False) -> BrokerServer:
+    """Bind the agent port; a failure names the address and the flag that changes it."""
+    host, port = address
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return BrokerServer(address, broker, tls, reuse_port)
+    except socket.gaierror:
+        raise ConfigError(f"--host {host}: no such host name or address") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"{shown} is already in use (another broker?); choose another "
+                              f"port with --port (or stop what listens there)") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"cannot listen on {host}: not an address of this machine "
+                              f"(--host)") from None
+        if exc.errno == errno.EACCES:
+            raise ConfigError(f"no permission to listen on {shown} (ports below 1024 need "
+                              f"privileges); choose another with --port") from None
+        raise ConfigError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+
+
+def startup_report(settings: Settings, store: Store, providers: Dict[str, Provider]) -> None:
+    """What the operator should know before the first request: which database (and what it
+    holds), upstream overrides, and settings that expose keys or tokens."""
+    counts = store.counts(time.time())
+    lines = [f"database {os.path.abspath(settings.db)}: {counts['secrets']} secret(s), "
+             f"{counts['live_tokens']} live token(s), {counts['agents']} agent(s)"]
+    if not counts["secrets"]:
+        lines.append(f"warning: this database holds no secrets, so every agent gets 'unknown "
+                     f"token'. Wrong folder or --db? Otherwise store a key: {prog()} --db "
+                     f"{settings.db} secret add NAME --provider openai")
+    for name, url in sorted(settings.upstreams.items()):
+        if name in providers:
+            lines.append(f"upstream override: {name} -> {url}")
+    if settings.discord_gateway != Settings().discord_gateway:
+        lines.append(f"upstream override: discord gateway -> {settings.discord_gateway}")
+    if settings.host in ("0.0.0.0", "::", "") and not settings.tls_cert:
+        lines.append("warning: plain HTTP on all interfaces: tokens cross the network "
+                     "unencrypted; use --tls-cert/--tls-key, or --host 127.0.0.1")
+    for line in lines:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def guard_key_file(broker: Broker, key_path: str, master_key: bytes,
+                   stopping: threading.Event) -> None:
+    """While serving: if the key file disappears, say so loudly and write it again from
+    memory (0600), unless the database moved to another key meanwhile (a rotation)."""
+    check = derive_key(master_key, "key-check")
+    while not stopping.wait(2.0):
+        if os.path.exists(key_path):
+            continue
+        try:
+            broker.store.check_master_key(check)
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(base64.urlsafe_b64encode(master_key).decode() + "\n")
+            broker.log("error", "key-file", message=f"the master key file {key_path} was "
+                       f"deleted; it was written again from this broker's memory. Without it "
+                       f"the secrets cannot be decrypted: keep a copy somewhere safe")
+        except (ConfigError, OSError, sqlite3.Error):
+            broker.log("error", "key-file", message=f"the master key file {key_path} is "
+                       f"missing and could not be restored; do not stop this broker before "
+                       f"the key is restored or SEKS_MASTER_KEY is set")
+            return
+
+
+def open_broker(settings: Settings, store: Store, master_key: bytes,
+                providers: Dict[str, Provider],
+                worker: int = 0) -> Tuple[Broker, List[BrokerServer], Optional[AdminServer]]:
+    """The broker and its listeners: the agent port (and [::1] beside 127.0.0.1, so
+    'localhost' works either way), plus the admin port if set."""
     broker = Broker(settings, store, master_key, providers)
-    server = BrokerServer((settings.host, settings.port), broker, agent_tls_context(settings),
-                          reuse_port=settings.workers > 1)
+    tls = agent_tls_context(settings)
+    server = listen((settings.host, settings.port), broker, tls,
+                    reuse_port=settings.workers > 1)
+    servers = [server]
+    if settings.host in ("127.0.0.1", "localhost") and settings.workers <= 1 and socket.has_ipv6:
+        with contextlib.suppress(OSError):          # no IPv6 here, or ::1 taken: IPv4 only
+            servers.append(BrokerServer(("::1", server.server_address[1]), broker, tls))
     admin = None
     if settings.admin_port >= 0:
         admin_port = settings.admin_port + max(worker - 1, 0) if settings.admin_port else 0
         admin = AdminServer((settings.admin_host, admin_port), broker, server)
         threading.Thread(target=admin.serve_forever, daemon=True).start()
+    for extra in servers[1:]:
+        threading.Thread(target=extra.serve_forever, kwargs={"poll_interval": 0.2},
+                         daemon=True).start()
+    return broker, servers, admin
+
+
+def close_broker(broker: Broker, servers: List[BrokerServer], admin: Optional[AdminServer],
+                 grace: float, stop_now: threading.Event) -> None:
+    for server in servers[1:]:
+        server.shutdown()
+    for server in servers:
+        server.socket.close()                 # stop accepting: new connections are refused
+    drain(broker, grace, stop_now)
+    if admin is not None:
+        admin.shutdown()
+    broker.pool.close()
+
+
+def serve(settings: Settings, store: Store, master_key: bytes,
+          providers: Dict[str, Provider], worker: int = 0,
+          on_ready: Optional[Callable[[int], None]] = None, key_path: str = "") -> int:
+    """Run one broker process until SIGTERM/SIGINT, then drain for up to ``grace`` seconds."""
+    threading.stack_size(THREAD_STACK_BYTES)
+    disable_core_dumps()
+    broker, servers, admin = open_broker(settings, store, master_key, providers, worker)
+    server = servers[0]
+    if not worker and on_ready is None:           # demo prints its own
+        startup_report(settings, store, providers)
     for name in settings.insecure_upstream:
         broker.log("warning", "insecure-upstream", message=f"TLS certificate verification is "
                    f"OFF for provider {name}: anyone on the path can read its real key")
@@ -4385,6 +4717,8 @@ def serve(settings: Settings, store: Store, master_key: bytes,
     shown = f"[{host}]" if ":" in host else host
     scheme = "https" if server.tls else "http"
     ready = f"seks-broker listening on {scheme}://{shown}:{port}"
+    if len(servers) > 1:
+        ready += f" and {scheme}://[::1]:{port}"
     if admin is not None:
         ready += f" (admin on http://{settings.admin_host}:{admin.server_address[1]})"
     if worker:
@@ -4396,7 +4730,10 @@ def serve(settings: Settings, store: Store, master_key: bytes,
     if on_ready is not None:
         on_ready(port)
 
-    stop_now = threading.Event()
+    stop_now, stopping = threading.Event(), threading.Event()
+    if key_path and worker <= 1:
+        threading.Thread(target=guard_key_file, args=(broker, key_path, master_key, stopping),
+                         daemon=True).start()
 
     def stop(signum: int, frame: Any) -> None:
         if broker.draining:                   # a second Ctrl-C (or SIGTERM): stop at once
@@ -4412,11 +4749,8 @@ def serve(settings: Settings, store: Store, master_key: bytes,
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
-        server.socket.close()                 # stop accepting: new connections are refused
-        drain(broker, settings.grace, stop_now)
-        if admin is not None:
-            admin.shutdown()
-        broker.pool.close()
+        stopping.set()
+        close_broker(broker, servers, admin, settings.grace, stop_now)
     return 0
 
 
@@ -4504,20 +4838,6 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
 # 12. CLI: argparse sub-commands and main()
 # ============================================================================================
 
-class CliParser(argparse.ArgumentParser):
-    """argparse that never echoes an argument it refuses (unrecognised, or an invalid choice
-    or value): it might be a pasted secret."""
-
-    def error(self, message: str) -> "NoReturn":
-        if "unrecognized arguments" in message:
-            message = "unrecognized arguments (not shown, in case they hold a secret)"
-        message = re.sub(r"invalid (\w+ )?(choice|value): '.*?'( \(choose from[^)]*\))?",
-                         r"invalid \1\2 (not shown, in case it holds a secret)\3", message,
-                         flags=re.S)
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_ttl(text: str) -> int:
     match = TTL_RE.match(text.strip())
     if not match or int(match.group(1)) == 0:
@@ -4539,9 +4859,11 @@ def decode_master_key(text: str, source: str) -> bytes:
     return key
 
 
-def load_master_key(db_path: str, environ: Dict[str, str], store: Store) -> bytes:
-    """The master key from $SEKS_MASTER_KEY or ``<db>.key`` (created 0600 on first use; refused
-    if group or others can read it). Finishes a key rotation that died after its commit."""
+def load_master_key(db_path: str, environ: Dict[str, str], store: Store,
+                    create: bool = True) -> bytes:
+    """The master key from $SEKS_MASTER_KEY or ``<db>.key`` (created 0600 on first use, by
+    commands that may ``create``; refused if group or others can read it), checked against
+    the database. Finishes a key rotation that died after its commit."""
     text = environ.get("SEKS_MASTER_KEY", "").strip()
     if text:
         key = decode_master_key(text, "SEKS_MASTER_KEY")
@@ -4551,10 +4873,12 @@ def load_master_key(db_path: str, environ: Dict[str, str], store: Store) -> byte
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        if store.has_secrets():
-            raise ConfigError(f"this database holds secrets but its key file {path} is "
-                              f"missing; restore it or set SEKS_MASTER_KEY") from None
+        if store.has_secrets() or store.has_key_check():
+            raise ConfigError(f"the key file {path} of this database is missing; restore it "
+                              f"from your backup or set SEKS_MASTER_KEY") from None
         key = secrets.token_bytes(32)
+        if not create:                        # nothing encrypted yet: nothing to check
+            return key
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(base64.urlsafe_b64encode(key).decode() + "\n")
@@ -4591,132 +4915,401 @@ def print_table(headers: List[str], rows: List[List[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
-def read_secret_value(name: str) -> str:
-    if sys.stdin is not None and sys.stdin.isatty():
-        value = getpass.getpass(f"Value for secret {name} (input hidden): ")
-    else:
-        value = sys.stdin.read() if sys.stdin is not None else ""
-    return value.strip()
+def prog() -> str:
+    """How the operator ran this program, for hints: ``seks-broker`` after ``pip install .``,
+    else ``python3 seks_broker.py`` (the path as typed)."""
+    name = os.path.basename(sys.argv[0] or "")
+    if name and not name.endswith(".py") and name != "__main__.py" and "python" not in name:
+        return name
+    return "python3 " + (sys.argv[0] if (sys.argv[0] or "").endswith(".py") else "seks_broker.py")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = CliParser(prog="seks_broker.py",
-                       description="Credential broker for AI agents: agents hold fake tokens, "
-                                   "the broker injects real keys.")
-    parser.add_argument("--version", action="version", version=f"seks-broker {__version__}")
-    parser.add_argument("--db", help="database path (default: $SEKS_DB, the config file's "
-                                      "[server] db, or ./seks.db)")
-    parser.add_argument("--config", help="config file (INI; default: $SEKS_CONFIG)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
-    sub.required = True
+class CliParser(argparse.ArgumentParser):
+    """argparse that never echoes an argument it refuses (unrecognised, or an invalid choice
+    or value): it might be a pasted secret. A mistyped command gets the closest real one."""
 
-    p = sub.add_parser("serve", help="run the broker")
-    for spec in SETTINGS:
-        if spec.name == "db":
-            continue
-        if spec.kind == "bool" and spec.default is False:
-            p.add_argument(spec.flag, dest=spec.name, action="store_const", const="true",
-                           help=spec.help)
-        elif spec.kind == "bool":
-            p.add_argument("--no-" + spec.flag[2:], dest=spec.name, action="store_const",
-                           const="false", help=spec.help)
-        elif spec.kind == "list":
-            p.add_argument(spec.flag, dest=spec.name, action="append", metavar="NAME",
-                           help=spec.help + " (repeatable)")
-        else:
-            p.add_argument(spec.flag, dest=spec.name, metavar=spec.kind.split(":")[0].upper(),
-                           help=spec.help)
+    def error(self, message: str) -> "NoReturn":
+        if "unrecognized arguments" in message:
+            message = "unrecognized arguments (not shown, in case they hold a secret)"
+        match = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)", message, re.S)
+        hint = ""
+        if match:
+            choices = [c.strip(" '") for c in match.group(2).split(",")]
+            close = difflib.get_close_matches(match.group(1), choices, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+        message = re.sub(r"invalid (\w+ )?(choice|value): '?.*?'?( \(choose from.*\))?\Z",
+                         r"invalid \1\2 (not shown, in case it holds a secret)\3", message,
+                         flags=re.S) + hint
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
-    p = sub.add_parser("demo", help="try it without a real key: the broker in front of a "
-                                    "built-in fake OpenAI upstream, in a throwaway database")
-    p.add_argument("--host", default=DEFAULT_HOST, help="listen address (default %(default)s)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="listen port (default "
-                                                                   "%(default)s; 0: any free one)")
 
-    p = sub.add_parser("config", help="check a config file")
-    csub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
-    csub.required = True
-    q = csub.add_parser("check", help="validate a config file, explaining each error with its line")
-    q.add_argument("path")
+class CliFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with the epilog's examples kept as written."""
 
-    p = sub.add_parser("backup", help="online, consistent copy of the DB (0600; not the key)")
-    p.add_argument("path")
-    p = sub.add_parser("rotate-master-key",
-                       help="re-encrypt every secret and re-key the audit chain under a new key")
-    p.add_argument("--force", action="store_true",
-                   help="rotate even if the audit chain does not verify (it is re-keyed as is)")
 
-    p = sub.add_parser("secret", help="store, list and remove real keys")
-    ssub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
-    ssub.required = True
-    q = ssub.add_parser("add", help="store a real key (value from stdin or a hidden prompt)")
-    q.add_argument("name")
-    q.add_argument("--provider", required=True)
-    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
-    q = ssub.add_parser("rotate", help="replace a secret's value; its tokens keep working")
-    q.add_argument("name")
-    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
-    ssub.add_parser("list", help="names, providers and dates (never values)")
-    q = ssub.add_parser("rm", help="delete a secret and revoke its tokens")
-    q.add_argument("name")
+def examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join("  " + line.replace("PROG", prog()) for line in lines)
 
-    p = sub.add_parser("token", help="mint, list and revoke fake tokens")
-    tsub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
-    tsub.required = True
-    q = tsub.add_parser("mint", help="print a new token for an agent")
-    q.add_argument("--secret", required=True)
-    q.add_argument("--agent", required=True)
-    q.add_argument("--ttl", help="lifetime such as 30m, 12h, 7d (default: no expiry)")
+
+def setting_help(spec: SettingSpec) -> str:
+    default = spec.default
+    shown = ("none" if default in ("", [], None, -1) else
+             "off" if default is False else str(default))
+    return (f"{spec.help} (default: {shown}; env {spec.env}; config [{spec.section}] "
+            f"{spec.key})").replace("%", "%%")
+
+
+TOKEN_FORMATS = ("token", "shell", "dotenv", "env", "json")
+TOKEN_STATES = ("active", "exhausted", "expired", "revoked", "agent-disabled", "secret-removed")
+
+
+def add_token_flags(q: argparse.ArgumentParser, ttl_help: str) -> None:
+    """The policy flags of `token mint`, shared with `run`."""
+    q.add_argument("--ttl", help=ttl_help)
     q.add_argument("--allow-method", action="append", metavar="METHOD",
                    help="allow only this HTTP method (repeatable)")
     q.add_argument("--allow-path", action="append", metavar="PREFIX",
                    help="allow only paths under this prefix (repeatable)")
     q.add_argument("--rate", metavar="N/UNIT", help="token bucket, e.g. 60/m (429 past it)")
-    q.add_argument("--max-requests", type=int, metavar="N", help="lifetime request limit")
+    q.add_argument("--max-requests", type=int, metavar="N",
+                   help="lifetime request limit (403, not retried, past it)")
     q.add_argument("--models", metavar="M1,M2", help="LLM models this token may use")
     q.add_argument("--budget-tokens", type=int, metavar="N",
-                   help="LLM tokens (input + output) this token may spend")
-    q.add_argument("--format", choices=["token", "env"], default="token",
-                   help="token: the token alone; env: the variables the provider's SDK reads")
-    tsub.add_parser("list", help="tokens with agent, provider, dates, policy and status")
-    q = tsub.add_parser("revoke", help="revoke a token (give the token or its id)")
+                   help="LLM tokens (input + output) this token may spend (403 once spent)")
+    q.add_argument("--label", help="a note shown in token list (e.g. what the token is for)")
+
+
+def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+    """The parser, and each sub-command's parser by name ("token mint"), for usage hints."""
+    parser = CliParser(prog=prog(), formatter_class=CliFormatter,
+                       description="Credential broker for AI agents: agents hold fake tokens, "
+                                   "the broker injects real keys.",
+                       epilog=examples("PROG demo                      # try it, no real key needed",
+                                       "PROG secret add openai-main --provider openai",
+                                       "PROG run --agent bot --secret openai-main -- python3 agent.py",
+                                       "PROG serve                     # the broker, for agents "
+                                       "started elsewhere"))
+    parser.add_argument("--version", action="version", version=f"seks-broker {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    for parent_level in (parser, common):
+        default = None if parent_level is parser else argparse.SUPPRESS
+        parent_level.add_argument("--db", default=default, help=(
+            "database path (default: $SEKS_DB, the config file's [server] db, or ./seks.db)"))
+        parent_level.add_argument("--config", default=default,
+                                  help="config file (INI; default: $SEKS_CONFIG)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
+    sub.required = True
+    leaves: Dict[str, argparse.ArgumentParser] = {}
+
+    def command(name: str, text: str, *example_lines: str,
+                under: Any = None, path: str = "") -> argparse.ArgumentParser:
+        where = under if under is not None else sub
+        leaf = where.add_parser(name, help=text, description=text, parents=[common],
+                                formatter_class=CliFormatter,
+                                epilog=examples(*example_lines) if example_lines else None)
+        leaves[(path + " " + name).strip()] = leaf
+        return leaf
+
+    def group(name: str, text: str, required: bool = True) -> Any:
+        p = sub.add_parser(name, help=text, description=text, formatter_class=CliFormatter)
+        leaves[name] = p
+        actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
+        actions.required = required
+        return actions
+
+    p = command("serve", "run the broker for agents (creates the database on first use)",
+                "PROG serve", "PROG serve --port 9000 --admin-port 9100",
+                "PROG --db /srv/seks/seks.db serve --host 0.0.0.0 --tls-cert c.pem --tls-key k.pem")
+    for spec in SETTINGS:
+        if spec.name == "db":
+            continue
+        if spec.kind == "bool" and spec.default is False:
+            p.add_argument(spec.flag, dest=spec.name, action="store_const", const="true",
+                           help=setting_help(spec))
+        elif spec.kind == "bool":
+            p.add_argument("--no-" + spec.flag[2:], dest=spec.name, action="store_const",
+                           const="false", help=setting_help(spec))
+        elif spec.kind == "list":
+            p.add_argument(spec.flag, dest=spec.name, action="append", metavar="NAME",
+                           help=setting_help(spec) + " (repeatable)")
+        else:
+            p.add_argument(spec.flag, dest=spec.name, metavar=spec.kind.split(":")[0].upper(),
+                           help=setting_help(spec))
+
+    p = command("demo", "try it without a real key: the broker in front of a built-in fake "
+                "OpenAI upstream, in a throwaway database", "PROG demo", "PROG demo --port 0")
+    p.add_argument("--host", default=DEFAULT_HOST, help="listen address (default %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="listen port (default %(default)s; 0: any free one)")
+
+    p = command("run", "run a command with short-lived tokens in its environment and no real "
+                "key; the tokens are revoked when it ends",
+                "PROG run --agent bot --secret openai-main -- python3 agent.py",
+                "PROG run --agent bot --secret openai-main --secret claude --budget-tokens "
+                "200000 -- ./agent.sh",
+                "PROG run --agent ci --secret gh --allow-method GET --ttl 30m -- make check")
+    p.add_argument("--agent", required=True, help="the agent the tokens belong to (created "
+                                                  "if new)")
+    p.add_argument("--secret", action="append", required=True, metavar="NAME",
+                   help="a stored secret to mint a token for (repeatable, one per provider)")
+    p.add_argument("--url", help="a running broker to use (default: the configured address if "
+                                 "a broker serving this database answers there, else one "
+                                 "started in this process on a free loopback port)")
+    add_token_flags(p, "bound the tokens' lifetime, e.g. 30m (default: 24h, and revoked as "
+                       "soon as the command ends)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+
+    command("status", "one screen for the operator: broker, agents, traffic, budgets, "
+            "denials, audit chain", "PROG status", "PROG status --json --url http://127.0.0.1:9000")
+    leaves["status"].add_argument("--json", action="store_true", help="one JSON object")
+    leaves["status"].add_argument("--url", help="where the broker listens (default: the "
+                                               "configured address)")
+    command("providers", "each route, its upstream and where its credentials go",
+            "PROG providers", "PROG --config seks.ini providers --json"
+            ).add_argument("--json", action="store_true", help="JSON lines")
+
+    actions = group("config", "check a config file")
+    command("check", "validate a config file, explaining each error with its line",
+            "PROG config check seks.ini", under=actions, path="config").add_argument("path")
+
+    command("backup", "online, consistent copy of the DB (0600; not the key)",
+            "PROG backup /safe/place/seks-2026-12-03.db").add_argument("path")
+    command("rotate-master-key", "re-encrypt every secret and re-key the audit chain under a "
+            "new key", "PROG rotate-master-key").add_argument(
+        "--force", action="store_true",
+        help="rotate even if the audit chain does not verify (it is re-keyed as is)")
+
+    actions = group("secret", "store, list and remove real keys")
+    q = command("add", "store a real key; the value is read from a hidden prompt on a "
+                "terminal, else from stdin (never from the command line, where ps shows it)",
+                "PROG secret add openai-main --provider openai      # prompts, input hidden",
+                "printf %s \"$OPENAI_KEY\" | PROG secret add openai-main --provider openai",
+                "providers: " + ", ".join(sorted(builtin_providers())) + " (and custom ones "
+                "from the config file)",
+                under=actions, path="secret")
+    q.add_argument("name", help="a name for it (letters, digits, '.', '_', '-')")
+    q.add_argument("--provider", required=True, help="which API it is for (see 'providers')")
+    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
+    q = command("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep "
+                "working", "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main",
+                under=actions, path="secret")
+    q.add_argument("name")
+    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
+    command("list", "names, providers and dates (never values)", "PROG secret list",
+            under=actions, path="secret")
+    command("rm", "delete a secret and revoke its tokens", "PROG secret rm openai-old",
+            under=actions, path="secret").add_argument("name")
+
+    actions = group("token", "mint, list, revoke and prune fake tokens")
+    q = command("mint", "make a token for an agent and print it (or the variables its SDK "
+                "reads)", "PROG token mint --secret openai-main --agent bot --ttl 12h",
+                "PROG token mint --secret openai-main --agent bot --format shell --out agent.env",
+                ". ./agent.env     # then start the agent from this shell",
+                under=actions, path="token")
+    q.add_argument("--secret", required=True, help="the stored secret the token stands for")
+    q.add_argument("--agent", required=True, help="the agent it is for (created if new)")
+    add_token_flags(q, "lifetime such as 30m, 12h, 7d (default: no expiry)")
+    q.add_argument("--format", choices=TOKEN_FORMATS, default="token",
+                   help="token: the token alone (default); shell: export lines for '. FILE'; "
+                        "dotenv: KEY=\"value\" lines for .env loaders; env: KEY=value lines; "
+                        "json: one object")
+    q.add_argument("--out", metavar="FILE", help="write to FILE (mode 0600: it is a credential) "
+                                                 "instead of stdout")
+    q = command("list", "tokens with agent, provider, label, state, use and policy",
+                "PROG token list", "PROG token list --agent bot --status active",
+                under=actions, path="token")
+    q.add_argument("--agent", help="only this agent's tokens")
+    q.add_argument("--status", choices=TOKEN_STATES, help="only tokens in this state")
+    q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    q = command("revoke", "revoke a token (its id, with or without tok_, or the token itself; "
+                "'-' reads it from stdin)", "PROG token revoke tok_0123456789ab",
+                "printf %s \"$TOKEN\" | PROG token revoke -", under=actions, path="token")
     q.add_argument("token_or_id")
+    q = command("prune", "delete revoked and expired tokens (their audit rows stay)",
+                "PROG token prune", "PROG token prune --older-than 30d",
+                under=actions, path="token")
+    q.add_argument("--older-than", metavar="AGE", help="only those that ended this long ago "
+                                                       "(30m, 12h, 7d; default: all)")
 
-    p = sub.add_parser("agent", help="add, list, disable and enable agents")
-    asub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
-    asub.required = True
-    for action, text in (("add", "register an agent"), ("disable", "stop all its tokens"),
-                         ("enable", "let its tokens work again")):
-        q = asub.add_parser(action, help=text)
+    actions = group("agent", "add, list, disable, enable and remove agents")
+    for action, text, example in (
+            ("add", "register an agent", "PROG agent add research-bot"),
+            ("disable", "stop all its tokens at once (reversible)", "PROG agent disable bot"),
+            ("enable", "let its tokens work again", "PROG agent enable bot"),
+            ("rm", "remove an agent and its tokens", "PROG agent rm old-bot --force")):
+        q = command(action, text, example, under=actions, path="agent")
         q.add_argument("name")
-    asub.add_parser("list", help="agents and their state")
+        if action == "rm":
+            q.add_argument("--force", action="store_true",
+                           help="also when it has live tokens (they stop working)")
+    command("list", "agents, their state and live tokens", "PROG agent list",
+            under=actions, path="agent")
 
-    p = sub.add_parser("audit", help="show, follow, verify or prune the audit log")
-    p.add_argument("action", nargs="?", choices=["verify", "prune"],
-                   help="verify the chain, or prune old rows (with --before)")
-    p.add_argument("--agent")
-    p.add_argument("--provider")
-    p.add_argument("--since", help="1h, 30m, 7d or an ISO date/time (UTC)")
-    p.add_argument("--status", help="exact status (404) or class (4xx)")
-    p.add_argument("--limit", type=int, default=100, help="newest N rows (default 100)")
-    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    p.add_argument("--follow", action="store_true", help="keep printing new rows")
-    p.add_argument("--before", help="with prune: delete rows older than this (ISO date/time, "
-                                    "or 1h, 7d... ago)")
+    actions = group("audit", "list, follow, verify or prune the audit log "
+                             "('audit' alone lists)", required=False)
+    add_audit_filters(leaves["audit"], listing=True, shown=False)   # `audit --json` still lists
+    q = command("list", "audit rows, newest last", "PROG audit list --since 1h --status 4xx",
+                "PROG audit list --agent bot --follow", "PROG audit list --json --limit 1000",
+                under=actions, path="audit")
+    add_audit_filters(q, listing=True)
+    command("verify", "check the MAC chain of every row (the outcome shows in 'status')",
+            "PROG audit verify", under=actions, path="audit")
+    command("prune", "delete rows older than a date; the chain still verifies",
+            "PROG audit prune --before 90d", under=actions, path="audit").add_argument(
+        "--before", required=True, help="ISO date/time (UTC), or an age: 1h, 7d, 90d")
 
-    p = sub.add_parser("usage", help="requests and LLM tokens per agent, provider and model")
-    p.add_argument("--agent")
-    p.add_argument("--since", help="1h, 30m, 7d or an ISO date/time (UTC)")
-    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    return parser
+    q = command("usage", "requests and LLM tokens per agent, provider and model",
+                "PROG usage --since 1d", "PROG usage --agent bot --json")
+    q.add_argument("--agent")
+    q.add_argument("--since", help="1h, 30m, 7d or an ISO date/time (UTC)")
+    q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    return parser, leaves
 
 
-def token_status(expires_at: Optional[float], revoked_at: Optional[str], now: float) -> str:
-    if revoked_at:
+def add_audit_filters(q: argparse.ArgumentParser, listing: bool = False,
+                      shown: bool = True) -> None:
+    """The row filters of `audit list` (and `usage`); ``listing`` adds its output flags.
+    Plain `audit` takes them too, hidden, and defaults them for its sub-commands."""
+    default = None if shown else argparse.SUPPRESS
+    for flag, text in (("--agent", "only this agent"), ("--provider", "only this provider"),
+                       ("--since", "1h, 30m, 7d or an ISO date/time (UTC)"),
+                       ("--status", "exact status (404) or class (4xx)")):
+        q.add_argument(flag, default=default, help=text if shown else argparse.SUPPRESS)
+    if listing:
+        q.add_argument("--limit", type=int, default=100 if shown else argparse.SUPPRESS,
+                       help="newest N rows (default 100)" if shown else argparse.SUPPRESS)
+        for flag, text in (("--json", "JSON lines instead of a table"),
+                           ("--follow", "keep printing new rows (Ctrl-C ends)")):
+            q.add_argument(flag, action="store_true", default=False if shown else
+                           argparse.SUPPRESS, help=text if shown else argparse.SUPPRESS)
+
+
+def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser],
+                    here: str) -> List[str]:
+    """For arguments the sub-command did not take: which are known flags of other commands
+    (named, with where they belong). Anything else is not echoed: it might be a secret."""
+    hints = []
+    owners: Dict[str, List[str]] = {}
+    for name, leaf in leaves.items():
+        for action in leaf._actions:
+            for option in action.option_strings:
+                owners.setdefault(option, []).append(name)
+    for arg in extra:
+        option = arg.split("=", 1)[0]
+        if option.startswith("--") and option in owners:
+            places = [name for name in owners[option] if name != here]
+            hints.append(f"{option} is not an option of '{here}'"
+                         + (f"; it belongs to: {', '.join(places)}" if places else ""))
+    return hints
+
+
+class Progress:
+    """Work done, rate and time left, on stderr when it is a terminal; silent otherwise (so
+    scripts and logs get no carriage returns)."""
+
+    def __init__(self, label: str, total: int, unit: str = "rows") -> None:
+        try:
+            self.active = sys.stderr.isatty() and total > 0
+        except (AttributeError, ValueError):
+            self.active = False
+        self.label, self.total, self.unit, self.done = label, total, unit, 0
+        self.start, self.shown = time.monotonic(), 0.0
+
+    def add(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        if not self.active or (now - self.shown < 0.2 and self.done < self.total):
+            return
+        self.shown = now
+        rate = self.done / max(now - self.start, 1e-6)
+        left = max(self.total - self.done, 0) / rate if rate else 0.0
+        sys.stderr.write(f"\r{self.label}: {self.done:,}/{self.total:,} {self.unit}, "
+                         f"{rate:,.0f}/s, {left:.0f}s left ")
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.active and self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def read_secret_value(name: str) -> str:
+    try:
+        if sys.stdin is not None and sys.stdin.isatty():
+            value = getpass.getpass(f"Value for secret {name} (input hidden): ")
+        else:
+            value = sys.stdin.read() if sys.stdin is not None else ""
+    except (EOFError, KeyboardInterrupt):
+        sys.stderr.write("\n")
+        raise ConfigError("no value given; nothing was stored") from None
+    return value.strip()
+
+
+def write_private(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the start (a new file renamed over the
+    target, so a reader never sees it half-written or with wider permissions)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def open_store(args: argparse.Namespace, settings: Settings, environ: Dict[str, str],
+               create: bool) -> Tuple[Store, bytes]:
+    """The database and its master key, checked: every command that reads or changes secrets,
+    tokens or the audit log refuses a key that does not belong to the database. Only commands
+    that store something (``create``) make a new database or key file."""
+    store = Store(settings.db, create=create)
+    try:
+        key = load_master_key(settings.db, environ, store, create=create)
+    except BaseException:
+        store.close()
+        raise
+    return store, key
+
+
+def token_state(token: Dict[str, Any], now: float) -> str:
+    """active, or why a token does not work (in the order the broker checks them)."""
+    if token["revoked_at"]:
         return "revoked"
-    if expires_at is not None and now >= expires_at:
+    if token["expires_at"] is not None and now >= token["expires_at"]:
         return "expired"
+    if token["agent_disabled_at"]:
+        return "agent-disabled"
+    if not token["secret_exists"]:
+        return "secret-removed"
+    policy = token["policy"]
+    if ("max_requests" in policy and token["requests"] >= policy["max_requests"]) or \
+            ("budget_tokens" in policy and token["tokens_used"] >= policy["budget_tokens"]):
+        return "exhausted"
     return "active"
+
+
+def budget_text(token: Dict[str, Any]) -> str:
+    budget = token["policy"].get("budget_tokens")
+    if budget is None:
+        return "-"
+    share = 100.0 * token["tokens_used"] / budget if budget else 100.0
+    return f"{token['tokens_used']:,}/{budget:,} ({share:.0f}%)"
+
+
+def find_provider(providers: Dict[str, Provider], name: str) -> Provider:
+    provider = providers.get(name) or next(
+        (p for p in providers.values() if name in p.aliases), None)
+    if provider is None:
+        close = difflib.get_close_matches(name, list(providers), n=1, cutoff=0.6)
+        raise UsageError(f"unknown provider {name!r}" + (
+            f"; did you mean {close[0]!r}?" if close else "")
+            + f" (known: {', '.join(sorted(providers))}; see '{prog()} providers')")
+    return provider
 
 
 def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[str]) -> int:
@@ -4732,35 +5325,41 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
                 flags[spec.name] = ",".join(value) if isinstance(value, list) else value
     settings = resolve_settings(args.config, environ, flags)
     providers = load_providers(settings, strict=args.command == "serve")
-    db_path = settings.db
-    store = Store(db_path)
+    if args.command == "providers":
+        return cmd_providers(args, providers)
+    if args.command == "backup":                  # a copy needs no key (it holds none)
+        store = Store(settings.db, create=False)
+        try:
+            return cmd_backup(args.path, store, settings.db)
+        finally:
+            store.close()
+    action = getattr(args, "action", None)
+    if args.command == "secret" and action in ("add", "rotate"):
+        store = Store(settings.db, create=action == "add")
+        try:                                      # the key is loaded after the prompt
+            return cmd_secret_write(args, store, settings, providers, environ)
+        finally:
+            store.close()
+    creates = args.command == "serve" or (args.command, action) == ("agent", "add")
+    store, master = open_store(args, settings, environ, create=creates)
     try:
         if args.command == "serve":
-            master_key = load_master_key(db_path, environ, store)
             worker = int(environ.get("SEKS_WORKER_INDEX", "0") or 0)
             if settings.workers > 1 and not worker:
+                startup_report(settings, store, providers)
                 store.close()
                 return serve_workers(settings, argv)
             if worker:
                 settings.port = int(environ["SEKS_WORKER_PORT"])
-            return serve(settings, store, master_key, providers, worker)
-        if args.command == "secret":
-            return cmd_secret(args, store, db_path, environ, providers)
-        if args.command == "token":
-            return cmd_token(args, store, providers, db_path, environ, settings)
-        if args.command == "agent":
-            return cmd_agent(args, store)
-        if args.command == "audit":
-            return cmd_audit(args, store, db_path, environ)
-        if args.command == "usage":
-            return cmd_usage(args, store)
-        if args.command == "backup":
-            return cmd_backup(args.path, store, db_path)
-        if args.command == "rotate-master-key":
-            return cmd_rotate_master_key(args, store, db_path, environ)
+            key_path = "" if environ.get("SEKS_MASTER_KEY", "").strip() else settings.db + ".key"
+            return serve(settings, store, master, providers, worker, key_path=key_path)
+        handler = {"secret": cmd_secret, "token": cmd_token, "agent": cmd_agent,
+                   "audit": cmd_audit, "usage": cmd_usage, "status": cmd_status,
+                   "run": cmd_run, "rotate-master-key": cmd_rotate_master_key}[args.command]
+        return handler(args, store, master, settings, providers, environ)
     finally:
         store.close()
-    return 2
+
 
 
 class DemoUpstream(http.server.ThreadingHTTPServer):
@@ -4930,123 +5529,215 @@ def cmd_config_check(path: str) -> int:
     return 0
 
 
-def cmd_secret(args: argparse.Namespace, store: Store, db_path: str, environ: Dict[str, str],
-               providers: Dict[str, Provider]) -> int:
-    if args.action in ("add", "rotate"):
-        if args.value is not None:
-            sys.stderr.write("error: refusing a secret on the command line (every local user can "
-                             "read it with ps). Pipe it on stdin instead, e.g.\n"
-                             f"  printf %s \"$KEY\" | seks_broker.py secret {args.action} "
-                             f"{args.name} ...\nor run the command on a terminal to be prompted "
-                             "with hidden input.\n")
-            return 2
-        if not NAME_RE.match(args.name):
-            raise UsageError("secret names are 1-64 letters, digits, '.', '_' or '-'")
-        if args.action == "add":
-            provider = providers.get(args.provider) or next(
-                (p for p in providers.values() if args.provider in p.aliases), None)
-            if provider is None:
-                raise UsageError(f"unknown provider {args.provider!r}; known: "
-                                 + ", ".join(sorted(providers)))
-            provider_name = provider.name
-        else:
-            found = store.get_secret(args.name)
-            if found is None:
-                raise ConfigError(f"no secret named {args.name!r}")
-            provider_name = found[0]
-        value = read_secret_value(args.name)      # first: the key is loaded after the prompt
-        master = load_master_key(db_path, environ, store)
-        cipher = SecretCipher(master)
-        if not value:
-            raise ConfigError("empty secret value")
-        if "seks_" in value:
-            raise ConfigError("that looks like a seks fake token, not a real key")
-        ciphertext = cipher.encrypt(value.encode(), secret_ad(args.name, provider_name))
-        store.put_secret(args.name, provider_name, ciphertext, replace=args.action == "rotate",
-                         check=derive_key(master, "key-check"))
-        verb = "stored" if args.action == "add" else "rotated"
-        print(f"{verb} secret {args.name} for {provider_name}", file=sys.stderr)
-        return 0
+def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
+                     providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
+    """`secret add` and `secret rotate`: the value from a hidden prompt or stdin, checked,
+    encrypted under the database's master key (loaded after the prompt)."""
+    if args.value is not None:
+        sys.stderr.write("error: refusing a secret on the command line (every local user can "
+                         "read it with ps). Pipe it on stdin instead, e.g.\n"
+                         f"  printf %s \"$KEY\" | {prog()} secret {args.action} "
+                         f"{args.name} ...\nor run the command on a terminal to be prompted "
+                         "with hidden input.\n")
+        return 2
+    if not NAME_RE.match(args.name):
+        raise UsageError("secret names are 1-64 letters, digits, '.', '_' or '-'")
+    if args.action == "add":
+        provider_name = find_provider(providers, args.provider).name
+        if store.get_secret(args.name) is not None:
+            raise ConfigError(f"a secret named {args.name!r} exists; use 'secret rotate' "
+                              f"to change its value")
+    else:
+        found = store.get_secret(args.name)
+        if found is None:
+            raise ConfigError(f"no secret named {args.name!r}")
+        provider_name = found[0]
+    value = read_secret_value(args.name)
+    if not value:
+        raise ConfigError("empty secret value; nothing was stored")
+    if "seks_" in value:
+        raise ConfigError("that looks like a seks fake token, not a real key")
+    master = load_master_key(settings.db, environ, store)
+    cipher = SecretCipher(master)
+    ciphertext = cipher.encrypt(value.encode(), secret_ad(args.name, provider_name))
+    store.put_secret(args.name, provider_name, ciphertext, replace=args.action == "rotate",
+                     check=derive_key(master, "key-check"))
+    verb = "stored" if args.action == "add" else "rotated"
+    print(f"{verb} secret {args.name} for {provider_name} in {settings.db}", file=sys.stderr)
+    return 0
+
+
+def cmd_secret(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
+               providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
     if args.action == "list":
         rows = [[n, p, c, u] for n, p, c, u in store.list_secrets()]
         print_table(["NAME", "PROVIDER", "CREATED", "UPDATED"], rows)
+        if not rows:
+            print(f"(no secrets in {settings.db})", file=sys.stderr)
         return 0
-    if args.action == "rm":
-        revoked = store.remove_secret(args.name)
-        print(f"removed secret {args.name}; revoked {revoked} token(s)", file=sys.stderr)
-        return 0
-    return 2
+    revoked = store.remove_secret(args.name)
+    print(f"removed secret {args.name}; revoked {revoked} token(s)", file=sys.stderr)
+    return 0
 
 
-def cmd_token(args: argparse.Namespace, store: Store, providers: Dict[str, Provider],
-              db_path: str, environ: Dict[str, str], settings: Settings) -> int:
+HANDOFF_HEADER = ("# seks-broker token for agent {agent} ({provider}, {token_id}, expires "
+                  "{expires}).\n# This file is a credential: keep it private (mode 0600), "
+                  "never commit it.\n")
+
+
+def env_vars(provider: Provider, token: str, broker_url: str) -> List[Tuple[str, str]]:
+    """The variables the provider's SDK reads (base URL and key), pointing at the broker."""
+    if provider.env:
+        base_part, key_var = provider.env.split()
+        base_var, _, suffix = base_part.partition("=")
+    else:
+        prefix = re.sub(r"[^A-Z0-9]", "_", provider.name.upper())
+        base_var, suffix, key_var = f"{prefix}_BASE_URL", "", f"{prefix}_API_KEY"
+    return [(base_var, f"{broker_url}/{provider.name}{suffix}"), (key_var, token)]
+
+
+def shell_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def handoff_text(fmt: str, variables: List[Tuple[str, str]], token: str,
+                 meta: Dict[str, Any]) -> str:
+    """A minted token in the form asked for: the token, shell exports (for '. FILE'), a
+    dotenv file, plain KEY=value lines, or JSON."""
+    if fmt == "token":
+        return token + "\n"
+    if fmt == "json":
+        return json.dumps(dict(meta, token=token, env=dict(variables)), sort_keys=True) + "\n"
+    header = HANDOFF_HEADER.format(**meta, expires=utc_iso(meta["expires_at"])
+                                   if meta["expires_at"] else "never")
+    if fmt == "shell":
+        return header + "".join(f"export {k}={shell_quote(v)}\n" for k, v in variables)
+    if fmt == "dotenv":
+        return header + "".join(f"{k}=\"{v}\"\n" for k, v in variables)
+    return "".join(f"{k}={v}\n" for k, v in variables)
+
+
+def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secret: str,
+               agent: str, args: argparse.Namespace, default_ttl: Optional[int] = None,
+               label: Optional[str] = None) -> Tuple[str, str, Provider, Optional[float]]:
+    """One token for ``agent`` and ``secret`` with the policy flags in ``args``: (token, its
+    id, the provider, its expiry). Shared by `token mint` and `run`."""
+    found = store.get_secret(secret)
+    if found is None:
+        names = [n for n, *_ in store.list_secrets()]
+        close = difflib.get_close_matches(secret, names, n=1, cutoff=0.6)
+        raise ConfigError(f"no secret named {secret!r} in {settings_db(store)}"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    provider_name = found[0]
+    provider = providers.get(provider_name)
+    if provider is None:
+        raise ConfigError(f"secret {secret!r} is for provider {provider_name!r}, which is not "
+                          f"configured")
+    if not NAME_RE.match(agent):
+        raise UsageError("agent names are 1-64 letters, digits, '.', '_' or '-'")
+    label = label if label is not None else args.label
+    if label is not None and (len(label) > 200 or not label.isprintable()):
+        raise UsageError("--label is at most 200 printable characters")
+    ttl = parse_ttl(args.ttl) if args.ttl else default_ttl
+    expires = time.time() + ttl if ttl else None
+    policy = make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
+                         args.models, args.budget_tokens)
+    if not provider.usage and ("models" in policy or "budget_tokens" in policy):
+        raise UsageError(f"--models and --budget-tokens apply to LLM providers (those with "
+                         f"'usage' set); {provider.name} has none")
+    real_key = ""
+    if provider.token_shape == "bot-id":
+        real_key = SecretCipher(master).decrypt(
+            found[1], secret_ad(secret, provider_name)).decode()
+    if store.add_agent(agent, exist_ok=True):
+        print(f"created agent {agent}", file=sys.stderr)
+    token, token_id = new_token(provider, real_key), new_token_id()
+    store.add_token(token_id, token_digest(token), secret, provider_name, agent, expires,
+                    policy, label)
+    return token, token_id, provider, expires
+
+
+def settings_db(store: Store) -> str:
+    return os.path.abspath(store.path)
+
+
+def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
+              providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
+    now = time.time()
     if args.action == "mint":
-        found = store.get_secret(args.secret)
-        if found is None:
-            raise ConfigError(f"no secret named {args.secret!r}")
-        provider_name = found[0]
-        provider = providers.get(provider_name)
-        if provider is None:
-            raise ConfigError(f"secret {args.secret!r} is for provider {provider_name!r}, "
-                              f"which is not configured")
-        if not NAME_RE.match(args.agent):
-            raise UsageError("agent names are 1-64 letters, digits, '.', '_' or '-'")
-        expires = time.time() + parse_ttl(args.ttl) if args.ttl else None
-        policy = make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
-                             args.models, args.budget_tokens)
-        if not provider.usage and ("models" in policy or "budget_tokens" in policy):
-            raise UsageError(f"--models and --budget-tokens apply to LLM providers (those with "
-                             f"'usage' set); {provider.name} has none")
-        real_key = ""
-        if provider.token_shape == "bot-id":
-            cipher = SecretCipher(load_master_key(db_path, environ, store))
-            real_key = cipher.decrypt(found[1], secret_ad(args.secret, provider_name)).decode()
-        if store.add_agent(args.agent, exist_ok=True):
-            print(f"created agent {args.agent}", file=sys.stderr)
-        token = new_token(provider, real_key)
-        store.add_token(new_token_id(), token_digest(token), args.secret, provider_name,
-                        args.agent, expires, policy)
-        if args.format == "env":
-            print(env_handoff(provider, token, settings.agent_url()))
+        token, token_id, provider, expires = mint_token(store, master, providers, args.secret,
+                                                        args.agent, args)
+        meta = {"token_id": token_id, "agent": args.agent, "provider": provider.name,
+                "expires_at": expires}
+        text = handoff_text(args.format, env_vars(provider, token, settings.agent_url()),
+                            token, meta)
+        print(f"minted {token_id} for agent {args.agent} ({provider.name}, secret "
+              f"{args.secret}, expires {utc_iso(expires) if expires else 'never'})",
+              file=sys.stderr)
+        if args.out:
+            write_private(args.out, text)
+            print(f"wrote {args.out} (mode 0600: it is a credential"
+                  + (f"; load it with: . {args.out}" if args.format == "shell" else "") + ")",
+                  file=sys.stderr)
         else:
-            print(token)
+            sys.stdout.write(text)
         return 0
     if args.action == "list":
-        now = time.time()
-        rows = []
-        for (tid, agent, provider, secret, created, expires, revoked, policy, requests,
-             used) in store.list_tokens():
-            rows.append([tid, agent, provider, secret, created,
-                         utc_iso(expires) if expires else "never",
-                         token_status(expires, revoked, now), requests or 0, used or 0,
-                         describe_policy(json.loads(policy or "{}"))])
-        print_table(["ID", "AGENT", "PROVIDER", "SECRET", "CREATED", "EXPIRES", "STATUS",
-                     "REQUESTS", "TOKENS", "POLICY"], rows)
+        tokens = [t for t in store.list_tokens() if not args.agent or t["agent"] == args.agent]
+        for token in tokens:
+            token["state"] = token_state(token, now)
+        tokens = [t for t in tokens if not args.status or t["state"] == args.status]
+        if args.json:
+            for token in tokens:
+                print(json.dumps(token, sort_keys=True))
+            return 0
+        print_table(["ID", "AGENT", "PROVIDER", "SECRET", "LABEL", "CREATED", "EXPIRES",
+                     "STATUS", "REQUESTS", "TOKENS", "BUDGET", "POLICY"],
+                    [[t["id"], t["agent"], t["provider"], t["secret"], t["label"] or "-",
+                      t["created_at"], utc_iso(t["expires_at"]) if t["expires_at"] else "never",
+                      t["state"], t["requests"], t["tokens_used"], budget_text(t),
+                      describe_policy(t["policy"])] for t in tokens])
         return 0
     if args.action == "revoke":
         value = args.token_or_id.strip()
         if value == "-":
             value = sys.stdin.read().strip()
-        if re.match(r"^tok_[0-9a-f]{12}$", value):
-            token_id = store.revoke_token(None, value)
+        if re.match(r"^(tok_)?[0-9a-f]{12}\Z", value):
+            token_id, earlier = store.revoke_token(None, "tok_" + value[-12:])
         else:
-            token_id = store.revoke_token(token_digest(value), None)
-        print(f"revoked {token_id}", file=sys.stderr)
+            token_id, earlier = store.revoke_token(token_digest(value), None)
+        print(f"{token_id} was already revoked at {earlier}" if earlier else
+              f"revoked {token_id}", file=sys.stderr)
         return 0
-    return 2
+    before = now - (parse_ttl(args.older_than) if args.older_than else 0)
+    count = store.prune_tokens(before)
+    print(f"deleted {count} revoked or expired token(s)"
+          + (f" that ended before {utc_iso(before)}" if args.older_than else "")
+          + "; their audit rows stay", file=sys.stderr)
+    return 0
 
 
-def env_handoff(provider: Provider, token: str, broker_url: str) -> str:
-    """The variables the provider's SDK reads, pointing at the broker: KEY=value lines for
-    ``eval``/``set -a`` or a .env file."""
-    if provider.env:
-        base_part, key_var = provider.env.split()
-        base_var, _, suffix = base_part.partition("=")
-    else:
-        prefix = provider.name.upper().replace("-", "_")
-        base_var, suffix, key_var = f"{prefix}_BASE_URL", "", f"{prefix}_API_KEY"
-    return (f"{base_var}={broker_url}/{provider.name}{suffix}\n"
-            f"{key_var}={token}")
+def cmd_providers(args: argparse.Namespace, providers: Dict[str, Provider]) -> int:
+    def place(p: CredentialPlace) -> str:
+        return f"{p.kind} {p.name} {' '.join(p.prefixes)}".replace("  ", " ").strip()
+    rows = []
+    for provider in sorted(providers.values(), key=lambda p: p.name):
+        variables = [name for name, _ in env_vars(provider, "", "")]
+        rows.append({"name": provider.name, "routes": ["/" + provider.name] + [
+            "/" + a for a in provider.aliases], "upstream": provider.upstream,
+            "token_places": [place(p) for p in provider.token_places],
+            "inject": place(provider.inject) if provider.inject else "same place",
+            "llm_usage": provider.usage or None, "env": variables})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return 0
+    print_table(["PROVIDER", "ROUTES", "UPSTREAM", "TOKEN FROM", "REAL KEY TO", "SDK VARIABLES"],
+                [[r["name"], " ".join(r["routes"]), r["upstream"], "; ".join(r["token_places"]),
+                  r["inject"], " ".join(r["env"])] for r in rows])
+    return 0
+
+
 
 
 def cmd_backup(path: str, store: Store, db_path: str) -> int:
@@ -5057,8 +5748,14 @@ def cmd_backup(path: str, store: Store, db_path: str) -> int:
         raise ConfigError(f"{path} exists; choose a new file name") from None
     try:
         target = sqlite3.connect(path)
+        progress = Progress("backing up", 1, unit="pages")
+
+        def step(status: int, remaining: int, total: int) -> None:
+            progress.total = total
+            progress.add(total - remaining - progress.done)
         with store.connection() as db:
-            db.backup(target)
+            db.backup(target, pages=256, progress=step)
+        progress.end()
         target.close()
     except sqlite3.Error:
         os.unlink(path)
@@ -5068,16 +5765,17 @@ def cmd_backup(path: str, store: Store, db_path: str) -> int:
     return 0
 
 
-def cmd_rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
+def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
+                          settings: Settings, providers: Dict[str, Provider],
                           environ: Dict[str, str]) -> int:
     """New master key: secrets re-encrypted and the audit chain re-keyed in one transaction.
     With a key file, the new key is written to ``<db>.key.new`` first and renamed over the old
     one only after the commit; a run that dies before the commit leaves the old state intact,
     and one that dies after it is finished by the next command (the DB tells which key it
     wants). One rotation at a time: a second one is refused while the first runs."""
-    lock = rotation_lock(db_path)
+    lock = rotation_lock(settings.db)
     try:
-        return _rotate_master_key(args, store, db_path, environ)
+        return _rotate_master_key(args, store, settings.db, environ)
     finally:
         lock.close()
 
@@ -5142,8 +5840,12 @@ def _rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
             handle.write(base64.urlsafe_b64encode(new_key).decode() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+    progress = Progress("re-keying", store.counts(time.time())["audit_rows"]
+                        + len(store.list_secrets()))
     count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
-                        derive_key(new_key, "key-check"), force=args.force)
+                        derive_key(new_key, "key-check"), force=args.force,
+                        progress=progress.add)
+    progress.end()
     if from_env:
         print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key and restart "
               f"running brokers now (until then they answer 503)", file=sys.stderr)
@@ -5155,21 +5857,6 @@ def _rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
         fsync_directory(key_path)
         print(f"re-encrypted {count} secret(s) under a new key in {key_path}; running brokers "
               f"load it on their next request", file=sys.stderr)
-    return 0
-
-
-def cmd_agent(args: argparse.Namespace, store: Store) -> int:
-    if args.action == "add":
-        if not NAME_RE.match(args.name):
-            raise UsageError("agent names are 1-64 letters, digits, '.', '_' or '-'")
-        store.add_agent(args.name)
-        print(f"added agent {args.name}", file=sys.stderr)
-    elif args.action in ("disable", "enable"):
-        store.set_agent_disabled(args.name, args.action == "disable")
-        print(f"{args.action}d agent {args.name}", file=sys.stderr)
-    elif args.action == "list":
-        rows = [[n, c, "disabled" if d else "enabled", t] for n, c, d, t in store.list_agents()]
-        print_table(["NAME", "CREATED", "STATE", "ACTIVE TOKENS"], rows)
     return 0
 
 
@@ -5251,28 +5938,59 @@ def print_audit(rows: List[AuditRow], as_json: bool, header: bool = True) -> Non
     sys.stdout.flush()
 
 
-def cmd_audit(args: argparse.Namespace, store: Store, db_path: str,
-              environ: Dict[str, str]) -> int:
-    master = load_master_key(db_path, environ, store)
+def cmd_agent(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
+              providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
+    if args.action == "add":
+        if not NAME_RE.match(args.name):
+            raise UsageError("agent names are 1-64 letters, digits, '.', '_' or '-'")
+        store.add_agent(args.name)
+        print(f"added agent {args.name}", file=sys.stderr)
+    elif args.action in ("disable", "enable"):
+        store.set_agent_disabled(args.name, args.action == "disable")
+        print(f"{args.action}d agent {args.name}", file=sys.stderr)
+    elif args.action == "rm":
+        gone = store.remove_agent(args.name, args.force)
+        print(f"removed agent {args.name} and its {gone} token(s); its audit rows stay",
+              file=sys.stderr)
+    else:
+        rows = [[n, c, "disabled" if d else "enabled", t] for n, c, d, t in store.list_agents()]
+        print_table(["NAME", "CREATED", "STATE", "LIVE TOKENS"], rows)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
+              providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
     key, keys_check = derive_key(master, "audit"), derive_key(master, "key-check")
     if args.action == "verify":
         rows = store.audit_rows()
-        ok, message = verify_audit_chain(key, rows, store.audit_anchor())
+        progress = Progress("verifying", len(rows))
+        ok, message = verify_audit_chain(key, rows, store.audit_anchor(), progress.add)
+        progress.end()
+        head = rows[-1] if rows else None
+        store.record_verify({"at": utc_iso(), "ok": ok, "message": message, "rows": len(rows),
+                             "head_id": head.id if head else None,
+                             "head_mac": head.mac.hex()[:32] if head else None})
         print(message)
-        if ok and rows:
-            print(f"head: row {rows[-1].id} mac {rows[-1].mac.hex()[:32]} (keep it elsewhere to "
+        if ok and head:
+            print(f"head: row {head.id} mac {head.mac.hex()[:32]} (keep it elsewhere to "
                   f"detect a truncated tail later)")
         return 0 if ok else 1
     if args.action == "prune":
-        if not args.before:
-            raise ConfigError("audit prune needs --before DATE")
-        deleted = store.prune_audit(key, parse_since(args.before), keys_check)
+        progress = Progress("pruning", 0)
+
+        def step(done: int, total: int) -> None:
+            if not progress.total:
+                progress.__init__("pruning", total)     # the total is known once it starts
+            progress.add(done)
+        deleted = store.prune_audit(key, parse_since(args.before), keys_check, step)
+        progress.end()
         print(f"pruned {deleted} row(s); the chain still verifies from the prune record")
         return 0
     where, params = audit_filter(args)
-    rows = store.audit_rows(where, params, limit=args.limit)
-    print_audit(rows, args.json)
-    if not args.follow:
+    rows = store.audit_rows(where, params, limit=getattr(args, "limit", 100))
+    as_json = getattr(args, "json", False)
+    print_audit(rows, as_json)
+    if not getattr(args, "follow", False):
         return 0
     last = rows[-1].id if rows else store.last_audit_id()
     try:
@@ -5280,46 +5998,334 @@ def cmd_audit(args: argparse.Namespace, store: Store, db_path: str,
             time.sleep(0.5)
             fresh = store.audit_rows(where, params, after_id=last)
             if fresh:
-                print_audit(fresh, args.json, header=False)
+                print_audit(fresh, as_json, header=False)
                 last = fresh[-1].id
     except KeyboardInterrupt:
         return 0
 
 
-def cmd_usage(args: argparse.Namespace, store: Store) -> int:
+def cmd_usage(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
+              providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
+    """Requests and LLM tokens from the audit log. UNMETERED counts LLM answers that reported
+    no usage (an OpenAI stream not asked for it): their tokens are not in the totals."""
     where, params = audit_filter(args)
     rows = store.usage_rows(where, params)
+    llm = {p.name for p in providers.values() if p.usage}
     if args.json:
-        for agent, provider, model, count, tin, tout in rows:
+        for agent, provider, model, count, tin, tout, unmetered in rows:
             print(json.dumps({"agent": agent, "provider": provider, "model": model or None,
                               "requests": count, "tokens_in": tin, "tokens_out": tout,
-                              "tokens": tin + tout}, sort_keys=True))
+                              "tokens": tin + tout,
+                              "unmetered": unmetered if provider in llm else None},
+                             sort_keys=True))
         return 0
-    print_table(["AGENT", "PROVIDER", "MODEL", "REQUESTS", "TOKENS IN", "TOKENS OUT", "TOTAL"],
-                [[a or "-", p or "-", m or "-", c, f"{i:,}", f"{o:,}", f"{i + o:,}"]
-                 for a, p, m, c, i, o in rows])
+    print_table(["AGENT", "PROVIDER", "MODEL", "REQUESTS", "TOKENS IN", "TOKENS OUT", "TOTAL",
+                 "UNMETERED"],
+                [[a or "-", p or "-", m or "-", c, f"{i:,}", f"{o:,}", f"{i + o:,}",
+                  u if p in llm else "-"] for a, p, m, c, i, o, u in rows])
     return 0
+
+
+def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
+               providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
+    """One screen for the operator; every figure comes from the same tables `audit`,
+    `usage` and `token list` read."""
+    now = time.time()
+    url = (args.url or settings.agent_url()).rstrip("/")
+    health = probe_broker(url, "/healthz", "", timeout=1.0)
+    tokens = store.list_tokens()
+    for token in tokens:
+        token["state"] = token_state(token, now)
+    agents = []
+    for name, _, disabled, _ in store.list_agents():
+        live = sum(1 for t in tokens if t["agent"] == name and t["state"] == "active")
+        agents.append({"name": name, "state": "disabled" if disabled else "enabled",
+                       "live_tokens": live})
+    traffic = {}
+    for label, seconds in (("last_hour", 3600), ("last_day", 86400)):
+        count, tin, tout = store.query(
+            "SELECT COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0) "
+            "FROM audit WHERE outcome != 'prune' AND ts >= ?", (utc_iso(now - seconds),))[0]
+        traffic[label] = {"requests": count, "llm_tokens": tin + tout}
+    low = [{"id": t["id"], "agent": t["agent"], "used": t["tokens_used"],
+            "budget": t["policy"]["budget_tokens"]} for t in tokens
+           if t["state"] == "active" and "budget_tokens" in t["policy"] and
+           t["policy"]["budget_tokens"] - t["tokens_used"] < 0.1 * t["policy"]["budget_tokens"]]
+    denials = [{"reason": reason or outcome, "count": count} for outcome, reason, count in
+               store.query("SELECT outcome, COALESCE(reason, ''), COUNT(*) FROM audit "
+                           "WHERE outcome = 'denied' AND ts >= ? GROUP BY outcome, reason "
+                           "ORDER BY 3 DESC, 2", (utc_iso(now - 3600),))]
+    head = store.query("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1")
+    report = {
+        "database": os.path.abspath(settings.db),
+        "broker": {"url": url, "running": health is not None and health[0] == 200},
+        "agents": agents, "traffic": traffic, "budgets_low": low, "denials_last_hour": denials,
+        "audit": {"head_id": head[0][0] if head else None,
+                  "head_mac": bytes(head[0][1]).hex()[:32] if head else None,
+                  "last_verify": store.last_verify()}}
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    out = [f"database  {report['database']}",
+           f"broker    {url}: " + ("running" if report["broker"]["running"] else
+                                   "not answering (start it with: " + prog() + " serve)")]
+    out.append("agents    " + (", ".join(f"{a['name']} ({a['state']}, {a['live_tokens']} live "
+                                         f"token(s))" for a in agents) or "none"))
+    for label, name in (("last_hour", "last hour"), ("last_day", "last day")):
+        out.append(f"{name:<9} {traffic[label]['requests']:,} request(s), "
+                   f"{traffic[label]['llm_tokens']:,} LLM token(s)")
+    out.append("budgets   " + ("; ".join(f"{b['id']} ({b['agent']}) {b['used']:,}/"
+                                         f"{b['budget']:,} used" for b in low)
+                               or "none below 10% left"))
+    out.append("denials   " + ("; ".join(f"{d['count']} x {d['reason']}" for d in denials)
+                               or "none in the last hour"))
+    verify = report["audit"]["last_verify"]
+    out.append(f"audit     head row {report['audit']['head_id'] or '-'} "
+               f"mac {report['audit']['head_mac'] or '-'}; last verify: " +
+               (f"{'passed' if verify['ok'] else 'FAILED'} at {verify['at']} "
+                f"({verify['message']})" if verify else
+                f"never (run: {prog()} audit verify)"))
+    for line in out:
+        print(terminal_text(line))
+    return 0
+
+
+def probe_broker(url: str, path: str, token: str,
+                 timeout: float) -> Optional[Tuple[int, bytes]]:
+    """GET url+path (with the token as a Bearer, if given): (status, body), or None if no
+    HTTP server answers there. Loopback and operator-given addresses only."""
+    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"}
+                                     if token else {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as answer:
+            return answer.status, answer.read(65536)
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+
+
+# Variables that commonly hold a provider's real key: `run` never passes them to its command.
+KNOWN_KEY_VARS = frozenset("""
+OPENAI_API_KEY OPENAI_ADMIN_KEY AZURE_OPENAI_API_KEY ANTHROPIC_API_KEY ANTHROPIC_AUTH_TOKEN
+CLAUDE_API_KEY GEMINI_API_KEY GOOGLE_API_KEY GOOGLE_GENAI_API_KEY GROQ_API_KEY MISTRAL_API_KEY
+COHERE_API_KEY CO_API_KEY XAI_API_KEY DEEPSEEK_API_KEY TOGETHER_API_KEY FIREWORKS_API_KEY
+PERPLEXITY_API_KEY OPENROUTER_API_KEY HF_TOKEN HUGGING_FACE_HUB_TOKEN REPLICATE_API_TOKEN
+DISCORD_TOKEN DISCORD_BOT_TOKEN TELEGRAM_BOT_TOKEN TELEGRAM_TOKEN GITHUB_TOKEN GH_TOKEN
+GITHUB_PAT NOTION_TOKEN NOTION_API_KEY CLOUDFLARE_API_TOKEN CLOUDFLARE_API_KEY CF_API_TOKEN
+BRAVE_API_KEY BRAVE_SEARCH_API_KEY AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN
+SLACK_BOT_TOKEN SLACK_TOKEN STRIPE_API_KEY STRIPE_SECRET_KEY
+""".split())
+
+
+def child_environment(environ: Dict[str, str], variables: List[Tuple[str, str]],
+                      real_values: List[Tuple[str, str]],
+                      providers: Dict[str, Provider]) -> Tuple[Dict[str, str], List[str]]:
+    """The command's environment: the operator's, minus every SEKS_* variable, every known
+    provider key variable and every variable holding a stored secret's real value, plus the
+    SDK variables of the minted tokens. Returns it and a warning per variable removed."""
+    key_vars = set(KNOWN_KEY_VARS)
+    for provider in providers.values():
+        key_vars.add(env_vars(provider, "", "")[1][0])
+    env, warnings = {}, []
+    for name, value in environ.items():
+        holder = next((secret for secret, real in real_values if real and real in value), None)
+        if holder is not None:
+            warnings.append(f"removed {name}: it holds the real value of secret {holder}")
+        elif name in key_vars and value.strip():
+            warnings.append(f"removed {name}: a provider key variable (the command gets a "
+                            f"seks token where it needs one)")
+        elif name.startswith("SEKS_"):
+            if name == "SEKS_MASTER_KEY":
+                warnings.append("removed SEKS_MASTER_KEY (the broker's master key)")
+        else:
+            env[name] = value
+    env.update(variables)
+    return env, warnings
+
+
+class EmbeddedBroker:
+    """A broker for one `run`: in this process, on a free loopback port, logging problems
+    only, stopped (with its audit rows written) when the command ends."""
+
+    def __init__(self, settings: Settings, store: Store, master: bytes,
+                 providers: Dict[str, Provider]) -> None:
+        own = copy.copy(settings)
+        own.host, own.port, own.workers, own.admin_port = "127.0.0.1", 0, 1, -1
+        own.tls_cert = own.tls_key = own.public_url = ""
+        own.log_level = "warning" if settings.log_level in ("debug", "info") else \
+            settings.log_level
+        self.broker, self.servers, _ = open_broker(own, store, master, providers)
+        self.grace = own.grace
+        threading.Thread(target=self.servers[0].serve_forever, kwargs={"poll_interval": 0.2},
+                         daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.servers[0].server_address[1]}"
+
+    def close(self) -> None:
+        self.broker.draining = True
+        self.servers[0].shutdown()
+        close_broker(self.broker, self.servers, None, min(self.grace, 5.0), threading.Event())
+
+
+def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
+            providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
+    """Mint a short-lived token per secret, start the command with the SDK variables (and
+    no real key) in its environment, pass signals on, revoke the tokens when it ends, and
+    return its exit code."""
+    import subprocess
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        raise UsageError(f"run needs a command after '--', e.g. {prog()} run --agent bot "
+                         f"--secret openai-main -- python3 agent.py")
+    cipher, real_values = SecretCipher(master), []
+    for name, provider_name, *_ in store.list_secrets():
+        found = store.get_secret(name)
+        if found is not None:
+            real_values.append((name, cipher.decrypt(found[1], secret_ad(name, provider_name))
+                                .decode("utf-8", "surrogateescape")))
+    minted: List[Tuple[str, str, Provider]] = []
+    embedded: Optional[EmbeddedBroker] = None
+    code = 1
+    try:
+        for secret in args.secret:
+            token, token_id, provider, _ = mint_token(
+                store, master, providers, secret, args.agent, args, default_ttl=86400,
+                label=args.label if args.label is not None else "seks run")
+            if any(p.name == provider.name for _, _, p in minted):
+                raise UsageError(f"two secrets for {provider.name}: its SDK reads one key "
+                                 f"variable; run with one of them")
+            minted.append((token, token_id, provider))
+        url = (args.url or settings.agent_url()).rstrip("/")
+        probe = probe_broker(url, "/seks/v1/token", minted[0][0], timeout=2.0)
+        if probe is not None and probe[0] == 200:
+            sys.stderr.write(f"seks run: using the broker at {url}\n")
+        elif args.url:
+            raise ConfigError(f"no broker serving {os.path.abspath(settings.db)} answers at "
+                              f"{url}")
+        else:
+            embedded = EmbeddedBroker(settings, store, master, providers)
+            url = embedded.url
+            sys.stderr.write(f"seks run: started a broker for this command on {url}"
+                             + (f" (the one at {settings.agent_url()} serves another database)"
+                                if probe is not None else "") + "\n")
+        variables = [pair for token, _, provider in minted
+                     for pair in env_vars(provider, token, url)]
+        env, warnings = child_environment(environ, variables, real_values, providers)
+        for warning in warnings:
+            sys.stderr.write(f"seks run: warning: {warning}\n")
+        sys.stderr.flush()
+        try:
+            child = subprocess.Popen(command, env=env)
+        except OSError as exc:
+            raise ConfigError(f"cannot start {command[0]}: {exc.strerror or exc}") from None
+        code = wait_forwarding_signals(child, settings.grace)
+    finally:
+        if embedded is not None:
+            embedded.close()                      # its in-flight rows are written first
+        for _, token_id, _ in minted:
+            with contextlib.suppress(ConfigError, sqlite3.Error):
+                store.revoke_token(None, token_id)
+        if minted:
+            sys.stderr.write(run_summary(store, [token_id for _, token_id, _ in minted]) + "\n")
+    return code
+
+
+def wait_forwarding_signals(child: Any, grace: float) -> int:
+    """Wait for the child; SIGTERM, SIGHUP and SIGINT sent to `run` go to it (SIGINT not when
+    `run` is in the terminal's foreground: the terminal already sent it to the child). After
+    a SIGTERM the child has ``grace`` seconds, then it is killed. Returns its exit code (128+N
+    if a signal N ended it, as shells report it)."""
+    terminating = threading.Event()
+
+    def relay(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and foreground():
+            return
+        with contextlib.suppress(OSError):
+            child.send_signal(signum)
+        if signum in (signal.SIGTERM, signal.SIGHUP):
+            terminating.set()
+
+    previous = {sig: signal.signal(sig, relay) for sig in (signal.SIGTERM, signal.SIGINT,
+                                                           signal.SIGHUP)}
+    try:
+        deadline = None
+        while child.poll() is None:
+            if terminating.is_set() and deadline is None:
+                deadline = time.monotonic() + grace
+            if deadline is not None and time.monotonic() > deadline:
+                child.kill()
+            time.sleep(0.05)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    code = child.returncode
+    return 128 - code if code < 0 else code
+
+
+def foreground() -> bool:
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+def run_summary(store: Store, token_ids: List[str]) -> str:
+    marks = ", ".join("?" * len(token_ids))
+    deadline = time.monotonic() + 1.0         # an external broker may still write the last row
+    rows = store.query(f"SELECT COUNT(*) FROM audit WHERE token_id IN ({marks})",
+                       tuple(token_ids))
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = store.query(f"SELECT COUNT(*) FROM audit WHERE token_id IN ({marks})",
+                            tuple(token_ids))
+        if again == rows:
+            break
+        rows = again
+    per = store.query(
+        f"SELECT provider, COUNT(*), COALESCE(SUM(tokens_in), 0) + COALESCE(SUM(tokens_out), "
+        f"0), SUM(CASE WHEN outcome = 'denied' THEN 1 ELSE 0 END) FROM audit WHERE token_id "
+        f"IN ({marks}) GROUP BY provider ORDER BY provider", tuple(token_ids))
+    total = sum(r[1] for r in per)
+    parts = ", ".join(f"{p}: {n} request(s), {t:,} LLM token(s), {d} denied"
+                      for p, n, t, d in per) or "no requests"
+    return (f"seks run: {total} request(s) ({parts}); {len(token_ids)} token(s) revoked")
+
+
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     os.umask(0o077)             # DB, WAL, SHM and key files are created private
     disable_core_dumps()        # every command may hold a decrypted key (serve, token mint, ...)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    parser, leaves = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments:
+        parser.print_help(sys.stderr)
+        return 2
+    args, extra = parser.parse_known_args(arguments)
     if extra:
-        if args.command == "secret" and getattr(args, "action", "") in ("add", "rotate"):
+        here = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
+        if args.command == "secret" and getattr(args, "action", "") in ("add", "rotate") and \
+                not extra[0].startswith("-"):
             args.value = extra[0]            # refused below with a how-to, never echoed
         else:
-            parser.error("unrecognized arguments")
+            leaf = leaves.get(here, parser)
+            leaf.print_usage(sys.stderr)
+            hints = misplaced_flags(extra, leaves, here)
+            sys.stderr.write(f"{leaf.prog}: error: " + ("; ".join(hints) if hints else
+                             "unrecognized arguments (not shown, in case they hold a secret)")
+                             + f"\n(see: {leaf.prog} --help)\n")
+            return 2
     try:
-        return run_command(args, dict(os.environ), list(sys.argv[1:] if argv is None else argv))
+        return run_command(args, dict(os.environ), arguments)
     except ConfigError as exc:
-        sys.stderr.write(f"error: {redact(str(exc))}\n")
+        for number, line in enumerate(str(exc).split("\n")):
+            sys.stderr.write(("error: " if number == 0 else "") + redact(line) + "\n")
         return 2 if isinstance(exc, UsageError) else 1
     except sqlite3.Error as exc:
-        sys.stderr.write(f"error: database: {exc}\n")
+        sys.stderr.write(f"error: database {args.db or ''}: {exc}\n".replace("  ", " "))
         return 1
-    except OSError as exc:                    # e.g. the port is taken, a file is unreadable
+    except OSError as exc:                    # e.g. a file is unreadable
         sys.stderr.write(f"error: {redact(str(exc))}\n")
         return 1
 

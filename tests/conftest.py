@@ -75,7 +75,7 @@ MASTER_KEY = base64.urlsafe_b64encode(bytes(range(32))).decode("ascii")
 
 # The line `serve` prints once it listens (a TLS listener says https; --admin-port adds its port).
 READY_RE = re.compile(r"seks-broker listening on (https?)://([0-9.]+):(\d+)"
-                      r"(?: \(admin on http://([0-9.]+):(\d+)\))?")
+                      r"(?: and https?://\[::1\]:\d+)?(?: \(admin on http://([0-9.]+):(\d+)\))?")
 
 CLI_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 15.0
@@ -791,7 +791,7 @@ _SERVE_COUNT = itertools.count(1)
 def _mint_args(flags: Sequence[str]) -> Any:
     """`token mint` flags parsed by the broker's own CLI parser (the same names, checks, repeats)."""
     if not _MINT_PARSER:
-        _MINT_PARSER.append(load_broker_module().build_parser())
+        _MINT_PARSER.append(load_broker_module().build_parser()[0])
     return _MINT_PARSER[0].parse_args(["token", "mint", *flags])
 
 
@@ -882,24 +882,9 @@ class Broker:
         sb = load_broker_module()
         args = _mint_args(argv)
         store = self._store()
-        try:
-            found = store.get_secret(args.secret)
-            assert found is not None, f"no secret named {args.secret!r}"
-            prov = _providers(self.config)[found[0]]
-            expires = time.time() + sb.parse_ttl(args.ttl) if args.ttl else None
-            policy = sb.make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
-                                    args.models, args.budget_tokens)
-            assert prov.usage or not {"models", "budget_tokens"} & set(policy), \
-                f"--models/--budget-tokens need an LLM provider, not {prov.name}"
-            real_key = ""
-            if prov.token_shape == "bot-id":        # Telegram: the fake token carries the bot id
-                master = sb.load_master_key(str(self.db), self.env, store)
-                real_key = sb.SecretCipher(master).decrypt(
-                    found[1], sb.secret_ad(args.secret, found[0])).decode()
-            store.add_agent(args.agent, exist_ok=True)
-            token = sb.new_token(prov, real_key)
-            store.add_token(sb.new_token_id(), sb.token_digest(token), args.secret, found[0], args.agent,
-                            expires, policy)
+        try:                                        # what `token mint` runs, minus a Python start
+            master = sb.load_master_key(str(self.db), self.env, store)
+            token = sb.mint_token(store, master, _providers(self.config), args.secret, args.agent, args)[0]
         finally:
             store.close()
         return token

@@ -107,9 +107,11 @@ def test_check_limits_counts_and_refills():
         sb.check_limits(policy, 2, 0, bucket, at, 1001.0)
     assert info.value.headers == {"Retry-After": "30"}
     assert sb.check_limits(policy, 2, 0, bucket, at, 1031.0)[0] == pytest.approx(1 / 30)
-    for used_requests, used_tokens in ((3, 0), (0, 100)):
-        with pytest.raises(sb.RateLimited):
+    for used_requests, used_tokens in ((3, 0), (0, 100)):     # for good: 403, SDKs must not retry
+        with pytest.raises(sb.Exhausted) as spent:
             sb.check_limits(policy, used_requests, used_tokens, None, None, 1000.0)
+        assert (spent.value.status, spent.value.kind) == (403, "insufficient_quota")
+        assert spent.value.headers == {"x-should-retry": "false"}
 
 
 def scrubber_for(*keys: bytes) -> "sb.Scrubber":

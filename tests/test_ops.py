@@ -1229,7 +1229,7 @@ def test_secret_add_reads_the_value_before_the_key(tmp_path: Path) -> None:
     umask = os.umask(0o077)
     try:
         sb.read_secret_value = lambda name: calls.append("read") or "sk-test-typed"
-        sb.load_master_key = lambda *a: calls.append("load") or real_load(*a)
+        sb.load_master_key = lambda *a, **k: calls.append("load") or real_load(*a, **k)
         os.environ.pop("SEKS_MASTER_KEY", None)
         assert sb.main(["--db", str(db), "secret", "add", "typed", "--provider", "openai"]) == 0
     finally:

@@ -260,7 +260,7 @@ def test_agent_disable_stops_every_token_then_enable_restores(broker: Broker,
 
     agents = {r["NAME"]: r for r in parse_table(ok(broker.cli("agent", "list")))}
     assert agents[agent]["STATE"] == "enabled"
-    assert agents[agent]["ACTIVE TOKENS"] == "3"
+    assert agents[agent]["LIVE TOKENS"] == "3"
 
     ok(broker.cli("agent", "disable", agent))
     for u in upstreams.values():
@@ -400,7 +400,9 @@ def test_max_requests_policy(broker: Broker, upstreams: Dict[str, FakeUpstream])
     for _ in range(3):
         assert call(broker, "openai", token).status == 200
     for _ in range(2):
-        assert_denied(call(broker, "openai", token), 429, "3 requests")
+        refused = call(broker, "openai", token)
+        assert_denied(refused, 403, "3 requests")
+        assert refused.headers.get("x-should-retry") == "false"      # the SDKs' "do not retry"
     assert len(upstreams["openai"].requests) == 3
     row = token_row(broker, agent)
     assert row["POLICY"] == "max-requests=3"
@@ -413,7 +415,7 @@ def test_refused_requests_do_not_use_up_max_requests(broker: Broker, upstreams: 
         assert call(broker, "openai", token, "POST", "/v1/models", b"{}").status == 403
     assert call(broker, "openai", token).status == 200
     assert call(broker, "openai", token).status == 200
-    assert call(broker, "openai", token).status == 429
+    assert call(broker, "openai", token).status == 403
 
 
 @pytest.mark.parametrize("provider,path,allowed,refused", [
@@ -554,14 +556,14 @@ def test_multipart_with_a_quoted_boundary_and_the_allowed_model_passes(
 
 
 def test_budget_policy_sequential(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    """Budget 250, 100 tokens an answer: requests run while less than 250 is spent (3), then 429."""
+    """Budget 250, 100 tokens an answer: requests run while less than 250 is spent (3), then 403."""
     upstreams["openai"].set_responder(openai_answer(60, 40))
     agent, token = fresh_token(broker, "openai", "--budget-tokens", "250", prefix="budget")
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
     for _ in range(3):
         read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)
     for _ in range(2):
-        assert_denied(call(broker, "openai", token, "POST", "/v1/chat/completions", body), 429, "budget", "250")
+        assert_denied(call(broker, "openai", token, "POST", "/v1/chat/completions", body), 403, "budget", "250")
     assert len(upstreams["openai"].requests) == 3
     row = token_row(broker, agent)
     assert row["TOKENS"] == "300"
@@ -612,7 +614,7 @@ def test_openai_stream_budget_asks_for_usage(broker: Broker, upstreams: Dict[str
     for _ in range(2):
         resp = read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)
         assert b'"usage": {"prompt_tokens": 60' in resp.body
-    assert_denied(call(broker, "openai", token, "POST", "/v1/chat/completions", body), 429, "budget")
+    assert_denied(call(broker, "openai", token, "POST", "/v1/chat/completions", body), 403, "budget")
     reqs = upstreams["openai"].requests
     assert len(reqs) == 2
     for r in reqs:
@@ -633,7 +635,7 @@ def test_openai_stream_budget_cannot_be_dodged_with_include_usage_false(broker: 
                        "messages": []}).encode()
     statuses = [call(broker, "openai", token, "POST", "/v1/chat/completions", body).status for _ in range(4)]
     sent = [json.loads(r.body or b"{}").get("stream_options") for r in upstreams["openai"].requests]
-    assert statuses == [200, 200, 429, 429], (statuses, sent, token_row(broker, agent))
+    assert statuses == [200, 200, 403, 403], (statuses, sent, token_row(broker, agent))
 
 
 def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
@@ -673,7 +675,7 @@ def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Di
     assert len(rows) == 1, "the abandoned request has no audit row"
     assert rows[0]["tokens_in"] == tin, json.dumps(rows[0])
     assert int(token_row(broker, agent)["TOKENS"]) >= tin
-    assert_denied(call(broker, "anthropic", token, "POST", "/v1/messages", body), 429, "budget")
+    assert_denied(call(broker, "anthropic", token, "POST", "/v1/messages", body), 403, "budget")
 
 
 def test_repeated_stream_key_under_a_budget_is_403(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
@@ -706,7 +708,7 @@ def test_budget_charged_from_tail_of_9mb_json_answer(broker: Broker, upstreams: 
     first = broker.request("POST", "/openai/v1/embeddings", headers, body, timeout=60)
     assert first.status == 200 and len(first.body) == len(big), (first.status, len(first.body))
     second = broker.request("POST", "/openai/v1/embeddings", headers, body, timeout=60)
-    assert second.status == 429, (f"5000 tokens used of a 100 budget, second request got {second.status} "
+    assert second.status == 403, (f"5000 tokens used of a 100 budget, second request got {second.status} "
                                   f"({len(second.body)} bytes)")
     assert len(up.requests) == 1, "the over-budget request reached the upstream"
 
@@ -726,7 +728,7 @@ def test_gemini_stream_generate_content_json_array_charges_budget(
     first = broker.request("POST", path, headers, b'{"contents":[]}')
     assert first.status == 200 and first.body == answer, (first.status, first.body[:300])
     second = broker.request("POST", path, headers, b'{"contents":[]}')
-    assert second.status == 429, f"usageMetadata in a JSON array not charged: second request got {second.status}"
+    assert second.status == 403, f"usageMetadata in a JSON array not charged: second request got {second.status}"
     assert len(up.requests) == 1
 
 
@@ -741,10 +743,10 @@ def test_max_requests_exact_under_50_concurrent(broker: Broker, upstreams: Dict[
     statuses = run_concurrently(CONCURRENCY, lambda i: call(broker, "openai", token,
                                                             path=f"/v1/models?c={marker}&i={i}").status)
     assert sorted(statuses).count(200) == 10, sorted(statuses)
-    assert sorted(statuses).count(429) == CONCURRENCY - 10, sorted(statuses)
+    assert sorted(statuses).count(403) == CONCURRENCY - 10, sorted(statuses)
     assert len(requests_marked(upstreams["openai"], marker)) == 10
     assert token_row(broker, agent)["REQUESTS"] == "10"
-    assert call(broker, "openai", token).status == 429
+    assert call(broker, "openai", token).status == 403
 
 
 def test_rate_exact_under_50_concurrent(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
@@ -766,7 +768,7 @@ def test_budget_overspend_bounded_by_requests_in_flight(broker: Broker, upstream
     A request is admitted only while less than the budget is spent; its own usage is known only
     when its answer ends. So the spend can pass the budget only by requests in flight:
     spent <= budget - 100 + 100 * concurrency. Every allowed request is metered, and once the
-    budget is spent every request is 429."""
+    budget is spent every request is 403."""
     per_answer, budget = 100, 1000
     upstreams["openai"].set_responder(openai_answer(60, 40))
     agent, token = fresh_token(broker, "openai", "--budget-tokens", str(budget), prefix=f"budget-conc{concurrency}")
@@ -779,7 +781,7 @@ def test_budget_overspend_bounded_by_requests_in_flight(broker: Broker, upstream
             if resp.status == 200:
                 allowed += 1
                 continue
-            if resp.status == 429:
+            if resp.status == 403:
                 return allowed, others
             others.append(resp.status)
         raise AssertionError("never refused")
@@ -793,7 +795,7 @@ def test_budget_overspend_bounded_by_requests_in_flight(broker: Broker, upstream
     assert len(upstreams["openai"].requests) == allowed
     after = run_concurrently(10, lambda i: call(broker, "openai", token, "POST", "/v1/chat/completions",
                                                 body).status)
-    assert after == [429] * 10
+    assert after == [403] * 10
     [u] = usage_json(broker, "--agent", agent)
     assert (u["requests"], u["tokens"]) == (allowed, spent)
 
@@ -857,7 +859,7 @@ def test_usage_counted_from_real_shaped_answers(broker: Broker, upstreams: Dict[
     assert len(upstreams[provider].requests) == 2
     assert usage_json(broker, "--agent", agent) == [{
         "agent": agent, "provider": provider, "model": model, "requests": 2,
-        "tokens_in": 2 * tin, "tokens_out": 2 * tout, "tokens": 2 * (tin + tout)}]
+        "tokens_in": 2 * tin, "tokens_out": 2 * tout, "tokens": 2 * (tin + tout), "unmetered": 0}]
     row = token_row(broker, agent)
     assert (row["REQUESTS"], row["TOKENS"]) == ("2", str(2 * (tin + tout)))
 
@@ -888,17 +890,17 @@ def test_usage_groups_by_agent_provider_and_model(broker: Broker, upstreams: Dic
     key = lambda u: (u["provider"], u["model"] or "")  # noqa: E731
     assert sorted(got, key=key) == sorted([
         {"agent": agent, "provider": "anthropic", "model": "claude-sonnet-4-20250514", "requests": 1,
-         "tokens_in": 7, "tokens_out": 3, "tokens": 10},
+         "tokens_in": 7, "tokens_out": 3, "tokens": 10, "unmetered": 0},
         {"agent": agent, "provider": "openai", "model": None, "requests": 1,
-         "tokens_in": 0, "tokens_out": 0, "tokens": 0},
+         "tokens_in": 0, "tokens_out": 0, "tokens": 0, "unmetered": 0},
         {"agent": agent, "provider": "openai", "model": "gpt-4.1", "requests": 1,
-         "tokens_in": 10, "tokens_out": 2, "tokens": 12},
+         "tokens_in": 10, "tokens_out": 2, "tokens": 12, "unmetered": 0},
         {"agent": agent, "provider": "openai", "model": "gpt-4o-mini", "requests": 3,
-         "tokens_in": 30, "tokens_out": 6, "tokens": 36},
+         "tokens_in": 30, "tokens_out": 6, "tokens": 36, "unmetered": 0},
     ], key=key)
     assert usage_json(broker, "--agent", other) == [
         {"agent": other, "provider": "openai", "model": "gpt-4o-mini", "requests": 1,
-         "tokens_in": 10, "tokens_out": 2, "tokens": 12}]
+         "tokens_in": 10, "tokens_out": 2, "tokens": 12, "unmetered": 0}]
     assert usage_json(broker, "--agent", agent, "--since", "1h") == got
     assert usage_json(broker, "--agent", agent, "--since", "2999-01-01") == []
 

@@ -1217,7 +1217,7 @@ def every_command_path() -> List[List[str]]:
                 for name, sub in action.choices.items():
                     yield from walk(sub, prefix + [name])
 
-    return list(walk(seks_broker.build_parser(), []))
+    return list(walk(seks_broker.build_parser()[0], []))
 
 
 LISTINGS = [["secret", "list"], ["token", "list"], ["agent", "list"], ["audit"], ["audit", "--json"],
