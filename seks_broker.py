@@ -6130,7 +6130,8 @@ def child_environment(environ: Dict[str, str], variables: List[Tuple[str, str]],
         key_vars.add(env_vars(provider, "", "")[1][0])
     env, warnings = {}, []
     for name, value in environ.items():
-        holder = next((secret for secret, real in real_values if real and real in value), None)
+        holder = next((secret for secret, real in real_values
+                       if len(real) >= 8 and real in value), None)
         if holder is not None:
             warnings.append(f"removed {name}: it holds the real value of secret {holder}")
         elif name in key_vars and value.strip():
