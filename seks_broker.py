@@ -1737,6 +1737,9 @@ class Store:
         self._generation_seen: Optional[Tuple[int, Tuple[int, bytes]]] = None
         try:
             with self.connection() as db:
+                if not self._ours(db):
+                    raise ConfigError(f"{path} is an sqlite database of something else, not "
+                                      f"seks-broker's")
                 self._migrate(db)
         except sqlite3.DatabaseError as exc:
             self.close()
@@ -1744,15 +1747,16 @@ class Store:
                 raise ConfigError(f"{path} is not a seks-broker database (not sqlite, or "
                                   f"damaged)") from None
             raise
-        if path != ":memory:" and not self.is_ours():
+        except ConfigError:
             self.close()
-            raise ConfigError(f"{path} is an sqlite database of something else, not "
-                              f"seks-broker's")
+            raise
 
-    def is_ours(self) -> bool:
-        with self.connection() as db:
-            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-        return {"state", "secrets", "tokens", "audit"} <= names
+    @staticmethod
+    def _ours(db: sqlite3.Connection) -> bool:
+        """A new empty file, or one with our schema: never add tables to another program's."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return not tables if version == 0 else {"state", "secrets", "tokens", "audit"} <= tables
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=DB_BUSY_SECONDS, isolation_level=None,
