@@ -2926,11 +2926,13 @@ class Relay:
                 except UpstreamFraming:
                     self._cut("upstream sent a corrupt compressed body")
             self._meter(data)
-            if body.done and body.kind == "length" and ex.drain_usage:
-                self._take_usage()
-                self.settle()                    # a sized body's last bytes: the row first
+            if body.done:                        # read to its end: back in the pool before the
+                answer.finish(complete=True)     # agent has the last byte and asks again
+                if body.kind == "length" and ex.drain_usage:
+                    self._take_usage()
+                    self.settle()                # a sized body's last bytes: the row first
             ex.bytes_out += writer.body(data)
-        answer.finish(complete=True)             # read to its end: back in the pool first
+        answer.finish(complete=True)
         if inflater is not None:
             try:
                 tail = inflater.finish()
@@ -3700,6 +3702,8 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     """One provider from its INI section (built-in ``[name]`` or a config ``[provider:name]``)."""
     if not PROVIDER_NAME_RE.match(name):
         raise ConfigError("provider names are lower-case letters, digits and '-'")
+    if name in ("seks", "api"):
+        raise ConfigError(f"the provider name {name!r} is reserved (/{name}/ is the broker's own)")
     known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env",
              "gateway"}
     unknown = set(sec.keys()) - known - set(sec.parser.defaults())
@@ -4069,7 +4073,7 @@ def load_providers(settings: Settings, strict: bool = True) -> Dict[str, Provide
     for name in settings.insecure_upstream:
         if name not in providers:
             raise ConfigError(f"insecure_upstream names unknown provider {name!r}")
-    clash = routes & set(providers)
+    clash = routes & (set(providers) | {"seks", "api"})
     if clash:
         raise ConfigError(f"provider names clash with aliases: {', '.join(sorted(clash))}")
     return providers

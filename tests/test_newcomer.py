@@ -440,3 +440,13 @@ def test_localhost_answers_on_ipv6_loopback_too(served: Broker) -> None:
                 break
             answer += data
     assert answer.startswith(b"HTTP/1.1 200") and b'"ok"' in answer
+
+
+def test_the_broker_paths_are_reserved(tmp_path: Path) -> None:
+    """/seks/ is the broker's own (token introspection): no custom provider or alias may take it."""
+    for section in ("[provider:seks]\nupstream = http://127.0.0.1:9\ntoken = header x-key\n",
+                    "[provider:mine]\nupstream = http://127.0.0.1:9\ntoken = header x-key\naliases = seks\n"):
+        path = tmp_path / "c.ini"
+        path.write_text(section)
+        cp = cli("config", "check", str(path))
+        assert cp.returncode == 1 and "seks" in cp.stdout and ("reserved" in cp.stdout or "clash" in cp.stdout), cp.stdout

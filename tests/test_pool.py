@@ -68,6 +68,25 @@ def test_one_connection_for_50_sequential_requests(broker: Broker, upstream: Fak
         assert_token_absent(req, pool_db.tokens["openai"])
 
 
+def test_the_connection_is_back_in_the_pool_before_the_agent_has_the_last_byte(
+        broker: Broker, upstream: FakeUpstream, pool_db: Broker) -> None:
+    """One keep-alive agent connection sends its next request the instant the last byte of a
+    sized answer arrives: the upstream connection must already be back in the pool (it went back
+    after the last byte was written once, and a quick client then found the pool empty). The
+    window was microseconds wide, so this catches it only sometimes (the suite's 50-request test
+    failed about one run in three under load); the ordering itself is in Relay._stream."""
+    upstream.set_responder(key_checked("openai", echo))
+    conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=TIMEOUT)
+    try:
+        for i in range(100):
+            conn.request("GET", f"/openai/v1/items/{i}", headers=auth_headers("openai", pool_db.tokens["openai"]))
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["path"] == f"/v1/items/{i}"
+    finally:
+        conn.close()
+    assert upstream.accepted == 1, f"{upstream.accepted} upstream connections for 100 back-to-back requests"
+
+
 def test_keep_alive_agent_and_mixed_methods_share_one_connection(broker: Broker, upstream: FakeUpstream,
                                                                  pool_db: Broker) -> None:
     """HEAD (no body), 204, 304, POST with a body and GET on one pooled connection: framing stays right."""
