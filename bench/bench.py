@@ -807,8 +807,8 @@ class Bench:
         env["SEKS_UPSTREAM_OPENAI"] = f"http://{HOST}:{self.upstream_port}"
         return env
 
-    def cli(self, db: str, *argv: str, stdin: Optional[str] = None) -> str:
-        done = subprocess.run([sys.executable, self.args.broker, "--db", db, *argv],
+    def cli(self, db: str, *argv: str, stdin: Optional[str] = None, broker: str = "") -> str:
+        done = subprocess.run([sys.executable, broker or self.args.broker, "--db", db, *argv],
                               input=stdin, capture_output=True, text=True, env=self.env(),
                               timeout=60)
         if done.returncode != 0:
@@ -844,10 +844,13 @@ class Bench:
 
     def make_databases(self) -> None:
         base = os.path.join(self.tmp, "base.db")
+        # made by the baseline's CLI when there is one: a newer broker migrates an older
+        # database forward, an older one refuses a newer schema
+        maker = self.args.baseline or self.args.broker
         self.cli(base, "secret", "add", "bench-openai", "--provider", "openai",
-                 stdin=REAL_KEY + "\n")
+                 stdin=REAL_KEY + "\n", broker=maker)
         self.token = self.cli(base, "token", "mint", "--secret", "bench-openai",
-                              "--agent", "bench").strip()
+                              "--agent", "bench", broker=maker).strip()
         if not self.token.startswith("seks_openai_"):
             raise RuntimeError(f"unexpected token shape from token mint: {self.token[:16]!r}")
         insert_tokens(base, 9)                                 # 10 tokens in all
@@ -1123,8 +1126,9 @@ class Bench:
         for t in targets:                                  # warm-up stream
             sock, buf = conns[t.name]
             run_stream(sock, buf, t.request("GET", path))
-        for _ in range(streams):
-            for t in targets:
+        for round_ in range(streams):                     # each round starts with another
+            shift = round_ % len(targets)                  # column: no column always follows
+            for t in targets[shift:] + targets[:shift]:    # the same one (that biased it)
                 sock, buf = conns[t.name]
                 try:
                     f, delays, count = run_stream(sock, buf, t.request("GET", path))
