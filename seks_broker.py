@@ -5448,7 +5448,8 @@ class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
             time.sleep(0.05)
-        self.wfile.write(b"f\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        done = b"data: [DONE]\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
 
     def authorized(self) -> bool:
         if hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {self.server.key}"):

@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import os
 import pty
+import signal
 import re
 import socket
 import stat
@@ -450,3 +451,56 @@ def test_the_broker_paths_are_reserved(tmp_path: Path) -> None:
         path.write_text(section)
         cp = cli("config", "check", str(path))
         assert cp.returncode == 1 and "seks" in cp.stdout and ("reserved" in cp.stdout or "clash" in cp.stdout), cp.stdout
+
+
+def test_the_readme_first_command_streams_an_answer_in_an_empty_folder(tmp_path: Path) -> None:
+    """`demo` in an empty folder, followed literally: the printed curl commands (parsed as the
+    shell would) get a plain and a streamed answer through the broker with no real key anywhere,
+    the demo key echoed back arrives masked, the printed audit command shows both requests, and
+    Ctrl-C ends it and deletes its folder (the working folder stays empty)."""
+    import shlex
+    import urllib.request
+    work = tmp_path / "empty"
+    work.mkdir()
+    env = {k: v for k, v in broker_env().items() if k != "SEKS_MASTER_KEY"}
+    proc = subprocess.Popen([sys.executable, str(BROKER_PY), "demo", "--port", "0"], cwd=str(work), env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        printed = ""
+        deadline = time.monotonic() + 20
+        while "Ctrl-C stops the demo" not in printed and time.monotonic() < deadline and proc.poll() is None:
+            printed += proc.stdout.readline()
+        curls = [shlex.split(line.strip()) for line in printed.splitlines() if line.strip().startswith("curl ")]
+        assert len(curls) == 2, printed
+        answers = []
+        for argv in curls:
+            url = next(a for a in argv if a.startswith("http://"))
+            headers = dict(argv[i + 1].split(": ", 1) for i, a in enumerate(argv) if a == "-H")
+            data = argv[argv.index("-d") + 1].encode()
+            with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=20) as r:
+                answers.append((r.status, r.headers.get("Content-Type", ""), r.read().decode()))
+        (s1, _, plain), (s2, ctype, streamed) = answers
+        assert s1 == 200 and "Hello from the demo upstream" in json.loads(plain)["choices"][0]["message"]["content"]
+        assert "Bearer [REDACTED-BY-SEKS]" in plain, plain                 # the real demo key, masked
+        assert s2 == 200 and ctype.startswith("text/event-stream")
+        events = [line[6:] for line in streamed.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) > 10, streamed[:300]
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]
+                       if json.loads(e)["choices"])
+        assert "Hello from the demo upstream" in text and "[REDACTED-BY-SEKS]" in text
+        audit_line = next(line.strip() for line in printed.splitlines() if line.strip().endswith(" audit"))
+        audit_argv = shlex.split(audit_line)
+        assert audit_argv[0] == "python3"
+        rows = subprocess.run([sys.executable] + audit_argv[1:] + ["--json"], capture_output=True, text=True,
+                              timeout=30, env=env, cwd=str(work))
+        assert [json.loads(x)["outcome"] for x in rows.stdout.splitlines()] == ["ok", "ok"], rows.stderr
+        folder = re.search(r"deletes (\S+)\.", printed).group(1)
+        assert Path(folder).is_dir()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert not Path(folder).exists(), "the demo's folder was left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert os.listdir(work) == [], os.listdir(work)
