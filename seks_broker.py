@@ -60,6 +60,7 @@ import http.client
 import http.server
 import json
 import os
+import queue
 import re
 import secrets
 import select
@@ -293,6 +294,10 @@ class BadRequest(BrokerError):
 
 class AuthError(BrokerError):
     status, kind = 401, "authentication_error"
+
+
+class Tripwire(AuthError):
+    """A decoy token was used: answered exactly like a revoked token, recorded as a tripwire."""
 
 
 class Forbidden(BrokerError):
@@ -573,6 +578,8 @@ def check_token(record: Optional[TokenRecord], provider: str, now: float) -> Tok
     """The token check: deny unless the token is known, live, and bound to this provider."""
     if record is None:
         raise AuthError("unknown token")
+    if record.policy.get("decoy"):                     # planted bait: never forwards anything
+        raise Tripwire("token revoked")
     if record.revoked_at is not None:
         raise AuthError("token revoked")
     if record.expires_at is not None and now >= record.expires_at:
@@ -2328,6 +2335,9 @@ def describe_policy(policy: Dict[str, Any]) -> str:
         parts.append("models=" + ",".join(policy["models"]))
     if "budget_tokens" in policy:
         parts.append(f"budget={policy['budget_tokens']}")
+    if policy.get("decoy"):
+        parts.append("decoy" + (f" on-tripwire={policy['on_tripwire']}"
+                                if policy.get("on_tripwire") else ""))
     return " ".join(parts) or "-"
 
 
@@ -3155,7 +3165,8 @@ class DiscordGateway:
                 raise refusal
             self.broker.admit(record, self.ex)
         except BrokerError as exc:
-            self.ex.status, self.ex.outcome = exc.status, "denied"
+            self.ex.status = exc.status
+            self.ex.outcome = "tripwire" if isinstance(exc, Tripwire) else "denied"
             self.ex.reason = self.ex.reason or exc.message
             raise WsClose(4004, "authentication failed" if exc.status == 401
                           else exc.message[:120]) from None
@@ -3321,7 +3332,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 broker.finish(ex)
 
     def answer_error(self, exc: BrokerError, ex: Exchange) -> None:
-        ex.outcome = "denied" if exc.status in (401, 403, 429) else "error"
+        if ex.outcome != "tripwire":
+            ex.outcome = "denied" if exc.status in (401, 403, 429) else "error"
         ex.reason = ex.reason or " ".join(filter(None, (exc.message, exc.detail)))
         with contextlib.suppress(ConnectionCut):
             if self.writer.error(exc, self.error_style):
@@ -3446,10 +3458,16 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("send the token as 'Authorization: Bearer <token>'")
-        record, _, _ = self.server.broker.tokens.lookup(token.strip())
+        broker = self.server.broker
+        record, _, _ = broker.tokens.lookup(token.strip())
         if record is None:
             raise AuthError("unknown token")
-        check_token(record, record.provider, time.time())
+        ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
+        try:
+            check_token(record, record.provider, time.time())
+        except Tripwire:
+            broker.tripwire(record, ex)
+            raise
         ex.outcome, ex.status = "health", 200
         self.writer.answer(200, [("Content-Type", "application/json")], json.dumps({
             "token_id": record.id, "agent": record.agent, "provider": record.provider,
@@ -3814,6 +3832,9 @@ SETTINGS: List[SettingSpec] = [
     SettingSpec("log_level", "log", "level", "choice:debug,info,warning,error", "info",
                 "info logs every request; warning and error only problems"),
     SettingSpec("quiet", "log", "quiet", "bool", False, "no per-request log lines"),
+    SettingSpec("alert_webhook", "alerts", "webhook", "str", "",
+                "URL told (JSON POST, a few tries, never blocking a request) when a decoy token "
+                "is used"),
     SettingSpec("upstream_ca", "upstream", "ca_file", "path", "",
                 "extra CA certificates (PEM) trusted for upstream TLS, e.g. a lab gateway's"),
     SettingSpec("insecure_upstream", "upstream", "insecure", "list", [],
@@ -3951,9 +3972,9 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
                     settings.upstreams[key] = value.strip()
                 except ConfigError as exc:
                     errors.append(f"{where(section, key)}: [upstream] {key}: {exc}")
-        elif section not in ("server", "limits", "log"):
+        elif section not in ("server", "limits", "log", "alerts"):
             errors.append(f"{where(section)}: unknown section [{section}] (known: server, "
-                          f"limits, log, upstream, provider:NAME)")
+                          f"limits, log, alerts, upstream, provider:NAME)")
             continue
         for key, value in parser.items(section):
             spec = by_place.get((section, key))
@@ -4107,6 +4128,7 @@ class Metrics:
         self.bytes_out: Dict[str, int] = {}
         self.latency: Dict[str, List[float]] = {}       # provider -> bucket counts + [sum, count]
         self.open_streams = 0
+        self.tripwires: Dict[str, int] = {}             # provider -> decoy tokens used
 
     def observe(self, ex: "Exchange", seconds: float) -> None:
         provider = ex.provider or "-"
@@ -4121,6 +4143,8 @@ class Metrics:
             hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             hist[-2] += seconds
             hist[-1] += 1
+            if ex.outcome == "tripwire":
+                self.tripwires[provider] = self.tripwires.get(provider, 0) + 1
             if ex.status in (502, 504):
                 kind = "timeout" if ex.status == 504 else "error"
                 ukey = (provider, kind)
@@ -4166,6 +4190,10 @@ class Metrics:
                                        "Response body bytes to agents.")):
                 out += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
                 out += [f"{name}{labels(provider=p)} {n}" for p, n in sorted(table.items())]
+            out += ["# HELP seks_tripwires_total Decoy tokens used (token mint --decoy).",
+                    "# TYPE seks_tripwires_total counter"]
+            out += [f"seks_tripwires_total{labels(provider=p)} {n}"
+                    for p, n in sorted(self.tripwires.items())]
             out += ["# HELP seks_open_streams Streamed answers being relayed now.",
                     "# TYPE seks_open_streams gauge", f"seks_open_streams {self.open_streams}",
                     "# HELP seks_open_connections Agent connections open now.",
@@ -4186,6 +4214,47 @@ def clean_text(value: Optional[str], limit: int) -> Optional[str]:
 def clean_count(value: Optional[int]) -> Optional[int]:
     """A token count an upstream reported, kept within sqlite's integer range."""
     return None if value is None else max(0, min(int(value), 2 ** 62))
+
+
+class AlertHook:
+    """Tells the operator's webhook about events (a decoy token used) from a thread of its own:
+    a bounded queue, a JSON POST with a 5 s timeout, three tries 1 and 2 s apart. It never
+    blocks a request; when the queue is full the event is only logged. The webhook is the
+    operator's configured URL and gets no key and no token, only the token's id."""
+
+    def __init__(self, url: str, log: Callable[..., None]) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"alert webhook must be an http(s) URL, got {url!r}",
+                              key="webhook")
+        self.url, self.log = url, log
+        self.queue: "queue.Queue[Dict[str, Any]]" = queue.Queue(maxsize=100)
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        threading.Thread(target=self._run, name="seks-alerts", daemon=True).start()
+
+    def send(self, event: Dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            self.log("error", "alert-dropped", message="alert queue full; event only logged")
+
+    def _run(self) -> None:
+        while True:
+            event = self.queue.get()
+            body = json.dumps(event, sort_keys=True).encode()
+            for attempt in range(3):
+                try:
+                    request = urllib.request.Request(self.url, data=body, method="POST", headers={
+                        "Content-Type": "application/json", "User-Agent": f"seks-broker/{__version__}"})
+                    with self.opener.open(request, timeout=5) as answer:
+                        answer.read(4096)
+                    break
+                except (OSError, ValueError, http.client.HTTPException):
+                    if attempt == 2:
+                        self.log("error", "alert-failed", message="the alert webhook did not "
+                                 "take the event after 3 tries")
+                    else:
+                        time.sleep(1.0 + attempt)
 
 
 def upstream_failure(exc: BaseException) -> Tuple[type, str]:
@@ -4255,6 +4324,8 @@ class Broker:
         self.draining = False
         self.audit_ok = True          # the last audit write succeeded; if not, refuse (503)
         self.ws_sessions: set = set()           # open WebSocket sessions, closed at shutdown
+        self.alerts = AlertHook(settings.alert_webhook, self.log) if settings.alert_webhook \
+            else None
 
     def __repr__(self) -> str:
         return f"Broker({len(self.providers)} providers)"
@@ -4297,9 +4368,30 @@ class Broker:
                                 f"a token from 'token mint' or start it with 'run'")
         else:
             ex.agent, ex.token_id, ex.secret = record.agent, record.id, record.secret_name
-        check_token(record, provider.name, time.time())
+        try:
+            check_token(record, provider.name, time.time())
+        except Tripwire:
+            assert record is not None
+            self.tripwire(record, ex)
+            raise
         assert record is not None and key is not None
         return record, key, pairs
+
+    def tripwire(self, record: TokenRecord, ex: "Exchange") -> None:
+        """A decoy was used: the audit row says so, the log says so at error level, the alert
+        hook is told (in the background), and with on_tripwire=disable-agent every token of the
+        agent the decoy was handed to stops now."""
+        ex.outcome, ex.reason = "tripwire", "decoy token used"
+        self.log("error", "tripwire", agent=record.agent, token=record.id,
+                 provider=record.provider, client=ex.client, path=ex.path)
+        if record.policy.get("on_tripwire") == "disable-agent":
+            with contextlib.suppress(ConfigError, sqlite3.Error):
+                self.store.set_agent_disabled(record.agent, True)
+                ex.reason += "; agent disabled"
+        if self.alerts is not None:
+            self.alerts.send({"event": "tripwire", "agent": record.agent, "token_id": record.id,
+                              "provider": record.provider, "path": ex.path,
+                              "client": ex.client, "ts": utc_iso()})
 
     def admit(self, record: TokenRecord, ex: "Exchange") -> None:
         """Count the request against the token's rate, lifetime and budget limits (if any)."""
@@ -5124,6 +5216,12 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
                         "json: one object")
     q.add_argument("--out", metavar="FILE", help="write to FILE (mode 0600: it is a credential) "
                                                  "instead of stdout")
+    q.add_argument("--decoy", action="store_true",
+                   help="a tripwire: looks like any token, never forwards anything; its use is "
+                        "answered like a revoked token, audited as 'tripwire', logged at error "
+                        "level, counted in /metrics and sent to [alerts] webhook")
+    q.add_argument("--on-tripwire", choices=["disable-agent"],
+                   help="with --decoy: also disable every token of its agent when it is used")
     q = command("list", "tokens with agent, provider, label, state, use and policy",
                 "PROG token list", "PROG token list --agent bot --status active",
                 under=actions, path="token")
@@ -5651,6 +5749,12 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
     expires = time.time() + ttl if ttl else None
     policy = make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
                          args.models, args.budget_tokens)
+    if getattr(args, "decoy", False):
+        policy["decoy"] = True
+        if args.on_tripwire:
+            policy["on_tripwire"] = args.on_tripwire
+    elif getattr(args, "on_tripwire", None):
+        raise UsageError("--on-tripwire goes with --decoy")
     if not provider.usage and ("models" in policy or "budget_tokens" in policy):
         raise UsageError(f"--models and --budget-tokens apply to LLM providers (those with "
                          f"'usage' set); {provider.name} has none")
