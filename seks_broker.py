@@ -4324,6 +4324,7 @@ class Broker:
         self.draining = False
         self.audit_ok = True          # the last audit write succeeded; if not, refuse (503)
         self.ws_sessions: set = set()           # open WebSocket sessions, closed at shutdown
+        self.connection_slots: List[Any] = [threading.Lock(), 0]   # agent connections open
         self.alerts = AlertHook(settings.alert_webhook, self.log) if settings.alert_webhook \
             else None
 
@@ -4575,8 +4576,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         self.broker = broker
         self.tls = tls
         self.reuse_port = reuse_port
-        self.active = 0
-        self._active_lock = threading.Lock()
+        self.slots = broker.connection_slots    # shared by the 127.0.0.1 and [::1] listeners
         self.watch = DeadlineWatch()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -4594,10 +4594,10 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._active_lock:
-            full = self.active >= self.broker.settings.max_connections
+        with self.slots[0]:
+            full = self.slots[1] >= self.broker.settings.max_connections
             if not full:
-                self.active += 1
+                self.slots[1] += 1
         if full:
             with contextlib.suppress(OSError, ConnectionCut):
                 request.settimeout(1.0)
@@ -4608,8 +4608,8 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            with self._active_lock:
-                self.active -= 1
+            with self.slots[0]:
+                self.slots[1] -= 1
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -4622,8 +4622,8 @@ class BrokerServer(http.server.ThreadingHTTPServer):
             self.shutdown_request(request)
         finally:
             self.watch.disarm(request)
-            with self._active_lock:
-                self.active -= 1
+            with self.slots[0]:
+                self.slots[1] -= 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         kind = sys.exc_info()[0]
@@ -4651,7 +4651,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/metrics":
-            body = self.server.broker.metrics.render(self.server.agent_server.active).encode()
+            body = self.server.broker.metrics.render(self.server.broker.connection_slots[1]).encode()
             ctype = "text/plain; version=0.0.4; charset=utf-8"
             status = 200
         elif self.path == "/healthz":

@@ -504,3 +504,23 @@ def test_the_readme_first_command_streams_an_answer_in_an_empty_folder(tmp_path:
             proc.kill()
             proc.wait(5)
     assert os.listdir(work) == [], os.listdir(work)
+
+
+def test_the_ipv6_listener_shares_the_connection_cap(procs: Brokers, seeded: Broker) -> None:
+    """--max-connections bounds the broker, not each listener: a connection held on 127.0.0.1
+    fills a cap of 1, and [::1] then answers 503 too (when this machine has IPv6 loopback)."""
+    b = procs.serve(seeded, "--max-connections", "1", "--client-timeout", "20s", "--header-timeout", "20s")
+    if "[::1]" not in b.ready_line:
+        with pytest.raises(OSError):
+            socket.create_connection(("::1", b.port), timeout=2).close()
+        return
+    held = socket.create_connection(("127.0.0.1", b.port), timeout=5)
+    try:
+        held.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")          # an unfinished head holds the slot
+        time.sleep(0.3)
+        with socket.create_connection(("::1", b.port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:100]
+    finally:
+        held.close()
