@@ -2067,8 +2067,8 @@ class Store:
         cutoff = utc_iso(before)
         with self.transaction() as db:
             ids = [r[0] for r in db.execute(
-                "SELECT id FROM tokens WHERE (revoked_at IS NOT NULL AND revoked_at < ?) OR "
-                "(revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at < ?)",
+                "SELECT id FROM tokens WHERE (revoked_at IS NOT NULL AND revoked_at <= ?) OR "
+                "(revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= ?)",
                 (cutoff, before))]
             for token_id in ids:
                 db.execute("DELETE FROM token_usage WHERE token_id = ?", (token_id,))
@@ -4232,7 +4232,7 @@ class AlertHook:
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         threading.Thread(target=self._run, name="seks-alerts", daemon=True).start()
 
-    def send(self, event: Dict[str, Any]) -> None:
+    def notify(self, event: Dict[str, Any]) -> None:
         try:
             self.queue.put_nowait(event)
         except queue.Full:
@@ -4390,7 +4390,7 @@ class Broker:
                 self.store.set_agent_disabled(record.agent, True)
                 ex.reason += "; agent disabled"
         if self.alerts is not None:
-            self.alerts.send({"event": "tripwire", "agent": record.agent, "token_id": record.id,
+            self.alerts.notify({"event": "tripwire", "agent": record.agent, "token_id": record.id,
                               "provider": record.provider, "path": ex.path,
                               "client": ex.client, "ts": utc_iso()})
 
