@@ -22,7 +22,8 @@ WHERE EACH PROMISE IS HELD, in reading order (sections 3 and 4 are the reviewer'
       masked_request_path and terminal_text make logs, audit rows and listings safe.
   3 A fake token is narrow and revocable: token_digest, check_token, then decide (methods, paths,
       models, WebSocket and budget rules) and check_limits (rate, request count, budget: run in
-      one DB transaction by Store.admit). TokenCache trusts an entry only while the DB's change
+      one DB transaction by Store.admit, with budget_reservation's bound held until the answer's
+      usage settles it). TokenCache trusts an entry only while the DB's change
       counter is unchanged, so a revocation bites on the next request, in every process.
   4 A stolen DB reveals nothing usable: SecretCipher (its docstring is the format spec).
   5 Nothing on the command line: read_secret_value; CliParser never echoes a refused value.
@@ -1686,9 +1687,40 @@ def _migration_3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE state ADD COLUMN verified TEXT")   # last `audit verify`, as JSON
 
 
+def _migration_4(db: sqlite3.Connection) -> None:
+    _run_script(db, """
+        CREATE TABLE reservations (              -- what budget requests in flight may still cost
+            id INTEGER PRIMARY KEY,
+            token_id TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            owner TEXT NOT NULL                  -- host:pid of the broker process holding it
+        );
+        CREATE INDEX reservations_token ON reservations (token_id)
+    """)
+
+
 MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2,
-                                                          _migration_3]
+                                                          _migration_3, _migration_4]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
+
+
+PROCESS_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the broker process that holds a reservation (``host:pid``) has died. Only a
+    process on this host can be checked; one elsewhere is taken to be alive."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or owner == PROCESS_OWNER:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:                                   # alive, owned by another user
+        return False
+    return False
 
 
 def begin_immediate(db: sqlite3.Connection) -> None:
@@ -2092,28 +2124,72 @@ class Store:
             return row[0], row[1]
 
     # --- policy counters -------------------------------------------------------------------
-    def admit(self, token_id: str, policy: Dict[str, Any], now: float) -> None:
+    def admit(self, token_id: str, policy: Dict[str, Any], now: float,
+              plan: Optional[Callable[[int, bool], int]] = None) -> Optional[int]:
         """Count one request against the token's limits (check_limits), atomically: BEGIN
-        IMMEDIATE serialises every thread and broker process on this DB."""
+        IMMEDIATE serialises every thread and broker process on this DB. With a budget,
+        ``plan`` is told what is left (the budget minus what was spent and what requests in
+        flight hold) and returns what this request may cost; that is held as a reservation
+        (its id is returned) until append_audit settles it. A crashed process's reservations
+        stay held: they are settled at their bound."""
+        budget = plan is not None and "budget_tokens" in policy
+        if budget:
+            self._settle_orphans(token_id)
         with self.transaction() as db:
             requests_, used, bucket, bucket_at = db.execute(
                 "SELECT requests, tokens_used, bucket, bucket_at FROM token_usage "
                 "WHERE token_id = ?", (token_id,)).fetchone()
             bucket, bucket_at = check_limits(policy, requests_, used, bucket, bucket_at, now)
+            reservation = None
+            if budget:
+                assert plan is not None
+                held = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE "
+                                  "token_id = ?", (token_id,)).fetchone()[0]
+                amount = plan(policy["budget_tokens"] - used - held, held > 0)
+                reservation = db.execute(
+                    "INSERT INTO reservations (token_id, amount, created_at, owner) VALUES "
+                    "(?, ?, ?, ?)", (token_id, amount, utc_iso(now), PROCESS_OWNER)).lastrowid
             db.execute("UPDATE token_usage SET requests = requests + 1, bucket = ?, bucket_at = ? "
                        "WHERE token_id = ?", (bucket, bucket_at, token_id))
+            return reservation
+
+    def _settle_orphans(self, token_id: str) -> None:
+        """Reservations whose broker process died are settled at their bound (the upstream may
+        have billed the request), in a transaction of their own."""
+        with self.connection() as db:
+            rows = db.execute("SELECT id, owner FROM reservations WHERE token_id = ?",
+                              (token_id,)).fetchall()
+        gone = [row_id for row_id, owner in rows if owner_gone(owner)]
+        if not gone:
+            return
+        with self.transaction() as db:
+            for row_id in gone:
+                held = db.execute("SELECT amount FROM reservations WHERE id = ?",
+                                  (row_id,)).fetchone()
+                if held is not None:
+                    db.execute("DELETE FROM reservations WHERE id = ?", (row_id,))
+                    db.execute("UPDATE token_usage SET tokens_used = tokens_used + ? WHERE "
+                               "token_id = ?", (held[0], token_id))
 
     # --- audit -----------------------------------------------------------------------------
-    def append_audit(self, keys: "KeyRing", row: "AuditRow", counted: bool) -> None:
+    def append_audit(self, keys: "KeyRing", row: "AuditRow", counted: bool,
+                     reservation: Optional[int] = None) -> None:
         """Append one chained audit row, and the request's usage, in one short transaction;
         refuses (KeyRotated) if the DB moved to another master key meanwhile. ``counted``: the
-        request was already counted at admission."""
+        request was already counted at admission. ``reservation`` is settled here: to the
+        usage the answer reported, or, if it reported none, to its whole bound."""
         with self.transaction() as db:
             check = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
             if check is not None and not hmac.compare_digest(bytes(check), keys.check):
                 raise KeyRotated()
             self._append_audit(db, keys.audit, row)
             spent = (row.tokens_in or 0) + (row.tokens_out or 0)
+            if reservation is not None:
+                held = db.execute("SELECT amount FROM reservations WHERE id = ?",
+                                  (reservation,)).fetchone()
+                db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+                if held is not None and row.tokens_in is None and row.tokens_out is None:
+                    spent = held[0]
             if row.token_id and (spent or not counted):
                 db.execute("UPDATE token_usage SET tokens_used = tokens_used + ?, "
                            "requests = requests + ? WHERE token_id = ?",
@@ -2456,6 +2532,75 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
         facts.model = model if isinstance(model, str) else None
         facts.background = obj.get("background") is True
     return facts
+
+
+BUDGET_INPUT_MARGIN = 64     # tokens a provider may add around a request's text (roles, turns)
+_GENERATING_RE = re.compile(r"(/chat/completions|/completions|/responses|/messages|"
+                            r":generateContent|:streamGenerateContent)/?\Z")
+
+
+def budget_reservation(kind: str, path: str, body: bytes, left: int,
+                       in_flight: bool = False) -> Tuple[int, Optional[bytes]]:
+    """The most a budget token's request can cost, and its body with the output cap set so the
+    request fits in what is ``left`` (None: unchanged). Input: a request's text cannot become
+    more tokens than it has bytes, plus BUDGET_INPUT_MARGIN. Output: the request's own cap
+    (max_completion_tokens / max_tokens / max_output_tokens / generationConfig.maxOutputTokens,
+    times n or candidateCount), lowered to what is left, or set to it when absent. A request
+    that cannot fit is refused: 429 while requests ``in_flight`` hold part of the budget (it
+    may fit once they settle), else 403 Exhausted (it never will). Forbidden for a generation
+    request whose JSON the broker cannot bound. Media the provider fetches by URL is not
+    bounded (the docs say so)."""
+    input_bound = len(body) + BUDGET_INPUT_MARGIN
+    room = left - input_bound
+
+    def cannot_fit(cost: str) -> BrokerError:
+        message = (f"this request may cost up to {cost} tokens and the token's budget has "
+                   f"{max(left, 0)} left")
+        if in_flight:
+            return RateLimited(message + " while requests in flight hold the rest",
+                               headers={"Retry-After": "1"})
+        return Exhausted(message)
+    if room < 1:
+        raise cannot_fit(f"{input_bound} input")
+    if not _GENERATING_RE.search(path):
+        return input_bound, None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise Forbidden("a budget-limited token needs a JSON body to bound a generation request")
+    holder: Dict[str, Any] = obj
+    if kind == "gemini":
+        holder = obj.setdefault("generationConfig", {})
+        if not isinstance(holder, dict):
+            raise Forbidden("generationConfig must be an object for a budget-limited token")
+        names, default, count_name = ("maxOutputTokens",), "maxOutputTokens", "candidateCount"
+    elif kind == "anthropic":
+        names, default, count_name = ("max_tokens",), "max_tokens", ""
+    elif path.rstrip("/").endswith("/responses"):
+        names, default, count_name = ("max_output_tokens",), "max_output_tokens", ""
+    else:
+        names, default, count_name = ("max_completion_tokens", "max_tokens"), \
+            "max_completion_tokens" if path.rstrip("/").endswith("/chat/completions") \
+            else "max_tokens", "n"
+    count = holder.get(count_name, 1) if count_name else 1
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        count = 1 if count is None else 0
+    if count < 1:
+        raise Forbidden(f"{count_name} must be a positive whole number for a budget-limited token")
+    present = [name for name in names if name in holder]
+    caps = [holder[name] for name in present]
+    if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in caps):
+        raise Forbidden(f"{'/'.join(present)} must be a positive whole number for a "
+                        f"budget-limited token")
+    cap = min(caps + [room // count])
+    if cap < 1:
+        raise cannot_fit(f"{input_bound} input and {count} outputs of at least 1")
+    changed = not present or any(c != cap for c in caps)
+    for name in present or [default]:
+        holder[name] = cap
+    return input_bound + cap * count, json.dumps(obj).encode() if changed else None
 
 
 def ask_for_stream_usage(body: bytes) -> bytes:
@@ -3254,7 +3399,7 @@ class Exchange:
 
     __slots__ = ("started", "client", "method", "path", "provider", "agent", "token_id",
                  "secret", "status", "bytes_in", "bytes_out", "outcome", "reason", "model",
-                 "tokens_in", "tokens_out", "counted", "recorded", "drain_usage")
+                 "tokens_in", "tokens_out", "counted", "recorded", "drain_usage", "reservation")
 
     def __init__(self, client: str) -> None:
         self.started = time.monotonic()
@@ -3269,6 +3414,7 @@ class Exchange:
         self.counted = False       # the request was already counted by policy admission
         self.recorded = False      # the audit row is written
         self.drain_usage = False   # a budget applies: count a stream even if the agent leaves
+        self.reservation: Optional[int] = None   # what a budget request holds until settled
 
 
 def is_websocket_upgrade(head: RequestHead) -> bool:
@@ -3429,7 +3575,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 body = ask_for_stream_usage(body)
         elif provider.usage and isinstance(body, bytes):
             ex.model = request_model(provider, rest, body, head.get("content-type") or "")
-        broker.admit(record, ex)
+        body = broker.admit(record, ex, provider.usage, facts.path, body)
         ex.drain_usage = "budget_tokens" in policy
         headers, rest_up, query_up = swap_credentials(
             provider, swap, key.decode("utf-8", "surrogateescape"),
@@ -4062,6 +4208,9 @@ def settings_problem(settings: Settings) -> str:
         check_gateway_url(settings.discord_gateway)
     except ConfigError as exc:
         return str(exc)
+    hook = urllib.parse.urlsplit(settings.alert_webhook) if settings.alert_webhook else None
+    if hook is not None and (hook.scheme not in ("http", "https") or not hook.hostname):
+        return f"alert webhook must be an http(s) URL, got {settings.alert_webhook!r}"
     return ""
 
 
@@ -4394,11 +4543,24 @@ class Broker:
                               "provider": record.provider, "path": ex.path,
                               "client": ex.client, "ts": utc_iso()})
 
-    def admit(self, record: TokenRecord, ex: "Exchange") -> None:
-        """Count the request against the token's rate, lifetime and budget limits (if any)."""
-        if needs_admission(record.policy):
-            self.store.admit(record.id, record.policy, time.time())
-            ex.counted = True
+    def admit(self, record: TokenRecord, ex: "Exchange", kind: str = "", path: str = "",
+              body: Any = None) -> Any:
+        """Count the request against the token's rate, lifetime and budget limits (if any).
+        A budget request also reserves what it may cost (budget_reservation), which may lower
+        its output cap: the body to forward is returned."""
+        if not needs_admission(record.policy):
+            return body
+        rewritten: List[Optional[bytes]] = []
+
+        def plan(left: int, in_flight: bool) -> int:
+            amount, new_body = budget_reservation(kind, path, body, left, in_flight)
+            rewritten.append(new_body)
+            return amount
+        budget = "budget_tokens" in record.policy and isinstance(body, bytes)
+        ex.reservation = self.store.admit(record.id, record.policy, time.time(),
+                                          plan if budget else None)
+        ex.counted = True
+        return rewritten[0] if rewritten and rewritten[0] is not None else body
 
     def fingerprint(self, presented: str) -> str:
         """A short, keyed, non-reversible tag of an unknown token, to correlate attempts."""
@@ -4465,20 +4627,20 @@ class Broker:
                        client=ex.client, outcome=ex.outcome, reason=clean_text(ex.reason, 300),
                        model=clean_text(ex.model, 100), tokens_in=clean_count(ex.tokens_in),
                        tokens_out=clean_count(ex.tokens_out))
-        error = self._append_audit(row, ex.counted or ex.outcome != "ok")
+        error = self._append_audit(row, ex.counted or ex.outcome != "ok", ex.reservation)
         self.audit_ok = not error
         if error:
             self.log("error", "audit", message=f"AUDIT WRITE FAILED: {error}")
         return not error
 
-    def _append_audit(self, row: AuditRow, counted: bool) -> str:
+    def _append_audit(self, row: AuditRow, counted: bool, reservation: Optional[int]) -> str:
         """Commit the row (durable before the caller goes on); the error text, or ""."""
         try:
             try:
-                self.store.append_audit(self.tokens.keys, row, counted)
+                self.store.append_audit(self.tokens.keys, row, counted, reservation)
             except KeyRotated:
                 self.tokens.reload_keys()
-                self.store.append_audit(self.tokens.keys, row, counted)
+                self.store.append_audit(self.tokens.keys, row, counted, reservation)
         except (KeyRotated, Unavailable):
             return "master key rotated; restart the broker"
         except Exception as exc:

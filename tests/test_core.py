@@ -520,3 +520,69 @@ def test_key_variants_live_only_in_the_token_cache_and_go_with_a_revocation(tmp_
     assert record is None and real is None and pairs == ()
     assert not any(entry[1] for entry in cache._entries.values()), "the revoked token's key is still cached"
     store.close()
+
+
+# --- budget reservations (issue 17 item 1) -----------------------------------------------------
+
+ROOM = "room"      # in the table below: what is left after the input bound (len(body) + 64)
+
+
+@pytest.mark.parametrize("kind,path,body,left,out,want_fields", [
+    # no cap: set to what is left after the input bound, in the provider's own field
+    ("openai", "/v1/chat/completions", b'{"model":"m","messages":[]}', 1000, ROOM, {"max_completion_tokens": ROOM}),
+    # a smaller cap stays; n multiplies the output
+    ("openai", "/v1/chat/completions", b'{"model":"m","max_tokens":50,"n":2}', 1000, 100, None),
+    # a cap larger than what is left is lowered (both spellings at once: both lowered)
+    ("openai", "/v1/chat/completions", b'{"max_tokens":9999,"max_completion_tokens":5000}', 500, ROOM,
+     {"max_tokens": ROOM, "max_completion_tokens": ROOM}),
+    ("openai", "/v1/responses", b'{"model":"m","input":"hi"}', 400, ROOM, {"max_output_tokens": ROOM}),
+    ("openai", "/v1/completions", b'{"model":"m","prompt":"hi"}', 400, ROOM, {"max_tokens": ROOM}),
+    # an escaped field name is the same field to the provider's JSON parser: read and lowered
+    ("anthropic", "/v1/messages", b'{"model":"m","max_\\u0074okens":5000}', 1000, ROOM, {"max_tokens": ROOM}),
+    ("gemini", "/v1beta/models/g:streamGenerateContent", b'{"contents":[]}', 500, ROOM,
+     {"generationConfig": {"maxOutputTokens": ROOM}}),
+    ("gemini", "/v1beta/models/g:generateContent",
+     b'{"contents":[],"generationConfig":{"maxOutputTokens":10,"candidateCount":3}}', 500, 30, None),
+    # no output: the input bound alone
+    ("openai", "/v1/embeddings", b'{"input":"x"}', 500, 0, None),
+])
+def test_budget_reservation_bounds_and_caps(kind, path, body, left, out, want_fields):
+    room = left - len(body) - 64
+    cost, new = sb.budget_reservation(kind, path, body, left)
+    assert cost == len(body) + 64 + (room if out == ROOM else out) and cost <= left
+    if want_fields is None:
+        assert new is None
+        return
+    sent = json.loads(new)
+    for name, value in want_fields.items():
+        want = {k: (room if v == ROOM else v) for k, v in value.items()} if isinstance(value, dict) else \
+            (room if value == ROOM else value)
+        assert sent[name] == want, sent
+
+
+@pytest.mark.parametrize("body,left,in_flight,error", [
+    (b'{"model":"m"}', 50, False, "Exhausted"),            # cannot fit, nothing in flight: for good
+    (b'{"model":"m"}', 50, True, "RateLimited"),           # may fit once others settle
+    (b'{"model":"m","n":1000}', 200, False, "Exhausted"),  # not even 1 token per output
+    (b'[1, 2]', 5000, False, "Forbidden"),                 # not an object: cannot be bounded
+    (b'{"max_tokens": -5}', 5000, False, "Forbidden"),
+    (b'{"max_tokens": true}', 5000, False, "Forbidden"),
+    (b'{"n": 0}', 5000, False, "Forbidden"),
+])
+def test_budget_reservation_refuses_what_cannot_fit_or_be_bounded(body, left, in_flight, error):
+    with pytest.raises(getattr(sb, error)) as info:
+        sb.budget_reservation("openai", "/v1/chat/completions", body, left, in_flight)
+    if error == "RateLimited":
+        assert info.value.headers == {"Retry-After": "1"}
+    if error == "Exhausted":
+        assert info.value.headers == {"x-should-retry": "false"}
+
+
+def test_a_budget_body_that_repeats_its_cap_is_refused_before_any_reservation():
+    """A field spelled twice: parsers disagree on which wins, so decide() refuses the body."""
+    body = b'{"model":"m","max_tokens":10,"max_tokens":100000}'
+    facts = sb.request_facts(sb.BUILTIN_PROVIDERS["openai"], "POST", [("Content-Type", "application/json")],
+                             "/v1/chat/completions", sb.CredentialSwap("t", sb.CredentialPlace("header", "authorization", ("Bearer",)), "Bearer"),
+                             body, True, False)
+    refusal = sb.decide({"budget_tokens": 1000}, facts)
+    assert refusal is not None and refusal.status == 403

@@ -108,13 +108,13 @@ def token_json(b: Broker, *args: str) -> List[Dict]:
 
 def test_token_list_states_budget_and_filters(seeded: Broker, served: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     def spend(h, req):
-        h.send_json(200, {"object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 10}})
+        h.send_json(200, {"object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 80}})
     upstreams["openai"].set_responder(spend)
     body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
     agent = fresh_agent("states")
     used_up = served.mint("openai", agent, "--max-requests", "1")
-    budget = served.mint("openai", agent, "--budget-tokens", "100")
-    spent = served.mint("openai", agent, "--budget-tokens", "40")
+    budget = served.mint("openai", agent, "--budget-tokens", "400")
+    spent = served.mint("openai", agent, "--budget-tokens", "105")     # fits one request; it reports 110
     served.mint("openai", agent, "--ttl", "1s")
     revoked = served.mint("openai", agent)
     assert call(served, "openai", used_up).status == 200
@@ -130,7 +130,7 @@ def test_token_list_states_budget_and_filters(seeded: Broker, served: Broker, up
     states = sorted(t["state"] for t in token_json(seeded, "--agent", agent))
     assert states == ["active", "exhausted", "exhausted", "expired", "revoked"], states
     table = parse_table(ok(run_cli(seeded.db, "token", "list", "--agent", agent, env=seeded.env)))
-    assert {r["BUDGET"] for r in table} >= {"40/100 (40%)", "40/40 (100%)", "-"}, table
+    assert {r["BUDGET"] for r in table} >= {"110/400 (28%)", "110/105 (105%)", "-"}, table
     assert [t["state"] for t in token_json(seeded, "--agent", agent, "--status", "expired")] == ["expired"]
     assert token_json(seeded, "--agent", fresh_agent("nobody")) == []
     other = fresh_agent("disabled")

@@ -26,7 +26,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 
 from conftest import (
-    REAL_KEYS, Broker, FakeUpstream, RecordedRequest, Response, UpstreamHandler, auth_headers,
+    hanging_upstream, broker_env, wait_until,
+    http_request,
+    REAL_KEYS, Brokers, audit_json, Broker, FakeUpstream, RecordedRequest, Response, UpstreamHandler, auth_headers,
     call, error_type_and_message, fresh_agent, fresh_token, key_checked, ok, parse_table,
     send_request,
 )
@@ -127,7 +129,9 @@ def openai_answer(tin: int, tout: int, groq: bool = False, content: str = "Hello
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         body = body_json(req)
         model = body.get("model", "gpt-4o-mini")
-        usage = {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}
+        caps = [body[k] for k in ("max_completion_tokens", "max_tokens") if isinstance(body.get(k), int)]
+        out = min([tout] + caps)                   # like the real API: never more than asked for
+        usage = {"prompt_tokens": tin, "completion_tokens": out, "total_tokens": tin + out}
         base = {"id": "chatcmpl-test", "created": 1700000000, "model": model, "system_fingerprint": "fp_test"}
         if body.get("stream") is not True:
             answer = {**base, "object": "chat.completion", "choices": [
@@ -152,8 +156,8 @@ def openai_answer(tin: int, tout: int, groq: bool = False, content: str = "Hello
         last = {**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], **extra}
         if groq:
             last["x_groq"] = {"id": "req_test", "usage": {"queue_time": 0.01, "prompt_tokens": tin,
-                                                          "prompt_time": 0.002, "completion_tokens": tout,
-                                                          "completion_time": 0.03, "total_tokens": tin + tout,
+                                                          "prompt_time": 0.002, "completion_tokens": out,
+                                                          "completion_time": 0.03, "total_tokens": tin + out,
                                                           "total_time": 0.032}}
         events.append(sse(last))
         if include:
@@ -556,17 +560,25 @@ def test_multipart_with_a_quoted_boundary_and_the_allowed_model_passes(
 
 
 def test_budget_policy_sequential(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    """Budget 250, 100 tokens an answer: requests run while less than 250 is spent (3), then 403."""
+    """Budget 250, answers of 60 in + up to 40 out: each request reserves its bound (input bytes
+    + 64, output cap lowered to what is left), so the budget is never passed; once what is left
+    cannot hold a request's input bound, it is 403 (nothing in flight: it never will fit)."""
     upstreams["openai"].set_responder(openai_answer(60, 40))
     agent, token = fresh_token(broker, "openai", "--budget-tokens", "250", prefix="budget")
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    for _ in range(3):
-        read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)
+    bound = len(body) + 64
+    read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)       # 100 spent
+    read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)       # cap lowered
+    caps = [json.loads(r.body)["max_completion_tokens"] for r in upstreams["openai"].requests]
+    assert caps == [250 - bound, 150 - bound], caps
+    spent = 100 + 60 + (150 - bound)
     for _ in range(2):
-        assert_denied(call(broker, "openai", token, "POST", "/v1/chat/completions", body), 403, "budget", "250")
-    assert len(upstreams["openai"].requests) == 3
+        refused = call(broker, "openai", token, "POST", "/v1/chat/completions", body)
+        assert_denied(refused, 403, "budget", f"{250 - spent} left")
+        assert refused.headers.get("x-should-retry") == "false"
+    assert len(upstreams["openai"].requests) == 2
     row = token_row(broker, agent)
-    assert row["TOKENS"] == "300"
+    assert row["TOKENS"] == str(spent) and spent <= 250
     assert row["POLICY"] == "budget=250"
 
 
@@ -606,36 +618,32 @@ def test_budget_tokens_may_use_responses_in_the_foreground(broker: Broker,
 
 
 def test_openai_stream_budget_asks_for_usage(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
-    """With --budget-tokens the broker adds stream_options.include_usage, so the stream's last
-    chunk carries usage and the spend is counted."""
+    """With --budget-tokens the broker adds stream_options.include_usage (also over an explicit
+    false, which would otherwise make the budget unlimited), so each stream's last chunk carries
+    usage, every request is charged, and the budget is never passed."""
     upstreams["openai"].set_responder(openai_answer(60, 40))
-    agent, token = fresh_token(broker, "openai", "--budget-tokens", "150", prefix="budget-stream")
-    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": []}).encode()
-    for _ in range(2):
-        resp = read_through(broker, "openai", token, "POST", "/v1/chat/completions", body)
-        assert b'"usage": {"prompt_tokens": 60' in resp.body
-    assert_denied(call(broker, "openai", token, "POST", "/v1/chat/completions", body), 403, "budget")
-    reqs = upstreams["openai"].requests
-    assert len(reqs) == 2
-    for r in reqs:
-        sent = json.loads(r.body or b"{}")
-        assert sent["stream_options"]["include_usage"] is True
-        assert sent["model"] == "gpt-4o-mini" and sent["messages"] == []
-        assert r.header("Content-Length") == str(len(r.body or b""))
-    assert token_row(broker, agent)["TOKENS"] == "200"
-
-
-def test_openai_stream_budget_cannot_be_dodged_with_include_usage_false(broker: Broker,
-                                                                       upstreams: Dict[str, FakeUpstream]) -> None:
-    """An agent that sends stream_options.include_usage=false would get unmetered streams and an
-    unlimited budget: with --budget-tokens the broker must still get usage reported."""
-    upstreams["openai"].set_responder(openai_answer(60, 40))
-    agent, token = fresh_token(broker, "openai", "--budget-tokens", "150", prefix="budget-dodge")
-    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": False},
-                       "messages": []}).encode()
-    statuses = [call(broker, "openai", token, "POST", "/v1/chat/completions", body).status for _ in range(4)]
-    sent = [json.loads(r.body or b"{}").get("stream_options") for r in upstreams["openai"].requests]
-    assert statuses == [200, 200, 403, 403], (statuses, sent, token_row(broker, agent))
+    for options in ({}, {"stream_options": {"include_usage": False}}):
+        upstreams["openai"].requests.clear()
+        agent, token = fresh_token(broker, "openai", "--budget-tokens", "500", prefix="budget-stream")
+        body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [], **options}).encode()
+        statuses = []
+        for _ in range(8):
+            resp = call(broker, "openai", token, "POST", "/v1/chat/completions", body)
+            statuses.append(resp.status)
+            if resp.status != 200:
+                break
+            assert b'"usage": {"prompt_tokens": 60' in resp.body
+        assert statuses[-1] == 403 and statuses.count(200) >= 3, statuses
+        reqs = upstreams["openai"].requests
+        assert len(reqs) == statuses.count(200)
+        for r in reqs:
+            sent = json.loads(r.body or b"{}")
+            assert sent["stream_options"]["include_usage"] is True
+            assert sent["model"] == "gpt-4o-mini" and sent["messages"] == []
+            assert r.header("Content-Length") == str(len(r.body or b""))
+        rows = [x for x in audit_json(broker, "--agent", agent) if x["outcome"] == "ok"]
+        spent = sum(x["tokens_in"] + x["tokens_out"] for x in rows)
+        assert token_row(broker, agent)["TOKENS"] == str(spent) and spent <= 500
 
 
 def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
@@ -655,9 +663,10 @@ def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Di
         sse({"type": "message_stop"}, "message_stop"),
     ]
     upstreams["anthropic"].set_responder(key_checked("anthropic", lambda h, req: h.send_sse(events, 0.25)))
-    agent, token = fresh_token(broker, "anthropic", "--budget-tokens", "50", prefix="budget-hangup")
     body = json.dumps({"model": "claude-3-5-haiku-20241022", "max_tokens": 64, "stream": True,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
+    budget = len(body) + 64 + 64          # exactly one request's bound: the input, then 64 out
+    agent, token = fresh_token(broker, "anthropic", "--budget-tokens", str(budget), prefix="budget-hangup")
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=15)
     try:
         send_request(conn, "POST", "/anthropic/v1/messages",
@@ -702,13 +711,13 @@ def test_budget_charged_from_tail_of_9mb_json_answer(broker: Broker, upstreams: 
     up = upstreams["openai"]
     big = _big_embeddings_body()
     up.set_responder(key_checked("openai", lambda h, req: h.send_bytes(200, big, content_type="application/json")))
-    _, token = fresh_token(broker, "openai", "--budget-tokens", "100", prefix="budget-9mb")
+    _, token = fresh_token(broker, "openai", "--budget-tokens", "200", prefix="budget-9mb")
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     body = b'{"model":"text-embedding-3-small","input":"x"}'
     first = broker.request("POST", "/openai/v1/embeddings", headers, body, timeout=60)
     assert first.status == 200 and len(first.body) == len(big), (first.status, len(first.body))
     second = broker.request("POST", "/openai/v1/embeddings", headers, body, timeout=60)
-    assert second.status == 403, (f"5000 tokens used of a 100 budget, second request got {second.status} "
+    assert second.status == 403, (f"5000 tokens used of a 200 budget, second request got {second.status} "
                                   f"({len(second.body)} bytes)")
     assert len(up.requests) == 1, "the over-budget request reached the upstream"
 
@@ -762,36 +771,40 @@ def test_rate_exact_under_50_concurrent(broker: Broker, upstreams: Dict[str, Fak
 
 
 @pytest.mark.parametrize("concurrency", [5, CONCURRENCY])
-def test_budget_overspend_bounded_by_requests_in_flight(broker: Broker, upstreams: Dict[str, FakeUpstream],
-                                                        concurrency: int) -> None:
-    """Budget 1000, 100 tokens per answer, `concurrency` clients each looping until refused.
-    A request is admitted only while less than the budget is spent; its own usage is known only
-    when its answer ends. So the spend can pass the budget only by requests in flight:
-    spent <= budget - 100 + 100 * concurrency. Every allowed request is metered, and once the
-    budget is spent every request is 403."""
-    per_answer, budget = 100, 1000
+def test_budget_is_never_overspent_under_concurrency(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                     concurrency: int) -> None:
+    """Budget 1000, answers of 60 in + up to 40 out, `concurrency` clients each looping until
+    refused for good (403); a 429 (requests in flight hold the rest) is retried. Each request
+    reserves its bound before it is forwarded and settles to its usage after: the spend never
+    passes the budget, and stops within one request's bound of it."""
+    budget = 1000
     upstreams["openai"].set_responder(openai_answer(60, 40))
     agent, token = fresh_token(broker, "openai", "--budget-tokens", str(budget), prefix=f"budget-conc{concurrency}")
     body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
+    bound = len(body) + 64
 
     def client(i: int) -> Tuple[int, List[int]]:
         allowed, others = 0, []
-        for _ in range(100):
+        for _ in range(400):
             resp = call(broker, "openai", token, "POST", "/v1/chat/completions", body)
             if resp.status == 200:
                 allowed += 1
-                continue
-            if resp.status == 403:
+            elif resp.status == 429:
+                assert resp.headers.get("Retry-After") == "1"
+                time.sleep(0.005)
+            elif resp.status == 403:
                 return allowed, others
-            others.append(resp.status)
+            else:
+                others.append(resp.status)
         raise AssertionError("never refused")
 
     results = run_concurrently(concurrency, client)
     allowed = sum(a for a, _ in results)
     assert not any(o for _, o in results), [o for _, o in results if o]
+    rows = [x for x in audit_json(broker, "--agent", agent) if x["outcome"] == "ok"]
     spent = int(token_row(broker, agent)["TOKENS"])
-    assert spent == allowed * per_answer, (spent, allowed)
-    assert budget <= spent <= budget - per_answer + per_answer * concurrency, (spent, concurrency)
+    assert spent == sum(x["tokens_in"] + x["tokens_out"] for x in rows) and len(rows) == allowed
+    assert budget - bound < spent <= budget, (spent, allowed)
     assert len(upstreams["openai"].requests) == allowed
     after = run_concurrently(10, lambda i: call(broker, "openai", token, "POST", "/v1/chat/completions",
                                                 body).status)
@@ -913,3 +926,85 @@ def test_usage_groups_by_agent_provider_and_model(broker: Broker, upstreams: Dic
     tokens = {r["PROVIDER"]: r for r in parse_table(ok(broker.cli("token", "list"))) if r["AGENT"] == agent}
     assert (tokens["openai"]["REQUESTS"], tokens["openai"]["TOKENS"]) == ("5", "48")
     assert (tokens["anthropic"]["REQUESTS"], tokens["anthropic"]["TOKENS"]) == ("1", "10")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_budget_holds_across_workers_and_a_second_broker(procs: Brokers, upstreams: Dict[str, FakeUpstream],
+                                                         stream: bool) -> None:
+    """50 concurrent clients of one budget token, spread over `serve --workers 2` and a second
+    broker on the same database: reservations live in the database, so the spend the upstream
+    reports (summed from the audit rows) never passes the budget, and stops within one
+    request's bound of it."""
+    budget = 2000
+    upstreams["openai"].set_responder(openai_answer(60, 40))
+    base = procs.seed(("openai",), upstream_urls={"openai": upstreams["openai"].url})
+    ports = [procs.serve(base, "--workers", "2", name="budget-workers").port, procs.serve(base, name="budget-second").port]
+    agent, token = fresh_token(base, "openai", "--budget-tokens", str(budget), prefix=f"budget-multi-{stream}")
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [], "stream": stream}).encode()
+    bound = len(body) + 64
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def client(i: int) -> int:
+        allowed = 0
+        for n in range(400):
+            port = ports[(i + n) % 2]
+            resp = http_request(f"http://127.0.0.1:{port}/openai/v1/chat/completions", "POST", headers, body)
+            if resp.status == 200:
+                allowed += 1
+            elif resp.status == 429:
+                time.sleep(0.005)
+            elif resp.status == 403:
+                return allowed
+            else:
+                raise AssertionError((resp.status, resp.body[:200]))
+        raise AssertionError("never refused")
+
+    allowed = sum(run_concurrently(CONCURRENCY, client))
+    rows = [x for x in audit_json(base, "--agent", agent) if x["outcome"] == "ok"]
+    spent = sum(x["tokens_in"] + x["tokens_out"] for x in rows)
+    assert len(rows) == allowed == len(upstreams["openai"].requests)
+    assert budget - bound < spent <= budget, (spent, allowed)
+    assert token_row(base, agent)["TOKENS"] == str(spent)
+
+
+def test_a_crashed_brokers_reservation_is_settled_at_its_bound(procs: Brokers, upstreams: Dict[str, FakeUpstream]) -> None:
+    """A budget request in flight when its broker is killed (SIGKILL): its reservation stays in
+    the database, and the next broker on it settles it at its whole bound: the budget counts it
+    as spent (the upstream may have billed it), nothing is released, the token is exhausted."""
+    import sqlite3
+    import threading
+    hang = hanging_upstream("openai")
+    try:
+        base = procs.seed(("openai",), upstream_urls={"openai": hang.url})
+        first = procs.serve(base, name="crash-first")
+        agent, token = fresh_token(base, "openai", "--budget-tokens", "1000", prefix="budget-crash")
+        body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
+        errors: List[BaseException] = []
+
+        def in_flight() -> None:
+            try:
+                call(first, "openai", token, "POST", "/v1/chat/completions", body)
+            except BaseException as exc:   # noqa: BLE001 - the broker dies under it
+                errors.append(exc)
+        thread = threading.Thread(target=in_flight, daemon=True)
+        thread.start()
+
+        def held() -> List[Tuple[int, str]]:
+            con = sqlite3.connect(str(base.db))
+            try:
+                return con.execute("SELECT amount, owner FROM reservations").fetchall()
+            finally:
+                con.close()
+        assert wait_until(lambda: held(), 10), "no reservation while the request is in flight"
+        [(amount, owner)] = held()
+        assert amount == 1000 and owner.endswith(f":{first.pid}")
+        first.kill()
+        thread.join(10)
+        second = procs.serve(base, env=broker_env({"openai": upstreams["openai"].url}), name="crash-second")
+        refused = call(second, "openai", token, "POST", "/v1/chat/completions", body)
+        assert_denied(refused, 403, "budget")
+        assert held() == []
+        assert token_row(base, agent)["TOKENS"] == "1000"
+        assert upstreams["openai"].requests == []
+    finally:
+        hang.stop()

@@ -248,10 +248,10 @@ def status_json(b: Broker, *args: str) -> Dict[str, Any]:
 def test_status_agrees_with_audit_usage_and_token_list(base: Broker, served: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     def usage_answer(h: Any, req: Any) -> None:
         h.send_json(200, {"id": "x", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [],
-                          "usage": {"prompt_tokens": 50, "completion_tokens": 45, "total_tokens": 95}})
+                          "usage": {"prompt_tokens": 100, "completion_tokens": 90, "total_tokens": 190}})
     upstreams["openai"].set_responder(usage_answer)
     agent = fresh_agent("status-budget")
-    token = served.mint("openai", agent, "--budget-tokens", "100")
+    token = served.mint("openai", agent, "--budget-tokens", "200")
     body = json.dumps({"model": "gpt-4o-mini", "messages": []}).encode()
     assert call(served, "openai", token, "POST", "/v1/chat/completions", body).status == 200
     assert call(served, "openai", "seks_openai_" + "x" * 43).status == 401          # a denial
@@ -267,7 +267,7 @@ def test_status_agrees_with_audit_usage_and_token_list(base: Broker, served: Bro
     verify = report["audit"]["last_verify"]
     assert verify["ok"] is True and verify["head_id"] == report["audit"]["head_id"] and verify["rows"] == len(rows)
     [low] = [b for b in report["budgets_low"] if b["agent"] == agent]
-    assert (low["used"], low["budget"]) == (95, 100)
+    assert (low["used"], low["budget"]) == (190, 200)
     denied = sum(1 for r in rows if r["outcome"] == "denied")
     assert sum(d["count"] for d in report["denials_last_hour"]) == denied >= 1
     agents = {a["name"]: a for a in report["agents"]}

@@ -145,3 +145,5 @@ def test_on_tripwire_needs_decoy_and_a_bad_webhook_is_refused(trip: Broker, tmp_
     bad.write_text("[alerts]\nwebhook = ftp://example.invalid/x\n")
     cp = run_cli(trip.db, "--config", str(bad), "serve", "--port", "0", env=broker_env())
     assert cp.returncode != 0 and "alert webhook must be an http(s) URL" in cp.stderr, cp.stderr
+    cp = run_cli(trip.db, "config", "check", str(bad), env=broker_env())
+    assert cp.returncode == 1 and "alert webhook must be an http(s) URL" in cp.stdout, cp.stdout
