@@ -573,7 +573,7 @@ def test_config_check_good_file(tmp_path: Path) -> None:
     sections: Dict[str, List[str]] = {}
     for spec in sb.SETTINGS:
         value = spec.kind.split(":", 1)[1].split(",")[0] if spec.kind.startswith("choice:") \
-            else samples[spec.kind]
+            else "http://127.0.0.1:9/hook" if spec.name == "alert_webhook" else samples[spec.kind]
         sections.setdefault(spec.section, []).append(f"{spec.key} = {value}")
     sections.setdefault("upstream", []).append("openai = http://127.0.0.1:9/v1")
     text = "# every setting the broker knows\n"
