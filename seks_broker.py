@@ -4473,7 +4473,7 @@ class Broker:
         self.draining = False
         self.audit_ok = True          # the last audit write succeeded; if not, refuse (503)
         self.ws_sessions: set = set()           # open WebSocket sessions, closed at shutdown
-        self.connection_slots: List[Any] = [threading.Lock(), 0]   # agent connections open
+        self.connections = ConnectionCount(settings.max_connections)
         self.alerts = AlertHook(settings.alert_webhook, self.log) if settings.alert_webhook \
             else None
 
@@ -4725,6 +4725,26 @@ class DeadlineWatch:
                     pass
 
 
+class ConnectionCount:
+    """Agent connections open now, bounded by max_connections (503 past it), for every
+    listener of one broker together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.open = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.open >= self.limit:
+                return False
+            self.open += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+
 class BrokerServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with a bound on concurrent connections (503 past it), optional TLS
     (handshake in the connection's own thread), and SO_REUSEPORT for --workers."""
@@ -4738,7 +4758,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         self.broker = broker
         self.tls = tls
         self.reuse_port = reuse_port
-        self.slots = broker.connection_slots    # shared by the 127.0.0.1 and [::1] listeners
+        self.connections = broker.connections   # shared by the 127.0.0.1 and [::1] listeners
         self.watch = DeadlineWatch()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -4756,11 +4776,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self.slots[0]:
-            full = self.slots[1] >= self.broker.settings.max_connections
-            if not full:
-                self.slots[1] += 1
-        if full:
+        if not self.connections.take():
             with contextlib.suppress(OSError, ConnectionCut):
                 request.settimeout(1.0)
                 AgentWriter(request, 1.0).error(Unavailable(
@@ -4770,8 +4786,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            with self.slots[0]:
-                self.slots[1] -= 1
+            self.connections.give()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -4784,8 +4799,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
             self.shutdown_request(request)
         finally:
             self.watch.disarm(request)
-            with self.slots[0]:
-                self.slots[1] -= 1
+            self.connections.give()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         kind = sys.exc_info()[0]
@@ -4813,7 +4827,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/metrics":
-            body = self.server.broker.metrics.render(self.server.broker.connection_slots[1]).encode()
+            body = self.server.broker.metrics.render(self.server.broker.connections.open).encode()
             ctype = "text/plain; version=0.0.4; charset=utf-8"
             status = 200
         elif self.path == "/healthz":
