@@ -925,41 +925,82 @@ def scrub_pairs(key: str) -> Tuple[Tuple[bytes, bytes], ...]:
     return tuple((v, mask_secret(v)) for v in secret_variants(key) if v)
 
 
+def fragment_floor(length: int) -> int:
+    """The shortest cut-off piece of a key the scrubber masks: a third of the key, 8 to 32
+    characters (a key shorter than 8: the whole key). What an agent can learn from cut-off
+    echoes is then less than a third at each end: a third or more stays unknown."""
+    return length if length < 8 else min(32, max(8, length // 3))
+
+
 class Scrubber:
-    """Replaces a real key (every variant) in a byte stream, holding back at most len(key)-1
-    bytes: ``feed`` returns what is safe to send now, ``flush`` the held-back tail at the end.
-    A key split across chunks is still caught, and nothing is buffered beyond a possible
-    partial match, so server-sent events still flow one by one."""
+    """Masks a real key in a byte stream, also cut off: every run of a variant's characters
+    that holds its first or its last fragment_floor characters is replaced by a same-length
+    mask. So an upstream that echoes the request cut short (the agent can pad it so that the
+    key straddles the cut) shows the agent less than a third of the key at either end. ``feed``
+    returns what is safe to send now and holds back the longest tail that could still grow
+    into such a run (at most the key's length); ``flush`` gives the held tail, masked, at the
+    end. Nothing else is buffered, so server-sent events still flow one by one."""
 
     def __init__(self, pairs: Tuple[Tuple[bytes, bytes], ...] = ()) -> None:
         self.pairs = pairs
         self._held = b""
+        anchors = set()      # (fragment, its offset in the variant, the variant)
+        for secret, _ in pairs:
+            floor = fragment_floor(len(secret))
+            anchors.add((secret[:floor], 0, secret))
+            anchors.add((secret[-floor:], len(secret) - floor, secret))
+        self._anchors = sorted(anchors)
 
     def scrub(self, data: bytes) -> bytes:
-        for secret, mask in self.pairs:
-            if secret in data:
-                data = data.replace(secret, mask)
-        return data
+        """Mask every run in a whole piece of data."""
+        spans = []
+        for fragment, at, secret in self._anchors:
+            i = data.find(fragment)
+            while i != -1:
+                start, left = i, at              # grow the run both ways along the variant
+                while left and start and data[start - 1] == secret[left - 1]:
+                    start, left = start - 1, left - 1
+                end, right = i + len(fragment), at + len(fragment)
+                while right < len(secret) and end < len(data) and data[end] == secret[right]:
+                    end, right = end + 1, right + 1
+                spans.append((start, end))
+                i = data.find(fragment, max(i + 1, end - len(fragment) + 1))
+        if not spans:
+            return data
+        out, done = [], 0
+        for start, end in sorted(spans):
+            if end <= done:
+                continue
+            start = max(start, done)
+            out += [data[done:start], mask_secret(data[start:end])]
+            done = end
+        return b"".join(out) + data[done:]
+
+    def _tail(self, data: bytes) -> int:
+        """The length of the longest tail of data that is part of a variant."""
+        hold = 0
+        for secret, _ in self.pairs:
+            low, high = 0, min(len(data), len(secret))   # "the tail of length n is in it"
+            while low < high:                            # holds for every n up to a bound
+                mid = (low + high + 1) // 2
+                if data[len(data) - mid:] in secret:
+                    low = mid
+                else:
+                    high = mid - 1
+            hold = max(hold, low)
+        return hold
 
     def feed(self, data: bytes) -> bytes:
         if not self.pairs:
             return data
-        buf = self.scrub(self._held + data if self._held else data)
-        hold = 0
-        for secret, _ in self.pairs:
-            first = secret[:1]
-            i = buf.find(first, max(0, len(buf) - len(secret) + 1))
-            while i != -1:
-                if secret.startswith(buf[i:]):
-                    hold = max(hold, len(buf) - i)
-                    break
-                i = buf.find(first, i + 1)
+        buf = self._held + data if self._held else data
+        hold = self._tail(buf)
         self._held = buf[len(buf) - hold:] if hold else b""
-        return buf[:len(buf) - hold] if hold else buf
+        return self.scrub(buf[:len(buf) - hold] if hold else buf)
 
     def flush(self) -> bytes:
         held, self._held = self._held, b""
-        return held
+        return self.scrub(held)
 
 
 # --- 3.7 The audit chain --------------------------------------------------------------------

@@ -139,6 +139,43 @@ def test_scrubber_holds_back_at_most_len_key_minus_one():
     assert len(scrubber.flush()) == len(key) - 1
 
 
+@pytest.mark.parametrize("length, floor", [(4, 4), (7, 7), (8, 8), (24, 8), (51, 17), (96, 32), (164, 32)])
+def test_fragment_floor_is_a_third_from_8_to_32(length: int, floor: int) -> None:
+    assert sb.fragment_floor(length) == floor
+
+
+def test_scrubber_masks_every_cut_off_end_of_a_key_at_every_split() -> None:
+    """A key cut off at any point, at the end of the data or followed by more text, split into
+    chunks at any point: no run of its first or last `floor` characters gets out, the length is
+    kept, and what is not part of the key passes untouched."""
+    key = b"sk-test-4Rj9aQ2mZx7LkP0vB3nW8sYc1dFh6GtU5eIo"
+    floor = sb.fragment_floor(len(key))
+    rng = random.Random(11)
+    for cut in range(len(key) + 1):
+        for label, text in ((b"quote: ", key[:cut]), (b"quote: ", key[:cut] + b'..."}'),
+                            (b"tail: ", key[cut:] + b"\n"), (b"", key[cut:] + b"x")):
+            text = label + text
+            for _ in range(6):
+                cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 4))))
+                pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+                scrubber = scrubber_for(key)
+                out = b"".join(scrubber.feed(p) for p in pieces) + scrubber.flush()
+                assert len(out) == len(text)
+                front = max(n for n in range(len(key) + 1) if key[:n] in out)
+                back = max(n for n in range(len(key) + 1) if key[len(key) - n:] in out)
+                assert front < floor and back < floor, (cut, text, out)
+                assert out.startswith(label)
+
+
+def test_scrubber_leaves_short_pieces_and_the_middle_alone() -> None:
+    """Below the floor nothing is masked (a key's public prefix such as `sk-test-` stays
+    readable in answers that mention it); a run must hold the first or last floor chars."""
+    key = b"sk-test-4Rj9aQ2mZx7LkP0vB3nW8sYc1dFh6GtU5eIo"
+    floor = sb.fragment_floor(len(key))
+    text = b"keys look like sk-test-... and end like " + key[-(floor - 1):] + b"; " + key[floor:2 * floor]
+    assert scrubber_for(key).scrub(text) == text
+
+
 def test_scrubber_passes_unrelated_data_untouched():
     scrubber = scrubber_for(b"sk-test-abc")
     assert scrubber.feed(b"data: {}\n\n") == b"data: {}\n\n"

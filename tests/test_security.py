@@ -710,6 +710,54 @@ def test_key_split_across_streamed_chunks_is_masked(broker: Broker, upstreams: D
         "the first event was held back until later chunks arrived (stream buffered)"
 
 
+def cut_echo_responder(key: str, side: str, cut: int, framing: str
+                       ) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    """An upstream that quotes the request it received cut short: the first bytes up to `cut`
+    characters into the key ("front"), or the bytes from `cut` characters into it ("back").
+    An agent gets any cut it likes by padding its path, so the test picks the cut directly."""
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        head = (req.method + " " + req.target + "\r\n" +
+                "".join(f"{k}: {v}\r\n" for k, v in req.headers)).encode()
+        at = head.index(key.encode())
+        quote = head[:at + cut] if side == "front" else head[at + cut:]
+        if framing == "sized-end":           # the cut is the last byte of the answer
+            h.send_bytes(400, quote, content_type="text/plain")
+        elif framing == "sized-middle":      # the cut is followed by more text
+            h.send_bytes(400, b'{"error": "bad request: ' + quote + b'...", "code": 400}',
+                         content_type="application/json")
+        else:                                # a stream ending on the cut, one byte a chunk at the end
+            h.send_head(200, [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")])
+            for piece in [b"data: " + quote[:-5]] + [quote[i:i + 1] for i in range(len(quote) - 5, len(quote))]:
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                h.wfile.flush()
+            h.wfile.write(b"0\r\n\r\n")
+            h.wfile.flush()
+    return respond
+
+
+@pytest.mark.parametrize("framing", ["sized-end", "sized-middle", "stream-end"])
+@pytest.mark.parametrize("side", ["front", "back"])
+def test_a_key_cut_off_in_an_echo_shows_less_than_a_third(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                         side: str, framing: str) -> None:
+    """Review finding: the scrubber held back a possible key prefix at the end of an answer and
+    then sent it unmasked, so an upstream quoting the request cut short gave the agent all but
+    the last character of the key. Now any cut-off run holding the key's first or last third
+    is masked, wherever it sits and however the answer is framed."""
+    key = REAL_KEYS["openai"]
+    floor = seks_broker.fragment_floor(len(key))
+    assert 8 <= floor <= len(key) // 3 + 1
+    for cut in sorted({1, floor - 1, floor, floor + 1, len(key) // 2, len(key) - 2, len(key) - 1}):
+        upstreams["openai"].set_responder(cut_echo_responder(key, side, cut, framing))
+        resp = broker.request("GET", echo_path(broker, "openai"), auth_headers("openai", broker.token("openai")))
+        shown = resp.body.decode("latin-1")
+        assert resp.status in (200, 400), resp
+        front = max(n for n in range(len(key) + 1) if key[:n] in shown)
+        back = max(n for n in range(len(key) + 1) if key[len(key) - n:] in shown)
+        assert front < floor and back < floor, (side, framing, cut, front, back, shown[-120:])
+        if (side == "front" and cut >= floor) or (side == "back" and len(key) - cut >= floor):
+            assert "[REDACTED-BY-SEKS]"[:min(floor, 18)] in shown, shown[-120:]
+
+
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 429, 500, 502, 503])
 def test_key_in_error_answer_is_masked(broker: Broker, upstreams: Dict[str, FakeUpstream], status: int) -> None:
     key = REAL_KEYS["anthropic"]
