@@ -2366,7 +2366,9 @@ class TokenCache:
             self._entries.clear()
 
     def lookup(self, token: str) -> Tuple[Optional[TokenRecord], Optional[bytes], Any]:
-        digest = token_digest(token)
+        return self.lookup_digest(token_digest(token))
+
+    def lookup_digest(self, digest: bytes) -> Tuple[Optional[TokenRecord], Optional[bytes], Any]:
         generation, check = self._store.generation()
         if check and not hmac.compare_digest(check, self.keys.check):
             self.reload_keys()
@@ -3632,12 +3634,12 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             writer.answer(200, [("Content-Type", "application/json")],
                           b'{"status":"ok"}' if head.method == "GET" else b"")
             return
-        if path == "/seks/v1/token" and head.method == "GET":
-            self.introspect(head, ex)
-            return
         if not broker.audit_ok:               # fail closed: no unaudited use while it is broken
             raise Unavailable("the broker cannot write its audit log; requests are refused "
                               "until it can")
+        if path == "/seks/v1/token" and head.method == "GET":
+            self.introspect(head, query, ex)
+            return
         provider, rest, route_prefix = broker.route(path)
         ex.provider, self.error_style = provider.name, provider.errors
         ex.path = masked_request_path(provider, path, query)
@@ -3701,24 +3703,30 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         answer = broker.forward(target, head.method, headers, body)
         self.relay(head, answer, provider, route_prefix, ex, rewrite)
 
-    def introspect(self, head: RequestHead, ex: Exchange) -> None:
-        """GET /seks/v1/token: the presented token's own id, agent, provider and expiry, so
-        a tool (`run`) can tell that this broker serves its database. Nothing else."""
-        value = head.get("authorization") or ""
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("send the token as 'Authorization: Bearer <token>'")
-        broker = self.server.broker
-        record, _, _ = broker.tokens.lookup(token.strip())
+    def introspect(self, head: RequestHead, query: str, ex: Exchange) -> None:
+        """GET /seks/v1/token: the id, agent, provider and expiry of the token sent as a
+        Bearer, or of the token whose SHA-256 is ``?digest=<hex>``: `run` asks that way, so
+        whatever else listens on the port learns nothing it could use, and `run` checks the id
+        that comes back. Audited ("introspect"), not counted against the token's limits."""
+        if query:
+            digest = query[len("digest="):] if query.startswith("digest=") else ""
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise BadRequest("the only query is ?digest=<64 lowercase hex digits>")
+            record, _, _ = self.server.broker.tokens.lookup_digest(bytes.fromhex(digest))
+        else:
+            scheme, _, token = (head.get("authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError("send the token as 'Authorization: Bearer <token>'")
+            record, _, _ = self.server.broker.tokens.lookup(token.strip())
         if record is None:
             raise AuthError("unknown token")
         ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
         try:
             check_token(record, record.provider, time.time())
         except Tripwire:
-            broker.tripwire(record, ex)
+            self.server.broker.tripwire(record, ex)
             raise
-        ex.outcome, ex.status = "health", 200
+        ex.outcome, ex.status = "introspect", 200
         self.writer.answer(200, [("Content-Type", "application/json")], json.dumps({
             "token_id": record.id, "agent": record.agent, "provider": record.provider,
             "expires_at": record.expires_at}).encode())
@@ -6480,7 +6488,8 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     for label, seconds in (("last_hour", 3600), ("last_day", 86400)):
         count, tin, tout = store.query(
             "SELECT COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0) "
-            "FROM audit WHERE outcome != 'prune' AND ts >= ?", (utc_iso(now - seconds),))[0]
+            "FROM audit WHERE outcome NOT IN ('prune', 'introspect') AND ts >= ?",
+            (utc_iso(now - seconds),))[0]
         traffic[label] = {"requests": count, "llm_tokens": tin + tout}
     low = [{"id": t["id"], "agent": t["agent"], "used": t["tokens_used"],
             "budget": t["policy"]["budget_tokens"]} for t in tokens
@@ -6539,6 +6548,15 @@ def probe_broker(url: str, path: str, token: str,
         return exc.code, b""
     except (OSError, ValueError, http.client.HTTPException):
         return None
+
+
+def introspected_id(probe: Tuple[int, bytes]) -> str:
+    """The token id in a /seks/v1/token answer, or "" (not a 200, not that JSON)."""
+    try:
+        answer = json.loads(probe[1]) if probe[0] == 200 else {}
+    except ValueError:
+        return ""
+    return str(answer.get("token_id") or "") if isinstance(answer, dict) else ""
 
 
 # Variables that commonly hold a provider's real key: `run` never passes them to its command.
@@ -6633,8 +6651,9 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
                                  f"variable; run with one of them")
             minted.append((token, token_id, provider))
         url = (args.url or settings.agent_url()).rstrip("/")
-        probe = probe_broker(url, "/seks/v1/token", minted[0][0], timeout=2.0)
-        if probe is not None and probe[0] == 200:
+        probe = probe_broker(url, "/seks/v1/token?digest=" + token_digest(minted[0][0]).hex(),
+                             "", timeout=2.0)
+        if probe is not None and introspected_id(probe) == minted[0][1]:
             sys.stderr.write(f"seks run: using the broker at {url}\n")
         elif args.url:
             raise ConfigError(f"no broker serving {os.path.abspath(settings.db)} answers at "
@@ -6643,8 +6662,8 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
             embedded = EmbeddedBroker(settings, store, master, providers)
             url = embedded.url
             sys.stderr.write(f"seks run: started a broker for this command on {url}"
-                             + (f" (the one at {settings.agent_url()} serves another database)"
-                                if probe is not None else "") + "\n")
+                             + (f" (what answers at {settings.agent_url()} is not a broker "
+                                f"serving this database)" if probe is not None else "") + "\n")
         variables = [pair for token, _, provider in minted
                      for pair in env_vars(provider, token, url)]
         env, warnings = child_environment(environ, variables, real_values, providers)
@@ -6709,19 +6728,18 @@ def foreground() -> bool:
 def run_summary(store: Store, token_ids: List[str]) -> str:
     marks = ", ".join("?" * len(token_ids))
     deadline = time.monotonic() + 1.0         # an external broker may still write the last row
-    rows = store.query(f"SELECT COUNT(*) FROM audit WHERE token_id IN ({marks})",
-                       tuple(token_ids))
+    requests = f"FROM audit WHERE outcome != 'introspect' AND token_id IN ({marks})"
+    rows = store.query(f"SELECT COUNT(*) {requests}", tuple(token_ids))
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        again = store.query(f"SELECT COUNT(*) FROM audit WHERE token_id IN ({marks})",
-                            tuple(token_ids))
+        again = store.query(f"SELECT COUNT(*) {requests}", tuple(token_ids))
         if again == rows:
             break
         rows = again
     per = store.query(
         f"SELECT provider, COUNT(*), COALESCE(SUM(tokens_in), 0) + COALESCE(SUM(tokens_out), "
-        f"0), SUM(CASE WHEN outcome = 'denied' THEN 1 ELSE 0 END) FROM audit WHERE token_id "
-        f"IN ({marks}) GROUP BY provider ORDER BY provider", tuple(token_ids))
+        f"0), SUM(CASE WHEN outcome = 'denied' THEN 1 ELSE 0 END) {requests} GROUP BY provider "
+        f"ORDER BY provider", tuple(token_ids))
     total = sum(r[1] for r in per)
     parts = ", ".join(f"{p}: {n} request(s), {t:,} LLM token(s), {d} denied"
                       for p, n, t, d in per) or "no requests"

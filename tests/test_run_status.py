@@ -8,12 +8,14 @@ with `audit` and `usage`, escapes agent text, and progress lines appear only on 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,8 +26,9 @@ import pytest
 
 from conftest import (
     BROKER_PY, MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, audit_json,
-    call, free_port, fresh_agent, load_broker_module, ok, run_cli, wait_until,
+    call, free_port, fresh_agent, fresh_token, load_broker_module, ok, run_cli, wait_until,
 )
+from raw_http import LoopbackServer
 
 RUN_TIMEOUT_S = 60.0
 
@@ -236,6 +239,83 @@ def test_run_refuses_a_url_without_a_broker_and_a_missing_command(base: Broker, 
     assert cp.returncode == 2 and "needs a command after '--'" in cp.stderr, cp.stderr
 
 
+class Squatter(LoopbackServer):
+    """Something else on the broker's port that answers 200 and a token id to any request,
+    and records what it was sent."""
+
+    def __init__(self) -> None:
+        self.seen: List[bytes] = []
+        super().__init__("squatter")
+
+    def serve(self, sock: socket.socket) -> None:
+        sock.settimeout(2.0)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                more = sock.recv(65536)
+                if not more:
+                    break
+                data += more
+            with self.lock:
+                self.seen.append(data)
+            body = json.dumps({"token_id": "tok_squatter", "agent": "x", "provider": "openai",
+                               "expires_at": None}).encode()
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+def test_run_never_trusts_or_feeds_a_squatter_on_the_broker_port(base: Broker, child_py: Path, tmp_path: Path) -> None:
+    """Review finding: `run` took any 200 from GET /seks/v1/token as its broker, sending the
+    minted token as a Bearer to whatever listened there and pointing the command at it. Now it
+    asks by the token's SHA-256 and checks the id that comes back: a squatter gets neither the
+    token nor the command's traffic, and with --url pointing at it `run` refuses."""
+    squatter = Squatter()
+    try:
+        agent, out = fresh_agent("run-squat"), tmp_path / "report.json"
+        cp = run(base, agent, child_py, "exit0", out, env=dict(base.env, SEKS_PORT=str(squatter.port)))
+        assert cp.returncode == 0, cp.stderr
+        assert "started a broker for this command" in cp.stderr and "is not a broker serving" in cp.stderr, cp.stderr
+        report = child_report(out)
+        assert report["statuses"] == [200, 200], cp.stderr
+        assert f":{squatter.port}/" not in report["env"]["OPENAI_BASE_URL"]
+        seen = b"".join(squatter.seen)
+        assert seen.startswith(b"GET /seks/v1/token?digest="), seen[:200]
+        for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+            assert report["env"][var].encode() not in seen
+            assert hashlib.sha256(report["env"][var].encode()).hexdigest().encode() in seen or var != "OPENAI_API_KEY"
+        cp = run(base, fresh_agent("run-squat"), child_py, "exit0", tmp_path / "never.json",
+                 extra=("--url", squatter.url))
+        assert cp.returncode == 1 and "no broker serving" in cp.stderr, cp.stderr
+        assert not (tmp_path / "never.json").exists()
+    finally:
+        squatter.stop()
+
+
+def test_token_introspection_is_audited_and_answers_by_digest(served: Broker) -> None:
+    """Review finding: GET /seks/v1/token was handled like a health check (no audit row). Now
+    each answer is audited as "introspect" (not counted against the token's limits), also when
+    asked by digest; a malformed digest is a 400 and an unknown one a 401."""
+    agent, token = fresh_token(served, "openai", "--max-requests", "1")
+    by_bearer = served.request("GET", "/seks/v1/token", {"Authorization": f"Bearer {token}"})
+    assert by_bearer.status == 200 and by_bearer.json()["agent"] == agent, by_bearer
+    token_id = by_bearer.json()["token_id"]
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    by_digest = served.request("GET", "/seks/v1/token?digest=" + digest)
+    for resp in (by_bearer, by_digest):
+        assert resp.status == 200 and resp.json()["token_id"] == token_id, resp
+    assert served.request("GET", "/seks/v1/token?digest=" + digest.upper()).status == 400
+    assert served.request("GET", "/seks/v1/token?digest=" + digest + "&x=1").status == 400
+    assert served.request("GET", "/seks/v1/token?digest=" + "0" * 64).status == 401
+    rows = [r for r in audit_json(served) if r.get("token_id") == token_id]
+    assert [r["outcome"] for r in rows] == ["introspect", "introspect"], rows
+    assert token not in json.dumps(rows)
+    assert call(served, "openai", token).status == 200          # the one allowed request is still there
+
+
 # ============================================================================
 # status
 # ============================================================================
@@ -261,7 +341,7 @@ def test_status_agrees_with_audit_usage_and_token_list(base: Broker, served: Bro
     rows = [r for r in audit_json(base) if r["outcome"] != "prune"]
     usage = [json.loads(line) for line in ok(run_cli(base.db, "usage", "--json", env=base.env)).splitlines()]
     assert report["broker"] == {"url": served.url, "running": True}
-    assert report["traffic"]["last_day"]["requests"] == len(rows)
+    assert report["traffic"]["last_day"]["requests"] == sum(r["outcome"] != "introspect" for r in rows)
     assert report["traffic"]["last_hour"]["llm_tokens"] == sum(u["tokens"] for u in usage)
     assert report["audit"]["head_id"] == rows[-1]["id"]
     verify = report["audit"]["last_verify"]
