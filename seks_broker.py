@@ -626,7 +626,7 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
     once per request, and for every gateway IDENTIFY/RESUME. Counting limits (rate, request
     count, budget) are settled next by check_limits, atomically in the DB."""
     methods = policy.get("methods")
-    if methods and facts.method.upper() not in methods:
+    if methods and facts.method not in methods:      # exact: methods are case-sensitive
         return Forbidden(f"method {facts.method} is not allowed for this token (allowed: "
                          f"{', '.join(methods)})")
     paths = policy.get("paths")
@@ -5100,8 +5100,14 @@ def open_broker(settings: Settings, store: Store, master_key: bytes,
                     reuse_port=settings.workers > 1)
     servers = [server]
     if settings.host in ("127.0.0.1", "localhost") and settings.workers <= 1 and socket.has_ipv6:
-        with contextlib.suppress(OSError):          # no IPv6 here, or ::1 taken: IPv4 only
-            servers.append(BrokerServer(("::1", server.server_address[1]), broker, tls))
+        port = server.server_address[1]
+        try:
+            servers.append(BrokerServer(("::1", port), broker, tls))
+        except OSError as exc:                      # no IPv6 here: IPv4 only, nothing to say
+            if exc.errno == errno.EADDRINUSE:       # but another process there gets agents
+                broker.log("warning", "ipv6-taken", message=f"[::1]:{port} is held by another "
+                           f"process: a client that resolves 'localhost' to ::1 reaches it, "
+                           f"not this broker; point agents at 127.0.0.1 or stop it")
     admin = None
     if settings.admin_port >= 0:
         admin_port = settings.admin_port + max(worker - 1, 0) if settings.admin_port else 0
@@ -6576,15 +6582,19 @@ def child_environment(environ: Dict[str, str], variables: List[Tuple[str, str]],
                       real_values: List[Tuple[str, str]],
                       providers: Dict[str, Provider]) -> Tuple[Dict[str, str], List[str]]:
     """The command's environment: the operator's, minus every SEKS_* variable, every known
-    provider key variable and every variable holding a stored secret's real value, plus the
+    provider key variable and every variable holding a stored secret's real value (in any
+    form the scrubber masks: percent-encoded, escaped, a cut-off end), plus the
     SDK variables of the minted tokens. Returns it and a warning per variable removed."""
     key_vars = set(KNOWN_KEY_VARS)
     for provider in providers.values():
         key_vars.add(env_vars(provider, "", "")[1][0])
     env, warnings = {}, []
+    scrubbers = [(secret, Scrubber(scrub_pairs(real))) for secret, real in real_values
+                 if len(real) >= 8]
     for name, value in environ.items():
-        holder = next((secret for secret, real in real_values
-                       if len(real) >= 8 and real in value), None)
+        raw = value.encode("utf-8", "surrogateescape")    # the key, encoded or cut off too
+        holder = next((secret for secret, scrubber in scrubbers
+                       if scrubber.scrub(raw) != raw), None)
         if holder is not None:
             warnings.append(f"removed {name}: it holds the real value of secret {holder}")
         elif name in key_vars and value.strip():

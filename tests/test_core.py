@@ -6,6 +6,7 @@ import random
 import sqlite3
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -623,3 +624,21 @@ def test_a_budget_body_that_repeats_its_cap_is_refused_before_any_reservation():
                              body, True, False)
     refusal = sb.decide({"budget_tokens": 1000}, facts)
     assert refusal is not None and refusal.status == 403
+
+
+def test_run_child_environment_drops_a_key_also_encoded_or_cut_off() -> None:
+    """Review finding: only a verbatim copy of a stored key was removed from the command's
+    environment. Now any form the scrubber masks is: percent-encoded in a URL, JSON-escaped,
+    or the key's first or last third."""
+    key = "sk-test-Ab3/dE6+gH9:jK2lM5nP8qR1sT4uV7wX0yZ"
+    floor = sb.fragment_floor(len(key))
+    environ = {"DSN": "https://u:" + urllib.parse.quote(key, safe="") + "@db/x",
+               "JSONCFG": '{"k": "' + key.replace("/", "\\/") + '"}',
+               "HEAD_PART": key[:floor], "TAIL_PART": "x" + key[-floor:],
+               "SHORT": key[:floor - 1], "HOME": "/home/agent"}
+    env, warnings = sb.child_environment(environ, [("OPENAI_API_KEY", "seks_openai_x")],
+                                         [("openai-key", key)], sb.builtin_providers())
+    assert set(env) == {"SHORT", "HOME", "OPENAI_API_KEY"}, env
+    for name in ("DSN", "JSONCFG", "HEAD_PART", "TAIL_PART"):
+        assert any(w.startswith(f"removed {name}:") for w in warnings), warnings
+    assert key not in " ".join(warnings)

@@ -443,6 +443,34 @@ def test_localhost_answers_on_ipv6_loopback_too(served: Broker) -> None:
     assert answer.startswith(b"HTTP/1.1 200") and b'"ok"' in answer
 
 
+def test_a_taken_ipv6_loopback_port_is_reported_not_ignored(seeded: Broker) -> None:
+    """Review finding: when another process held [::1]:PORT the broker stayed on 127.0.0.1
+    silently, and agents using 'localhost' could reach that process instead. Now it warns;
+    where this machine has no IPv6 there is nothing to take and nothing is said."""
+    holder = socket.socket(socket.AF_INET6)
+    try:
+        holder.bind(("::1", 0))
+        holder.listen(1)
+    except OSError:
+        holder.close()
+        holder = None
+    port = holder.getsockname()[1] if holder is not None else free_port()
+    try:
+        b = seeded.serve("--port", str(port), port_flag=False)
+        try:
+            text = b.stderr_path.read_text()
+            if holder is not None:
+                assert f"[::1]:{port} is held by another process" in text, text
+                assert "[::1]" not in b.ready_line, b.ready_line
+            else:
+                assert "held by another process" not in text, text
+        finally:
+            b.stop()
+    finally:
+        if holder is not None:
+            holder.close()
+
+
 def test_the_broker_paths_are_reserved(tmp_path: Path) -> None:
     """/seks/ is the broker's own (token introspection): no custom provider or alias may take it."""
     for section in ("[provider:seks]\nupstream = http://127.0.0.1:9\ntoken = header x-key\n",

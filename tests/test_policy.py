@@ -304,6 +304,8 @@ def test_method_policy(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> No
         resp = call(broker, "openai", token, method, "/v1/models", b"{}")
         message = assert_denied(resp, 403, f"method {method}", "not allowed", "GET")
         assert token not in message
+    for method in ("get", "Get", "gET"):     # review finding: a case variant passed and went up as is
+        assert_denied(call(broker, "openai", token, method, "/v1/models"), 403, f"method {method}")
     assert [r.method for r in upstreams["openai"].requests] == ["GET"]
     assert token_row(broker, agent)["POLICY"] == "methods=GET"
 
