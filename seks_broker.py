@@ -5487,6 +5487,10 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     p.add_argument("--url", help="a running broker to use (default: the configured address if "
                                  "a broker serving this database answers there, else one "
                                  "started in this process on a free loopback port)")
+    p.add_argument("--user", metavar="NAME",
+                   help="run the command as this user, in its own group only (run must be "
+                        "started as root): a command running as you can read the database "
+                        "and its key file, and so every real key")
     add_token_flags(p, "bound the tokens' lifetime, e.g. 30m (default: 24h, and revoked as "
                        "soon as the command ends)")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
@@ -6609,6 +6613,42 @@ def child_environment(environ: Dict[str, str], variables: List[Tuple[str, str]],
     return env, warnings
 
 
+def child_identity(user: str, key_path: str) -> Dict[str, Any]:
+    """Popen arguments that start the command as ``user`` (its own group, no others), with
+    its HOME, USER and LOGNAME. Only root can switch; the key file must be closed to the user."""
+    import pwd
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"--user {user}: no such user") from None
+    if os.geteuid() != 0:
+        raise UsageError(f"--user needs run to be started as root (it runs as uid "
+                         f"{os.geteuid()}); or start the agent as another user yourself")
+    if entry.pw_uid == 0:
+        raise UsageError(f"--user {user} is root, who can read the key file; name another user")
+    with contextlib.suppress(FileNotFoundError):
+        info = os.stat(key_path)
+        if info.st_uid == entry.pw_uid or info.st_mode & 0o077:
+            raise ConfigError(f"{user} could read the key file {key_path}; it must be owned "
+                              f"by another user, mode 0600")
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [],
+            "env": {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name}}
+
+
+def same_user_warning(db: str, environ: Dict[str, str]) -> str:
+    """What a command started as the operator can read that opens every stored key."""
+    where = [f"{db}.key" if os.access(db + ".key", os.R_OK) else ""]
+    if environ.get("SEKS_MASTER_KEY", "").strip():
+        where.append("this process's environment (SEKS_MASTER_KEY, in /proc)")
+    where = [w for w in where if w]
+    if not where:
+        return ""
+    return (f"the command runs as you and can read the master key ({' and '.join(where)}), so "
+            f"code it runs can decrypt {db}. run keeps real keys out of its environment, "
+            f"output and prompts; to keep them from the agent's own code too, run it as "
+            f"another user (--user, as root) or where those files are not")
+
+
 class EmbeddedBroker:
     """A broker for one `run`: in this process, on a free loopback port, logging problems
     only, stopped (with its audit rows written) when the command ends."""
@@ -6642,6 +6682,7 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
     if not command:
         raise UsageError(f"run needs a command after '--', e.g. {prog()} run --agent bot "
                          f"--secret openai-main -- python3 agent.py")
+    identity = child_identity(args.user, settings.db + ".key") if args.user else {}
     cipher, real_values = SecretCipher(master), []
     for name, provider_name, *_ in store.list_secrets():
         found = store.get_secret(name)
@@ -6677,11 +6718,13 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
         variables = [pair for token, _, provider in minted
                      for pair in env_vars(provider, token, url)]
         env, warnings = child_environment(environ, variables, real_values, providers)
-        for warning in warnings:
+        env.update(identity.pop("env", {}))
+        exposed = "" if identity else same_user_warning(settings.db, environ)
+        for warning in warnings + ([exposed] if exposed else []):
             sys.stderr.write(f"seks run: warning: {warning}\n")
         sys.stderr.flush()
         try:
-            child = subprocess.Popen(command, env=env)
+            child = subprocess.Popen(command, env=env, **identity)
         except OSError as exc:
             raise ConfigError(f"cannot start {command[0]}: {exc.strerror or exc}") from None
         code = wait_forwarding_signals(child, settings.grace)

@@ -14,8 +14,11 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socket
+import stat
+import tempfile
 import subprocess
 import sys
 import time
@@ -25,7 +28,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 
 from conftest import (
-    BROKER_PY, MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, audit_json,
+    BROKER_PY, MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, audit_json, broker_env,
     call, free_port, fresh_agent, fresh_token, load_broker_module, ok, run_cli, wait_until,
 )
 from raw_http import LoopbackServer
@@ -237,6 +240,79 @@ def test_run_refuses_a_url_without_a_broker_and_a_missing_command(base: Broker, 
     cp = subprocess.run([sys.executable, str(BROKER_PY), "--db", str(base.db), "run", "--agent", agent,
                          "--secret", "openai-key"], capture_output=True, text=True, timeout=30, env=base.env)
     assert cp.returncode == 2 and "needs a command after '--'" in cp.stderr, cp.stderr
+
+
+SPY = r"""
+import json, os, sys, urllib.request
+out, key_file = sys.argv[1], sys.argv[2]
+try:
+    open(key_file, "rb").read()
+    read = "yes"
+except OSError as exc:
+    read = type(exc).__name__
+req = urllib.request.Request(os.environ["OPENAI_BASE_URL"] + "/models",
+                             headers={"Authorization": "Bearer " + os.environ["OPENAI_API_KEY"]})
+status = urllib.request.urlopen(req, timeout=10).status
+with open(out, "w") as handle:
+    json.dump({"uid": os.getuid(), "groups": os.getgroups(), "env": dict(os.environ), "key_file": read,
+               "status": status}, handle)
+"""
+
+
+def test_run_says_a_same_user_command_can_read_the_key_and_user_closes_it(
+        base: Broker, tmp_path: Path, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Review finding: the command `run` starts runs as the operator, who can read the key file
+    (and, with SEKS_MASTER_KEY, run's own environment in /proc), so code the agent runs can
+    decrypt every key. `run` now says so each time, and `--user NAME` (run started as root)
+    starts the command as that user, in its own group only, where it cannot read the key file
+    and its tokens still work. Not root: --user is refused with the reason."""
+    db = tmp_path / "keyfile.db"
+    env = broker_env({"openai": upstreams["openai"].url}, {"SEKS_PORT": str(free_port())}, master_key=None)
+    ok(run_cli(db, "secret", "add", "openai-key", "--provider", "openai", input=REAL_KEYS["openai"] + "\n", env=env))
+    key_file = str(db) + ".key"
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    spy_dir = Path(tempfile.mkdtemp(prefix="seks-run-user-", dir="/tmp"))
+    try:
+        os.chmod(spy_dir, 0o1777)
+        spy, out = spy_dir / "spy.py", spy_dir / "report.json"
+        spy.write_text(SPY)
+        spy.chmod(0o644)
+        python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+
+        def run_spy(*extra: str, run_env: Dict[str, str] = env, database: Path = db) -> subprocess.CompletedProcess:
+            argv = [sys.executable, str(BROKER_PY), "--db", str(database), "run", "--agent", fresh_agent("run-user"),
+                    "--secret", "openai-key", *extra, "--", python, str(spy), str(out), key_file]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=run_env,
+                                  cwd=str(spy_dir))
+
+        cp = run_spy()
+        assert cp.returncode == 0, cp.stderr
+        assert f"the command runs as you and can read the master key ({key_file})" in cp.stderr, cp.stderr
+        report = json.loads(out.read_text())
+        assert report["key_file"] == "yes" and report["status"] == 200, report     # what the warning says
+        cp = run_spy(run_env=dict(base.env, SEKS_PORT=str(free_port())), database=base.db)
+        assert cp.returncode == 0 and "SEKS_MASTER_KEY, in /proc" in cp.stderr, cp.stderr
+        out.unlink()
+        cp = run_spy("--user", "nobody")
+        if os.geteuid() != 0:
+            assert cp.returncode == 2 and "--user needs run to be started as root" in cp.stderr, cp.stderr
+            assert not out.exists()
+            return
+        assert cp.returncode == 0, cp.stderr
+        assert "can read the master key" not in cp.stderr, cp.stderr
+        report = json.loads(out.read_text())
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        assert report["uid"] == nobody.pw_uid and set(report["groups"]) <= {nobody.pw_gid}, report
+        assert report["env"]["HOME"] == nobody.pw_dir and report["env"]["USER"] == "nobody"
+        assert report["key_file"] == "PermissionError" and report["status"] == 200, report
+        assert report["env"]["OPENAI_API_KEY"].startswith("seks_openai_")
+        assert_no_secret(json.dumps(report))
+        assert upstreams["openai"].requests[-1].header("authorization") == f"Bearer {REAL_KEYS['openai']}"
+        cp = run_spy("--user", "root")
+        assert cp.returncode == 2 and "is root" in cp.stderr, cp.stderr
+    finally:
+        shutil.rmtree(spy_dir, ignore_errors=True)
 
 
 class Squatter(LoopbackServer):
