@@ -533,12 +533,14 @@ class TokenRecord:
 
     __slots__ = ("id", "token_hash", "secret_name", "provider", "agent", "expires_at",
                  "revoked_at", "policy", "agent_disabled_at", "secret_provider",
-                 "secret_ciphertext")
+                 "secret_ciphertext", "parent", "parent_ended", "parent_expires_at")
 
     def __init__(self, id: str, token_hash: bytes, secret_name: str, provider: str, agent: str,
                  expires_at: Optional[float], revoked_at: Optional[str], policy: str,
                  agent_disabled_at: Optional[str], secret_provider: Optional[str],
-                 secret_ciphertext: Optional[str]) -> None:
+                 secret_ciphertext: Optional[str], parent: Optional[str] = None,
+                 parent_revoked_at: Optional[str] = None,
+                 parent_expires_at: Optional[float] = None, parent_found: int = 0) -> None:
         self.id, self.token_hash, self.secret_name = id, token_hash, secret_name
         self.provider, self.agent, self.expires_at = provider, agent, expires_at
         self.revoked_at = revoked_at
@@ -546,6 +548,9 @@ class TokenRecord:
         self.agent_disabled_at = agent_disabled_at
         self.secret_provider = secret_provider
         self.secret_ciphertext = secret_ciphertext
+        self.parent = parent                 # a delegated token: the token that minted it
+        self.parent_ended = bool(parent) and (not parent_found or parent_revoked_at is not None)
+        self.parent_expires_at = parent_expires_at
 
     def __repr__(self) -> str:
         return f"TokenRecord({self.id} agent={self.agent} provider={self.provider})"
@@ -583,6 +588,9 @@ def check_token(record: Optional[TokenRecord], provider: str, now: float) -> Tok
         raise Tripwire("token revoked")
     if record.revoked_at is not None:
         raise AuthError("token revoked")
+    if record.parent_ended or (record.parent_expires_at is not None and
+                               now >= record.parent_expires_at):
+        raise AuthError("token revoked: the token it was delegated from has ended")
     if record.expires_at is not None and now >= record.expires_at:
         raise AuthError("token expired")
     if record.agent_disabled_at is not None:
@@ -1741,8 +1749,13 @@ def _migration_4(db: sqlite3.Connection) -> None:
     """)
 
 
+def _migration_5(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE tokens ADD COLUMN parent TEXT")    # delegated: the minting token
+
+
 MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2,
-                                                          _migration_3, _migration_4]
+                                                          _migration_3, _migration_4,
+                                                          _migration_5]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
 
 
@@ -2101,14 +2114,52 @@ class Store:
                         expires_at, json.dumps(policy, sort_keys=True), label))
             db.execute("INSERT INTO token_usage (token_id) VALUES (?)", (token_id,))
 
+    def delegate(self, parent: "TokenRecord", token_id: str, token_hash: bytes,
+                 child: Callable[[Optional[int], Optional[int]], Tuple[Dict[str, Any],
+                                                                      Optional[float], str]]
+                 ) -> Dict[str, Any]:
+        """Mint a child of ``parent`` in one transaction: ``child`` is told what the parent
+        has left (requests, budget tokens after what is spent and held) and returns the
+        child's policy, expiry and label or raises; the child's request count and budget are
+        then carved out of the parent's."""
+        with self.transaction() as db:
+            live = db.execute("SELECT COUNT(*) FROM tokens WHERE parent = ? AND revoked_at IS "
+                              "NULL AND (expires_at IS NULL OR expires_at > ?)",
+                              (parent.id, time.time())).fetchone()[0]
+            if live >= MAX_CHILDREN:
+                raise Forbidden(f"this token already has {MAX_CHILDREN} live child tokens")
+            requests_, used = db.execute("SELECT requests, tokens_used FROM token_usage WHERE "
+                                         "token_id = ?", (parent.id,)).fetchone()
+            held = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE "
+                              "token_id = ?", (parent.id,)).fetchone()[0]
+            limits = parent.policy
+            policy, expires, label = child(
+                limits["max_requests"] - requests_ if "max_requests" in limits else None,
+                limits["budget_tokens"] - used - held if "budget_tokens" in limits else None)
+            db.execute("INSERT INTO tokens (id, token_hash, secret_name, provider, agent, "
+                       "created_at, expires_at, policy, label, parent) VALUES "
+                       "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (token_id, token_hash, parent.secret_name, parent.provider, parent.agent,
+                        utc_iso(), expires, json.dumps(policy, sort_keys=True), label or None,
+                        parent.id))
+            db.execute("INSERT INTO token_usage (token_id) VALUES (?)", (token_id,))
+            db.execute("UPDATE token_usage SET requests = requests + ?, tokens_used = "
+                       "tokens_used + ? WHERE token_id = ?",
+                       (policy.get("max_requests", 0) if "max_requests" in limits else 0,
+                        policy.get("budget_tokens", 0) if "budget_tokens" in limits else 0,
+                        parent.id))
+            return policy
+
     def find_token(self, token_hash: bytes) -> Optional["TokenRecord"]:
         """The token row (with its agent's state and its secret) for a SHA-256 digest."""
         with self.connection() as db:
             row = db.execute(
                 "SELECT t.id, t.token_hash, t.secret_name, t.provider, t.agent, t.expires_at, "
-                "t.revoked_at, t.policy, a.disabled_at, s.provider, s.ciphertext "
+                "t.revoked_at, t.policy, a.disabled_at, s.provider, s.ciphertext, t.parent, "
+                "p.revoked_at, p.expires_at, p.id IS NOT NULL "
                 "FROM tokens t LEFT JOIN agents a ON a.name = t.agent "
                 "LEFT JOIN secrets s ON s.name = t.secret_name "
+                "LEFT JOIN tokens p ON p.id = t.parent "
                 "WHERE t.token_hash = ?", (token_hash,)).fetchone()
         if row is None or not hmac.compare_digest(row[1], token_hash):
             return None
@@ -2116,22 +2167,25 @@ class Store:
 
     TOKEN_FIELDS = ("id", "agent", "provider", "secret", "label", "created_at", "expires_at",
                     "revoked_at", "policy", "requests", "tokens_used", "agent_disabled_at",
-                    "secret_exists")
+                    "secret_exists", "parent", "parent_ended", "parent_expires_at")
 
     def list_tokens(self) -> List[Dict[str, Any]]:
         with self.connection() as db:
             rows = db.execute(
                 "SELECT t.id, t.agent, t.provider, t.secret_name, t.label, t.created_at, "
                 "t.expires_at, t.revoked_at, t.policy, COALESCE(u.requests, 0), "
-                "COALESCE(u.tokens_used, 0), a.disabled_at, s.name IS NOT NULL "
-                "FROM tokens t LEFT JOIN token_usage u ON u.token_id = t.id "
+                "COALESCE(u.tokens_used, 0), a.disabled_at, s.name IS NOT NULL, t.parent, "
+                "t.parent IS NOT NULL AND (p.id IS NULL OR p.revoked_at IS NOT NULL), "
+                "p.expires_at FROM tokens t LEFT JOIN token_usage u ON u.token_id = t.id "
                 "LEFT JOIN agents a ON a.name = t.agent "
                 "LEFT JOIN secrets s ON s.name = t.secret_name "
+                "LEFT JOIN tokens p ON p.id = t.parent "
                 "ORDER BY t.created_at, t.id").fetchall()
         tokens = [dict(zip(self.TOKEN_FIELDS, row)) for row in rows]
         for token in tokens:
             token["policy"] = json.loads(token["policy"] or "{}")
             token["secret_exists"] = bool(token["secret_exists"])
+            token["parent_ended"] = bool(token["parent_ended"])
         return tokens
 
     def prune_tokens(self, before: float) -> int:
@@ -2459,6 +2513,8 @@ def describe_policy(policy: Dict[str, Any]) -> str:
                                 if policy.get("on_tripwire") else ""))
     if policy.get("on_leak"):
         parts.append(f"on-leak={policy['on_leak']}")
+    if policy.get("delegation"):
+        parts.append("delegation")
     return " ".join(parts) or "-"
 
 
@@ -2582,6 +2638,89 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
 BUDGET_INPUT_MARGIN = 64     # tokens a provider may add around a request's text (roles, turns)
 _GENERATING_RE = re.compile(r"(/chat/completions|/completions|/responses|/messages|"
                             r":generateContent|:streamGenerateContent)/?\Z")
+
+
+MAX_CHILDREN = 100                     # live child tokens one delegating token may have
+DELEGATION_FIELDS = ("allow_method", "allow_path", "models", "rate", "max_requests",
+                     "budget_tokens", "ttl", "label")
+CHILD_DEFAULT_TTL = 86400
+DELEGATION_BODY_MAX = 16 * 1024
+
+
+def delegated_policy(parent: Dict[str, Any], parent_expires: Optional[float],
+                     ask: Any, left_requests: Optional[int], left_budget: Optional[int],
+                     now: float) -> Tuple[Dict[str, Any], Optional[float], str]:
+    """A child token's policy, expiry and label from its parent's policy and what the
+    sub-agent asks (the JSON of POST /seks/v1/tokens). Each limit is the parent's or
+    narrower: methods, paths and models subsets, a rate no faster and no burstier, a life no
+    longer (default: the parent's, at most a day). A parent with a request limit or a token
+    budget makes the child name its own, at most what the parent has left (it is carved out).
+    The child cannot delegate; it keeps the parent's leak setting. BadRequest: malformed;
+    Forbidden: wider than the parent."""
+    if not isinstance(ask, dict) or set(ask) - set(DELEGATION_FIELDS):
+        raise BadRequest(f"the body is a JSON object with some of: {', '.join(DELEGATION_FIELDS)}")
+
+    def strings(name: str) -> Optional[List[str]]:
+        value = ask.get(name)
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()] if name == "models" \
+                else [value]
+        if value is not None and not (isinstance(value, list) and value and
+                                      all(isinstance(v, str) and v.strip() for v in value)):
+            raise BadRequest(f"{name} is a string or a list of strings")
+        return value
+
+    for name in ("max_requests", "budget_tokens"):
+        if name in ask and (type(ask[name]) is not int or ask[name] < 0):
+            raise BadRequest(f"{name} is a whole number")
+    models = strings("models")
+    try:
+        child = make_policy(strings("allow_method"), strings("allow_path"),
+                            ask.get("rate") if isinstance(ask.get("rate"), str) else None,
+                            ask.get("max_requests"), ",".join(models) if models else None,
+                            ask.get("budget_tokens"))
+        ttl = parse_ttl(ask["ttl"]) if isinstance(ask.get("ttl"), str) else None
+    except UsageError as exc:
+        raise BadRequest(str(exc).replace("--", "")) from None
+    if ask.get("rate") is not None and "rate" not in child or \
+            ask.get("ttl") is not None and ttl is None:
+        raise BadRequest("rate is like '60/m' and ttl like '30m'")
+    label = ask.get("label", "")
+    if not isinstance(label, str) or len(label) > 200 or not label.isprintable():
+        raise BadRequest("label is at most 200 printable characters")
+    for name, word in (("methods", "method"), ("models", "model")):
+        if name in parent:
+            child.setdefault(name, parent[name])
+            wider = sorted(set(child[name]) - set(parent[name]))
+            if wider:
+                raise Forbidden(f"{word} {wider[0]} is not allowed for the parent token")
+    if "paths" in parent:
+        child.setdefault("paths", parent["paths"])
+        for path in child["paths"]:
+            if not any(path_within(path, prefix) for prefix in parent["paths"]):
+                raise Forbidden(f"path {path} is not under the parent token's paths")
+    if "rate" in parent:
+        child.setdefault("rate", parent["rate"])
+        (count, period, _), (most, most_period, _) = child["rate"], parent["rate"]
+        if count > most or count / period > most / most_period:
+            raise Forbidden("the rate is faster than the parent token's")
+    for name, left in (("max_requests", left_requests), ("budget_tokens", left_budget)):
+        if left is None:
+            continue
+        if name not in child:
+            raise BadRequest(f"the parent token has a {name} limit: ask for {name} "
+                             f"(at most {max(left, 0)}); it is carved out of the parent's")
+        if child[name] > left or child[name] < 1:
+            raise Forbidden(f"{name} {child[name]} is more than the parent token has left "
+                            f"({max(left, 0)})")
+    end = now + (ttl if ttl else CHILD_DEFAULT_TTL)
+    if parent_expires is not None:
+        if ttl and end > parent_expires:
+            raise Forbidden("the ttl outlives the parent token")
+        end = min(end, parent_expires)
+    if "on_leak" in parent:
+        child["on_leak"] = parent["on_leak"]
+    return child, end, label
 
 
 def budget_reservation(kind: str, path: str, body: bytes, left: int,
@@ -3498,7 +3637,8 @@ class Exchange:
 
     __slots__ = ("started", "client", "method", "path", "provider", "agent", "token_id",
                  "secret", "status", "bytes_in", "bytes_out", "outcome", "reason", "model",
-                 "tokens_in", "tokens_out", "counted", "recorded", "drain_usage", "reservation")
+                 "tokens_in", "tokens_out", "counted", "recorded", "drain_usage", "reservation",
+                 "parent")
 
     def __init__(self, client: str) -> None:
         self.started = time.monotonic()
@@ -3514,6 +3654,7 @@ class Exchange:
         self.recorded = False      # the audit row is written
         self.drain_usage = False   # a budget applies: count a stream even if the agent leaves
         self.reservation: Optional[int] = None   # what a budget request holds until settled
+        self.parent = ""           # a delegated token's parent: the audit row names it
 
 
 def is_websocket_upgrade(head: RequestHead) -> bool:
@@ -3640,6 +3781,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if path == "/seks/v1/token" and head.method == "GET":
             self.introspect(head, query, ex)
             return
+        if path == "/seks/v1/tokens" and head.method == "POST" and not query:
+            self.delegate(head, framing, length, ex)
+            return
         provider, rest, route_prefix = broker.route(path)
         ex.provider, self.error_style = provider.name, provider.errors
         ex.path = masked_request_path(provider, path, query)
@@ -3730,6 +3874,55 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         self.writer.answer(200, [("Content-Type", "application/json")], json.dumps({
             "token_id": record.id, "agent": record.agent, "provider": record.provider,
             "expires_at": record.expires_at}).encode())
+
+    def delegate(self, head: RequestHead, framing: str, length: int, ex: Exchange) -> None:
+        """POST /seks/v1/tokens: a token minted with --allow-delegation mints a narrower child
+        for a sub-agent (delegated_policy decides; Store.delegate carves it out atomically).
+        Audited ("delegate", the child's id in the reason)."""
+        scheme, _, token = (head.get("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("send the parent token as 'Authorization: Bearer <token>'")
+        broker = self.server.broker
+        record, key, _ = broker.tokens.lookup(token.strip())
+        if record is None:
+            raise AuthError("unknown token")
+        ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
+        ex.secret, ex.parent = record.secret_name, record.parent or ""
+        try:
+            check_token(record, record.provider, time.time())
+        except Tripwire:
+            broker.tripwire(record, ex)
+            raise
+        if not record.policy.get("delegation"):
+            raise Forbidden("this token was not minted with --allow-delegation")
+        too_big = PayloadTooLarge(f"the body is at most {DELEGATION_BODY_MAX} bytes", close=True)
+        if framing == "length" and length > DELEGATION_BODY_MAX:
+            raise too_big
+        body = b""
+        if framing != "none":
+            for chunk in self.body_chunks(head, BodyReader(
+                    self.reader, framing, length, "request", DELEGATION_BODY_MAX), ex):
+                body += chunk
+                if len(body) > DELEGATION_BODY_MAX:
+                    raise too_big
+        try:
+            ask = json.loads(body or b"{}", object_pairs_hook=_reject_duplicate_keys)
+        except ValueError:
+            raise BadRequest("the body is not JSON, or it repeats a key") from None
+        provider = broker.providers[record.provider]
+        child = new_token(provider, (key or b"").decode("utf-8", "surrogateescape"))
+        child_id, answer = new_token_id(), {}
+
+        def decide_child(left_requests: Optional[int],
+                         left_budget: Optional[int]) -> Tuple[Dict[str, Any], Optional[float], str]:
+            policy, expires, label = delegated_policy(record.policy, record.expires_at, ask,
+                                                      left_requests, left_budget, time.time())
+            answer.update(expires_at=expires, policy=policy)
+            return policy, expires, label
+        broker.store.delegate(record, child_id, token_digest(child), decide_child)
+        ex.outcome, ex.status, ex.reason = "delegate", 201, f"minted {child_id}"
+        self.writer.answer(201, [("Content-Type", "application/json")], json.dumps(
+            dict(token=child, id=child_id, **answer), sort_keys=True).encode())
 
     def relay(self, head: RequestHead, answer: UpstreamAnswer, provider: Provider,
               route_prefix: str, ex: Exchange,
@@ -4648,6 +4841,7 @@ class Broker:
                                 f"a token from 'token mint' or start it with 'run'")
         else:
             ex.agent, ex.token_id, ex.secret = record.agent, record.id, record.secret_name
+            ex.parent = record.parent or ""
         try:
             check_token(record, provider.name, time.time())
         except Tripwire:
@@ -4773,7 +4967,9 @@ class Broker:
                        method=clean_text(ex.method, 16), path=clean_text(ex.path, 1024),
                        status=ex.status, bytes_in=ex.bytes_in, bytes_out=ex.bytes_out,
                        duration_ms=round((time.monotonic() - ex.started) * 1000, 3),
-                       client=ex.client, outcome=ex.outcome, reason=clean_text(ex.reason, 300),
+                       client=ex.client, outcome=ex.outcome, reason=clean_text(
+                           "; ".join(filter(None, [ex.parent and f"parent {ex.parent}",
+                                                   ex.reason])), 300),
                        model=clean_text(ex.model, 100), tokens_in=clean_count(ex.tokens_in),
                        tokens_out=clean_count(ex.tokens_out))
         error = self._append_audit(row, ex.counted or ex.outcome != "ok", ex.reservation)
@@ -5409,6 +5605,9 @@ def add_token_flags(q: argparse.ArgumentParser, ttl_help: str) -> None:
     q.add_argument("--budget-tokens", type=int, metavar="N",
                    help="LLM tokens (input + output) this token may spend (403 once spent)")
     q.add_argument("--label", help="a note shown in token list (e.g. what the token is for)")
+    q.add_argument("--allow-delegation", action="store_true",
+                   help="the token may mint narrower child tokens for sub-agents "
+                        "(POST /seks/v1/tokens on the agent port)")
 
 
 def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
@@ -5722,7 +5921,8 @@ def open_store(args: argparse.Namespace, settings: Settings, environ: Dict[str, 
 
 def token_state(token: Dict[str, Any], now: float) -> str:
     """active, or why a token does not work (in the order the broker checks them)."""
-    if token["revoked_at"]:
+    if token["revoked_at"] or token.get("parent_ended") or (
+            token.get("parent_expires_at") is not None and now >= token["parent_expires_at"]):
         return "revoked"
     if token["expires_at"] is not None and now >= token["expires_at"]:
         return "expired"
@@ -6095,6 +6295,10 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
         raise UsageError("--on-tripwire goes with --decoy")
     if getattr(args, "on_leak", None):
         policy["on_leak"] = args.on_leak
+    if getattr(args, "allow_delegation", False):
+        if policy.get("decoy"):
+            raise UsageError("a --decoy token cannot delegate")
+        policy["delegation"] = True
     if not provider.usage and ("models" in policy or "budget_tokens" in policy):
         raise UsageError(f"--models and --budget-tokens apply to LLM providers (those with "
                          f"'usage' set); {provider.name} has none")
@@ -6149,7 +6353,8 @@ def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: S
                     [[t["id"], t["agent"], t["provider"], t["secret"], t["label"] or "-",
                       t["created_at"], utc_iso(t["expires_at"]) if t["expires_at"] else "never",
                       t["state"], t["requests"], t["tokens_used"], budget_text(t),
-                      describe_policy(t["policy"])] for t in tokens])
+                      describe_policy(t["policy"]) + (f" parent={t['parent']}" if t["parent"]
+                                                      else "")] for t in tokens])
         return 0
     if args.action == "revoke":
         value = args.token_or_id.strip()
