@@ -643,7 +643,7 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
     if methods and facts.override:
         return Forbidden("this token is limited to some methods; a method-override header would "
                          "change the method the upstream acts on")
-    metered = facts.llm and ("models" in policy or "budget_tokens" in policy)
+    metered = facts.llm and ("models" in policy or budget_key(policy) != "")
     if facts.upgrade:       # a session is one request carrying any number of paid messages
         if "max_requests" in policy or "rate" in policy:
             return Forbidden("this token has a request limit or rate, which the broker cannot "
@@ -661,7 +661,7 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
     if models and facts.model is None and facts.method not in ("GET", "HEAD", "OPTIONS"):
         return Forbidden("this token is limited to some models and the broker cannot read which "
                          "model this request uses")
-    if facts.llm and "budget_tokens" in policy:
+    if facts.llm and budget_key(policy):
         segments = set(re.split(r"[/:]", facts.path))
         if facts.background or not ASYNC_JOB_SEGMENTS.isdisjoint(segments):
             return Forbidden("this token has a token budget; batch and background jobs report "
@@ -672,17 +672,30 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
     return None
 
 
+def budget_key(policy: Dict[str, Any]) -> str:
+    """Which budget a token has: "budget_tokens" (LLM tokens), "budget_nusd" (money, in
+    billionths of a US dollar), or "" (none). A token has at most one."""
+    return next((k for k in ("budget_tokens", "budget_nusd") if k in policy), "")
+
+
+def budget_words(key: str, amount: int) -> str:
+    return f"${amount / 1e9:,.6f}".rstrip("0").rstrip(".") if key == "budget_nusd" else \
+        f"{amount} tokens"
+
+
 def check_limits(policy: Dict[str, Any], requests_: int, used: int, bucket: Optional[float],
                  bucket_at: Optional[float], now: float) -> Tuple[Optional[float], Optional[float]]:
-    """The counting limits of one request, given the token's counters: raise Exhausted (for
-    good) or RateLimited (for now), or return the new token-bucket state. Store.admit runs it inside one write transaction, so
+    """The counting limits of one request, given the token's counters (``used``: what its
+    budget counts, tokens or nano-dollars): raise Exhausted (for good) or RateLimited (for
+    now), or return the new token-bucket state. Store.admit runs it inside one write transaction, so
     the same counters are never read twice by concurrent requests, in any process."""
     max_requests = policy.get("max_requests")
     if max_requests is not None and requests_ >= max_requests:
         raise Exhausted(f"token has used all {max_requests} requests it was minted for")
-    budget = policy.get("budget_tokens")
-    if budget is not None and used >= budget:
-        raise Exhausted(f"token budget of {budget} tokens is spent ({used} used)")
+    key = budget_key(policy)
+    if key and used >= policy[key]:
+        raise Exhausted(f"token budget of {budget_words(key, policy[key])} is spent "
+                        f"({budget_words(key, used)} used)")
     rate = policy.get("rate")
     if rate is None:
         return bucket, bucket_at
@@ -1753,9 +1766,13 @@ def _migration_5(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE tokens ADD COLUMN parent TEXT")    # delegated: the minting token
 
 
+def _migration_6(db: sqlite3.Connection) -> None:     # what a money budget has spent
+    db.execute("ALTER TABLE token_usage ADD COLUMN cost_used INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2,
                                                           _migration_3, _migration_4,
-                                                          _migration_5]
+                                                          _migration_5, _migration_6]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
 
 
@@ -2128,14 +2145,15 @@ class Store:
                               (parent.id, time.time())).fetchone()[0]
             if live >= MAX_CHILDREN:
                 raise Forbidden(f"this token already has {MAX_CHILDREN} live child tokens")
-            requests_, used = db.execute("SELECT requests, tokens_used FROM token_usage WHERE "
-                                         "token_id = ?", (parent.id,)).fetchone()
+            requests_, used = db.execute(f"SELECT requests, {budget_counter(parent.policy)} "
+                                         f"FROM token_usage WHERE token_id = ?",
+                                         (parent.id,)).fetchone()
             held = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE "
                               "token_id = ?", (parent.id,)).fetchone()[0]
-            limits = parent.policy
+            limits, key = parent.policy, budget_key(parent.policy)
             policy, expires, label = child(
                 limits["max_requests"] - requests_ if "max_requests" in limits else None,
-                limits["budget_tokens"] - used - held if "budget_tokens" in limits else None)
+                limits[key] - used - held if key else None)
             db.execute("INSERT INTO tokens (id, token_hash, secret_name, provider, agent, "
                        "created_at, expires_at, policy, label, parent) VALUES "
                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -2143,11 +2161,11 @@ class Store:
                         utc_iso(), expires, json.dumps(policy, sort_keys=True), label or None,
                         parent.id))
             db.execute("INSERT INTO token_usage (token_id) VALUES (?)", (token_id,))
-            db.execute("UPDATE token_usage SET requests = requests + ?, tokens_used = "
-                       "tokens_used + ? WHERE token_id = ?",
+            db.execute(f"UPDATE token_usage SET requests = requests + ?, "
+                       f"{budget_counter(limits)} = {budget_counter(limits)} + ? "
+                       f"WHERE token_id = ?",
                        (policy.get("max_requests", 0) if "max_requests" in limits else 0,
-                        policy.get("budget_tokens", 0) if "budget_tokens" in limits else 0,
-                        parent.id))
+                        policy.get(key, 0) if key else 0, parent.id))
             return policy
 
     def find_token(self, token_hash: bytes) -> Optional["TokenRecord"]:
@@ -2167,7 +2185,7 @@ class Store:
 
     TOKEN_FIELDS = ("id", "agent", "provider", "secret", "label", "created_at", "expires_at",
                     "revoked_at", "policy", "requests", "tokens_used", "agent_disabled_at",
-                    "secret_exists", "parent", "parent_ended", "parent_expires_at")
+                    "secret_exists", "parent", "parent_ended", "parent_expires_at", "cost_used")
 
     def list_tokens(self) -> List[Dict[str, Any]]:
         with self.connection() as db:
@@ -2176,7 +2194,8 @@ class Store:
                 "t.expires_at, t.revoked_at, t.policy, COALESCE(u.requests, 0), "
                 "COALESCE(u.tokens_used, 0), a.disabled_at, s.name IS NOT NULL, t.parent, "
                 "t.parent IS NOT NULL AND (p.id IS NULL OR p.revoked_at IS NOT NULL), "
-                "p.expires_at FROM tokens t LEFT JOIN token_usage u ON u.token_id = t.id "
+                "p.expires_at, COALESCE(u.cost_used, 0) FROM tokens t "
+                "LEFT JOIN token_usage u ON u.token_id = t.id "
                 "LEFT JOIN agents a ON a.name = t.agent "
                 "LEFT JOIN secrets s ON s.name = t.secret_name "
                 "LEFT JOIN tokens p ON p.id = t.parent "
@@ -2227,20 +2246,21 @@ class Store:
         flight hold) and returns what this request may cost; that is held as a reservation
         (its id is returned) until append_audit settles it. A crashed process's reservations
         stay held: they are settled at their bound."""
-        budget = plan is not None and "budget_tokens" in policy
+        key = budget_key(policy)
+        budget = plan is not None and key != ""
         if budget:
-            self._settle_orphans(token_id)
+            self._settle_orphans(token_id, budget_counter(policy))
         with self.transaction() as db:
             requests_, used, bucket, bucket_at = db.execute(
-                "SELECT requests, tokens_used, bucket, bucket_at FROM token_usage "
-                "WHERE token_id = ?", (token_id,)).fetchone()
+                f"SELECT requests, {budget_counter(policy)}, bucket, bucket_at FROM "
+                f"token_usage WHERE token_id = ?", (token_id,)).fetchone()
             bucket, bucket_at = check_limits(policy, requests_, used, bucket, bucket_at, now)
             reservation = None
             if budget:
                 assert plan is not None
                 held = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE "
                                   "token_id = ?", (token_id,)).fetchone()[0]
-                amount = plan(policy["budget_tokens"] - used - held, held > 0)
+                amount = plan(policy[key] - used - held, held > 0)
                 reservation = db.execute(
                     "INSERT INTO reservations (token_id, amount, created_at, owner) VALUES "
                     "(?, ?, ?, ?)", (token_id, amount, utc_iso(now), PROCESS_OWNER)).lastrowid
@@ -2248,7 +2268,7 @@ class Store:
                        "WHERE token_id = ?", (bucket, bucket_at, token_id))
             return reservation
 
-    def _settle_orphans(self, token_id: str) -> None:
+    def _settle_orphans(self, token_id: str, counter: str) -> None:
         """Reservations whose broker process died are settled at their bound (the upstream may
         have billed the request), in a transaction of their own."""
         with self.connection() as db:
@@ -2263,32 +2283,36 @@ class Store:
                                   (row_id,)).fetchone()
                 if held is not None:
                     db.execute("DELETE FROM reservations WHERE id = ?", (row_id,))
-                    db.execute("UPDATE token_usage SET tokens_used = tokens_used + ? WHERE "
-                               "token_id = ?", (held[0], token_id))
+                    db.execute(f"UPDATE token_usage SET {counter} = {counter} + ? WHERE "
+                               f"token_id = ?", (held[0], token_id))
 
     # --- audit -----------------------------------------------------------------------------
     def append_audit(self, keys: "KeyRing", row: "AuditRow", counted: bool,
-                     reservation: Optional[int] = None) -> None:
+                     reservation: Optional[int] = None,
+                     price: Optional[Tuple[int, int, int]] = None, cached: int = 0) -> None:
         """Append one chained audit row, and the request's usage, in one short transaction;
         refuses (KeyRotated) if the DB moved to another master key meanwhile. ``counted``: the
         request was already counted at admission. ``reservation`` is settled here: to the
-        usage the answer reported, or, if it reported none, to its whole bound."""
+        usage the answer reported, or, if it reported none, to its whole bound. ``price``: a
+        money budget's (input, output, cached input) nano-dollars per token; its cost counter
+        is settled too (``cached``: input tokens the answer reported as read from cache)."""
         with self.transaction() as db:
             check = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
             if check is not None and not hmac.compare_digest(bytes(check), keys.check):
                 raise KeyRotated()
             self._append_audit(db, keys.audit, row)
             spent = (row.tokens_in or 0) + (row.tokens_out or 0)
+            cost = usage_cost(price, row.tokens_in, row.tokens_out, cached) if price else 0
             if reservation is not None:
                 held = db.execute("SELECT amount FROM reservations WHERE id = ?",
                                   (reservation,)).fetchone()
                 db.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
                 if held is not None and row.tokens_in is None and row.tokens_out is None:
-                    spent = held[0]
-            if row.token_id and (spent or not counted):
-                db.execute("UPDATE token_usage SET tokens_used = tokens_used + ?, "
-                           "requests = requests + ? WHERE token_id = ?",
-                           (spent, 0 if counted else 1, row.token_id))
+                    spent, cost = (0, held[0]) if price else (held[0], 0)
+            if row.token_id and (spent or cost or not counted):
+                db.execute("UPDATE token_usage SET tokens_used = tokens_used + ?, cost_used = "
+                           "cost_used + ?, requests = requests + ? WHERE token_id = ?",
+                           (spent, cost, 0 if counted else 1, row.token_id))
 
     @staticmethod
     def _chain_head(db: sqlite3.Connection) -> Tuple[int, bytes]:
@@ -2468,8 +2492,9 @@ def parse_rate(text: str) -> List[Any]:
 
 def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: Optional[str],
                 max_requests: Optional[int], models: Optional[str],
-                budget_tokens: Optional[int]) -> Dict[str, Any]:
-    """The per-token policy stored with the token (only the limits that were asked for)."""
+                budget_tokens: Optional[int], budget_usd: Optional[float] = None) -> Dict[str, Any]:
+    """The per-token policy stored with the token (only the limits that were asked for). A
+    money budget is kept in nano-dollars (budget_nusd), so counting it stays exact."""
     policy: Dict[str, Any] = {}
     if methods:
         policy["methods"] = sorted({m.strip().upper() for m in methods if m.strip()})
@@ -2491,6 +2516,12 @@ def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: 
         if budget_tokens < 1:
             raise UsageError("--budget-tokens must be at least 1")
         policy["budget_tokens"] = budget_tokens
+    if budget_usd is not None:
+        if budget_tokens is not None:
+            raise UsageError("a token has one budget: --budget-tokens or --budget-usd")
+        if not 0 < budget_usd < 1e9:
+            raise UsageError("--budget-usd is an amount of US dollars above 0, like 5 or 0.25")
+        policy["budget_nusd"] = round(budget_usd * 1e9)
     return policy
 
 
@@ -2506,8 +2537,9 @@ def describe_policy(policy: Dict[str, Any]) -> str:
         parts.append(f"max-requests={policy['max_requests']}")
     if "models" in policy:
         parts.append("models=" + ",".join(policy["models"]))
-    if "budget_tokens" in policy:
-        parts.append(f"budget={policy['budget_tokens']}")
+    if budget_key(policy):
+        parts.append(f"budget={budget_words(budget_key(policy), policy[budget_key(policy)])}"
+                     .replace(" tokens", ""))
     if policy.get("decoy"):
         parts.append("decoy" + (f" on-tripwire={policy['on_tripwire']}"
                                 if policy.get("on_tripwire") else ""))
@@ -2528,7 +2560,7 @@ def path_for_policy(rest: str, swap: "CredentialSwap") -> str:
 
 
 def needs_admission(policy: Dict[str, Any]) -> bool:
-    return any(k in policy for k in ("rate", "max_requests", "budget_tokens"))
+    return any(k in policy for k in ("rate", "max_requests", "budget_tokens", "budget_nusd"))
 
 
 def header_params(value: str, header: str = "content-type") -> List[Tuple[str, str]]:
@@ -2642,7 +2674,7 @@ _GENERATING_RE = re.compile(r"(/chat/completions|/completions|/responses|/messag
 
 MAX_CHILDREN = 100                     # live child tokens one delegating token may have
 DELEGATION_FIELDS = ("allow_method", "allow_path", "models", "rate", "max_requests",
-                     "budget_tokens", "ttl", "label")
+                     "budget_tokens", "budget_usd", "ttl", "label")
 CHILD_DEFAULT_TTL = 86400
 DELEGATION_BODY_MAX = 16 * 1024
 
@@ -2673,12 +2705,14 @@ def delegated_policy(parent: Dict[str, Any], parent_expires: Optional[float],
     for name in ("max_requests", "budget_tokens"):
         if name in ask and (type(ask[name]) is not int or ask[name] < 0):
             raise BadRequest(f"{name} is a whole number")
+    if "budget_usd" in ask and type(ask["budget_usd"]) not in (int, float):
+        raise BadRequest("budget_usd is a number of US dollars")
     models = strings("models")
     try:
         child = make_policy(strings("allow_method"), strings("allow_path"),
                             ask.get("rate") if isinstance(ask.get("rate"), str) else None,
                             ask.get("max_requests"), ",".join(models) if models else None,
-                            ask.get("budget_tokens"))
+                            ask.get("budget_tokens"), ask.get("budget_usd"))
         ttl = parse_ttl(ask["ttl"]) if isinstance(ask.get("ttl"), str) else None
     except UsageError as exc:
         raise BadRequest(str(exc).replace("--", "")) from None
@@ -2704,15 +2738,18 @@ def delegated_policy(parent: Dict[str, Any], parent_expires: Optional[float],
         (count, period, _), (most, most_period, _) = child["rate"], parent["rate"]
         if count > most or count / period > most / most_period:
             raise Forbidden("the rate is faster than the parent token's")
-    for name, left in (("max_requests", left_requests), ("budget_tokens", left_budget)):
-        if left is None:
+    key = budget_key(parent)
+    for name, left in (("max_requests", left_requests), (key, left_budget)):
+        if left is None or not name:
             continue
+        asked, shown = ("budget_usd", budget_words) if name == "budget_nusd" else \
+            (name, lambda _, n: str(n))
         if name not in child:
-            raise BadRequest(f"the parent token has a {name} limit: ask for {name} "
-                             f"(at most {max(left, 0)}); it is carved out of the parent's")
+            raise BadRequest(f"the parent token has a {asked} limit: ask for {asked} (at most "
+                             f"{shown(name, max(left, 0))}); it is carved out of the parent's")
         if child[name] > left or child[name] < 1:
-            raise Forbidden(f"{name} {child[name]} is more than the parent token has left "
-                            f"({max(left, 0)})")
+            raise Forbidden(f"{asked} {shown(name, child[name])} is more than the parent token "
+                            f"has left ({shown(name, max(left, 0))})")
     end = now + (ttl if ttl else CHILD_DEFAULT_TTL)
     if parent_expires is not None:
         if ttl and end > parent_expires:
@@ -2723,10 +2760,54 @@ def delegated_policy(parent: Dict[str, Any], parent_expires: Optional[float],
     return child, end, label
 
 
+def budget_counter(policy: Dict[str, Any]) -> str:
+    """The token_usage column a token's budget counts against."""
+    return "cost_used" if budget_key(policy) == "budget_nusd" else "tokens_used"
+
+
+def usage_cost(price: Tuple[int, int, int], tokens_in: Optional[int], tokens_out: Optional[int],
+               cached: int = 0) -> int:
+    """What an answer's usage costs in nano-dollars: input (the ``cached`` part of it at the
+    cached-input price) plus output."""
+    tin, tout = tokens_in or 0, tokens_out or 0
+    cached = min(max(cached, 0), tin)
+    return (tin - cached) * price[0] + cached * price[2] + tout * price[1]
+
+
+def model_price(prices: Dict[str, Tuple[int, int, int]],
+                model: Optional[str]) -> Tuple[int, int, int]:
+    """A money-budget request's prices (nano-dollars per token: input, output, cached input)
+    from the [prices] table, by the model the request names; Forbidden without one."""
+    price = prices.get((model or "").lower())
+    if price is None:
+        raise Forbidden(f"this token has a money budget and model '{(model or '?')[:100]}' has "
+                        f"no price in the [prices] table" if model else
+                        "this token has a money budget and the broker cannot read which model "
+                        "this request uses")
+    return price
+
+
+def parse_price(text: str) -> Tuple[int, int, int]:
+    """``IN OUT [CACHED_IN]`` in US dollars per million tokens -> nano-dollars per token,
+    rounded up (what a budget counts never undercounts)."""
+    parts = text.split()
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3) or any(not (0 <= v < 1e6) for v in values):
+        raise ConfigError(f"a price is 'INPUT OUTPUT [CACHED_INPUT]' in US dollars per million "
+                          f"tokens, like '2.50 10.00 1.25' (got {text!r})")
+    nano = [int(-(-round(v * 1e6) // 1000)) for v in values]    # $/M -> n$/token, rounded up
+    return nano[0], nano[1], nano[2] if len(nano) == 3 else nano[0]
+
+
 def budget_reservation(kind: str, path: str, body: bytes, left: int,
-                       in_flight: bool = False) -> Tuple[int, Optional[bytes]]:
+                       in_flight: bool = False,
+                       price: Tuple[int, int, int] = (1, 1, 1)) -> Tuple[int, Optional[bytes]]:
     """The most a budget token's request can cost, and its body with the output cap set so the
-    request fits in what is ``left`` (None: unchanged). Input: a request's text cannot become
+    request fits in what is ``left`` (None: unchanged). ``price``: what an input and an output
+    token cost in the budget's unit (1 and 1 for a token budget; nano-dollars for money). Input: a request's text cannot become
     more tokens than it has bytes, plus BUDGET_INPUT_MARGIN. Output: the request's own cap
     (max_completion_tokens / max_tokens / max_output_tokens / generationConfig.maxOutputTokens,
     times n or candidateCount), lowered to what is left, or set to it when absent. A request
@@ -2735,11 +2816,13 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
     request whose JSON the broker cannot bound. Media the provider fetches by URL is not
     bounded (the docs say so)."""
     input_bound = len(body) + BUDGET_INPUT_MARGIN
-    room = left - input_bound
+    room = (left - input_bound * price[0]) // max(price[1], 1)    # output tokens that fit
+    money = price != (1, 1, 1)
 
     def cannot_fit(cost: str) -> BrokerError:
         message = (f"this request may cost up to {cost} tokens and the token's budget has "
-                   f"{max(left, 0)} left")
+                   f"{budget_words('budget_nusd', max(left, 0)) if money else max(left, 0)} "
+                   f"left")
         if in_flight:
             return RateLimited(message + " while requests in flight hold the rest",
                                headers={"Retry-After": "1"})
@@ -2747,7 +2830,7 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
     if room < 1:
         raise cannot_fit(f"{input_bound} input")
     if not _GENERATING_RE.search(path):
-        return input_bound, None
+        return input_bound * price[0], None
     try:
         obj = json.loads(body)
     except ValueError:
@@ -2784,7 +2867,8 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
     changed = not present or any(c != cap for c in caps)
     for name in present or [default]:
         holder[name] = cap
-    return input_bound + cap * count, json.dumps(obj).encode() if changed else None
+    return input_bound * price[0] + cap * count * price[1], \
+        json.dumps(obj).encode() if changed else None
 
 
 _TOKEN_SHAPE_RE = re.compile(rb"seks_[a-z0-9-]{1,32}_[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
@@ -2878,6 +2962,9 @@ def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
             tout = _int(usage.get("completion_tokens", usage.get("output_tokens")))
             state["tokens_in"] = tin if tin is not None else state.get("tokens_in")
             state["tokens_out"] = tout if tout is not None else state.get("tokens_out")
+            details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+            if isinstance(details, dict) and _int(details.get("cached_tokens")) is not None:
+                state["tokens_cached"] = _int(details.get("cached_tokens"))
     elif kind == "anthropic":
         message = obj.get("message") if isinstance(obj.get("message"), dict) else obj
         model = message.get("model")
@@ -2887,6 +2974,7 @@ def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
                                                    "cache_read_input_tokens")]
             if any(p is not None for p in parts):
                 state["tokens_in"] = sum(p or 0 for p in parts)
+                state["tokens_cached"] = parts[2] or 0
             tout = _int(usage.get("output_tokens"))
             if tout is not None:
                 state["tokens_out"] = tout
@@ -2895,6 +2983,8 @@ def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
         usage = obj.get("usageMetadata")
         if isinstance(usage, dict):
             tin = _int(usage.get("promptTokenCount"))
+            if _int(usage.get("cachedContentTokenCount")) is not None:
+                state["tokens_cached"] = _int(usage.get("cachedContentTokenCount"))
             outs = [_int(usage.get(k)) for k in ("candidatesTokenCount", "thoughtsTokenCount")]
             if tin is not None:
                 state["tokens_in"] = tin
@@ -3346,6 +3436,7 @@ class Relay:
             state = self.meter.finish()
             self.ex.model = self.ex.model or state.get("model")
             self.ex.tokens_in, self.ex.tokens_out = state.get("tokens_in"), state.get("tokens_out")
+            self.ex.tokens_cached = state.get("tokens_cached") or 0
 
     def _cut(self, reason: str) -> NoReturn:
         """The upstream answer broke off: a clean 502 if nothing was sent yet, else a cut."""
@@ -3638,7 +3729,7 @@ class Exchange:
     __slots__ = ("started", "client", "method", "path", "provider", "agent", "token_id",
                  "secret", "status", "bytes_in", "bytes_out", "outcome", "reason", "model",
                  "tokens_in", "tokens_out", "counted", "recorded", "drain_usage", "reservation",
-                 "parent")
+                 "parent", "price", "tokens_cached")
 
     def __init__(self, client: str) -> None:
         self.started = time.monotonic()
@@ -3655,6 +3746,8 @@ class Exchange:
         self.drain_usage = False   # a budget applies: count a stream even if the agent leaves
         self.reservation: Optional[int] = None   # what a budget request holds until settled
         self.parent = ""           # a delegated token's parent: the audit row names it
+        self.price: Optional[Tuple[int, int, int]] = None   # a money budget's, per token
+        self.tokens_cached = 0     # input tokens the answer reported as read from cache
 
 
 def is_websocket_upgrade(head: RequestHead) -> bool:
@@ -3804,7 +3897,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         record, key, pairs = broker.authenticate(swap.token, provider, ex)
         policy = record.policy
         read_whole = bool(provider.usage) and not upgrade and (
-            "models" in policy or "budget_tokens" in policy)
+            "models" in policy or budget_key(policy) != "")
         body = self.request_body(head, framing, length, read_whole, ex)
         facts = request_facts(provider, head.method, head.fields, rest, swap,
                               body if read_whole else None, read_whole, upgrade)
@@ -3813,13 +3906,15 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             raise refusal
         if read_whole:
             ex.model = facts.model
-            if body and "budget_tokens" in policy and provider.usage == "openai" and \
+            if body and budget_key(policy) and provider.usage == "openai" and \
                     facts.path.rstrip("/").endswith("completions"):
                 body = ask_for_stream_usage(body)
         elif provider.usage and isinstance(body, bytes):
             ex.model = request_model(provider, rest, body, head.get("content-type") or "")
+        if "budget_nusd" in policy and isinstance(body, bytes) and body:
+            ex.price = model_price(settings.prices, facts.model)
         body = broker.admit(record, ex, provider.usage, facts.path, body)
-        ex.drain_usage = "budget_tokens" in policy
+        ex.drain_usage = budget_key(policy) != ""
         headers, rest_up, query_up = swap_credentials(
             provider, swap, key.decode("utf-8", "surrogateescape"),
             forward_request_headers(head.fields), rest, query)
@@ -4374,6 +4469,7 @@ class Settings:
         self.upstreams: Dict[str, str] = {}          # provider -> base URL override
         self.discord_gateway = "wss://gateway.discord.gg"
         self.custom_providers: Dict[str, Provider] = {}
+        self.prices: Dict[str, Tuple[int, int, int]] = {}   # model -> n$ per token ([prices])
         for name, value in overrides.items():
             if not hasattr(self, name):
                 raise ConfigError(f"unknown setting {name!r}")
@@ -4425,6 +4521,13 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
             except ConfigError as exc:
                 errors.append(f"{where(section, exc.key)}: [{section}] {exc}")
             continue
+        if section == "prices":
+            for key, value in parser.items(section):
+                try:
+                    settings.prices[key.strip().lower()] = parse_price(value)
+                except ConfigError as exc:
+                    errors.append(f"{where(section, key)}: [prices] {key}: {exc}")
+            continue
         if section == "upstream":
             for key, value in parser.items(section):
                 if (section, key) in by_place:
@@ -4443,7 +4546,7 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
                     errors.append(f"{where(section, key)}: [upstream] {key}: {exc}")
         elif section not in ("server", "limits", "log", "alerts"):
             errors.append(f"{where(section)}: unknown section [{section}] (known: server, "
-                          f"limits, log, alerts, upstream, provider:NAME)")
+                          f"limits, log, alerts, prices, upstream, provider:NAME)")
             continue
         for key, value in parser.items(section):
             spec = by_place.get((section, key))
@@ -4896,10 +4999,11 @@ class Broker:
         rewritten: List[Optional[bytes]] = []
 
         def plan(left: int, in_flight: bool) -> int:
-            amount, new_body = budget_reservation(kind, path, body, left, in_flight)
+            amount, new_body = budget_reservation(kind, path, body, left, in_flight,
+                                                  ex.price or (1, 1, 1))
             rewritten.append(new_body)
             return amount
-        budget = "budget_tokens" in record.policy and isinstance(body, bytes)
+        budget = budget_key(record.policy) != "" and isinstance(body, bytes)
         ex.reservation = self.store.admit(record.id, record.policy, time.time(),
                                           plan if budget else None)
         ex.counted = True
@@ -4972,20 +5076,24 @@ class Broker:
                                                    ex.reason])), 300),
                        model=clean_text(ex.model, 100), tokens_in=clean_count(ex.tokens_in),
                        tokens_out=clean_count(ex.tokens_out))
-        error = self._append_audit(row, ex.counted or ex.outcome != "ok", ex.reservation)
+        error = self._append_audit(row, ex.counted or ex.outcome != "ok", ex.reservation,
+                                   ex.price, ex.tokens_cached)
         self.audit_ok = not error
         if error:
             self.log("error", "audit", message=f"AUDIT WRITE FAILED: {error}")
         return not error
 
-    def _append_audit(self, row: AuditRow, counted: bool, reservation: Optional[int]) -> str:
+    def _append_audit(self, row: AuditRow, counted: bool, reservation: Optional[int],
+                      price: Optional[Tuple[int, int, int]] = None, cached: int = 0) -> str:
         """Commit the row (durable before the caller goes on); the error text, or ""."""
         try:
             try:
-                self.store.append_audit(self.tokens.keys, row, counted, reservation)
+                self.store.append_audit(self.tokens.keys, row, counted, reservation, price,
+                                        cached)
             except KeyRotated:
                 self.tokens.reload_keys()
-                self.store.append_audit(self.tokens.keys, row, counted, reservation)
+                self.store.append_audit(self.tokens.keys, row, counted, reservation, price,
+                                        cached)
         except (KeyRotated, Unavailable):
             return "master key rotated; restart the broker"
         except Exception as exc:
@@ -5604,6 +5712,9 @@ def add_token_flags(q: argparse.ArgumentParser, ttl_help: str) -> None:
     q.add_argument("--models", metavar="M1,M2", help="LLM models this token may use")
     q.add_argument("--budget-tokens", type=int, metavar="N",
                    help="LLM tokens (input + output) this token may spend (403 once spent)")
+    q.add_argument("--budget-usd", type=float, metavar="AMOUNT",
+                   help="US dollars this token may spend, priced from the config's [prices] "
+                        "table (a model without a price is refused)")
     q.add_argument("--label", help="a note shown in token list (e.g. what the token is for)")
     q.add_argument("--allow-delegation", action="store_true",
                    help="the token may mint narrower child tokens for sub-agents "
@@ -5931,18 +6042,22 @@ def token_state(token: Dict[str, Any], now: float) -> str:
     if not token["secret_exists"]:
         return "secret-removed"
     policy = token["policy"]
+    key = budget_key(policy)
     if ("max_requests" in policy and token["requests"] >= policy["max_requests"]) or \
-            ("budget_tokens" in policy and token["tokens_used"] >= policy["budget_tokens"]):
+            (key and token[budget_counter(policy)] >= policy[key]):
         return "exhausted"
     return "active"
 
 
 def budget_text(token: Dict[str, Any]) -> str:
-    budget = token["policy"].get("budget_tokens")
-    if budget is None:
+    key = budget_key(token["policy"])
+    if not key:
         return "-"
-    share = 100.0 * token["tokens_used"] / budget if budget else 100.0
-    return f"{token['tokens_used']:,}/{budget:,} ({share:.0f}%)"
+    budget, used = token["policy"][key], token[budget_counter(token["policy"])]
+    share = 100.0 * used / budget if budget else 100.0
+    if key == "budget_nusd":
+        return f"${used / 1e9:,.4f}/${budget / 1e9:,.2f} ({share:.0f}%)"
+    return f"{used:,}/{budget:,} ({share:.0f}%)"
 
 
 def find_provider(providers: Dict[str, Provider], name: str) -> Provider:
@@ -6286,7 +6401,7 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
     ttl = parse_ttl(args.ttl) if args.ttl else default_ttl
     expires = time.time() + ttl if ttl else None
     policy = make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
-                         args.models, args.budget_tokens)
+                         args.models, args.budget_tokens, getattr(args, "budget_usd", None))
     if getattr(args, "decoy", False):
         policy["decoy"] = True
         if args.on_tripwire:
@@ -6299,9 +6414,9 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
         if policy.get("decoy"):
             raise UsageError("a --decoy token cannot delegate")
         policy["delegation"] = True
-    if not provider.usage and ("models" in policy or "budget_tokens" in policy):
-        raise UsageError(f"--models and --budget-tokens apply to LLM providers (those with "
-                         f"'usage' set); {provider.name} has none")
+    if not provider.usage and ("models" in policy or budget_key(policy)):
+        raise UsageError(f"--models, --budget-tokens and --budget-usd apply to LLM providers "
+                         f"(those with 'usage' set); {provider.name} has none")
     real_key = ""
     if provider.token_shape == "bot-id":
         real_key = SecretCipher(master).decrypt(
@@ -6664,22 +6779,29 @@ def cmd_audit(args: argparse.Namespace, store: Store, master: bytes, settings: S
 
 def cmd_usage(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
               providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
-    """Requests and LLM tokens from the audit log. UNMETERED counts LLM answers that reported
-    no usage (an OpenAI stream not asked for it): their tokens are not in the totals."""
+    """Requests and LLM tokens from the audit log, and their cost where [prices] prices the
+    model (cached input counted at the input price: the audit row does not keep the cached
+    share). UNMETERED counts LLM answers that reported no usage (an OpenAI stream not asked
+    for it): their tokens are not in the totals."""
     where, params = audit_filter(args)
     rows = store.usage_rows(where, params)
     llm = {p.name for p in providers.values() if p.usage}
+
+    def cost(model: str, tin: int, tout: int) -> Optional[float]:
+        price = settings.prices.get((model or "").lower())
+        return None if price is None else usage_cost(price, tin, tout) / 1e9
     if args.json:
         for agent, provider, model, count, tin, tout, unmetered in rows:
             print(json.dumps({"agent": agent, "provider": provider, "model": model or None,
                               "requests": count, "tokens_in": tin, "tokens_out": tout,
-                              "tokens": tin + tout,
+                              "tokens": tin + tout, "cost_usd": cost(model, tin, tout),
                               "unmetered": unmetered if provider in llm else None},
                              sort_keys=True))
         return 0
     print_table(["AGENT", "PROVIDER", "MODEL", "REQUESTS", "TOKENS IN", "TOKENS OUT", "TOTAL",
-                 "UNMETERED"],
+                 "COST (USD)", "UNMETERED"],
                 [[a or "-", p or "-", m or "-", c, f"{i:,}", f"{o:,}", f"{i + o:,}",
+                  "-" if cost(m, i, o) is None else f"{cost(m, i, o):,.4f}",
                   u if p in llm else "-"] for a, p, m, c, i, o, u in rows])
     return 0
 

@@ -217,3 +217,16 @@ def test_revoking_the_parent_elsewhere_ends_every_child_in_every_broker(
         assert delegate(b, children[0], {}).status == 401
     states = {json.loads(line)["state"] for line in ok(served.cli("token", "list", "--json", "--agent", agent)).splitlines()}
     assert states == {"revoked"}
+
+
+def test_a_money_budget_parent_carves_dollars() -> None:
+    parent = {"delegation": True, "budget_nusd": 1_000_000_000}
+    policy, _, _ = sb.delegated_policy(parent, None, {"budget_usd": 0.4}, None, 500_000_000, NOW)
+    assert policy["budget_nusd"] == 400_000_000
+    with pytest.raises(sb.Forbidden) as info:
+        sb.delegated_policy(parent, None, {"budget_usd": 0.6}, None, 500_000_000, NOW)
+    assert "budget_usd $0.6 is more than the parent token has left ($0.5)" in info.value.message
+    for ask in ({}, {"budget_tokens": 10}):
+        with pytest.raises(sb.BadRequest) as missing:
+            sb.delegated_policy(parent, None, ask, None, 500_000_000, NOW)
+        assert "ask for budget_usd" in missing.value.message

@@ -1,0 +1,178 @@
+"""Money budgets (issue 17 item 2): `token mint --budget-usd AMOUNT`, priced from the config's
+`[prices]` table (US dollars per million tokens: input, output, cached input). The pure parts
+(price parsing, the cost of an answer, the reservation with prices, cached-token reading) are
+pinned by tables; the rest runs over real sockets: a serve process with a [prices] table in front
+of a loopback OpenAI that checks the real key, honours the output cap and reports usage (with a
+cached share). The budget is never passed, the output cap is lowered to what money is left, an
+unpriced model is refused before anything is forwarded, and `usage` shows the cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+from conftest import (
+    REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, call, error_type_and_message,
+    fresh_agent, load_broker_module, ok, parse_table,
+)
+
+sb = load_broker_module()
+
+PRICES = "[prices]\ngpt-4o-mini = 0.15 0.60 0.075\nGPT-Big = 30 60\nfree-model = 0 0\n"
+
+
+@pytest.mark.parametrize("text, nano", [
+    ("0.15 0.60 0.075", (150, 600, 75)),
+    ("2.50 10.00", (2500, 10000, 2500)),          # no cached price: input price
+    ("0 0", (0, 0, 0)),
+    ("0.0001 1", (1, 1000, 1)),                    # rounded up, never down
+    ("3 15 0.30", (3000, 15000, 300)),
+])
+def test_prices_are_dollars_per_million_tokens_kept_as_nano_dollars_per_token(text: str, nano: tuple) -> None:
+    assert sb.parse_price(text) == nano
+
+
+@pytest.mark.parametrize("text", ["", "1", "1 2 3 4", "a b", "-1 2", "1 1e7", "1,5 2"])
+def test_malformed_prices_are_refused(text: str) -> None:
+    with pytest.raises(sb.ConfigError):
+        sb.parse_price(text)
+
+
+def test_cost_counts_cached_input_at_its_own_price() -> None:
+    price = (150, 600, 75)
+    assert sb.usage_cost(price, 1000, 100) == 1000 * 150 + 100 * 600
+    assert sb.usage_cost(price, 1000, 100, cached=400) == 600 * 150 + 400 * 75 + 100 * 600
+    assert sb.usage_cost(price, 10, 0, cached=50) == 10 * 75          # never more cached than input
+    assert sb.usage_cost(price, None, None) == 0
+
+
+def test_reservation_with_prices_lowers_the_cap_to_what_money_is_left() -> None:
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [], "max_tokens": 5000}).encode()
+    bound = len(body) + sb.BUDGET_INPUT_MARGIN
+    left = bound * 150 + 1000 * 600 + 599                          # room for 1000 output tokens
+    amount, new = sb.budget_reservation("openai", "/v1/chat/completions", body, left, price=(150, 600, 75))
+    assert json.loads(new)["max_tokens"] == 1000
+    assert amount == bound * 150 + 1000 * 600 <= left
+    with pytest.raises(sb.Exhausted) as info:
+        sb.budget_reservation("openai", "/v1/chat/completions", body, bound * 150 + 599, price=(150, 600, 75))
+    assert "$" in info.value.message
+    same = sb.budget_reservation("openai", "/v1/chat/completions", body, 10 ** 6)
+    assert same == (bound + 5000, None)                             # a token budget: unchanged
+
+
+@pytest.mark.parametrize("kind, answer, cached", [
+    ("openai", {"usage": {"prompt_tokens": 100, "completion_tokens": 5,
+                          "prompt_tokens_details": {"cached_tokens": 64}}}, 64),
+    ("openai", {"usage": {"input_tokens": 100, "output_tokens": 5, "input_tokens_details": {"cached_tokens": 32}}}, 32),
+    ("anthropic", {"usage": {"input_tokens": 10, "cache_read_input_tokens": 90, "output_tokens": 5}}, 90),
+    ("gemini", {"usageMetadata": {"promptTokenCount": 100, "cachedContentTokenCount": 40,
+                                  "candidatesTokenCount": 5}}, 40),
+])
+def test_usage_reads_the_cached_share_of_the_input(kind: str, answer: Dict[str, Any], cached: int) -> None:
+    state: Dict[str, Any] = {}
+    sb.read_usage(kind, answer, state)
+    assert state["tokens_cached"] == cached and state["tokens_cached"] <= state["tokens_in"]
+
+
+def test_a_token_has_one_budget_and_a_money_budget_is_exact() -> None:
+    assert sb.make_policy(None, None, None, None, None, None, 0.1) == {"budget_nusd": 100_000_000}
+    assert sb.describe_policy({"budget_nusd": 2_500_000_000}) == "budget=$2.5"
+    for tokens, usd in ((100, 1.0), (None, 0.0), (None, -1.0)):
+        with pytest.raises(sb.UsageError):
+            sb.make_policy(None, None, None, None, None, tokens, usd)
+
+
+# ============================================================================
+# Over real sockets
+# ============================================================================
+
+
+def priced_answer(tin: int, cached: int, tout: int) -> Any:
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        if req.header("authorization") != f"Bearer {REAL_KEYS['openai']}":
+            h.send_json(401, {"error": {"message": "wrong key"}})
+            return
+        body = json.loads(req.body or b"{}")
+        caps = [body[k] for k in ("max_completion_tokens", "max_tokens") if isinstance(body.get(k), int)]
+        out = min([tout] + caps)
+        h.send_json(200, {"id": "x", "object": "chat.completion", "model": body.get("model"),
+                          "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                       "finish_reason": "stop"}],
+                          "usage": {"prompt_tokens": tin, "completion_tokens": out, "total_tokens": tin + out,
+                                    "prompt_tokens_details": {"cached_tokens": cached}}})
+    return respond
+
+
+@pytest.fixture(scope="module")
+def priced(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream], tmp_path_factory: pytest.TempPathFactory) -> Broker:
+    config = tmp_path_factory.mktemp("prices") / "seks.ini"
+    config.write_text(PRICES)
+    base = broker_factory.seed(("openai",), upstream_urls={p: u.url for p, u in upstreams.items()}, config=config)
+    return broker_factory.serve(base)
+
+
+def chat(b: Broker, token: str, model: str = "gpt-4o-mini") -> Any:
+    """A prompt of 1,100 bytes: the broker bounds its input at bytes + margin, and the fake
+    reports 1,000 input tokens, as a real API would (never more tokens than bytes)."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x" * 1100}]}).encode()
+    return call(b, "openai", token, "POST", "/v1/chat/completions", body)
+
+
+def test_a_money_budget_is_never_passed_and_the_cap_follows_the_money(
+        priced: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """$0.0012 = 1,200,000 n$. Each answer: 1,000 input tokens (400 cached) and up to 500
+    output: 600*150 + 400*75 + 500*600 = 420,000 n$. Two fit whole; the third gets its output
+    cap lowered to what is left; then the budget refuses with 403 and nothing more goes up."""
+    upstreams["openai"].set_responder(priced_answer(1000, 400, 500))
+    agent = fresh_agent("money")
+    token = priced.mint("openai", agent, "--budget-usd", "0.0012")
+    statuses = [chat(priced, token).status for _ in range(6)]
+    forwarded = upstreams["openai"].requests
+    assert statuses[:3] == [200, 200, 200] and set(statuses[3:]) == {403}, statuses
+    caps = [json.loads(r.body)["max_completion_tokens"] for r in forwarded]
+    assert len(forwarded) == 3 and caps[2] < 500 <= caps[0], caps
+    rows = [json.loads(line) for line in ok(priced.cli("token", "list", "--json", "--agent", agent)).splitlines()]
+    spent = rows[0]["cost_used"]
+    expected = 2 * 420_000 + (600 * 150 + 400 * 75 + caps[2] * 600)
+    assert spent == expected <= 1_200_000, (spent, expected)
+    refused = chat(priced, token)
+    assert refused.status == 403 and "$" in error_type_and_message(refused)[1]
+    table = {r["AGENT"]: r for r in parse_table(ok(priced.cli("token", "list")))}
+    assert table[agent]["BUDGET"].startswith(f"${spent / 1e9:,.4f}/$0.00")
+    assert "budget=$0.0012" in table[agent]["POLICY"]
+
+
+def test_an_unpriced_model_is_refused_before_anything_is_forwarded(
+        priced: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    upstreams["openai"].set_responder(priced_answer(10, 0, 5))
+    token = priced.mint("openai", fresh_agent("money-unpriced"), "--budget-usd", "1")
+    resp = chat(priced, token, model="gpt-unpriced")
+    assert resp.status == 403 and "no price" in error_type_and_message(resp)[1], resp.body
+    assert upstreams["openai"].requests == []
+    assert chat(priced, token, model="gpt-big").status == 200       # names match case-insensitively
+    assert call(priced, "openai", token, "GET", "/v1/models").status == 200   # no body: nothing to price
+
+
+def test_usage_shows_cost_where_the_model_is_priced(priced: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    upstreams["openai"].set_responder(priced_answer(1000, 0, 100))
+    agent = fresh_agent("money-usage")
+    token = priced.mint("openai", agent)
+    assert chat(priced, token).status == 200
+    assert chat(priced, token, model="unknown-model").status == 200
+    rows = {r["model"]: r for r in (json.loads(line) for line in
+                                    ok(priced.cli("usage", "--json", "--agent", agent)).splitlines())}
+    assert rows["gpt-4o-mini"]["cost_usd"] == pytest.approx((1000 * 150 + 100 * 600) / 1e9)
+    assert rows["unknown-model"]["cost_usd"] is None
+    table = {r["MODEL"]: r for r in parse_table(ok(priced.cli("usage", "--agent", agent)))}
+    assert table["gpt-4o-mini"]["COST (USD)"] == "0.0002" and table["unknown-model"]["COST (USD)"] == "-"
+
+
+def test_bad_prices_in_the_config_are_named_with_their_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.ini"
+    config.write_text("[prices]\ngpt-4o = 2.5 ten\n")
+    settings = sb.Settings()
+    errors = sb.read_config(config.read_text(), str(config), settings)
+    assert errors and f"{config}:2:" in errors[0] and "[prices] gpt-4o" in errors[0], errors
