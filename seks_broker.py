@@ -18,13 +18,17 @@ WHERE EACH PROMISE IS HELD, in reading order (sections 3 and 4 are the reviewer'
       opens sockets from a Target and from nothing else; redirects are relayed, never followed.
   2 The agent never receives the real key:
       AgentWriter is the one exit to the agent (heads, bodies, chunks, frames, close reasons,
-      errors) and owns the Scrubber; swap_credentials strips every credential place; redact,
-      masked_request_path and terminal_text make logs, audit rows and listings safe.
+      errors) and owns the Scrubber (every run of a key variant holding its first or last
+      third, so a cut-off echo is masked too); swap_credentials strips every credential place;
+      redact, masked_request_path and terminal_text make logs, audit rows and listings safe.
+      An agent running as the operator's OS user can read the master key: `run` warns, and
+      `run --user` starts it as another user.
   3 A fake token is narrow and revocable: token_digest, check_token, then decide (methods, paths,
       models, WebSocket and budget rules) and check_limits (rate, request count, budget: run in
       one DB transaction by Store.admit, with budget_reservation's bound held until the answer's
       usage settles it). TokenCache trusts an entry only while the DB's change
-      counter is unchanged, so a revocation bites on the next request, in every process.
+      counter is unchanged, so a revocation bites on the next request, in every process; a
+      delegated token (delegated_policy: never wider than its parent) dies with its parent.
   4 A stolen DB reveals nothing usable: SecretCipher (its docstring is the format spec).
   5 Nothing on the command line: read_secret_value; CliParser never echoes a refused value.
   6 Hostile input gets a clear error and changes nothing: read_head, parse_fields, body_framing
@@ -6828,10 +6832,12 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
             "FROM audit WHERE outcome NOT IN ('prune', 'introspect') AND ts >= ?",
             (utc_iso(now - seconds),))[0]
         traffic[label] = {"requests": count, "llm_tokens": tin + tout}
-    low = [{"id": t["id"], "agent": t["agent"], "used": t["tokens_used"],
-            "budget": t["policy"]["budget_tokens"]} for t in tokens
-           if t["state"] == "active" and "budget_tokens" in t["policy"] and
-           t["policy"]["budget_tokens"] - t["tokens_used"] < 0.1 * t["policy"]["budget_tokens"]]
+    low = [{"id": t["id"], "agent": t["agent"], "used": t[budget_counter(t["policy"])],
+            "budget": t["policy"][budget_key(t["policy"])],
+            "unit": "nano-usd" if budget_key(t["policy"]) == "budget_nusd" else "tokens"}
+           for t in tokens if t["state"] == "active" and budget_key(t["policy"]) and
+           t["policy"][budget_key(t["policy"])] - t[budget_counter(t["policy"])] <
+           0.1 * t["policy"][budget_key(t["policy"])]]
     denials = [{"reason": reason or outcome, "count": count} for outcome, reason, count in
                store.query("SELECT outcome, COALESCE(reason, ''), COUNT(*) FROM audit "
                            "WHERE outcome = 'denied' AND ts >= ? GROUP BY outcome, reason "
@@ -6855,8 +6861,9 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     for label, name in (("last_hour", "last hour"), ("last_day", "last day")):
         out.append(f"{name:<9} {traffic[label]['requests']:,} request(s), "
                    f"{traffic[label]['llm_tokens']:,} LLM token(s)")
-    out.append("budgets   " + ("; ".join(f"{b['id']} ({b['agent']}) {b['used']:,}/"
-                                         f"{b['budget']:,} used" for b in low)
+    out.append("budgets   " + ("; ".join(f"{b['id']} ({b['agent']}) " + (
+        f"${b['used'] / 1e9:,.4f}/${b['budget'] / 1e9:,.2f}" if b["unit"] == "nano-usd" else
+        f"{b['used']:,}/{b['budget']:,}") + " used" for b in low)
                                or "none below 10% left"))
     out.append("denials   " + ("; ".join(f"{d['count']} x {d['reason']}" for d in denials)
                                or "none in the last hour"))

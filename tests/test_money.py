@@ -143,6 +143,10 @@ def test_a_money_budget_is_never_passed_and_the_cap_follows_the_money(
     table = {r["AGENT"]: r for r in parse_table(ok(priced.cli("token", "list")))}
     assert table[agent]["BUDGET"].startswith(f"${spent / 1e9:,.4f}/$0.00")
     assert "budget=$0.0012" in table[agent]["POLICY"]
+    status = json.loads(ok(priced.cli("status", "--json", "--url", priced.url)))
+    [low] = [b for b in status["budgets_low"] if b["agent"] == agent]
+    assert (low["used"], low["budget"], low["unit"]) == (spent, 1_200_000, "nano-usd")
+    assert f"${spent / 1e9:,.4f}/$0.00 used" in ok(priced.cli("status", "--url", priced.url))
 
 
 def test_an_unpriced_model_is_refused_before_anything_is_forwarded(
