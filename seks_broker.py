@@ -209,6 +209,110 @@ upstream = https://api.search.brave.com
 token = header X-Subscription-Token
 inject = header X-Subscription-Token
 env = BRAVE_BASE_URL=/res/v1 BRAVE_API_KEY
+
+[openrouter]
+upstream = https://openrouter.ai/api
+token = header Authorization Bearer
+inject = header Authorization Bearer
+usage = openai
+env = OPENROUTER_BASE_URL=/v1 OPENROUTER_API_KEY
+
+[mistral]
+upstream = https://api.mistral.ai
+token = header Authorization Bearer
+inject = header Authorization Bearer
+usage = openai
+env = MISTRAL_SERVER_URL= MISTRAL_API_KEY
+
+[xai]
+upstream = https://api.x.ai
+token = header Authorization Bearer
+inject = header Authorization Bearer
+usage = openai
+env = XAI_BASE_URL=/v1 XAI_API_KEY
+
+[deepseek]
+upstream = https://api.deepseek.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+usage = openai
+env = DEEPSEEK_BASE_URL= DEEPSEEK_API_KEY
+
+[together]
+upstream = https://api.together.xyz
+token = header Authorization Bearer
+inject = header Authorization Bearer
+usage = openai
+env = TOGETHER_BASE_URL=/v1 TOGETHER_API_KEY
+
+[fireworks]
+upstream = https://api.fireworks.ai/inference
+token = header Authorization Bearer
+inject = header Authorization Bearer
+usage = openai
+env = FIREWORKS_BASE_URL=/v1 FIREWORKS_API_KEY
+
+[perplexity]
+upstream = https://api.perplexity.ai
+token = header Authorization Bearer
+inject = header Authorization Bearer
+usage = openai
+env = PERPLEXITY_BASE_URL= PERPLEXITY_API_KEY
+
+[cohere]
+upstream = https://api.cohere.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+env = CO_API_URL= CO_API_KEY
+
+[huggingface]
+upstream = https://router.huggingface.co
+token = header Authorization Bearer
+inject = header Authorization Bearer
+env = HF_INFERENCE_ENDPOINT= HF_TOKEN
+
+[slack]
+upstream = https://slack.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+env = SLACK_API_URL=/api/ SLACK_BOT_TOKEN
+
+[linear]
+upstream = https://api.linear.app
+token = header Authorization
+inject = header Authorization
+env = LINEAR_API_URL=/graphql LINEAR_API_KEY
+
+[sentry]
+upstream = https://sentry.io
+token = header Authorization Bearer
+inject = header Authorization Bearer
+env = SENTRY_URL= SENTRY_AUTH_TOKEN
+
+[stripe]
+upstream = https://api.stripe.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+env = STRIPE_API_BASE= STRIPE_API_KEY
+
+[sendgrid]
+upstream = https://api.sendgrid.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+env = SENDGRID_HOST= SENDGRID_API_KEY
+
+[resend]
+upstream = https://api.resend.com
+token = header Authorization Bearer
+inject = header Authorization Bearer
+env = RESEND_BASE_URL= RESEND_API_KEY
+
+[postmark]
+upstream = https://api.postmarkapp.com
+token = header X-Postmark-Server-Token
+    header X-Postmark-Account-Token
+inject = same
+env = POSTMARK_API_URL= POSTMARK_SERVER_TOKEN
 """
 
 # Binary media: streamed uploads of these types are not scanned for leaked tokens (scanning
@@ -4026,7 +4130,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             ask = json.loads(body or b"{}", object_pairs_hook=_reject_duplicate_keys)
         except ValueError:
             raise BadRequest("the body is not JSON, or it repeats a key") from None
-        provider = broker.providers[record.provider]
+        provider = broker.providers.get(record.provider)
+        if provider is None:
+            raise Forbidden(f"provider '{record.provider}' is not configured on this broker")
         child = new_token(provider, (key or b"").decode("utf-8", "surrogateescape"))
         child_id, answer = new_token_id(), {}
 

@@ -1,0 +1,126 @@
+"""Built-in providers with one credential in one header (issue 14, item 5, first part): OpenRouter,
+Mistral, xAI, DeepSeek, Together, Fireworks, Perplexity, Cohere, Hugging Face, Slack, Linear,
+Sentry, Stripe, SendGrid, Resend and Postmark. Over real sockets: each route reaches its own
+loopback upstream with exactly the real credential in the provider's header (and no fake token
+anywhere), a token of another provider or in the wrong place is refused before any upstream is
+contacted, an upstream echoing the key is scrubbed, and `token mint --format env` prints the
+variables the SDK reads."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Dict, Iterator, Tuple
+
+import pytest
+
+from conftest import (
+    Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, error_type_and_message, ok,
+)
+
+# provider: (header, prefix, fake real key, base variable, its value after the route, key variable)
+NEW: Dict[str, Tuple[str, str, str, str, str, str]] = {
+    "openrouter": ("Authorization", "Bearer ", "sk-or-v1-test-openrouter-0123456789", "OPENROUTER_BASE_URL", "/v1", "OPENROUTER_API_KEY"),
+    "mistral": ("Authorization", "Bearer ", "test-mistral-0123456789abcdef", "MISTRAL_SERVER_URL", "", "MISTRAL_API_KEY"),
+    "xai": ("Authorization", "Bearer ", "xai-test-0123456789abcdef", "XAI_BASE_URL", "/v1", "XAI_API_KEY"),
+    "deepseek": ("Authorization", "Bearer ", "sk-test-deepseek-0123456789", "DEEPSEEK_BASE_URL", "", "DEEPSEEK_API_KEY"),
+    "together": ("Authorization", "Bearer ", "test-together-0123456789abcdef", "TOGETHER_BASE_URL", "/v1", "TOGETHER_API_KEY"),
+    "fireworks": ("Authorization", "Bearer ", "fw_test_fireworks_0123456789", "FIREWORKS_BASE_URL", "/v1", "FIREWORKS_API_KEY"),
+    "perplexity": ("Authorization", "Bearer ", "pplx-test-0123456789abcdef", "PERPLEXITY_BASE_URL", "", "PERPLEXITY_API_KEY"),
+    "cohere": ("Authorization", "Bearer ", "test-cohere-0123456789abcdef", "CO_API_URL", "", "CO_API_KEY"),
+    "huggingface": ("Authorization", "Bearer ", "hf_test_huggingface_0123456789", "HF_INFERENCE_ENDPOINT", "", "HF_TOKEN"),
+    "slack": ("Authorization", "Bearer ", "xoxb-test-slack-0123456789", "SLACK_API_URL", "/api/", "SLACK_BOT_TOKEN"),
+    "linear": ("Authorization", "", "lin_api_test_linear_0123456789", "LINEAR_API_URL", "/graphql", "LINEAR_API_KEY"),
+    "sentry": ("Authorization", "Bearer ", "sntrys_test_sentry_0123456789", "SENTRY_URL", "", "SENTRY_AUTH_TOKEN"),
+    "stripe": ("Authorization", "Bearer ", "sk_test_stripe_0123456789abcdef", "STRIPE_API_BASE", "", "STRIPE_API_KEY"),
+    "sendgrid": ("Authorization", "Bearer ", "SG.test-sendgrid.0123456789", "SENDGRID_HOST", "", "SENDGRID_API_KEY"),
+    "resend": ("Authorization", "Bearer ", "re_test_resend_0123456789", "RESEND_BASE_URL", "", "RESEND_API_KEY"),
+    "postmark": ("X-Postmark-Server-Token", "", "test-postmark-0123456789abcdef", "POSTMARK_API_URL", "", "POSTMARK_SERVER_TOKEN"),
+}
+PATHS = {"openrouter": "/v1/chat/completions", "mistral": "/v1/chat/completions", "xai": "/v1/chat/completions",
+         "deepseek": "/chat/completions", "together": "/v1/chat/completions", "fireworks": "/v1/chat/completions",
+         "perplexity": "/chat/completions", "cohere": "/v2/chat", "huggingface": "/v1/chat/completions",
+         "slack": "/api/chat.postMessage", "linear": "/graphql", "sentry": "/api/0/projects/",
+         "stripe": "/v1/customers", "sendgrid": "/v3/mail/send", "resend": "/emails", "postmark": "/email"}
+
+
+def strict(provider: str) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    """Like the real API: 401 unless exactly the real credential is in the provider's header (one
+    copy) and no seks token is anywhere in the request; else echo the key, as a debug page might."""
+    header, prefix, key = NEW[provider][:3]
+
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        if req.header_all(header) != [prefix + key] or "seks_" in req.wire_text():
+            h.send_json(401, {"error": "invalid credential"})
+            return
+        h.send_json(200, {"ok": True, "provider": provider, "path": req.path, "debug": f"you sent {key}"})
+    return respond
+
+
+@pytest.fixture(scope="module")
+def ups() -> Iterator[Dict[str, FakeUpstream]]:
+    servers = {p: FakeUpstream(p, key=NEW[p][2]) for p in NEW}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _strict(ups: Dict[str, FakeUpstream]) -> None:
+    for provider, server in ups.items():
+        server.reset()
+        server.set_responder(strict(provider))
+
+
+@pytest.fixture(scope="module")
+def more(broker_factory: Brokers, ups: Dict[str, FakeUpstream]) -> Broker:
+    base = broker_factory.seed(tuple(NEW), upstream_urls={p: u.url for p, u in ups.items()},
+                               keys={p: v[2] for p, v in NEW.items()})
+    return broker_factory.serve(base)
+
+
+@pytest.mark.parametrize("provider", sorted(NEW))
+def test_each_route_reaches_its_upstream_with_exactly_the_real_credential(
+        more: Broker, ups: Dict[str, FakeUpstream], provider: str) -> None:
+    header, prefix, key = NEW[provider][:3]
+    token = more.token(provider)
+    resp = more.request("POST", f"/{provider}{PATHS[provider]}", {header: prefix + token,
+                                                                 "Content-Type": "application/json"}, b"{}")
+    assert resp.status == 200, (resp.status, resp.body[:300])
+    assert resp.json()["path"] == PATHS[provider] and key.encode() not in resp.body
+    assert [r.path for r in ups[provider].requests] == [PATHS[provider]]
+    assert all(not u.requests for p, u in ups.items() if p != provider)
+
+
+@pytest.mark.parametrize("provider", sorted(NEW))
+def test_wrong_place_or_provider_never_reaches_an_upstream(
+        more: Broker, ups: Dict[str, FakeUpstream], provider: str) -> None:
+    header, prefix = NEW[provider][:2]
+    other = "stripe" if provider != "stripe" else "slack"
+    elsewhere = "X-Api-Key" if header == "Authorization" else "Authorization"
+    for headers, status in (({elsewhere: more.token(provider)}, 401),
+                            ({header: prefix + more.token(other)}, 403),
+                            ({header: prefix + "seks_" + provider + "_" + "x" * 43}, 401)):
+        resp = more.request("GET", f"/{provider}{PATHS[provider]}", headers)
+        assert resp.status == status, (headers, resp.status, resp.body[:200])
+        assert error_type_and_message(resp)[1]
+    assert all(not u.requests for u in ups.values())
+
+
+@pytest.mark.parametrize("provider", sorted(NEW))
+def test_mint_prints_the_variables_the_sdk_reads(more: Broker, provider: str) -> None:
+    base_var, suffix, key_var = NEW[provider][3:]
+    out = ok(more.cli("token", "mint", "--secret", f"{provider}-key", "--agent", f"env-{provider}",
+                      "--format", "json"))
+    data = json.loads(out)
+    env = data.get("env") or data
+    assert env[base_var] == f"http://127.0.0.1:8787/{provider}{suffix}", env
+    assert env[key_var].startswith(f"seks_{provider}_")
+
+
+def test_postmark_takes_the_account_token_header_too(more: Broker, ups: Dict[str, FakeUpstream]) -> None:
+    key = NEW["postmark"][2]
+    ups["postmark"].set_responder(lambda h, req: h.send_json(
+        200 if req.header_all("X-Postmark-Account-Token") == [key] and not req.header_all("X-Postmark-Server-Token")
+        else 401, {}))
+    resp = more.request("GET", "/postmark/servers", {"X-Postmark-Account-Token": more.token("postmark")})
+    assert resp.status == 200, resp.body
