@@ -130,7 +130,8 @@ ASYNC_JOB_SEGMENTS = frozenset({"batches", "file_batches", "fine_tuning", "batch
 # Built-in providers, written in the same INI format as custom providers in a config file.
 #   upstream  scheme://host[:port][/base-path] that <rest> is appended to
 #   token     where the agent's fake token may arrive, one place a line:
-#               header NAME [PREFIX] | query PARAM | path-prefix PREFIX [PREFIX ...]
+#               header NAME [PREFIX] | query PARAM | path-prefix PREFIX [PREFIX ...] |
+#               basic (one half of Authorization: Basic user:password; re-encoded, inject=same)
 #   inject    where the real key goes: header NAME [PREFIX], query PARAM, or "same" (where it came)
 #   usage     how usage is reported in answers (openai | anthropic | gemini), LLM providers only
 #   token_shape  bot-id: fake tokens look like "<bot id>:seks_…" (clients check Telegram's shape)
@@ -209,6 +210,12 @@ upstream = https://api.search.brave.com
 token = header X-Subscription-Token
 inject = header X-Subscription-Token
 env = BRAVE_BASE_URL=/res/v1 BRAVE_API_KEY
+
+[github-git]
+upstream = https://github.com
+token = basic
+inject = same
+env = GITHUB_GIT_URL= GITHUB_GIT_TOKEN
 
 [openrouter]
 upstream = https://openrouter.ai/api
@@ -335,12 +342,13 @@ HTTP_REASONS = {code: phrase for code, (phrase, _) in
 
 class CredentialPlace:
     """One place a credential travels: a header (with an optional scheme prefix), a query
-    parameter, or a path segment after one of some prefixes (Telegram's ``/bot<T>/``)."""
+    parameter, a path segment after one of some prefixes (Telegram's ``/bot<T>/``), or one
+    half of ``Authorization: Basic base64(user:password)`` (git, pip, Stripe's curl -u)."""
 
     __slots__ = ("kind", "name", "prefixes")
 
     def __init__(self, kind: str, name: str = "", prefixes: Tuple[str, ...] = ()) -> None:
-        self.kind = kind          # "header" | "query" | "path"
+        self.kind = kind          # "header" | "query" | "path" | "basic"
         self.name = name          # header name (lower case) or query parameter
         self.prefixes = prefixes  # header scheme words ("Bearer") or path prefixes ("/bot")
 
@@ -938,12 +946,13 @@ def upstream_target(provider: Provider, rest: str, query: str, verify: bool,
 class CredentialSwap:
     """Where an agent's token was found in a request, and how to put the real key there."""
 
-    __slots__ = ("token", "place", "prefix")
+    __slots__ = ("token", "place", "prefix", "side")
 
-    def __init__(self, token: str, place: CredentialPlace, prefix: str) -> None:
+    def __init__(self, token: str, place: CredentialPlace, prefix: str, side: str = "") -> None:
         self.token = token
         self.place = place
-        self.prefix = prefix      # the header scheme word or path prefix actually used
+        self.prefix = prefix      # the header scheme word or path prefix actually used; Basic:
+        self.side = side          # the other half, kept, and which half the token was in
 
 
 def find_token(provider: Provider, headers: List[Tuple[str, str]], rest: str,
@@ -961,6 +970,11 @@ def find_token(provider: Provider, headers: List[Tuple[str, str]], rest: str,
                 for prefix in place.prefixes:
                     if word.lower() == prefix.lower() and tail.strip():
                         return CredentialSwap(tail.strip(), place, prefix)
+        elif place.kind == "basic":
+            for name, value in headers:
+                word, _, encoded = value.strip().partition(" ")
+                if name.lower() == "authorization" and word.lower() == "basic":
+                    return basic_token(encoded.strip(), place)
         elif place.kind == "query":
             for part in query.split("&") if query else ():
                 name, _, value = part.partition("=")
@@ -975,12 +989,32 @@ def find_token(provider: Provider, headers: List[Tuple[str, str]], rest: str,
     return None
 
 
+_TOKEN_WHOLE_RE = re.compile(r"seks_[a-z0-9-]{1,32}_[A-Za-z0-9_-]{43}\Z")
+
+
+def basic_token(encoded: str, place: CredentialPlace) -> Optional[CredentialSwap]:
+    """The token in ``base64(user:password)``: exactly one half must be a whole seks token
+    (git's ``x-access-token:T``, pip's ``__token__:T``, ``T:`` for Stripe); the other half
+    is kept. Bad base64, no colon, or a token in both halves or neither: None (401)."""
+    try:
+        user, colon, password = base64.b64decode(encoded, validate=True).decode(
+            "utf-8").partition(":")
+    except (binascii.Error, ValueError):
+        return None
+    halves = [bool(_TOKEN_WHOLE_RE.match(half)) for half in (user, password)]
+    if not colon or halves.count(True) != 1:
+        return None
+    if halves[1]:
+        return CredentialSwap(password, place, user, "password")
+    return CredentialSwap(user, place, password, "user")
+
+
 def swap_credentials(provider: Provider, swap: CredentialSwap, key: str,
                      headers: List[Tuple[str, str]], rest: str,
                      query: str) -> Tuple[List[Tuple[str, str]], str, str]:
     """Remove every credential place of the provider from the request and inject the key
     (the agent's own value in the injection place never rides along)."""
-    header_places = {p.name for p in provider.token_places if p.kind == "header"}
+    header_places = {p.name for p in provider.token_places if p.kind in ("header", "basic")}
     query_places = {p.name for p in provider.token_places if p.kind == "query"}
     if provider.inject is not None and provider.inject.kind == "header":
         header_places.add(provider.inject.name)
@@ -1000,7 +1034,11 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, key: str,
         kept.append(part)
     if inject.kind == "query" and not injected_query:
         kept.append(f"{inject.name}={urllib.parse.quote(key, safe='')}")
-    if inject.kind == "header":
+    if inject.kind == "basic":
+        pair = f"{swap.prefix}:{key}" if swap.side == "password" else f"{key}:{swap.prefix}"
+        headers.append(("Authorization", "Basic " + base64.b64encode(
+            pair.encode("utf-8", "surrogateescape")).decode("ascii")))
+    elif inject.kind == "header":
         prefix = swap.prefix if inject is swap.place and swap.prefix else (
             inject.prefixes[0] if inject.prefixes else "")
         headers.append((inject.name, f"{prefix} {key}" if prefix else key))
@@ -4017,9 +4055,11 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             self.discord_gateway(head, provider, rest, query, route_prefix, verify, ex)
             return
         swap = find_token(provider, head.fields, rest, query)
-        if swap is None:
+        if swap is None:                  # git sends Basic credentials only when challenged
             raise AuthError(f"missing token: send your seks token where the {provider.name} "
-                            f"client sends its API key")
+                            f"client sends its API key", headers={
+                                "WWW-Authenticate": 'Basic realm="seks-broker"'} if any(
+                                p.kind == "basic" for p in provider.token_places) else None)
         record, key, pairs = broker.authenticate(swap.token, provider, ex)
         policy = record.policy
         read_whole = bool(provider.usage) and not upgrade and (
@@ -4378,12 +4418,14 @@ def parse_place(text: str) -> CredentialPlace:
         return CredentialPlace("header", words[1].lower(), tuple(words[2:]))
     if len(words) == 2 and words[0] == "query":
         return CredentialPlace("query", words[1])
+    if words == ["basic"]:
+        return CredentialPlace("basic", "authorization", ("Basic",))
     if len(words) >= 2 and words[0] == "path-prefix":
         if not all(p.startswith("/") and "//" not in p for p in words[1:]):
             raise ConfigError("path-prefix values must start with '/'")
         # longest first, so /file/bot wins over /bot
         return CredentialPlace("path", "", tuple(sorted(words[1:], key=len, reverse=True)))
-    raise ConfigError(f"expected 'header NAME [PREFIX]', 'query PARAM' or "
+    raise ConfigError(f"expected 'header NAME [PREFIX]', 'query PARAM', 'basic' or "
                       f"'path-prefix PREFIX...', got {text!r}")
 
 
@@ -4431,8 +4473,8 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         inject = None if inject_text == "same" else parse_place(inject_text)
     except ConfigError as exc:
         raise ConfigError(f"inject: {exc}", key="inject") from None
-    if inject is not None and inject.kind == "path":
-        raise ConfigError("path-prefix injection is written 'inject = same'", key="inject")
+    if inject is not None and inject.kind in ("path", "basic"):
+        raise ConfigError(f"{inject.kind} injection is written 'inject = same'", key="inject")
     try:
         parse_upstream_base(sec["upstream"].strip())
     except ConfigError as exc:
