@@ -4084,6 +4084,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         headers, rest_up, query_up = swap_credentials(
             provider, swap, key.decode("utf-8", "surrogateescape"),
             forward_request_headers(head.fields), rest, query)
+        if swap.place.kind == "basic":      # base64(user:key) is a form of the key: scrub it too
+            pairs = pairs + scrub_pairs(headers[-1][1].partition(" ")[2])
         target = upstream_target(provider, rest_up, query_up, verify)
         leaks = token_shapes("\n".join([rest_up, query_up] + [v for _, v in headers]).encode(
             "utf-8", "surrogateescape")) + (token_shapes(body) if isinstance(body, bytes) else [])

@@ -169,3 +169,20 @@ def test_basic_token_finds_the_token_half_and_keeps_the_other(pair: str, half: s
     value = dict((n.lower(), v) for n, v in headers)["authorization"]
     assert base64.b64decode(value.split()[1]).decode() == pair.format(t=REAL)
     assert [n.lower() for n, _ in headers].count("authorization") == 1
+
+
+def test_an_upstream_echoing_the_basic_header_shows_neither_the_key_nor_its_base64(
+        gitbroker: Broker, gitup: FakeUpstream, repo_root: Path) -> None:
+    """The broker makes a new form of the key (base64 of the pair): an upstream echoing the
+    Authorization header it got must not hand the agent that form either."""
+    sent = basic("x-access-token", REAL)
+    gitup.set_responder(lambda h, req: h.send_json(401, {"message": "Bad credentials",
+                                                         "got": req.header("authorization")}))
+    try:
+        resp = gitbroker.request("GET", "/github-git/o/r.git/info/refs?service=git-upload-pack",
+                                 encoded(f"x-access-token:{gitbroker.token('github-git')}".encode()))
+        assert resp.status == 401
+        assert sent.split()[1].encode() not in resp.body and REAL.encode() not in resp.body, resp.body
+        assert b"[REDACTED-BY-SEKS]" in resp.body
+    finally:
+        gitup.set_responder(http_backend(repo_root))
