@@ -128,7 +128,8 @@ ASYNC_JOB_SEGMENTS = frozenset({"batches", "file_batches", "fine_tuning", "batch
                                 "asyncBatchEmbedContent", "predictLongRunning"})
 
 # Built-in providers, written in the same INI format as custom providers in a config file.
-#   upstream  scheme://host[:port][/base-path] that <rest> is appended to
+#   upstream  scheme://host[:port][/base-path] that <rest> is appended to; "none": each operator
+#             has their own (a site, a resource), so the route answers 503 until one is set
 #   token     where the agent's fake token may arrive, one place a line:
 #               header NAME [PREFIX] | query PARAM | path-prefix PREFIX [PREFIX ...] |
 #               basic (one half of Authorization: Basic user:password; re-encoded, inject=same)
@@ -299,6 +300,7 @@ env = SENTRY_URL= SENTRY_AUTH_TOKEN
 [stripe]
 upstream = https://api.stripe.com
 token = header Authorization Bearer
+    basic
 inject = header Authorization Bearer
 env = STRIPE_API_BASE= STRIPE_API_KEY
 
@@ -313,6 +315,39 @@ upstream = https://api.resend.com
 token = header Authorization Bearer
 inject = header Authorization Bearer
 env = RESEND_BASE_URL= RESEND_API_KEY
+
+[twilio]
+upstream = https://api.twilio.com
+token = basic
+inject = same
+env = TWILIO_API_BASE= TWILIO_AUTH_TOKEN
+
+[mailgun]
+upstream = https://api.mailgun.net
+token = basic
+inject = same
+env = MAILGUN_API_BASE= MAILGUN_API_KEY
+
+[pypi]
+upstream = https://upload.pypi.org
+token = basic
+inject = same
+env = TWINE_REPOSITORY_URL=/legacy/ TWINE_PASSWORD
+
+[atlassian]
+upstream = none
+token = basic
+    header Authorization Bearer
+inject = same
+env = ATLASSIAN_URL= ATLASSIAN_API_TOKEN
+
+[azure-openai]
+upstream = none
+token = header api-key
+    header Authorization Bearer
+inject = header api-key
+usage = openai
+env = AZURE_OPENAI_ENDPOINT= AZURE_OPENAI_API_KEY
 
 [postmark]
 upstream = https://api.postmarkapp.com
@@ -367,8 +402,9 @@ class Provider:
                  aliases: Tuple[str, ...] = (), token_shape: str = "",
                  errors: str = "", env: str = "", gateway: str = "") -> None:
         self.name = name
-        self.upstream = upstream
-        self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream)
+        self.upstream = upstream          # "none": a per-site API, closed until configured
+        self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream) \
+            if upstream != "none" else ("", "", 0, "")
         self.token_places = token_places
         self.inject = inject      # None means "same place the token arrived"
         self.usage = usage
@@ -937,6 +973,9 @@ def upstream_target(provider: Provider, rest: str, query: str, verify: bool,
         return Target(scheme, host, port, verify, f"/?v={version}&encoding=json")
     validate_path(rest)
     validate_query(query)
+    if not provider.host:
+        raise Unavailable(f"the {provider.name} route has no upstream until the operator sets "
+                          f"one ([upstream] {provider.name} = https://...)")
     return Target(provider.scheme, provider.host, provider.port, verify,
                   provider.base_path + rest + ("?" + query if query else ""))
 
@@ -4043,6 +4082,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             return
         provider, rest, route_prefix = broker.route(path)
         ex.provider, self.error_style = provider.name, provider.errors
+        if not provider.host:                 # before any token is counted
+            upstream_target(provider, "/", "", False)
         ex.path = masked_request_path(provider, path, query)
         validate_query(query)
         upgrade = is_websocket_upgrade(head)
@@ -4478,7 +4519,8 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     if inject is not None and inject.kind in ("path", "basic"):
         raise ConfigError(f"{inject.kind} injection is written 'inject = same'", key="inject")
     try:
-        parse_upstream_base(sec["upstream"].strip())
+        if sec["upstream"].strip() != "none":
+            parse_upstream_base(sec["upstream"].strip())
     except ConfigError as exc:
         raise ConfigError(str(exc), key="upstream") from None
     usage = sec.get("usage", "").strip()

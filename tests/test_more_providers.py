@@ -124,3 +124,86 @@ def test_postmark_takes_the_account_token_header_too(more: Broker, ups: Dict[str
         else 401, {}))
     resp = more.request("GET", "/postmark/servers", {"X-Postmark-Account-Token": more.token("postmark")})
     assert resp.status == 200, resp.body
+
+
+# ============================================================================
+# Basic-auth APIs (Twilio, Mailgun, PyPI, Stripe's curl -u) and per-site ones (Atlassian, Azure)
+# ============================================================================
+
+BASIC: Dict[str, Tuple[str, str, str]] = {      # provider: (the agent's user half, real key, path)
+    "twilio": ("AC0123456789abcdef0123456789abcdef", "test-twilio-auth-0123456789", "/2010-04-01/Accounts/AC01/Messages.json"),
+    "mailgun": ("api", "key-test-mailgun-0123456789", "/v3/example.com/messages"),
+    "pypi": ("__token__", "pypi-test-0123456789abcdef", "/legacy/"),
+    "atlassian": ("me@example.invalid", "ATATT-test-atlassian-0123456789", "/rest/api/3/myself"),
+}
+
+
+def b64pair(user: str, password: str) -> str:
+    import base64
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.fixture(scope="module")
+def basic_ups() -> Iterator[Dict[str, FakeUpstream]]:
+    servers = {p: FakeUpstream(p, key=v[1]) for p, v in BASIC.items()}
+    servers["azure-openai"] = FakeUpstream("azure-openai", key="test-azure-0123456789abcdef")
+    servers["stripe"] = FakeUpstream("stripe", key=NEW["stripe"][2])
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def basic_broker(broker_factory: Brokers, basic_ups: Dict[str, FakeUpstream]) -> Broker:
+    keys = {p: v[1] for p, v in BASIC.items()}
+    keys.update({"azure-openai": "test-azure-0123456789abcdef", "stripe": NEW["stripe"][2]})
+    env = {"SEKS_UPSTREAM_" + p.upper().replace("-", "_"): u.url for p, u in basic_ups.items()}
+    base = broker_factory.seed(tuple(keys), keys=keys, extra_env=env)
+    return broker_factory.serve(base)
+
+
+@pytest.mark.parametrize("provider", sorted(BASIC))
+def test_basic_apis_get_the_agents_pair_with_the_real_key(
+        basic_broker: Broker, basic_ups: Dict[str, FakeUpstream], provider: str) -> None:
+    user, key, path = BASIC[provider]
+    up = basic_ups[provider]
+    up.reset()
+    up.set_responder(lambda h, req: h.send_json(
+        200 if req.header_all("authorization") == [b64pair(user, key)] and "seks_" not in req.wire_text() else 401,
+        {"ok": True}))
+    resp = basic_broker.request("POST", f"/{provider}{path}",
+                                {"Authorization": b64pair(user, basic_broker.token(provider))}, b"x=1")
+    assert resp.status == 200, (resp.status, resp.body[:200])
+    assert len(up.requests) == 1
+
+
+def test_stripe_takes_curl_u_as_well_and_sends_bearer(basic_broker: Broker, basic_ups: Dict[str, FakeUpstream]) -> None:
+    up, key = basic_ups["stripe"], NEW["stripe"][2]
+    up.reset()
+    up.set_responder(lambda h, req: h.send_json(200 if req.header_all("authorization") == [f"Bearer {key}"] else 401, {}))
+    resp = basic_broker.request("GET", "/stripe/v1/customers", {"Authorization": b64pair(basic_broker.token("stripe"), "")})
+    assert resp.status == 200, resp.body
+
+
+def test_a_per_site_api_is_closed_until_its_upstream_is_set(broker_factory: Brokers, basic_broker: Broker,
+                                                            basic_ups: Dict[str, FakeUpstream]) -> None:
+    """atlassian and azure-openai have no default upstream: without [upstream] the route is a
+    503 that names the setting, before the token is counted; with it the key goes there."""
+    closed = broker_factory.seed(("azure-openai",), keys={"azure-openai": "test-azure-0123456789abcdef"})
+    served = broker_factory.serve(closed)
+    token = served.mint("azure-openai", "azure-agent", "--max-requests", "1")
+    for _ in range(2):
+        resp = served.request("POST", "/azure-openai/openai/deployments/d/chat/completions?api-version=2024-10-21",
+                              {"api-key": token}, b"{}")
+        assert resp.status == 503 and "[upstream] azure-openai" in error_type_and_message(resp)[1], resp.body
+    rows = [json.loads(line) for line in ok(served.cli("token", "list", "--json", "--agent", "azure-agent")).splitlines()]
+    assert rows[0]["requests"] == 0 and rows[0]["state"] == "active"
+    assert "none" in ok(served.cli("providers"))
+    up = basic_ups["azure-openai"]
+    up.reset()
+    up.set_responder(lambda h, req: h.send_json(200 if req.header_all("api-key") == ["test-azure-0123456789abcdef"]
+                                                and not req.header_all("authorization") else 401, {"ok": True}))
+    resp = basic_broker.request("POST", "/azure-openai/openai/deployments/d/chat/completions?api-version=2024-10-21",
+                                {"Authorization": "Bearer " + basic_broker.token("azure-openai")}, b"{}")
+    assert resp.status == 200, resp.body
+    assert up.requests[0].path == "/openai/deployments/d/chat/completions"
