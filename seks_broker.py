@@ -133,7 +133,8 @@ ASYNC_JOB_SEGMENTS = frozenset({"batches", "file_batches", "fine_tuning", "batch
 #   token     where the agent's fake token may arrive, one place a line:
 #               header NAME [PREFIX] | query PARAM | path-prefix PREFIX [PREFIX ...] |
 #               basic (one half of Authorization: Basic user:password; re-encoded, inject=same)
-#   inject    where the real key goes: header NAME [PREFIX], query PARAM, or "same" (where it came)
+#   inject    where the real key goes: header NAME [PREFIX], query PARAM, or "same" (where it came);
+#             more header lines put it in several headers (Supabase: apikey and Authorization)
 #   usage     how usage is reported in answers (openai | anthropic | gemini), LLM providers only
 #   token_shape  bot-id: fake tokens look like "<bot id>:seks_…" (clients check Telegram's shape)
 #   errors    telegram: broker errors use Telegram's {"ok": false, "error_code", "description"}
@@ -349,6 +350,14 @@ inject = header api-key
 usage = openai
 env = AZURE_OPENAI_ENDPOINT= AZURE_OPENAI_API_KEY
 
+[supabase]
+upstream = none
+token = header apikey
+    header Authorization Bearer
+inject = header apikey
+    header Authorization Bearer
+env = SUPABASE_URL= SUPABASE_KEY
+
 [postmark]
 upstream = https://api.postmarkapp.com
 token = header X-Postmark-Server-Token
@@ -395,12 +404,13 @@ class Provider:
     """A route: name, upstream base, where tokens arrive and where the real key goes."""
 
     __slots__ = ("name", "upstream", "scheme", "host", "port", "base_path", "token_places",
-                 "inject", "usage", "aliases", "token_shape", "errors", "env", "gateway")
+                 "inject", "usage", "aliases", "token_shape", "errors", "env", "gateway", "also")
 
     def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
                  inject: Optional[CredentialPlace], usage: str = "",
                  aliases: Tuple[str, ...] = (), token_shape: str = "",
-                 errors: str = "", env: str = "", gateway: str = "") -> None:
+                 errors: str = "", env: str = "", gateway: str = "",
+                 also: Tuple[CredentialPlace, ...] = ()) -> None:
         self.name = name
         self.upstream = upstream          # "none": a per-site API, closed until configured
         self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream) \
@@ -413,10 +423,12 @@ class Provider:
         self.errors = errors
         self.env = env
         self.gateway = gateway
+        self.also = also          # more headers that get the key too (Supabase: two)
 
     def with_upstream(self, upstream: str) -> "Provider":
         return Provider(self.name, upstream, self.token_places, self.inject, self.usage,
-                        self.aliases, self.token_shape, self.errors, self.env, self.gateway)
+                        self.aliases, self.token_shape, self.errors, self.env, self.gateway,
+                        self.also)
 
     def __repr__(self) -> str:
         return f"Provider({self.name} -> {self.upstream})"
@@ -1059,6 +1071,7 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, key: str,
         header_places.add(provider.inject.name)
     if provider.inject is not None and provider.inject.kind == "query":
         query_places.add(provider.inject.name)
+    header_places.update(p.name for p in provider.also)
     headers = [(n, v) for n, v in headers if n.lower() not in header_places]
     inject = provider.inject or swap.place
     kept: List[str] = []
@@ -1081,7 +1094,9 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, key: str,
         prefix = swap.prefix if inject is swap.place and swap.prefix else (
             inject.prefixes[0] if inject.prefixes else "")
         headers.append((inject.name, f"{prefix} {key}" if prefix else key))
-    elif inject.kind == "path":
+    for place in provider.also:
+        headers.append((place.name, f"{place.prefixes[0]} {key}" if place.prefixes else key))
+    if inject.kind == "path":
         tail = rest[len(swap.prefix):].split("/", 1)
         rest = swap.prefix + urllib.parse.quote(key, safe=":") + ("/" + tail[1] if len(tail) > 1 else "")
     return headers, rest, "&".join(kept)
@@ -4125,8 +4140,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         headers, rest_up, query_up = swap_credentials(
             provider, swap, key.decode("utf-8", "surrogateescape"),
             forward_request_headers(head.fields), rest, query)
-        if swap.place.kind == "basic":      # base64(user:key) is a form of the key: scrub it too
-            pairs = pairs + scrub_pairs(headers[-1][1].partition(" ")[2])
+        if (provider.inject or swap.place).kind == "basic":    # base64(user:key) is a form of
+                                                                # the key: scrub it too
+            sent = next(v for n, v in headers if n == "Authorization" and v.startswith("Basic "))
+            pairs = pairs + scrub_pairs(sent.partition(" ")[2])
         target = upstream_target(provider, rest_up, query_up, verify)
         leaks = token_shapes("\n".join([rest_up, query_up] + [v for _, v in headers]).encode(
             "utf-8", "surrogateescape")) + (token_shapes(body) if isinstance(body, bytes) else [])
@@ -4511,11 +4528,15 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         places = [parse_place(line) for line in sec["token"].splitlines() if line.strip()]
     except ConfigError as exc:
         raise ConfigError(f"token: {exc}", key="token") from None
-    inject_text = sec.get("inject", "same").strip()
+    inject_lines = [line.strip() for line in sec.get("inject", "same").splitlines() if line.strip()]
     try:
-        inject = None if inject_text == "same" else parse_place(inject_text)
+        inject = None if inject_lines[0] == "same" else parse_place(inject_lines[0])
+        also = tuple(parse_place(line) for line in inject_lines[1:])
     except ConfigError as exc:
         raise ConfigError(f"inject: {exc}", key="inject") from None
+    if any(p.kind != "header" for p in also) or (also and inject is None):
+        raise ConfigError("inject: the lines after the first are headers, and the first is "
+                          "not 'same'", key="inject")
     if inject is not None and inject.kind in ("path", "basic"):
         raise ConfigError(f"{inject.kind} injection is written 'inject = same'", key="inject")
     try:
@@ -4539,7 +4560,7 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         raise ConfigError("env must be 'BASE_VAR=/path KEY_VAR', e.g. 'OPENAI_BASE_URL=/v1 "
                           "OPENAI_API_KEY'", key="env")
     return Provider(name, sec["upstream"].strip(), places, inject, usage,
-                    tuple(sec.get("aliases", "").split()), shape, errors, env, gateway)
+                    tuple(sec.get("aliases", "").split()), shape, errors, env, gateway, also)
 
 
 def providers_from_ini(text: str) -> Dict[str, Provider]:
@@ -6713,7 +6734,8 @@ def cmd_providers(args: argparse.Namespace, providers: Dict[str, Provider]) -> i
         rows.append({"name": provider.name, "routes": ["/" + provider.name] + [
             "/" + a for a in provider.aliases], "upstream": provider.upstream,
             "token_places": [place(p) for p in provider.token_places],
-            "inject": place(provider.inject) if provider.inject else "same place",
+            "inject": "; ".join(place(p) for p in (provider.inject,) + provider.also)
+            if provider.inject else "same place",
             "llm_usage": provider.usage or None, "env": variables})
     if args.json:
         for row in rows:

@@ -207,3 +207,40 @@ def test_a_per_site_api_is_closed_until_its_upstream_is_set(broker_factory: Brok
                                 {"Authorization": "Bearer " + basic_broker.token("azure-openai")}, b"{}")
     assert resp.status == 200, resp.body
     assert up.requests[0].path == "/openai/deployments/d/chat/completions"
+
+
+def test_supabase_gets_the_key_in_both_of_its_headers(broker_factory: Brokers) -> None:
+    """One token, one secret, two places: supabase-py sends the key as `apikey` and as a Bearer;
+    the agent may send its token in either or both, and the upstream gets the real key in both
+    and the token in neither."""
+    key = "test-supabase-service-0123456789abcdef"
+    up = FakeUpstream("supabase", key=key)
+    try:
+        up.set_responder(lambda h, req: h.send_json(
+            200 if req.header_all("apikey") == [key] and req.header_all("authorization") == [f"Bearer {key}"]
+            and "seks_" not in req.wire_text() else 401, {"ok": True}))
+        base = broker_factory.seed(("supabase",), keys={"supabase": key}, extra_env={"SEKS_UPSTREAM_SUPABASE": up.url})
+        served = broker_factory.serve(base)
+        token = served.token("supabase")
+        for headers in ({"apikey": token, "Authorization": f"Bearer {token}"}, {"apikey": token},
+                        {"Authorization": f"Bearer {token}"}):
+            resp = served.request("GET", "/supabase/rest/v1/items?select=*", headers)
+            assert resp.status == 200, (headers.keys(), resp.body)
+        assert len(up.requests) == 3
+    finally:
+        up.stop()
+
+
+@pytest.mark.parametrize("inject, ok_", [("header a\n    header b Bearer", True), ("same\n    header b", False),
+                                        ("header a\n    query k", False), ("basic", False),
+                                        ("header a\n    path-prefix /x", False)])
+def test_several_injection_places_are_headers_after_a_first_place(inject: str, ok_: bool) -> None:
+    from conftest import load_broker_module
+    sb = load_broker_module()
+    text = f"[p]\nupstream = https://example.invalid\ntoken = header a\ninject = {inject}\n"
+    if ok_:
+        provider = sb.providers_from_ini(text)["p"]
+        assert [pl.name for pl in provider.also] == ["b"]
+    else:
+        with pytest.raises(sb.ConfigError):
+            sb.providers_from_ini(text)
