@@ -186,3 +186,21 @@ def test_an_upstream_echoing_the_basic_header_shows_neither_the_key_nor_its_base
         assert b"[REDACTED-BY-SEKS]" in resp.body
     finally:
         gitup.set_responder(http_backend(repo_root))
+
+
+def test_a_custom_provider_can_take_the_token_from_basic(broker_factory: Brokers, gitup: FakeUpstream,
+                                                         tmp_path: Path) -> None:
+    """Item 6: a [provider:NAME] in the config file uses the same shapes: here a self-hosted git
+    server (`token = basic`) reached by the real git through /mygit/."""
+    config = tmp_path / "seks.ini"
+    config.write_text(f"[provider:mygit]\nupstream = {gitup.url}\ntoken = basic\ninject = same\n")
+    base = broker_factory.seed(("github-git",), keys={"github-git": REAL}, config=config,
+                               extra_env={"SEKS_UPSTREAM_GITHUB_GIT": gitup.url})
+    base.add_secret("mygit-key", "mygit", REAL)
+    served = broker_factory.serve(base)
+    token = served.mint("mygit", "self-hosted", secret="mygit-key")
+    home = tmp_path / "home"
+    home.mkdir()
+    cp = git("clone", "-q", f"http://x-access-token:{token}@127.0.0.1:{served.port}/mygit/o/r.git", "c",
+             cwd=tmp_path, home=home)
+    assert cp.returncode == 0 and (tmp_path / "c" / "README").exists(), cp.stderr

@@ -535,6 +535,11 @@ CHECK_CASES = [
      ["nosuch"]),
     ("insecure-unknown-provider", "[server]\nport = 1\n[upstream]\ninsecure = nosuch\n", 4, ["nosuch"]),
     ("duplicate-key", "[server]\nport = 1\nport = 2\n", 3, ["port"]),
+    ("basic-inject", "[provider:b]\nupstream = http://127.0.0.1:9\ntoken = basic\ninject = basic\n", 4,
+     ["inject = same"]),
+    ("extra-inject-not-a-header", "[provider:two]\nupstream = http://127.0.0.1:9\ntoken = header A\n"
+     "inject = header A\n    query k\n", 4, ["inject", "headers"]),
+    ("bad-price", "[prices]\ngpt-x = cheap\n", 2, ["[prices] gpt-x"]),
 ]
 
 
