@@ -702,14 +702,15 @@ class TokenRecord:
 
     __slots__ = ("id", "token_hash", "secret_name", "provider", "agent", "expires_at",
                  "revoked_at", "policy", "agent_disabled_at", "secret_provider",
-                 "secret_ciphertext", "parent", "parent_ended", "parent_expires_at")
+                 "secret_ciphertext", "parent", "parent_ended", "parent_expires_at", "parent_rate")
 
     def __init__(self, id: str, token_hash: bytes, secret_name: str, provider: str, agent: str,
                  expires_at: Optional[float], revoked_at: Optional[str], policy: str,
                  agent_disabled_at: Optional[str], secret_provider: Optional[str],
                  secret_ciphertext: Optional[str], parent: Optional[str] = None,
                  parent_revoked_at: Optional[str] = None,
-                 parent_expires_at: Optional[float] = None, parent_found: int = 0) -> None:
+                 parent_expires_at: Optional[float] = None, parent_found: int = 0,
+                 parent_policy: Optional[str] = None) -> None:
         self.id, self.token_hash, self.secret_name = id, token_hash, secret_name
         self.provider, self.agent, self.expires_at = provider, agent, expires_at
         self.revoked_at = revoked_at
@@ -720,6 +721,7 @@ class TokenRecord:
         self.parent = parent                 # a delegated token: the token that minted it
         self.parent_ended = bool(parent) and (not parent_found or parent_revoked_at is not None)
         self.parent_expires_at = parent_expires_at
+        self.parent_rate = json.loads(parent_policy or "{}").get("rate")   # shared with children
 
     def __repr__(self) -> str:
         return f"TokenRecord({self.id} agent={self.agent} provider={self.provider})"
@@ -2396,7 +2398,7 @@ class Store:
             row = db.execute(
                 "SELECT t.id, t.token_hash, t.secret_name, t.provider, t.agent, t.expires_at, "
                 "t.revoked_at, t.policy, a.disabled_at, s.provider, s.ciphertext, t.parent, "
-                "p.revoked_at, p.expires_at, p.id IS NOT NULL "
+                "p.revoked_at, p.expires_at, p.id IS NOT NULL, p.policy "
                 "FROM tokens t LEFT JOIN agents a ON a.name = t.agent "
                 "LEFT JOIN secrets s ON s.name = t.secret_name "
                 "LEFT JOIN tokens p ON p.id = t.parent "
@@ -2461,13 +2463,16 @@ class Store:
 
     # --- policy counters -------------------------------------------------------------------
     def admit(self, token_id: str, policy: Dict[str, Any], now: float,
-              plan: Optional[Callable[[int, bool], int]] = None) -> Optional[int]:
+              plan: Optional[Callable[[int, bool], int]] = None,
+              parent: Optional[Tuple[str, List[Any]]] = None) -> Optional[int]:
         """Count one request against the token's limits (check_limits), atomically: BEGIN
         IMMEDIATE serialises every thread and broker process on this DB. With a budget,
         ``plan`` is told what is left (the budget minus what was spent and what requests in
         flight hold) and returns what this request may cost; that is held as a reservation
         (its id is returned) until append_audit settles it. A crashed process's reservations
-        stay held: they are settled at their bound."""
+        stay held: they are settled at their bound. ``parent``: a delegated token's parent id
+        and rate: the request takes from the parent's bucket too, so the parent and all its
+        children together keep to the parent's rate."""
         key = budget_key(policy)
         budget = plan is not None and key != ""
         if budget:
@@ -2477,6 +2482,13 @@ class Store:
                 f"SELECT requests, {budget_counter(policy)}, bucket, bucket_at FROM "
                 f"token_usage WHERE token_id = ?", (token_id,)).fetchone()
             bucket, bucket_at = check_limits(policy, requests_, used, bucket, bucket_at, now)
+            if parent is not None:
+                shared, shared_at = db.execute("SELECT bucket, bucket_at FROM token_usage WHERE "
+                                               "token_id = ?", (parent[0],)).fetchone() or \
+                    (None, None)
+                shared, shared_at = check_limits({"rate": parent[1]}, 0, 0, shared, shared_at, now)
+                db.execute("UPDATE token_usage SET bucket = ?, bucket_at = ? WHERE token_id = ?",
+                           (shared, shared_at, parent[0]))
             reservation = None
             if budget:
                 assert plan is not None
@@ -2892,6 +2904,9 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
 BUDGET_INPUT_MARGIN = 64     # tokens a provider may add around a request's text (roles, turns)
 _GENERATING_RE = re.compile(r"(/chat/completions|/completions|/responses|/messages|"
                             r":generateContent|:streamGenerateContent)/?\Z")
+# What a budget token may also POST: costs bounded by the input alone.
+_INPUT_ONLY_RE = re.compile(r"(/embeddings|:embedContent|:batchEmbedContents|:countTokens|"
+                            r"/count_tokens|/moderations)/?\Z")
 
 
 MAX_CHILDREN = 100                     # live child tokens one delegating token may have
@@ -3052,6 +3067,9 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
     if room < 1:
         raise cannot_fit(f"{input_bound} input")
     if not _GENERATING_RE.search(path):
+        if not _INPUT_ONLY_RE.search(path):     # images, audio, video...: output without a cap
+            raise Forbidden("this token has a budget, and the broker cannot bound what this "
+                            "request costs (only text generation, embeddings and token counts)")
         return input_bound * price[0], None
     try:
         obj = json.loads(body)
@@ -3059,6 +3077,11 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
         obj = None
     if not isinstance(obj, dict):
         raise Forbidden("a budget-limited token needs a JSON body to bound a generation request")
+    stored = [k for k in ("previous_response_id", "conversation", "prompt", "cachedContent")
+              if obj.get(k) not in (None, "") and (k != "prompt" or isinstance(obj[k], dict))]
+    if stored:                                   # input the body does not show
+        raise Forbidden(f"this token has a budget, and '{stored[0]}' brings in input the broker "
+                        f"cannot bound; send the whole conversation instead")
     holder: Dict[str, Any] = obj
     if kind == "gemini":
         holder = obj.setdefault("generationConfig", {})
@@ -3074,6 +3097,14 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
             "max_completion_tokens" if path.rstrip("/").endswith("/chat/completions") \
             else "max_tokens", "n"
     count = holder.get(count_name, 1) if count_name else 1
+    if count_name == "n" and "best_of" in holder:   # legacy completions bill best_of outputs
+        best = holder["best_of"]
+        count = best if isinstance(count, int) and isinstance(best, int) and \
+            not isinstance(best, bool) and best > count else count
+    prompts = holder.get("prompt") if default == "max_tokens" else None
+    if isinstance(prompts, list) and prompts and not all(isinstance(p, int) for p in prompts) \
+            and isinstance(count, int):              # several prompts: outputs for each
+        count *= len(prompts)
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         count = 1 if count is None else 0
     if count < 1:
@@ -5239,8 +5270,9 @@ class Broker:
             rewritten.append(new_body)
             return amount
         budget = budget_key(record.policy) != "" and isinstance(body, bytes)
-        ex.reservation = self.store.admit(record.id, record.policy, time.time(),
-                                          plan if budget else None)
+        ex.reservation = self.store.admit(
+            record.id, record.policy, time.time(), plan if budget else None,
+            (record.parent, record.parent_rate) if record.parent and record.parent_rate else None)
         ex.counted = True
         return rewritten[0] if rewritten and rewritten[0] is not None else body
 

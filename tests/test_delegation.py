@@ -230,3 +230,14 @@ def test_a_money_budget_parent_carves_dollars() -> None:
         with pytest.raises(sb.BadRequest) as missing:
             sb.delegated_policy(parent, None, ask, None, 500_000_000, NOW)
         assert "ask for budget_usd" in missing.value.message
+
+
+def test_children_share_their_parents_rate(served: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Review finding: each child got the parent's whole rate, so 100 children made 101 times
+    the parent's rate. A child's request now takes from the parent's bucket too: the parent and
+    all its children together keep to the parent's rate."""
+    parent = served.mint("openai", fresh_agent("deleg-rate"), "--allow-delegation", "--rate", "3/h")
+    kids = [delegate(served, parent, {}).json()["token"] for _ in range(4)]
+    statuses = [call(served, "openai", t, "GET", "/v1/models").status for t in kids + [parent] + kids]
+    assert statuses.count(200) == 3 and set(statuses) == {200, 429}, statuses
+    assert len(upstreams["openai"].requests) == 3

@@ -180,3 +180,39 @@ def test_bad_prices_in_the_config_are_named_with_their_line(tmp_path: Path) -> N
     settings = sb.Settings()
     errors = sb.read_config(config.read_text(), str(config), settings)
     assert errors and f"{config}:2:" in errors[0] and "[prices] gpt-4o" in errors[0], errors
+
+
+@pytest.mark.parametrize("kind, path, obj, outputs", [
+    ("openai", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 100, "best_of": 5}, 500),
+    ("openai", "/v1/completions", {"model": "m", "prompt": ["a", "b", "c"], "max_tokens": 100, "n": 2}, 600),
+    ("openai", "/v1/completions", {"model": "m", "prompt": [1, 2, 3], "max_tokens": 100}, 100),   # one tokenised prompt
+    ("openai", "/v1/chat/completions", {"model": "m", "messages": [], "max_tokens": 10, "n": 3}, 30),
+    ("openai", "/v1/embeddings", {"model": "e", "input": "cat"}, 0),
+    ("gemini", "/v1beta/models/e:embedContent", {"content": {}}, 0),
+    ("anthropic", "/v1/messages/count_tokens", {"model": "c", "messages": []}, 0),
+])
+def test_reservations_bound_every_output_the_request_can_bill(kind: str, path: str, obj: Dict[str, Any],
+                                                                outputs: int) -> None:
+    """Review findings: legacy completions bill best_of outputs per prompt, and a list of prompts
+    one set per prompt; the reservation now counts them all."""
+    body = json.dumps(obj).encode()
+    amount, _ = sb.budget_reservation(kind, path, body, 10 ** 7)
+    assert amount == len(body) + sb.BUDGET_INPUT_MARGIN + outputs
+
+
+@pytest.mark.parametrize("kind, path, obj, words", [
+    ("openai", "/v1/images/generations", {"model": "gpt-image-1", "prompt": "a cat"}, "cannot bound"),
+    ("openai", "/v1/audio/speech", {"model": "tts", "input": "hi"}, "cannot bound"),
+    ("gemini", "/v1beta/models/veo:predict", {"instances": []}, "cannot bound"),
+    ("openai", "/v1/responses", {"model": "m", "input": "go on", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ("openai", "/v1/responses", {"model": "m", "input": "x", "conversation": "conv_1"}, "conversation"),
+    ("openai", "/v1/responses", {"model": "m", "prompt": {"id": "pmpt_1"}}, "prompt"),
+    ("gemini", "/v1beta/models/g:generateContent", {"contents": [], "cachedContent": "cachedContents/1"}, "cachedContent"),
+])
+def test_a_budget_refuses_what_it_cannot_bound(kind: str, path: str, obj: Dict[str, Any], words: str) -> None:
+    """Review findings: image and audio generation bill output the request does not cap, and a
+    stored conversation or cache bills input the body does not show. A budget token (tokens or
+    dollars) refuses them with 403 instead of being overspent."""
+    with pytest.raises(sb.Forbidden) as info:
+        sb.budget_reservation(kind, path, json.dumps(obj).encode(), 10 ** 7, price=(150, 600, 75))
+    assert words in info.value.message
