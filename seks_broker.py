@@ -2880,8 +2880,10 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
                          override=any(n.lower() in METHOD_OVERRIDE_HEADERS for n, _ in fields))
     if not body_read:
         return facts
+    deployment = _DEPLOYMENT_RE.match(facts.path)    # Azure: the deployment picks the model
     if provider.usage == "gemini" or not body or content_type.lower().startswith("multipart/"):
-        facts.model = request_model(provider, rest, body, content_type)
+        facts.model = urllib.parse.unquote(deployment.group(1)) if deployment else \
+            request_model(provider, rest, body, content_type)
         return facts
     try:
         text = body.decode("utf-8-sig")
@@ -2895,10 +2897,15 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
             return facts
         obj = json.loads(text)
     if isinstance(obj, dict):
-        model = obj.get("model")
-        facts.model = model if isinstance(model, str) else None
+        model = obj.get("model")        # with "models", OpenRouter may fall back to any of them
+        facts.model = model if isinstance(model, str) and not obj.get("models") else None
         facts.background = obj.get("background") is True
+        if deployment:
+            facts.model = urllib.parse.unquote(deployment.group(1))
     return facts
+
+
+_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)/")
 
 
 BUDGET_INPUT_MARGIN = 64     # tokens a provider may add around a request's text (roles, turns)
@@ -4152,6 +4159,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         read_whole = bool(provider.usage) and not upgrade and (
             "models" in policy or budget_key(policy) != "")
         body = self.request_body(head, framing, length, read_whole, ex)
+        if body is None and read_whole and budget_key(policy) and head.method in WRITE_METHODS:
+            body = b""                        # a budget bounds (or refuses) body-less POSTs too
         facts = request_facts(provider, head.method, head.fields, rest, swap,
                               body if read_whole else None, read_whole, upgrade)
         refusal = decide(policy, facts)
@@ -4164,7 +4173,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 body = ask_for_stream_usage(body)
         elif provider.usage and isinstance(body, bytes):
             ex.model = request_model(provider, rest, body, head.get("content-type") or "")
-        if "budget_nusd" in policy and isinstance(body, bytes) and body:
+        if "budget_nusd" in policy and isinstance(body, bytes):
             ex.price = model_price(settings.prices, facts.model)
         body = broker.admit(record, ex, provider.usage, facts.path, body)
         ex.drain_usage = budget_key(policy) != ""

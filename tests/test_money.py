@@ -216,3 +216,28 @@ def test_a_budget_refuses_what_it_cannot_bound(kind: str, path: str, obj: Dict[s
     with pytest.raises(sb.Forbidden) as info:
         sb.budget_reservation(kind, path, json.dumps(obj).encode(), 10 ** 7, price=(150, 600, 75))
     assert words in info.value.message
+
+
+@pytest.mark.parametrize("provider, rest, body, model", [
+    ("azure-openai", "/openai/deployments/gpt45-prod/chat/completions", b'{"model": "gpt-4o-mini"}', "gpt45-prod"),
+    ("azure-openai", "/openai/deployments/my%2Ddep/embeddings", b'{"input": "x"}', "my-dep"),
+    ("openrouter", "/v1/chat/completions", b'{"model": "cheap", "models": ["expensive"]}', None),
+    ("openrouter", "/v1/chat/completions", b'{"model": "cheap", "models": []}', "cheap"),
+    ("openai", "/v1/chat/completions", b'{"model": "gpt-4o-mini"}', "gpt-4o-mini"),
+])
+def test_the_model_priced_and_checked_is_the_one_billed(provider: str, rest: str, body: bytes,
+                                                        model: Any) -> None:
+    """Review findings: Azure bills the deployment's model whatever the body says, and
+    OpenRouter may answer with any model of a `models` fallback list. The model a --models
+    policy and [prices] look at is now the deployment, or unknown (refused) with a fallback list."""
+    p = sb.builtin_providers()[provider]
+    headers = [("Authorization", "Bearer t"), ("api-key", "t"), ("Content-Type", "application/json")]
+    swap = sb.find_token(p, headers, rest, "")
+    assert sb.request_facts(p, "POST", headers, rest, swap, body, True, False).model == model
+
+
+def test_an_empty_post_is_priced_too(priced: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    token = priced.mint("openai", fresh_agent("money-empty"), "--budget-usd", "1")
+    resp = call(priced, "openai", token, "POST", "/v1/embeddings", b"")
+    assert resp.status == 403 and "cannot read which model" in error_type_and_message(resp)[1], resp.body
+    assert upstreams["openai"].requests == []
