@@ -1238,7 +1238,8 @@ class Scrubber:
         buf = self._held + data if self._held else data
         hold = self._tail(buf)
         self._held = buf[len(buf) - hold:] if hold else b""
-        return self.scrub(buf[:len(buf) - hold] if hold else buf)
+        out = self.scrub(buf)              # the whole buffer: a run the hold would cut is seen
+        return out[:len(out) - hold] if hold else out     # whole (masks keep the length)
 
     def flush(self) -> bytes:
         held, self._held = self._held, b""
@@ -3091,6 +3092,12 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
                         f"cannot bound; send the whole conversation instead")
     holder: Dict[str, Any] = obj
     if kind == "gemini":
+        if "generation_config" in obj or any(
+                k in (obj.get("generationConfig") or {}) for k in ("candidate_count",
+                                                                   "max_output_tokens")):
+            raise Forbidden("this token has a budget: spell generationConfig, maxOutputTokens "
+                            "and candidateCount in camelCase (Gemini also reads the snake_case "
+                            "names, which the broker would not bound)")
         holder = obj.setdefault("generationConfig", {})
         if not isinstance(holder, dict):
             raise Forbidden("generationConfig must be an object for a budget-limited token")

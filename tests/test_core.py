@@ -655,3 +655,29 @@ def test_a_binary_answer_is_scrubbed_for_whole_keys_at_every_split() -> None:
         scrubber.binary()
         out = scrubber.feed(text[:cut]) + scrubber.feed(text[cut:]) + scrubber.flush()
         assert out == text.replace(key, sb.mask_secret(key)), cut
+
+
+def test_a_run_is_not_cut_where_the_held_tail_matches_the_key_elsewhere() -> None:
+    """Review finding: an echo of the key without its first character, followed by a key
+    character c such that (last char, c) also occurs inside the key: the held tail was those
+    two bytes, so neither scan saw the run's last third and all but one character went out."""
+    rng = random.Random(7)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    found = 0
+    while found < 20:
+        key = "sk-test-" + "".join(rng.choice(alphabet) for _ in range(40))
+        spots = [i for i in range(len(key) - 1) if key[i] == key[-1] and key[-2:] + key[i + 1] not in key]
+        if not spots:
+            continue
+        found += 1
+        c = key[spots[0] + 1]
+        floor = sb.fragment_floor(len(key))
+        for echo in (key[1:] + c, key[5:] + c + "x", key[:-1]):
+            text = b'{"x": "' + echo.encode() + b'"}'
+            for cut in range(1, len(text)):
+                scrubber = sb.Scrubber(sb.scrub_pairs(key))
+                out = scrubber.feed(text[:cut]) + scrubber.feed(text[cut:]) + scrubber.flush()
+                shown = out.decode("latin-1")
+                assert len(out) == len(text)
+                assert max(n for n in range(len(key) + 1) if key[len(key) - n:] in shown) < floor, (key, echo, cut)
+                assert max(n for n in range(len(key) + 1) if key[:n] in shown) < floor, (key, echo, cut)

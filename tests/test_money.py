@@ -241,3 +241,16 @@ def test_an_empty_post_is_priced_too(priced: Broker, upstreams: Dict[str, FakeUp
     resp = call(priced, "openai", token, "POST", "/v1/embeddings", b"")
     assert resp.status == 403 and "cannot read which model" in error_type_and_message(resp)[1], resp.body
     assert upstreams["openai"].requests == []
+
+
+@pytest.mark.parametrize("obj", [
+    {"contents": [], "generationConfig": {"maxOutputTokens": 10, "candidate_count": 8}},
+    {"contents": [], "generationConfig": {"max_output_tokens": 100000}},
+    {"contents": [], "generation_config": {"candidateCount": 8}},
+])
+def test_gemini_snake_case_bounds_are_refused_under_a_budget(obj: Dict[str, Any]) -> None:
+    """Review finding: Google's JSON parser also reads proto field names (candidate_count), so
+    a request could bill eight candidates while the reservation counted one."""
+    with pytest.raises(sb.Forbidden) as info:
+        sb.budget_reservation("gemini", "/v1beta/models/g:generateContent", json.dumps(obj).encode(), 10 ** 7)
+    assert "camelCase" in info.value.message
