@@ -7210,8 +7210,14 @@ def child_environment(environ: Dict[str, str], variables: List[Tuple[str, str]],
     scrubbers = [(secret, Scrubber(scrub_pairs(real))) for secret, real in real_values
                  if len(real) >= 8]
     for name, value in environ.items():
-        raw = value.encode("utf-8", "surrogateescape")    # the key, encoded or cut off too
-        holder = next((secret for secret, scrubber in scrubbers
+        forms = [value.encode("utf-8", "surrogateescape")]   # the key, encoded or cut off too,
+        if "\\u" in value:                                   # also inside JSON \u escapes
+            forms.append(re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)),
+                                value).encode("utf-8", "surrogatepass"))
+        for run in re.findall(r"[A-Za-z0-9+/]{12,}={0,2}", value):    # or base64 (Basic auth)
+            with contextlib.suppress(binascii.Error, ValueError):
+                forms.append(base64.b64decode(run + "=" * (-len(run) % 4)))
+        holder = next((secret for secret, scrubber in scrubbers for raw in forms
                        if scrubber.scrub(raw) != raw), None)
         if holder is not None:
             warnings.append(f"removed {name}: it holds the real value of secret {holder}")

@@ -681,3 +681,17 @@ def test_a_run_is_not_cut_where_the_held_tail_matches_the_key_elsewhere() -> Non
                 assert len(out) == len(text)
                 assert max(n for n in range(len(key) + 1) if key[len(key) - n:] in shown) < floor, (key, echo, cut)
                 assert max(n for n in range(len(key) + 1) if key[:n] in shown) < floor, (key, echo, cut)
+
+
+def test_run_child_environment_drops_a_key_in_base64_or_json_escapes() -> None:
+    """Review finding: git's extraheader in GIT_CONFIG_PARAMETERS carries the key as base64 of
+    a Basic pair, and JSON configs may escape every character; both reached the command."""
+    import base64
+    key = "ghp_0123456789abcdefghijklmnopqrstuvwxyzAB"
+    environ = {"GIT_CONFIG_PARAMETERS": "'http.https://github.com/.extraheader'='AUTHORIZATION: basic "
+               + base64.b64encode(f"x-access-token:{key}".encode()).decode() + "'",
+               "MY_JSON": "".join("\\u%04x" % ord(c) for c in key),
+               "PATH": "/usr/bin:/bin", "NOISE": base64.b64encode(b"nothing secret here at all").decode()}
+    env, warnings = sb.child_environment(environ, [], [("gh", key)], sb.builtin_providers())
+    assert set(env) == {"PATH", "NOISE"}, env
+    assert len(warnings) == 2 and key not in " ".join(warnings)
