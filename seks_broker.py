@@ -1136,8 +1136,9 @@ def mask_secret(secret: bytes) -> bytes:
 
 def secret_variants(key: str) -> Tuple[bytes, ...]:
     """The forms in which an upstream might echo a key: raw, JSON with '/' escaped as '\\/'
-    (PHP's default), and percent-encoded the ways URL libraries do it (every reserved
-    character or only some, upper or lower-case hex, '+' for spaces)."""
+    (PHP's default) or some or all characters as \\uXXXX, and percent-encoded the ways URL
+    libraries do it (every reserved character or only some, upper or lower-case hex, '+' for
+    spaces). Each subset of the key's punctuation (up to four kinds) is escaped on its own."""
     variants = {key.encode("utf-8", "surrogateescape"),
                 key.replace("/", "\\/").encode("utf-8", "surrogateescape")}
     for safe in ("", "/", ":", "/:", "-._~"):
@@ -1145,6 +1146,16 @@ def secret_variants(key: str) -> Tuple[bytes, ...]:
         variants.add(quoted.encode())
         variants.add(re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quoted).encode())
     variants.add(urllib.parse.quote_plus(key).encode())
+    specials = sorted({c for c in key if not c.isalnum() and c in "+/=:&<>'\"\\@!$,;?#[]%*()"})
+    if len(specials) <= 4:        # each subset escaped, the ways encoders differ (.NET \u002B,
+        for mask in range(1, 1 << len(specials)):     # Go PathEscape's %2F with '+' kept)
+            chosen = {c for i, c in enumerate(specials) if mask >> i & 1}
+            for form in ("%%%02X", "%%%02x", "\\u%04X", "\\u%04x"):
+                variants.add("".join(form % ord(c) if c in chosen else c for c in key)
+                             .encode("utf-8", "surrogateescape"))
+    if key.isascii():                                   # every character \u-escaped
+        for form in ("\\u%04X", "\\u%04x"):
+            variants.add("".join(form % ord(c) for c in key).encode())
     return tuple(sorted(variants, key=len, reverse=True))
 
 
@@ -2864,7 +2875,7 @@ def request_model(provider: Provider, rest: str, body: Optional[bytes],
         return multipart_field(body, content_type, "model")
     try:
         value = json.loads(body.decode("utf-8-sig")).get("model")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) else None
 
@@ -2889,7 +2900,7 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
     try:
         text = body.decode("utf-8-sig")
         obj = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         facts.background = b'"background"' in body            # unreadable: assume the worst
         if str(exc) != "duplicate key":
             return facts
@@ -2906,7 +2917,7 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
     return facts
 
 
-_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)/")
+_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)/", re.IGNORECASE)
 
 
 BUDGET_INPUT_MARGIN = 64     # tokens a provider may add around a request's text (roles, turns)
@@ -3081,15 +3092,29 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
         return input_bound * price[0], None
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
         raise Forbidden("a budget-limited token needs a JSON body to bound a generation request")
-    stored = [k for k in ("previous_response_id", "conversation", "prompt", "cachedContent")
-              if obj.get(k) not in (None, "") and (k != "prompt" or isinstance(obj[k], dict))]
+    stored = [k for k in ("previous_response_id", "conversation", "prompt", "cachedContent",
+                          "cached_content", "mcp_servers")
+              if obj.get(k) not in (None, "", []) and (k != "prompt" or isinstance(obj[k], dict))]
+    items = obj.get("input") if isinstance(obj.get("input"), list) else []
+    if any(isinstance(i, dict) and i.get("type") == "item_reference" for i in items):
+        stored.append("item_reference")
     if stored:                                   # input the body does not show
         raise Forbidden(f"this token has a budget, and '{stored[0]}' brings in input the broker "
                         f"cannot bound; send the whole conversation instead")
+    tools = obj.get("tools")
+    for tool in tools if isinstance(tools, list) else [] if tools is None else [tools]:
+        if not (isinstance(tool, dict) and (          # the agent's own functions only: tools
+                tool.get("type") in ("function", "custom") or    # the provider runs (search,
+                (kind == "anthropic" and "type" not in tool) or  # fetch, files, MCP) bill
+                (kind == "gemini" and set(tool) <= {"functionDeclarations",  # what no cap bounds
+                                                    "function_declarations"}))):
+            raise Forbidden("this token has a budget, and a tool the provider runs itself "
+                            "(search, fetch, files, MCP, code) costs what the broker cannot "
+                            "bound; only function tools are allowed")
     holder: Dict[str, Any] = obj
     if kind == "gemini":
         if "generation_config" in obj or any(
@@ -3194,7 +3219,7 @@ def ask_for_stream_usage(body: bytes) -> bytes:
     a key, so this reads the same "stream" value as the upstream will."""
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body
     if not isinstance(obj, dict) or obj.get("stream") is not True:
         return body
@@ -3300,7 +3325,7 @@ class UsageMeter:
     def _parse(self, text: bytes) -> None:
         try:
             answer = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         for item in answer if isinstance(answer, list) else [answer]:   # Gemini JSON streams
             read_usage(self.kind, item, self.state)
@@ -3875,7 +3900,7 @@ class DiscordGateway:
             raise WsClose(4002, "seks-broker relays the JSON gateway encoding only")
         try:
             payload = json.loads(message)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise WsClose(4002, "payload is not JSON") from None
         op = payload.get("op") if isinstance(payload, dict) else None
         if op in (2, 6):
@@ -3945,7 +3970,7 @@ class DiscordGateway:
                     host = urllib.parse.urlsplit(url).netloc
                     data["resume_gateway_url"] = f"{self.broker_ws_url}/resume/{host}"
                     message = json.dumps(payload).encode()
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 pass
         return opcode, message
 
@@ -3954,7 +3979,7 @@ def rewrite_gateway_url(data: bytes, ws_base: str) -> bytes:
     """Point the ``url`` of a Discord /gateway(/bot) answer at the broker's gateway route."""
     try:
         payload = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return data
     if isinstance(payload, dict) and isinstance(payload.get("url"), str):
         payload["url"] = ws_base
@@ -4275,7 +4300,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                     raise too_big
         try:
             ask = json.loads(body or b"{}", object_pairs_hook=_reject_duplicate_keys)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadRequest("the body is not JSON, or it repeats a key") from None
         provider = broker.providers.get(record.provider)
         if provider is None:

@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -695,3 +696,21 @@ def test_run_child_environment_drops_a_key_in_base64_or_json_escapes() -> None:
     env, warnings = sb.child_environment(environ, [], [("gh", key)], sb.builtin_providers())
     assert set(env) == {"PATH", "NOISE"}, env
     assert len(warnings) == 2 and key not in " ".join(warnings)
+
+
+@pytest.mark.parametrize("encode", [
+    lambda k: k.replace("+", "\\u002B"),                                  # .NET: only '+'
+    lambda k: k.replace("/", "\\u002f"),
+    lambda k: "".join("\\u%04x" % ord(c) for c in k),                      # every character
+    lambda k: "".join("\\u%04X" % ord(c) for c in k),
+    lambda k: urllib.parse.quote(k, safe="+"),                            # Go PathEscape: '+' kept
+    lambda k: k.replace("+", "%2b"),
+    lambda k: k.replace("/", "%2f"),
+])
+def test_a_key_with_punctuation_is_masked_however_an_encoder_escapes_it(encode: Any) -> None:
+    """Review finding: a base64-style key echoed with only '+' as \\u002B, every character
+    \\u-escaped, or '/' percent-encoded with '+' kept went out whole."""
+    key = "wJalrXUt+nFEMI/K7MDENG+bPxRfiCYz/EXAMPLE+KEY/abcdefg"
+    echo = encode(key).encode()
+    out = sb.Scrubber(sb.scrub_pairs(key)).scrub(b'{"echo": "' + echo + b'"}')
+    assert echo not in out and len(out) == len(echo) + 12 and b"[REDACTED-BY-SEKS]" in out

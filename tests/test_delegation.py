@@ -241,3 +241,9 @@ def test_children_share_their_parents_rate(served: Broker, upstreams: Dict[str, 
     statuses = [call(served, "openai", t, "GET", "/v1/models").status for t in kids + [parent] + kids]
     assert statuses.count(200) == 3 and set(statuses) == {200, 429}, statuses
     assert len(upstreams["openai"].requests) == 3
+
+
+def test_a_deeply_nested_body_is_a_400(served: Broker) -> None:
+    parent = served.mint("openai", fresh_agent("deleg-deep"), "--allow-delegation")
+    resp = delegate(served, parent, None, raw=b"[" * 8000 + b"]" * 8000)
+    assert resp.status == 400, resp.body

@@ -254,3 +254,40 @@ def test_gemini_snake_case_bounds_are_refused_under_a_budget(obj: Dict[str, Any]
     with pytest.raises(sb.Forbidden) as info:
         sb.budget_reservation("gemini", "/v1beta/models/g:generateContent", json.dumps(obj).encode(), 10 ** 7)
     assert "camelCase" in info.value.message
+
+
+@pytest.mark.parametrize("kind, path, obj, words", [
+    ("gemini", "/v1beta/models/g:generateContent", {"contents": [], "cached_content": "cachedContents/1"}, "cached_content"),
+    ("gemini", "/v1beta/models/g:generateContent", {"contents": [], "tools": [{"url_context": {}}]}, "tool"),
+    ("gemini", "/v1beta/models/g:generateContent", {"contents": [], "tools": [{"google_search": {}}]}, "tool"),
+    ("openai", "/v1/responses", {"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]}, "item_reference"),
+    ("openai", "/v1/responses", {"model": "m", "input": "x", "tools": [{"type": "file_search"}]}, "tool"),
+    ("openai", "/v1/responses", {"model": "m", "input": "x", "tools": [{"type": "mcp", "server_url": "u"}]}, "tool"),
+    ("openai", "/v1/responses", {"model": "m", "input": "x", "tools": [{"type": "web_search"}]}, "tool"),
+    ("anthropic", "/v1/messages", {"model": "c", "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tool"),
+    ("anthropic", "/v1/messages", {"model": "c", "messages": [], "mcp_servers": [{"url": "u"}]}, "mcp_servers"),
+])
+def test_a_budget_refuses_provider_run_tools_and_stored_items(kind: str, path: str, obj: Dict[str, Any], words: str) -> None:
+    """Review findings: server-side tools (search, URL context, file search, MCP) and stored
+    items bring in input or fees the body does not show; a budget token refuses them."""
+    with pytest.raises(sb.Forbidden) as info:
+        sb.budget_reservation(kind, path, json.dumps(obj).encode(), 10 ** 7)
+    assert words in info.value.message
+
+
+@pytest.mark.parametrize("kind, path, obj", [
+    ("openai", "/v1/chat/completions", {"model": "m", "messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("anthropic", "/v1/messages", {"model": "c", "messages": [], "tools": [{"name": "f", "input_schema": {}}]}),
+    ("gemini", "/v1beta/models/g:generateContent", {"contents": [], "tools": [{"functionDeclarations": []}]}),
+])
+def test_a_budget_allows_the_agents_own_function_tools(kind: str, path: str, obj: Dict[str, Any]) -> None:
+    amount, _ = sb.budget_reservation(kind, path, json.dumps(obj).encode(), 10 ** 7)
+    assert amount > 0
+
+
+def test_azure_deployments_are_read_whatever_the_case() -> None:
+    p = sb.builtin_providers()["azure-openai"]
+    headers = [("api-key", "t"), ("Content-Type", "application/json")]
+    rest = "/OpenAI/Deployments/gpt45-prod/chat/completions"
+    swap = sb.find_token(p, headers, rest, "")
+    assert sb.request_facts(p, "POST", headers, rest, swap, b'{"model": "gpt-4o-mini"}', True, False).model == "gpt45-prod"
