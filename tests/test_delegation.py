@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
+from raw_http import raw_exchange, request_bytes
 from conftest import (
     REAL_KEYS, Broker, Brokers, FakeUpstream, audit_json, call, error_type_and_message, fresh_agent,
     load_broker_module, ok,
@@ -183,10 +184,15 @@ def test_wider_asks_and_bad_parents_mint_nothing(served: Broker, upstreams: Dict
         assert resp.status == status, (ask, resp.status, resp.body)
         assert "token" not in resp.json()
     assert delegate(served, parent, None, raw=b'{"ttl": "1m", "ttl": "9m"}').status == 400
-    assert delegate(served, parent, None, raw=b"{" + b" " * (20 * 1024) + b"}").status == 413
-    chunked = served.request("POST", "/seks/v1/tokens", {"Authorization": f"Bearer {parent}"},
-                             iter([b"{", b" " * 10000, b" " * 10000, b"}"]))
-    assert chunked.status == 413, chunked.body
+    big = b"{" + b" " * (20 * 1024) + b"}"           # answered before the body is read: a raw exchange
+    auth = ("Authorization", f"Bearer {parent}")
+    over = raw_exchange(served.port, request_bytes("POST", "/seks/v1/tokens",
+                                                   [auth, ("Content-Length", str(len(big)))], big))
+    assert over.status == 413, over
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (b"{", b" " * 10000, b" " * 10000, b"}")) + b"0\r\n\r\n"
+    chunked = raw_exchange(served.port, request_bytes("POST", "/seks/v1/tokens",
+                                                      [auth, ("Transfer-Encoding", "chunked")], chunks))
+    assert chunked.status == 413, chunked
     assert served.request("GET", "/seks/v1/tokens", {"Authorization": f"Bearer {parent}"}).status == 404
     assert len(ok(served.cli("token", "list", "--json")).splitlines()) == before
     assert upstreams["openai"].requests == []
