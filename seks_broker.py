@@ -19,7 +19,9 @@ WHERE EACH PROMISE IS HELD, in reading order (sections 3 and 4 are the reviewer'
   2 The agent never receives the real key:
       AgentWriter is the one exit to the agent (heads, bodies, chunks, frames, close reasons,
       errors) and owns the Scrubber (every run of a key variant holding its first or last
-      third, so a cut-off echo is masked too); swap_credentials strips every credential place;
+      third, so a cut-off echo is masked too; parts_pairs gives it every secret part of a
+      secret); swap_credentials strips every credential place and fills the injection places
+      from the secret's parts (secret_parts, fill; part_problem refuses a secret that lacks one);
       redact, masked_request_path and terminal_text make logs, audit rows and listings safe.
       An agent running as the operator's OS user can read the master key: `run` warns, and
       `run --user` starts it as another user.
@@ -315,18 +317,19 @@ env = SENDGRID_HOST= SENDGRID_API_KEY
 upstream = https://api.resend.com
 token = header Authorization Bearer
 inject = header Authorization Bearer
-env = RESEND_BASE_URL= RESEND_API_KEY
+env = RESEND_API_URL= RESEND_BASE_URL= RESEND_API_KEY
 
 [twilio]
 upstream = https://api.twilio.com
 token = basic
-inject = same
-env = TWILIO_API_BASE= TWILIO_AUTH_TOKEN
+inject = basic {account_sid}:{auth_token}
+public = account_sid
+env = TWILIO_API_BASE= TWILIO_AUTH_TOKEN TWILIO_ACCOUNT_SID={account_sid}
 
 [mailgun]
 upstream = https://api.mailgun.net
 token = basic
-inject = same
+inject = basic api:{key}
 env = MAILGUN_API_BASE= MAILGUN_API_KEY
 
 [pypi]
@@ -339,8 +342,9 @@ env = TWINE_REPOSITORY_URL=/legacy/ TWINE_PASSWORD
 upstream = none
 token = basic
     header Authorization Bearer
-inject = same
-env = ATLASSIAN_URL= ATLASSIAN_API_TOKEN
+inject = basic {email}:{api_token}
+public = email
+env = ATLASSIAN_URL= ATLASSIAN_API_TOKEN ATLASSIAN_EMAIL={email}
 
 [azure-openai]
 upstream = none
@@ -357,6 +361,15 @@ token = header apikey
 inject = header apikey
     header Authorization Bearer
 env = SUPABASE_URL= SUPABASE_KEY
+
+[datadog]
+upstream = https://api.datadoghq.com
+token = header DD-API-KEY
+    header DD-APPLICATION-KEY
+inject = header DD-API-KEY {api_key}
+    header DD-APPLICATION-KEY {app_key}
+parts = api_key app_key?
+env = DATADOG_HOST= DD_API_KEY DD_APP_KEY
 
 [postmark]
 upstream = https://api.postmarkapp.com
@@ -387,30 +400,40 @@ HTTP_REASONS = {code: phrase for code, (phrase, _) in
 class CredentialPlace:
     """One place a credential travels: a header (with an optional scheme prefix), a query
     parameter, a path segment after one of some prefixes (Telegram's ``/bot<T>/``), or one
-    half of ``Authorization: Basic base64(user:password)`` (git, pip, Stripe's curl -u)."""
+    half of ``Authorization: Basic base64(user:password)`` (git, pip, Stripe's curl -u). An
+    injection place has a value: which parts of the secret go there (``{key}``, a single
+    value; ``{account_sid}:{auth_token}`` for a Basic pair built from two parts)."""
 
-    __slots__ = ("kind", "name", "prefixes")
+    __slots__ = ("kind", "name", "prefixes", "value")
 
-    def __init__(self, kind: str, name: str = "", prefixes: Tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, name: str = "", prefixes: Tuple[str, ...] = (),
+                 value: str = "{key}") -> None:
         self.kind = kind          # "header" | "query" | "path" | "basic"
         self.name = name          # header name (lower case) or query parameter
         self.prefixes = prefixes  # header scheme words ("Bearer") or path prefixes ("/bot")
+        self.value = value        # the value template ({part} names the secret's parts)
 
     def __repr__(self) -> str:
         return f"CredentialPlace({self.kind} {self.name} {' '.join(self.prefixes)})".strip()
 
 
+PART_RE = re.compile(r"\{([a-z][a-z0-9_]{0,31})\}")
+
+
 class Provider:
-    """A route: name, upstream base, where tokens arrive and where the real key goes."""
+    """A route: name, upstream base, where tokens arrive and where the real key goes, and
+    the parts its secrets hold (``key`` alone unless its injection names others)."""
 
     __slots__ = ("name", "upstream", "scheme", "host", "port", "base_path", "token_places",
-                 "inject", "usage", "aliases", "token_shape", "errors", "env", "gateway", "also")
+                 "inject", "usage", "aliases", "token_shape", "errors", "env", "gateway", "also",
+                 "parts", "optional", "public")
 
     def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
                  inject: Optional[CredentialPlace], usage: str = "",
                  aliases: Tuple[str, ...] = (), token_shape: str = "",
                  errors: str = "", env: str = "", gateway: str = "",
-                 also: Tuple[CredentialPlace, ...] = ()) -> None:
+                 also: Tuple[CredentialPlace, ...] = (), parts: Tuple[str, ...] = (),
+                 optional: Tuple[str, ...] = (), public: Tuple[str, ...] = ()) -> None:
         self.name = name
         self.upstream = upstream          # "none": a per-site API, closed until configured
         self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream) \
@@ -424,11 +447,15 @@ class Provider:
         self.env = env
         self.gateway = gateway
         self.also = also          # more headers that get the key too (Supabase: two)
+        named = [n for p in (inject,) + also if p is not None for n in PART_RE.findall(p.value)]
+        self.parts = parts or tuple(dict.fromkeys(named or ["key"]))   # every part, in order
+        self.optional = optional  # parts a secret may lack ("also" places using one are left
+        self.public = public      # out); identifiers, not secrets: never masked in answers
 
     def with_upstream(self, upstream: str) -> "Provider":
         return Provider(self.name, upstream, self.token_places, self.inject, self.usage,
                         self.aliases, self.token_shape, self.errors, self.env, self.gateway,
-                        self.also)
+                        self.also, self.parts, self.optional, self.public)
 
     def __repr__(self) -> str:
         return f"Provider({self.name} -> {self.upstream})"
@@ -1062,20 +1089,63 @@ def basic_token(encoded: str, place: CredentialPlace) -> Optional[CredentialSwap
     return CredentialSwap(user, place, password, "user")
 
 
-def swap_credentials(provider: Provider, swap: CredentialSwap, key: str,
+PARTS_MAGIC = b"\x00parts\x00"     # a secret with named parts: this, then a JSON object
+
+
+def pack_parts(parts: Dict[str, str]) -> bytes:
+    """The plaintext a secret is encrypted from: a lone ``key`` part is the bare value (the
+    format every secret had before parts), several are a JSON object after PARTS_MAGIC."""
+    if list(parts) == ["key"]:
+        return parts["key"].encode("utf-8", "surrogateescape")
+    return PARTS_MAGIC + json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+
+
+def secret_parts(plain: bytes) -> Dict[str, str]:
+    """The named parts of a decrypted secret (a bare value is the part ``key``)."""
+    if plain.startswith(PARTS_MAGIC):
+        parts = json.loads(plain[len(PARTS_MAGIC):])
+        if isinstance(parts, dict) and all(isinstance(v, str) for v in parts.values()):
+            return parts
+        raise DecryptError("malformed parts")
+    return {"key": plain.decode("utf-8", "surrogateescape")}
+
+
+def part_problem(parts: Dict[str, str], provider: Provider) -> str:
+    """Why these parts cannot serve the provider ("" if they can): a part it needs is
+    missing, a part it does not know is there, or a value cannot travel in a header."""
+    missing = [n for n in provider.parts if n not in parts and n not in provider.optional]
+    unknown = [n for n in parts if n not in provider.parts]
+    if missing:
+        return (f"{provider.name} needs the part(s) {', '.join(missing)} (its parts: "
+                f"{', '.join(provider.parts)})")
+    if unknown:
+        return (f"{provider.name} has no part(s) {', '.join(unknown)} (its parts: "
+                f"{', '.join(provider.parts)})")
+    bad = [n for n, v in parts.items() if not v or not v.isprintable() or v != v.strip()]
+    return f"the part(s) {', '.join(bad)} must be printable, non-empty, unpadded" if bad else ""
+
+
+def fill(template: str, parts: Dict[str, str]) -> str:
+    """A credential place's value with the secret's parts put in (KeyError: one is missing)."""
+    return PART_RE.sub(lambda m: parts[m.group(1)], template)
+
+
+def swap_credentials(provider: Provider, swap: CredentialSwap, parts: Dict[str, str],
                      headers: List[Tuple[str, str]], rest: str,
                      query: str) -> Tuple[List[Tuple[str, str]], str, str]:
-    """Remove every credential place of the provider from the request and inject the key
-    (the agent's own value in the injection place never rides along)."""
+    """Remove every credential place of the provider from the request and inject the
+    secret's parts (the agent's own value in an injection place never rides along). A part
+    the secret lacks: KeyError (token mint refuses such secrets; the caller answers 502)."""
     header_places = {p.name for p in provider.token_places if p.kind in ("header", "basic")}
     query_places = {p.name for p in provider.token_places if p.kind == "query"}
-    if provider.inject is not None and provider.inject.kind == "header":
+    if provider.inject is not None and provider.inject.kind in ("header", "basic"):
         header_places.add(provider.inject.name)
     if provider.inject is not None and provider.inject.kind == "query":
         query_places.add(provider.inject.name)
     header_places.update(p.name for p in provider.also)
     headers = [(n, v) for n, v in headers if n.lower() not in header_places]
     inject = provider.inject or swap.place
+    key = fill(inject.value, parts)
     kept: List[str] = []
     injected_query = False
     for part in query.split("&") if query else ():
@@ -1088,16 +1158,20 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, key: str,
         kept.append(part)
     if inject.kind == "query" and not injected_query:
         kept.append(f"{inject.name}={urllib.parse.quote(key, safe='')}")
-    if inject.kind == "basic":
-        pair = f"{swap.prefix}:{key}" if swap.side == "password" else f"{key}:{swap.prefix}"
+    if inject.kind == "basic":           # a pair built from parts, or the agent's other half
+        pair = key if inject is provider.inject else (
+            f"{swap.prefix}:{key}" if swap.side == "password" else f"{key}:{swap.prefix}")
         headers.append(("Authorization", "Basic " + base64.b64encode(
             pair.encode("utf-8", "surrogateescape")).decode("ascii")))
     elif inject.kind == "header":
         prefix = swap.prefix if inject is swap.place and swap.prefix else (
             inject.prefixes[0] if inject.prefixes else "")
         headers.append((inject.name, f"{prefix} {key}" if prefix else key))
-    for place in provider.also:
-        headers.append((place.name, f"{place.prefixes[0]} {key}" if place.prefixes else key))
+    for place in provider.also:           # left out when it takes an optional part not given
+        if all(n in parts or n not in provider.optional for n in PART_RE.findall(place.value)):
+            value = fill(place.value, parts)
+            headers.append((place.name, f"{place.prefixes[0]} {value}" if place.prefixes
+                            else value))
     if inject.kind == "path":
         tail = rest[len(swap.prefix):].split("/", 1)
         rest = swap.prefix + urllib.parse.quote(key, safe=":") + ("/" + tail[1] if len(tail) > 1 else "")
@@ -1162,6 +1236,13 @@ def secret_variants(key: str) -> Tuple[bytes, ...]:
 def scrub_pairs(key: str) -> Tuple[Tuple[bytes, bytes], ...]:
     """(variant, same-length mask) pairs of a key, longest first."""
     return tuple((v, mask_secret(v)) for v in secret_variants(key) if v)
+
+
+def parts_pairs(parts: Dict[str, str], public: Tuple[str, ...] = ()) -> Tuple[Tuple[bytes, bytes], ...]:
+    """The scrub pairs of every part of a secret but its public ones, longest first."""
+    pairs = {pair for name, value in parts.items() if name not in public
+             for pair in scrub_pairs(value)}
+    return tuple(sorted(pairs, key=lambda pair: len(pair[0]), reverse=True))
 
 
 def fragment_floor(length: int) -> int:
@@ -2659,7 +2740,7 @@ AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
 # ============================================================================================
 
 class TokenCache:
-    """token digest -> (record, real key, the key's scrub pairs).
+    """token digest -> (record, the secret's parts, their scrub pairs).
 
     Invariant: an entry is trusted only while the store's generation is the one it was read
     under. Triggers bump the generation on every change to secrets, tokens and agents (from any
@@ -2668,15 +2749,18 @@ class TokenCache:
     join and a decryption per request; it never decides anything."""
 
     def __init__(self, store: Store, keys: KeyRing, reload: Callable[[], KeyRing],
-                 size: int = 10_000) -> None:
+                 size: int = 10_000,
+                 public: Callable[[str], Tuple[str, ...]] = lambda provider: ()) -> None:
         self._store = store
+        self._public = public     # a provider's public part names (never scrubbed)
         self.keys = keys
         self._reload = reload
         self._size = size
         self._lock = threading.Lock()
         self._generation = -1
-        # digest -> (record, real key, its scrub pairs): key and variants dropped together
-        self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[bytes], Any]] = {}
+        # digest -> (record, parts, their scrub pairs): parts and variants dropped together
+        self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[Dict[str, str]],
+                                         Any]] = {}
 
     @staticmethod
     def _store_error() -> None:
@@ -2689,10 +2773,11 @@ class TokenCache:
             self.keys = self._reload()
             self._entries.clear()
 
-    def lookup(self, token: str) -> Tuple[Optional[TokenRecord], Optional[bytes], Any]:
+    def lookup(self, token: str) -> Tuple[Optional[TokenRecord], Optional[Dict[str, str]], Any]:
         return self.lookup_digest(token_digest(token))
 
-    def lookup_digest(self, digest: bytes) -> Tuple[Optional[TokenRecord], Optional[bytes], Any]:
+    def lookup_digest(self, digest: bytes
+                      ) -> Tuple[Optional[TokenRecord], Optional[Dict[str, str]], Any]:
         generation, check = self._store.generation()
         if check and not hmac.compare_digest(check, self.keys.check):
             self.reload_keys()
@@ -2704,16 +2789,17 @@ class TokenCache:
         if hit is not None:
             return hit
         record = self._store.find_token(digest)
-        key, pairs = None, ()
+        parts, pairs = None, ()
         if record is not None and record.secret_ciphertext is not None:
             try:
-                key = self.keys.cipher.decrypt(record.secret_ciphertext, secret_ad(
-                    record.secret_name, record.secret_provider or ""))
-            except DecryptError:
+                parts = secret_parts(self.keys.cipher.decrypt(
+                    record.secret_ciphertext, secret_ad(record.secret_name,
+                                                        record.secret_provider or "")))
+            except (DecryptError, ValueError):
                 self._store_error()
                 raise BrokerError("the broker could not use the stored secret") from None
-            pairs = scrub_pairs(key.decode("utf-8", "surrogateescape"))
-        entry = (record, key, pairs)
+            pairs = parts_pairs(parts, self._public(record.secret_provider or ""))
+        entry = (record, parts, pairs)
         with self._lock:
             if self._generation == generation:
                 if len(self._entries) >= self._size:
@@ -3920,7 +4006,7 @@ class DiscordGateway:
                                                   self.token.encode("utf-8", "surrogatepass")):
             raise WsClose(4005, "already authenticated with another token")     # as Discord
         try:
-            record, key, pairs = self.broker.authenticate(presented, self.provider, self.ex)
+            record, parts, pairs = self.broker.authenticate(presented, self.provider, self.ex)
             refusal = decide(record.policy, RequestFacts("GET", "/gateway", upgrade=True,
                                                          llm=bool(self.provider.usage)))
             if refusal is not None:
@@ -3935,7 +4021,7 @@ class DiscordGateway:
         self.token = presented
         self.writer.use_key(pairs)
         assert isinstance(data, dict)
-        data["token"] = key.decode("utf-8", "surrogateescape")
+        data["token"] = parts.get("key", "")
         if op == 2:
             data["compress"] = False      # no compression upstream: every frame can be scrubbed
         return json.dumps(payload).encode()
@@ -4186,7 +4272,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                             f"client sends its API key", headers={
                                 "WWW-Authenticate": 'Basic realm="seks-broker"'} if any(
                                 p.kind == "basic" for p in provider.token_places) else None)
-        record, key, pairs = broker.authenticate(swap.token, provider, ex)
+        record, parts, pairs = broker.authenticate(swap.token, provider, ex)
         policy = record.policy
         read_whole = bool(provider.usage) and not upgrade and (
             "models" in policy or budget_key(policy) != "")
@@ -4209,9 +4295,13 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             ex.price = model_price(settings.prices, facts.model)
         body = broker.admit(record, ex, provider.usage, facts.path, body)
         ex.drain_usage = budget_key(policy) != ""
-        headers, rest_up, query_up = swap_credentials(
-            provider, swap, key.decode("utf-8", "surrogateescape"),
-            forward_request_headers(head.fields), rest, query)
+        try:
+            headers, rest_up, query_up = swap_credentials(
+                provider, swap, parts, forward_request_headers(head.fields), rest, query)
+        except KeyError:                  # the provider's definition changed since minting
+            ex.reason = f"secret {record.secret_name} lacks a part {provider.name} needs"
+            raise UpstreamError(f"the broker's secret for this token lacks a part "
+                                f"{provider.name} needs; the operator must rotate it") from None
         if (provider.inject or swap.place).kind == "basic":    # base64(user:key) is a form of
                                                                 # the key: scrub it too
             sent = next(v for n, v in headers if n == "Authorization" and v.startswith("Basic "))
@@ -4276,7 +4366,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("send the parent token as 'Authorization: Bearer <token>'")
         broker = self.server.broker
-        record, key, _ = broker.tokens.lookup(token.strip())
+        record, parts, _ = broker.tokens.lookup(token.strip())
         if record is None:
             raise AuthError("unknown token")
         ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
@@ -4305,7 +4395,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         provider = broker.providers.get(record.provider)
         if provider is None:
             raise Forbidden(f"provider '{record.provider}' is not configured on this broker")
-        child = new_token(provider, (key or b"").decode("utf-8", "surrogateescape"))
+        child = new_token(provider, (parts or {}).get("key", ""))
         child_id, answer = new_token_id(), {}
 
         def decide_child(left_requests: Optional[int],
@@ -4541,17 +4631,29 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 # 11. SERVER: settings and config file, metrics, logging, audit writes, the server
 # ============================================================================================
 
-def parse_place(text: str) -> CredentialPlace:
-    """``header NAME [PREFIX]``, ``query PARAM`` or ``path-prefix PREFIX...`` (config syntax)."""
+def parse_place(text: str, inject: bool = False) -> CredentialPlace:
+    """``header NAME [PREFIX]``, ``query PARAM``, ``basic`` or ``path-prefix PREFIX...``
+    (config syntax). An injection place may end with its value: ``{part}`` names, e.g.
+    ``header DD-APPLICATION-KEY {app_key}`` or ``basic {account_sid}:{auth_token}``."""
     words = text.split()
+    value = "{key}"
+    if inject and len(words) >= 2 and "{" in words[-1]:
+        value = words.pop()
+        if not PART_RE.search(value) or "{" in PART_RE.sub("", value) or "}" in PART_RE.sub(
+                "", value) or not value.isprintable():
+            raise ConfigError(f"bad value {value!r}: write the secret's parts as {{name}} "
+                              f"(lower-case letters, digits, '_'), e.g. {{api_key}}")
     if len(words) >= 2 and words[0] == "header" and len(words) <= 3:
         if not HEADER_NAME_RE.match(words[1].encode()):
             raise ConfigError(f"bad header name {words[1]!r}")
-        return CredentialPlace("header", words[1].lower(), tuple(words[2:]))
+        return CredentialPlace("header", words[1].lower(), tuple(words[2:]), value)
     if len(words) == 2 and words[0] == "query":
-        return CredentialPlace("query", words[1])
+        return CredentialPlace("query", words[1], (), value)
     if words == ["basic"]:
-        return CredentialPlace("basic", "authorization", ("Basic",))
+        if value != "{key}" and ":" not in PART_RE.sub("", value):
+            raise ConfigError(f"a Basic value is 'user:password', e.g. "
+                              f"{{account_sid}}:{{auth_token}} or api:{{key}}; got {value!r}")
+        return CredentialPlace("basic", "authorization", ("Basic",), value)
     if len(words) >= 2 and words[0] == "path-prefix":
         if not all(p.startswith("/") and "//" not in p for p in words[1:]):
             raise ConfigError("path-prefix values must start with '/'")
@@ -4589,7 +4691,7 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     if name in ("seks", "api"):
         raise ConfigError(f"the provider name {name!r} is reserved (/{name}/ is the broker's own)")
     known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env",
-             "gateway"}
+             "gateway", "parts", "public"}
     unknown = set(sec.keys()) - known - set(sec.parser.defaults())
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} (known: "
@@ -4602,15 +4704,34 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         raise ConfigError(f"token: {exc}", key="token") from None
     inject_lines = [line.strip() for line in sec.get("inject", "same").splitlines() if line.strip()]
     try:
-        inject = None if inject_lines[0] == "same" else parse_place(inject_lines[0])
-        also = tuple(parse_place(line) for line in inject_lines[1:])
+        inject = None if inject_lines[0] == "same" else parse_place(inject_lines[0], True)
+        also = tuple(parse_place(line, True) for line in inject_lines[1:])
     except ConfigError as exc:
         raise ConfigError(f"inject: {exc}", key="inject") from None
     if any(p.kind != "header" for p in also) or (also and inject is None):
         raise ConfigError("inject: the lines after the first are headers, and the first is "
                           "not 'same'", key="inject")
-    if inject is not None and inject.kind in ("path", "basic"):
-        raise ConfigError(f"{inject.kind} injection is written 'inject = same'", key="inject")
+    if inject is not None and (inject.kind == "path" or inject.kind == "basic" and
+                               inject.value == "{key}"):
+        raise ConfigError(f"{inject.kind} injection of the key alone is written 'inject = same'"
+                          + (" (or give the pair: basic {user}:{password})"
+                             if inject.kind == "basic" else ""), key="inject")
+    named = [n for p in (inject,) + also if p is not None for n in PART_RE.findall(p.value)]
+    declared = sec.get("parts", "").split()
+    if any(not re.fullmatch(r"[a-z][a-z0-9_]{0,31}\??", n) for n in declared):
+        raise ConfigError("parts are names of lower-case letters, digits and '_', an optional "
+                          "one ending in '?': e.g. 'parts = api_key app_key?'", key="parts")
+    parts = tuple(n.rstrip("?") for n in declared) or tuple(dict.fromkeys(named or ["key"]))
+    optional = tuple(n.rstrip("?") for n in declared if n.endswith("?"))
+    if set(named) - set(parts):
+        raise ConfigError(f"inject names part(s) {', '.join(sorted(set(named) - set(parts)))} "
+                          f"that 'parts' does not list", key="inject")
+    if inject is not None and set(PART_RE.findall(inject.value)) & set(optional):
+        raise ConfigError("the first inject line cannot use an optional part", key="inject")
+    public = tuple(sec.get("public", "").split())
+    if set(public) - set(parts) or public and parts == ("key",):
+        raise ConfigError("public names parts (identifiers such as an account id that answers "
+                          "carry) from 'parts', never the key itself", key="public")
     try:
         if sec["upstream"].strip() != "none":
             parse_upstream_base(sec["upstream"].strip())
@@ -4628,11 +4749,17 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
             raise ConfigError(f"{key} must be one of {', '.join(a for a in allowed if a)}",
                               key=key)
     env = sec.get("env", "").strip()
-    if env and not re.match(r"^[A-Z_][A-Z0-9_]*=\S* [A-Z_][A-Z0-9_]*$", env):
-        raise ConfigError("env must be 'BASE_VAR=/path KEY_VAR', e.g. 'OPENAI_BASE_URL=/v1 "
-                          "OPENAI_API_KEY'", key="env")
+    words = [re.fullmatch(r"([A-Z_][A-Z0-9_]*)(?:(=/\S*|=)|=\{([a-z][a-z0-9_]*)\})?", w)
+             for w in env.split()]
+    if env and (not all(words) or not words[0].group(2) or not any(
+            m and not m.group(2) and not m.group(3) for m in words) or not {
+                m.group(3) for m in words if m and m.group(3)} <= set(public)):
+        raise ConfigError("env must be 'BASE_VAR=/path [BASE_VAR=/path...] KEY_VAR [KEY_VAR...] "
+                          "[VAR={public_part}...]', e.g. 'OPENAI_BASE_URL=/v1 OPENAI_API_KEY'",
+                          key="env")
     return Provider(name, sec["upstream"].strip(), places, inject, usage,
-                    tuple(sec.get("aliases", "").split()), shape, errors, env, gateway, also)
+                    tuple(sec.get("aliases", "").split()), shape, errors, env, gateway, also,
+                    parts, optional, public)
 
 
 def providers_from_ini(text: str) -> Dict[str, Provider]:
@@ -5185,7 +5312,9 @@ class Broker:
                  providers: Dict[str, Provider]) -> None:
         self.settings = settings
         self.store = store
-        self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys)
+        self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
+                                 name: self.providers[name].public if name in self.providers
+                                 else ())
         self.pool = UpstreamPool(upstream_ssl_context(settings.upstream_ca),
                                  upstream_ssl_context(settings.upstream_ca, verify=False),
                                  settings.connect_timeout, settings.upstream_timeout)
@@ -5237,11 +5366,11 @@ class Broker:
         return provider, "/" + rest if sep else "/", f"{alias}/{name}"
 
     def authenticate(self, token: str, provider: Provider,
-                     ex: "Exchange") -> Tuple[TokenRecord, bytes, Any]:
+                     ex: "Exchange") -> Tuple[TokenRecord, Dict[str, str], Any]:
         """The token check shared by HTTP requests and gateway IDENTIFY/RESUME: look the token
         up (cached), note whose it is for the audit row, deny unless it is live and bound to
-        this provider. Returns the record, the real key and its scrub pairs."""
-        record, key, pairs = self.tokens.lookup(token)
+        this provider. Returns the record, the secret's parts and their scrub pairs."""
+        record, parts, pairs = self.tokens.lookup(token)
         if record is None:
             ex.reason = "unknown token " + self.fingerprint(token)
             kind = real_key_kind(token)
@@ -5258,8 +5387,8 @@ class Broker:
             assert record is not None
             self.tripwire(record, ex)
             raise
-        assert record is not None and key is not None
-        return record, key, pairs
+        assert record is not None and parts is not None
+        return record, parts, pairs
 
     def tripwire(self, record: TokenRecord, ex: "Exchange") -> None:
         """A decoy was used: the audit row says so, the log says so at error level, the alert
@@ -6296,16 +6425,44 @@ class Progress:
             sys.stderr.flush()
 
 
-def read_secret_value(name: str) -> str:
+def read_secret_value(name: str, prompt: str = "") -> str:
     try:
         if sys.stdin is not None and sys.stdin.isatty():
-            value = getpass.getpass(f"Value for secret {name} (input hidden): ")
+            value = getpass.getpass(prompt or f"Value for secret {name} (input hidden): ")
         else:
             value = sys.stdin.read() if sys.stdin is not None else ""
     except (EOFError, KeyboardInterrupt):
         sys.stderr.write("\n")
         raise ConfigError("no value given; nothing was stored") from None
     return value.strip()
+
+
+def read_secret_parts(name: str, provider: Provider, rotating: bool) -> Dict[str, Any]:
+    """A secret's parts from the operator, never from argv: a lone key as a bare value; the
+    parts of a several-part secret as a JSON object on stdin, or each at a hidden prompt on a
+    terminal (Enter skips an optional part, or on rotation one that stays as it is)."""
+    if provider.parts == ("key",):
+        return {"key": read_secret_value(name)}
+    if sys.stdin is not None and sys.stdin.isatty():
+        given = {}
+        for part in provider.parts:
+            keep = " (Enter: keep)" if rotating else (
+                " (optional, Enter: none)" if part in provider.optional else "")
+            value = read_secret_value(name, f"{part} for secret {name}{keep} (input hidden): ")
+            if value:
+                given[part] = value
+        return given
+    text = read_secret_value(name)
+    try:
+        given = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except (ValueError, RecursionError):
+        given = None
+    if not isinstance(given, dict) or not all(isinstance(v, (str, type(None)))
+                                              for v in given.values()):
+        example = json.dumps({n: "..." for n in provider.parts})
+        raise ConfigError(f"{provider.name} secrets have several parts: pipe a JSON object of "
+                          f"part names to values, e.g. {example}; nothing was stored")
+    return given
 
 
 def write_private(path: str, text: str) -> None:
@@ -6620,14 +6777,33 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
         if found is None:
             raise ConfigError(f"no secret named {args.name!r}")
         provider_name = found[0]
-    value = read_secret_value(args.name)
-    if not value:
-        raise ConfigError("empty secret value; nothing was stored")
-    if "seks_" in value:
-        raise ConfigError("that looks like a seks fake token, not a real key")
+    provider = providers.get(provider_name)
+    if provider is None:
+        raise ConfigError(f"secret {args.name!r} is for provider {provider_name!r}, which is "
+                          f"not configured")
+    given = read_secret_parts(args.name, provider, args.action == "rotate")
     master = load_master_key(settings.db, environ, store)
     cipher = SecretCipher(master)
-    ciphertext = cipher.encrypt(value.encode(), secret_ad(args.name, provider_name))
+    parts: Dict[str, str] = {}
+    if args.action == "rotate" and provider.parts != ("key",):     # replace some parts
+        old = store.get_secret(args.name)
+        parts = secret_parts(cipher.decrypt(old[1], secret_ad(args.name, provider_name))) \
+            if old is not None else {}
+    for part, value in given.items():
+        if value is None:
+            if part not in provider.optional:
+                raise ConfigError(f"only an optional part can be removed; {part!r} is not")
+            parts.pop(part, None)
+        else:
+            parts[part] = value.strip()
+    if not any(parts.values()):
+        raise ConfigError("empty secret value; nothing was stored")
+    if any("seks_" in value for value in parts.values()):
+        raise ConfigError("that looks like a seks fake token, not a real key")
+    problem = part_problem(parts, provider)
+    if problem:
+        raise ConfigError(f"{problem}; nothing was stored")
+    ciphertext = cipher.encrypt(pack_parts(parts), secret_ad(args.name, provider_name))
     store.put_secret(args.name, provider_name, ciphertext, replace=args.action == "rotate",
                      check=derive_key(master, "key-check"))
     verb = "stored" if args.action == "add" else "rotated"
@@ -6637,9 +6813,17 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
 
 def cmd_secret(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
                providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
-    if args.action == "list":
-        rows = [[n, p, c, u] for n, p, c, u in store.list_secrets()]
-        print_table(["NAME", "PROVIDER", "CREATED", "UPDATED"], rows)
+    if args.action == "list":                   # part names, never their values
+        cipher, rows = SecretCipher(master), []
+        for n, p, c, u in store.list_secrets():
+            found = store.get_secret(n)
+            try:
+                names = ",".join(sorted(secret_parts(cipher.decrypt(
+                    found[1], secret_ad(n, p))))) if found is not None else "?"
+            except (DecryptError, ValueError):
+                names = "? (fails verification)"
+            rows.append([n, p, names, c, u])
+        print_table(["NAME", "PROVIDER", "PARTS", "CREATED", "UPDATED"], rows)
         if not rows:
             print(f"(no secrets in {settings.db})", file=sys.stderr)
         return 0
@@ -6653,15 +6837,21 @@ HANDOFF_HEADER = ("# seks-broker token for agent {agent} ({provider}, {token_id}
                   "never commit it.\n")
 
 
-def env_vars(provider: Provider, token: str, broker_url: str) -> List[Tuple[str, str]]:
-    """The variables the provider's SDK reads (base URL and key), pointing at the broker."""
-    if provider.env:
-        base_part, key_var = provider.env.split()
-        base_var, _, suffix = base_part.partition("=")
-    else:
-        prefix = re.sub(r"[^A-Z0-9]", "_", provider.name.upper())
-        base_var, suffix, key_var = f"{prefix}_BASE_URL", "", f"{prefix}_API_KEY"
-    return [(base_var, f"{broker_url}/{provider.name}{suffix}"), (key_var, token)]
+def env_vars(provider: Provider, token: str, broker_url: str,
+             parts: Optional[Dict[str, str]] = None) -> List[Tuple[str, str]]:
+    """The variables the provider's SDKs read (base URLs, key, and identifiers such as
+    Twilio's account SID, from the secret's public parts), pointing at the broker."""
+    prefix = re.sub(r"[^A-Z0-9]", "_", provider.name.upper())
+    out = []
+    for word in (provider.env or f"{prefix}_BASE_URL= {prefix}_API_KEY").split():
+        var, eq, value = word.partition("=")
+        if not eq:
+            out.append((var, token))
+        elif not value.startswith("{"):
+            out.append((var, f"{broker_url}/{provider.name}{value}"))
+        elif parts is not None and value[1:-1] in parts and value[1:-1] in provider.public:
+            out.append((var, parts[value[1:-1]]))
+    return out
 
 
 def shell_quote(value: str) -> str:
@@ -6687,9 +6877,11 @@ def handoff_text(fmt: str, variables: List[Tuple[str, str]], token: str,
 
 def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secret: str,
                agent: str, args: argparse.Namespace, default_ttl: Optional[int] = None,
-               label: Optional[str] = None) -> Tuple[str, str, Provider, Optional[float]]:
+               label: Optional[str] = None
+               ) -> Tuple[str, str, Provider, Optional[float], Dict[str, str]]:
     """One token for ``agent`` and ``secret`` with the policy flags in ``args``: (token, its
-    id, the provider, its expiry). Shared by `token mint` and `run`."""
+    id, the provider, its expiry, the secret's public parts). Shared by `token mint` and
+    `run`. A secret that lacks a part its provider needs gets no token."""
     found = store.get_secret(secret)
     if found is None:
         names = [n for n, *_ in store.list_secrets()]
@@ -6725,16 +6917,21 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
     if not provider.usage and ("models" in policy or budget_key(policy)):
         raise UsageError(f"--models, --budget-tokens and --budget-usd apply to LLM providers "
                          f"(those with 'usage' set); {provider.name} has none")
-    real_key = ""
-    if provider.token_shape == "bot-id":
-        real_key = SecretCipher(master).decrypt(
-            found[1], secret_ad(secret, provider_name)).decode()
+    parts = secret_parts(SecretCipher(master).decrypt(found[1], secret_ad(secret,
+                                                                          provider_name)))
+    problem = part_problem(parts, provider)
+    if problem:
+        raise ConfigError(f"secret {secret!r} cannot be used: {problem}. Give it the parts "
+                          f"with: printf '%s' '{{\"part\": \"value\", ...}}' | {prog()} secret "
+                          f"rotate {secret}")
     if store.add_agent(agent, exist_ok=True):
         print(f"created agent {agent}", file=sys.stderr)
-    token, token_id = new_token(provider, real_key), new_token_id()
+    token = new_token(provider, parts.get("key", "") if provider.token_shape else "")
+    token_id = new_token_id()
     store.add_token(token_id, token_digest(token), secret, provider_name, agent, expires,
                     policy, label)
-    return token, token_id, provider, expires
+    return token, token_id, provider, expires, {n: parts[n] for n in provider.public
+                                                if n in parts}
 
 
 def settings_db(store: Store) -> str:
@@ -6745,12 +6942,12 @@ def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: S
               providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
     now = time.time()
     if args.action == "mint":
-        token, token_id, provider, expires = mint_token(store, master, providers, args.secret,
-                                                        args.agent, args)
+        token, token_id, provider, expires, public = mint_token(
+            store, master, providers, args.secret, args.agent, args)
         meta = {"token_id": token_id, "agent": args.agent, "provider": provider.name,
                 "expires_at": expires}
-        text = handoff_text(args.format, env_vars(provider, token, settings.agent_url()),
-                            token, meta)
+        text = handoff_text(args.format, env_vars(provider, token, settings.agent_url(),
+                                                  public), token, meta)
         print(f"minted {token_id} for agent {args.agent} ({provider.name}, secret "
               f"{args.secret}, expires {utc_iso(expires) if expires else 'never'})",
               file=sys.stderr)
@@ -6800,7 +6997,8 @@ def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: S
 
 def cmd_providers(args: argparse.Namespace, providers: Dict[str, Provider]) -> int:
     def place(p: CredentialPlace) -> str:
-        return f"{p.kind} {p.name} {' '.join(p.prefixes)}".replace("  ", " ").strip()
+        value = "" if p.value == "{key}" else p.value
+        return f"{p.kind} {p.name} {' '.join(p.prefixes)} {value}".replace("  ", " ").strip()
     rows = []
     for provider in sorted(providers.values(), key=lambda p: p.name):
         variables = [name for name, _ in env_vars(provider, "", "")]
@@ -6809,14 +7007,16 @@ def cmd_providers(args: argparse.Namespace, providers: Dict[str, Provider]) -> i
             "token_places": [place(p) for p in provider.token_places],
             "inject": "; ".join(place(p) for p in (provider.inject,) + provider.also)
             if provider.inject else "same place",
-            "llm_usage": provider.usage or None, "env": variables})
+            "llm_usage": provider.usage or None, "env": variables, "parts": [
+                n + "?" * (n in provider.optional) for n in provider.parts]})
     if args.json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
         return 0
-    print_table(["PROVIDER", "ROUTES", "UPSTREAM", "TOKEN FROM", "REAL KEY TO", "SDK VARIABLES"],
+    print_table(["PROVIDER", "ROUTES", "UPSTREAM", "TOKEN FROM", "REAL KEY TO", "PARTS",
+                 "SDK VARIABLES"],
                 [[r["name"], " ".join(r["routes"]), r["upstream"], "; ".join(r["token_places"]),
-                  r["inject"], " ".join(r["env"])] for r in rows])
+                  r["inject"], " ".join(r["parts"]), " ".join(r["env"])] for r in rows])
     return 0
 
 
@@ -7230,7 +7430,7 @@ def child_environment(environ: Dict[str, str], variables: List[Tuple[str, str]],
     SDK variables of the minted tokens. Returns it and a warning per variable removed."""
     key_vars = set(KNOWN_KEY_VARS)
     for provider in providers.values():
-        key_vars.add(env_vars(provider, "", "")[1][0])
+        key_vars.update(name for name, value in env_vars(provider, "\0", "") if value == "\0")
     env, warnings = {}, []
     scrubbers = [(secret, Scrubber(scrub_pairs(real))) for secret, real in real_values
                  if len(real) >= 8]
@@ -7332,20 +7532,21 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
     for name, provider_name, *_ in store.list_secrets():
         found = store.get_secret(name)
         if found is not None:
-            real_values.append((name, cipher.decrypt(found[1], secret_ad(name, provider_name))
-                                .decode("utf-8", "surrogateescape")))
-    minted: List[Tuple[str, str, Provider]] = []
+            parts = secret_parts(cipher.decrypt(found[1], secret_ad(name, provider_name)))
+            public = providers[provider_name].public if provider_name in providers else ()
+            real_values += [(name, v) for n, v in parts.items() if n not in public]
+    minted: List[Tuple[str, str, Provider, Dict[str, str]]] = []
     embedded: Optional[EmbeddedBroker] = None
     code = 1
     try:
         for secret in args.secret:
-            token, token_id, provider, _ = mint_token(
+            token, token_id, provider, _, public = mint_token(
                 store, master, providers, secret, args.agent, args, default_ttl=86400,
                 label=args.label if args.label is not None else "seks run")
-            if any(p.name == provider.name for _, _, p in minted):
+            if any(p.name == provider.name for _, _, p, _ in minted):
                 raise UsageError(f"two secrets for {provider.name}: its SDK reads one key "
                                  f"variable; run with one of them")
-            minted.append((token, token_id, provider))
+            minted.append((token, token_id, provider, public))
         url = (args.url or settings.agent_url()).rstrip("/")
         probe = probe_broker(url, "/seks/v1/token?digest=" + token_digest(minted[0][0]).hex(),
                              "", timeout=2.0)
@@ -7360,8 +7561,8 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
             sys.stderr.write(f"seks run: started a broker for this command on {url}"
                              + (f" (what answers at {settings.agent_url()} is not a broker "
                                 f"serving this database)" if probe is not None else "") + "\n")
-        variables = [pair for token, _, provider in minted
-                     for pair in env_vars(provider, token, url)]
+        variables = [pair for token, _, provider, public in minted
+                     for pair in env_vars(provider, token, url, public)]
         env, warnings = child_environment(environ, variables, real_values, providers)
         env.update(identity.pop("env", {}))
         exposed = "" if identity else same_user_warning(settings.db, environ)
@@ -7376,11 +7577,11 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
     finally:
         if embedded is not None:
             embedded.close()                      # its in-flight rows are written first
-        for _, token_id, _ in minted:
+        for _, token_id, _, _ in minted:
             with contextlib.suppress(ConfigError, sqlite3.Error):
                 store.revoke_token(None, token_id)
         if minted:
-            sys.stderr.write(run_summary(store, [token_id for _, token_id, _ in minted]) + "\n")
+            sys.stderr.write(run_summary(store, [token_id for _, token_id, _, _ in minted]) + "\n")
     return code
 
 

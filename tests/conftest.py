@@ -866,7 +866,8 @@ class Broker:
         store = self._store()
         try:
             master = sb.load_master_key(str(self.db), self.env, store)
-            ciphertext = sb.SecretCipher(master).encrypt(value.encode(), sb.secret_ad(name, provider))
+            plain = sb.pack_parts(json.loads(value)) if value.startswith("{") else value.encode()
+            ciphertext = sb.SecretCipher(master).encrypt(plain, sb.secret_ad(name, provider))
             store.put_secret(name, provider, ciphertext, replace=False, check=sb.derive_key(master, "key-check"))
         finally:
             store.close()

@@ -551,7 +551,7 @@ def test_key_variants_live_only_in_the_token_cache_and_go_with_a_revocation(tmp_
     store.add_token("tok_000000000abc", sb.token_digest("seks_openai_v"), "s", "openai", "a", None, {})
     cache = sb.TokenCache(store, keys, lambda: keys)
     record, real, pairs = cache.lookup("seks_openai_v")
-    assert real == key.encode() and (b"sk-test-variants\\/0123456789", ) == tuple(
+    assert real == {"key": key} and (b"sk-test-variants\\/0123456789", ) == tuple(
         s for s, _ in pairs if b"\\/" in s)
     assert any(pairs is entry[2] for entry in cache._entries.values())
     store.revoke_token(None, "tok_000000000abc")

@@ -165,7 +165,7 @@ def test_basic_token_finds_the_token_half_and_keeps_the_other(pair: str, half: s
     swap = sb.basic_token(base64.b64encode(pair.format(t=token).encode()).decode(), place)
     assert swap is not None and swap.token == token and swap.side == half
     provider = sb.builtin_providers()["github-git"]
-    headers, _, _ = sb.swap_credentials(provider, swap, REAL, [("Authorization", "Basic zzz"), ("X-A", "1")], "/o", "")
+    headers, _, _ = sb.swap_credentials(provider, swap, {"key": REAL}, [("Authorization", "Basic zzz"), ("X-A", "1")], "/o", "")
     value = dict((n.lower(), v) for n, v in headers)["authorization"]
     assert base64.b64decode(value.split()[1]).decode() == pair.format(t=REAL)
     assert [n.lower() for n, _ in headers].count("authorization") == 1

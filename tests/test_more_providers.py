@@ -131,10 +131,16 @@ def test_postmark_takes_the_account_token_header_too(more: Broker, ups: Dict[str
 # ============================================================================
 
 BASIC: Dict[str, Tuple[str, str, str]] = {      # provider: (the agent's user half, real key, path)
-    "twilio": ("AC0123456789abcdef0123456789abcdef", "test-twilio-auth-0123456789", "/2010-04-01/Accounts/AC01/Messages.json"),
     "mailgun": ("api", "key-test-mailgun-0123456789", "/v3/example.com/messages"),
     "pypi": ("__token__", "pypi-test-0123456789abcdef", "/legacy/"),
-    "atlassian": ("me@example.invalid", "ATATT-test-atlassian-0123456789", "/rest/api/3/myself"),
+}
+# Basic built by the broker from the secret's two parts: provider: (parts, the pair upstream, path)
+PAIRS: Dict[str, Tuple[Dict[str, str], str, str]] = {
+    "twilio": ({"account_sid": "AC0123456789abcdef0123456789abcdef", "auth_token": "test-twilio-auth-token-zyxwvuts"},
+               "AC0123456789abcdef0123456789abcdef:test-twilio-auth-token-zyxwvuts",
+               "/2010-04-01/Accounts/AC0123456789abcdef0123456789abcdef/Messages.json"),
+    "atlassian": ({"email": "me@example.invalid", "api_token": "ATATT-test-atlassian-0123456789"},
+                  "me@example.invalid:ATATT-test-atlassian-0123456789", "/rest/api/3/myself"),
 }
 
 
@@ -146,6 +152,7 @@ def b64pair(user: str, password: str) -> str:
 @pytest.fixture(scope="module")
 def basic_ups() -> Iterator[Dict[str, FakeUpstream]]:
     servers = {p: FakeUpstream(p, key=v[1]) for p, v in BASIC.items()}
+    servers.update({p: FakeUpstream(p, key=v[1]) for p, v in PAIRS.items()})
     servers["azure-openai"] = FakeUpstream("azure-openai", key="test-azure-0123456789abcdef")
     servers["stripe"] = FakeUpstream("stripe", key=NEW["stripe"][2])
     yield servers
@@ -156,6 +163,7 @@ def basic_ups() -> Iterator[Dict[str, FakeUpstream]]:
 @pytest.fixture(scope="module")
 def basic_broker(broker_factory: Brokers, basic_ups: Dict[str, FakeUpstream]) -> Broker:
     keys = {p: v[1] for p, v in BASIC.items()}
+    keys.update({p: json.dumps(v[0]) for p, v in PAIRS.items()})
     keys.update({"azure-openai": "test-azure-0123456789abcdef", "stripe": NEW["stripe"][2]})
     env = {"SEKS_UPSTREAM_" + p.upper().replace("-", "_"): u.url for p, u in basic_ups.items()}
     base = broker_factory.seed(tuple(keys), keys=keys, extra_env=env)
@@ -174,6 +182,34 @@ def test_basic_apis_get_the_agents_pair_with_the_real_key(
     resp = basic_broker.request("POST", f"/{provider}{path}",
                                 {"Authorization": b64pair(user, basic_broker.token(provider))}, b"x=1")
     assert resp.status == 200, (resp.status, resp.body[:200])
+    assert len(up.requests) == 1
+
+
+@pytest.mark.parametrize("provider", sorted(PAIRS))
+@pytest.mark.parametrize("sent", ["Basic-other-user", "Basic-no-user", "Bearer"])
+def test_basic_pairs_are_built_from_the_secrets_parts(
+        basic_broker: Broker, basic_ups: Dict[str, FakeUpstream], provider: str, sent: str) -> None:
+    """Twilio SID:auth_token and Atlassian email:api_token: whatever user the agent's client put
+    beside its token (or a Bearer token), the upstream gets exactly the stored pair; the secret
+    part is masked in the answer, the public one (an identifier every answer carries) is not."""
+    parts, pair, path = PAIRS[provider]
+    up = basic_ups[provider]
+    up.reset()
+    import base64
+    up.set_responder(lambda h, req: h.send_json(
+        200 if req.header_all("authorization") == ["Basic " + base64.b64encode(pair.encode()).decode()]
+        and "seks_" not in req.wire_text() else 401, {"ok": True, "echo": pair, "uri": path}))
+    token = basic_broker.token(provider)
+    auth = {"Basic-other-user": b64pair("AC-someone-else", token), "Basic-no-user": b64pair("", token),
+            "Bearer": f"Bearer {token}"}[sent]
+    if provider == "twilio" and sent == "Bearer":
+        auth = b64pair(token, "")
+    resp = basic_broker.request("GET", f"/{provider}{path}", {"Authorization": auth})
+    assert resp.status == 200, (resp.status, resp.body[:200])
+    body = json.loads(resp.body)
+    public, secret = {"twilio": ("account_sid", "auth_token"), "atlassian": ("email", "api_token")}[provider]
+    assert parts[secret] not in resp.body.decode() and parts[public] in body["echo"], body
+    assert body["uri"] == path
     assert len(up.requests) == 1
 
 

@@ -451,7 +451,7 @@ def test_inject_query_drops_the_agents_own_parameter() -> None:
     headers = [("X-Api-Key", "seks_search_abc")]
     swap = sb.find_token(provider, headers, "/find", "q=x&api_key=MINE&api%5Fkey=AGAIN")
     assert swap is not None
-    _, _, query = sb.swap_credentials(provider, swap, "sk-test-real", headers, "/find",
+    _, _, query = sb.swap_credentials(provider, swap, {"key": "sk-test-real"}, headers, "/find",
                                       "q=x&api_key=MINE&api%5Fkey=AGAIN")
     assert query == "q=x&api_key=sk-test-real", query
 

@@ -1192,7 +1192,7 @@ def test_fuzz_telegram_swap_keeps_key_in_its_segment() -> None:
             seks_broker.validate_path(rest)
             swap = seks_broker.find_token(prov, [], rest, query)
             assert swap is not None and swap.token.startswith("1234567890:seks_telegram_"), rest
-            _, rest_up, query_up = seks_broker.swap_credentials(prov, swap, key, [], rest, query)
+            _, rest_up, query_up = seks_broker.swap_credentials(prov, swap, {"key": key}, [], rest, query)
             url = seks_broker.upstream_target(prov, rest_up, query_up, True).url
         except seks_broker.BadRequest:
             continue
