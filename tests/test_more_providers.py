@@ -280,3 +280,15 @@ def test_several_injection_places_are_headers_after_a_first_place(inject: str, o
     else:
         with pytest.raises(sb.ConfigError):
             sb.providers_from_ini(text)
+
+
+@pytest.mark.parametrize("route, other", [("twilio", "mailgun"), ("atlassian", "pypi"), ("mailgun", "twilio")])
+def test_a_live_token_of_another_provider_inside_basic_reaches_nobody(
+        basic_broker: Broker, basic_ups: Dict[str, FakeUpstream], route: str, other: str) -> None:
+    """A valid token, but minted for another Basic provider: 403 before any upstream, and the
+    other provider's upstream is not contacted either."""
+    for up in basic_ups.values():
+        up.reset()
+    resp = basic_broker.request("GET", f"/{route}/x", {"Authorization": b64pair("someone", basic_broker.token(other))})
+    assert resp.status == 403 and other in error_type_and_message(resp)[1], resp.body
+    assert all(up.requests == [] for up in basic_ups.values())
