@@ -63,6 +63,7 @@ import email.utils
 import getpass
 import hashlib
 import hmac
+import html
 import http.client
 import http.server
 import json
@@ -371,6 +372,15 @@ inject = header DD-API-KEY {api_key}
 parts = api_key app_key?
 env = DATADOG_HOST= DD_API_KEY DD_APP_KEY
 
+[aws]
+upstream = https://amazonaws.com
+token = aws
+inject = same
+parts = access_key_id secret_access_key session_token? services? regions?
+public = services regions
+usage = bedrock
+errors = aws
+
 [postmark]
 upstream = https://api.postmarkapp.com
 token = header X-Postmark-Server-Token
@@ -591,7 +601,28 @@ def error_answer(exc: BrokerError, style: str = "") -> Tuple[int, Dict[str, str]
     body: Dict[str, Any] = {"error": {"type": exc.kind, "message": exc.message}}
     if style == "telegram":
         body = {"ok": False, "error_code": exc.status, "description": exc.message}
+    if style.startswith("aws"):             # the shapes AWS SDKs parse into their exceptions
+        s3, code = style == "aws-s3", AWS_ERROR_CODES.get(exc.status, ("InternalError",
+                                                                       "InternalServerException"))
+        headers = dict(exc.headers)
+        if s3:
+            headers["Content-Type"] = "application/xml"
+            return exc.status, headers, (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>'
+                                         f'{code[0]}</Code><Message>{html.escape(exc.message)}'
+                                         f'</Message></Error>').encode()
+        headers.update({"Content-Type": "application/json", "x-amzn-ErrorType": code[1]})
+        return exc.status, headers, json.dumps({"__type": code[1], "message": exc.message}).encode()
     return exc.status, exc.headers, json.dumps(body).encode()
+
+
+AWS_ERROR_CODES = {400: ("InvalidRequest", "ValidationException"),          # (S3, JSON APIs)
+                   401: ("InvalidAccessKeyId", "UnrecognizedClientException"),
+                   403: ("AccessDenied", "AccessDeniedException"),
+                   404: ("NoSuchKey", "ResourceNotFoundException"),
+                   413: ("EntityTooLarge", "ValidationException"),
+                   429: ("SlowDown", "ThrottlingException"),
+                   503: ("ServiceUnavailable", "ServiceUnavailableException"),
+                   504: ("RequestTimeout", "ModelTimeoutException")}
 
 
 # ============================================================================================
@@ -959,10 +990,12 @@ class Target:
     """Where one upstream request goes: decided by upstream_target alone, and the only thing
     UpstreamPool.connect opens a socket from."""
 
-    __slots__ = ("scheme", "host", "port", "verify", "path")
+    __slots__ = ("scheme", "host", "port", "verify", "path", "scope")
 
-    def __init__(self, scheme: str, host: str, port: int, verify: bool, path: str) -> None:
+    def __init__(self, scheme: str, host: str, port: int, verify: bool, path: str,
+                 scope: Tuple[str, str] = ("", "")) -> None:
         self.scheme, self.host, self.port, self.verify, self.path = scheme, host, port, verify, path
+        self.scope = scope        # AWS: (service, region) the request is signed for
 
     @property
     def host_header(self) -> str:
@@ -1017,6 +1050,15 @@ def upstream_target(provider: Provider, rest: str, query: str, verify: bool,
     if not provider.host:
         raise Unavailable(f"the {provider.name} route has no upstream until the operator sets "
                           f"one ([upstream] {provider.name} = https://...)")
+    if any(p.kind == "aws" for p in provider.token_places):   # /<service>/<region>/<rest>:
+        service, region, rest = aws_route(rest)           # the host is AWS's, or the one base
+        rest = aws_quote(urllib.parse.unquote(rest), "/")  # configured (path-style), the path
+        query = sigv4_query(query)                         # and query in canonical form
+        if provider.host == "amazonaws.com":
+            return Target("https", f"{service}.{region}.amazonaws.com", 443, verify,
+                          rest + ("?" + query if query else ""), (service, region))
+        return Target(provider.scheme, provider.host, provider.port, verify, provider.base_path
+                      + rest + ("?" + query if query else ""), (service, region))
     return Target(provider.scheme, provider.host, provider.port, verify,
                   provider.base_path + rest + ("?" + query if query else ""))
 
@@ -1055,6 +1097,17 @@ def find_token(provider: Provider, headers: List[Tuple[str, str]], rest: str,
                 word, _, encoded = value.strip().partition(" ")
                 if name.lower() == "authorization" and word.lower() == "basic":
                     return basic_token(encoded.strip(), place)
+        elif place.kind == "aws":             # the SigV4 access key id: its Credential=
+            for name, value in headers:
+                word, _, rest_ = value.strip().partition(" ")
+                if name.lower() == "authorization" and word == "AWS4-HMAC-SHA256":
+                    field = re.search(r"(?:^|[\s,])Credential=([^/,\s]+)/", rest_)
+                    return CredentialSwap(field.group(1), place, "") if field else None
+            for part in query.split("&") if query else ():
+                name, _, value = part.partition("=")
+                if urllib.parse.unquote(name).lower() == "x-amz-credential":
+                    key_id = urllib.parse.unquote(value).split("/", 1)[0]
+                    return CredentialSwap(key_id, place, "") if key_id else None
         elif place.kind == "query":
             for part in query.split("&") if query else ():
                 name, _, value = part.partition("=")
@@ -1136,6 +1189,11 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, parts: Dict[str, 
     """Remove every credential place of the provider from the request and inject the
     secret's parts (the agent's own value in an injection place never rides along). A part
     the secret lacks: KeyError (token mint refuses such secrets; the caller answers 502)."""
+    if swap.place.kind == "aws":          # the agent's signature goes; aws_sign signs anew
+        strip = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
+        return [(n, v) for n, v in headers if n.lower() not in strip], rest, "&".join(
+            part for part in (query.split("&") if query else ()) if urllib.parse.unquote(
+                part.partition("=")[0]).lower() not in AWS_QUERY_SIGNATURE)
     header_places = {p.name for p in provider.token_places if p.kind in ("header", "basic")}
     query_places = {p.name for p in provider.token_places if p.kind == "query"}
     if provider.inject is not None and provider.inject.kind in ("header", "basic"):
@@ -1198,6 +1256,161 @@ def forward_request_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, s
         else:
             merged[lower] = (name, value)
     return list(merged.values())
+
+
+# --- 3.5b AWS Signature Version 4 -----------------------------------------------------------
+# AWS has no bearer key to swap: the agent's SDK signs with its seks token as the access key
+# id, the broker checks that token, drops the signature and signs again with the real parts.
+
+AWS_SERVICE_RE = re.compile(r"^[a-z][a-z0-9]{1,30}(?:-[a-z0-9]{1,30}){0,3}\Z")
+AWS_REGION_RE = re.compile(r"^[a-z]{2}(?:-[a-z]{2,12}){1,2}-[0-9]{1,2}\Z")
+AWS_SERVICES = ("bedrock-runtime", "bedrock", "s3", "sts")     # unless the secret lists others
+AWS_SIGNING_NAMES = {"bedrock-runtime": "bedrock", "bedrock-agent-runtime": "bedrock",
+                     "bedrock-agent": "bedrock"}
+AWS_PLACEHOLDER_SECRET = "seks-signs-for-you-this-is-not-a-secret"   # the agent's SDK needs one
+AWS_QUERY_SIGNATURE = ("x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
+                       "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token")
+
+
+def aws_route(rest: str) -> Tuple[str, str, str]:
+    """``/<service>/<region>/<rest>`` -> (service, region, /rest), both checked against strict
+    patterns, so the host the broker builds (``<service>.<region>.amazonaws.com``) is always
+    one of AWS's own."""
+    bits = rest.split("/", 3) + ["", "", ""]
+    service, region = bits[1], bits[2]
+    if not AWS_SERVICE_RE.match(service) or not AWS_REGION_RE.match(region):
+        raise NotFound("AWS routes are /aws/<service>/<region>/..., e.g. "
+                       "/aws/bedrock-runtime/us-east-1/model/<id>/converse")
+    return service, region, "/" + (bits[3] if rest.count("/") >= 3 else "")
+
+
+def aws_allowed(parts: Dict[str, str], service: str, region: str) -> Optional[BrokerError]:
+    """What the secret allows: its ``services`` and ``regions`` parts (comma- or space-
+    separated; default: the four built-in services, every region)."""
+    services = (parts.get("services") or " ".join(AWS_SERVICES)).replace(",", " ").split()
+    regions = (parts.get("regions") or "*").replace(",", " ").split()
+    if service not in services:
+        return Forbidden(f"this secret does not allow the AWS service {service!r}")
+    if "*" not in regions and region not in regions:
+        return Forbidden(f"this secret does not allow the AWS region {region!r}")
+    return None
+
+
+def aws_quote(text: str, safe: str = "") -> str:
+    """URI-encode as SigV4 does: everything but A-Z a-z 0-9 - _ . ~ (and ``safe``)."""
+    return urllib.parse.quote(text, safe=safe + "~")
+
+
+def sigv4_query(query: str) -> str:
+    """The canonical query: each name and value decoded and re-encoded, sorted."""
+    pairs = []
+    for part in query.split("&") if query else ():
+        name, _, value = part.partition("=")
+        pairs.append((aws_quote(urllib.parse.unquote(name)), aws_quote(urllib.parse.unquote(value))))
+    return "&".join(f"{n}={v}" for n, v in sorted(pairs))
+
+
+def sigv4_request(method: str, uri: str, query: str, headers: List[Tuple[str, str]],
+                  payload_hash: str) -> Tuple[str, str]:
+    """(the canonical request, the signed header names) over all of ``headers``: names lower-
+    cased and sorted, values trimmed with inner whitespace collapsed, repeats joined by ','."""
+    merged: Dict[str, List[str]] = {}
+    for name, value in headers:
+        merged.setdefault(name.lower(), []).append(" ".join(value.split()))
+    names = sorted(merged)
+    lines = "".join(f"{n}:{','.join(merged[n])}\n" for n in names)
+    signed = ";".join(names)
+    return "\n".join([method, uri, sigv4_query(query), lines, signed, payload_hash]), signed
+
+
+def sigv4_authorization(key_id: str, secret: str, region: str, service: str, amz_date: str,
+                        canonical: str, signed: str) -> str:
+    """The Authorization header: the string to sign over the canonical request's hash, the
+    key derived from the secret by date, region, service, and its HMAC-SHA256."""
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(canonical.encode("utf-8")).hexdigest()])
+    key = ("AWS4" + secret).encode("utf-8")
+    for step in (amz_date[:8], region, service, "aws4_request"):
+        key = hmac.new(key, step.encode("utf-8"), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    return (f"AWS4-HMAC-SHA256 Credential={key_id}/{scope}, SignedHeaders={signed}, "
+            f"Signature={signature}")
+
+
+def aws_sign(method: str, target: "Target", headers: List[Tuple[str, str]], payload_hash: str,
+             parts: Dict[str, str], region: str, service: str,
+             now: float) -> List[Tuple[str, str]]:
+    """Sign a request for the host it is sent to with the real parts: X-Amz-Date,
+    X-Amz-Content-Sha256 and (with a session token) X-Amz-Security-Token are set, and the Host,
+    every x-amz-* header, Content-Type and Content-MD5 are signed with them. Non-S3 paths are
+    encoded twice in the canonical request, as AWS wants."""
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    headers = headers + [("X-Amz-Date", amz_date), ("X-Amz-Content-Sha256", payload_hash)]
+    if parts.get("session_token"):
+        headers.append(("X-Amz-Security-Token", parts["session_token"]))
+    path, _, query = target.path.partition("?")       # (the Host header is the forwarder's)
+    signed = [("Host", target.host_header)] + [(n, v) for n, v in headers if n.lower() in (
+        "content-type", "content-md5") or n.lower().startswith("x-amz-")]
+    canonical, names = sigv4_request(method, path if service == "s3" else aws_quote(path, "/"),
+                                     query, signed, payload_hash)
+    return headers + [("Authorization", sigv4_authorization(
+        parts["access_key_id"], parts["secret_access_key"], region,
+        AWS_SIGNING_NAMES.get(service, service), amz_date, canonical, names))]
+
+
+def aws_unchunk(chunks: Iterable[bytes], trailers: Dict[str, str],
+                expect: Optional[int] = None) -> Iterator[bytes]:
+    """The payload inside an aws-chunked body (``hex-size[;chunk-signature=S]`` CRLF, data,
+    CRLF, ..., a zero-size chunk, trailer lines, an empty line): the agent's chunk signatures
+    are dropped, trailers (``x-amz-checksum-crc32: ...``) are collected into ``trailers``. A
+    malformed body, or one whose payload is not ``expect`` bytes, is a 400."""
+    it, buf, left, total = iter(chunks), b"", -1, 0
+    bad = BadRequest("malformed aws-chunked body", close=True)
+
+    def more() -> bool:
+        nonlocal buf
+        data = next(it, None)
+        buf += data or b""
+        return data is not None
+
+    while True:
+        if left > 0:
+            if not buf and not more():
+                raise bad
+            piece, buf = buf[:left], buf[left:]
+            left, total = left - len(piece), total + len(piece)
+            if expect is not None and total > expect:
+                raise bad
+            yield piece
+            continue
+        if left == 0:
+            while len(buf) < 2:
+                if not more():
+                    raise bad
+            if buf[:2] != b"\r\n":
+                raise bad
+            buf, left = buf[2:], -1
+        while b"\r\n" not in buf:
+            if len(buf) > MAX_CHUNK_LINE or not more():
+                if left == -2 and not buf and (expect is None or total == expect):
+                    return                          # no final empty line: tolerated
+                raise bad
+        line, buf = buf.split(b"\r\n", 1)
+        if left == -2:                               # after the last chunk: trailers
+            if not line:
+                if expect is not None and total != expect:
+                    raise bad
+                return
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon or len(trailers) >= 8:
+                raise bad
+            trailers[name.strip().lower()] = value.strip()
+            continue
+        size = line.split(b";", 1)[0].strip()
+        if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size):
+            raise bad
+        left = int(size, 16) or -2
 
 
 # --- 3.6 The scrubber -----------------------------------------------------------------------
@@ -2955,6 +3168,9 @@ def request_model(provider: Provider, rest: str, body: Optional[bytes],
     if provider.usage == "gemini":
         match = _GEMINI_MODEL_RE.search(urllib.parse.unquote(rest))
         return match.group(1) if match else None
+    if provider.usage == "bedrock":
+        match = re.search(r"/model/([^/]+)/", rest)
+        return urllib.parse.unquote(match.group(1)) if match else None
     if not body:
         return None
     if content_type.lower().startswith("multipart/form-data"):
@@ -2976,6 +3192,8 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
     facts = RequestFacts(method, path_for_policy(rest, swap), upgrade=upgrade,
                          llm=bool(provider.usage), body_read=body_read,
                          override=any(n.lower() in METHOD_OVERRIDE_HEADERS for n, _ in fields))
+    if provider.usage == "bedrock":               # Bedrock: the model id is in the path
+        facts.model = request_model(provider, rest, None)
     if not body_read:
         return facts
     deployment = _DEPLOYMENT_RE.match(facts.path)    # Azure: the deployment picks the model
@@ -4253,6 +4471,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             return
         provider, rest, route_prefix = broker.route(path)
         ex.provider, self.error_style = provider.name, provider.errors
+        aws = any(p.kind == "aws" for p in provider.token_places)
+        if aws:                               # /aws/<service>/<region>/...: AWS-shaped errors
+            service, region, policy_rest = aws_route(rest)
+            self.error_style = "aws-s3" if service in ("s3", "sts") else "aws-json"
         if not provider.host:                 # before any token is counted
             upstream_target(provider, "/", "", False)
         ex.path = masked_request_path(provider, path, query)
@@ -4274,16 +4496,21 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                                 p.kind == "basic" for p in provider.token_places) else None)
         record, parts, pairs = broker.authenticate(swap.token, provider, ex)
         policy = record.policy
-        read_whole = bool(provider.usage) and not upgrade and (
+        refusal = aws_allowed(parts, service, region) if aws else None
+        if refusal is not None:
+            raise refusal
+        read_whole = provider.usage not in ("", "bedrock") and not upgrade and (
             "models" in policy or budget_key(policy) != "")
         body = self.request_body(head, framing, length, read_whole, ex)
         if body is None and read_whole and budget_key(policy) and head.method in WRITE_METHODS:
             body = b""                        # a budget bounds (or refuses) body-less POSTs too
-        facts = request_facts(provider, head.method, head.fields, rest, swap,
-                              body if read_whole else None, read_whole, upgrade)
+        facts = request_facts(provider, head.method, head.fields, policy_rest if aws else rest,
+                              swap, body if read_whole else None, read_whole, upgrade)
         refusal = decide(policy, facts)
         if refusal is not None:
             raise refusal
+        if provider.usage == "bedrock":
+            ex.model = facts.model
         if read_whole:
             ex.model = facts.model
             if body and budget_key(policy) and provider.usage == "openai" and \
@@ -4307,6 +4534,14 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             sent = next(v for n, v in headers if n == "Authorization" and v.startswith("Basic "))
             pairs = pairs + scrub_pairs(sent.partition(" ")[2])
         target = upstream_target(provider, rest_up, query_up, verify)
+        if aws:                               # sign anew, for the host it goes to
+            headers, body, decoded = self.aws_payload(head, headers, body)
+            if decoded >= 0:
+                framing, length = "length", decoded
+            payload = hashlib.sha256(body or b"").hexdigest() if body is None or isinstance(
+                body, bytes) else "UNSIGNED-PAYLOAD"
+            headers = aws_sign(head.method, target, headers, payload, parts, region, service,
+                               time.time())
         leaks = token_shapes("\n".join([rest_up, query_up] + [v for _, v in headers]).encode(
             "utf-8", "surrogateescape")) + (token_shapes(body) if isinstance(body, bytes) else [])
         broker.check_leaks(leaks, ex, "request")
@@ -4329,6 +4564,36 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             rewrite = lambda data: rewrite_gateway_url(data, ws_base)      # noqa: E731
         answer = broker.forward(target, head.method, headers, body)
         self.relay(head, answer, provider, route_prefix, ex, rewrite)
+
+    def aws_payload(self, head: RequestHead, headers: List[Tuple[str, str]],
+                    body: Any) -> Tuple[List[Tuple[str, str]], Any, int]:
+        """An aws-chunked upload (the agent's SDK signed each chunk with its fake key) becomes
+        its plain payload and its length: decoded whole when held (its trailing checksums
+        become headers), or as it streams, with the length it declared. Others pass unchanged
+        (length -1)."""
+        codings = [c.strip() for c in (head.get("content-encoding") or "").split(",") if c.strip()]
+        if "aws-chunked" not in [c.lower() for c in codings] and not (
+                head.get("x-amz-content-sha256") or "").startswith("STREAMING-"):
+            return headers, body, -1
+        drop = ("content-encoding", "x-amz-decoded-content-length", "x-amz-trailer")
+        headers = [(n, v) for n, v in headers if n.lower() not in drop]
+        others = [c for c in codings if c.lower() != "aws-chunked"]
+        if others:
+            headers.append(("Content-Encoding", ", ".join(others)))
+        trailers: Dict[str, str] = {}
+        declared = head.get("x-amz-decoded-content-length") or ""
+        if isinstance(body, bytes) or body is None:
+            body = b"".join(aws_unchunk([body or b""], trailers))
+            headers += [(n, v) for n, v in trailers.items() if n.startswith("x-amz-checksum-")]
+            length = len(body)
+        elif CONTENT_LENGTH_RE.match(declared):
+            body, length = aws_unchunk(body, trailers, int(declared)), int(declared)
+        else:
+            raise BadRequest("a streamed aws-chunked upload needs x-amz-decoded-content-length",
+                             close=True)
+        if not any(n.lower().startswith("x-amz-checksum-") for n, _ in headers):
+            headers = [(n, v) for n, v in headers if n.lower() != "x-amz-sdk-checksum-algorithm"]
+        return headers, body, length
 
     def introspect(self, head: RequestHead, query: str, ex: Exchange) -> None:
         """GET /seks/v1/token: the id, agent, provider and expiry of the token sent as a
@@ -4649,6 +4914,8 @@ def parse_place(text: str, inject: bool = False) -> CredentialPlace:
         return CredentialPlace("header", words[1].lower(), tuple(words[2:]), value)
     if len(words) == 2 and words[0] == "query":
         return CredentialPlace("query", words[1], (), value)
+    if words == ["aws"]:
+        return CredentialPlace("aws", "authorization", ("AWS4-HMAC-SHA256",))
     if words == ["basic"]:
         if value != "{key}" and ":" not in PART_RE.sub("", value):
             raise ConfigError(f"a Basic value is 'user:password', e.g. "
@@ -4659,7 +4926,7 @@ def parse_place(text: str, inject: bool = False) -> CredentialPlace:
             raise ConfigError("path-prefix values must start with '/'")
         # longest first, so /file/bot wins over /bot
         return CredentialPlace("path", "", tuple(sorted(words[1:], key=len, reverse=True)))
-    raise ConfigError(f"expected 'header NAME [PREFIX]', 'query PARAM', 'basic' or "
+    raise ConfigError(f"expected 'header NAME [PREFIX]', 'query PARAM', 'basic', 'aws' or "
                       f"'path-prefix PREFIX...', got {text!r}")
 
 
@@ -4741,9 +5008,9 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     shape = sec.get("token_shape", "").strip()
     errors = sec.get("errors", "").strip()
     gateway = sec.get("gateway", "").strip()
-    for key, value, allowed in (("usage", usage, ("", "openai", "anthropic", "gemini")),
+    for key, value, allowed in (("usage", usage, ("", "openai", "anthropic", "gemini", "bedrock")),
                                 ("token_shape", shape, ("", "bot-id")),
-                                ("errors", errors, ("", "telegram")),
+                                ("errors", errors, ("", "telegram", "aws")),
                                 ("gateway", gateway, ("", "discord"))):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(a for a in allowed if a)}",
@@ -6842,6 +7109,16 @@ def env_vars(provider: Provider, token: str, broker_url: str,
     """The variables the provider's SDKs read (base URLs, key, and identifiers such as
     Twilio's account SID, from the secret's public parts), pointing at the broker."""
     prefix = re.sub(r"[^A-Z0-9]", "_", provider.name.upper())
+    if any(p.kind == "aws" for p in provider.token_places):      # what boto3 and the CLI read
+        regions = [r for r in (parts or {}).get("regions", "").replace(",", " ").split()
+                   if r != "*"]
+        region = regions[0] if regions else "us-east-1"
+        services = ((parts or {}).get("services") or " ".join(AWS_SERVICES)).replace(
+            ",", " ").split()
+        return [("AWS_ACCESS_KEY_ID", token), ("AWS_SECRET_ACCESS_KEY", AWS_PLACEHOLDER_SECRET),
+                ("AWS_REGION", region)] + [
+            ("AWS_ENDPOINT_URL_" + service.upper().replace("-", "_"),
+             f"{broker_url}/{provider.name}/{service}/{region}") for service in services]
     out = []
     for word in (provider.env or f"{prefix}_BASE_URL= {prefix}_API_KEY").split():
         var, eq, value = word.partition("=")
@@ -6914,6 +7191,9 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
         if policy.get("decoy"):
             raise UsageError("a --decoy token cannot delegate")
         policy["delegation"] = True
+    if provider.usage == "bedrock" and budget_key(policy):
+        raise UsageError("--budget-tokens and --budget-usd do not apply to aws yet (Bedrock's "
+                         "usage is not metered); --models does, on the model id in the path")
     if not provider.usage and ("models" in policy or budget_key(policy)):
         raise UsageError(f"--models, --budget-tokens and --budget-usd apply to LLM providers "
                          f"(those with 'usage' set); {provider.name} has none")
