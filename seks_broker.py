@@ -393,7 +393,7 @@ env = POSTMARK_API_URL= POSTMARK_SERVER_TOKEN
 # costs about 0.5 ms per MiB: a 256 MiB upload went from 1,361 to 888 MiB/s on the bench;
 # prompts, messages and forms are text; whole bodies up to 64 KiB always are), and answers of
 # these types are scrubbed for whole keys only, not cut-off ones (Scrubber.binary).
-BINARY_MEDIA = ("application/octet-stream", "audio/", "video/", "image/")
+BINARY_MEDIA = ("application/octet-stream", "binary/octet-stream", "audio/", "video/", "image/")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 PROVIDER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
 TOKEN_CHARS = rb"!#$%&'*+.^_`|~0-9A-Za-z-"        # RFC 9110 tchar: header names, methods
@@ -1267,6 +1267,8 @@ AWS_REGION_RE = re.compile(r"^[a-z]{2}(?:-[a-z]{2,12}){1,2}-[0-9]{1,2}\Z")
 AWS_SERVICES = ("bedrock-runtime", "bedrock", "s3", "sts")     # unless the secret lists others
 AWS_SIGNING_NAMES = {"bedrock-runtime": "bedrock", "bedrock-agent-runtime": "bedrock",
                      "bedrock-agent": "bedrock"}
+AWS_HOLD_MAX = 8 * 1024 * 1024   # an aws-chunked upload up to this is decoded whole: its hash is
+                                 # signed and its trailing checksum kept (larger: streamed, unsigned)
 AWS_PLACEHOLDER_SECRET = "seks-signs-for-you-this-is-not-a-secret"   # the agent's SDK needs one
 AWS_QUERY_SIGNATURE = ("x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
                        "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token")
@@ -4582,6 +4584,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Encoding", ", ".join(others)))
         trailers: Dict[str, str] = {}
         declared = head.get("x-amz-decoded-content-length") or ""
+        if body is not None and not isinstance(body, bytes) and CONTENT_LENGTH_RE.match(
+                declared) and int(declared) <= AWS_HOLD_MAX:     # held: signed, checksummed
+            body = b"".join(body)
         if isinstance(body, bytes) or body is None:
             body = b"".join(aws_unchunk([body or b""], trailers))
             headers += [(n, v) for n, v in trailers.items() if n.startswith("x-amz-checksum-")]

@@ -187,3 +187,272 @@ def test_errors_come_in_the_shapes_aws_sdks_parse(status: int, s3_code: str, jso
     assert f"<Code>{s3_code}</Code><Message>no &lt;way&gt; &amp; back</Message>" in body.decode()
     code, headers, body = sb.error_answer(exc, "aws-json")
     assert headers["x-amzn-ErrorType"] == json_code and json.loads(body) == {"__type": json_code, "message": "no <way> & back"}
+
+
+# ============================================================================
+# Over sockets: a loopback "AWS" that checks every signature with the real credentials
+# ============================================================================
+
+import base64        # noqa: E402  (the socket half of the module)
+import binascii      # noqa: E402
+import re            # noqa: E402
+import time          # noqa: E402
+import urllib.parse  # noqa: E402
+from typing import Iterator, Optional  # noqa: E402
+
+from conftest import Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler  # noqa: E402
+
+REAL = {"access_key_id": "AKIATESTREAL0123456789", "secret_access_key": "test/Real+Secret0123456789abcdefABCDEF01",
+        "session_token": "test-session-token-0123456789abcdef", "regions": "us-east-1, eu-west-1"}
+MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+_AUTH_RE = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([a-z0-9-]+)/([a-z0-9-]+)/aws4_request, "
+                      r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})")
+
+
+def check_signature(req: RecordedRequest) -> Optional[str]:
+    """The test upstream's own SigV4 check (written from the specification, not shared with the
+    broker): None if `req` is signed with REAL for the Host it arrived with, else why not."""
+    m = _AUTH_RE.fullmatch(req.header("authorization") or "")
+    if not m:
+        return "no SigV4 Authorization"
+    key_id, day, region, service, signed, signature = m.groups()
+    if key_id != REAL["access_key_id"] or "seks_" in req.wire_text():
+        return "wrong key id, or a seks token reached the upstream"
+    names = signed.split(";")
+    if not {"host", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"} <= set(names):
+        return "host, date, payload hash or session token unsigned"
+    if req.header("x-amz-security-token") != REAL["session_token"]:
+        return "wrong session token"
+    amz_date = req.header("x-amz-date") or ""
+    if amz_date[:8] != day or abs(time.mktime(time.strptime(amz_date, "%Y%m%dT%H%M%SZ")) - time.mktime(time.gmtime())) > 900:
+        return "stale date"
+    payload = req.header("x-amz-content-sha256") or ""
+    if payload != "UNSIGNED-PAYLOAD" and payload != req.body_sha256:
+        return "payload hash does not match the body"
+    path, _, query = req.target.partition("?")
+    uri = path if service == "s3" else urllib.parse.quote(path, safe="/~")
+    pairs = sorted((urllib.parse.quote(urllib.parse.unquote(n), safe="~"), urllib.parse.quote(urllib.parse.unquote(v), safe="~"))
+                   for n, _, v in (p.partition("=") for p in query.split("&") if p))
+    lines = "".join(f"{n}:{','.join(' '.join(v.split()) for v in req.header_all(n))}\n" for n in names)
+    canonical = "\n".join([req.method, uri, "&".join(f"{n}={v}" for n, v in pairs), lines, signed, payload])
+    scope = f"{day}/{region}/{service}/aws4_request"
+    to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    key = ("AWS4" + REAL["secret_access_key"]).encode()
+    for step in (day, region, service, "aws4_request"):
+        key = hmac.new(key, step.encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest(), signature):
+        return "bad signature"
+    return None
+
+
+def event(event_type: str, payload: dict) -> bytes:
+    """One AWS event-stream message (prelude with CRC32, string headers, payload, CRC32)."""
+    headers = b""
+    for name, value in ((":event-type", event_type), (":content-type", "application/json"), (":message-type", "event")):
+        headers += bytes([len(name)]) + name.encode() + b"\x07" + len(value).to_bytes(2, "big") + value.encode()
+    body = json.dumps(payload).encode()
+    total = 12 + len(headers) + len(body) + 4
+    prelude = total.to_bytes(4, "big") + len(headers).to_bytes(4, "big")
+    message = prelude + binascii.crc32(prelude).to_bytes(4, "big") + headers + body
+    return message + binascii.crc32(message).to_bytes(4, "big")
+
+
+STREAM_EVENTS = [event("messageStart", {"role": "assistant"}),
+                 event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "Hel"}}),
+                 event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "lo"}}),
+                 event("contentBlockStop", {"contentBlockIndex": 0}), event("messageStop", {"stopReason": "end_turn"}),
+                 event("metadata", {"usage": {"inputTokens": 5, "outputTokens": 2, "totalTokens": 7}, "metrics": {"latencyMs": 9}})]
+OBJECTS: Dict[str, bytes] = {}
+
+
+def fake_aws(h: UpstreamHandler, req: RecordedRequest) -> None:
+    problem = check_signature(req)
+    if problem is not None:
+        h.send_json(403, {"message": problem})
+        return
+    path, _, query = req.target.partition("?")
+    model = re.fullmatch(r"/model/([^/]+)/(converse|converse-stream|invoke)", path)
+    if model and urllib.parse.unquote(model.group(1)) == MODEL:
+        if model.group(2) == "converse-stream":
+            h.send_stream(200, STREAM_EVENTS, [("Content-Type", "application/vnd.amazon.eventstream")], delay=0.05)
+        elif model.group(2) == "converse":
+            h.send_json(200, {"output": {"message": {"role": "assistant", "content": [{"text": "Hello"}]}},
+                              "stopReason": "end_turn", "usage": {"inputTokens": 5, "outputTokens": 1, "totalTokens": 6}})
+        else:
+            h.send_json(200, {"completion": "Hello", "echo": REAL["secret_access_key"]})     # a debug echo
+    elif path.startswith("/bucket") and req.method == "PUT":
+        OBJECTS[path] = req.body or b""
+        h.send_bytes(200, b"", [("ETag", '"%s"' % hashlib.md5(req.body or b"").hexdigest())])
+    elif path.startswith("/bucket/") and req.method == "GET" and path in OBJECTS:
+        data = OBJECTS[path]
+        h.send_stream(200, (data[i:i + 65536] for i in range(0, len(data), 65536)),
+                      [("Content-Type", "binary/octet-stream")], length=len(data))     # S3's default type
+    elif path == "/bucket" and req.method == "GET" and "list-type=2" in query:
+        keys = "".join(f"<Contents><Key>{k[len('/bucket/'):]}</Key><Size>{len(v)}</Size></Contents>" for k, v in sorted(OBJECTS.items()))
+        h.send_bytes(200, f"<ListBucketResult><Name>bucket</Name>{keys}</ListBucketResult>".encode(), content_type="application/xml")
+    else:
+        h.send_json(404, {"message": f"no such thing {req.method} {req.target}"})
+
+
+@pytest.fixture(scope="module")
+def awsup() -> Iterator[FakeUpstream]:
+    up = FakeUpstream("aws", key="unused")
+    up.set_responder(fake_aws)
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def awsb(broker_factory: Brokers, awsup: FakeUpstream) -> Broker:
+    base = broker_factory.seed(("aws", "openai"), keys={"aws": json.dumps(REAL)}, extra_env={"SEKS_UPSTREAM_AWS": awsup.url})
+    return broker_factory.serve(base)
+
+
+def signed_by_agent(token: str, service: str = "bedrock", region: str = "us-east-1", extra: Tuple = ()) -> Dict[str, str]:
+    """What an SDK holding the fake token sends: its own (worthless) signature and date."""
+    headers = {"Authorization": f"AWS4-HMAC-SHA256 Credential={token}/20260101/{region}/{service}/aws4_request, "
+                                f"SignedHeaders=host;x-amz-date, Signature={'0' * 64}",
+               "X-Amz-Date": "20260101T000000Z", "X-Amz-Security-Token": "agent-placeholder",
+               "X-Amz-Content-Sha256": "0" * 64}
+    headers.update(dict(extra))
+    return headers
+
+
+@pytest.mark.parametrize("op", ["converse", "invoke"])
+def test_bedrock_requests_are_signed_anew_with_the_real_credentials(awsb: Broker, awsup: FakeUpstream, op: str) -> None:
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    path = f"/aws/bedrock-runtime/us-east-1/model/{urllib.parse.quote(MODEL, safe='')}/{op}"
+    resp = awsb.request("POST", path, dict(signed_by_agent(awsb.token("aws")), **{"Content-Type": "application/json"}),
+                        b'{"messages": [{"role": "user", "content": [{"text": "hi"}]}]}')
+    assert resp.status == 200, resp.body
+    assert REAL["secret_access_key"].encode() not in resp.body                      # the echo is masked
+    req = awsup.only_request()
+    assert req.target.startswith("/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/")
+    assert "/us-east-1/bedrock/aws4_request" in (req.header("authorization") or "")   # Bedrock's signing name
+
+
+def test_converse_stream_events_come_through_unchanged_and_one_by_one(awsb: Broker, awsup: FakeUpstream) -> None:
+    import http.client
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    conn = http.client.HTTPConnection(awsb.host, awsb.port, timeout=10)
+    conn.request("POST", f"/aws/bedrock-runtime/us-east-1/model/{urllib.parse.quote(MODEL, safe='')}/converse-stream",
+                 b"{}", signed_by_agent(awsb.token("aws")))
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type") == "application/vnd.amazon.eventstream"
+    first = resp.read1(65536)
+    started = time.monotonic()
+    rest = resp.read()
+    conn.close()
+    assert first == STREAM_EVENTS[0], "the first event was not relayed on its own"
+    assert time.monotonic() - started > 0.1                       # the others came as sent, 50 ms apart
+    assert first + rest == b"".join(STREAM_EVENTS)
+
+
+def test_s3_put_get_and_list_small_large_and_aws_chunked(awsb: Broker, awsup: FakeUpstream) -> None:
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    OBJECTS.clear()
+    token = awsb.token("aws")
+    small = b"hello, bucket"
+    resp = awsb.request("PUT", "/aws/s3/us-east-1/bucket/notes/a%20b.txt", signed_by_agent(token, "s3"), small)
+    assert resp.status == 200, resp.body
+    assert awsup.requests[-1].header("x-amz-content-sha256") == hashlib.sha256(small).hexdigest()
+    big = bytes(range(256)) * (6 * 4096)                          # 6 MiB: streamed, not held
+    resp = awsb.request("PUT", "/aws/s3/us-east-1/bucket/big.bin", signed_by_agent(token, "s3"), big)
+    assert resp.status == 200, resp.body
+    assert awsup.requests[-1].header("x-amz-content-sha256") == "UNSIGNED-PAYLOAD"
+    payload = b"chunked payload " * 5000
+    crc = base64.b64encode(binascii.crc32(payload).to_bytes(4, "big")).decode()
+    body = chunked(payload, 8192, f"x-amz-checksum-crc32:{crc}\r\n")
+    resp = awsb.request("PUT", "/aws/s3/us-east-1/bucket/chunked.txt", signed_by_agent(token, "s3", extra=(
+        ("Content-Encoding", "aws-chunked"), ("X-Amz-Content-Sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"),
+        ("X-Amz-Decoded-Content-Length", str(len(payload))), ("X-Amz-Trailer", "x-amz-checksum-crc32"),
+        ("X-Amz-Sdk-Checksum-Algorithm", "CRC32"))), body)
+    assert resp.status == 200, resp.body
+    sent = awsup.requests[-1]
+    assert sent.body == payload and sent.header("x-amz-checksum-crc32") == crc and sent.header("content-encoding") is None
+    assert sent.header("x-amz-content-sha256") == hashlib.sha256(payload).hexdigest()      # held: signed
+    huge = bytes(range(251)) * 40000                               # 10 MB aws-chunked: decoded as it streams
+    resp = awsb.request("PUT", "/aws/s3/us-east-1/bucket/huge.bin", signed_by_agent(token, "s3", extra=(
+        ("Content-Encoding", "aws-chunked"), ("X-Amz-Content-Sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"),
+        ("X-Amz-Decoded-Content-Length", str(len(huge))), ("X-Amz-Trailer", "x-amz-checksum-crc32"),
+        ("X-Amz-Sdk-Checksum-Algorithm", "CRC32"))), chunked(huge, 65536, "x-amz-checksum-crc32:AAAAAA==\r\n"))
+    assert resp.status == 200, resp.body
+    sent = awsup.requests[-1]
+    assert sent.body_sha256 == hashlib.sha256(huge).hexdigest() and sent.body_len == len(huge)
+    assert sent.header("x-amz-content-sha256") == "UNSIGNED-PAYLOAD" and sent.header("x-amz-sdk-checksum-algorithm") is None
+    assert OBJECTS["/bucket/notes/a%20b.txt"] == small and OBJECTS["/bucket/big.bin"] == big
+    resp = awsb.request("GET", "/aws/s3/us-east-1/bucket/big.bin", signed_by_agent(token, "s3"))
+    assert resp.status == 200 and resp.body == big
+    resp = awsb.request("GET", "/aws/s3/us-east-1/bucket?list-type=2&prefix=", signed_by_agent(token, "s3"))
+    assert resp.status == 200 and b"<Key>chunked.txt</Key>" in resp.body, resp.body
+
+
+@pytest.mark.parametrize("path, status", [
+    ("/aws/iam/us-east-1/", 403),                            # a service the secret does not allow
+    ("/aws/s3/ap-south-1/bucket/x", 403),                    # a region it does not allow
+    ("/aws/s3/us-east-1.evil.example/bucket/x", 404),        # forged: not a region
+    ("/aws/s3.evil.example/us-east-1/bucket/x", 404),
+    ("/aws/s3/us-east-1/../../x", 400),
+])
+def test_a_forged_or_unallowed_endpoint_reaches_nobody(awsb: Broker, awsup: FakeUpstream, path: str, status: int) -> None:
+    awsup.reset()
+    resp = awsb.request("GET", path, signed_by_agent(awsb.token("aws"), "s3"))
+    assert resp.status in (status, 400 if status == 404 else status), (path, resp.status, resp.body)
+    assert awsup.requests == []
+    assert resp.status != 403 or b"<Code>AccessDenied</Code>" in resp.body or b"AccessDeniedException" in resp.body
+
+
+@pytest.mark.parametrize("auth, status", [
+    (None, 401), ("AWS4-HMAC-SHA256 SignedHeaders=host, Signature=00", 401),
+    ("AWS4-HMAC-SHA256 Credential=seks_aws_" + "Q" * 43 + "/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00", 401),
+    ("AWS4-HMAC-SHA256 Credential=AKIAREALLOOKING0123/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00", 401),
+])
+def test_unknown_credentials_are_refused_in_s3_shape(awsb: Broker, awsup: FakeUpstream, auth: Optional[str], status: int) -> None:
+    awsup.reset()
+    resp = awsb.request("GET", "/aws/s3/us-east-1/bucket/x", {"Authorization": auth} if auth else {})
+    assert resp.status == status and b"<Code>InvalidAccessKeyId</Code>" in resp.body, resp.body
+    assert awsup.requests == []
+
+
+def test_another_providers_token_as_the_key_id_is_refused(awsb: Broker, awsup: FakeUpstream) -> None:
+    awsup.reset()
+    resp = awsb.request("POST", f"/aws/bedrock-runtime/us-east-1/model/{urllib.parse.quote(MODEL, safe='')}/converse",
+                        signed_by_agent(awsb.token("openai")), b"{}")
+    assert resp.status == 403 and resp.headers.get("x-amzn-ErrorType") == "AccessDeniedException", resp.body
+    assert awsup.requests == []
+
+
+def test_a_query_signature_names_the_token_too_and_is_replaced(awsb: Broker, awsup: FakeUpstream) -> None:
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    OBJECTS["/bucket/q.txt"] = b"query-signed"
+    cred = urllib.parse.quote(f"{awsb.token('aws')}/20260101/us-east-1/s3/aws4_request", safe="")
+    resp = awsb.request("GET", f"/aws/s3/us-east-1/bucket/q.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={cred}"
+                               f"&X-Amz-Date=20260101T000000Z&X-Amz-Expires=60&X-Amz-SignedHeaders=host&X-Amz-Signature={'0' * 64}")
+    assert resp.status == 200 and resp.body == b"query-signed", resp.body
+    assert "X-Amz" not in awsup.only_request().target
+
+
+def test_models_limit_bedrock_by_the_model_id_in_the_path(awsb: Broker, awsup: FakeUpstream) -> None:
+    token = awsb.mint("aws", "aws-models", "--models", MODEL, via_cli=True)
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    ok_path = f"/aws/bedrock-runtime/us-east-1/model/{urllib.parse.quote(MODEL, safe='')}/converse"
+    assert awsb.request("POST", ok_path, signed_by_agent(token), b"{}").status == 200
+    other = "/aws/bedrock-runtime/us-east-1/model/meta.llama3-70b-instruct-v1%3A0/converse"
+    resp = awsb.request("POST", other, signed_by_agent(token), b"{}")
+    assert resp.status == 403 and b"meta.llama3" in resp.body, resp.body
+    assert len(awsup.requests) == 1
+
+
+def test_mint_env_prints_what_boto3_reads(awsb: Broker) -> None:
+    from conftest import ok
+    out = ok(awsb.cli("token", "mint", "--secret", "aws-key", "--agent", "aws-env", "--format", "env"))
+    env = dict(line.split("=", 1) for line in out.splitlines())
+    assert env["AWS_ACCESS_KEY_ID"].startswith("seks_aws_") and env["AWS_REGION"] == "us-east-1"
+    assert env["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"].endswith("/aws/bedrock-runtime/us-east-1")
+    assert env["AWS_ENDPOINT_URL_S3"].endswith("/aws/s3/us-east-1")
+    assert not any(v in out for k, v in REAL.items() if k != "regions")
