@@ -602,14 +602,15 @@ def error_answer(exc: BrokerError, style: str = "") -> Tuple[int, Dict[str, str]
     if style == "telegram":
         body = {"ok": False, "error_code": exc.status, "description": exc.message}
     if style.startswith("aws"):             # the shapes AWS SDKs parse into their exceptions
-        s3, code = style == "aws-s3", AWS_ERROR_CODES.get(exc.status, ("InternalError",
-                                                                       "InternalServerException"))
+        code = AWS_ERROR_CODES.get(exc.status, ("InternalError", "InternalServerException"))
         headers = dict(exc.headers)
-        if s3:
-            headers["Content-Type"] = "application/xml"
-            return exc.status, headers, (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>'
-                                         f'{code[0]}</Code><Message>{html.escape(exc.message)}'
-                                         f'</Message></Error>').encode()
+        if style in ("aws-s3", "aws-query"):          # S3's XML; STS/IAM's ErrorResponse
+            xml = (f"<Error><Type>Sender</Type><Code>{code[0]}</Code><Message>"
+                   f"{html.escape(exc.message)}</Message></Error>")
+            headers["Content-Type"] = "text/xml" if style == "aws-query" else "application/xml"
+            return exc.status, headers, ('<?xml version="1.0" encoding="UTF-8"?>\n' + (
+                xml.replace("<Type>Sender</Type>", "") if style == "aws-s3" else
+                f"<ErrorResponse>{xml}<RequestId>seks-broker</RequestId></ErrorResponse>")).encode()
         headers.update({"Content-Type": "application/json", "x-amzn-ErrorType": code[1]})
         return exc.status, headers, json.dumps({"__type": code[1], "message": exc.message}).encode()
     return exc.status, exc.headers, json.dumps(body).encode()
@@ -1269,6 +1270,7 @@ AWS_SIGNING_NAMES = {"bedrock-runtime": "bedrock", "bedrock-agent-runtime": "bed
                      "bedrock-agent": "bedrock"}
 AWS_HOLD_MAX = 8 * 1024 * 1024   # an aws-chunked upload up to this is decoded whole: its hash is
                                  # signed and its trailing checksum kept (larger: streamed, unsigned)
+AWS_QUERY_SERVICES = ("sts", "iam", "sns", "ses", "cloudformation")    # XML ErrorResponse errors
 AWS_PLACEHOLDER_SECRET = "seks-signs-for-you-this-is-not-a-secret"   # the agent's SDK needs one
 AWS_QUERY_SIGNATURE = ("x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
                        "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token")
@@ -1810,7 +1812,8 @@ class AgentWriter:
         if exc.close:
             self.close = True
         status, headers, body = error_answer(exc, style)
-        self.answer(status, [("Content-Type", "application/json")] + list(headers.items()), body)
+        self.answer(status, [("Content-Type", "application/json")] * ("Content-Type" not in headers)
+                    + list(headers.items()), body)
         return True
 
     # --- WebSocket ---------------------------------------------------------------------------
@@ -4476,7 +4479,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         aws = any(p.kind == "aws" for p in provider.token_places)
         if aws:                               # /aws/<service>/<region>/...: AWS-shaped errors
             service, region, policy_rest = aws_route(rest)
-            self.error_style = "aws-s3" if service in ("s3", "sts") else "aws-json"
+            self.error_style = "aws-s3" if service == "s3" else (
+                "aws-query" if service in AWS_QUERY_SERVICES else "aws-json")
         if not provider.host:                 # before any token is counted
             upstream_target(provider, "/", "", False)
         ex.path = masked_request_path(provider, path, query)
@@ -7121,7 +7125,7 @@ def env_vars(provider: Provider, token: str, broker_url: str,
         services = ((parts or {}).get("services") or " ".join(AWS_SERVICES)).replace(
             ",", " ").split()
         return [("AWS_ACCESS_KEY_ID", token), ("AWS_SECRET_ACCESS_KEY", AWS_PLACEHOLDER_SECRET),
-                ("AWS_REGION", region)] + [
+                ("AWS_REGION", region), ("AWS_DEFAULT_REGION", region)] + [
             ("AWS_ENDPOINT_URL_" + service.upper().replace("-", "_"),
              f"{broker_url}/{provider.name}/{service}/{region}") for service in services]
     out = []

@@ -185,6 +185,10 @@ def test_errors_come_in_the_shapes_aws_sdks_parse(status: int, s3_code: str, jso
     code, headers, body = sb.error_answer(exc, "aws-s3")
     assert code == status and headers["Content-Type"] == "application/xml"
     assert f"<Code>{s3_code}</Code><Message>no &lt;way&gt; &amp; back</Message>" in body.decode()
+    code, headers, body = sb.error_answer(exc, "aws-query")                        # STS, IAM
+    assert headers["Content-Type"] == "text/xml" and body.decode().endswith(
+        f"<ErrorResponse><Error><Type>Sender</Type><Code>{s3_code}</Code><Message>no &lt;way&gt; &amp; back</Message>"
+        f"</Error><RequestId>seks-broker</RequestId></ErrorResponse>")
     code, headers, body = sb.error_answer(exc, "aws-json")
     assert headers["x-amzn-ErrorType"] == json_code and json.loads(body) == {"__type": json_code, "message": "no <way> & back"}
 
@@ -414,6 +418,7 @@ def test_unknown_credentials_are_refused_in_s3_shape(awsb: Broker, awsup: FakeUp
     awsup.reset()
     resp = awsb.request("GET", "/aws/s3/us-east-1/bucket/x", {"Authorization": auth} if auth else {})
     assert resp.status == status and b"<Code>InvalidAccessKeyId</Code>" in resp.body, resp.body
+    assert resp.headers.get_all("Content-Type") == ["application/xml"]
     assert awsup.requests == []
 
 
