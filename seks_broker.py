@@ -376,7 +376,7 @@ env = DATADOG_HOST= DD_API_KEY DD_APP_KEY
 upstream = https://amazonaws.com
 token = aws
 inject = same
-parts = access_key_id secret_access_key session_token? services? regions?
+parts = access_key_id secret_access_key session_token? role_arn? services? regions?
 public = services regions
 usage = bedrock
 errors = aws
@@ -1271,6 +1271,7 @@ AWS_SIGNING_NAMES = {"bedrock-runtime": "bedrock", "bedrock-agent-runtime": "bed
 AWS_HOLD_MAX = 8 * 1024 * 1024   # an aws-chunked upload up to this is decoded whole: its hash is
                                  # signed and its trailing checksum kept (larger: streamed, unsigned)
 AWS_QUERY_SERVICES = ("sts", "iam", "sns", "ses", "cloudformation")    # XML ErrorResponse errors
+ROLE_RENEW_S = 300                # assumed-role credentials are renewed this long before expiry
 AWS_PLACEHOLDER_SECRET = "seks-signs-for-you-this-is-not-a-secret"   # the agent's SDK needs one
 AWS_QUERY_SIGNATURE = ("x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
                        "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token")
@@ -1361,6 +1362,21 @@ def aws_sign(method: str, target: "Target", headers: List[Tuple[str, str]], payl
     return headers + [("Authorization", sigv4_authorization(
         parts["access_key_id"], parts["secret_access_key"], region,
         AWS_SIGNING_NAMES.get(service, service), amz_date, canonical, names))]
+
+
+def assumed_role(xml: bytes) -> Tuple[Dict[str, str], float]:
+    """The temporary credentials and their expiry (unix time) from an STS AssumeRole answer
+    (read by pattern, not by an XML parser: the answer comes from the network)."""
+    fields = {}
+    for name in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"):
+        found = re.search(rb"<%s>([^<]{1,4096})</%s>" % (name.encode(), name.encode()), xml)
+        if found is None:
+            raise ValueError(f"no {name}")
+        fields[name] = found.group(1).decode("ascii").strip()
+    expires = datetime.datetime.strptime(fields["Expiration"][:19], "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+    return {"access_key_id": fields["AccessKeyId"], "secret_access_key": fields["SecretAccessKey"],
+            "session_token": fields["SessionToken"]}, expires
 
 
 def aws_unchunk(chunks: Iterable[bytes], trailers: Dict[str, str],
@@ -4546,6 +4562,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                 framing, length = "length", decoded
             payload = hashlib.sha256(body or b"").hexdigest() if body is None or isinstance(
                 body, bytes) else "UNSIGNED-PAYLOAD"
+            if parts.get("role_arn"):         # sign as the role (its credentials masked too)
+                parts = broker.assume_role(record, parts, provider, region, verify, ex)
+                pairs = pairs + parts_pairs(parts)
             headers = aws_sign(head.method, target, headers, payload, parts, region, service,
                                time.time())
         leaks = token_shapes("\n".join([rest_up, query_up] + [v for _, v in headers]).encode(
@@ -5588,6 +5607,8 @@ class Broker:
                  providers: Dict[str, Provider]) -> None:
         self.settings = settings
         self.store = store
+        self._role_lock, self._role_locks = threading.Lock(), {}   # AWS role_arn: per secret,
+        self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float]] = {}  # in memory
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
                                  name: self.providers[name].public if name in self.providers
                                  else ())
@@ -5736,6 +5757,47 @@ class Broker:
                               "key") from None
         self.log("warning", "keys", message="the master key was rotated; reloaded it")
         return KeyRing(key)
+
+    def assume_role(self, record: TokenRecord, parts: Dict[str, str], provider: Provider,
+                    region: str, verify: bool, ex: "Exchange") -> Dict[str, str]:
+        """The temporary credentials of the secret's ``role_arn``: asked of STS (AssumeRole,
+        signed with the secret's own keys) on first use and again when fewer than five
+        minutes are left, one request at a time per secret; kept in memory only."""
+        key = (record.secret_name, parts["role_arn"], parts["access_key_id"])
+        with self._role_lock:
+            lock = self._role_locks.setdefault(key, threading.Lock())
+        with lock:
+            cached = self._roles.get(key)
+            if cached is not None and cached[1] - time.time() > ROLE_RENEW_S:
+                return cached[0]
+            body = urllib.parse.urlencode({"Action": "AssumeRole", "Version": "2011-06-15",
+                                           "RoleArn": parts["role_arn"], "DurationSeconds": "3600",
+                                           "RoleSessionName": "seks-" + record.agent[:50]}).encode()
+            target = upstream_target(provider, f"/sts/{region}/", "", verify)
+            headers = aws_sign("POST", target, [("Content-Type", "application/x-www-form-"
+                                                 "urlencoded; charset=utf-8")],
+                               hashlib.sha256(body).hexdigest(), parts, region, "sts", time.time())
+            answer = self.forward(target, "POST", headers + [("Content-Length", str(len(body))),
+                                                             ("Accept-Encoding", "identity")], body)
+            data, complete = b"", False
+            try:
+                while len(data) <= 65536:
+                    chunk = answer.body.read()
+                    if not chunk:
+                        complete = True
+                        break
+                    data += chunk
+                creds, expires = assumed_role(data) if answer.status == 200 else ({}, 0.0)
+            except ValueError:
+                creds = {}
+            finally:
+                answer.finish(complete)
+            if not creds:
+                ex.reason = f"STS AssumeRole for secret {record.secret_name} answered {answer.status}"
+                raise UpstreamError(f"the broker could not assume the role of secret "
+                                    f"{record.secret_name} (STS answered {answer.status})")
+            self._roles[key] = (creds, expires)
+            return creds
 
     def forward(self, target: Target, method: str, headers: List[Tuple[str, str]],
                 body: Any) -> UpstreamAnswer:

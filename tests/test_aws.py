@@ -213,19 +213,21 @@ _AUTH_RE = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([a-z0-9-]+)
                       r"SignedHeaders=([a-z0-9;-]+), Signature=([0-9a-f]{64})")
 
 
-def check_signature(req: RecordedRequest) -> Optional[str]:
+def check_signature(req: RecordedRequest, creds: Optional[Dict[str, str]] = None) -> Optional[str]:
     """The test upstream's own SigV4 check (written from the specification, not shared with the
-    broker): None if `req` is signed with REAL for the Host it arrived with, else why not."""
+    broker): None if `req` is signed with `creds` (REAL) for the Host it arrived with, else why."""
+    creds = creds or REAL
     m = _AUTH_RE.fullmatch(req.header("authorization") or "")
     if not m:
         return "no SigV4 Authorization"
     key_id, day, region, service, signed, signature = m.groups()
-    if key_id != REAL["access_key_id"] or "seks_" in req.wire_text():
+    if key_id != creds["access_key_id"] or "seks_" in req.wire_text():
         return "wrong key id, or a seks token reached the upstream"
     names = signed.split(";")
-    if not {"host", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"} <= set(names):
+    if not {"host", "x-amz-date", "x-amz-content-sha256"} <= set(names) or (
+            creds.get("session_token") and "x-amz-security-token" not in names):
         return "host, date, payload hash or session token unsigned"
-    if req.header("x-amz-security-token") != REAL["session_token"]:
+    if req.header("x-amz-security-token") != creds.get("session_token"):
         return "wrong session token"
     amz_date = req.header("x-amz-date") or ""
     if amz_date[:8] != day or abs(time.mktime(time.strptime(amz_date, "%Y%m%dT%H%M%SZ")) - time.mktime(time.gmtime())) > 900:
@@ -241,7 +243,7 @@ def check_signature(req: RecordedRequest) -> Optional[str]:
     canonical = "\n".join([req.method, uri, "&".join(f"{n}={v}" for n, v in pairs), lines, signed, payload])
     scope = f"{day}/{region}/{service}/aws4_request"
     to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-    key = ("AWS4" + REAL["secret_access_key"]).encode()
+    key = ("AWS4" + creds["secret_access_key"]).encode()
     for step in (day, region, service, "aws4_request"):
         key = hmac.new(key, step.encode(), hashlib.sha256).digest()
     if not hmac.compare_digest(hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest(), signature):
@@ -461,3 +463,91 @@ def test_mint_env_prints_what_boto3_reads(awsb: Broker) -> None:
     assert env["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"].endswith("/aws/bedrock-runtime/us-east-1")
     assert env["AWS_ENDPOINT_URL_S3"].endswith("/aws/s3/us-east-1")
     assert not any(v in out for k, v in REAL.items() if k != "regions")
+
+
+# ============================================================================
+# role_arn: the broker assumes the role itself (STS AssumeRole), caches and renews
+# ============================================================================
+
+BASE = {"access_key_id": "AKIABASEUSERQWERTYUI", "secret_access_key": "test/Base+Secret-zyxwvutsrqponmlkjihg",
+        "role_arn": "arn:aws:iam::123456789012:role/agent-reader"}
+ROLE_CALLS: List[Dict[str, str]] = []
+ROLE_LIFE = {"seconds": 3600}
+
+
+def fake_sts_and_s3(h: UpstreamHandler, req: RecordedRequest) -> None:
+    """STS answers AssumeRole (signed with the base keys) with fresh temporary credentials that
+    expire in ROLE_LIFE seconds; S3 accepts only the newest of those."""
+    if req.method == "POST" and req.target == "/" and b"Action=AssumeRole" in (req.body or b""):
+        problem = check_signature(req, BASE)
+        form = urllib.parse.parse_qs((req.body or b"").decode())
+        if problem or form.get("RoleArn") != [BASE["role_arn"]]:
+            h.send_bytes(403, b"<ErrorResponse><Error><Code>AccessDenied</Code></Error></ErrorResponse>", content_type="text/xml")
+            return
+        n = len(ROLE_CALLS) + 1
+        creds = {"access_key_id": f"ASIATEMPORARY{n:07d}", "secret_access_key": f"test-temp-secret-{n}-abcdefghijklmnop",
+                 "session_token": f"test-temp-session-{n}-0123456789abcdefghij"}
+        ROLE_CALLS.append(creds)
+        expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + ROLE_LIFE["seconds"]))
+        h.send_bytes(200, ("<AssumeRoleResponse><AssumeRoleResult><Credentials>"
+                           f"<AccessKeyId>{creds['access_key_id']}</AccessKeyId><SecretAccessKey>{creds['secret_access_key']}"
+                           f"</SecretAccessKey><SessionToken>{creds['session_token']}</SessionToken>"
+                           f"<Expiration>{expiry}</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>").encode(),
+                     content_type="text/xml")
+        return
+    problem = check_signature(req, ROLE_CALLS[-1]) if ROLE_CALLS else "no role assumed"
+    h.send_json(403 if problem else 200, {"message": problem or "ok", "echo": ROLE_CALLS[-1]["secret_access_key"] if ROLE_CALLS else ""})
+
+
+@pytest.fixture(scope="module")
+def roleup() -> Iterator[FakeUpstream]:
+    up = FakeUpstream("aws", key="unused")
+    up.set_responder(fake_sts_and_s3)
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def roleb(broker_factory: Brokers, roleup: FakeUpstream) -> Broker:
+    base = broker_factory.seed(("aws",), keys={"aws": json.dumps(BASE)}, extra_env={"SEKS_UPSTREAM_AWS": roleup.url})
+    return broker_factory.serve(base)
+
+
+def test_role_arn_is_assumed_once_cached_renewed_and_masked(roleb: Broker, roleup: FakeUpstream) -> None:
+    ROLE_LIFE["seconds"] = 3600
+    ROLE_CALLS.clear()
+    for _ in range(3):
+        resp = roleb.request("GET", "/aws/s3/us-east-1/bucket/x", signed_by_agent(roleb.token("aws"), "s3"))
+        assert resp.status == 200, resp.body
+        assert ROLE_CALLS[-1]["secret_access_key"].encode() not in resp.body      # the role's secret is masked
+    assert len(ROLE_CALLS) == 1                     # assumed once, then from memory
+    ROLE_LIFE["seconds"] = 120             # less than the 5-minute margin: renewed at each use
+    from conftest import ok
+    ok(roleb.cli("secret", "add", "aws-short", "--provider", "aws", input=json.dumps(BASE)))
+    token = roleb.mint("aws", "short-role-agent", secret="aws-short", via_cli=True)
+    for _ in range(2):
+        assert roleb.request("GET", "/aws/s3/us-east-1/bucket/x", signed_by_agent(token, "s3")).status == 200
+    assert len(ROLE_CALLS) == 3                     # renewed before it runs out
+    ROLE_LIFE["seconds"] = 3600
+
+
+def test_a_refused_assume_role_is_a_clear_502_naming_no_value(roleb: Broker, broker_factory: Brokers, roleup: FakeUpstream) -> None:
+    bad = dict(BASE, role_arn="arn:aws:iam::123456789012:role/not-allowed")
+    from conftest import ok
+    ok(roleb.cli("secret", "add", "aws-badrole", "--provider", "aws", input=json.dumps(bad)))
+    token = roleb.mint("aws", "role-agent", secret="aws-badrole", via_cli=True)
+    resp = roleb.request("GET", "/aws/s3/us-east-1/bucket/x", signed_by_agent(token, "s3"))
+    assert resp.status == 502 and b"could not assume the role of secret aws-badrole" in resp.body, resp.body
+    assert b"<Code>" in resp.body and BASE["secret_access_key"].encode() not in resp.body
+
+
+def test_assumed_role_reads_the_credentials_and_refuses_a_malformed_answer() -> None:
+    xml = (b"<AssumeRoleResponse><AssumeRoleResult><Credentials><AccessKeyId>ASIAEXAMPLE</AccessKeyId>"
+           b"<SecretAccessKey>s3cr3t</SecretAccessKey><SessionToken>tok/en+=</SessionToken>"
+           b"<Expiration>2026-12-04T05:00:00Z</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>")
+    creds, expires = sb.assumed_role(xml)
+    assert creds == {"access_key_id": "ASIAEXAMPLE", "secret_access_key": "s3cr3t", "session_token": "tok/en+="}
+    assert expires == 1796360400.0
+    for broken in (xml.replace(b"SessionToken", b"Session"), xml.replace(b"2026-12-04T05", b"tomorrow"), b"", b"{}"):
+        with pytest.raises(ValueError):
+            sb.assumed_role(broken)
