@@ -3591,6 +3591,19 @@ def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
             tout = _int(usage.get("output_tokens"))
             if tout is not None:
                 state["tokens_out"] = tout
+    elif kind == "bedrock":             # Converse (and its stream's metadata event), or a
+        model = None                      # model's own body from InvokeModel (Anthropic's)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            camel = "inputTokens" in usage or "outputTokens" in usage
+            ins = [_int(usage.get(k)) for k in (("inputTokens", "cacheReadInputTokens",
+                                                 "cacheWriteInputTokens") if camel else (
+                "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))]
+            if any(i is not None for i in ins):
+                state["tokens_in"], state["tokens_cached"] = sum(i or 0 for i in ins), ins[1] or 0
+            tout = _int(usage.get("outputTokens" if camel else "output_tokens"))
+            if tout is not None:
+                state["tokens_out"] = tout
     elif kind == "gemini":
         model = obj.get("modelVersion")
         usage = obj.get("usageMetadata")
@@ -3611,14 +3624,17 @@ def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
 
 class UsageMeter:
     """Reads token usage from an answer as it streams past: the JSON body of a plain answer,
-    or the ``data:`` lines of server-sent events (only lines that mention usage are parsed).
-    Other content types (files, audio) are not looked at."""
+    the ``data:`` lines of server-sent events, or the payloads of AWS event-stream messages
+    (only those that mention usage are parsed). Other content types (files, audio) are not
+    looked at."""
 
     def __init__(self, kind: str, content_type: str) -> None:
         media = content_type.split(";")[0].strip().lower()
         self.kind = kind
         self.sse = media == "text/event-stream"
-        self.active = self.sse or media in ("", "application/json") or media.endswith("+json")
+        self.events = media == "application/vnd.amazon.eventstream"     # Bedrock's streams
+        self.active = self.sse or self.events or media in ("", "application/json") or \
+            media.endswith("+json")
         self.state: Dict[str, Any] = {}
         self._parts: List[bytes] = []
         self._size = 0
@@ -3628,6 +3644,20 @@ class UsageMeter:
 
     def feed(self, data: bytes) -> None:
         if self._overflow or not self.active:
+            return
+        if self.events:             # length-prefixed messages: prelude (total, headers) + CRC
+            self._line += data
+            while len(self._line) >= 12:
+                total = int.from_bytes(self._line[:4], "big")
+                if not 16 <= total <= MAX_USAGE_BODY:
+                    self._overflow, self._line = True, b""
+                    return
+                if len(self._line) < total:
+                    return
+                message, self._line = self._line[:total], self._line[total:]
+                payload = message[12 + int.from_bytes(message[4:8], "big"):-4]
+                if b"sage" in payload:
+                    self._parse(payload)
             return
         if not self.sse:
             self._size += len(data)
@@ -3671,7 +3701,7 @@ class UsageMeter:
             read_usage(self.kind, {name: value}, self.state)
 
     def finish(self) -> Dict[str, Any]:
-        if not self._overflow and self.active:
+        if not self._overflow and self.active and not self.events:
             if self.sse:
                 if self._line.startswith(b"data:"):
                     self._parse(self._line[5:])

@@ -551,3 +551,31 @@ def test_assumed_role_reads_the_credentials_and_refuses_a_malformed_answer() -> 
     for broken in (xml.replace(b"SessionToken", b"Session"), xml.replace(b"2026-12-04T05", b"tomorrow"), b"", b"{}"):
         with pytest.raises(ValueError):
             sb.assumed_role(broken)
+
+
+def test_bedrock_usage_is_metered_from_converse_and_its_stream(awsb: Broker, awsup: FakeUpstream) -> None:
+    """Audit rows carry Bedrock's token counts: Converse's `usage`, and the stream's `metadata`
+    event read out of the binary event stream as it passes."""
+    from conftest import audit_json, fresh_token
+    agent, token = fresh_token(awsb, "aws", prefix="aws-usage")
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    base = f"/aws/bedrock-runtime/us-east-1/model/{urllib.parse.quote(MODEL, safe='')}"
+    assert awsb.request("POST", base + "/converse", signed_by_agent(token), b"{}").status == 200
+    resp = awsb.request("POST", base + "/converse-stream", signed_by_agent(token), b"{}")
+    assert resp.status == 200 and resp.body == b"".join(STREAM_EVENTS)
+    rows = [r for r in audit_json(awsb, "--agent", agent) if r.get("outcome") == "ok"]
+    assert [(r["model"], r["tokens_in"], r["tokens_out"]) for r in rows] == [(MODEL, 5, 1), (MODEL, 5, 2)], rows
+
+
+def test_the_usage_meter_reads_event_streams_split_anywhere() -> None:
+    data = b"".join(STREAM_EVENTS)
+    for cut in (1, 5, 13, 100):
+        meter = sb.UsageMeter("bedrock", "application/vnd.amazon.eventstream")
+        for i in range(0, len(data), cut):
+            meter.feed(data[i:i + cut])
+        state = meter.finish()
+        assert (state["tokens_in"], state["tokens_out"]) == (5, 2), (cut, state)
+    meter = sb.UsageMeter("bedrock", "application/vnd.amazon.eventstream")
+    meter.feed(b"\xff\xff\xff\xff" + b"\x00" * 20)              # a length no message has: stop reading
+    assert meter.finish() == {}
