@@ -138,7 +138,7 @@ def verify_sigv4(method: str, target: str, headers: List[Tuple[str, str]], body:
         method.upper(), uri, _canonical_query(query),
         "".join(f"{n}:{_canonical_header_value(received[n])}\n" for n in signed),
         ";".join(signed), payload_hash])
-    to_sign = "\n".join([_ALGORITHM, amz_date, "/".join(scope), hashlib.sha256(canonical.encode()).hexdigest()])
+    to_sign = "\n".join([_ALGORITHM, amz_date, "/".join(scope[1:]), hashlib.sha256(canonical.encode()).hexdigest()])
     expected = hmac.new(_signing_key(secret, day, region, service), to_sign.encode(), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, auth["Signature"]):
         return "signature does not match"

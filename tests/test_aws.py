@@ -69,6 +69,10 @@ EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     ("GET", "/", "max-keys=2&prefix=J", [("Host", "examplebucket.s3.amazonaws.com"), ("x-amz-date", "20130524T000000Z"),
                                          ("x-amz-content-sha256", EMPTY)], EMPTY,
      "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7"),
+    ("PUT", "/big%20file.bin", "",                       # UNSIGNED-PAYLOAD, as botocore 1.44 signs it
+     [("Host", "examplebucket.s3.amazonaws.com"), ("Content-Type", "application/octet-stream"),
+      ("x-amz-content-sha256", "UNSIGNED-PAYLOAD"), ("x-amz-date", "20130524T000000Z")], "UNSIGNED-PAYLOAD",
+     "a296cb9d61264bbd2d651cfcf85d0a093ddccb78a76101514645111089c959e3"),
     ("PUT", "/examplebucket/chunkObject.txt", "",       # the aws-chunked example's seed signature
      [("Host", "s3.amazonaws.com"), ("x-amz-date", "20130524T000000Z"), ("x-amz-storage-class", "REDUCED_REDUNDANCY"),
       ("x-amz-content-sha256", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"), ("Content-Encoding", "aws-chunked"),
