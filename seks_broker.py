@@ -3239,6 +3239,8 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
         facts.background = obj.get("background") is True
         if deployment:
             facts.model = urllib.parse.unquote(deployment.group(1))
+    if provider.usage == "bedrock":
+        facts.model = request_model(provider, rest, None)
     return facts
 
 
@@ -3247,7 +3249,9 @@ _DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)/", re.IGNORECASE)
 
 BUDGET_INPUT_MARGIN = 64     # tokens a provider may add around a request's text (roles, turns)
 _GENERATING_RE = re.compile(r"(/chat/completions|/completions|/responses|/messages|"
-                            r":generateContent|:streamGenerateContent)/?\Z")
+                            r":generateContent|:streamGenerateContent|"
+                            r"^/model/[^/]+/(converse|converse-stream|invoke|"
+                            r"invoke-with-response-stream))/?\Z")         # (the last: Bedrock)
 # What a budget token may also POST: costs bounded by the input alone.
 _INPUT_ONLY_RE = re.compile(r"(/embeddings|:embedContent|:batchEmbedContents|:countTokens|"
                             r"/count_tokens|/moderations)/?\Z")
@@ -3427,6 +3431,22 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
     items = obj.get("input") if isinstance(obj.get("input"), list) else []
     if any(isinstance(i, dict) and i.get("type") == "item_reference" for i in items):
         stored.append("item_reference")
+    if kind == "bedrock":                        # Converse, or Anthropic's body for invoke
+        converse = "/converse" in path
+        if not converse and "anthropic_version" not in obj:
+            raise Forbidden("this token has a budget: on Bedrock use Converse, or InvokeModel "
+                            "with an Anthropic body (other bodies' caps are not read)")
+        stored += [k for k in ("additionalModelRequestFields", "promptVariables")
+                   if converse and k in obj] + ["s3Location"] * (b'"s3Location"' in body) + [
+            "a prompt ARN"] * (":prompt/" in urllib.parse.unquote(path))
+        config = obj.setdefault("inferenceConfig", {}) if converse else obj
+        tool_config = obj.get("toolConfig") or {}
+        if not isinstance(config, dict) or not isinstance(tool_config, dict) or any(
+                not isinstance(t, dict) or not set(t) <= {"toolSpec", "cachePoint"}
+                for t in tool_config.get("tools") or []):
+            raise Forbidden("this token has a budget: inferenceConfig must be an object and "
+                            "only the agent's own tools (toolSpec) are allowed")
+        kind = "bedrock-converse" if converse else "anthropic"
     if stored:                                   # input the body does not show
         raise Forbidden(f"this token has a budget, and '{stored[0]}' brings in input the broker "
                         f"cannot bound; send the whole conversation instead")
@@ -3454,6 +3474,9 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
         names, default, count_name = ("maxOutputTokens",), "maxOutputTokens", "candidateCount"
     elif kind == "anthropic":
         names, default, count_name = ("max_tokens",), "max_tokens", ""
+    elif kind == "bedrock-converse":
+        holder = obj["inferenceConfig"]
+        names, default, count_name = ("maxTokens",), "maxTokens", ""
     elif path.rstrip("/").endswith("/responses"):
         names, default, count_name = ("max_output_tokens",), "max_output_tokens", ""
     else:
@@ -4551,8 +4574,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         refusal = aws_allowed(parts, service, region) if aws else None
         if refusal is not None:
             raise refusal
-        read_whole = provider.usage not in ("", "bedrock") and not upgrade and (
-            "models" in policy or budget_key(policy) != "")
+        read_whole = bool(provider.usage) and not upgrade and (budget_key(policy) != "" or (
+            "models" in policy and provider.usage != "bedrock"))      # (Bedrock: in the path)
         body = self.request_body(head, framing, length, read_whole, ex)
         if body is None and read_whole and budget_key(policy) and head.method in WRITE_METHODS:
             body = b""                        # a budget bounds (or refuses) body-less POSTs too
@@ -7292,9 +7315,9 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
         if policy.get("decoy"):
             raise UsageError("a --decoy token cannot delegate")
         policy["delegation"] = True
-    if provider.usage == "bedrock" and budget_key(policy):
-        raise UsageError("--budget-tokens and --budget-usd do not apply to aws yet (Bedrock's "
-                         "usage is not metered); --models does, on the model id in the path")
+    if provider.usage == "bedrock" and "budget_nusd" in policy:
+        raise UsageError("--budget-usd does not apply to aws yet ([prices] keys cannot hold "
+                         "the ':' of Bedrock model ids); --budget-tokens and --models do")
     if not provider.usage and ("models" in policy or budget_key(policy)):
         raise UsageError(f"--models, --budget-tokens and --budget-usd apply to LLM providers "
                          f"(those with 'usage' set); {provider.name} has none")

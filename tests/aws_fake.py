@@ -73,6 +73,10 @@ def verify_sigv4(method: str, target: str, headers: List[Tuple[str, str]], body:
     connected to). `body` is the raw body, or None when it is not at hand (then a hex
     x-amz-content-sha256 is taken on trust). A STREAMING-* or UNSIGNED-PAYLOAD payload hash is used
     as is in the canonical request; aws-chunked chunk signatures are not checked.
+
+    Also refused, as AWS refuses them: host or x-amz-date unsigned, a date more than 15 minutes
+    away, an x-amz-security-token other than `session_token` (or any, when None is expected) or
+    unsigned, and for S3 a missing x-amz-content-sha256 or any x-amz-* header left unsigned.
     """
     received: Dict[str, List[str]] = {}
     for name, value in headers:
@@ -95,6 +99,9 @@ def verify_sigv4(method: str, target: str, headers: List[Tuple[str, str]], body:
     missing = [n for n in signed if n not in received]
     if missing:
         return f"signed header {missing[0]} is missing"
+    unsigned = sorted(n for n in received if n.startswith("x-amz-") and n not in signed)
+    if service == "s3" and unsigned:            # S3 answers these with AccessDenied (HeadersNotSigned)
+        return f"{unsigned[0]} is present but not signed"
 
     amz_date = received["x-amz-date"][0]
     try:

@@ -583,3 +583,35 @@ def test_the_usage_meter_reads_event_streams_split_anywhere() -> None:
     meter = sb.UsageMeter("bedrock", "application/vnd.amazon.eventstream")
     meter.feed(b"\xff\xff\xff\xff" + b"\x00" * 20)              # a length no message has: stop reading
     assert meter.finish() == {}
+
+
+def test_a_token_budget_bounds_bedrock_requests(awsb: Broker, awsup: FakeUpstream) -> None:
+    """Converse's inferenceConfig.maxTokens (and an Anthropic body's max_tokens) is lowered to
+    what the budget has left; usage settles it; what the broker cannot bound is refused."""
+    from conftest import fresh_token, ok
+    agent, token = fresh_token(awsb, "aws", "--budget-tokens", "400", prefix="aws-budget")
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    base = f"/aws/bedrock-runtime/us-east-1/model/{urllib.parse.quote(MODEL, safe='')}"
+    body = json.dumps({"messages": [{"role": "user", "content": [{"text": "hi"}]}], "inferenceConfig": {"maxTokens": 4096}})
+    resp = awsb.request("POST", base + "/converse", signed_by_agent(token), body.encode())
+    assert resp.status == 200, resp.body
+    sent = json.loads(awsup.requests[-1].body or b"{}")
+    assert 1 <= sent["inferenceConfig"]["maxTokens"] < 400, sent
+    anthropic = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 4096,
+                            "messages": [{"role": "user", "content": "hi"}]})
+    assert awsb.request("POST", base + "/invoke", signed_by_agent(token), anthropic.encode()).status == 200
+    assert json.loads(awsup.requests[-1].body or b"{}")["max_tokens"] < 400
+    sent_before = len(awsup.requests)
+    for path, refused in (("/converse", {"messages": [], "additionalModelRequestFields": {"max_tokens": 100000}}),
+                          ("/converse", {"messages": [{"role": "user", "content": [{"document": {"source": {
+                              "s3Location": {"uri": "s3://b/k"}}, "name": "d", "format": "pdf"}}]}]}),
+                          ("/converse", {"messages": [], "toolConfig": {"tools": [{"systemTool": {"name": "web"}}]}}),
+                          ("/invoke", {"inputText": "hi", "textGenerationConfig": {"maxTokenCount": 100000}})):
+        resp = awsb.request("POST", base + path, signed_by_agent(token), json.dumps(refused).encode())
+        assert resp.status == 403 and resp.headers.get("x-amzn-ErrorType") == "AccessDeniedException", (refused, resp.body)
+    assert len(awsup.requests) == sent_before
+    rows = json.loads(ok(awsb.cli("token", "list", "--agent", agent, "--json")).splitlines()[0])
+    assert rows["tokens_used"] > 0 and rows["tokens_used"] <= 400, rows
+    cp = awsb.cli("token", "mint", "--secret", "aws-key", "--agent", "aws-money", "--budget-usd", "1")
+    assert cp.returncode != 0 and "--budget-usd does not apply to aws" in cp.stderr
