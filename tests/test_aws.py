@@ -293,6 +293,10 @@ def fake_aws(h: UpstreamHandler, req: RecordedRequest) -> None:
     elif path.startswith("/bucket") and req.method == "PUT":
         OBJECTS[path] = req.body or b""
         h.send_bytes(200, b"", [("ETag", '"%s"' % hashlib.md5(req.body or b"").hexdigest())])
+    elif path == "/bucket/synthetic-100m" and req.method == "GET":       # generated as it goes
+        block = hashlib.sha256(b"seed").digest() * 2048                    # 64 KiB
+        h.send_stream(200, (block for _ in range(1600)), [("Content-Type", "binary/octet-stream")],
+                      length=len(block) * 1600)
     elif path.startswith("/bucket/") and req.method == "GET" and path in OBJECTS:
         data = OBJECTS[path]
         h.send_stream(200, (data[i:i + 65536] for i in range(0, len(data), 65536)),
@@ -615,3 +619,42 @@ def test_a_token_budget_bounds_bedrock_requests(awsb: Broker, awsup: FakeUpstrea
     assert rows["tokens_used"] > 0 and rows["tokens_used"] <= 400, rows
     cp = awsb.cli("token", "mint", "--secret", "aws-key", "--agent", "aws-money", "--budget-usd", "1")
     assert cp.returncode != 0 and "--budget-usd does not apply to aws" in cp.stderr
+
+
+def test_an_s3_download_streams_with_flat_memory(awsb: Broker, awsup: FakeUpstream) -> None:
+    import http.client
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    awsb.reset_peak_rss()
+    before = awsb.vm_hwm_bytes()
+    conn = http.client.HTTPConnection(awsb.host, awsb.port, timeout=30)
+    conn.request("GET", "/aws/s3/us-east-1/bucket/synthetic-100m", headers=signed_by_agent(awsb.token("aws"), "s3"))
+    resp = conn.getresponse()
+    assert resp.status == 200
+    digest, size = hashlib.sha256(), 0
+    while True:
+        piece = resp.read(1 << 20)
+        if not piece:
+            break
+        digest.update(piece)
+        size += len(piece)
+    conn.close()
+    block = hashlib.sha256(b"seed").digest() * 2048
+    assert size == len(block) * 1600 and digest.hexdigest() == hashlib.sha256(block * 1600).hexdigest()
+    after = awsb.vm_hwm_bytes()
+    if before is not None and after is not None:
+        assert after - before < 40 * 1024 * 1024, f"peak RSS grew {(after - before) >> 20} MiB for 100 MiB"
+
+
+def test_path_and_method_policies_apply_to_the_path_after_the_region(awsb: Broker, awsup: FakeUpstream) -> None:
+    from conftest import fresh_token
+    _, token = fresh_token(awsb, "aws", "--allow-path", "/bucket/reports/", "--allow-method", "GET", prefix="aws-pol")
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    OBJECTS["/bucket/reports/q1.csv"] = b"a,b"
+    assert awsb.request("GET", "/aws/s3/us-east-1/bucket/reports/q1.csv", signed_by_agent(token, "s3")).body == b"a,b"
+    for method, path in (("GET", "/aws/s3/us-east-1/bucket/private.txt"), ("PUT", "/aws/s3/us-east-1/bucket/reports/x"),
+                         ("GET", "/aws/s3/eu-west-1/bucket/other/x")):
+        resp = awsb.request(method, path, signed_by_agent(token, "s3"), b"x" if method == "PUT" else None)
+        assert resp.status == 403 and b"<Code>AccessDenied</Code>" in resp.body, (method, path, resp.body)
+    assert len(awsup.requests) == 1
