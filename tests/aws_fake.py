@@ -147,7 +147,7 @@ def verify_sigv4(method: str, target: str, headers: List[Tuple[str, str]], body:
         ";".join(signed), payload_hash])
     to_sign = "\n".join([_ALGORITHM, amz_date, "/".join(scope[1:]), hashlib.sha256(canonical.encode()).hexdigest()])
     expected = hmac.new(_signing_key(secret, day, region, service), to_sign.encode(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, auth["Signature"]):
+    if not hmac.compare_digest(expected.encode(), auth["Signature"].encode()):
         return "signature does not match"
     return None
 

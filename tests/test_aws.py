@@ -208,6 +208,7 @@ import time          # noqa: E402
 import urllib.parse  # noqa: E402
 from typing import Iterator, Optional  # noqa: E402
 
+import aws_fake      # noqa: E402
 from conftest import Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler  # noqa: E402
 
 REAL = {"access_key_id": "AKIATESTREAL0123456789", "secret_access_key": "test/Real+Secret0123456789abcdefABCDEF01",
@@ -276,7 +277,9 @@ OBJECTS: Dict[str, bytes] = {}
 
 
 def fake_aws(h: UpstreamHandler, req: RecordedRequest) -> None:
-    problem = check_signature(req)
+    problem = check_signature(req) or aws_fake.verify_sigv4(       # two independent checks, the
+        req.method, req.target, req.headers, req.body, REAL["access_key_id"],   # second stricter
+        REAL["secret_access_key"], REAL["session_token"])          # (every x-amz-* signed, sorted)
     if problem is not None:
         h.send_json(403, {"message": problem})
         return
