@@ -1571,6 +1571,86 @@ class Scrubber:
         return self.scrub(held)
 
 
+# --- 3.6b RS256 for OAuth JWT grants -------------------------------------------------------
+# Google service accounts and GitHub Apps sign a JWT with an RSA key to get an access token.
+# RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 section 8.2) over a key read from PEM by a small DER
+# reader; the exponentiation is blinded, and each signature is checked before it is used.
+
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def der_items(data: bytes) -> List[Tuple[int, bytes]]:
+    """The (tag, content) items of a DER sequence's content (definite lengths only)."""
+    items, at = [], 0
+    while at < len(data):
+        if at + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, size, at = data[at], data[at + 1], at + 2
+        if size & 0x80:
+            count = size & 0x7F
+            if not 1 <= count <= 4 or at + count > len(data):
+                raise ValueError("bad DER length")
+            size, at = int.from_bytes(data[at:at + count], "big"), at + count
+        if at + size > len(data):
+            raise ValueError("truncated DER")
+        items.append((tag, data[at:at + size]))
+        at += size
+    return items
+
+
+def rsa_private_key(pem: str) -> Tuple[int, int, int]:
+    """(n, e, d) from a PEM private key: PKCS#8 ("BEGIN PRIVATE KEY", as Google and GitHub
+    hand them out) or PKCS#1 ("BEGIN RSA PRIVATE KEY"). ValueError for anything else."""
+    found = re.search(r"-----BEGIN (RSA )?PRIVATE KEY-----([A-Za-z0-9+/=\s\\n]+)-----END", pem)
+    if found is None:
+        raise ValueError("not a PEM RSA private key")
+    der = base64.b64decode(re.sub(r"\s|\\n", "", found.group(2)), validate=True)
+    (tag, body), = der_items(der)
+    items = der_items(body)
+    if not found.group(1):                      # PKCS#8: version, algorithm, key
+        if tag != 0x30 or len(items) < 3 or items[2][0] != 0x04 or \
+                b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01" not in items[1][1]:
+            raise ValueError("not an RSA PKCS#8 key")
+        (tag, body), = der_items(items[2][1])
+        items = der_items(body)
+    if tag != 0x30 or len(items) < 4 or any(t != 0x02 for t, _ in items[:4]):
+        raise ValueError("not an RSA private key")
+    n, e, d = (int.from_bytes(v, "big") for _, v in items[1:4])
+    if n < 1 << 2047 or not 1 < e < n or not 1 < d < n:
+        raise ValueError("RSA keys of 2048 bits or more only")
+    return n, e, d
+
+
+def rs256_sign(key: Tuple[int, int, int], message: bytes) -> bytes:
+    """RSASSA-PKCS1-v1_5 signature of SHA-256(message)."""
+    n, e, d = key
+    size = (n.bit_length() + 7) // 8
+    encoded = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    m = int.from_bytes(b"\x00\x01" + b"\xff" * (size - 3 - len(encoded)) + b"\x00" + encoded, "big")
+    while True:                                  # blinding: the exponent never meets m itself
+        r = secrets.randbelow(n - 2) + 2
+        try:
+            r_inv = pow(r, -1, n)
+            break
+        except ValueError:
+            continue
+    s = pow(m * pow(r, e, n) % n, d, n) * r_inv % n
+    if pow(s, e, n) != m:
+        raise ValueError("RSA signature check failed")
+    return s.to_bytes(size, "big")
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def jwt_rs256(key: Tuple[int, int, int], claims: Dict[str, Any]) -> str:
+    """A compact JWT with header {"alg":"RS256","typ":"JWT"}."""
+    signing_input = b64url(b'{"alg":"RS256","typ":"JWT"}') + "." + b64url(
+        json.dumps(claims, separators=(",", ":")).encode())
+    return signing_input + "." + b64url(rs256_sign(key, signing_input.encode("ascii")))
+
+
 # --- 3.7 The audit chain --------------------------------------------------------------------
 
 class AuditRow:
