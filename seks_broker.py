@@ -381,6 +381,82 @@ public = services regions
 usage = bedrock
 errors = aws
 
+[gmail]
+upstream = https://gmail.googleapis.com
+token = header Authorization Bearer
+inject = header Authorization Bearer {access_token}
+parts = client_id client_secret refresh_token token_url? device_url? scope?
+oauth = refresh_token
+public = client_id token_url device_url scope
+token_url = https://oauth2.googleapis.com/token
+device_url = https://oauth2.googleapis.com/device/code
+env = GMAIL_API_URL= GOOGLE_ACCESS_TOKEN
+
+[google-calendar]
+upstream = https://www.googleapis.com
+token = header Authorization Bearer
+inject = header Authorization Bearer {access_token}
+parts = client_id client_secret refresh_token token_url? device_url? scope?
+oauth = refresh_token
+public = client_id token_url device_url scope
+token_url = https://oauth2.googleapis.com/token
+device_url = https://oauth2.googleapis.com/device/code
+env = GOOGLE_CALENDAR_API_URL=/calendar/v3 GOOGLE_ACCESS_TOKEN
+
+[google-drive]
+upstream = https://www.googleapis.com
+token = header Authorization Bearer
+inject = header Authorization Bearer {access_token}
+parts = client_id client_secret refresh_token token_url? device_url? scope?
+oauth = refresh_token
+public = client_id token_url device_url scope
+token_url = https://oauth2.googleapis.com/token
+device_url = https://oauth2.googleapis.com/device/code
+env = GOOGLE_DRIVE_API_URL=/drive/v3 GOOGLE_ACCESS_TOKEN
+
+[vertex]
+upstream = https://aiplatform.googleapis.com
+token = header Authorization Bearer
+inject = header Authorization Bearer {access_token}
+parts = private_key client_email token_uri? token_url? scope? type? project_id? private_key_id?
+    client_id? auth_uri? auth_provider_x509_cert_url? client_x509_cert_url? universe_domain?
+oauth = jwt_bearer
+public = client_email token_uri token_url scope type project_id private_key_id client_id auth_uri
+    auth_provider_x509_cert_url client_x509_cert_url universe_domain
+token_url = https://oauth2.googleapis.com/token
+env = VERTEX_BASE_URL=/v1 GOOGLE_ACCESS_TOKEN
+
+[msgraph]
+upstream = https://graph.microsoft.com
+token = header Authorization Bearer
+inject = header Authorization Bearer {access_token}
+parts = client_id client_secret? refresh_token? token_url? device_url? scope?
+oauth = refresh_token client_credentials
+public = client_id token_url device_url scope
+token_url = https://login.microsoftonline.com/common/oauth2/v2.0/token
+device_url = https://login.microsoftonline.com/common/oauth2/v2.0/devicecode
+env = MSGRAPH_API_URL=/v1.0 MSGRAPH_ACCESS_TOKEN
+
+[slack-oauth]
+upstream = https://slack.com
+token = header Authorization Bearer
+inject = header Authorization Bearer {access_token}
+parts = client_id client_secret refresh_token token_url?
+oauth = refresh_token
+public = client_id token_url
+token_url = https://slack.com/api/oauth.v2.access
+env = SLACK_API_URL=/api/ SLACK_BOT_TOKEN
+
+[github-app]
+upstream = https://api.github.com
+token = header Authorization Bearer
+    header Authorization token
+inject = header Authorization Bearer {access_token}
+parts = app_id private_key installation_id api_url?
+oauth = github_app
+public = app_id installation_id api_url
+env = GITHUB_API_URL= GITHUB_TOKEN
+
 [postmark]
 upstream = https://api.postmarkapp.com
 token = header X-Postmark-Server-Token
@@ -436,14 +512,15 @@ class Provider:
 
     __slots__ = ("name", "upstream", "scheme", "host", "port", "base_path", "token_places",
                  "inject", "usage", "aliases", "token_shape", "errors", "env", "gateway", "also",
-                 "parts", "optional", "public")
+                 "parts", "optional", "public", "oauth", "token_url", "device_url")
 
     def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
                  inject: Optional[CredentialPlace], usage: str = "",
                  aliases: Tuple[str, ...] = (), token_shape: str = "",
                  errors: str = "", env: str = "", gateway: str = "",
                  also: Tuple[CredentialPlace, ...] = (), parts: Tuple[str, ...] = (),
-                 optional: Tuple[str, ...] = (), public: Tuple[str, ...] = ()) -> None:
+                 optional: Tuple[str, ...] = (), public: Tuple[str, ...] = (),
+                 oauth: Tuple[str, ...] = (), token_url: str = "", device_url: str = "") -> None:
         self.name = name
         self.upstream = upstream          # "none": a per-site API, closed until configured
         self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream) \
@@ -461,11 +538,14 @@ class Provider:
         self.parts = parts or tuple(dict.fromkeys(named or ["key"]))   # every part, in order
         self.optional = optional  # parts a secret may lack ("also" places using one are left
         self.public = public      # out); identifiers, not secrets: never masked in answers
+        self.oauth = oauth        # grants the broker runs to mint access tokens ({access_token})
+        self.token_url, self.device_url = token_url, device_url    # their default endpoints
 
     def with_upstream(self, upstream: str) -> "Provider":
         return Provider(self.name, upstream, self.token_places, self.inject, self.usage,
                         self.aliases, self.token_shape, self.errors, self.env, self.gateway,
-                        self.also, self.parts, self.optional, self.public)
+                        self.also, self.parts, self.optional, self.public, self.oauth,
+                        self.token_url, self.device_url)
 
     def __repr__(self) -> str:
         return f"Provider({self.name} -> {self.upstream})"
@@ -1064,6 +1144,12 @@ def upstream_target(provider: Provider, rest: str, query: str, verify: bool,
                   provider.base_path + rest + ("?" + query if query else ""))
 
 
+def config_target(url: str, verify: bool) -> Target:
+    """A URL from configuration (an OAuth token endpoint, never from the agent) as a Target."""
+    scheme, host, port, path = parse_upstream_base(url)
+    return Target(scheme, host, port, verify, path or "/")
+
+
 # --- 3.5 The credential swap ----------------------------------------------------------------
 
 class CredentialSwap:
@@ -1175,8 +1261,12 @@ def part_problem(parts: Dict[str, str], provider: Provider) -> str:
     if unknown:
         return (f"{provider.name} has no part(s) {', '.join(unknown)} (its parts: "
                 f"{', '.join(provider.parts)})")
-    bad = [n for n, v in parts.items() if not v or not v.isprintable() or v != v.strip()]
-    return f"the part(s) {', '.join(bad)} must be printable, non-empty, unpadded" if bad else ""
+    sent = {n for p in (provider.inject,) + provider.also + tuple(provider.token_places)
+            if p is not None for n in PART_RE.findall(p.value)}     # these travel in headers
+    bad = [n for n, v in parts.items() if not v or v != v.strip() or not (
+        v.isprintable() if n in sent else v.replace("\n", "").replace("\r", "").isprintable())]
+    return (f"the part(s) {', '.join(bad)} must be non-empty and unpadded, and (those sent in a "
+            f"header) one printable line" if bad else "")
 
 
 def fill(template: str, parts: Dict[str, str]) -> str:
@@ -1272,6 +1362,7 @@ AWS_HOLD_MAX = 8 * 1024 * 1024   # an aws-chunked upload up to this is decoded w
                                  # signed and its trailing checksum kept (larger: streamed, unsigned)
 AWS_QUERY_SERVICES = ("sts", "iam", "sns", "ses", "cloudformation")    # XML ErrorResponse errors
 ROLE_RENEW_S = 300                # assumed-role credentials are renewed this long before expiry
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 AWS_PLACEHOLDER_SECRET = "seks-signs-for-you-this-is-not-a-secret"   # the agent's SDK needs one
 AWS_QUERY_SIGNATURE = ("x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
                        "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token")
@@ -1472,9 +1563,10 @@ def scrub_pairs(key: str) -> Tuple[Tuple[bytes, bytes], ...]:
 
 
 def parts_pairs(parts: Dict[str, str], public: Tuple[str, ...] = ()) -> Tuple[Tuple[bytes, bytes], ...]:
-    """The scrub pairs of every part of a secret but its public ones, longest first."""
-    pairs = {pair for name, value in parts.items() if name not in public
-             for pair in scrub_pairs(value)}
+    """The scrub pairs of every part of a secret but its public ones, longest first (a named
+    part shorter than 8 characters is not masked: a region, a number, a flag)."""
+    pairs = {pair for name, value in parts.items() if name not in public and (
+        name == "key" or len(value) >= 8) for pair in scrub_pairs(value)}
     return tuple(sorted(pairs, key=lambda pair: len(pair[0]), reverse=True))
 
 
@@ -1649,6 +1741,88 @@ def jwt_rs256(key: Tuple[int, int, int], claims: Dict[str, Any]) -> str:
     signing_input = b64url(b'{"alg":"RS256","typ":"JWT"}') + "." + b64url(
         json.dumps(claims, separators=(",", ":")).encode())
     return signing_input + "." + b64url(rs256_sign(key, signing_input.encode("ascii")))
+
+
+# --- 3.6c OAuth grants the broker runs ------------------------------------------------------
+# For services without static keys the secret holds the long-lived material (a refresh token,
+# a client secret, a service account's or a GitHub App's private key) and the broker mints the
+# short-lived access token that goes upstream as the part {access_token}. These two units are
+# pure: what to send to the token endpoint, and what its answer means.
+
+OAUTH_GRANTS = ("refresh_token", "client_credentials", "jwt_bearer", "github_app")
+OAUTH_NEEDS = {"refresh_token": ("client_id", "refresh_token"),
+               "client_credentials": ("client_id", "client_secret"),
+               "jwt_bearer": ("client_email", "private_key"),
+               "github_app": ("app_id", "private_key", "installation_id")}
+OAUTH_RENEW_S = 300          # an access token is renewed this long before it expires
+OAUTH_HOLD_S = 30            # how long one renewal may take before another process takes over
+
+
+def oauth_request(provider: Provider, parts: Dict[str, str],
+                  now: float) -> Tuple[str, str, List[Tuple[str, str]], bytes]:
+    """(grant, token endpoint URL, headers, body) for renewing this secret's access token: the
+    first of the provider's grants whose parts the secret holds."""
+    grant = next((g for g in provider.oauth if all(parts.get(n) for n in OAUTH_NEEDS[g])), "")
+    if not grant:
+        raise ValueError(f"the secret holds the parts of none of {provider.name}'s grants")
+    url = parts.get("token_url") or parts.get("token_uri") or provider.token_url
+    headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")]
+    form: Dict[str, str] = {}
+    if grant == "refresh_token":
+        form = {"grant_type": "refresh_token", "refresh_token": parts["refresh_token"],
+                "client_id": parts["client_id"]}
+    elif grant == "client_credentials":
+        form = {"grant_type": "client_credentials", "client_id": parts["client_id"],
+                "scope": parts.get("scope") or ""}
+    elif grant == "jwt_bearer":          # a Google service account
+        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "assertion": jwt_rs256(rsa_private_key(parts["private_key"]), {
+                    "iss": parts["client_email"], "aud": url, "iat": int(now),
+                    "exp": int(now) + 3600, "scope": parts.get("scope") or
+                    "https://www.googleapis.com/auth/cloud-platform"})}
+    else:                                # a GitHub App: its JWT buys an installation token
+        if not (parts["app_id"].isdigit() and parts["installation_id"].isdigit()):
+            raise ValueError("app_id and installation_id are numbers")
+        url = (parts.get("api_url") or provider.token_url or "https://api.github.com").rstrip(
+            "/") + f"/app/installations/{parts['installation_id']}/access_tokens"
+        jwt = jwt_rs256(rsa_private_key(parts["private_key"]), {
+            "iss": parts["app_id"], "iat": int(now) - 60, "exp": int(now) + 540})
+        return grant, url, [("Authorization", "Bearer " + jwt),
+                            ("Accept", "application/vnd.github+json")], b""
+    if parts.get("client_secret") and grant != "jwt_bearer":
+        form["client_secret"] = parts["client_secret"]
+    return grant, url, headers, urllib.parse.urlencode(
+        {k: v for k, v in form.items() if v}).encode()
+
+
+def oauth_answer(grant: str, status: int, body: bytes,
+                 now: float) -> Tuple[str, float, Optional[str]]:
+    """(access token, expiry as unix time, a rotated refresh token or None) from a token
+    endpoint's answer; ValueError (naming the status and the error code, never a value) for
+    anything else."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict) or status not in (200, 201) or obj.get("ok") is False:
+        code = obj.get("error") if isinstance(obj, dict) else None
+        raise ValueError(f"the token endpoint answered {status}" + (
+            f" ({code})" if isinstance(code, str) and re.fullmatch(r"[a-z_]{1,40}", code) else ""))
+    token = obj.get("token" if grant == "github_app" else "access_token")
+    if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]{1,8192}", token):
+        raise ValueError("the token endpoint's answer holds no usable access token")
+    if grant == "github_app":
+        expires = datetime.datetime.strptime(str(obj.get("expires_at"))[:19], "%Y-%m-%dT%H:%M:%S"
+                                             ).replace(tzinfo=datetime.timezone.utc).timestamp()
+    else:
+        life = obj.get("expires_in", 3600)
+        expires = now + (int(life) if isinstance(life, (int, str)) and str(life).isdigit()
+                         else 3600)
+    refresh = obj.get("refresh_token") if grant == "refresh_token" else None
+    if refresh is not None and not (isinstance(refresh, str) and
+                                    re.fullmatch(r"[\x21-\x7e]{1,8192}", refresh)):
+        raise ValueError("the token endpoint's answer holds a malformed refresh token")
+    return token, expires, refresh
 
 
 # --- 3.7 The audit chain --------------------------------------------------------------------
@@ -2401,9 +2575,19 @@ def _migration_6(db: sqlite3.Connection) -> None:     # what a money budget has 
     db.execute("ALTER TABLE token_usage ADD COLUMN cost_used INTEGER NOT NULL DEFAULT 0")
 
 
+def _migration_7(db: sqlite3.Connection) -> None:     # OAuth access tokens the broker minted
+    db.execute("""CREATE TABLE oauth_tokens (
+        secret TEXT PRIMARY KEY,
+        ciphertext TEXT,                      -- the access token, encrypted, bound to the secret
+        expires_at REAL NOT NULL DEFAULT 0,
+        renewing_until REAL NOT NULL DEFAULT 0,   -- one renewal at a time, across processes
+        renewed_by TEXT)""")
+
+
 MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2,
                                                           _migration_3, _migration_4,
-                                                          _migration_5, _migration_6]
+                                                          _migration_5, _migration_6,
+                                                          _migration_7]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
 
 
@@ -2688,6 +2872,41 @@ class Store:
             else:
                 db.execute("INSERT INTO secrets VALUES (?, ?, ?, ?, ?)",
                            (name, provider, ciphertext, now, now))
+
+    def oauth_claim(self, secret: str, margin: float, hold: float
+                    ) -> Tuple[str, Optional[str], float, Optional[str]]:
+        """In one transaction: ("token", its ciphertext, expiry, None) while the stored access
+        token has more than ``margin`` seconds left; ("wait", ...) while another process or
+        thread renews it; else ("renew", None, 0, the secret's ciphertext), after marking the
+        renewal as this caller's for ``hold`` seconds."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT ciphertext, expires_at, renewing_until FROM oauth_tokens "
+                             "WHERE secret = ?", (secret,)).fetchone()
+            if row and row[0] and row[1] - now > margin:
+                return "token", row[0], row[1], None
+            if row and row[2] > now:
+                return "wait", None, 0.0, None
+            db.execute("INSERT INTO oauth_tokens (secret, renewing_until, renewed_by) VALUES "
+                       "(?, ?, ?) ON CONFLICT(secret) DO UPDATE SET renewing_until = excluded."
+                       "renewing_until, renewed_by = excluded.renewed_by",
+                       (secret, now + hold, PROCESS_OWNER))
+            found = db.execute("SELECT ciphertext FROM secrets WHERE name = ?",
+                               (secret,)).fetchone()
+            return "renew", None, 0.0, found[0] if found else None
+
+    def oauth_save(self, secret: str, ciphertext: Optional[str], expires_at: float,
+                   secret_ciphertext: Optional[str]) -> None:
+        """The renewal's outcome, in one transaction: the new access token (None: the
+        renewal failed; the claim is released) and, when the provider rotated the refresh
+        token, the secret's new ciphertext, so a crash never leaves only the old one."""
+        with self.transaction(durable=True) as db:
+            if secret_ciphertext is not None:
+                db.execute("UPDATE secrets SET ciphertext = ?, updated_at = ? WHERE name = ?",
+                           (secret_ciphertext, utc_iso(), secret))
+            db.execute("UPDATE oauth_tokens SET ciphertext = ?, expires_at = ?, renewing_until = "
+                       "0 WHERE secret = ?", (ciphertext, expires_at if ciphertext else 0.0,
+                                               secret))
 
     def get_secret(self, name: str) -> Optional[Tuple[str, str]]:
         with self.connection() as db:
@@ -4677,6 +4896,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             ex.price = model_price(settings.prices, facts.model)
         body = broker.admit(record, ex, provider.usage, facts.path, body)
         ex.drain_usage = budget_key(policy) != ""
+        if provider.oauth:                   # the access token the broker holds for this secret
+            parts = dict(parts, access_token=broker.oauth_token(record, provider, verify, ex))
+            pairs = pairs + parts_pairs({"access_token": parts["access_token"]})
         try:
             headers, rest_up, query_up = swap_credentials(
                 provider, swap, parts, forward_request_headers(head.fields), rest, query)
@@ -4721,6 +4943,14 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             ws_base = self.agent_base_url(head, websocket=True) + route_prefix + "/gateway"
             rewrite = lambda data: rewrite_gateway_url(data, ws_base)      # noqa: E731
         answer = broker.forward(target, head.method, headers, body)
+        if provider.oauth and answer.status == 401 and head.method in IDEMPOTENT_METHODS and (
+                body is None or isinstance(body, bytes)):    # revoked early: renew, retry once
+            answer.finish(False)
+            stale = parts["access_token"]
+            fresh = broker.oauth_token(record, provider, verify, ex, stale=stale)
+            writer.use_key(pairs + parts_pairs({"access_token": fresh}))
+            headers = [(n, v.replace(stale, fresh)) for n, v in headers]
+            answer = broker.forward(target, head.method, headers, body)
         self.relay(head, answer, provider, route_prefix, ex, rewrite)
 
     def aws_payload(self, head: RequestHead, headers: List[Tuple[str, str]],
@@ -5119,7 +5349,7 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     if name in ("seks", "api"):
         raise ConfigError(f"the provider name {name!r} is reserved (/{name}/ is the broker's own)")
     known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env",
-             "gateway", "parts", "public"}
+             "gateway", "parts", "public", "oauth", "token_url", "device_url"}
     unknown = set(sec.keys()) - known - set(sec.parser.defaults())
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} (known: "
@@ -5149,6 +5379,8 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     if any(not re.fullmatch(r"[a-z][a-z0-9_]{0,31}\??", n) for n in declared):
         raise ConfigError("parts are names of lower-case letters, digits and '_', an optional "
                           "one ending in '?': e.g. 'parts = api_key app_key?'", key="parts")
+    if sec.get("oauth", "").strip() and declared:    # the token the broker mints is a part too
+        declared.append("access_token")
     parts = tuple(n.rstrip("?") for n in declared) or tuple(dict.fromkeys(named or ["key"]))
     optional = tuple(n.rstrip("?") for n in declared if n.endswith("?"))
     if set(named) - set(parts):
@@ -5185,9 +5417,23 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         raise ConfigError("env must be 'BASE_VAR=/path [BASE_VAR=/path...] KEY_VAR [KEY_VAR...] "
                           "[VAR={public_part}...]', e.g. 'OPENAI_BASE_URL=/v1 OPENAI_API_KEY'",
                           key="env")
+    oauth = tuple(sec.get("oauth", "").split())
+    if set(oauth) - set(OAUTH_GRANTS) or oauth and "access_token" not in parts:
+        raise ConfigError(f"oauth names grants ({', '.join(OAUTH_GRANTS)}) and inject then uses "
+                          f"{{access_token}}, e.g. 'inject = header Authorization Bearer "
+                          f"{{access_token}}'", key="oauth")
+    for key in ("token_url", "device_url"):
+        try:
+            if sec.get(key, "").strip():
+                parse_upstream_base(sec[key].strip())
+        except ConfigError as exc:
+            raise ConfigError(str(exc), key=key) from None
+    if oauth and "access_token" not in optional:
+        optional += ("access_token",)             # the broker mints it; the secret never holds it
     return Provider(name, sec["upstream"].strip(), places, inject, usage,
                     tuple(sec.get("aliases", "").split()), shape, errors, env, gateway, also,
-                    parts, optional, public)
+                    parts, optional, public, oauth, sec.get("token_url", "").strip(),
+                    sec.get("device_url", "").strip())
 
 
 def providers_from_ini(text: str) -> Dict[str, Provider]:
@@ -5740,6 +5986,8 @@ class Broker:
                  providers: Dict[str, Provider]) -> None:
         self.settings = settings
         self.store = store
+        self._oauth_lock, self._oauth_locks = threading.Lock(), {}     # OAuth: per secret,
+        self._oauth: Dict[str, Tuple[str, float]] = {}     # access tokens, in memory only
         self._role_lock, self._role_locks = threading.Lock(), {}   # AWS role_arn: per secret,
         self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float]] = {}  # in memory
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
@@ -5890,6 +6138,71 @@ class Broker:
                               "key") from None
         self.log("warning", "keys", message="the master key was rotated; reloaded it")
         return KeyRing(key)
+
+    def oauth_token(self, record: TokenRecord, provider: Provider, verify: bool,
+                    ex: "Exchange", stale: str = "") -> str:
+        """The secret's current access token. Kept in memory; shared with the other processes
+        on the database through oauth_tokens (encrypted); renewed OAUTH_RENEW_S before it
+        expires, or now when ``stale`` (a token the upstream refused) is the current one. One
+        renewal at a time per secret, across threads and processes (Store.oauth_claim); a
+        rotated refresh token is stored with the new access token in one durable commit."""
+        name = record.secret_name
+        cipher, ad = self.tokens.keys.cipher, secret_ad(name, "oauth-access-token")
+        with self._oauth_lock:
+            lock = self._oauth_locks.setdefault(name, threading.Lock())
+        with lock:
+            cached = self._oauth.get(name)
+            if cached is not None and cached[0] != stale and cached[1] - time.time() > OAUTH_RENEW_S:
+                return cached[0]
+            if stale:
+                self.store.oauth_save(name, None, 0.0, None)
+            deadline = time.monotonic() + OAUTH_HOLD_S + 5
+            while True:
+                state, blob, expires, secret_blob = self.store.oauth_claim(
+                    name, OAUTH_RENEW_S, OAUTH_HOLD_S)
+                if state == "token" and blob is not None:
+                    token = cipher.decrypt(blob, ad).decode("ascii")
+                    self._oauth[name] = (token, expires)
+                    return token
+                if state == "renew":
+                    break
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the access token of secret {name} is being renewed "
+                                      f"elsewhere and it is taking too long")
+                time.sleep(0.05)
+            try:
+                if secret_blob is None:
+                    raise ValueError("the secret is gone")
+                parts = secret_parts(cipher.decrypt(secret_blob, secret_ad(
+                    name, record.secret_provider or "")))
+                grant, url, headers, body = oauth_request(provider, parts, time.time())
+                answer = self.forward(config_target(url, verify), "POST", headers + [
+                    ("Content-Length", str(len(body))), ("Accept-Encoding", "identity")], body)
+                data, complete = b"", False
+                try:
+                    while len(data) <= 65536:
+                        chunk = answer.body.read()
+                        if not chunk:
+                            complete = True
+                            break
+                        data += chunk
+                finally:
+                    answer.finish(complete)
+                token, expires, refresh = oauth_answer(grant, answer.status, data, time.time())
+            except (ValueError, KeyError, DecryptError, BrokerError) as exc:
+                self.store.oauth_save(name, None, 0.0, None)
+                why = exc.message if isinstance(exc, BrokerError) else str(exc)
+                ex.reason = f"access token renewal for secret {name} failed: {why}"
+                self.log("error", "oauth", secret=name, provider=provider.name, reason=why)
+                raise UpstreamError(f"the broker could not renew the access token of secret "
+                                    f"{name}: {why}") from None
+            rotated = None
+            if refresh and refresh != parts.get("refresh_token"):
+                rotated = cipher.encrypt(pack_parts(dict(parts, refresh_token=refresh)),
+                                         secret_ad(name, record.secret_provider or ""))
+            self.store.oauth_save(name, cipher.encrypt(token.encode("ascii"), ad), expires, rotated)
+            self._oauth[name] = (token, expires)
+            return token
 
     def assume_role(self, record: TokenRecord, parts: Dict[str, str], provider: Provider,
                     region: str, verify: bool, ex: "Exchange") -> Dict[str, str]:

@@ -88,3 +88,203 @@ def test_der_items_refuses_bad_lengths() -> None:
     for data in bad:
         with pytest.raises(ValueError):
             sb.der_items(data)
+
+
+# ============================================================================
+# Over sockets: a loopback token endpoint (rotating refresh tokens, expiring access tokens)
+# and a loopback API that accepts only the current access token
+# ============================================================================
+
+import concurrent.futures      # noqa: E402
+import threading               # noqa: E402
+import time                    # noqa: E402
+import urllib.parse            # noqa: E402
+from typing import Dict, Iterator  # noqa: E402
+
+from conftest import Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, audit_json, ok  # noqa: E402
+
+
+class Issuer:
+    """The token endpoint's state: the one valid refresh token (rotated on every use), the
+    valid access tokens, how long new ones live, and every call it got."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.refresh = "test-refresh-0"
+        self.access: Dict[str, float] = {}
+        self.life = 3600
+        self.calls = 0
+        self.revoked = False
+
+    def token(self, h: UpstreamHandler, req: RecordedRequest) -> None:
+        form = {k: v[0] for k, v in urllib.parse.parse_qs((req.body or b"").decode()).items()}
+        with self.lock:
+            self.calls += 1
+            if form.get("client_id") != "test-client" or form.get("client_secret") != "test-client-secret-0123456789":
+                h.send_json(401, {"error": "invalid_client"})
+                return
+            if form.get("grant_type") != "refresh_token" or form.get("refresh_token") != self.refresh or self.revoked:
+                h.send_json(400, {"error": "invalid_grant", "error_description": f"bad {form.get('refresh_token')}"})
+                return
+            n = self.calls
+            self.refresh = f"test-refresh-{n}"
+            access = f"test-access-{n}-abcdefghijklmnopqrstuvwxyz"
+            self.access[access] = time.time() + self.life
+        time.sleep(0.2)                                  # a slow endpoint: renewals overlap
+        h.send_json(200, {"access_token": access, "expires_in": self.life, "refresh_token": self.refresh,
+                          "token_type": "Bearer"})
+
+    def api(self, h: UpstreamHandler, req: RecordedRequest) -> None:
+        auth = req.header("authorization") or ""
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        if self.access.get(token, 0) < time.time() or "seks_" in req.wire_text():
+            h.send_json(401, {"error": {"code": 401, "message": "Request had invalid authentication credentials."}})
+            return
+        h.send_json(200, {"emailAddress": "me@example.invalid", "debug": f"you sent {token}"})
+
+
+@pytest.fixture()
+def issuer() -> Issuer:
+    return Issuer()
+
+
+@pytest.fixture()
+def oauth_up(issuer: Issuer) -> Iterator[FakeUpstream]:
+    up = FakeUpstream("gmail", key="unused")
+    up.set_responder(lambda h, req: issuer.token(h, req) if req.target.startswith("/token") else issuer.api(h, req))
+    yield up
+    up.stop()
+
+
+def gmail_broker(broker_factory: Brokers, up: FakeUpstream) -> Broker:
+    secret = {"client_id": "test-client", "client_secret": "test-client-secret-0123456789",
+              "refresh_token": "test-refresh-0", "token_url": up.url + "/token"}
+    return broker_factory.seed(("gmail",), keys={"gmail": json.dumps(secret)}, extra_env={"SEKS_UPSTREAM_GMAIL": up.url},
+                               via_cli=True)
+
+
+def profile(b: Broker, token: str) -> "object":
+    return b.request("GET", "/gmail/gmail/v1/users/me/profile", {"Authorization": f"Bearer {token}"})
+
+
+def test_the_broker_mints_caches_and_renews_access_tokens_the_agent_never_sees(
+        broker_factory: Brokers, oauth_up: FakeUpstream, issuer: Issuer) -> None:
+    served = broker_factory.serve(gmail_broker(broker_factory, oauth_up))
+    token = served.token("gmail")
+    for _ in range(3):
+        resp = profile(served, token)
+        assert resp.status == 200, resp.body
+        assert b"test-access" not in resp.body and json.loads(resp.body)["emailAddress"] == "me@example.invalid"
+    assert issuer.calls == 1                         # minted once, then from memory
+    issuer.life = 200                                # shorter than the renewal margin
+    issuer.access.clear()                            # ...and the current one revoked: 401, renewed, retried
+    assert profile(served, token).status == 200
+    assert profile(served, token).status == 200
+    assert issuer.calls == 3                         # each use renews a token about to expire
+    text = json.dumps(audit_json(served)) + served.stderr_text() + ok(served.cli("secret", "list"))
+    assert "test-access" not in text and "test-refresh" not in text
+
+
+def test_twenty_requests_at_expiry_across_two_workers_renew_once(
+        broker_factory: Brokers, oauth_up: FakeUpstream, issuer: Issuer) -> None:
+    import socket
+    if not hasattr(socket, "SO_REUSEPORT"):
+        pytest.fail("this test needs SO_REUSEPORT for --workers")
+    base = gmail_broker(broker_factory, oauth_up)
+    served = broker_factory.serve(base, "--workers", "2")
+    issuer.life = 200                                # the first token is already "at expiry"
+    assert profile(served, base.token("gmail")).status == 200
+    issuer.life, calls = 3600, issuer.calls
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(lambda _: profile(served, base.token("gmail")).status, range(20)))
+    assert statuses == [200] * 20
+    assert issuer.calls == calls + 1, f"{issuer.calls - calls} renewals for 20 requests"
+
+
+def test_a_rotated_refresh_token_survives_a_sigkill_right_after_the_renewal(
+        broker_factory: Brokers, oauth_up: FakeUpstream, issuer: Issuer) -> None:
+    base = gmail_broker(broker_factory, oauth_up)
+    served = broker_factory.serve(base)
+    assert profile(served, base.token("gmail")).status == 200       # renewal 1 rotates the refresh token
+    served.kill()                                                   # SIGKILL
+    issuer.access.clear()                                           # the stored access token is now refused
+    again = broker_factory.serve(base)
+    assert profile(again, base.token("gmail")).status == 200        # renewed with the rotated refresh token
+    assert issuer.calls == 2 and issuer.refresh == "test-refresh-2"
+
+
+def test_a_revoked_refresh_token_is_a_clear_502_naming_the_secret_not_its_values(
+        broker_factory: Brokers, oauth_up: FakeUpstream, issuer: Issuer) -> None:
+    issuer.revoked = True
+    base = gmail_broker(broker_factory, oauth_up)
+    served = broker_factory.serve(base)
+    resp = profile(served, base.token("gmail"))
+    assert resp.status == 502, resp.body
+    assert b"could not renew the access token of secret gmail-key" in resp.body and b"invalid_grant" in resp.body
+    assert b"test-refresh" not in resp.body and b"test-client-secret" not in resp.body
+    rows = audit_json(served)
+    assert "renewal for secret gmail-key failed" in rows[-1]["reason"] and "test-refresh" not in json.dumps(rows)
+    assert oauth_up.requests and all(not r.target.startswith("/gmail") for r in oauth_up.requests)
+
+
+def jwt_ok(token: str, issuer_claim: str) -> bool:
+    """The test endpoints' own RS256 check against RFC 7515 A.2's public key."""
+    import hashlib
+    try:
+        head, claims, sig = token.split(".")
+        s = int.from_bytes(base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)), "big")
+        em = pow(s, num("e"), num("n")).to_bytes(256, "big")
+        body = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+    except ValueError:
+        return False
+    digest = hashlib.sha256(f"{head}.{claims}".encode()).digest()
+    return em == b"\x00\x01" + b"\xff" * (256 - 3 - 19 - 32) + b"\x00" + sb._SHA256_DIGEST_INFO + digest and \
+        body.get("iss") == issuer_claim and body["exp"] > time.time()
+
+
+def test_github_app_and_service_account_and_client_credentials_grants(broker_factory: Brokers) -> None:
+    """A GitHub App's JWT buys an installation token; a Google service account's JWT (its JSON
+    file as the secret) buys an access token for Vertex; Graph's client credentials grant; each
+    API then accepts only the token its endpoint issued."""
+    issued: Dict[str, str] = {}
+
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        form = {k: v[0] for k, v in urllib.parse.parse_qs((req.body or b"").decode()).items()}
+        auth = req.header("authorization") or ""
+        if req.target == "/app/installations/42/access_tokens" and req.method == "POST":
+            ok_ = jwt_ok(auth[len("Bearer "):], "12345")
+            issued["github"] = "ghs_test_installation_token_0123456789"
+            h.send_json(201 if ok_ else 401, {"token": issued["github"], "expires_at": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))})
+        elif req.target == "/sa-token":
+            good = form.get("grant_type") == "urn:ietf:params:oauth:grant-type:jwt-bearer" and \
+                jwt_ok(form.get("assertion", ""), "agent@project.iam.gserviceaccount.com")
+            issued["vertex"] = "ya29.test-service-account-token"
+            h.send_json(200 if good else 400, {"access_token": issued["vertex"], "expires_in": 3599} if good else {"error": "invalid_grant"})
+        elif req.target == "/tenant/token":
+            good = form == {"grant_type": "client_credentials", "client_id": "graph-app", "client_secret": "test-graph-secret-0123",
+                            "scope": "https://graph.microsoft.com/.default"}
+            issued["msgraph"] = "eyJ0-test-graph-app-token"
+            h.send_json(200 if good else 400, {"access_token": issued["msgraph"], "expires_in": 3599} if good else {"error": "invalid_client"})
+        else:
+            h.send_json(200 if auth in (f"Bearer {t}" for t in issued.values()) else 401, {"path": req.target})
+
+    up = FakeUpstream("oauth-apis", key="unused")
+    up.set_responder(respond)
+    try:
+        key_pem = pem("PRIVATE KEY", PKCS8)
+        keys = {"github-app": json.dumps({"app_id": "12345", "installation_id": "42", "private_key": key_pem, "api_url": up.url}),
+                "vertex": json.dumps({"type": "service_account", "project_id": "p", "private_key_id": "k1", "private_key": key_pem,
+                                      "client_email": "agent@project.iam.gserviceaccount.com", "token_uri": up.url + "/sa-token"}),
+                "msgraph": json.dumps({"client_id": "graph-app", "client_secret": "test-graph-secret-0123",
+                                       "scope": "https://graph.microsoft.com/.default", "token_url": up.url + "/tenant/token"})}
+        env = {f"SEKS_UPSTREAM_{p.upper().replace('-', '_')}": up.url for p in keys}
+        served = broker_factory.serve(broker_factory.seed(tuple(keys), keys=keys, extra_env=env, via_cli=True))
+        for provider, path in (("github-app", "/github-app/repos/o/r"), ("vertex", "/vertex/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.0-flash:generateContent"),
+                               ("msgraph", "/msgraph/v1.0/me")):
+            resp = served.request("GET", path, {"Authorization": f"Bearer {served.token(provider)}"})
+            assert resp.status == 200, (provider, resp.body)
+            assert issued[provider.split("-")[0] if provider != "github-app" else "github"] not in resp.body.decode()
+        assert "BEGIN" not in ok(served.cli("secret", "list"))
+    finally:
+        up.stop()
