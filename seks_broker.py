@@ -7055,7 +7055,11 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
                 "from the config file)",
                 under=actions, path="secret")
     q.add_argument("name", help="a name for it (letters, digits, '.', '_', '-')")
-    q.add_argument("--provider", required=True, help="which API it is for (see 'providers')")
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("--provider", help="which API it is for (see 'providers')")
+    which.add_argument("--oauth", metavar="PROVIDER", help="an OAuth provider: read its client "
+                       "parts (JSON on stdin), run its device authorization flow (you approve "
+                       "in a browser) and store the refresh token it gives")
     q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
     q = command("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep "
                 "working", "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main",
@@ -7247,6 +7251,64 @@ def read_secret_parts(name: str, provider: Provider, rotating: bool) -> Dict[str
         raise ConfigError(f"{provider.name} secrets have several parts: pipe a JSON object of "
                           f"part names to values, e.g. {example}; nothing was stored")
     return given
+
+
+def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
+    """POST a form to an OAuth endpoint from configuration; its JSON answer (also of a 4xx)."""
+    parse_upstream_base(url)
+    request = urllib.request.Request(url, urllib.parse.urlencode(form).encode(), {
+        "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:       # noqa: S310
+            data = answer.read(65536)
+    except urllib.error.HTTPError as exc:
+        data = exc.read(65536)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach {url}: {type(exc).__name__}") from None
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{url} did not answer with a JSON object")
+    return obj
+
+
+def oauth_device_flow(provider: Provider, parts: Dict[str, Any], cap: float = 900) -> str:
+    """RFC 8628: ask the provider's device endpoint for a code, tell the operator where to
+    approve it, poll the token endpoint until it is approved, denied or expired. Returns the
+    refresh token (never printed)."""
+    device_url = parts.get("device_url") or provider.device_url
+    token_url = parts.get("token_url") or provider.token_url
+    if not device_url or not token_url or not parts.get("client_id"):
+        raise ConfigError(f"{provider.name}'s device flow needs client_id (and its device_url "
+                          f"and token_url); or give the refresh token yourself with --provider")
+    client = {k: parts[k] for k in ("client_id", "client_secret") if parts.get(k)}
+    started = post_form(device_url, dict(client_id=parts["client_id"], **(
+        {"scope": parts["scope"]} if parts.get("scope") else {})))
+    where = started.get("verification_uri_complete") or started.get("verification_uri") or \
+        started.get("verification_url")
+    if not isinstance(started.get("device_code"), str) or not isinstance(where, str):
+        raise ConfigError(f"{device_url} gave no device code: {terminal_text(started.get('error'))}")
+    sys.stderr.write(f"Open {terminal_text(where)} and enter the code "
+                     f"{terminal_text(started.get('user_code'))} to let the broker act for "
+                     f"you ({provider.name}). Waiting...\n")
+    interval = float(started.get("interval", 5)) if str(started.get("interval", 5)).isdigit() else 5
+    deadline = time.monotonic() + min(cap, float(started.get("expires_in", 900)) if str(
+        started.get("expires_in", 900)).isdigit() else 900)
+    while time.monotonic() < deadline:
+        time.sleep(max(interval, 0.05))
+        answer = post_form(token_url, dict(client, device_code=started["device_code"],
+                                           grant_type="urn:ietf:params:oauth:grant-type:device_code"))
+        if isinstance(answer.get("refresh_token"), str) and answer["refresh_token"]:
+            return answer["refresh_token"]
+        error = answer.get("error")
+        if error == "slow_down":
+            interval += 5
+        elif error != "authorization_pending":
+            raise ConfigError(f"the device flow ended: {terminal_text(error) or 'no refresh token'}"
+                              f"; nothing was stored")
+    raise ConfigError("the code was not approved in time; nothing was stored")
 
 
 def write_private(path: str, text: str) -> None:
@@ -7552,7 +7614,7 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
     if not NAME_RE.match(args.name):
         raise UsageError("secret names are 1-64 letters, digits, '.', '_' or '-'")
     if args.action == "add":
-        provider_name = find_provider(providers, args.provider).name
+        provider_name = find_provider(providers, args.oauth or args.provider).name
         if store.get_secret(args.name) is not None:
             raise ConfigError(f"a secret named {args.name!r} exists; use 'secret rotate' "
                               f"to change its value")
@@ -7565,7 +7627,12 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
     if provider is None:
         raise ConfigError(f"secret {args.name!r} is for provider {provider_name!r}, which is "
                           f"not configured")
-    given = read_secret_parts(args.name, provider, args.action == "rotate")
+    given = read_secret_parts(args.name, provider, args.action == "rotate" or bool(
+        getattr(args, "oauth", None)))
+    if getattr(args, "oauth", None):      # the device flow gives the refresh token
+        if not provider.oauth:
+            raise ConfigError(f"{provider.name} is not an OAuth provider")
+        given["refresh_token"] = oauth_device_flow(provider, given)
     master = load_master_key(settings.db, environ, store)
     cipher = SecretCipher(master)
     parts: Dict[str, str] = {}

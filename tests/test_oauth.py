@@ -288,3 +288,46 @@ def test_github_app_and_service_account_and_client_credentials_grants(broker_fac
         assert "BEGIN" not in ok(served.cli("secret", "list"))
     finally:
         up.stop()
+
+
+def test_secret_add_oauth_runs_the_device_flow_and_stores_the_refresh_token(
+        broker_factory: Brokers, oauth_up: FakeUpstream, issuer: Issuer) -> None:
+    """RFC 8628 against a loopback device endpoint: the operator is told where to approve,
+    the CLI polls (pending twice, then approved), stores the refresh token it never prints,
+    and the broker then mints access tokens from it."""
+    polls = {"n": 0}
+
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        form = {k: v[0] for k, v in urllib.parse.parse_qs((req.body or b"").decode()).items()}
+        if req.target == "/devicecode":
+            if form.get("client_id") != "test-client":
+                h.send_json(400, {"error": "invalid_client"})
+                return
+            h.send_json(200, {"device_code": "dev-code-1", "user_code": "WDJB-MJHT",
+                              "verification_uri": "https://example.invalid/device", "expires_in": 60, "interval": 0})
+        elif form.get("grant_type") == "urn:ietf:params:oauth:grant-type:device_code":
+            polls["n"] += 1
+            if polls["n"] < 3:
+                h.send_json(400, {"error": "authorization_pending"})
+            else:
+                h.send_json(200, {"access_token": "test-access-from-device", "refresh_token": issuer.refresh, "expires_in": 10})
+        else:
+            issuer.token(h, req) if req.target.startswith("/token") else issuer.api(h, req)
+
+    oauth_up.set_responder(respond)
+    base = broker_factory.seed(("gmail",), keys={"gmail": json.dumps({
+        "client_id": "test-client", "client_secret": "test-client-secret-0123456789", "refresh_token": "unused-0000",
+        "token_url": oauth_up.url + "/token"})}, extra_env={"SEKS_UPSTREAM_GMAIL": oauth_up.url, "SEKS_UPSTREAM_MSGRAPH": oauth_up.url})
+    client = {"client_id": "test-client", "client_secret": "test-client-secret-0123456789",
+              "device_url": oauth_up.url + "/devicecode", "token_url": oauth_up.url + "/token"}
+    cp = base.cli("secret", "add", "graph-me", "--oauth", "msgraph", input=json.dumps(client))
+    assert cp.returncode == 0, cp.stderr
+    assert "https://example.invalid/device" in cp.stderr and "WDJB-MJHT" in cp.stderr and polls["n"] == 3
+    assert "test-refresh" not in cp.stderr + cp.stdout
+    assert "refresh_token" in ok(base.cli("secret", "list"))
+    token = base.mint("msgraph", "graph-agent", secret="graph-me", via_cli=True)
+    served = broker_factory.serve(base)
+    resp = served.request("GET", "/msgraph/v1.0/me", {"Authorization": f"Bearer {token}"})
+    assert resp.status == 200, resp.body
+    denied = base.cli("secret", "add", "graph-no", "--oauth", "msgraph", input=json.dumps(dict(client, client_id="other")))
+    assert denied.returncode != 0 and "invalid_client" in denied.stderr and "graph-no" not in ok(base.cli("secret", "list"))
