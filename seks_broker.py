@@ -4898,7 +4898,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         ex.drain_usage = budget_key(policy) != ""
         if provider.oauth:                   # the access token the broker holds for this secret
             parts = dict(parts, access_token=broker.oauth_token(record, provider, verify, ex))
-            pairs = pairs + parts_pairs({"access_token": parts["access_token"]})
+            pairs = pairs + broker.oauth_pairs(record.secret_name)     # every live one it minted
         try:
             headers, rest_up, query_up = swap_credentials(
                 provider, swap, parts, forward_request_headers(head.fields), rest, query)
@@ -4948,7 +4948,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             answer.finish(False)
             stale = parts["access_token"]
             fresh = broker.oauth_token(record, provider, verify, ex, stale=stale)
-            writer.use_key(pairs + parts_pairs({"access_token": fresh}))
+            writer.use_key(pairs + broker.oauth_pairs(record.secret_name))
             headers = [(n, v.replace(stale, fresh)) for n, v in headers]
             answer = broker.forward(target, head.method, headers, body)
         self.relay(head, answer, provider, route_prefix, ex, rewrite)
@@ -5988,6 +5988,7 @@ class Broker:
         self.store = store
         self._oauth_lock, self._oauth_locks = threading.Lock(), {}     # OAuth: per secret,
         self._oauth: Dict[str, Tuple[str, float]] = {}     # access tokens, in memory only
+        self._oauth_seen: Dict[str, List[Tuple[str, float]]] = {}    # and those still alive
         self._role_lock, self._role_locks = threading.Lock(), {}   # AWS role_arn: per secret,
         self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float]] = {}  # in memory
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
@@ -6139,6 +6140,23 @@ class Broker:
         self.log("warning", "keys", message="the master key was rotated; reloaded it")
         return KeyRing(key)
 
+    def oauth_pairs(self, secret: str) -> Tuple[Tuple[bytes, bytes], ...]:
+        """The scrub pairs of every access token of the secret that is still alive (a renewed
+        one may still be honoured upstream until it expires)."""
+        now = time.time()
+        with self._oauth_lock:
+            live = [t for t, expires in self._oauth_seen.get(secret, []) if expires > now]
+            self._oauth_seen[secret] = [(t, e) for t, e in self._oauth_seen.get(secret, [])
+                                        if e > now][-8:]
+        return parts_pairs({f"t{i}": t for i, t in enumerate(live)})
+
+    def _oauth_keep(self, secret: str, token: str, expires: float) -> None:
+        self._oauth[secret] = (token, expires)
+        with self._oauth_lock:
+            seen = self._oauth_seen.setdefault(secret, [])
+            if (token, expires) not in seen:
+                seen.append((token, expires))
+
     def oauth_token(self, record: TokenRecord, provider: Provider, verify: bool,
                     ex: "Exchange", stale: str = "") -> str:
         """The secret's current access token. Kept in memory; shared with the other processes
@@ -6162,7 +6180,7 @@ class Broker:
                     name, OAUTH_RENEW_S, OAUTH_HOLD_S)
                 if state == "token" and blob is not None:
                     token = cipher.decrypt(blob, ad).decode("ascii")
-                    self._oauth[name] = (token, expires)
+                    self._oauth_keep(name, token, expires)
                     return token
                 if state == "renew":
                     break
@@ -6201,7 +6219,7 @@ class Broker:
                 rotated = cipher.encrypt(pack_parts(dict(parts, refresh_token=refresh)),
                                          secret_ad(name, record.secret_provider or ""))
             self.store.oauth_save(name, cipher.encrypt(token.encode("ascii"), ad), expires, rotated)
-            self._oauth[name] = (token, expires)
+            self._oauth_keep(name, token, expires)
             return token
 
     def assume_role(self, record: TokenRecord, parts: Dict[str, str], provider: Provider,

@@ -140,7 +140,8 @@ class Issuer:
         if self.access.get(token, 0) < time.time() or "seks_" in req.wire_text():
             h.send_json(401, {"error": {"code": 401, "message": "Request had invalid authentication credentials."}})
             return
-        h.send_json(200, {"emailAddress": "me@example.invalid", "debug": f"you sent {token}"})
+        h.send_json(200, {"emailAddress": "me@example.invalid", "debug": f"you sent {token}",
+                          "alive": sorted(t for t, e in self.access.items() if e > time.time())})  # older ones too
 
 
 @pytest.fixture()
@@ -178,8 +179,10 @@ def test_the_broker_mints_caches_and_renews_access_tokens_the_agent_never_sees(
     assert issuer.calls == 1                         # minted once, then from memory
     issuer.life = 200                                # shorter than the renewal margin
     issuer.access.clear()                            # ...and the current one revoked: 401, renewed, retried
-    assert profile(served, token).status == 200
-    assert profile(served, token).status == 200
+    for _ in range(2):
+        resp = profile(served, token)
+        assert resp.status == 200 and b"test-access" not in resp.body, resp.body   # every live token masked
+    assert len(json.loads(resp.body)["alive"]) == 2
     assert issuer.calls == 3                         # each use renews a token about to expire
     text = json.dumps(audit_json(served)) + served.stderr_text() + ok(served.cli("secret", "list"))
     assert "test-access" not in text and "test-refresh" not in text
