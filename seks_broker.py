@@ -416,6 +416,7 @@ env = GOOGLE_DRIVE_API_URL=/drive/v3 GOOGLE_ACCESS_TOKEN
 
 [vertex]
 upstream = https://aiplatform.googleapis.com
+region = gcp
 token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
 parts = private_key client_email token_uri? token_url? scope? type? project_id? private_key_id?
@@ -424,7 +425,7 @@ oauth = jwt_bearer
 public = client_email token_uri token_url scope type project_id private_key_id client_id auth_uri
     auth_provider_x509_cert_url client_x509_cert_url universe_domain
 token_url = https://oauth2.googleapis.com/token
-env = VERTEX_BASE_URL=/v1 GOOGLE_ACCESS_TOKEN
+env = VERTEX_BASE_URL=/us-central1 GOOGLE_ACCESS_TOKEN
 
 [msgraph]
 upstream = https://graph.microsoft.com
@@ -512,7 +513,7 @@ class Provider:
 
     __slots__ = ("name", "upstream", "scheme", "host", "port", "base_path", "token_places",
                  "inject", "usage", "aliases", "token_shape", "errors", "env", "gateway", "also",
-                 "parts", "optional", "public", "oauth", "token_url", "device_url")
+                 "parts", "optional", "public", "oauth", "token_url", "device_url", "region")
 
     def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
                  inject: Optional[CredentialPlace], usage: str = "",
@@ -520,7 +521,8 @@ class Provider:
                  errors: str = "", env: str = "", gateway: str = "",
                  also: Tuple[CredentialPlace, ...] = (), parts: Tuple[str, ...] = (),
                  optional: Tuple[str, ...] = (), public: Tuple[str, ...] = (),
-                 oauth: Tuple[str, ...] = (), token_url: str = "", device_url: str = "") -> None:
+                 oauth: Tuple[str, ...] = (), token_url: str = "", device_url: str = "",
+                 region: str = "") -> None:
         self.name = name
         self.upstream = upstream          # "none": a per-site API, closed until configured
         self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream) \
@@ -540,12 +542,13 @@ class Provider:
         self.public = public      # out); identifiers, not secrets: never masked in answers
         self.oauth = oauth        # grants the broker runs to mint access tokens ({access_token})
         self.token_url, self.device_url = token_url, device_url    # their default endpoints
+        self.region = region      # "gcp": routes are /NAME/<region>/..., the host regional
 
     def with_upstream(self, upstream: str) -> "Provider":
         return Provider(self.name, upstream, self.token_places, self.inject, self.usage,
                         self.aliases, self.token_shape, self.errors, self.env, self.gateway,
                         self.also, self.parts, self.optional, self.public, self.oauth,
-                        self.token_url, self.device_url)
+                        self.token_url, self.device_url, self.region)
 
     def __repr__(self) -> str:
         return f"Provider({self.name} -> {self.upstream})"
@@ -1131,6 +1134,14 @@ def upstream_target(provider: Provider, rest: str, query: str, verify: bool,
     if not provider.host:
         raise Unavailable(f"the {provider.name} route has no upstream until the operator sets "
                           f"one ([upstream] {provider.name} = https://...)")
+    if provider.region == "gcp":                      # /<region>/<rest>: Google's regional host
+        region, rest = gcp_route(rest)
+        path = rest + ("?" + query if query else "")
+        if provider.host.endswith(".googleapis.com"):
+            return Target(provider.scheme, provider.host if region == "global" else
+                          f"{region}-{provider.host}", provider.port, verify, path)
+        return Target(provider.scheme, provider.host, provider.port, verify,
+                      provider.base_path + path)
     if any(p.kind == "aws" for p in provider.token_places):   # /<service>/<region>/<rest>:
         service, region, rest = aws_route(rest)           # the host is AWS's, or the one base
         rest = aws_quote(urllib.parse.unquote(rest), "/")  # configured (path-style), the path
@@ -1378,6 +1389,19 @@ def aws_route(rest: str) -> Tuple[str, str, str]:
         raise NotFound("AWS routes are /aws/<service>/<region>/..., e.g. "
                        "/aws/bedrock-runtime/us-east-1/model/<id>/converse")
     return service, region, "/" + (bits[3] if rest.count("/") >= 3 else "")
+
+
+GCP_REGION_RE = re.compile(r"^(?:global|[a-z]{2,15}-[a-z]{2,15}[0-9]{1,2})\Z")
+
+
+def gcp_route(rest: str) -> Tuple[str, str]:
+    """``/<region>/<rest>`` of a regional Google route (Vertex AI) -> (region, /rest); the
+    region is a strict pattern, so ``<region>-aiplatform.googleapis.com`` stays Google's."""
+    region, _, tail = rest[1:].partition("/")
+    if not GCP_REGION_RE.match(region):
+        raise NotFound("regional routes are /<provider>/<region>/..., e.g. "
+                       "/vertex/us-central1/v1/projects/...")
+    return region, "/" + tail
 
 
 def aws_allowed(parts: Dict[str, str], service: str, region: str) -> Optional[BrokerError]:
@@ -4845,6 +4869,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         provider, rest, route_prefix = broker.route(path)
         ex.provider, self.error_style = provider.name, provider.errors
         aws = any(p.kind == "aws" for p in provider.token_places)
+        if provider.region:                   # /vertex/<region>/...: policies see what follows
+            policy_rest = gcp_route(rest)[1]
         if aws:                               # /aws/<service>/<region>/...: AWS-shaped errors
             service, region, policy_rest = aws_route(rest)
             self.error_style = "aws-s3" if service == "s3" else (
@@ -4878,7 +4904,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         body = self.request_body(head, framing, length, read_whole, ex)
         if body is None and read_whole and budget_key(policy) and head.method in WRITE_METHODS:
             body = b""                        # a budget bounds (or refuses) body-less POSTs too
-        facts = request_facts(provider, head.method, head.fields, policy_rest if aws else rest,
+        facts = request_facts(provider, head.method, head.fields,
+                              policy_rest if aws or provider.region else rest,
                               swap, body if read_whole else None, read_whole, upgrade)
         refusal = decide(policy, facts)
         if refusal is not None:
@@ -5349,7 +5376,7 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     if name in ("seks", "api"):
         raise ConfigError(f"the provider name {name!r} is reserved (/{name}/ is the broker's own)")
     known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env",
-             "gateway", "parts", "public", "oauth", "token_url", "device_url"}
+             "gateway", "parts", "public", "oauth", "token_url", "device_url", "region"}
     unknown = set(sec.keys()) - known - set(sec.parser.defaults())
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} (known: "
@@ -5398,12 +5425,14 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     except ConfigError as exc:
         raise ConfigError(str(exc), key="upstream") from None
     usage = sec.get("usage", "").strip()
+    region = sec.get("region", "").strip()
     shape = sec.get("token_shape", "").strip()
     errors = sec.get("errors", "").strip()
     gateway = sec.get("gateway", "").strip()
     for key, value, allowed in (("usage", usage, ("", "openai", "anthropic", "gemini", "bedrock")),
                                 ("token_shape", shape, ("", "bot-id")),
                                 ("errors", errors, ("", "telegram", "aws")),
+                                ("region", region, ("", "gcp")),
                                 ("gateway", gateway, ("", "discord"))):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(a for a in allowed if a)}",
@@ -5433,7 +5462,7 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     return Provider(name, sec["upstream"].strip(), places, inject, usage,
                     tuple(sec.get("aliases", "").split()), shape, errors, env, gateway, also,
                     parts, optional, public, oauth, sec.get("token_url", "").strip(),
-                    sec.get("device_url", "").strip())
+                    sec.get("device_url", "").strip(), region)
 
 
 def providers_from_ini(text: str) -> Dict[str, Provider]:

@@ -283,7 +283,7 @@ def test_github_app_and_service_account_and_client_credentials_grants(broker_fac
                                        "scope": "https://graph.microsoft.com/.default", "token_url": up.url + "/tenant/token"})}
         env = {f"SEKS_UPSTREAM_{p.upper().replace('-', '_')}": up.url for p in keys}
         served = broker_factory.serve(broker_factory.seed(tuple(keys), keys=keys, extra_env=env, via_cli=True))
-        for provider, path in (("github-app", "/github-app/repos/o/r"), ("vertex", "/vertex/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.0-flash:generateContent"),
+        for provider, path in (("github-app", "/github-app/repos/o/r"), ("vertex", "/vertex/us-central1/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.0-flash:generateContent"),
                                ("msgraph", "/msgraph/v1.0/me")):
             resp = served.request("GET", path, {"Authorization": f"Bearer {served.token(provider)}"})
             assert resp.status == 200, (provider, resp.body)
@@ -334,3 +334,16 @@ def test_secret_add_oauth_runs_the_device_flow_and_stores_the_refresh_token(
     assert resp.status == 200, resp.body
     denied = base.cli("secret", "add", "graph-no", "--oauth", "msgraph", input=json.dumps(dict(client, client_id="other")))
     assert denied.returncode != 0 and "invalid_client" in denied.stderr and "graph-no" not in ok(base.cli("secret", "list"))
+
+
+def test_vertex_routes_name_a_region_that_only_picks_among_googles_hosts() -> None:
+    vertex = sb.builtin_providers()["vertex"]
+    target = sb.upstream_target(vertex, "/europe-west4/v1/projects/p/locations/europe-west4/endpoints/e:predict", "", True)
+    assert (target.host, target.path) == ("europe-west4-aiplatform.googleapis.com",
+                                          "/v1/projects/p/locations/europe-west4/endpoints/e:predict")
+    assert sb.upstream_target(vertex, "/global/v1/x", "", True).host == "aiplatform.googleapis.com"
+    for rest in ("/us-central1.evil.example/v1", "/evil/v1", "/US-CENTRAL1/v1", "/us-central1@evil/v1", "/"):
+        with pytest.raises(sb.NotFound):
+            sb.upstream_target(vertex, rest, "", True)
+    moved = vertex.with_upstream("http://127.0.0.1:9/base")          # an override: path-style, region dropped
+    assert sb.upstream_target(moved, "/us-central1/v1/x", "", True).path == "/base/v1/x"
