@@ -385,33 +385,33 @@ errors = aws
 upstream = https://gmail.googleapis.com
 token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
-parts = client_id client_secret refresh_token token_url? device_url? scope?
+parts = client_id client_secret refresh_token token_url? auth_url? scope?
 oauth = refresh_token
-public = client_id token_url device_url scope
+public = client_id token_url auth_url scope
 token_url = https://oauth2.googleapis.com/token
-device_url = https://oauth2.googleapis.com/device/code
+auth_url = https://accounts.google.com/o/oauth2/v2/auth
 env = GMAIL_API_URL= GOOGLE_ACCESS_TOKEN
 
 [google-calendar]
 upstream = https://www.googleapis.com
 token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
-parts = client_id client_secret refresh_token token_url? device_url? scope?
+parts = client_id client_secret refresh_token token_url? auth_url? scope?
 oauth = refresh_token
-public = client_id token_url device_url scope
+public = client_id token_url auth_url scope
 token_url = https://oauth2.googleapis.com/token
-device_url = https://oauth2.googleapis.com/device/code
+auth_url = https://accounts.google.com/o/oauth2/v2/auth
 env = GOOGLE_CALENDAR_API_URL=/calendar/v3 GOOGLE_ACCESS_TOKEN
 
 [google-drive]
 upstream = https://www.googleapis.com
 token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
-parts = client_id client_secret refresh_token token_url? device_url? scope?
+parts = client_id client_secret refresh_token token_url? auth_url? scope?
 oauth = refresh_token
-public = client_id token_url device_url scope
+public = client_id token_url auth_url scope
 token_url = https://oauth2.googleapis.com/token
-device_url = https://oauth2.googleapis.com/device/code
+auth_url = https://accounts.google.com/o/oauth2/v2/auth
 env = GOOGLE_DRIVE_API_URL=/drive/v3 GOOGLE_ACCESS_TOKEN
 
 [vertex]
@@ -513,7 +513,8 @@ class Provider:
 
     __slots__ = ("name", "upstream", "scheme", "host", "port", "base_path", "token_places",
                  "inject", "usage", "aliases", "token_shape", "errors", "env", "gateway", "also",
-                 "parts", "optional", "public", "oauth", "token_url", "device_url", "region")
+                 "parts", "optional", "public", "oauth", "token_url", "device_url", "region",
+                 "auth_url")
 
     def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
                  inject: Optional[CredentialPlace], usage: str = "",
@@ -522,7 +523,7 @@ class Provider:
                  also: Tuple[CredentialPlace, ...] = (), parts: Tuple[str, ...] = (),
                  optional: Tuple[str, ...] = (), public: Tuple[str, ...] = (),
                  oauth: Tuple[str, ...] = (), token_url: str = "", device_url: str = "",
-                 region: str = "") -> None:
+                 region: str = "", auth_url: str = "") -> None:
         self.name = name
         self.upstream = upstream          # "none": a per-site API, closed until configured
         self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream) \
@@ -543,12 +544,13 @@ class Provider:
         self.oauth = oauth        # grants the broker runs to mint access tokens ({access_token})
         self.token_url, self.device_url = token_url, device_url    # their default endpoints
         self.region = region      # "gcp": routes are /NAME/<region>/..., the host regional
+        self.auth_url = auth_url  # the consent page of the authorization code flow (PKCE)
 
     def with_upstream(self, upstream: str) -> "Provider":
         return Provider(self.name, upstream, self.token_places, self.inject, self.usage,
                         self.aliases, self.token_shape, self.errors, self.env, self.gateway,
                         self.also, self.parts, self.optional, self.public, self.oauth,
-                        self.token_url, self.device_url, self.region)
+                        self.token_url, self.device_url, self.region, self.auth_url)
 
     def __repr__(self) -> str:
         return f"Provider({self.name} -> {self.upstream})"
@@ -5376,7 +5378,8 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     if name in ("seks", "api"):
         raise ConfigError(f"the provider name {name!r} is reserved (/{name}/ is the broker's own)")
     known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env",
-             "gateway", "parts", "public", "oauth", "token_url", "device_url", "region"}
+             "gateway", "parts", "public", "oauth", "token_url", "device_url", "region",
+             "auth_url"}
     unknown = set(sec.keys()) - known - set(sec.parser.defaults())
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} (known: "
@@ -5451,7 +5454,7 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         raise ConfigError(f"oauth names grants ({', '.join(OAUTH_GRANTS)}) and inject then uses "
                           f"{{access_token}}, e.g. 'inject = header Authorization Bearer "
                           f"{{access_token}}'", key="oauth")
-    for key in ("token_url", "device_url"):
+    for key in ("token_url", "device_url", "auth_url"):
         try:
             if sec.get(key, "").strip():
                 parse_upstream_base(sec[key].strip())
@@ -5462,7 +5465,7 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     return Provider(name, sec["upstream"].strip(), places, inject, usage,
                     tuple(sec.get("aliases", "").split()), shape, errors, env, gateway, also,
                     parts, optional, public, oauth, sec.get("token_url", "").strip(),
-                    sec.get("device_url", "").strip(), region)
+                    sec.get("device_url", "").strip(), region, sec.get("auth_url", "").strip())
 
 
 def providers_from_ini(text: str) -> Dict[str, Provider]:
@@ -7321,6 +7324,63 @@ def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
     return obj
 
 
+def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300) -> str:
+    """Authorization code with PKCE (RFC 7636) on a loopback redirect (RFC 8252): print the
+    provider's consent URL, take the code the browser brings back to 127.0.0.1 (the state
+    checked), trade it with the code verifier for a refresh token (never printed)."""
+    auth_url = parts.get("auth_url") or provider.auth_url
+    token_url = parts.get("token_url") or provider.token_url
+    if not parts.get("client_id") or not token_url:
+        raise ConfigError(f"{provider.name}'s sign-in needs client_id (and its token_url)")
+    parse_upstream_base(auth_url)
+    verifier, state = secrets.token_urlsafe(48), secrets.token_urlsafe(16)
+    got: Dict[str, str] = {}
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:                 # noqa: N802 (http.server's name)
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+            if hmac.compare_digest(query.get("state", ""), state) and not got:
+                got.update(query)
+            body = b"seks-broker: you can close this tab.\n"
+            self.send_response(200 if got else 400)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    server.timeout = 1.0
+    redirect = f"http://127.0.0.1:{server.server_address[1]}/"
+    consent = auth_url + ("&" if "?" in auth_url else "?") + urllib.parse.urlencode({
+        "response_type": "code", "client_id": parts["client_id"], "redirect_uri": redirect,
+        "scope": parts.get("scope") or "", "state": state, "code_challenge_method": "S256",
+        "code_challenge": b64url(hashlib.sha256(verifier.encode()).digest()),
+        "access_type": "offline", "prompt": "consent"})
+    sys.stderr.write(f"Open this URL in a browser on this machine and sign in ({provider.name}); "
+                     f"waiting for the redirect to {redirect}\n{consent}\n")
+    sys.stderr.flush()
+    deadline = time.monotonic() + cap
+    try:
+        while not got and time.monotonic() < deadline:
+            server.handle_request()
+    finally:
+        server.server_close()
+    if not got.get("code"):
+        raise ConfigError(f"no sign-in came back{': ' + terminal_text(got.get('error')) if got else ''}"
+                          f"; nothing was stored")
+    answer = post_form(token_url, dict({k: parts[k] for k in ("client_id", "client_secret")
+                                        if parts.get(k)}, grant_type="authorization_code",
+                                       code=got["code"], redirect_uri=redirect,
+                                       code_verifier=verifier))
+    if not isinstance(answer.get("refresh_token"), str) or not answer["refresh_token"]:
+        raise ConfigError(f"the provider gave no refresh token ({terminal_text(answer.get('error'))}"
+                          f"); nothing was stored")
+    return answer["refresh_token"]
+
+
 def oauth_device_flow(provider: Provider, parts: Dict[str, Any], cap: float = 900) -> str:
     """RFC 8628: ask the provider's device endpoint for a code, tell the operator where to
     approve it, poll the token endpoint until it is approved, denied or expired. Returns the
@@ -7676,10 +7736,11 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
                           f"not configured")
     given = read_secret_parts(args.name, provider, args.action == "rotate" or bool(
         getattr(args, "oauth", None)))
-    if getattr(args, "oauth", None):      # the device flow gives the refresh token
+    if getattr(args, "oauth", None):      # the device flow or PKCE gives the refresh token
         if not provider.oauth:
             raise ConfigError(f"{provider.name} is not an OAuth provider")
-        given["refresh_token"] = oauth_device_flow(provider, given)
+        given["refresh_token"] = (oauth_pkce_flow if given.get("auth_url") or provider.auth_url
+                                  else oauth_device_flow)(provider, given)
     master = load_master_key(settings.db, environ, store)
     cipher = SecretCipher(master)
     parts: Dict[str, str] = {}

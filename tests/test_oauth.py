@@ -347,3 +347,65 @@ def test_vertex_routes_name_a_region_that_only_picks_among_googles_hosts() -> No
             sb.upstream_target(vertex, rest, "", True)
     moved = vertex.with_upstream("http://127.0.0.1:9/base")          # an override: path-style, region dropped
     assert sb.upstream_target(moved, "/us-central1/v1/x", "", True).path == "/base/v1/x"
+
+
+def test_secret_add_oauth_with_pkce_on_a_loopback_redirect(broker_factory: Brokers, oauth_up: FakeUpstream,
+                                                           issuer: Issuer) -> None:
+    """Authorization code with PKCE: the CLI prints the consent URL and listens on 127.0.0.1;
+    the "browser" (this test) comes back with the code and the state; the token endpoint gets
+    the verifier matching the printed challenge; the refresh token is stored, never printed.
+    A redirect with another state is turned away."""
+    import hashlib
+    import subprocess
+    import sys
+    import urllib.request
+    from conftest import BROKER_PY
+
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        form = {k: v[0] for k, v in urllib.parse.parse_qs((req.body or b"").decode()).items()}
+        if form.get("grant_type") == "authorization_code":
+            seen["form"] = form
+            challenge = sb.b64url(hashlib.sha256(form.get("code_verifier", "").encode()).digest())
+            good = form.get("code") == "code-from-google" and challenge == seen["challenge"] and \
+                form.get("redirect_uri") == seen["redirect"] and form.get("client_secret") == "test-client-secret-0123456789"
+            h.send_json(200 if good else 400, {"access_token": "test-access-x", "refresh_token": issuer.refresh,
+                                               "expires_in": 3599} if good else {"error": "invalid_grant"})
+        else:
+            issuer.token(h, req) if req.target.startswith("/token") else issuer.api(h, req)
+
+    seen: Dict[str, object] = {}
+    oauth_up.set_responder(respond)
+    base = broker_factory.seed(("openai",), extra_env={"SEKS_UPSTREAM_GMAIL": oauth_up.url})
+    client = {"client_id": "test-client", "client_secret": "test-client-secret-0123456789", "scope": "https://www.googleapis.com/auth/gmail.readonly",
+              "token_url": oauth_up.url + "/token"}
+    proc = subprocess.Popen([sys.executable, str(BROKER_PY), "--db", str(base.db), "secret", "add", "gmail-me", "--oauth", "gmail"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base.env)
+    try:
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write(json.dumps(client))
+        proc.stdin.close()
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+        consent = lines[1].strip()
+        assert consent.startswith("https://accounts.google.com/o/oauth2/v2/auth?"), lines
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(consent).query))
+        assert query["code_challenge_method"] == "S256" and query["client_id"] == "test-client"
+        seen["challenge"], seen["redirect"] = query["code_challenge"], query["redirect_uri"]
+        assert query["redirect_uri"].startswith("http://127.0.0.1:")
+        import urllib.error                                   # another state: turned away (400)
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(query["redirect_uri"] + "?code=stolen&state=not-the-state", timeout=5)
+        with urllib.request.urlopen(query["redirect_uri"] + "?" + urllib.parse.urlencode(
+                {"code": "code-from-google", "state": query["state"]}), timeout=5) as page:
+            assert b"close this tab" in page.read()
+        assert proc.wait(timeout=20) is not None
+        assert proc.stdout is not None
+        out, err = proc.stdout.read(), "".join(lines) + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "test-refresh" not in out + err + consent
+    assert "gmail-me" in ok(base.cli("secret", "list"))
+    token = base.mint("gmail", "pkce-agent", secret="gmail-me", via_cli=True)
+    served = broker_factory.serve(base)
+    assert profile(served, token).status == 200
