@@ -409,3 +409,30 @@ def test_secret_add_oauth_with_pkce_on_a_loopback_redirect(broker_factory: Broke
     token = base.mint("gmail", "pkce-agent", secret="gmail-me", via_cli=True)
     served = broker_factory.serve(base)
     assert profile(served, token).status == 200
+
+
+def test_a_config_file_oauth_provider_names_its_grant(broker_factory: Brokers, oauth_up: FakeUpstream,
+                                                      issuer: Issuer, tmp_path: Path) -> None:
+    """Any other OAuth API (here a Dropbox-like one) from the config file: its grant, its token
+    endpoint, {access_token} in its injection; `config check` explains a grant it does not know."""
+    config = tmp_path / "seks.ini"
+    config.write_text(f"""[provider:dropbox]
+upstream = {oauth_up.url}
+token = header Authorization Bearer
+inject = header Authorization Bearer {{access_token}}
+parts = client_id client_secret refresh_token
+public = client_id
+oauth = refresh_token
+token_url = {oauth_up.url}/token
+""")
+    secret = {"client_id": "test-client", "client_secret": "test-client-secret-0123456789", "refresh_token": "test-refresh-0"}
+    served = broker_factory.serve(broker_factory.seed(("dropbox",), keys={"dropbox": json.dumps(secret)}, config=config,
+                                                      via_cli=True))
+    resp = served.request("GET", "/dropbox/gmail/v1/users/me/profile", {"Authorization": f"Bearer {served.token('dropbox')}"})
+    assert resp.status == 200 and b"test-access" not in resp.body, resp.body
+    assert issuer.calls == 1
+    bad = tmp_path / "bad.ini"
+    bad.write_text(config.read_text().replace("oauth = refresh_token", "oauth = implicit"))
+    from conftest import run_cli
+    cp = run_cli(tmp_path / "unused.db", "config", "check", str(bad))
+    assert cp.returncode == 1 and f"{bad}:7:" in cp.stdout and "oauth names grants" in cp.stdout, cp.stdout
