@@ -311,18 +311,28 @@ def fake_aws(h: UpstreamHandler, req: RecordedRequest) -> None:
         h.send_json(404, {"message": f"no such thing {req.method} {req.target}"})
 
 
-@pytest.fixture(scope="module")
-def awsup() -> Iterator[FakeUpstream]:
+def answering(responder: object) -> Iterator[FakeUpstream]:
+    """A loopback "AWS" answering with `responder`, stopped at the end of the module."""
     up = FakeUpstream("aws", key="unused")
-    up.set_responder(fake_aws)
+    up.set_responder(responder)         # type: ignore[arg-type]
     yield up
     up.stop()
 
 
+def serving(broker_factory: Brokers, up: FakeUpstream, secret: Dict[str, str], *others: str) -> Broker:
+    """A broker whose aws secret is `secret` and whose AWS routes all go to `up`."""
+    return broker_factory.serve(broker_factory.seed(("aws",) + others, keys={"aws": json.dumps(secret)},
+                                                    extra_env={"SEKS_UPSTREAM_AWS": up.url}))
+
+
+@pytest.fixture(scope="module")
+def awsup() -> Iterator[FakeUpstream]:
+    yield from answering(fake_aws)
+
+
 @pytest.fixture(scope="module")
 def awsb(broker_factory: Brokers, awsup: FakeUpstream) -> Broker:
-    base = broker_factory.seed(("aws", "openai"), keys={"aws": json.dumps(REAL)}, extra_env={"SEKS_UPSTREAM_AWS": awsup.url})
-    return broker_factory.serve(base)
+    return serving(broker_factory, awsup, REAL, "openai")
 
 
 def signed_by_agent(token: str, service: str = "bedrock", region: str = "us-east-1", extra: Tuple = ()) -> Dict[str, str]:
@@ -512,16 +522,12 @@ def fake_sts_and_s3(h: UpstreamHandler, req: RecordedRequest) -> None:
 
 @pytest.fixture(scope="module")
 def roleup() -> Iterator[FakeUpstream]:
-    up = FakeUpstream("aws", key="unused")
-    up.set_responder(fake_sts_and_s3)
-    yield up
-    up.stop()
+    yield from answering(fake_sts_and_s3)
 
 
 @pytest.fixture(scope="module")
 def roleb(broker_factory: Brokers, roleup: FakeUpstream) -> Broker:
-    base = broker_factory.seed(("aws",), keys={"aws": json.dumps(BASE)}, extra_env={"SEKS_UPSTREAM_AWS": roleup.url})
-    return broker_factory.serve(base)
+    return serving(broker_factory, roleup, BASE)
 
 
 def test_role_arn_is_assumed_once_cached_renewed_and_masked(roleb: Broker, roleup: FakeUpstream) -> None:
