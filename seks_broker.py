@@ -7324,6 +7324,26 @@ def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
     return obj
 
 
+class SignInRedirectHandler(http.server.BaseHTTPRequestHandler):
+    """The loopback redirect of `secret add --oauth` (PKCE): takes the code the operator's
+    browser brings back when its state is the one sent, and answers a fixed line."""
+
+    def do_GET(self) -> None:                     # noqa: N802 (http.server's name)
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+        got: Dict[str, str] = self.server.got     # type: ignore[attr-defined]
+        if hmac.compare_digest(query.get("state", ""), self.server.expected_state) and not got:
+            got.update(query)
+        body = b"seks-broker: you can close this tab.\n"
+        self.send_response(200 if got else 400)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300) -> str:
     """Authorization code with PKCE (RFC 7636) on a loopback redirect (RFC 8252): print the
     provider's consent URL, take the code the browser brings back to 127.0.0.1 (the state
@@ -7335,24 +7355,9 @@ def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300)
     parse_upstream_base(auth_url)
     verifier, state = secrets.token_urlsafe(48), secrets.token_urlsafe(16)
     got: Dict[str, str] = {}
-
-    class Redirect(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:                 # noqa: N802 (http.server's name)
-            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
-            if hmac.compare_digest(query.get("state", ""), state) and not got:
-                got.update(query)
-            body = b"seks-broker: you can close this tab.\n"
-            self.send_response(200 if got else 400)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    server = http.server.HTTPServer(("127.0.0.1", 0), SignInRedirectHandler)
     server.timeout = 1.0
+    server.expected_state, server.got = state, got       # type: ignore[attr-defined]
     redirect = f"http://127.0.0.1:{server.server_address[1]}/"
     consent = auth_url + ("&" if "?" in auth_url else "?") + urllib.parse.urlencode({
         "response_type": "code", "client_id": parts["client_id"], "redirect_uri": redirect,
