@@ -1276,10 +1276,11 @@ def part_problem(parts: Dict[str, str], provider: Provider) -> str:
                 f"{', '.join(provider.parts)})")
     sent = {n for p in (provider.inject,) + provider.also + tuple(provider.token_places)
             if p is not None for n in PART_RE.findall(p.value)}     # these travel in headers
-    bad = [n for n, v in parts.items() if not v or v != v.strip() or not (
-        v.isprintable() if n in sent else v.replace("\n", "").replace("\r", "").isprintable())]
-    return (f"the part(s) {', '.join(bad)} must be non-empty and unpadded, and (those sent in a "
-            f"header) one printable line" if bad else "")
+    bad = [n for n, v in parts.items() if not v or v != v.strip() or not (   # a PEM key (and
+        v.isprintable() or n not in sent and v.startswith("-----BEGIN ") and    # only that)
+        v.replace("\n", "").replace("\r", "").isprintable())]                   # spans lines
+    return (f"the part(s) {', '.join(bad)} must be non-empty, unpadded, printable and one "
+            f"line (a PEM key excepted)" if bad else "")
 
 
 def fill(template: str, parts: Dict[str, str]) -> str:
@@ -1415,6 +1416,17 @@ def aws_allowed(parts: Dict[str, str], service: str, region: str) -> Optional[Br
         return Forbidden(f"this secret does not allow the AWS service {service!r}")
     if "*" not in regions and region not in regions:
         return Forbidden(f"this secret does not allow the AWS region {region!r}")
+    return None
+
+
+def aws_copy_refusal(paths: List[str], fields: List[Tuple[str, str]]) -> Optional[BrokerError]:
+    """A token limited to some paths may copy (CopyObject, UploadPartCopy) only from them too:
+    ``x-amz-copy-source`` names the object read, ``/bucket/key`` or ``bucket/key``."""
+    for name, value in fields:
+        if name.lower() == "x-amz-copy-source":
+            source = "/" + urllib.parse.unquote(value.split("?", 1)[0]).lstrip("/")
+            if ".." in source.split("/") or not any(path_within(source, p) for p in paths):
+                return Forbidden("x-amz-copy-source is not within this token's allowed paths")
     return None
 
 
@@ -4914,6 +4926,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             raise refusal
         if provider.usage == "bedrock":
             ex.model = facts.model
+        if aws and policy.get("paths"):          # S3 copies read another object: its path counts
+            refusal = aws_copy_refusal(policy["paths"], head.fields)
+            if refusal is not None:
+                raise refusal
         if read_whole:
             ex.model = facts.model
             if body and budget_key(policy) and provider.usage == "openai" and \

@@ -667,3 +667,21 @@ def test_path_and_method_policies_apply_to_the_path_after_the_region(awsb: Broke
         resp = awsb.request(method, path, signed_by_agent(token, "s3"), b"x" if method == "PUT" else None)
         assert resp.status == 403 and b"<Code>AccessDenied</Code>" in resp.body, (method, path, resp.body)
     assert len(awsup.requests) == 1
+
+
+def test_a_path_limited_token_cannot_copy_from_outside_its_paths(awsb: Broker, awsup: FakeUpstream) -> None:
+    """CopyObject reads the object named in x-amz-copy-source: with --allow-path that object
+    must be within the token's paths too, else nothing is sent."""
+    from conftest import fresh_token
+    _, token = fresh_token(awsb, "aws", "--allow-path", "/bucket/reports/", prefix="aws-copy")
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    for source in ("/secret-bucket/private.pdf", "secret-bucket/private.pdf", "/bucket/reports/../private.pdf",
+                   "%2Fsecret-bucket%2Fprivate.pdf", "/bucket/reportsX/a"):
+        resp = awsb.request("PUT", "/aws/s3/us-east-1/bucket/reports/copy.pdf",
+                            signed_by_agent(token, "s3", extra=(("x-amz-copy-source", source),)), b"")
+        assert resp.status == 403 and b"x-amz-copy-source" in resp.body, (source, resp.body)
+    assert awsup.requests == []
+    resp = awsb.request("PUT", "/aws/s3/us-east-1/bucket/reports/copy.pdf",
+                        signed_by_agent(token, "s3", extra=(("x-amz-copy-source", "/bucket/reports/q1.csv?versionId=3"),)), b"")
+    assert resp.status == 200 and len(awsup.requests) == 1

@@ -359,3 +359,14 @@ def test_run_gives_the_command_public_parts_and_drops_every_secret_part(parts_br
     assert "removed MY_DD" in cp.stderr and "removed MY_TENANT" in cp.stderr
     text = out.read_text() + cp.stdout + cp.stderr
     assert not any(v in text for v in (DD["api_key"], DD["app_key"], VAULT["password"], VAULT["tenant"]))
+
+
+def test_only_a_pem_key_may_span_lines() -> None:
+    aws = sb.builtin_providers()["aws"]
+    good = {"access_key_id": "AKIATESTEXAMPLE0000", "secret_access_key": "test-secret-0123456789"}
+    assert sb.part_problem(good, aws) == ""
+    assert "one line" in sb.part_problem(dict(good, access_key_id="AKIATEST\r\nX-Evil: 1"), aws)
+    github = sb.builtin_providers()["github-app"]
+    pem = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----"
+    assert sb.part_problem({"app_id": "1", "installation_id": "2", "private_key": pem}, github) == ""
+    assert "one line" in sb.part_problem({"app_id": "1\n2", "installation_id": "2", "private_key": pem}, github)
