@@ -2914,17 +2914,17 @@ class Store:
     def oauth_claim(self, secret: str, margin: float, hold: float
                     ) -> Tuple[str, Optional[str], float, Optional[str]]:
         """In one transaction: ("token", its ciphertext, expiry, None) while the stored access
-        token has more than ``margin`` seconds left; ("wait", ...) while another process or
-        thread renews it; else ("renew", None, 0, the secret's ciphertext), after marking the
-        renewal as this caller's for ``hold`` seconds."""
+        token has more than ``margin`` seconds left; ("wait", the old token's ciphertext, its
+        expiry, None) while another process or thread renews it; else ("renew", None, 0, the
+        secret's ciphertext), after marking the renewal as this caller's for ``hold`` s."""
         now = time.time()
         with self.transaction() as db:
             row = db.execute("SELECT ciphertext, expires_at, renewing_until FROM oauth_tokens "
                              "WHERE secret = ?", (secret,)).fetchone()
             if row and row[0] and row[1] - now > margin:
                 return "token", row[0], row[1], None
-            if row and row[2] > now:
-                return "wait", None, 0.0, None
+            if row and row[2] > now:          # renewing elsewhere: the old token, if any
+                return "wait", row[0], row[1], None
             db.execute("INSERT INTO oauth_tokens (secret, renewing_until, renewed_by) VALUES "
                        "(?, ?, ?) ON CONFLICT(secret) DO UPDATE SET renewing_until = excluded."
                        "renewing_until, renewed_by = excluded.renewed_by",
@@ -6214,9 +6214,17 @@ class Broker:
         rotated refresh token is stored with the new access token in one durable commit."""
         name = record.secret_name
         cipher, ad = self.tokens.keys.cipher, secret_ad(name, "oauth-access-token")
+        cached = self._oauth.get(name)
+        if cached is not None and cached[0] != stale and cached[1] - time.time() > OAUTH_RENEW_S:
+            return cached[0]                  # the common case: no lock, no database
         with self._oauth_lock:
             lock = self._oauth_locks.setdefault(name, threading.Lock())
-        with lock:
+        if cached is not None and cached[0] != stale and cached[1] - time.time() > 30:
+            if not lock.acquire(blocking=False):
+                return cached[0]              # being renewed by another thread: still good
+        else:
+            lock.acquire()
+        try:
             cached = self._oauth.get(name)
             if cached is not None and cached[0] != stale and cached[1] - time.time() > OAUTH_RENEW_S:
                 return cached[0]
@@ -6232,6 +6240,10 @@ class Broker:
                     return token
                 if state == "renew":
                     break
+                if blob is not None and expires - time.time() > 30:   # another process is
+                    token = cipher.decrypt(blob, ad).decode("ascii")     # renewing it: the old
+                    if token != stale:                                  # one serves meanwhile
+                        return token
                 if time.monotonic() > deadline:
                     raise Unavailable(f"the access token of secret {name} is being renewed "
                                       f"elsewhere and it is taking too long")
@@ -6269,6 +6281,8 @@ class Broker:
             self.store.oauth_save(name, cipher.encrypt(token.encode("ascii"), ad), expires, rotated)
             self._oauth_keep(name, token, expires)
             return token
+        finally:
+            lock.release()
 
     def assume_role(self, record: TokenRecord, parts: Dict[str, str], provider: Provider,
                     region: str, verify: bool, ex: "Exchange") -> Dict[str, str]:

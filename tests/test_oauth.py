@@ -115,6 +115,7 @@ class Issuer:
         self.life = 3600
         self.calls = 0
         self.revoked = False
+        self.delay = 0.2                                 # a slow endpoint: renewals overlap
 
     def token(self, h: UpstreamHandler, req: RecordedRequest) -> None:
         form = {k: v[0] for k, v in urllib.parse.parse_qs((req.body or b"").decode()).items()}
@@ -130,7 +131,7 @@ class Issuer:
             self.refresh = f"test-refresh-{n}"
             access = f"test-access-{n}-abcdefghijklmnopqrstuvwxyz"
             self.access[access] = time.time() + self.life
-        time.sleep(0.2)                                  # a slow endpoint: renewals overlap
+        time.sleep(self.delay)
         h.send_json(200, {"access_token": access, "expires_in": self.life, "refresh_token": self.refresh,
                           "token_type": "Bearer"})
 
@@ -436,3 +437,22 @@ token_url = {oauth_up.url}/token
     from conftest import run_cli
     cp = run_cli(tmp_path / "unused.db", "config", "check", str(bad))
     assert cp.returncode == 1 and f"{bad}:7:" in cp.stdout and "oauth names grants" in cp.stdout, cp.stdout
+
+
+def test_requests_keep_using_the_old_token_while_a_renewal_is_slow(
+        broker_factory: Brokers, oauth_up: FakeUpstream, issuer: Issuer) -> None:
+    """Renewal starts five minutes early; until the new token arrives the old one (still
+    valid) serves the other requests, which do not wait for the slow token endpoint."""
+    served = broker_factory.serve(gmail_broker(broker_factory, oauth_up))
+    token = served.token("gmail")
+    issuer.life = 200                                # within the renewal margin from the start
+    assert profile(served, token).status == 200
+    issuer.delay = 2.0
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        renewing = pool.submit(profile, served, token)
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert profile(served, token).status == 200
+        assert time.monotonic() - started < 1.0, "a request waited for the renewal"
+        assert renewing.result().status == 200
+    assert issuer.calls == 2
