@@ -1430,6 +1430,23 @@ def aws_copy_refusal(paths: List[str], fields: List[Tuple[str, str]]) -> Optiona
     return None
 
 
+def sts_refusal(query: str, body: Any, target: str) -> Optional[BrokerError]:
+    """STS answers GetSessionToken, GetFederationToken and AssumeRole with working AWS
+    credentials the agent would then hold without the broker: only GetCallerIdentity passes
+    (named once, in the query or a held form body; nowhere else)."""
+    if body is not None and not isinstance(body, bytes):
+        return Forbidden("STS through the broker is GetCallerIdentity only")
+    actions = [urllib.parse.unquote_plus(v) for n, _, v in (
+        p.partition("=") for p in query.split("&") if p) if n.lower() == "action"]
+    actions += [v for n, v in urllib.parse.parse_qsl((body or b"").decode("latin-1"))
+                if n.lower() == "action"]
+    if actions != ["GetCallerIdentity"] or (target and not target.endswith(".GetCallerIdentity")):
+        return Forbidden("STS through the broker is GetCallerIdentity only: other actions "
+                         "(GetSessionToken, AssumeRole...) would hand out AWS credentials")
+    return None
+
+
+
 def aws_quote(text: str, safe: str = "") -> str:
     """URI-encode as SigV4 does: everything but A-Z a-z 0-9 - _ . ~ (and ``safe``)."""
     return urllib.parse.quote(text, safe=safe + "~")
@@ -1486,6 +1503,9 @@ def aws_sign(method: str, target: "Target", headers: List[Tuple[str, str]], payl
     path, _, query = target.path.partition("?")       # (the Host header is the forwarder's)
     signed = [("Host", target.host_header)] + [(n, v) for n, v in headers if n.lower() in (
         "content-type", "content-md5") or n.lower().startswith("x-amz-")]
+    if not all(v.isascii() for _, v in signed):    # the bytes sent must be the bytes signed
+        raise BadRequest("header values signed for AWS must be ASCII (encode x-amz-meta-* "
+                         "values, as the AWS SDKs do)")
     canonical, names = sigv4_request(method, path if service == "s3" else aws_quote(path, "/"),
                                      query, signed, payload_hash)
     return headers + [("Authorization", sigv4_authorization(
@@ -1513,39 +1533,45 @@ def aws_unchunk(chunks: Iterable[bytes], trailers: Dict[str, str],
     """The payload inside an aws-chunked body (``hex-size[;chunk-signature=S]`` CRLF, data,
     CRLF, ..., a zero-size chunk, trailer lines, an empty line): the agent's chunk signatures
     are dropped, trailers (``x-amz-checksum-crc32: ...``) are collected into ``trailers``. A
-    malformed body, or one whose payload is not ``expect`` bytes, is a 400."""
-    it, buf, left, total = iter(chunks), b"", -1, 0
+    malformed body, or one whose payload is not ``expect`` bytes, is a 400. Linear in the
+    body's size however small its chunks (the buffer is read at an offset, not re-sliced)."""
+    it, buf, at, left, total = iter(chunks), bytearray(), 0, -1, 0
     bad = BadRequest("malformed aws-chunked body", close=True)
 
     def more() -> bool:
-        nonlocal buf
+        nonlocal buf, at
         data = next(it, None)
+        if at > 65536:                               # drop what was read, now and then
+            del buf[:at]
+            at = 0
         buf += data or b""
         return data is not None
 
     while True:
         if left > 0:
-            if not buf and not more():
+            if at == len(buf) and not more():
                 raise bad
-            piece, buf = buf[:left], buf[left:]
-            left, total = left - len(piece), total + len(piece)
+            piece = bytes(buf[at:at + left])
+            at, left, total = at + len(piece), left - len(piece), total + len(piece)
             if expect is not None and total > expect:
                 raise bad
             yield piece
             continue
         if left == 0:
-            while len(buf) < 2:
+            while len(buf) - at < 2:
                 if not more():
                     raise bad
-            if buf[:2] != b"\r\n":
+            if buf[at:at + 2] != b"\r\n":
                 raise bad
-            buf, left = buf[2:], -1
-        while b"\r\n" not in buf:
-            if len(buf) > MAX_CHUNK_LINE or not more():
-                if left == -2 and not buf and (expect is None or total == expect):
+            at, left = at + 2, -1
+        end = buf.find(b"\r\n", at)
+        while end == -1:
+            if len(buf) - at > MAX_CHUNK_LINE or not more():
+                if left == -2 and at == len(buf) and (expect is None or total == expect):
                     return                          # no final empty line: tolerated
                 raise bad
-        line, buf = buf.split(b"\r\n", 1)
+            end = buf.find(b"\r\n", at)
+        line, at = bytes(buf[at:end]), end + 2
         if left == -2:                               # after the last chunk: trailers
             if not line:
                 if expect is not None and total != expect:
@@ -1589,6 +1615,10 @@ def secret_variants(key: str) -> Tuple[bytes, ...]:
             for form in ("%%%02X", "%%%02x", "\\u%04X", "\\u%04x"):
                 variants.add("".join(form % ord(c) if c in chosen else c for c in key)
                              .encode("utf-8", "surrogateescape"))
+    for quote in (True, False):                         # HTML/XML error pages (&amp; &#x27;)
+        variants.add(html.escape(key, quote=quote).encode("utf-8", "surrogateescape"))
+        variants.add(html.escape(key, quote=quote).replace("&#x27;", "&#39;").encode(
+            "utf-8", "surrogateescape"))
     if key.isascii():                                   # every character \u-escaped
         for form in ("\\u%04X", "\\u%04x"):
             variants.add("".join(form % ord(c) for c in key).encode())
@@ -1602,9 +1632,9 @@ def scrub_pairs(key: str) -> Tuple[Tuple[bytes, bytes], ...]:
 
 def parts_pairs(parts: Dict[str, str], public: Tuple[str, ...] = ()) -> Tuple[Tuple[bytes, bytes], ...]:
     """The scrub pairs of every part of a secret but its public ones, longest first (a named
-    part shorter than 8 characters is not masked: a region, a number, a flag)."""
+    part shorter than 4 characters is not masked: a flag or a digit would mask every copy)."""
     pairs = {pair for name, value in parts.items() if name not in public and (
-        name == "key" or len(value) >= 8) for pair in scrub_pairs(value)}
+        name == "key" or len(value) >= 4) for pair in scrub_pairs(value)}
     return tuple(sorted(pairs, key=lambda pair: len(pair[0]), reverse=True))
 
 
@@ -1931,7 +1961,9 @@ def verify_audit_chain(key: bytes, rows: List[AuditRow], anchor: bytes,
 # --- 3.8 Redaction --------------------------------------------------------------------------
 
 _TOKEN_TEXT_RE = re.compile(r"(seks_[a-z0-9-]{1,32}_)([A-Za-z0-9_-]{4})[A-Za-z0-9_-]*")
-SECRET_QUERY_PARAMS = frozenset({"key", "token", "api_key", "apikey", "access_token", "auth"})
+SECRET_QUERY_PARAMS = frozenset({"key", "token", "api_key", "apikey", "access_token", "auth",
+                                 "X-Amz-Credential", "X-Amz-Signature", "X-Amz-Security-Token",
+                                 "x-amz-credential", "x-amz-signature", "x-amz-security-token"})
 
 
 def redact(text: str) -> str:
@@ -3770,7 +3802,8 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
         stored.append("item_reference")
     if kind == "bedrock":                        # Converse, or Anthropic's body for invoke
         converse = "/converse" in path
-        if not converse and "anthropic_version" not in obj:
+        model = urllib.parse.unquote(path.split("/")[2]) if path.count("/") >= 3 else ""
+        if not converse and ("anthropic_version" not in obj or "anthropic." not in model):
             raise Forbidden("this token has a budget: on Bedrock use Converse, or InvokeModel "
                             "with an Anthropic body (other bodies' caps are not read)")
         stored += [k for k in ("additionalModelRequestFields", "promptVariables")
@@ -4913,11 +4946,16 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         refusal = aws_allowed(parts, service, region) if aws else None
         if refusal is not None:
             raise refusal
+
         read_whole = bool(provider.usage) and not upgrade and (budget_key(policy) != "" or (
             "models" in policy and provider.usage != "bedrock"))      # (Bedrock: in the path)
         body = self.request_body(head, framing, length, read_whole, ex)
         if body is None and read_whole and budget_key(policy) and head.method in WRITE_METHODS:
             body = b""                        # a budget bounds (or refuses) body-less POSTs too
+        if aws and service == "sts":          # STS mints credentials nothing would mask or bound
+            refusal = sts_refusal(query, body, head.get("x-amz-target") or "")
+            if refusal is not None:
+                raise refusal
         facts = request_facts(provider, head.method, head.fields,
                               policy_rest if aws or provider.region else rest,
                               swap, body if read_whole else None, read_whole, upgrade)
@@ -5017,9 +5055,17 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         declared = head.get("x-amz-decoded-content-length") or ""
         if body is not None and not isinstance(body, bytes) and CONTENT_LENGTH_RE.match(
                 declared) and int(declared) <= AWS_HOLD_MAX:     # held: signed, checksummed
-            body = b"".join(body)
+            held, size = [], 0
+            for chunk in body:                    # framing adds little: a body far larger
+                size += len(chunk)                # than it declared is refused, not held
+                if size > 2 * int(declared) + 65536:
+                    raise BadRequest("an aws-chunked body much larger than its "
+                                     "x-amz-decoded-content-length", close=True)
+                held.append(chunk)
+            body = b"".join(held)
         if isinstance(body, bytes) or body is None:
-            body = b"".join(aws_unchunk([body or b""], trailers))
+            body = b"".join(aws_unchunk([body or b""], trailers, int(declared) if
+                                        CONTENT_LENGTH_RE.match(declared) else None))
             headers += [(n, v) for n, v in trailers.items() if n.startswith("x-amz-checksum-")]
             length = len(body)
         elif CONTENT_LENGTH_RE.match(declared):

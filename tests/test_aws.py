@@ -685,3 +685,80 @@ def test_a_path_limited_token_cannot_copy_from_outside_its_paths(awsb: Broker, a
     resp = awsb.request("PUT", "/aws/s3/us-east-1/bucket/reports/copy.pdf",
                         signed_by_agent(token, "s3", extra=(("x-amz-copy-source", "/bucket/reports/q1.csv?versionId=3"),)), b"")
     assert resp.status == 200 and len(awsup.requests) == 1
+
+
+# ============================================================================
+# Review 4 (a helper attacking today's AWS and parts code): each finding's test
+# ============================================================================
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/aws/sts/us-east-1/?Action=GetSessionToken&Version=2011-06-15&DurationSeconds=129600", None),
+    ("POST", "/aws/sts/us-east-1/", b"Action=GetFederationToken&Name=x&Version=2011-06-15"),
+    ("POST", "/aws/sts/us-east-1/", b"Action=AssumeRole&RoleArn=arn%3Aaws%3Aiam%3A%3A1%3Arole%2Fx&RoleSessionName=s"),
+    ("POST", "/aws/sts/us-east-1/?Action=GetCallerIdentity", b"Action=GetSessionToken"),
+    ("POST", "/aws/sts/us-east-1/", b"Action=GetCallerIdentity&Action=GetSessionToken"),
+])
+def test_sts_passes_get_caller_identity_only(awsb: Broker, awsup: FakeUpstream, method: str, path: str,
+                                             body: Optional[bytes]) -> None:
+    """F1: STS actions that mint credentials would hand the agent working AWS keys nothing masks."""
+    awsup.reset()
+    resp = awsb.request(method, path, dict(signed_by_agent(awsb.token("aws"), "sts"),
+                                           **{"Content-Type": "application/x-www-form-urlencoded"}), body)
+    assert resp.status == 403 and b"GetCallerIdentity only" in resp.body and b"<ErrorResponse>" in resp.body, resp.body
+    assert awsup.requests == []
+
+
+def test_a_query_credential_never_reaches_the_audit_or_the_log(awsb: Broker, awsup: FakeUpstream) -> None:
+    """F5: a percent-encoded token in X-Amz-Credential authenticates; the logged path masks it."""
+    from conftest import audit_json
+    awsup.reset()
+    awsup.set_responder(fake_aws)
+    OBJECTS["/bucket/q5.txt"] = b"q5"
+    token = awsb.token("aws")
+    cred = "%73" + urllib.parse.quote(f"{token[1:]}/20260101/us-east-1/s3/aws4_request", safe="")
+    resp = awsb.request("GET", f"/aws/s3/us-east-1/bucket/q5.txt?X-Amz-Credential={cred}&X-Amz-Signature={'0' * 64}")
+    assert resp.status == 200, resp.body
+    assert token[10:] not in json.dumps(audit_json(awsb)[-3:]) and token[10:] not in awsb.stderr_text()
+
+
+def test_a_hostile_aws_chunked_body_costs_linear_time_and_bounded_memory(awsb: Broker, awsup: FakeUpstream) -> None:
+    """F2: 200,000 one-byte chunks decode in well under a second; a body far larger than it
+    declares is refused instead of held."""
+    body = b"1\r\nx\r\n" * 200_000 + b"0\r\n\r\n"
+    started = time.monotonic()
+    assert b"".join(sb.aws_unchunk([body[i:i + 65536] for i in range(0, len(body), 65536)], {}, 200_000)) == b"x" * 200_000
+    assert time.monotonic() - started < 2.0
+    awsup.reset()
+    big = chunked(b"y" * (3 << 20), 65536)
+    resp = awsb.request("PUT", "/aws/s3/us-east-1/bucket/liar.bin", signed_by_agent(awsb.token("aws"), "s3", extra=(
+        ("Content-Encoding", "aws-chunked"), ("X-Amz-Decoded-Content-Length", "1"),
+        ("X-Amz-Content-Sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"))), big)
+    assert resp.status == 400 and awsup.requests == [], resp.body
+
+
+def test_a_non_ascii_signed_header_is_refused_not_signed_wrongly(awsb: Broker, awsup: FakeUpstream) -> None:
+    """F4: the canonical request must be the bytes sent; S3 quotes a mismatching one in hex."""
+    awsup.reset()
+    resp = awsb.request("PUT", "/aws/s3/us-east-1/bucket/meta.txt",
+                        signed_by_agent(awsb.token("aws"), "s3", extra=(("x-amz-meta-note", "caf\xe9"),)), b"x")
+    assert resp.status == 400 and b"ASCII" in resp.body and awsup.requests == []
+
+
+def test_html_escaped_echoes_of_a_key_are_masked() -> None:
+    """F3: an XML/HTML error page escapes & < > " ' in what it quotes."""
+    key = "x&K9<abcdefghij>klmn'op\"qrstuvwxyE&y"
+    import html
+    for echo in (html.escape(key), html.escape(key, quote=False), html.escape(key).replace("&#x27;", "&#39;")):
+        page = f"<Error><Message>bad key {echo}</Message></Error>".encode()
+        assert echo.encode() not in sb.Scrubber(sb.scrub_pairs(key)).scrub(page), echo
+
+
+def test_a_budget_invoke_needs_an_anthropic_model_for_an_anthropic_body(awsb: Broker, awsup: FakeUpstream) -> None:
+    """N1: a Llama body with a decoy anthropic_version is not bounded by max_tokens."""
+    from conftest import fresh_token
+    _, token = fresh_token(awsb, "aws", "--budget-tokens", "400", prefix="aws-n1")
+    awsup.reset()
+    decoy = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 10, "prompt": "hi", "max_gen_len": 2048})
+    resp = awsb.request("POST", "/aws/bedrock-runtime/us-east-1/model/meta.llama3-70b-instruct-v1%3A0/invoke",
+                        signed_by_agent(token), decoy.encode())
+    assert resp.status == 403 and awsup.requests == [], resp.body

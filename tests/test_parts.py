@@ -370,3 +370,10 @@ def test_only_a_pem_key_may_span_lines() -> None:
     pem = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----"
     assert sb.part_problem({"app_id": "1", "installation_id": "2", "private_key": pem}, github) == ""
     assert "one line" in sb.part_problem({"app_id": "1\n2", "installation_id": "2", "private_key": pem}, github)
+
+
+def test_a_short_secret_part_is_masked_too() -> None:
+    """Review 4, F3: a 7-character password part came back verbatim (parts under 8 were skipped)."""
+    pairs = sb.parts_pairs({"user": "svc-reader", "password": "hunt3r2"}, ("user",))
+    assert b"hunt3r2" not in sb.Scrubber(pairs).scrub(b"login svc-reader:hunt3r2 failed")
+    assert b"svc-reader" in sb.Scrubber(pairs).scrub(b"login svc-reader:hunt3r2 failed")
