@@ -49,6 +49,7 @@ def test_the_suite_is_all_there() -> None:
                                  "get-header-key-duplicate", "post-x-www-form-urlencoded"} <= {c["name"] for c in CASES}
 
 
+# AWS's own documented example credentials (they sign the published vectors below; no account has them)
 S3_KEY_ID, S3_SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
@@ -211,7 +212,7 @@ from typing import Iterator, Optional  # noqa: E402
 import aws_fake      # noqa: E402
 from conftest import Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler  # noqa: E402
 
-REAL = {"access_key_id": "AKIATESTREAL0123456789", "secret_access_key": "test/Real+Secret0123456789abcdefABCDEF01",
+REAL = {"access_key_id": "TEST-AWS-KEY-ID-REAL-0123", "secret_access_key": "test/Real+Secret0123456789abcdefABCDEF01",
         "session_token": "test-session-token-0123456789abcdef", "regions": "us-east-1, eu-west-1"}
 MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 _AUTH_RE = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([a-z0-9-]+)/([a-z0-9-]+)/aws4_request, "
@@ -490,7 +491,7 @@ def test_mint_env_prints_what_boto3_reads(awsb: Broker) -> None:
 # role_arn: the broker assumes the role itself (STS AssumeRole), caches and renews
 # ============================================================================
 
-BASE = {"access_key_id": "AKIABASEUSERQWERTYUI", "secret_access_key": "test/Base+Secret-zyxwvutsrqponmlkjihg",
+BASE = {"access_key_id": "TEST-AWS-KEY-ID-BASE-0456", "secret_access_key": "test/Base+Secret-zyxwvutsrqponmlkjihg",
         "role_arn": "arn:aws:iam::123456789012:role/agent-reader"}
 ROLE_CALLS: List[Dict[str, str]] = []
 ROLE_LIFE = {"seconds": 3600}
@@ -506,7 +507,7 @@ def fake_sts_and_s3(h: UpstreamHandler, req: RecordedRequest) -> None:
             h.send_bytes(403, b"<ErrorResponse><Error><Code>AccessDenied</Code></Error></ErrorResponse>", content_type="text/xml")
             return
         n = len(ROLE_CALLS) + 1
-        creds = {"access_key_id": f"ASIATEMPORARY{n:07d}", "secret_access_key": f"test-temp-secret-{n}-abcdefghijklmnop",
+        creds = {"access_key_id": f"TEST-AWS-TEMP-KEY-ID-{n:04d}", "secret_access_key": f"test-temp-secret-{n}-abcdefghijklmnop",
                  "session_token": f"test-temp-session-{n}-0123456789abcdefghij"}
         ROLE_CALLS.append(creds)
         expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + ROLE_LIFE["seconds"]))

@@ -689,7 +689,7 @@ def test_run_child_environment_drops_a_key_in_base64_or_json_escapes() -> None:
     """Review finding: git's extraheader in GIT_CONFIG_PARAMETERS carries the key as base64 of
     a Basic pair, and JSON configs may escape every character; both reached the command."""
     import base64
-    key = "ghp_0123456789abcdefghijklmnopqrstuvwxyzAB"
+    key = "test-github-token-0123456789abcdefghijklmn"
     environ = {"GIT_CONFIG_PARAMETERS": "'http.https://github.com/.extraheader'='AUTHORIZATION: basic "
                + base64.b64encode(f"x-access-token:{key}".encode()).decode() + "'",
                "MY_JSON": "".join("\\u%04x" % ord(c) for c in key),
