@@ -393,25 +393,12 @@ auth_url = https://accounts.google.com/o/oauth2/v2/auth
 env = GMAIL_API_URL= GOOGLE_ACCESS_TOKEN
 
 [google-calendar]
+like = gmail
 upstream = https://www.googleapis.com
-token = header Authorization Bearer
-inject = header Authorization Bearer {access_token}
-parts = client_id client_secret refresh_token token_url? auth_url? scope?
-oauth = refresh_token
-public = client_id token_url auth_url scope
-token_url = https://oauth2.googleapis.com/token
-auth_url = https://accounts.google.com/o/oauth2/v2/auth
 env = GOOGLE_CALENDAR_API_URL=/calendar/v3 GOOGLE_ACCESS_TOKEN
 
 [google-drive]
-upstream = https://www.googleapis.com
-token = header Authorization Bearer
-inject = header Authorization Bearer {access_token}
-parts = client_id client_secret refresh_token token_url? auth_url? scope?
-oauth = refresh_token
-public = client_id token_url auth_url scope
-token_url = https://oauth2.googleapis.com/token
-auth_url = https://accounts.google.com/o/oauth2/v2/auth
+like = google-calendar
 env = GOOGLE_DRIVE_API_URL=/drive/v3 GOOGLE_ACCESS_TOKEN
 
 [vertex]
@@ -5534,6 +5521,11 @@ def providers_from_ini(text: str) -> Dict[str, Provider]:
     """The built-in provider table (same format as ``[provider:NAME]`` in a config file)."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.read_string(text, source="<built-in>")
+    for name in parser.sections():        # "like = other": other's keys, where not given here
+        like = parser[name].pop("like", None)
+        if like is not None:
+            for key, value in parser[like].items():
+                parser[name].setdefault(key, value)
     return {name: provider_from_section(name, parser[name]) for name in parser.sections()}
 
 
@@ -6234,6 +6226,24 @@ class Broker:
         self.log("warning", "keys", message="the master key was rotated; reloaded it")
         return KeyRing(key)
 
+    def post_small(self, target: Target, headers: List[Tuple[str, str]],
+                   body: bytes) -> Tuple[int, bytes]:
+        """The broker's own POST to a credential endpoint (OAuth, STS): status and at most
+        64 KiB of the answer, which never goes to an agent."""
+        answer = self.forward(target, "POST", headers + [("Content-Length", str(len(body))),
+                                                        ("Accept-Encoding", "identity")], body)
+        data, complete = b"", False
+        try:
+            while len(data) <= 65536:
+                chunk = answer.body.read()
+                if not chunk:
+                    complete = True
+                    break
+                data += chunk
+        finally:
+            answer.finish(complete)
+        return answer.status, data
+
     def oauth_pairs(self, secret: str) -> Tuple[Tuple[bytes, bytes], ...]:
         """The scrub pairs of every access token of the secret that is still alive (a renewed
         one may still be honoured upstream until it expires)."""
@@ -6300,19 +6310,8 @@ class Broker:
                 parts = secret_parts(cipher.decrypt(secret_blob, secret_ad(
                     name, record.secret_provider or "")))
                 grant, url, headers, body = oauth_request(provider, parts, time.time())
-                answer = self.forward(config_target(url, verify), "POST", headers + [
-                    ("Content-Length", str(len(body))), ("Accept-Encoding", "identity")], body)
-                data, complete = b"", False
-                try:
-                    while len(data) <= 65536:
-                        chunk = answer.body.read()
-                        if not chunk:
-                            complete = True
-                            break
-                        data += chunk
-                finally:
-                    answer.finish(complete)
-                token, expires, refresh = oauth_answer(grant, answer.status, data, time.time())
+                status, data = self.post_small(config_target(url, verify), headers, body)
+                token, expires, refresh = oauth_answer(grant, status, data, time.time())
             except (ValueError, KeyError, DecryptError, BrokerError) as exc:
                 self.store.oauth_save(name, None, 0.0, None)
                 why = exc.message if isinstance(exc, BrokerError) else str(exc)
@@ -6349,25 +6348,15 @@ class Broker:
             headers = aws_sign("POST", target, [("Content-Type", "application/x-www-form-"
                                                  "urlencoded; charset=utf-8")],
                                hashlib.sha256(body).hexdigest(), parts, region, "sts", time.time())
-            answer = self.forward(target, "POST", headers + [("Content-Length", str(len(body))),
-                                                             ("Accept-Encoding", "identity")], body)
-            data, complete = b"", False
+            status, data = self.post_small(target, headers, body)
             try:
-                while len(data) <= 65536:
-                    chunk = answer.body.read()
-                    if not chunk:
-                        complete = True
-                        break
-                    data += chunk
-                creds, expires = assumed_role(data) if answer.status == 200 else ({}, 0.0)
+                creds, expires = assumed_role(data) if status == 200 else ({}, 0.0)
             except ValueError:
                 creds = {}
-            finally:
-                answer.finish(complete)
             if not creds:
-                ex.reason = f"STS AssumeRole for secret {record.secret_name} answered {answer.status}"
+                ex.reason = f"STS AssumeRole for secret {record.secret_name} answered {status}"
                 raise UpstreamError(f"the broker could not assume the role of secret "
-                                    f"{record.secret_name} (STS answered {answer.status})")
+                                    f"{record.secret_name} (STS answered {status})")
             self._roles[key] = (creds, expires)
             return creds
 

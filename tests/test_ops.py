@@ -527,6 +527,9 @@ CHECK_CASES = [
      4, ["cookie sid"]),
     ("bad-inject-place", "[provider:inj]\nupstream = http://127.0.0.1:9\ntoken = header X-Api-Key\n"
      "inject = path-prefix /k\n", 4, ["inject"]),
+    ("part-not-listed", "[provider:ok]\nupstream = http://127.0.0.1:9\ntoken = header X-A\n\n[provider:bad]\n"
+     "upstream = http://127.0.0.1:9\ntoken = header X-A\ninject = header X-A {a}\n    header X-B {b}\nparts = a\n",
+     8, ["does not list"]),                                   # issue 14: parts
     ("bad-upstream-url", "[server]\nport = 1\n\n[upstream]\nopenai = ftp://127.0.0.1/x\n", 5,
      ["openai", "ftp://127.0.0.1/x"]),
     ("bad-provider-upstream-url", "[provider:ftpish]\ntoken = header X-Api-Key\n\n"
