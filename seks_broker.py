@@ -6075,6 +6075,7 @@ class Broker:
         self._oauth_lock, self._oauth_locks = threading.Lock(), {}     # OAuth: per secret,
         self._oauth: Dict[str, Tuple[str, float]] = {}     # access tokens, in memory only
         self._oauth_seen: Dict[str, List[Tuple[str, float]]] = {}    # and those still alive
+        self._oauth_pairs: Dict[str, Tuple[Tuple[str, ...], Any]] = {}   # and their scrub pairs
         self._role_lock, self._role_locks = threading.Lock(), {}   # AWS role_arn: per secret,
         self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float]] = {}  # in memory
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
@@ -6249,10 +6250,15 @@ class Broker:
         one may still be honoured upstream until it expires)."""
         now = time.time()
         with self._oauth_lock:
-            live = [t for t, expires in self._oauth_seen.get(secret, []) if expires > now]
             self._oauth_seen[secret] = [(t, e) for t, e in self._oauth_seen.get(secret, [])
                                         if e > now][-8:]
-        return parts_pairs({f"t{i}": t for i, t in enumerate(live)})
+            live = tuple(t for t, _ in self._oauth_seen[secret])
+            cached = self._oauth_pairs.get(secret)
+        if cached is not None and cached[0] == live:       # variants made once per token set
+            return cached[1]
+        pairs = parts_pairs({f"t{i}": t for i, t in enumerate(live)})
+        self._oauth_pairs[secret] = (live, pairs)
+        return pairs
 
     def _oauth_keep(self, secret: str, token: str, expires: float) -> None:
         self._oauth[secret] = (token, expires)
