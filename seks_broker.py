@@ -41,9 +41,10 @@ WHERE EACH PROMISE IS HELD, in reading order (sections 3 and 4 are the reviewer'
 
 SECTIONS (search for a banner)
    1 CONSTANTS AND LIMITS   2 ERRORS   3 SECURITY CORE (pure: no I/O, no caches)
-   4 THE ONE EXIT TO THE AGENT   5 WIRE (HTTP/1.1 and RFC 6455 parsing)   6 STORE (sqlite)
-   7 POLICY STATE (token cache, request facts, usage meter)   8 UPSTREAM (keep-alive pool)
-   9 RELAY (answers, WebSockets, Discord gateway)   10 HTTP HANDLER   11 SERVER   12 CLI
+   4 THE ONE EXIT TO THE AGENT   5 WIRE (HTTP/1.1 and RFC 6455 parsing)
+   6 PROVIDER MECHANICS (pure: secret parts, AWS SigV4, RS256 and OAuth grants)   7 STORE
+   8 POLICY STATE (token cache, request facts, usage meter)   9 UPSTREAM (keep-alive pool)
+   10 RELAY (answers, WebSockets, Discord gateway)   11 HTTP HANDLER   12 SERVER   13 CLI
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ ASYNC_JOB_SEGMENTS = frozenset({"batches", "file_batches", "fine_tuning", "batch
 #   errors    telegram: broker errors use Telegram's {"ok": false, "error_code", "description"}
 #   env       what `token mint --format env` prints: BASE_VAR=<path after the route> KEY_VAR
 #   gateway   discord: /discord/gateway is a WebSocket route to the configured Discord gateway,
-#             with the token checked and swapped inside IDENTIFY/RESUME (section 9)
+#             with the token checked and swapped inside IDENTIFY/RESUME (section 10)
 BUILTIN_PROVIDERS_INI = """
 [openai]
 upstream = https://api.openai.com
@@ -911,17 +912,22 @@ def check_token(record: Optional[TokenRecord], provider: str, now: float) -> Tok
 class RequestFacts:
     """What the decision looks at, gathered by the handler before it (no I/O in decide).
     ``model``/``background``/``repeated_keys`` are known only when ``body_read`` (the token's
-    policy needs them: models or a budget on an LLM provider)."""
+    policy needs them: models or a budget on an LLM provider). AWS routes add ``aws``: the
+    service and region, and the services and regions the secret allows (aws_facts); ``action``:
+    the one STS action named, or ""; ``reads``: other paths read (S3's x-amz-copy-source)."""
 
     __slots__ = ("method", "path", "override", "upgrade", "llm", "body_read", "model",
-                 "background", "repeated_keys")
+                 "background", "repeated_keys", "aws", "action", "reads")
 
     def __init__(self, method: str, path: str, override: bool = False, upgrade: bool = False,
                  llm: bool = False, body_read: bool = False, model: Optional[str] = None,
-                 background: bool = False, repeated_keys: bool = False) -> None:
+                 background: bool = False, repeated_keys: bool = False,
+                 aws: Tuple[str, str, Tuple[str, ...], Tuple[str, ...]] = ("", "", (), ()),
+                 action: str = "", reads: Tuple[str, ...] = ()) -> None:
         self.method, self.path, self.override, self.upgrade = method, path, override, upgrade
         self.llm, self.body_read, self.model = llm, body_read, model
         self.background, self.repeated_keys = background, repeated_keys
+        self.aws, self.action, self.reads = aws, action, reads
 
 
 def path_within(path: str, prefix: str) -> bool:
@@ -935,6 +941,14 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
     """The one authorisation decision, after check_token: None (allowed) or the refusal. It runs
     once per request, and for every gateway IDENTIFY/RESUME. Counting limits (rate, request
     count, budget) are settled next by check_limits, atomically in the DB."""
+    service, region, services, regions = facts.aws
+    if service and service not in services:          # what the secret allows
+        return Forbidden(f"this secret does not allow the AWS service {service!r}")
+    if service and "*" not in regions and region not in regions:
+        return Forbidden(f"this secret does not allow the AWS region {region!r}")
+    if service == "sts" and facts.action != "GetCallerIdentity":    # the rest mint AWS keys
+        return Forbidden("STS through the broker is GetCallerIdentity only: other actions "
+                         "(GetSessionToken, AssumeRole...) would hand out AWS credentials")
     methods = policy.get("methods")
     if methods and facts.method not in methods:      # exact: methods are case-sensitive
         return Forbidden(f"method {facts.method} is not allowed for this token (allowed: "
@@ -942,6 +956,9 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
     paths = policy.get("paths")
     if paths and not any(path_within(facts.path, prefix) for prefix in paths):
         return Forbidden(f"path is not allowed for this token (allowed prefixes: {', '.join(paths)})")
+    if paths and any(".." in read.split("/") or not any(path_within(read, p) for p in paths)
+                     for read in facts.reads):
+        return Forbidden("x-amz-copy-source is not within this token's allowed paths")
     if methods and facts.override:
         return Forbidden("this token is limited to some methods; a method-override header would "
                          "change the method the upstream acts on")
@@ -1232,14 +1249,6 @@ def basic_token(encoded: str, place: CredentialPlace) -> Optional[CredentialSwap
 PARTS_MAGIC = b"\x00parts\x00"     # a secret with named parts: this, then a JSON object
 
 
-def pack_parts(parts: Dict[str, str]) -> bytes:
-    """The plaintext a secret is encrypted from: a lone ``key`` part is the bare value (the
-    format every secret had before parts), several are a JSON object after PARTS_MAGIC."""
-    if list(parts) == ["key"]:
-        return parts["key"].encode("utf-8", "surrogateescape")
-    return PARTS_MAGIC + json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
-
-
 def secret_parts(plain: bytes) -> Dict[str, str]:
     """The named parts of a decrypted secret (a bare value is the part ``key``)."""
     if plain.startswith(PARTS_MAGIC):
@@ -1248,26 +1257,6 @@ def secret_parts(plain: bytes) -> Dict[str, str]:
             return parts
         raise DecryptError("malformed parts")
     return {"key": plain.decode("utf-8", "surrogateescape")}
-
-
-def part_problem(parts: Dict[str, str], provider: Provider) -> str:
-    """Why these parts cannot serve the provider ("" if they can): a part it needs is
-    missing, a part it does not know is there, or a value cannot travel in a header."""
-    missing = [n for n in provider.parts if n not in parts and n not in provider.optional]
-    unknown = [n for n in parts if n not in provider.parts]
-    if missing:
-        return (f"{provider.name} needs the part(s) {', '.join(missing)} (its parts: "
-                f"{', '.join(provider.parts)})")
-    if unknown:
-        return (f"{provider.name} has no part(s) {', '.join(unknown)} (its parts: "
-                f"{', '.join(provider.parts)})")
-    sent = {n for p in (provider.inject,) + provider.also + tuple(provider.token_places)
-            if p is not None for n in PART_RE.findall(p.value)}     # these travel in headers
-    bad = [n for n, v in parts.items() if not v or v != v.strip() or not (   # a PEM key (and
-        v.isprintable() or n not in sent and v.startswith("-----BEGIN ") and    # only that)
-        v.replace("\n", "").replace("\r", "").isprintable())]                   # spans lines
-    return (f"the part(s) {', '.join(bad)} must be non-empty, unpadded, printable and one "
-            f"line (a PEM key excepted)" if bad else "")
 
 
 def fill(template: str, parts: Dict[str, str]) -> str:
@@ -1326,253 +1315,6 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, parts: Dict[str, 
         tail = rest[len(swap.prefix):].split("/", 1)
         rest = swap.prefix + urllib.parse.quote(key, safe=":") + ("/" + tail[1] if len(tail) > 1 else "")
     return headers, rest, "&".join(kept)
-
-
-def connection_tokens(headers: List[Tuple[str, str]]) -> set:
-    """The lower-case tokens of every Connection header (``close``, ``upgrade``, header names
-    that are hop-by-hop for this message)."""
-    return {t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")}
-
-
-def forward_request_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
-    """Agent headers minus hop-by-hop ones (and those named in Connection) and the few the
-    broker sets itself; repeated fields are joined with ', '."""
-    named = connection_tokens(headers)
-    merged: Dict[str, Tuple[str, str]] = {}
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or lower in REQUEST_HEADERS_REPLACED:
-            continue
-        if lower in merged:
-            merged[lower] = (merged[lower][0], merged[lower][1] + ", " + value)
-        else:
-            merged[lower] = (name, value)
-    return list(merged.values())
-
-
-# --- 3.5b AWS Signature Version 4 -----------------------------------------------------------
-# AWS has no bearer key to swap: the agent's SDK signs with its seks token as the access key
-# id, the broker checks that token, drops the signature and signs again with the real parts.
-
-AWS_SERVICE_RE = re.compile(r"^[a-z][a-z0-9]{1,30}(?:-[a-z0-9]{1,30}){0,3}\Z")
-AWS_REGION_RE = re.compile(r"^[a-z]{2}(?:-[a-z]{2,12}){1,2}-[0-9]{1,2}\Z")
-AWS_SERVICES = ("bedrock-runtime", "bedrock", "s3", "sts")     # unless the secret lists others
-AWS_SIGNING_NAMES = {"bedrock-runtime": "bedrock", "bedrock-agent-runtime": "bedrock",
-                     "bedrock-agent": "bedrock"}
-AWS_HOLD_MAX = 8 * 1024 * 1024   # an aws-chunked upload up to this is decoded whole: its hash is
-                                 # signed and its trailing checksum kept (larger: streamed, unsigned)
-AWS_QUERY_SERVICES = ("sts", "iam", "sns", "ses", "cloudformation")    # XML ErrorResponse errors
-ROLE_RENEW_S = 300                # assumed-role credentials are renewed this long before expiry
-IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
-AWS_PLACEHOLDER_SECRET = "seks-signs-for-you-this-is-not-a-secret"   # the agent's SDK needs one
-AWS_QUERY_SIGNATURE = ("x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
-                       "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token")
-
-
-def aws_route(rest: str) -> Tuple[str, str, str]:
-    """``/<service>/<region>/<rest>`` -> (service, region, /rest), both checked against strict
-    patterns, so the host the broker builds (``<service>.<region>.amazonaws.com``) is always
-    one of AWS's own."""
-    bits = rest.split("/", 3) + ["", "", ""]
-    service, region = bits[1], bits[2]
-    if not AWS_SERVICE_RE.match(service) or not AWS_REGION_RE.match(region):
-        raise NotFound("AWS routes are /aws/<service>/<region>/..., e.g. "
-                       "/aws/bedrock-runtime/us-east-1/model/<id>/converse")
-    return service, region, "/" + (bits[3] if rest.count("/") >= 3 else "")
-
-
-GCP_REGION_RE = re.compile(r"^(?:global|[a-z]{2,15}-[a-z]{2,15}[0-9]{1,2})\Z")
-
-
-def gcp_route(rest: str) -> Tuple[str, str]:
-    """``/<region>/<rest>`` of a regional Google route (Vertex AI) -> (region, /rest); the
-    region is a strict pattern, so ``<region>-aiplatform.googleapis.com`` stays Google's."""
-    region, _, tail = rest[1:].partition("/")
-    if not GCP_REGION_RE.match(region):
-        raise NotFound("regional routes are /<provider>/<region>/..., e.g. "
-                       "/vertex/us-central1/v1/projects/...")
-    return region, "/" + tail
-
-
-def aws_allowed(parts: Dict[str, str], service: str, region: str) -> Optional[BrokerError]:
-    """What the secret allows: its ``services`` and ``regions`` parts (comma- or space-
-    separated; default: the four built-in services, every region)."""
-    services = (parts.get("services") or " ".join(AWS_SERVICES)).replace(",", " ").split()
-    regions = (parts.get("regions") or "*").replace(",", " ").split()
-    if service not in services:
-        return Forbidden(f"this secret does not allow the AWS service {service!r}")
-    if "*" not in regions and region not in regions:
-        return Forbidden(f"this secret does not allow the AWS region {region!r}")
-    return None
-
-
-def aws_copy_refusal(paths: List[str], fields: List[Tuple[str, str]]) -> Optional[BrokerError]:
-    """A token limited to some paths may copy (CopyObject, UploadPartCopy) only from them too:
-    ``x-amz-copy-source`` names the object read, ``/bucket/key`` or ``bucket/key``."""
-    for name, value in fields:
-        if name.lower() == "x-amz-copy-source":
-            source = "/" + urllib.parse.unquote(value.split("?", 1)[0]).lstrip("/")
-            if ".." in source.split("/") or not any(path_within(source, p) for p in paths):
-                return Forbidden("x-amz-copy-source is not within this token's allowed paths")
-    return None
-
-
-def sts_refusal(query: str, body: Any, target: str) -> Optional[BrokerError]:
-    """STS answers GetSessionToken, GetFederationToken and AssumeRole with working AWS
-    credentials the agent would then hold without the broker: only GetCallerIdentity passes
-    (named once, in the query or a held form body; nowhere else)."""
-    if body is not None and not isinstance(body, bytes):
-        return Forbidden("STS through the broker is GetCallerIdentity only")
-    actions = [urllib.parse.unquote_plus(v) for n, _, v in (
-        p.partition("=") for p in query.split("&") if p) if n.lower() == "action"]
-    actions += [v for n, v in urllib.parse.parse_qsl((body or b"").decode("latin-1"))
-                if n.lower() == "action"]
-    if actions != ["GetCallerIdentity"] or (target and not target.endswith(".GetCallerIdentity")):
-        return Forbidden("STS through the broker is GetCallerIdentity only: other actions "
-                         "(GetSessionToken, AssumeRole...) would hand out AWS credentials")
-    return None
-
-
-
-def aws_quote(text: str, safe: str = "") -> str:
-    """URI-encode as SigV4 does: everything but A-Z a-z 0-9 - _ . ~ (and ``safe``)."""
-    return urllib.parse.quote(text, safe=safe + "~")
-
-
-def sigv4_query(query: str) -> str:
-    """The canonical query: each name and value decoded and re-encoded, sorted."""
-    pairs = []
-    for part in query.split("&") if query else ():
-        name, _, value = part.partition("=")
-        pairs.append((aws_quote(urllib.parse.unquote(name)), aws_quote(urllib.parse.unquote(value))))
-    return "&".join(f"{n}={v}" for n, v in sorted(pairs))
-
-
-def sigv4_request(method: str, uri: str, query: str, headers: List[Tuple[str, str]],
-                  payload_hash: str) -> Tuple[str, str]:
-    """(the canonical request, the signed header names) over all of ``headers``: names lower-
-    cased and sorted, values trimmed with inner whitespace collapsed, repeats joined by ','."""
-    merged: Dict[str, List[str]] = {}
-    for name, value in headers:
-        merged.setdefault(name.lower(), []).append(" ".join(value.split()))
-    names = sorted(merged)
-    lines = "".join(f"{n}:{','.join(merged[n])}\n" for n in names)
-    signed = ";".join(names)
-    return "\n".join([method, uri, sigv4_query(query), lines, signed, payload_hash]), signed
-
-
-def sigv4_authorization(key_id: str, secret: str, region: str, service: str, amz_date: str,
-                        canonical: str, signed: str) -> str:
-    """The Authorization header: the string to sign over the canonical request's hash, the
-    key derived from the secret by date, region, service, and its HMAC-SHA256."""
-    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
-                         hashlib.sha256(canonical.encode("utf-8")).hexdigest()])
-    key = ("AWS4" + secret).encode("utf-8")
-    for step in (amz_date[:8], region, service, "aws4_request"):
-        key = hmac.new(key, step.encode("utf-8"), hashlib.sha256).digest()
-    signature = hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
-    return (f"AWS4-HMAC-SHA256 Credential={key_id}/{scope}, SignedHeaders={signed}, "
-            f"Signature={signature}")
-
-
-def aws_sign(method: str, target: "Target", headers: List[Tuple[str, str]], payload_hash: str,
-             parts: Dict[str, str], region: str, service: str,
-             now: float) -> List[Tuple[str, str]]:
-    """Sign a request for the host it is sent to with the real parts: X-Amz-Date,
-    X-Amz-Content-Sha256 and (with a session token) X-Amz-Security-Token are set, and the Host,
-    every x-amz-* header, Content-Type and Content-MD5 are signed with them. Non-S3 paths are
-    encoded twice in the canonical request, as AWS wants."""
-    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    headers = headers + [("X-Amz-Date", amz_date), ("X-Amz-Content-Sha256", payload_hash)]
-    if parts.get("session_token"):
-        headers.append(("X-Amz-Security-Token", parts["session_token"]))
-    path, _, query = target.path.partition("?")       # (the Host header is the forwarder's)
-    signed = [("Host", target.host_header)] + [(n, v) for n, v in headers if n.lower() in (
-        "content-type", "content-md5") or n.lower().startswith("x-amz-")]
-    if not all(v.isascii() for _, v in signed):    # the bytes sent must be the bytes signed
-        raise BadRequest("header values signed for AWS must be ASCII (encode x-amz-meta-* "
-                         "values, as the AWS SDKs do)")
-    canonical, names = sigv4_request(method, path if service == "s3" else aws_quote(path, "/"),
-                                     query, signed, payload_hash)
-    return headers + [("Authorization", sigv4_authorization(
-        parts["access_key_id"], parts["secret_access_key"], region,
-        AWS_SIGNING_NAMES.get(service, service), amz_date, canonical, names))]
-
-
-def assumed_role(xml: bytes) -> Tuple[Dict[str, str], float]:
-    """The temporary credentials and their expiry (unix time) from an STS AssumeRole answer
-    (read by pattern, not by an XML parser: the answer comes from the network)."""
-    fields = {}
-    for name in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"):
-        found = re.search(rb"<%s>([^<]{1,4096})</%s>" % (name.encode(), name.encode()), xml)
-        if found is None:
-            raise ValueError(f"no {name}")
-        fields[name] = found.group(1).decode("ascii").strip()
-    expires = datetime.datetime.strptime(fields["Expiration"][:19], "%Y-%m-%dT%H:%M:%S").replace(
-        tzinfo=datetime.timezone.utc).timestamp()
-    return {"access_key_id": fields["AccessKeyId"], "secret_access_key": fields["SecretAccessKey"],
-            "session_token": fields["SessionToken"]}, expires
-
-
-def aws_unchunk(chunks: Iterable[bytes], trailers: Dict[str, str],
-                expect: Optional[int] = None) -> Iterator[bytes]:
-    """The payload inside an aws-chunked body (``hex-size[;chunk-signature=S]`` CRLF, data,
-    CRLF, ..., a zero-size chunk, trailer lines, an empty line): the agent's chunk signatures
-    are dropped, trailers (``x-amz-checksum-crc32: ...``) are collected into ``trailers``. A
-    malformed body, or one whose payload is not ``expect`` bytes, is a 400. Linear in the
-    body's size however small its chunks (the buffer is read at an offset, not re-sliced)."""
-    it, buf, at, left, total = iter(chunks), bytearray(), 0, -1, 0
-    bad = BadRequest("malformed aws-chunked body", close=True)
-
-    def more() -> bool:
-        nonlocal buf, at
-        data = next(it, None)
-        if at > 65536:                               # drop what was read, now and then
-            del buf[:at]
-            at = 0
-        buf += data or b""
-        return data is not None
-
-    while True:
-        if left > 0:
-            if at == len(buf) and not more():
-                raise bad
-            piece = bytes(buf[at:at + left])
-            at, left, total = at + len(piece), left - len(piece), total + len(piece)
-            if expect is not None and total > expect:
-                raise bad
-            yield piece
-            continue
-        if left == 0:
-            while len(buf) - at < 2:
-                if not more():
-                    raise bad
-            if buf[at:at + 2] != b"\r\n":
-                raise bad
-            at, left = at + 2, -1
-        end = buf.find(b"\r\n", at)
-        while end == -1:
-            if len(buf) - at > MAX_CHUNK_LINE or not more():
-                if left == -2 and at == len(buf) and (expect is None or total == expect):
-                    return                          # no final empty line: tolerated
-                raise bad
-            end = buf.find(b"\r\n", at)
-        line, at = bytes(buf[at:end]), end + 2
-        if left == -2:                               # after the last chunk: trailers
-            if not line:
-                if expect is not None and total != expect:
-                    raise bad
-                return
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon or len(trailers) >= 8:
-                raise bad
-            trailers[name.strip().lower()] = value.strip()
-            continue
-        size = line.split(b";", 1)[0].strip()
-        if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size):
-            raise bad
-        left = int(size, 16) or -2
 
 
 # --- 3.6 The scrubber -----------------------------------------------------------------------
@@ -1716,168 +1458,6 @@ class Scrubber:
     def flush(self) -> bytes:
         held, self._held = self._held, b""
         return self.scrub(held)
-
-
-# --- 3.6b RS256 for OAuth JWT grants -------------------------------------------------------
-# Google service accounts and GitHub Apps sign a JWT with an RSA key to get an access token.
-# RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 section 8.2) over a key read from PEM by a small DER
-# reader; the exponentiation is blinded, and each signature is checked before it is used.
-
-_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
-
-
-def der_items(data: bytes) -> List[Tuple[int, bytes]]:
-    """The (tag, content) items of a DER sequence's content (definite lengths only)."""
-    items, at = [], 0
-    while at < len(data):
-        if at + 2 > len(data):
-            raise ValueError("truncated DER")
-        tag, size, at = data[at], data[at + 1], at + 2
-        if size & 0x80:
-            count = size & 0x7F
-            if not 1 <= count <= 4 or at + count > len(data):
-                raise ValueError("bad DER length")
-            size, at = int.from_bytes(data[at:at + count], "big"), at + count
-        if at + size > len(data):
-            raise ValueError("truncated DER")
-        items.append((tag, data[at:at + size]))
-        at += size
-    return items
-
-
-def rsa_private_key(pem: str) -> Tuple[int, int, int]:
-    """(n, e, d) from a PEM private key: PKCS#8 ("BEGIN PRIVATE KEY", as Google and GitHub
-    hand them out) or PKCS#1 ("BEGIN RSA PRIVATE KEY"). ValueError for anything else."""
-    found = re.search(r"-----BEGIN (RSA )?PRIVATE KEY-----([A-Za-z0-9+/=\s\\n]+)-----END", pem)
-    if found is None:
-        raise ValueError("not a PEM RSA private key")
-    der = base64.b64decode(re.sub(r"\s|\\n", "", found.group(2)), validate=True)
-    (tag, body), = der_items(der)
-    items = der_items(body)
-    if not found.group(1):                      # PKCS#8: version, algorithm, key
-        if tag != 0x30 or len(items) < 3 or items[2][0] != 0x04 or \
-                b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01" not in items[1][1]:
-            raise ValueError("not an RSA PKCS#8 key")
-        (tag, body), = der_items(items[2][1])
-        items = der_items(body)
-    if tag != 0x30 or len(items) < 4 or any(t != 0x02 for t, _ in items[:4]):
-        raise ValueError("not an RSA private key")
-    n, e, d = (int.from_bytes(v, "big") for _, v in items[1:4])
-    if n < 1 << 2047 or not 1 < e < n or not 1 < d < n:
-        raise ValueError("RSA keys of 2048 bits or more only")
-    return n, e, d
-
-
-def rs256_sign(key: Tuple[int, int, int], message: bytes) -> bytes:
-    """RSASSA-PKCS1-v1_5 signature of SHA-256(message)."""
-    n, e, d = key
-    size = (n.bit_length() + 7) // 8
-    encoded = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
-    m = int.from_bytes(b"\x00\x01" + b"\xff" * (size - 3 - len(encoded)) + b"\x00" + encoded, "big")
-    while True:                                  # blinding: the exponent never meets m itself
-        r = secrets.randbelow(n - 2) + 2
-        try:
-            r_inv = pow(r, -1, n)
-            break
-        except ValueError:
-            continue
-    s = pow(m * pow(r, e, n) % n, d, n) * r_inv % n
-    if pow(s, e, n) != m:
-        raise ValueError("RSA signature check failed")
-    return s.to_bytes(size, "big")
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def jwt_rs256(key: Tuple[int, int, int], claims: Dict[str, Any]) -> str:
-    """A compact JWT with header {"alg":"RS256","typ":"JWT"}."""
-    signing_input = b64url(b'{"alg":"RS256","typ":"JWT"}') + "." + b64url(
-        json.dumps(claims, separators=(",", ":")).encode())
-    return signing_input + "." + b64url(rs256_sign(key, signing_input.encode("ascii")))
-
-
-# --- 3.6c OAuth grants the broker runs ------------------------------------------------------
-# For services without static keys the secret holds the long-lived material (a refresh token,
-# a client secret, a service account's or a GitHub App's private key) and the broker mints the
-# short-lived access token that goes upstream as the part {access_token}. These two units are
-# pure: what to send to the token endpoint, and what its answer means.
-
-OAUTH_GRANTS = ("refresh_token", "client_credentials", "jwt_bearer", "github_app")
-OAUTH_NEEDS = {"refresh_token": ("client_id", "refresh_token"),
-               "client_credentials": ("client_id", "client_secret"),
-               "jwt_bearer": ("client_email", "private_key"),
-               "github_app": ("app_id", "private_key", "installation_id")}
-OAUTH_RENEW_S = 300          # an access token is renewed this long before it expires
-OAUTH_HOLD_S = 30            # how long one renewal may take before another process takes over
-
-
-def oauth_request(provider: Provider, parts: Dict[str, str],
-                  now: float) -> Tuple[str, str, List[Tuple[str, str]], bytes]:
-    """(grant, token endpoint URL, headers, body) for renewing this secret's access token: the
-    first of the provider's grants whose parts the secret holds."""
-    grant = next((g for g in provider.oauth if all(parts.get(n) for n in OAUTH_NEEDS[g])), "")
-    if not grant:
-        raise ValueError(f"the secret holds the parts of none of {provider.name}'s grants")
-    url = parts.get("token_url") or parts.get("token_uri") or provider.token_url
-    headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")]
-    form: Dict[str, str] = {}
-    if grant == "refresh_token":
-        form = {"grant_type": "refresh_token", "refresh_token": parts["refresh_token"],
-                "client_id": parts["client_id"]}
-    elif grant == "client_credentials":
-        form = {"grant_type": "client_credentials", "client_id": parts["client_id"],
-                "scope": parts.get("scope") or ""}
-    elif grant == "jwt_bearer":          # a Google service account
-        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
-                "assertion": jwt_rs256(rsa_private_key(parts["private_key"]), {
-                    "iss": parts["client_email"], "aud": url, "iat": int(now),
-                    "exp": int(now) + 3600, "scope": parts.get("scope") or
-                    "https://www.googleapis.com/auth/cloud-platform"})}
-    else:                                # a GitHub App: its JWT buys an installation token
-        if not (parts["app_id"].isdigit() and parts["installation_id"].isdigit()):
-            raise ValueError("app_id and installation_id are numbers")
-        url = (parts.get("api_url") or provider.token_url or "https://api.github.com").rstrip(
-            "/") + f"/app/installations/{parts['installation_id']}/access_tokens"
-        jwt = jwt_rs256(rsa_private_key(parts["private_key"]), {
-            "iss": parts["app_id"], "iat": int(now) - 60, "exp": int(now) + 540})
-        return grant, url, [("Authorization", "Bearer " + jwt),
-                            ("Accept", "application/vnd.github+json")], b""
-    if parts.get("client_secret") and grant != "jwt_bearer":
-        form["client_secret"] = parts["client_secret"]
-    return grant, url, headers, urllib.parse.urlencode(
-        {k: v for k, v in form.items() if v}).encode()
-
-
-def oauth_answer(grant: str, status: int, body: bytes,
-                 now: float) -> Tuple[str, float, Optional[str]]:
-    """(access token, expiry as unix time, a rotated refresh token or None) from a token
-    endpoint's answer; ValueError (naming the status and the error code, never a value) for
-    anything else."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        obj = None
-    if not isinstance(obj, dict) or status not in (200, 201) or obj.get("ok") is False:
-        code = obj.get("error") if isinstance(obj, dict) else None
-        raise ValueError(f"the token endpoint answered {status}" + (
-            f" ({code})" if isinstance(code, str) and re.fullmatch(r"[a-z_]{1,40}", code) else ""))
-    token = obj.get("token" if grant == "github_app" else "access_token")
-    if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]{1,8192}", token):
-        raise ValueError("the token endpoint's answer holds no usable access token")
-    if grant == "github_app":
-        expires = datetime.datetime.strptime(str(obj.get("expires_at"))[:19], "%Y-%m-%dT%H:%M:%S"
-                                             ).replace(tzinfo=datetime.timezone.utc).timestamp()
-    else:
-        life = obj.get("expires_in", 3600)
-        expires = now + (int(life) if isinstance(life, (int, str)) and str(life).isdigit()
-                         else 3600)
-    refresh = obj.get("refresh_token") if grant == "refresh_token" else None
-    if refresh is not None and not (isinstance(refresh, str) and
-                                    re.fullmatch(r"[\x21-\x7e]{1,8192}", refresh)):
-        raise ValueError("the token endpoint's answer holds a malformed refresh token")
-    return token, expires, refresh
 
 
 # --- 3.7 The audit chain --------------------------------------------------------------------
@@ -2520,7 +2100,437 @@ class Inflater:
         return tail
 
 
-# 6. STORE (sqlite): schema and numbered migrations, secrets, tokens, agents, counters, audit
+def connection_tokens(headers: List[Tuple[str, str]]) -> set:
+    """The lower-case tokens of every Connection header (``close``, ``upgrade``, header names
+    that are hop-by-hop for this message)."""
+    return {t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")}
+
+
+def forward_request_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """Agent headers minus hop-by-hop ones (and those named in Connection) and the few the
+    broker sets itself; repeated fields are joined with ', '."""
+    named = connection_tokens(headers)
+    merged: Dict[str, Tuple[str, str]] = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named or lower in REQUEST_HEADERS_REPLACED:
+            continue
+        if lower in merged:
+            merged[lower] = (merged[lower][0], merged[lower][1] + ", " + value)
+        else:
+            merged[lower] = (name, value)
+    return list(merged.values())
+
+
+# ============================================================================================
+# 6. PROVIDER MECHANICS: pure units the core calls for credential shapes beyond one key
+#    (they compute what is sent; the core decides where it goes and scrubs what comes back)
+# ============================================================================================
+
+# --- 6.1 Secrets with named parts: storage format and the check at add and mint time --------
+
+def pack_parts(parts: Dict[str, str]) -> bytes:
+    """The plaintext a secret is encrypted from: a lone ``key`` part is the bare value (the
+    format every secret had before parts), several are a JSON object after PARTS_MAGIC."""
+    if list(parts) == ["key"]:
+        return parts["key"].encode("utf-8", "surrogateescape")
+    return PARTS_MAGIC + json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+
+
+def part_problem(parts: Dict[str, str], provider: Provider) -> str:
+    """Why these parts cannot serve the provider ("" if they can): a part it needs is
+    missing, a part it does not know is there, or a value cannot travel in a header."""
+    missing = [n for n in provider.parts if n not in parts and n not in provider.optional]
+    unknown = [n for n in parts if n not in provider.parts]
+    if missing:
+        return (f"{provider.name} needs the part(s) {', '.join(missing)} (its parts: "
+                f"{', '.join(provider.parts)})")
+    if unknown:
+        return (f"{provider.name} has no part(s) {', '.join(unknown)} (its parts: "
+                f"{', '.join(provider.parts)})")
+    sent = {n for p in (provider.inject,) + provider.also + tuple(provider.token_places)
+            if p is not None for n in PART_RE.findall(p.value)}     # these travel in headers
+    bad = [n for n, v in parts.items() if not v or v != v.strip() or not (   # a PEM key (and
+        v.isprintable() or n not in sent and v.startswith("-----BEGIN ") and    # only that)
+        v.replace("\n", "").replace("\r", "").isprintable())]                   # spans lines
+    return (f"the part(s) {', '.join(bad)} must be non-empty, unpadded, printable and one "
+            f"line (a PEM key excepted)" if bad else "")
+
+
+# --- 6.2 AWS: routes, refusals, Signature Version 4, aws-chunked bodies ---------------------
+# AWS has no bearer key to swap: the agent's SDK signs with its seks token as the access key
+# id, the broker checks that token, drops the signature and signs again with the real parts.
+
+AWS_SERVICE_RE = re.compile(r"^[a-z][a-z0-9]{1,30}(?:-[a-z0-9]{1,30}){0,3}\Z")
+AWS_REGION_RE = re.compile(r"^[a-z]{2}(?:-[a-z]{2,12}){1,2}-[0-9]{1,2}\Z")
+AWS_SERVICES = ("bedrock-runtime", "bedrock", "s3", "sts")     # unless the secret lists others
+AWS_SIGNING_NAMES = {"bedrock-runtime": "bedrock", "bedrock-agent-runtime": "bedrock",
+                     "bedrock-agent": "bedrock"}
+AWS_HOLD_MAX = 8 * 1024 * 1024   # an aws-chunked upload up to this is decoded whole: its hash is
+                                 # signed and its trailing checksum kept (larger: streamed, unsigned)
+AWS_QUERY_SERVICES = ("sts", "iam", "sns", "ses", "cloudformation")    # XML ErrorResponse errors
+ROLE_RENEW_S = 300                # assumed-role credentials are renewed this long before expiry
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+AWS_PLACEHOLDER_SECRET = "seks-signs-for-you-this-is-not-a-secret"   # the agent's SDK needs one
+AWS_QUERY_SIGNATURE = ("x-amz-algorithm", "x-amz-credential", "x-amz-date", "x-amz-expires",
+                       "x-amz-signedheaders", "x-amz-signature", "x-amz-security-token")
+
+
+def aws_route(rest: str) -> Tuple[str, str, str]:
+    """``/<service>/<region>/<rest>`` -> (service, region, /rest), both checked against strict
+    patterns, so the host the broker builds (``<service>.<region>.amazonaws.com``) is always
+    one of AWS's own."""
+    bits = rest.split("/", 3) + ["", "", ""]
+    service, region = bits[1], bits[2]
+    if not AWS_SERVICE_RE.match(service) or not AWS_REGION_RE.match(region):
+        raise NotFound("AWS routes are /aws/<service>/<region>/..., e.g. "
+                       "/aws/bedrock-runtime/us-east-1/model/<id>/converse")
+    return service, region, "/" + (bits[3] if rest.count("/") >= 3 else "")
+
+
+GCP_REGION_RE = re.compile(r"^(?:global|[a-z]{2,15}-[a-z]{2,15}[0-9]{1,2})\Z")
+
+
+def gcp_route(rest: str) -> Tuple[str, str]:
+    """``/<region>/<rest>`` of a regional Google route (Vertex AI) -> (region, /rest); the
+    region is a strict pattern, so ``<region>-aiplatform.googleapis.com`` stays Google's."""
+    region, _, tail = rest[1:].partition("/")
+    if not GCP_REGION_RE.match(region):
+        raise NotFound("regional routes are /<provider>/<region>/..., e.g. "
+                       "/vertex/us-central1/v1/projects/...")
+    return region, "/" + tail
+
+
+def aws_facts(rest: str, parts: Dict[str, str], query: str, body: Any,
+              fields: List[Tuple[str, str]]) -> Tuple[Any, str, Tuple[str, ...]]:
+    """The RequestFacts of an AWS route that decide() checks: ``aws`` (service, region, the
+    services and regions the secret allows: its ``services`` and ``regions`` parts, comma- or
+    space-separated; default the four built-in services, every region); ``action``: the STS
+    action if exactly one is named, in the query or a held form body (STS answers
+    GetSessionToken, AssumeRole... with working AWS keys: only GetCallerIdentity passes);
+    ``reads``: the object an S3 copy reads (``x-amz-copy-source``, ``/bucket/key``)."""
+    service, region, _ = aws_route(rest)
+    services = (parts.get("services") or " ".join(AWS_SERVICES)).replace(",", " ").split()
+    regions = (parts.get("regions") or "*").replace(",", " ").split()
+    actions = [urllib.parse.unquote_plus(v) for n, _, v in (
+        p.partition("=") for p in query.split("&") if p) if n.lower() == "action"]
+    if isinstance(body, bytes):
+        actions += [v for n, v in urllib.parse.parse_qsl(body.decode("latin-1"))
+                    if n.lower() == "action"]
+    target = next((v for n, v in fields if n.lower() == "x-amz-target"), "")
+    one = len(actions) == 1 and (body is None or isinstance(body, bytes)) and (
+        not target or target.endswith("." + actions[0]))
+    return (service, region, tuple(services), tuple(regions)), actions[0] if one else "", tuple(
+        "/" + urllib.parse.unquote(v.split("?", 1)[0]).lstrip("/")
+        for n, v in fields if n.lower() == "x-amz-copy-source")
+
+
+
+def aws_quote(text: str, safe: str = "") -> str:
+    """URI-encode as SigV4 does: everything but A-Z a-z 0-9 - _ . ~ (and ``safe``)."""
+    return urllib.parse.quote(text, safe=safe + "~")
+
+
+def sigv4_query(query: str) -> str:
+    """The canonical query: each name and value decoded and re-encoded, sorted."""
+    pairs = []
+    for part in query.split("&") if query else ():
+        name, _, value = part.partition("=")
+        pairs.append((aws_quote(urllib.parse.unquote(name)), aws_quote(urllib.parse.unquote(value))))
+    return "&".join(f"{n}={v}" for n, v in sorted(pairs))
+
+
+def sigv4_request(method: str, uri: str, query: str, headers: List[Tuple[str, str]],
+                  payload_hash: str) -> Tuple[str, str]:
+    """(the canonical request, the signed header names) over all of ``headers``: names lower-
+    cased and sorted, values trimmed with inner whitespace collapsed, repeats joined by ','."""
+    merged: Dict[str, List[str]] = {}
+    for name, value in headers:
+        merged.setdefault(name.lower(), []).append(" ".join(value.split()))
+    names = sorted(merged)
+    lines = "".join(f"{n}:{','.join(merged[n])}\n" for n in names)
+    signed = ";".join(names)
+    return "\n".join([method, uri, sigv4_query(query), lines, signed, payload_hash]), signed
+
+
+def sigv4_authorization(key_id: str, secret: str, region: str, service: str, amz_date: str,
+                        canonical: str, signed: str) -> str:
+    """The Authorization header: the string to sign over the canonical request's hash, the
+    key derived from the secret by date, region, service, and its HMAC-SHA256."""
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                         hashlib.sha256(canonical.encode("utf-8")).hexdigest()])
+    key = ("AWS4" + secret).encode("utf-8")
+    for step in (amz_date[:8], region, service, "aws4_request"):
+        key = hmac.new(key, step.encode("utf-8"), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    return (f"AWS4-HMAC-SHA256 Credential={key_id}/{scope}, SignedHeaders={signed}, "
+            f"Signature={signature}")
+
+
+def aws_sign(method: str, target: "Target", headers: List[Tuple[str, str]], payload_hash: str,
+             parts: Dict[str, str], region: str, service: str,
+             now: float) -> List[Tuple[str, str]]:
+    """Sign a request for the host it is sent to with the real parts: X-Amz-Date,
+    X-Amz-Content-Sha256 and (with a session token) X-Amz-Security-Token are set, and the Host,
+    every x-amz-* header, Content-Type and Content-MD5 are signed with them. Non-S3 paths are
+    encoded twice in the canonical request, as AWS wants."""
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    headers = headers + [("X-Amz-Date", amz_date), ("X-Amz-Content-Sha256", payload_hash)]
+    if parts.get("session_token"):
+        headers.append(("X-Amz-Security-Token", parts["session_token"]))
+    path, _, query = target.path.partition("?")       # (the Host header is the forwarder's)
+    signed = [("Host", target.host_header)] + [(n, v) for n, v in headers if n.lower() in (
+        "content-type", "content-md5") or n.lower().startswith("x-amz-")]
+    if not all(v.isascii() for _, v in signed):    # the bytes sent must be the bytes signed
+        raise BadRequest("header values signed for AWS must be ASCII (encode x-amz-meta-* "
+                         "values, as the AWS SDKs do)")
+    canonical, names = sigv4_request(method, path if service == "s3" else aws_quote(path, "/"),
+                                     query, signed, payload_hash)
+    return headers + [("Authorization", sigv4_authorization(
+        parts["access_key_id"], parts["secret_access_key"], region,
+        AWS_SIGNING_NAMES.get(service, service), amz_date, canonical, names))]
+
+
+def assumed_role(xml: bytes) -> Tuple[Dict[str, str], float]:
+    """The temporary credentials and their expiry (unix time) from an STS AssumeRole answer
+    (read by pattern, not by an XML parser: the answer comes from the network)."""
+    fields = {}
+    for name in ("AccessKeyId", "SecretAccessKey", "SessionToken", "Expiration"):
+        found = re.search(rb"<%s>([^<]{1,4096})</%s>" % (name.encode(), name.encode()), xml)
+        if found is None:
+            raise ValueError(f"no {name}")
+        fields[name] = found.group(1).decode("ascii").strip()
+    expires = datetime.datetime.strptime(fields["Expiration"][:19], "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+    return {"access_key_id": fields["AccessKeyId"], "secret_access_key": fields["SecretAccessKey"],
+            "session_token": fields["SessionToken"]}, expires
+
+
+def aws_unchunk(chunks: Iterable[bytes], trailers: Dict[str, str],
+                expect: Optional[int] = None) -> Iterator[bytes]:
+    """The payload inside an aws-chunked body (``hex-size[;chunk-signature=S]`` CRLF, data,
+    CRLF, ..., a zero-size chunk, trailer lines, an empty line): the agent's chunk signatures
+    are dropped, trailers (``x-amz-checksum-crc32: ...``) are collected into ``trailers``. A
+    malformed body, or one whose payload is not ``expect`` bytes, is a 400. Linear in the
+    body's size however small its chunks (the buffer is read at an offset, not re-sliced)."""
+    it, buf, at, left, total = iter(chunks), bytearray(), 0, -1, 0
+    bad = BadRequest("malformed aws-chunked body", close=True)
+
+    def more() -> bool:
+        nonlocal buf, at
+        data = next(it, None)
+        if at > 65536:                               # drop what was read, now and then
+            del buf[:at]
+            at = 0
+        buf += data or b""
+        return data is not None
+
+    while True:
+        if left > 0:
+            if at == len(buf) and not more():
+                raise bad
+            piece = bytes(buf[at:at + left])
+            at, left, total = at + len(piece), left - len(piece), total + len(piece)
+            if expect is not None and total > expect:
+                raise bad
+            yield piece
+            continue
+        if left == 0:
+            while len(buf) - at < 2:
+                if not more():
+                    raise bad
+            if buf[at:at + 2] != b"\r\n":
+                raise bad
+            at, left = at + 2, -1
+        end = buf.find(b"\r\n", at)
+        while end == -1:
+            if len(buf) - at > MAX_CHUNK_LINE or not more():
+                if left == -2 and at == len(buf) and (expect is None or total == expect):
+                    return                          # no final empty line: tolerated
+                raise bad
+            end = buf.find(b"\r\n", at)
+        line, at = bytes(buf[at:end]), end + 2
+        if left == -2:                               # after the last chunk: trailers
+            if not line:
+                if expect is not None and total != expect:
+                    raise bad
+                return
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon or len(trailers) >= 8:
+                raise bad
+            trailers[name.strip().lower()] = value.strip()
+            continue
+        size = line.split(b";", 1)[0].strip()
+        if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size):
+            raise bad
+        left = int(size, 16) or -2
+
+
+# --- 6.3 RS256 for OAuth JWT grants ---------------------------------------------------------
+# Google service accounts and GitHub Apps sign a JWT with an RSA key to get an access token.
+# RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 section 8.2) over a key read from PEM by a small DER
+# reader; the exponentiation is blinded, and each signature is checked before it is used.
+
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def der_items(data: bytes) -> List[Tuple[int, bytes]]:
+    """The (tag, content) items of a DER sequence's content (definite lengths only)."""
+    items, at = [], 0
+    while at < len(data):
+        if at + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, size, at = data[at], data[at + 1], at + 2
+        if size & 0x80:
+            count = size & 0x7F
+            if not 1 <= count <= 4 or at + count > len(data):
+                raise ValueError("bad DER length")
+            size, at = int.from_bytes(data[at:at + count], "big"), at + count
+        if at + size > len(data):
+            raise ValueError("truncated DER")
+        items.append((tag, data[at:at + size]))
+        at += size
+    return items
+
+
+def rsa_private_key(pem: str) -> Tuple[int, int, int]:
+    """(n, e, d) from a PEM private key: PKCS#8 ("BEGIN PRIVATE KEY", as Google and GitHub
+    hand them out) or PKCS#1 ("BEGIN RSA PRIVATE KEY"). ValueError for anything else."""
+    found = re.search(r"-----BEGIN (RSA )?PRIVATE KEY-----([A-Za-z0-9+/=\s\\n]+)-----END", pem)
+    if found is None:
+        raise ValueError("not a PEM RSA private key")
+    der = base64.b64decode(re.sub(r"\s|\\n", "", found.group(2)), validate=True)
+    (tag, body), = der_items(der)
+    items = der_items(body)
+    if not found.group(1):                      # PKCS#8: version, algorithm, key
+        if tag != 0x30 or len(items) < 3 or items[2][0] != 0x04 or \
+                b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01" not in items[1][1]:
+            raise ValueError("not an RSA PKCS#8 key")
+        (tag, body), = der_items(items[2][1])
+        items = der_items(body)
+    if tag != 0x30 or len(items) < 4 or any(t != 0x02 for t, _ in items[:4]):
+        raise ValueError("not an RSA private key")
+    n, e, d = (int.from_bytes(v, "big") for _, v in items[1:4])
+    if n < 1 << 2047 or not 1 < e < n or not 1 < d < n:
+        raise ValueError("RSA keys of 2048 bits or more only")
+    return n, e, d
+
+
+def rs256_sign(key: Tuple[int, int, int], message: bytes) -> bytes:
+    """RSASSA-PKCS1-v1_5 signature of SHA-256(message)."""
+    n, e, d = key
+    size = (n.bit_length() + 7) // 8
+    encoded = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    m = int.from_bytes(b"\x00\x01" + b"\xff" * (size - 3 - len(encoded)) + b"\x00" + encoded, "big")
+    while True:                                  # blinding: the exponent never meets m itself
+        r = secrets.randbelow(n - 2) + 2
+        try:
+            r_inv = pow(r, -1, n)
+            break
+        except ValueError:
+            continue
+    s = pow(m * pow(r, e, n) % n, d, n) * r_inv % n
+    if pow(s, e, n) != m:
+        raise ValueError("RSA signature check failed")
+    return s.to_bytes(size, "big")
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def jwt_rs256(key: Tuple[int, int, int], claims: Dict[str, Any]) -> str:
+    """A compact JWT with header {"alg":"RS256","typ":"JWT"}."""
+    signing_input = b64url(b'{"alg":"RS256","typ":"JWT"}') + "." + b64url(
+        json.dumps(claims, separators=(",", ":")).encode())
+    return signing_input + "." + b64url(rs256_sign(key, signing_input.encode("ascii")))
+
+
+# --- 6.4 OAuth grants the broker runs -------------------------------------------------------
+# For services without static keys the secret holds the long-lived material (a refresh token,
+# a client secret, a service account's or a GitHub App's private key) and the broker mints the
+# short-lived access token that goes upstream as the part {access_token}. These two units are
+# pure: what to send to the token endpoint, and what its answer means.
+
+OAUTH_GRANTS = ("refresh_token", "client_credentials", "jwt_bearer", "github_app")
+OAUTH_NEEDS = {"refresh_token": ("client_id", "refresh_token"),
+               "client_credentials": ("client_id", "client_secret"),
+               "jwt_bearer": ("client_email", "private_key"),
+               "github_app": ("app_id", "private_key", "installation_id")}
+OAUTH_RENEW_S = 300          # an access token is renewed this long before it expires
+OAUTH_HOLD_S = 30            # how long one renewal may take before another process takes over
+
+
+def oauth_request(provider: Provider, parts: Dict[str, str],
+                  now: float) -> Tuple[str, str, List[Tuple[str, str]], bytes]:
+    """(grant, token endpoint URL, headers, body) for renewing this secret's access token: the
+    first of the provider's grants whose parts the secret holds."""
+    grant = next((g for g in provider.oauth if all(parts.get(n) for n in OAUTH_NEEDS[g])), "")
+    if not grant:
+        raise ValueError(f"the secret holds the parts of none of {provider.name}'s grants")
+    url = parts.get("token_url") or parts.get("token_uri") or provider.token_url
+    headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")]
+    form: Dict[str, str] = {}
+    if grant == "refresh_token":
+        form = {"grant_type": "refresh_token", "refresh_token": parts["refresh_token"],
+                "client_id": parts["client_id"]}
+    elif grant == "client_credentials":
+        form = {"grant_type": "client_credentials", "client_id": parts["client_id"],
+                "scope": parts.get("scope") or ""}
+    elif grant == "jwt_bearer":          # a Google service account
+        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "assertion": jwt_rs256(rsa_private_key(parts["private_key"]), {
+                    "iss": parts["client_email"], "aud": url, "iat": int(now),
+                    "exp": int(now) + 3600, "scope": parts.get("scope") or
+                    "https://www.googleapis.com/auth/cloud-platform"})}
+    else:                                # a GitHub App: its JWT buys an installation token
+        if not (parts["app_id"].isdigit() and parts["installation_id"].isdigit()):
+            raise ValueError("app_id and installation_id are numbers")
+        url = (parts.get("api_url") or provider.token_url or "https://api.github.com").rstrip(
+            "/") + f"/app/installations/{parts['installation_id']}/access_tokens"
+        jwt = jwt_rs256(rsa_private_key(parts["private_key"]), {
+            "iss": parts["app_id"], "iat": int(now) - 60, "exp": int(now) + 540})
+        return grant, url, [("Authorization", "Bearer " + jwt),
+                            ("Accept", "application/vnd.github+json")], b""
+    if parts.get("client_secret") and grant != "jwt_bearer":
+        form["client_secret"] = parts["client_secret"]
+    return grant, url, headers, urllib.parse.urlencode(
+        {k: v for k, v in form.items() if v}).encode()
+
+
+def oauth_answer(grant: str, status: int, body: bytes,
+                 now: float) -> Tuple[str, float, Optional[str]]:
+    """(access token, expiry as unix time, a rotated refresh token or None) from a token
+    endpoint's answer; ValueError (naming the status and the error code, never a value) for
+    anything else."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict) or status not in (200, 201) or obj.get("ok") is False:
+        code = obj.get("error") if isinstance(obj, dict) else None
+        raise ValueError(f"the token endpoint answered {status}" + (
+            f" ({code})" if isinstance(code, str) and re.fullmatch(r"[a-z_]{1,40}", code) else ""))
+    token = obj.get("token" if grant == "github_app" else "access_token")
+    if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]{1,8192}", token):
+        raise ValueError("the token endpoint's answer holds no usable access token")
+    if grant == "github_app":
+        expires = datetime.datetime.strptime(str(obj.get("expires_at"))[:19], "%Y-%m-%dT%H:%M:%S"
+                                             ).replace(tzinfo=datetime.timezone.utc).timestamp()
+    else:
+        life = obj.get("expires_in", 3600)
+        expires = now + (int(life) if isinstance(life, (int, str)) and str(life).isdigit()
+                         else 3600)
+    refresh = obj.get("refresh_token") if grant == "refresh_token" else None
+    if refresh is not None and not (isinstance(refresh, str) and
+                                    re.fullmatch(r"[\x21-\x7e]{1,8192}", refresh)):
+        raise ValueError("the token endpoint's answer holds a malformed refresh token")
+    return token, expires, refresh
+
+
+# ============================================================================================
+# 7. STORE (sqlite): schema and numbered migrations, secrets, tokens, agents, counters, audit
 # ============================================================================================
 
 def utc_iso(epoch: Optional[float] = None) -> str:
@@ -3326,7 +3336,7 @@ AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
 
 
 # ============================================================================================
-# 7. POLICY STATE: the token cache, policies as stored, request facts, the usage meter
+# 8. POLICY STATE: the token cache, policies as stored, request facts, the usage meter
 # ============================================================================================
 
 class TokenCache:
@@ -4094,7 +4104,7 @@ class UsageMeter:
 
 
 # ============================================================================================
-# 8. UPSTREAM: the keep-alive pool and the urllib opener (the only code that opens sockets)
+# 9. UPSTREAM: the keep-alive pool and the urllib opener (the only code that opens sockets)
 # ============================================================================================
 
 POOL_IDLE_PER_HOST = 64              # idle keep-alive connections kept per upstream
@@ -4303,7 +4313,7 @@ def read_answer(pool: Optional[UpstreamPool], conn: UpstreamConn,
 
 
 # ============================================================================================
-# 9. RELAY: upstream answers to the agent, WebSocket sessions, the Discord gateway
+# 10. RELAY: upstream answers to the agent, WebSocket sessions, the Discord gateway
 # ============================================================================================
 
 USAGE_DRAIN_SECONDS = 60.0        # reading on after the agent left, to learn a stream's usage
@@ -4723,7 +4733,7 @@ def rewrite_gateway_url(data: bytes, ws_base: str) -> bytes:
 
 
 # ============================================================================================
-# 10. HTTP HANDLER: one agent connection, one short pipeline per request
+# 11. HTTP HANDLER: one agent connection, one short pipeline per request
 # ============================================================================================
 
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?\Z")
@@ -4930,31 +4940,21 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                                 p.kind == "basic" for p in provider.token_places) else None)
         record, parts, pairs = broker.authenticate(swap.token, provider, ex)
         policy = record.policy
-        refusal = aws_allowed(parts, service, region) if aws else None
-        if refusal is not None:
-            raise refusal
-
         read_whole = bool(provider.usage) and not upgrade and (budget_key(policy) != "" or (
             "models" in policy and provider.usage != "bedrock"))      # (Bedrock: in the path)
         body = self.request_body(head, framing, length, read_whole, ex)
         if body is None and read_whole and budget_key(policy) and head.method in WRITE_METHODS:
             body = b""                        # a budget bounds (or refuses) body-less POSTs too
-        if aws and service == "sts":          # STS mints credentials nothing would mask or bound
-            refusal = sts_refusal(query, body, head.get("x-amz-target") or "")
-            if refusal is not None:
-                raise refusal
         facts = request_facts(provider, head.method, head.fields,
                               policy_rest if aws or provider.region else rest,
                               swap, body if read_whole else None, read_whole, upgrade)
+        if aws:
+            facts.aws, facts.action, facts.reads = aws_facts(rest, parts, query, body, head.fields)
         refusal = decide(policy, facts)
         if refusal is not None:
             raise refusal
         if provider.usage == "bedrock":
             ex.model = facts.model
-        if aws and policy.get("paths"):          # S3 copies read another object: its path counts
-            refusal = aws_copy_refusal(policy["paths"], head.fields)
-            if refusal is not None:
-                raise refusal
         if read_whole:
             ex.model = facts.model
             if body and budget_key(policy) and provider.usage == "openai" and \
@@ -5362,7 +5362,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
 
 # ============================================================================================
-# 11. SERVER: settings and config file, metrics, logging, audit writes, the server
+# 12. SERVER: settings and config file, metrics, logging, audit writes, the server
 # ============================================================================================
 
 def parse_place(text: str, inject: bool = False) -> CredentialPlace:
@@ -6912,7 +6912,7 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
 
 
 # ============================================================================================
-# 12. CLI: argparse sub-commands and main()
+# 13. CLI: argparse sub-commands and main()
 # ============================================================================================
 
 def parse_ttl(text: str) -> int:

@@ -140,13 +140,44 @@ def test_a_forged_service_or_region_is_not_a_route(rest: str) -> None:
         sb.aws_route(rest)
 
 
+def aws_decision(parts: dict, rest: str, query: str = "", body=None, fields=(), policy=None):
+    facts = sb.RequestFacts("POST", "/x")
+    facts.aws, facts.action, facts.reads = sb.aws_facts(rest, parts, query, body, list(fields))
+    return sb.decide(policy or {}, facts)
+
+
 def test_a_secret_narrows_services_and_regions() -> None:
-    assert sb.aws_allowed({}, "bedrock-runtime", "ap-south-1") is None
-    assert isinstance(sb.aws_allowed({}, "iam", "us-east-1"), sb.Forbidden)
+    assert aws_decision({}, "/bedrock-runtime/ap-south-1/model/m/converse") is None
+    assert isinstance(aws_decision({}, "/iam/us-east-1/"), sb.Forbidden)
     narrow = {"services": "s3", "regions": "eu-west-1, eu-central-1"}
-    assert sb.aws_allowed(narrow, "s3", "eu-central-1") is None
-    assert isinstance(sb.aws_allowed(narrow, "s3", "us-east-1"), sb.Forbidden)
-    assert isinstance(sb.aws_allowed(narrow, "bedrock-runtime", "eu-west-1"), sb.Forbidden)
+    assert aws_decision(narrow, "/s3/eu-central-1/b/k") is None
+    assert isinstance(aws_decision(narrow, "/s3/us-east-1/b/k"), sb.Forbidden)
+    assert isinstance(aws_decision(narrow, "/bedrock-runtime/eu-west-1/model/m/converse"), sb.Forbidden)
+
+
+@pytest.mark.parametrize("query, body, fields, allowed", [
+    ("Action=GetCallerIdentity&Version=2011-06-15", None, (), True),
+    ("", b"Action=GetCallerIdentity&Version=2011-06-15", (), True),
+    ("Action=GetSessionToken", None, (), False),
+    ("Action=GetCallerIdentity", b"Action=AssumeRole", (), False),        # named twice
+    ("", b"", (), False),
+    ("", iter([b"Action=GetCallerIdentity"]), (), False),                 # a streamed body
+    ("Action=GetCallerIdentity", None, (("X-Amz-Target", "AWSSecurityTokenServiceV20110615.AssumeRole"),), False),
+])
+def test_the_sts_action_fact_is_get_caller_identity_or_nothing(query, body, fields, allowed) -> None:
+    refusal = aws_decision({"services": "sts"}, "/sts/us-east-1/", query, body, fields)
+    assert (refusal is None) == allowed, refusal
+
+
+def test_a_copy_reads_within_the_token_paths_only() -> None:
+    for source, allowed in (("/bucket/reports/q1.csv", True), ("bucket/reports/a?versionId=3", True),
+                            ("/bucket/secret/k", False), ("/bucket/reports/../secret/k", False),
+                            ("bucket%2Freports%2F..%2Fsecret", False)):
+        refusal = aws_decision({}, "/s3/us-east-1/bucket/reports/new", fields=[("x-amz-copy-source", source)],
+                               policy={"paths": ["/x", "/bucket/reports"]})
+        assert (refusal is None) == allowed, (source, refusal)
+    # no paths in the policy: a copy reads anything the secret reaches
+    assert aws_decision({}, "/s3/us-east-1/b/k", fields=[("x-amz-copy-source", "/other/k")]) is None
 
 
 def chunked(payload: bytes, size: int, trailer: str = "") -> bytes:
