@@ -829,58 +829,9 @@ class KeyRing:
 
 # --- 3.2 Tokens -----------------------------------------------------------------------------
 
-class TokenRecord:
-    """A token row joined with its agent and secret. Holds no plaintext key."""
-
-    __slots__ = ("id", "token_hash", "secret_name", "provider", "agent", "expires_at",
-                 "revoked_at", "policy", "agent_disabled_at", "secret_provider",
-                 "secret_ciphertext", "parent", "parent_ended", "parent_expires_at", "parent_rate")
-
-    def __init__(self, id: str, token_hash: bytes, secret_name: str, provider: str, agent: str,
-                 expires_at: Optional[float], revoked_at: Optional[str], policy: str,
-                 agent_disabled_at: Optional[str], secret_provider: Optional[str],
-                 secret_ciphertext: Optional[str], parent: Optional[str] = None,
-                 parent_revoked_at: Optional[str] = None,
-                 parent_expires_at: Optional[float] = None, parent_found: int = 0,
-                 parent_policy: Optional[str] = None) -> None:
-        self.id, self.token_hash, self.secret_name = id, token_hash, secret_name
-        self.provider, self.agent, self.expires_at = provider, agent, expires_at
-        self.revoked_at = revoked_at
-        self.policy: Dict[str, Any] = json.loads(policy or "{}")
-        self.agent_disabled_at = agent_disabled_at
-        self.secret_provider = secret_provider
-        self.secret_ciphertext = secret_ciphertext
-        self.parent = parent                 # a delegated token: the token that minted it
-        self.parent_ended = bool(parent) and (not parent_found or parent_revoked_at is not None)
-        self.parent_expires_at = parent_expires_at
-        self.parent_rate = json.loads(parent_policy or "{}").get("rate")   # shared with children
-
-    def __repr__(self) -> str:
-        return f"TokenRecord({self.id} agent={self.agent} provider={self.provider})"
-
-
 def token_digest(token: str) -> bytes:
     """How a token is stored and looked up: SHA-256 (tokens carry 256 random bits)."""
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-
-
-def new_token(provider: Provider, real_key: str = "") -> str:
-    """A fresh fake token: ``seks_<provider>_<43 chars>``; Telegram-shaped where clients check.
-
-    Telegram clients insist on ``<digits>:<rest>`` and aiogram takes the digits as the bot's
-    id, so the fake token reuses the real key's (public) bot id when it has one."""
-    body = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_RANDOM_BYTES)).rstrip(b"=").decode()
-    token = f"seks_{provider.name}_{body}"
-    if provider.token_shape == "bot-id":
-        bot_id, sep, _ = real_key.partition(":")
-        if not (sep and bot_id.isascii() and bot_id.isdigit() and len(bot_id) <= 20):
-            bot_id = "".join(secrets.choice("0123456789") for _ in range(10))
-        token = bot_id + ":" + token
-    return token
-
-
-def new_token_id() -> str:
-    return "tok_" + secrets.token_hex(6)
 
 
 def check_token(record: Optional[TokenRecord], provider: str, now: float) -> TokenRecord:
@@ -910,24 +861,19 @@ def check_token(record: Optional[TokenRecord], provider: str, now: float) -> Tok
 # --- 3.3 The authorisation decision ---------------------------------------------------------
 
 class RequestFacts:
-    """What the decision looks at, gathered by the handler before it (no I/O in decide).
-    ``model``/``background``/``repeated_keys`` are known only when ``body_read`` (the token's
-    policy needs them: models or a budget on an LLM provider). AWS routes add ``aws``: the
-    service and region, and the services and regions the secret allows (aws_facts); ``action``:
-    the one STS action named, or ""; ``reads``: other paths read (S3's x-amz-copy-source)."""
-
-    __slots__ = ("method", "path", "override", "upgrade", "llm", "body_read", "model",
-                 "background", "repeated_keys", "aws", "action", "reads")
+    """What decide() looks at, gathered before it (no I/O in decide). ``model``, ``background``
+    and ``repeated_keys`` are known only when ``body_read`` (a models or budget policy on an LLM
+    provider). AWS routes add ``aws`` (service, region, the services and regions the secret
+    allows), ``action`` (the one STS action named, or "") and ``reads`` (S3's copy source)."""
 
     def __init__(self, method: str, path: str, override: bool = False, upgrade: bool = False,
                  llm: bool = False, body_read: bool = False, model: Optional[str] = None,
-                 background: bool = False, repeated_keys: bool = False,
-                 aws: Tuple[str, str, Tuple[str, ...], Tuple[str, ...]] = ("", "", (), ()),
-                 action: str = "", reads: Tuple[str, ...] = ()) -> None:
+                 background: bool = False, repeated_keys: bool = False) -> None:
         self.method, self.path, self.override, self.upgrade = method, path, override, upgrade
         self.llm, self.body_read, self.model = llm, body_read, model
         self.background, self.repeated_keys = background, repeated_keys
-        self.aws, self.action, self.reads = aws, action, reads
+        self.aws: Tuple[str, str, Tuple[str, ...], Tuple[str, ...]] = ("", "", (), ())
+        self.action, self.reads = "", ()
 
 
 def path_within(path: str, prefix: str) -> bool:
@@ -995,11 +941,6 @@ def budget_key(policy: Dict[str, Any]) -> str:
     """Which budget a token has: "budget_tokens" (LLM tokens), "budget_nusd" (money, in
     billionths of a US dollar), or "" (none). A token has at most one."""
     return next((k for k in ("budget_tokens", "budget_nusd") if k in policy), "")
-
-
-def budget_words(key: str, amount: int) -> str:
-    return f"${amount / 1e9:,.6f}".rstrip("0").rstrip(".") if key == "budget_nusd" else \
-        f"{amount} tokens"
 
 
 def check_limits(policy: Dict[str, Any], requests_: int, used: int, bucket: Optional[float],
@@ -1080,12 +1021,10 @@ class Target:
     """Where one upstream request goes: decided by upstream_target alone, and the only thing
     UpstreamPool.connect opens a socket from."""
 
-    __slots__ = ("scheme", "host", "port", "verify", "path", "scope")
+    __slots__ = ("scheme", "host", "port", "verify", "path")
 
-    def __init__(self, scheme: str, host: str, port: int, verify: bool, path: str,
-                 scope: Tuple[str, str] = ("", "")) -> None:
+    def __init__(self, scheme: str, host: str, port: int, verify: bool, path: str) -> None:
         self.scheme, self.host, self.port, self.verify, self.path = scheme, host, port, verify, path
-        self.scope = scope        # AWS: (service, region) the request is signed for
 
     @property
     def host_header(self) -> str:
@@ -1140,45 +1079,28 @@ def upstream_target(provider: Provider, rest: str, query: str, verify: bool,
     if not provider.host:
         raise Unavailable(f"the {provider.name} route has no upstream until the operator sets "
                           f"one ([upstream] {provider.name} = https://...)")
+    scheme, host, port, base = provider.scheme, provider.host, provider.port, provider.base_path
     if provider.region == "gcp":                      # /<region>/<rest>: Google's regional host
         region, rest = gcp_route(rest)
-        path = rest + ("?" + query if query else "")
-        if provider.host.endswith(".googleapis.com"):
-            return Target(provider.scheme, provider.host if region == "global" else
-                          f"{region}-{provider.host}", provider.port, verify, path)
-        return Target(provider.scheme, provider.host, provider.port, verify,
-                      provider.base_path + path)
-    if any(p.kind == "aws" for p in provider.token_places):   # /<service>/<region>/<rest>:
-        service, region, rest = aws_route(rest)           # the host is AWS's, or the one base
-        rest = aws_quote(urllib.parse.unquote(rest), "/")  # configured (path-style), the path
-        query = sigv4_query(query)                         # and query in canonical form
-        if provider.host == "amazonaws.com":
-            return Target("https", f"{service}.{region}.amazonaws.com", 443, verify,
-                          rest + ("?" + query if query else ""), (service, region))
-        return Target(provider.scheme, provider.host, provider.port, verify, provider.base_path
-                      + rest + ("?" + query if query else ""), (service, region))
-    return Target(provider.scheme, provider.host, provider.port, verify,
-                  provider.base_path + rest + ("?" + query if query else ""))
-
-
-def config_target(url: str, verify: bool) -> Target:
-    """A URL from configuration (an OAuth token endpoint, never from the agent) as a Target."""
-    scheme, host, port, path = parse_upstream_base(url)
-    return Target(scheme, host, port, verify, path or "/")
+        if host.endswith(".googleapis.com"):
+            host, base = host if region == "global" else f"{region}-{host}", ""
+    elif any(p.kind == "aws" for p in provider.token_places):   # /<service>/<region>/<rest>:
+        service, region, rest = aws_route(rest)            # AWS's own host, or the one base
+        rest = aws_quote(urllib.parse.unquote(rest), "/")   # configured (path-style); path
+        query = sigv4_query(query)                          # and query in canonical form
+        if host == "amazonaws.com":
+            scheme, host, port, base = "https", f"{service}.{region}.amazonaws.com", 443, ""
+    return Target(scheme, host, port, verify, base + rest + ("?" + query if query else ""))
 
 
 # --- 3.5 The credential swap ----------------------------------------------------------------
 
 class CredentialSwap:
-    """Where an agent's token was found in a request, and how to put the real key there."""
-
-    __slots__ = ("token", "place", "prefix", "side")
+    """Where an agent's token was found: the place, the header scheme word or path prefix
+    used (Basic: the other half, kept) and, for Basic, which half the token was in."""
 
     def __init__(self, token: str, place: CredentialPlace, prefix: str, side: str = "") -> None:
-        self.token = token
-        self.place = place
-        self.prefix = prefix      # the header scheme word or path prefix actually used; Basic:
-        self.side = side          # the other half, kept, and which half the token was in
+        self.token, self.place, self.prefix, self.side = token, place, prefix, side
 
 
 def find_token(provider: Provider, headers: List[Tuple[str, str]], rest: str,
@@ -2499,6 +2421,12 @@ def oauth_request(provider: Provider, parts: Dict[str, str],
         {k: v for k, v in form.items() if v}).encode()
 
 
+def config_target(url: str, verify: bool) -> Target:
+    """A URL from configuration (an OAuth token endpoint, never from the agent) as a Target."""
+    scheme, host, port, path = parse_upstream_base(url)
+    return Target(scheme, host, port, verify, path or "/")
+
+
 def oauth_answer(grant: str, status: int, body: bytes,
                  now: float) -> Tuple[str, float, Optional[str]]:
     """(access token, expiry as unix time, a rotated refresh token or None) from a token
@@ -2532,6 +2460,55 @@ def oauth_answer(grant: str, status: int, body: bytes,
 # ============================================================================================
 # 7. STORE (sqlite): schema and numbered migrations, secrets, tokens, agents, counters, audit
 # ============================================================================================
+
+class TokenRecord:
+    """A token row joined with its agent and secret. Holds no plaintext key."""
+
+    __slots__ = ("id", "token_hash", "secret_name", "provider", "agent", "expires_at",
+                 "revoked_at", "policy", "agent_disabled_at", "secret_provider",
+                 "secret_ciphertext", "parent", "parent_ended", "parent_expires_at", "parent_rate")
+
+    def __init__(self, id: str, token_hash: bytes, secret_name: str, provider: str, agent: str,
+                 expires_at: Optional[float], revoked_at: Optional[str], policy: str,
+                 agent_disabled_at: Optional[str], secret_provider: Optional[str],
+                 secret_ciphertext: Optional[str], parent: Optional[str] = None,
+                 parent_revoked_at: Optional[str] = None,
+                 parent_expires_at: Optional[float] = None, parent_found: int = 0,
+                 parent_policy: Optional[str] = None) -> None:
+        self.id, self.token_hash, self.secret_name = id, token_hash, secret_name
+        self.provider, self.agent, self.expires_at = provider, agent, expires_at
+        self.revoked_at = revoked_at
+        self.policy: Dict[str, Any] = json.loads(policy or "{}")
+        self.agent_disabled_at = agent_disabled_at
+        self.secret_provider = secret_provider
+        self.secret_ciphertext = secret_ciphertext
+        self.parent = parent                 # a delegated token: the token that minted it
+        self.parent_ended = bool(parent) and (not parent_found or parent_revoked_at is not None)
+        self.parent_expires_at = parent_expires_at
+        self.parent_rate = json.loads(parent_policy or "{}").get("rate")   # shared with children
+
+    def __repr__(self) -> str:
+        return f"TokenRecord({self.id} agent={self.agent} provider={self.provider})"
+
+
+def new_token(provider: Provider, real_key: str = "") -> str:
+    """A fresh fake token: ``seks_<provider>_<43 chars>``; Telegram-shaped where clients check.
+
+    Telegram clients insist on ``<digits>:<rest>`` and aiogram takes the digits as the bot's
+    id, so the fake token reuses the real key's (public) bot id when it has one."""
+    body = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_RANDOM_BYTES)).rstrip(b"=").decode()
+    token = f"seks_{provider.name}_{body}"
+    if provider.token_shape == "bot-id":
+        bot_id, sep, _ = real_key.partition(":")
+        if not (sep and bot_id.isascii() and bot_id.isdigit() and len(bot_id) <= 20):
+            bot_id = "".join(secrets.choice("0123456789") for _ in range(10))
+        token = bot_id + ":" + token
+    return token
+
+
+def new_token_id() -> str:
+    return "tok_" + secrets.token_hex(6)
+
 
 def utc_iso(epoch: Optional[float] = None) -> str:
     """UTC timestamp as ISO 8601 with a Z, to the second (what tables and audit rows show)."""
@@ -3338,6 +3315,11 @@ AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
 # ============================================================================================
 # 8. POLICY STATE: the token cache, policies as stored, request facts, the usage meter
 # ============================================================================================
+
+def budget_words(key: str, amount: int) -> str:
+    return f"${amount / 1e9:,.6f}".rstrip("0").rstrip(".") if key == "budget_nusd" else \
+        f"{amount} tokens"
+
 
 class TokenCache:
     """token digest -> (record, the secret's parts, their scrub pairs).
