@@ -26,12 +26,14 @@ WHERE EACH PROMISE IS HELD, in reading order (sections 3 and 4 are the reviewer'
       An agent running as the operator's OS user can read the master key: `run` warns, and
       `run --user` starts it as another user.
   3 A fake token is narrow and revocable: token_digest, check_token, then decide (methods, paths,
-      models, WebSocket and budget rules) and check_limits (rate, request count, budget: run in
-      one DB transaction by Store.admit, with budget_reservation's bound held until the answer's
-      usage settles it). TokenCache trusts an entry only while the DB's change
-      counter is unchanged, so a revocation bites on the next request, in every process; a
-      delegated token (delegated_policy: never wider than its parent) dies with its parent.
+      models, WebSocket and budget rules, what an AWS secret allows) and check_limits (rate,
+      request count, budget: run in one DB transaction by Store.admit, with budget_reservation's
+      bound held until the answer's usage settles it). TokenCache trusts an entry only while the
+      DB's change counter is unchanged, so a revocation bites on the next request, in every
+      process; a delegated token (delegated_policy: never wider than its parent) dies with it.
   4 A stolen DB reveals nothing usable: SecretCipher (its docstring is the format spec).
+      Section 6 computes credentials beyond one key (aws_sign, jwt_rs256, oauth_request): pure,
+      pinned by published vectors; what they make goes out only through swap and target.
   5 Nothing on the command line: read_secret_value; CliParser never echoes a refused value.
   6 Hostile input gets a clear error and changes nothing: read_head, parse_fields, body_framing
       and BodyReader are the one parser of heads, CL/TE framing and chunked bodies, for agent
@@ -39,12 +41,8 @@ WHERE EACH PROMISE IS HELD, in reading order (sections 3 and 4 are the reviewer'
   7 Every use is accountable: audit_mac / verify_audit_chain; Broker.record writes one chained
       row per request, allowed or denied; drain writes the rows of exchanges cut at shutdown.
 
-SECTIONS (search for a banner)
-   1 CONSTANTS AND LIMITS   2 ERRORS   3 SECURITY CORE (pure: no I/O, no caches)
-   4 THE ONE EXIT TO THE AGENT   5 WIRE (HTTP/1.1 and RFC 6455 parsing)
-   6 PROVIDER MECHANICS (pure: secret parts, AWS SigV4, RS256 and OAuth grants)   7 STORE
-   8 POLICY STATE (token cache, request facts, usage meter)   9 UPSTREAM (keep-alive pool)
-   10 RELAY (answers, WebSockets, Discord gateway)   11 HTTP HANDLER   12 SERVER   13 CLI
+SECTIONS: 1 constants 2 errors 3 security core 4 the one exit to the agent 5 wire 6 provider
+mechanics 7 store 8 policy state 9 upstream 10 relay 11 HTTP handler 12 server 13 CLI (banners).
 """
 
 from __future__ import annotations
@@ -782,12 +780,9 @@ class SecretCipher:
         return base64.urlsafe_b64encode(version + nonce + ciphertext + tag).decode("ascii")
 
     def decrypt(self, token: str, ad: bytes) -> bytes:
-        if not _URLSAFE_B64_RE.match(token):
+        if not _URLSAFE_B64_RE.match(token):        # canonical base64 only: decoding cannot fail
             raise DecryptError()
-        try:
-            _unverified = base64.urlsafe_b64decode(token)
-        except (binascii.Error, ValueError):
-            raise DecryptError() from None
+        _unverified = base64.urlsafe_b64decode(token)
         if len(_unverified) < 1 + self.NONCE_BYTES + self.TAG_BYTES:
             raise DecryptError()
         version = _unverified[:1]
@@ -945,10 +940,9 @@ def budget_key(policy: Dict[str, Any]) -> str:
 
 def check_limits(policy: Dict[str, Any], requests_: int, used: int, bucket: Optional[float],
                  bucket_at: Optional[float], now: float) -> Tuple[Optional[float], Optional[float]]:
-    """The counting limits of one request, given the token's counters (``used``: what its
-    budget counts, tokens or nano-dollars): raise Exhausted (for good) or RateLimited (for
-    now), or return the new token-bucket state. Store.admit runs it inside one write transaction, so
-    the same counters are never read twice by concurrent requests, in any process."""
+    """The counting limits of one request, given the token's counters (``used``: tokens or
+    nano-dollars): raise Exhausted (for good) or RateLimited (for now), or return the new
+    token-bucket state. Store.admit runs it in one write transaction, in any process."""
     max_requests = policy.get("max_requests")
     if max_requests is not None and requests_ >= max_requests:
         raise Exhausted(f"token has used all {max_requests} requests it was minted for")
@@ -978,14 +972,10 @@ _PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
 def validate_path(rest: str) -> str:
-    """Accept a provider path only if no decoding of it can climb out or name another host.
-
-    The raw path must be printable ASCII starting with one '/', with no '//', backslash, '#',
-    malformed percent escape or '.'/'..' segment (also before a ';': Tomcat and Spring read
-    '..;x' as '..'). It is then percent-decoded again and again (double encoding, up to 3
-    levels): no level may hold a dot segment (NFKC-folded too), a backslash, a control
-    character, invalid UTF-8 or a leading '//'. '@', ':' and '%' stay legal once decoded: the
-    host never comes from this string."""
+    """Accept a provider path only if no decoding of it can climb out or name another host:
+    printable ASCII after one '/', no '//', backslash, '#', bad escape or dot segment (also
+    '..;x', which Tomcat reads as '..'), at each of up to 3 decoding levels (NFKC-folded too),
+    no control character or invalid UTF-8 once decoded. The host never comes from this string."""
     if not rest.startswith("/"):
         raise BadRequest("path must start with '/'")
     if _FORBIDDEN_TARGET_RE.search(rest):
@@ -1046,13 +1036,10 @@ _RESUME_HOST_RE = re.compile(r"^[a-z0-9.-]+(?::(\d{1,5}))?\Z")
 def upstream_target(provider: Provider, rest: str, query: str, verify: bool,
                     gateway_url: str = "") -> Target:
     """The one place an upstream target is decided, for HTTP and WebSocket alike: scheme, host
-    and port come from configuration only; ``rest`` and ``query`` come from the agent and are
-    validated, and ``rest`` always starts with a single '/', so nothing in them can be read as
-    an authority. ``verify`` is False only for providers the operator listed as insecure.
-
-    Discord's gateway route (``/gateway`` or ``/gateway/resume/<host[:port]>``) goes to the
-    configured ``gateway_url``; a resume host is allowed only if it is that gateway's host or a
-    discord.gg subdomain (reached with TLS on 443), as Discord's READY names it."""
+    and port come from configuration only; the agent's ``rest`` (validated, one leading '/') and
+    ``query`` cannot name an authority. ``verify`` is False only for upstreams listed insecure.
+    Discord's ``/gateway[/resume/<host[:port]>]`` goes to ``gateway_url``, or to a resume host
+    that is that gateway's host or a discord.gg subdomain (TLS, 443), as READY names it."""
     if provider.gateway == "discord" and (rest == "/gateway" or rest.startswith("/gateway/")):
         match = _GATEWAY_ROUTE_RE.match(rest)
         if match is None:
@@ -1123,17 +1110,10 @@ def find_token(provider: Provider, headers: List[Tuple[str, str]], rest: str,
                 word, _, encoded = value.strip().partition(" ")
                 if name.lower() == "authorization" and word.lower() == "basic":
                     return basic_token(encoded.strip(), place)
-        elif place.kind == "aws":             # the SigV4 access key id: its Credential=
-            for name, value in headers:
-                word, _, rest_ = value.strip().partition(" ")
-                if name.lower() == "authorization" and word == "AWS4-HMAC-SHA256":
-                    field = re.search(r"(?:^|[\s,])Credential=([^/,\s]+)/", rest_)
-                    return CredentialSwap(field.group(1), place, "") if field else None
-            for part in query.split("&") if query else ():
-                name, _, value = part.partition("=")
-                if urllib.parse.unquote(name).lower() == "x-amz-credential":
-                    key_id = urllib.parse.unquote(value).split("/", 1)[0]
-                    return CredentialSwap(key_id, place, "") if key_id else None
+        elif place.kind == "aws":             # the access key id the agent signed with
+            key_id = aws_key_id(headers, query)
+            if key_id is not None:
+                return CredentialSwap(key_id, place, "") if key_id else None
         elif place.kind == "query":
             for part in query.split("&") if query else ():
                 name, _, value = part.partition("=")
@@ -1168,24 +1148,6 @@ def basic_token(encoded: str, place: CredentialPlace) -> Optional[CredentialSwap
     return CredentialSwap(user, place, password, "user")
 
 
-PARTS_MAGIC = b"\x00parts\x00"     # a secret with named parts: this, then a JSON object
-
-
-def secret_parts(plain: bytes) -> Dict[str, str]:
-    """The named parts of a decrypted secret (a bare value is the part ``key``)."""
-    if plain.startswith(PARTS_MAGIC):
-        parts = json.loads(plain[len(PARTS_MAGIC):])
-        if isinstance(parts, dict) and all(isinstance(v, str) for v in parts.values()):
-            return parts
-        raise DecryptError("malformed parts")
-    return {"key": plain.decode("utf-8", "surrogateescape")}
-
-
-def fill(template: str, parts: Dict[str, str]) -> str:
-    """A credential place's value with the secret's parts put in (KeyError: one is missing)."""
-    return PART_RE.sub(lambda m: parts[m.group(1)], template)
-
-
 def swap_credentials(provider: Provider, swap: CredentialSwap, parts: Dict[str, str],
                      headers: List[Tuple[str, str]], rest: str,
                      query: str) -> Tuple[List[Tuple[str, str]], str, str]:
@@ -1193,10 +1155,7 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, parts: Dict[str, 
     secret's parts (the agent's own value in an injection place never rides along). A part
     the secret lacks: KeyError (token mint refuses such secrets; the caller answers 502)."""
     if swap.place.kind == "aws":          # the agent's signature goes; aws_sign signs anew
-        strip = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
-        return [(n, v) for n, v in headers if n.lower() not in strip], rest, "&".join(
-            part for part in (query.split("&") if query else ()) if urllib.parse.unquote(
-                part.partition("=")[0]).lower() not in AWS_QUERY_SIGNATURE)
+        return aws_unsigned(headers, query, rest)
     header_places = {p.name for p in provider.token_places if p.kind in ("header", "basic")}
     query_places = {p.name for p in provider.token_places if p.kind == "query"}
     if provider.inject is not None and provider.inject.kind in ("header", "basic"):
@@ -1248,10 +1207,10 @@ def mask_secret(secret: bytes) -> bytes:
 
 
 def secret_variants(key: str) -> Tuple[bytes, ...]:
-    """The forms in which an upstream might echo a key: raw, JSON with '/' escaped as '\\/'
-    (PHP's default) or some or all characters as \\uXXXX, and percent-encoded the ways URL
-    libraries do it (every reserved character or only some, upper or lower-case hex, '+' for
-    spaces). Each subset of the key's punctuation (up to four kinds) is escaped on its own."""
+    """The forms in which an upstream might echo a key: raw, JSON-escaped ('\\/', \\uXXXX for
+    some or all characters), percent-encoded as URL libraries do (all or some reserved
+    characters, either hex case, '+'), HTML-escaped; each subset of up to four kinds of its
+    punctuation escaped on its own."""
     variants = {key.encode("utf-8", "surrogateescape"),
                 key.replace("/", "\\/").encode("utf-8", "surrogateescape")}
     for safe in ("", "/", ":", "/:", "-._~"):
@@ -1297,15 +1256,12 @@ def fragment_floor(length: int) -> int:
 
 
 class Scrubber:
-    """Masks a real key in a byte stream, also cut off: every run of a variant's characters
-    that holds its first or its last fragment_floor characters is replaced by a same-length
-    mask. So an upstream that echoes the request cut short (the agent can pad it so that the
-    key straddles the cut) shows the agent less than a third of the key at either end. ``feed``
-    returns what is safe to send now and holds back the longest tail that could still grow
-    into such a run (at most the key's length); ``flush`` gives the held tail, masked, at the
-    end. Nothing else is buffered, so server-sent events still flow one by one. ``binary()``
-    narrows a binary media answer to whole variants: those do not quote requests, and the
-    shorter searches halve download speed."""
+    """Masks a real key in a byte stream, also cut off (an upstream may echo a request cut
+    short, and the agent can pad it so the key straddles the cut): every run of a variant that
+    holds its first or last fragment_floor characters becomes a same-length mask. ``feed``
+    holds back only the longest tail that could still grow into such a run, so events still
+    flow one by one; ``flush`` masks it at the end. ``binary()``: whole variants only, for
+    media answers (they quote no requests; the shorter searches halve download speed)."""
 
     def __init__(self, pairs: Tuple[Tuple[bytes, bytes], ...] = ()) -> None:
         self.pairs = pairs
@@ -1464,9 +1420,8 @@ def redact(text: str) -> str:
 
 
 def redact_path(path: str) -> str:
-    """A request path as it may be logged before it is validated: redacted as it came, unless
-    percent-decoding it (up to three levels) shows a token ('%73eks_...'): then the decoded form,
-    cut like a plain token, with spaces and other invisible characters escaped again (a path
+    """A path as it may be logged before it is validated: redacted as it came, or, if decoding
+    (up to 3 levels) shows a token ('%73eks_...'), decoded, cut and re-escaped (so a path
     cannot spell extra log fields)."""
     decoded = path
     for _ in range(3):
@@ -1503,9 +1458,8 @@ def masked_request_path(provider: Optional[Provider], path: str, query: str) -> 
 
 
 def terminal_text(value: Any) -> str:
-    """A value as a human-readable view may print it: control characters (C0, DEL, C1, ESC),
-    invisible format characters (bidi overrides) and line separators escaped, so text that an
-    agent or upstream chose cannot forge or erase lines on the operator's terminal."""
+    """A value as a terminal may show it: control, bidi-format and line-separator characters
+    escaped, so text an agent or upstream chose cannot forge or erase the operator's lines."""
     text = str(value)
     if text.isascii() and text.isprintable():
         return text
@@ -1518,9 +1472,9 @@ def terminal_text(value: Any) -> str:
 # ============================================================================================
 
 def header_block(headers: List[Tuple[str, str]]) -> bytes:
-    """Header lines (CRLF-separated, no final CRLF), checked as a whole: token names, no control
-    character or line break in any value, latin-1 only. Makes every head the broker writes,
-    to an upstream or to an agent: nothing an upstream sent can split the agent's answer."""
+    """Header lines (CRLF-separated, no final CRLF) of every head the broker writes, upstream or
+    to an agent, checked whole: token names, latin-1 values without control characters or line
+    breaks, so nothing an upstream sent can split the agent's answer."""
     if not headers:
         return b""
     try:
@@ -1535,18 +1489,12 @@ def header_block(headers: List[Tuple[str, str]]) -> bytes:
 
 class AgentWriter:
     """Every byte written to an agent connection goes through here: status lines, headers,
-    bodies, chunk framing, WebSocket frames, close reasons and errors (a test checks that no
-    other code in the file writes to a socket but the upstream side). The writer owns:
-
-      * the scrubber: set with the real key's variants once the key is known; header values,
-        body bytes, WebSocket payloads and close reasons are scrubbed on the way out, and an
-        answer whose header *name* holds the key is refused (502) before anything is sent;
-      * the framing: Content-Length bodies, chunked bodies, the close-delimited body of an
-        HTTP/1.0 client, and RFC 6455 frames (compressed for Discord's zlib-stream only after
-        scrubbing: the bytes scrubbed are the bytes sent);
-      * one answer per request: once any byte of an answer went out, an error can only cut
-        the connection, never start a second answer inside the first.
-    """
+    bodies, chunk framing, WebSocket frames, close reasons and errors (a test checks the source
+    for any other socket write). It owns the scrubber (header values, bodies, frames and close
+    reasons are scrubbed; a header *name* holding the key refuses the answer), the framing
+    (Content-Length, chunked, close-delimited for HTTP/1.0, RFC 6455 frames, compressed for
+    Discord's zlib-stream only after scrubbing), and one answer per request: once a byte went
+    out, an error can only cut the connection."""
 
     def __init__(self, sock: socket.socket, stall_limit: float) -> None:
         self._sock = sock
@@ -2051,6 +1999,24 @@ def forward_request_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, s
 
 # --- 6.1 Secrets with named parts: storage format and the check at add and mint time --------
 
+PARTS_MAGIC = b"\x00parts\x00"     # a secret with named parts: this, then a JSON object
+
+
+def secret_parts(plain: bytes) -> Dict[str, str]:
+    """The named parts of a decrypted secret (a bare value is the part ``key``)."""
+    if plain.startswith(PARTS_MAGIC):
+        parts = json.loads(plain[len(PARTS_MAGIC):])
+        if isinstance(parts, dict) and all(isinstance(v, str) for v in parts.values()):
+            return parts
+        raise DecryptError("malformed parts")
+    return {"key": plain.decode("utf-8", "surrogateescape")}
+
+
+def fill(template: str, parts: Dict[str, str]) -> str:
+    """A credential place's value with the secret's parts put in (KeyError: one is missing)."""
+    return PART_RE.sub(lambda m: parts[m.group(1)], template)
+
+
 def pack_parts(parts: Dict[str, str]) -> bytes:
     """The plaintext a secret is encrypted from: a lone ``key`` part is the bare value (the
     format every secret had before parts), several are a JSON object after PARTS_MAGIC."""
@@ -2121,6 +2087,30 @@ def gcp_route(rest: str) -> Tuple[str, str]:
         raise NotFound("regional routes are /<provider>/<region>/..., e.g. "
                        "/vertex/us-central1/v1/projects/...")
     return region, "/" + tail
+
+
+def aws_key_id(headers: List[Tuple[str, str]], query: str) -> Optional[str]:
+    """The access key id of a SigV4 signature (``Credential=`` of the Authorization header, or
+    ``X-Amz-Credential``): the agent's seks token. None: no signature; "": a malformed one."""
+    for name, value in headers:
+        word, _, rest = value.strip().partition(" ")
+        if name.lower() == "authorization" and word == "AWS4-HMAC-SHA256":
+            field = re.search(r"(?:^|[\s,])Credential=([^/,\s]+)/", rest)
+            return field.group(1) if field else ""
+    for part in query.split("&") if query else ():
+        name, _, value = part.partition("=")
+        if urllib.parse.unquote(name).lower() == "x-amz-credential":
+            return urllib.parse.unquote(value).split("/", 1)[0]
+    return None
+
+
+def aws_unsigned(headers: List[Tuple[str, str]], query: str,
+                 rest: str) -> Tuple[List[Tuple[str, str]], str, str]:
+    """The request without the agent's signature, date, session token and payload hash."""
+    strip = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
+    return [(n, v) for n, v in headers if n.lower() not in strip], rest, "&".join(
+        part for part in (query.split("&") if query else ()) if urllib.parse.unquote(
+            part.partition("=")[0]).lower() not in AWS_QUERY_SIGNATURE)
 
 
 def aws_facts(rest: str, parts: Dict[str, str], query: str, body: Any,
