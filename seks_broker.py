@@ -13,31 +13,28 @@ THREAT MODEL (the full text is THREAT_MODEL.md beside this file)
   upstream, an agent misusing the capability it was granted (limits narrow it, nothing removes it).
 
 WHERE EACH PROMISE IS HELD, in reading order (sections 3 and 4 are the reviewer's path)
-  1 The real key travels only to its provider's configured upstream:
-      upstream_target (validate_path, validate_query) makes the only Target; UpstreamPool.connect
-      opens sockets from a Target and from nothing else; redirects are relayed, never followed.
-  2 The agent never receives the real key:
-      AgentWriter is the one exit to the agent (heads, bodies, chunks, frames, close reasons,
-      errors) and owns the Scrubber (every run of a key variant holding its first or last
-      third, so a cut-off echo is masked too; parts_pairs gives it every secret part of a
-      secret); swap_credentials strips every credential place and fills the injection places
-      from the secret's parts (secret_parts, fill; part_problem refuses a secret that lacks one);
-      redact, masked_request_path and terminal_text make logs, audit rows and listings safe.
-      An agent running as the operator's OS user can read the master key: `run` warns, and
-      `run --user` starts it as another user.
+  1 The real key travels only to its provider's configured upstream: upstream_target
+      (validate_path, validate_query) makes the only Target; UpstreamPool.connect opens sockets
+      from a Target and nothing else; redirects are relayed, never followed.
+  2 The agent never receives the real key: AgentWriter is the one exit to the agent and owns
+      the Scrubber (every key variant, also cut off: any run holding its first or last third;
+      parts_pairs covers every part of a secret); swap_credentials strips every credential
+      place and fills the injection places from the secret's parts; redact and
+      masked_request_path make logs and audit rows safe. An agent running as the operator's OS
+      user can read the master key: `run` warns, and `run --user` starts it as another user.
   3 A fake token is narrow and revocable: token_digest, check_token, then decide (methods, paths,
       models, WebSocket and budget rules, what an AWS secret allows) and check_limits (rate,
-      request count, budget: run in one DB transaction by Store.admit, with budget_reservation's
-      bound held until the answer's usage settles it). TokenCache trusts an entry only while the
-      DB's change counter is unchanged, so a revocation bites on the next request, in every
-      process; a delegated token (delegated_policy: never wider than its parent) dies with it.
+      request count, budget; one DB transaction in Store.admit, budget_reservation's bound held
+      until the answer's usage settles it). TokenCache trusts an entry only while the DB's
+      change counter is unchanged, so a revocation bites on the next request in every process;
+      a delegated token (delegated_policy: never wider than its parent) dies with its parent.
   4 A stolen DB reveals nothing usable: SecretCipher (its docstring is the format spec).
       Section 6 computes credentials beyond one key (aws_sign, jwt_rs256, oauth_request): pure,
       pinned by published vectors; what they make goes out only through swap and target.
   5 Nothing on the command line: read_secret_value; CliParser never echoes a refused value.
-  6 Hostile input gets a clear error and changes nothing: read_head, parse_fields, body_framing
-      and BodyReader are the one parser of heads, CL/TE framing and chunked bodies, for agent
-      requests and upstream answers alike; named limits below, each checked in one place.
+  6 Hostile input gets a clear error and changes nothing: read_head, body_framing and
+      BodyReader are the one parser of heads, framing and chunked bodies in both directions;
+      named limits below, each checked in one place; terminal_text guards the operator's screen.
   7 Every use is accountable: audit_mac / verify_audit_chain; Broker.record writes one chained
       row per request, allowed or denied; drain writes the rows of exchanges cut at shutdown.
 
@@ -873,9 +870,8 @@ class RequestFacts:
 
 def path_within(path: str, prefix: str) -> bool:
     """Prefix match on segment boundaries: /v1/chat matches /v1/chat/x, not /v1/chatty."""
-    if prefix.endswith("/"):
-        return path.startswith(prefix)
-    return path == prefix or path.startswith(prefix + "/") or path.startswith(prefix + ":")
+    return path.startswith(prefix) if prefix.endswith("/") else (
+        path == prefix or path.startswith((prefix + "/", prefix + ":")))
 
 
 def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]:
@@ -1407,7 +1403,6 @@ def verify_audit_chain(key: bytes, rows: List[AuditRow], anchor: bytes,
 
 _TOKEN_TEXT_RE = re.compile(r"(seks_[a-z0-9-]{1,32}_)([A-Za-z0-9_-]{4})[A-Za-z0-9_-]*")
 SECRET_QUERY_PARAMS = frozenset({"key", "token", "api_key", "apikey", "access_token", "auth",
-                                 "X-Amz-Credential", "X-Amz-Signature", "X-Amz-Security-Token",
                                  "x-amz-credential", "x-amz-signature", "x-amz-security-token"})
 
 
@@ -1444,16 +1439,12 @@ def masked_request_path(provider: Optional[Provider], path: str, query: str) -> 
                 _, slash, tail = path[idx + len(prefix):].partition("/")
                 path = path[:idx + len(prefix)] + "***" + slash + tail
                 break
-    if query:
-        secret_params = set(SECRET_QUERY_PARAMS)
-        if provider is not None:
-            secret_params |= {p.name for p in provider.token_places if p.kind == "query"}
-        parts = []
-        for part in query.split("&"):
-            name, eq, _ = part.partition("=")
-            parts.append(f"{name}=***" if eq and urllib.parse.unquote_plus(name).lower()
-                         in secret_params else part)
-        path += "?" + "&".join(parts)
+    if query:                                   # (names compared lower-cased)
+        secret = SECRET_QUERY_PARAMS.union(p.name.lower() for p in provider.token_places
+                                           if p.kind == "query") if provider else SECRET_QUERY_PARAMS
+        path += "?" + "&".join(f"{name}=***" if eq and urllib.parse.unquote_plus(name).lower()
+                               in secret else name + eq + value for name, eq, value in (
+                                   part.partition("=") for part in query.split("&")))
     return redact(path)
 
 
