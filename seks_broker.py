@@ -1729,6 +1729,22 @@ class WireReader:
         return data
 
 
+class ChunkSource:
+    """A socket-like ``recv`` over an iterator of byte strings: a body inside a body."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks, self._rest = iter(chunks), memoryview(b"")
+
+    def recv(self, size: int) -> bytes:
+        while not self._rest:                               # (an empty piece is not the end)
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return b""
+            self._rest = memoryview(chunk)
+        data, self._rest = self._rest[:size], self._rest[size:]
+        return bytes(data)
+
+
 def wire_error(side: str, status: int, message: str) -> SeksError:
     """A malformed message: the agent's request gets its 4xx (and the connection closes); an
     upstream answer is a framing error, answered 502 or cut."""
@@ -1824,11 +1840,13 @@ def body_framing(fields: List[Tuple[str, str]], side: str, http11: bool, method:
 class BodyReader:
     """A message body read off a WireReader by its framing: ``read`` returns what is there (at
     most ``size``, b"" at the end) and never reads past the body's end. Chunked bodies are
-    decoded here, for agents and upstreams alike (extensions ignored, trailers bounded)."""
+    decoded here, for agents, upstreams and aws-chunked uploads alike (extensions ignored,
+    trailers bounded and passed on to no one, only collected into ``trailers`` if given)."""
 
     def __init__(self, reader: WireReader, kind: str, length: int, side: str,
-                 max_body: int = 0) -> None:
+                 max_body: int = 0, trailers: Optional[Dict[str, str]] = None) -> None:
         self.reader, self.kind, self.side, self.max_body = reader, kind, side, max_body
+        self.trailers = trailers                            # collected here if given
         self.left = length if kind == "length" else -1     # bytes left (of the current chunk)
         self.done = kind == "none"
         self.received = 0
@@ -1879,6 +1897,9 @@ class BodyReader:
             if trailer == b"\r\n":
                 self.done = True
                 return False
+            if self.trailers is not None:
+                name, value = parse_field(trailer.rstrip(b"\r\n"), self.side)
+                self.trailers[name.lower()] = value
 
 
 def request_has_body(fields: List[Tuple[str, str]]) -> bool:
@@ -2212,62 +2233,21 @@ def assumed_role(xml: bytes) -> Tuple[Dict[str, str], float]:
 
 def aws_unchunk(chunks: Iterable[bytes], trailers: Dict[str, str],
                 expect: Optional[int] = None) -> Iterator[bytes]:
-    """The payload inside an aws-chunked body (``hex-size[;chunk-signature=S]`` CRLF, data,
-    CRLF, ..., a zero-size chunk, trailer lines, an empty line): the agent's chunk signatures
-    are dropped, trailers (``x-amz-checksum-crc32: ...``) are collected into ``trailers``. A
-    malformed body, or one whose payload is not ``expect`` bytes, is a 400. Linear in the
-    body's size however small its chunks (the buffer is read at an offset, not re-sliced)."""
-    it, buf, at, left, total = iter(chunks), bytearray(), 0, -1, 0
-    bad = BadRequest("malformed aws-chunked body", close=True)
-
-    def more() -> bool:
-        nonlocal buf, at
-        data = next(it, None)
-        if at > 65536:                               # drop what was read, now and then
-            del buf[:at]
-            at = 0
-        buf += data or b""
-        return data is not None
-
+    """The payload inside an aws-chunked body: chunked coding read by the wire parser
+    (BodyReader), the agent's chunk signatures (chunk extensions) dropped and the trailers
+    (``x-amz-checksum-crc32: ...``) collected into ``trailers``. A malformed body, or one
+    whose payload is not ``expect`` bytes, is a 400."""
+    body = BodyReader(WireReader(ChunkSource(chunks)), "chunked", -1, "aws-chunked",
+                      trailers=trailers)
+    total = 0
     while True:
-        if left > 0:
-            if at == len(buf) and not more():
-                raise bad
-            piece = bytes(buf[at:at + left])
-            at, left, total = at + len(piece), left - len(piece), total + len(piece)
-            if expect is not None and total > expect:
-                raise bad
-            yield piece
-            continue
-        if left == 0:
-            while len(buf) - at < 2:
-                if not more():
-                    raise bad
-            if buf[at:at + 2] != b"\r\n":
-                raise bad
-            at, left = at + 2, -1
-        end = buf.find(b"\r\n", at)
-        while end == -1:
-            if len(buf) - at > MAX_CHUNK_LINE or not more():
-                if left == -2 and at == len(buf) and (expect is None or total == expect):
-                    return                          # no final empty line: tolerated
-                raise bad
-            end = buf.find(b"\r\n", at)
-        line, at = bytes(buf[at:end]), end + 2
-        if left == -2:                               # after the last chunk: trailers
-            if not line:
-                if expect is not None and total != expect:
-                    raise bad
-                return
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon or len(trailers) >= 8:
-                raise bad
-            trailers[name.strip().lower()] = value.strip()
-            continue
-        size = line.split(b";", 1)[0].strip()
-        if not re.fullmatch(rb"[0-9a-fA-F]{1,8}", size):
-            raise bad
-        left = int(size, 16) or -2
+        piece = body.read()
+        total += len(piece)
+        if expect is not None and (total > expect or not piece and total != expect):
+            raise BadRequest("aws-chunked body: not its x-amz-decoded-content-length", close=True)
+        if not piece:
+            return
+        yield piece
 
 
 # --- 6.3 RS256 for OAuth JWT grants ---------------------------------------------------------

@@ -197,6 +197,7 @@ def test_aws_unchunk_drops_chunk_signatures_and_collects_trailers(cut: int) -> N
     assert b"".join(sb.aws_unchunk(pieces, trailers, len(payload))) == payload
     assert trailers == {"x-amz-checksum-crc32": "AAAAAA=="}
     assert b"".join(sb.aws_unchunk([chunked(b"", 10)], {})) == b""
+    assert b"".join(sb.aws_unchunk([b"", body[:5], b"", body[5:], b""], {}, len(payload))) == payload
 
 
 @pytest.mark.parametrize("body", [b"zz\r\nab\r\n0\r\n\r\n", b"3\r\nabcXY0\r\n\r\n", b"5\r\nab", b"3;x\r\nabc\r\n",
