@@ -4726,6 +4726,26 @@ class Exchange:
         self.tokens_cached = 0     # input tokens the answer reported as read from cache
 
 
+class Call:
+    """One proxied request as the pipeline's stages fill it in: the route (provider, the path
+    after its prefix, the query; for AWS the service and region), then the token's swap,
+    record and secret parts, the scrub pairs, and the body (bytes, a stream, or None)."""
+
+    def __init__(self, head: RequestHead, provider: Provider, rest: str, prefix: str,
+                 query: str, framing: str, length: int) -> None:
+        self.head, self.provider, self.rest, self.prefix, self.query = head, provider, rest, \
+            prefix, query
+        self.framing, self.length = framing, length
+        self.aws = any(p.kind == "aws" for p in provider.token_places)
+        self.policy_rest = self.service = self.region = ""
+        self.upgrade = self.verify = self.read_whole = False
+        self.swap: Any = None
+        self.record: Any = None
+        self.parts: Dict[str, str] = {}
+        self.pairs: Tuple[Tuple[bytes, bytes], ...] = ()
+        self.body: Any = None
+
+
 def is_websocket_upgrade(head: RequestHead) -> bool:
     return head.method == "GET" and "websocket" in (head.get("upgrade") or "").lower() and \
         "upgrade" in connection_tokens(head.fields)
@@ -4734,8 +4754,9 @@ def is_websocket_upgrade(head: RequestHead) -> bool:
 class BrokerHandler(http.server.BaseHTTPRequestHandler):
     """One agent connection. Requests are read with the wire parser (section 5) and answered
     through the AgentWriter, the only way out: this handler has no rfile or wfile. Each request
-    runs ``pipeline``: route -> find token -> authenticate -> decide -> admit -> target ->
-    forward -> relay, and ends in exactly one answer (or a cut connection)."""
+    runs ``pipeline``: route -> find_token -> authenticate -> read_facts -> decide -> admit ->
+    outgoing (swap, target) -> forward -> relay, and ends in exactly one answer (or a cut
+    connection)."""
 
     protocol_version = "HTTP/1.1"
     server: "BrokerServer"
@@ -4827,8 +4848,37 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     # --- the pipeline ----------------------------------------------------------------------
     def pipeline(self, head: RequestHead, ex: Exchange) -> None:
-        broker, writer = self.server.broker, self.writer
-        settings = broker.settings
+        """One request, top to bottom: the broker's own routes; the provider route; the token
+        found and authenticated; the decision on what the request is; the counting limits;
+        the credentials swapped for the one target; forwarded; the answer relayed."""
+        call = self.route(head, ex)
+        if call is None:                      # the broker's own route, answered
+            return
+        provider = call.provider
+        call.swap = find_token(provider, head.fields, call.rest, call.query)
+        if call.swap is None:                 # git sends Basic credentials only when challenged
+            raise AuthError(f"missing token: send your seks token where the {provider.name} "
+                            f"client sends its API key", headers={
+                                "WWW-Authenticate": 'Basic realm="seks-broker"'} if any(
+                                p.kind == "basic" for p in provider.token_places) else None)
+        call.record, call.parts, call.pairs = self.server.broker.authenticate(
+            call.swap.token, provider, ex)
+        facts = self.read_facts(call, ex)
+        refusal = decide(call.record.policy, facts)
+        if refusal is not None:
+            raise refusal
+        self.admit(call, facts, ex)
+        target, headers = self.outgoing(call, ex)
+        self.writer.use_key(call.pairs)
+        if call.upgrade:
+            self.websocket(head, provider, call.prefix, target, headers, call.swap.token, ex)
+        else:
+            self.forward(call, target, headers, ex)
+
+    def route(self, head: RequestHead, ex: Exchange) -> Optional[Call]:
+        """The broker's own routes are answered here (None); a provider route is checked as far
+        as it can be without a token: the path, the query, the framing, a gateway session."""
+        broker, settings = self.server.broker, self.server.broker.settings
         if head.method in ("CONNECT", "TRACE"):
             raise BadRequest(f"{head.method} is refused: the broker is not a forward proxy",
                              close=True)
@@ -4840,131 +4890,142 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                                           max_body=settings.max_body)   # before any answer
         if path == "/healthz" and head.method in ("GET", "HEAD"):
             ex.outcome, ex.status = "health", 200
-            writer.close = writer.close or request_has_body(head.fields)
-            writer.answer(200, [("Content-Type", "application/json")],
-                          b'{"status":"ok"}' if head.method == "GET" else b"")
-            return
+            self.writer.close = self.writer.close or request_has_body(head.fields)
+            self.writer.answer(200, [("Content-Type", "application/json")],
+                               b'{"status":"ok"}' if head.method == "GET" else b"")
+            return None
         if not broker.audit_ok:               # fail closed: no unaudited use while it is broken
             raise Unavailable("the broker cannot write its audit log; requests are refused "
                               "until it can")
         if path == "/seks/v1/token" and head.method == "GET":
             self.introspect(head, query, ex)
-            return
+            return None
         if path == "/seks/v1/tokens" and head.method == "POST" and not query:
             self.delegate(head, framing, length, ex)
-            return
-        provider, rest, route_prefix = broker.route(path)
+            return None
+        call = Call(head, *broker.route(path), query, framing, length)
+        provider, rest = call.provider, call.rest
         ex.provider, self.error_style = provider.name, provider.errors
-        aws = any(p.kind == "aws" for p in provider.token_places)
         if provider.region:                   # /vertex/<region>/...: policies see what follows
-            policy_rest = gcp_route(rest)[1]
-        if aws:                               # /aws/<service>/<region>/...: AWS-shaped errors
-            service, region, policy_rest = aws_route(rest)
-            self.error_style = "aws-s3" if service == "s3" else (
-                "aws-query" if service in AWS_QUERY_SERVICES else "aws-json")
+            call.policy_rest = gcp_route(rest)[1]
+        if call.aws:                          # /aws/<service>/<region>/...: AWS-shaped errors
+            call.service, call.region, call.policy_rest = aws_route(rest)
+            self.error_style = "aws-s3" if call.service == "s3" else (
+                "aws-query" if call.service in AWS_QUERY_SERVICES else "aws-json")
         if not provider.host:                 # before any token is counted
             upstream_target(provider, "/", "", False)
         ex.path = masked_request_path(provider, path, query)
         validate_query(query)
-        upgrade = is_websocket_upgrade(head)
-        if upgrade and request_has_body(head.fields):
+        call.upgrade = is_websocket_upgrade(head)
+        if call.upgrade and request_has_body(head.fields):
             raise BadRequest("a WebSocket upgrade request carries no body", close=True)
-        verify = provider.name not in settings.insecure_upstream
+        call.verify = provider.name not in settings.insecure_upstream
         if provider.gateway == "discord" and (rest == "/gateway" or rest.startswith("/gateway/")):
-            if not upgrade:
+            if not call.upgrade:
                 raise BadRequest("the gateway route takes WebSocket connections only")
-            self.discord_gateway(head, provider, rest, query, route_prefix, verify, ex)
-            return
-        swap = find_token(provider, head.fields, rest, query)
-        if swap is None:                  # git sends Basic credentials only when challenged
-            raise AuthError(f"missing token: send your seks token where the {provider.name} "
-                            f"client sends its API key", headers={
-                                "WWW-Authenticate": 'Basic realm="seks-broker"'} if any(
-                                p.kind == "basic" for p in provider.token_places) else None)
-        record, parts, pairs = broker.authenticate(swap.token, provider, ex)
-        policy = record.policy
-        read_whole = bool(provider.usage) and not upgrade and (budget_key(policy) != "" or (
-            "models" in policy and provider.usage != "bedrock"))      # (Bedrock: in the path)
-        body = self.request_body(head, framing, length, read_whole, ex)
-        if body is None and read_whole and budget_key(policy) and head.method in WRITE_METHODS:
-            body = b""                        # a budget bounds (or refuses) body-less POSTs too
-        facts = request_facts(provider, head.method, head.fields,
-                              policy_rest if aws or provider.region else rest,
-                              swap, body if read_whole else None, read_whole, upgrade)
-        if aws:
-            facts.aws, facts.action, facts.reads = aws_facts(rest, parts, query, body, head.fields)
-        refusal = decide(policy, facts)
-        if refusal is not None:
-            raise refusal
-        if provider.usage == "bedrock":
+            self.discord_gateway(head, provider, rest, query, call.prefix, call.verify, ex)
+            return None
+        return call
+
+    def read_facts(self, call: Call, ex: Exchange) -> RequestFacts:
+        """What decide() needs, the body read whole first if the token's policy needs it."""
+        policy, provider, head = call.record.policy, call.provider, call.head
+        call.read_whole = bool(provider.usage) and not call.upgrade and (
+            budget_key(policy) != "" or ("models" in policy and provider.usage != "bedrock"))
+        call.body = self.request_body(head, call.framing, call.length, call.read_whole, ex)
+        if call.body is None and call.read_whole and budget_key(policy) and \
+                head.method in WRITE_METHODS:
+            call.body = b""                   # a budget bounds (or refuses) body-less POSTs too
+        facts = request_facts(provider, head.method, head.fields, call.policy_rest or call.rest,
+                              call.swap, call.body if call.read_whole else None,
+                              call.read_whole, call.upgrade)
+        if call.aws:
+            facts.aws, facts.action, facts.reads = aws_facts(call.rest, call.parts, call.query,
+                                                             call.body, head.fields)
+        return facts
+
+    def admit(self, call: Call, facts: RequestFacts, ex: Exchange) -> None:
+        """The model and price for the meter, then the counting limits (Broker.admit)."""
+        policy, provider, body = call.record.policy, call.provider, call.body
+        if provider.usage == "bedrock" or call.read_whole:
             ex.model = facts.model
-        if read_whole:
-            ex.model = facts.model
-            if body and budget_key(policy) and provider.usage == "openai" and \
-                    facts.path.rstrip("/").endswith("completions"):
-                body = ask_for_stream_usage(body)
-        elif provider.usage and isinstance(body, bytes):
-            ex.model = request_model(provider, rest, body, head.get("content-type") or "")
+        if call.read_whole and body and budget_key(policy) and provider.usage == "openai" and \
+                facts.path.rstrip("/").endswith("completions"):
+            body = ask_for_stream_usage(body)
+        elif not call.read_whole and provider.usage and isinstance(body, bytes):
+            ex.model = request_model(provider, call.rest, body,
+                                     call.head.get("content-type") or "")
         if "budget_nusd" in policy and isinstance(body, bytes):
-            ex.price = model_price(settings.prices, facts.model)
-        body = broker.admit(record, ex, provider.usage, facts.path, body)
+            ex.price = model_price(self.server.broker.settings.prices, facts.model)
+        call.body = self.server.broker.admit(call.record, ex, provider.usage, facts.path, body)
         ex.drain_usage = budget_key(policy) != ""
+
+    def outgoing(self, call: Call, ex: Exchange) -> Tuple[Target, List[Tuple[str, str]]]:
+        """The credentials swapped (an OAuth access token, an AWS signature), the one target,
+        and the request checked for live seks tokens before it leaves."""
+        broker, provider, record, head = self.server.broker, call.provider, call.record, call.head
         if provider.oauth:                   # the access token the broker holds for this secret
-            parts = dict(parts, access_token=broker.oauth_token(record, provider, verify, ex))
-            pairs = pairs + broker.oauth_pairs(record.secret_name)     # every live one it minted
+            call.parts = dict(call.parts, access_token=broker.oauth_token(
+                record, provider, call.verify, ex))
+            call.pairs += broker.oauth_pairs(record.secret_name)   # every live one it minted
         try:
-            headers, rest_up, query_up = swap_credentials(
-                provider, swap, parts, forward_request_headers(head.fields), rest, query)
+            headers, rest, query = swap_credentials(
+                provider, call.swap, call.parts, forward_request_headers(head.fields),
+                call.rest, call.query)
         except KeyError:                  # the provider's definition changed since minting
             ex.reason = f"secret {record.secret_name} lacks a part {provider.name} needs"
             raise UpstreamError(f"the broker's secret for this token lacks a part "
                                 f"{provider.name} needs; the operator must rotate it") from None
-        if (provider.inject or swap.place).kind == "basic":    # base64(user:key) is a form of
-                                                                # the key: scrub it too
-            sent = next(v for n, v in headers if n == "Authorization" and v.startswith("Basic "))
-            pairs = pairs + scrub_pairs(sent.partition(" ")[2])
-        target = upstream_target(provider, rest_up, query_up, verify)
-        if aws:                               # sign anew, for the host it goes to
-            headers, body, decoded = self.aws_payload(head, headers, body)
+        if (provider.inject or call.swap.place).kind == "basic":   # base64(user:key) is a
+            sent = next(v for n, v in headers                       # form of the key too
+                        if n == "Authorization" and v.startswith("Basic "))
+            call.pairs += scrub_pairs(sent.partition(" ")[2])
+        target = upstream_target(provider, rest, query, call.verify)
+        if call.aws:                          # sign anew, for the host it goes to
+            headers, call.body, decoded = self.aws_payload(head, headers, call.body)
             if decoded >= 0:
-                framing, length = "length", decoded
-            payload = hashlib.sha256(body or b"").hexdigest() if body is None or isinstance(
-                body, bytes) else "UNSIGNED-PAYLOAD"
-            if parts.get("role_arn"):         # sign as the role (its credentials masked too)
-                parts = broker.assume_role(record, parts, provider, region, verify, ex)
-                pairs = pairs + parts_pairs(parts)
-            headers = aws_sign(head.method, target, headers, payload, parts, region, service,
-                               time.time())
-        leaks = token_shapes("\n".join([rest_up, query_up] + [v for _, v in headers]).encode(
+                call.framing, call.length = "length", decoded
+            payload = hashlib.sha256(call.body or b"").hexdigest() if call.body is None or \
+                isinstance(call.body, bytes) else "UNSIGNED-PAYLOAD"
+            if call.parts.get("role_arn"):    # sign as the role (its credentials masked too)
+                call.parts = broker.assume_role(record, call.parts, provider, call.region,
+                                                call.verify, ex)
+                call.pairs += parts_pairs(call.parts)
+            headers = aws_sign(head.method, target, headers, payload, call.parts, call.region,
+                               call.service, time.time())
+        body = call.body
+        leaks = token_shapes("\n".join([rest, query] + [v for _, v in headers]).encode(
             "utf-8", "surrogateescape")) + (token_shapes(body) if isinstance(body, bytes) else [])
         broker.check_leaks(leaks, ex, "request")
         media = (head.get("content-type") or "").split(";")[0].strip().lower()
         if body is not None and not isinstance(body, bytes) and not media.startswith(
                 BINARY_MEDIA):                   # a streamed media upload is not scanned
-            body = self.scanned(body, ex)
-        writer.use_key(pairs)
-        if upgrade:
-            self.websocket(head, provider, route_prefix, target, headers, swap.token, ex)
-            return
+            call.body = self.scanned(body, ex)
+        return target, headers
+
+    def forward(self, call: Call, target: Target, headers: List[Tuple[str, str]],
+                ex: Exchange) -> None:
+        """Send the request upstream and relay the answer (an OAuth 401 renews and retries)."""
+        broker, provider, head, body = self.server.broker, call.provider, call.head, call.body
         headers.append(("Accept-Encoding", "identity"))
         if isinstance(body, bytes):
             headers.append(("Content-Length", str(len(body))))
-        elif framing == "length":
-            headers.append(("Content-Length", str(length)))
+        elif call.framing == "length":
+            headers.append(("Content-Length", str(call.length)))
         rewrite = None
-        if provider.gateway == "discord" and _GATEWAY_REST_RE.match(rest):
-            ws_base = self.agent_base_url(head, websocket=True) + route_prefix + "/gateway"
+        if provider.gateway == "discord" and _GATEWAY_REST_RE.match(call.rest):
+            ws_base = self.agent_base_url(head, websocket=True) + call.prefix + "/gateway"
             rewrite = lambda data: rewrite_gateway_url(data, ws_base)      # noqa: E731
         answer = broker.forward(target, head.method, headers, body)
         if provider.oauth and answer.status == 401 and head.method in IDEMPOTENT_METHODS and (
                 body is None or isinstance(body, bytes)):    # revoked early: renew, retry once
             answer.finish(False)
-            stale = parts["access_token"]
-            fresh = broker.oauth_token(record, provider, verify, ex, stale=stale)
-            writer.use_key(pairs + broker.oauth_pairs(record.secret_name))
+            stale = call.parts["access_token"]
+            fresh = broker.oauth_token(call.record, provider, call.verify, ex, stale=stale)
+            self.writer.use_key(call.pairs + broker.oauth_pairs(call.record.secret_name))
             headers = [(n, v.replace(stale, fresh)) for n, v in headers]
             answer = broker.forward(target, head.method, headers, body)
-        self.relay(head, answer, provider, route_prefix, ex, rewrite)
+        self.relay(head, answer, provider, call.prefix, ex, rewrite)
 
     def aws_payload(self, head: RequestHead, headers: List[Tuple[str, str]],
                     body: Any) -> Tuple[List[Tuple[str, str]], Any, int]:
