@@ -2057,7 +2057,7 @@ def part_problem(parts: Dict[str, str], provider: Provider) -> str:
             f"line (a PEM key excepted)" if bad else "")
 
 
-# --- 6.2 AWS: routes, refusals, Signature Version 4, aws-chunked bodies ---------------------
+# --- 6.2 AWS: routes, the facts decide() checks, Signature Version 4, aws-chunked bodies ----
 # AWS has no bearer key to swap: the agent's SDK signs with its seks token as the access key
 # id, the broker checks that token, drops the signature and signs again with the real parts.
 
