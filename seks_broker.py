@@ -139,6 +139,7 @@ ASYNC_JOB_SEGMENTS = frozenset({"batches", "file_batches", "fine_tuning", "batch
 #               basic (one half of Authorization: Basic user:password; re-encoded, inject=same)
 #   inject    where the real key goes: header NAME [PREFIX], query PARAM, or "same" (where it came);
 #             more header lines put it in several headers (Supabase: apikey and Authorization)
+#             (token and inject are "header Authorization Bearer" where a section leaves them out)
 #   usage     how usage is reported in answers (openai | anthropic | gemini), LLM providers only
 #   token_shape  bot-id: fake tokens look like "<bot id>:seks_…" (clients check Telegram's shape)
 #   errors    telegram: broker errors use Telegram's {"ok": false, "error_code", "description"}
@@ -148,8 +149,6 @@ ASYNC_JOB_SEGMENTS = frozenset({"batches", "file_batches", "fine_tuning", "batch
 BUILTIN_PROVIDERS_INI = """
 [openai]
 upstream = https://api.openai.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = OPENAI_BASE_URL=/v1 OPENAI_API_KEY
 
@@ -172,8 +171,6 @@ env = GOOGLE_GEMINI_BASE_URL= GEMINI_API_KEY
 
 [groq]
 upstream = https://api.groq.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = GROQ_BASE_URL= GROQ_API_KEY
 
@@ -196,19 +193,14 @@ env = TELEGRAM_API_BASE=/bot TELEGRAM_BOT_TOKEN
 upstream = https://api.github.com
 token = header Authorization Bearer
     header Authorization token
-inject = header Authorization Bearer
 env = GITHUB_API_URL= GITHUB_TOKEN
 
 [notion]
 upstream = https://api.notion.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = NOTION_BASE_URL= NOTION_TOKEN
 
 [cloudflare]
 upstream = https://api.cloudflare.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = CLOUDFLARE_BASE_URL=/client/v4 CLOUDFLARE_API_TOKEN
 
 [brave]
@@ -225,69 +217,49 @@ env = GITHUB_GIT_URL= GITHUB_GIT_TOKEN
 
 [openrouter]
 upstream = https://openrouter.ai/api
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = OPENROUTER_BASE_URL=/v1 OPENROUTER_API_KEY
 
 [mistral]
 upstream = https://api.mistral.ai
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = MISTRAL_SERVER_URL= MISTRAL_API_KEY
 
 [xai]
 upstream = https://api.x.ai
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = XAI_BASE_URL=/v1 XAI_API_KEY
 
 [deepseek]
 upstream = https://api.deepseek.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = DEEPSEEK_BASE_URL= DEEPSEEK_API_KEY
 
 [together]
 upstream = https://api.together.xyz
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = TOGETHER_BASE_URL=/v1 TOGETHER_API_KEY
 
 [fireworks]
 upstream = https://api.fireworks.ai/inference
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = FIREWORKS_BASE_URL=/v1 FIREWORKS_API_KEY
 
 [perplexity]
 upstream = https://api.perplexity.ai
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = PERPLEXITY_BASE_URL= PERPLEXITY_API_KEY
 
 [cohere]
 upstream = https://api.cohere.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = CO_API_URL= CO_API_KEY
 
 [huggingface]
 upstream = https://router.huggingface.co
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = HF_INFERENCE_ENDPOINT= HF_TOKEN
 
 [slack]
 upstream = https://slack.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = SLACK_API_URL=/api/ SLACK_BOT_TOKEN
 
 [linear]
@@ -298,27 +270,20 @@ env = LINEAR_API_URL=/graphql LINEAR_API_KEY
 
 [sentry]
 upstream = https://sentry.io
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = SENTRY_URL= SENTRY_AUTH_TOKEN
 
 [stripe]
 upstream = https://api.stripe.com
 token = header Authorization Bearer
     basic
-inject = header Authorization Bearer
 env = STRIPE_API_BASE= STRIPE_API_KEY
 
 [sendgrid]
 upstream = https://api.sendgrid.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = SENDGRID_HOST= SENDGRID_API_KEY
 
 [resend]
 upstream = https://api.resend.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = RESEND_API_URL= RESEND_BASE_URL= RESEND_API_KEY
 
 [twilio]
@@ -384,7 +349,6 @@ errors = aws
 
 [gmail]
 upstream = https://gmail.googleapis.com
-token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
 parts = client_id client_secret refresh_token token_url? auth_url? scope?
 oauth = refresh_token
@@ -405,7 +369,6 @@ env = GOOGLE_DRIVE_API_URL=/drive/v3 GOOGLE_ACCESS_TOKEN
 [vertex]
 upstream = https://aiplatform.googleapis.com
 region = gcp
-token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
 parts = private_key client_email token_uri? token_url? scope? type? project_id? private_key_id?
     client_id? auth_uri? auth_provider_x509_cert_url? client_x509_cert_url? universe_domain?
@@ -417,7 +380,6 @@ env = VERTEX_BASE_URL=/us-central1 GOOGLE_ACCESS_TOKEN
 
 [msgraph]
 upstream = https://graph.microsoft.com
-token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
 parts = client_id client_secret? refresh_token? token_url? device_url? scope?
 oauth = refresh_token client_credentials
@@ -428,7 +390,6 @@ env = MSGRAPH_API_URL=/v1.0 MSGRAPH_ACCESS_TOKEN
 
 [slack-oauth]
 upstream = https://slack.com
-token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
 parts = client_id client_secret refresh_token token_url?
 oauth = refresh_token
@@ -5508,6 +5469,8 @@ def providers_from_ini(text: str) -> Dict[str, Provider]:
         if like is not None:
             for key, value in parser[like].items():
                 parser[name].setdefault(key, value)
+        for key in ("token", "inject"):     # the table's default; a config section says both
+            parser[name].setdefault(key, "header Authorization Bearer")
     return {name: provider_from_section(name, parser[name]) for name in parser.sections()}
 
 
