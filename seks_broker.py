@@ -529,40 +529,22 @@ class BrokerError(SeksError):
         self.close = close
 
 
-class BadRequest(BrokerError):
-    status, kind = 400, "invalid_request"
-
-
-class AuthError(BrokerError):
-    status, kind = 401, "authentication_error"
+class BadRequest(BrokerError):      status, kind = 400, "invalid_request"
+class AuthError(BrokerError):       status, kind = 401, "authentication_error"
+class Forbidden(BrokerError):       status, kind = 403, "permission_denied"
+class NotFound(BrokerError):        status, kind = 404, "not_found"
+class RequestTimeout(BrokerError):  status, kind = 408, "request_timeout"
+class PayloadTooLarge(BrokerError): status, kind = 413, "payload_too_large"
+class UriTooLong(BrokerError):      status, kind = 414, "uri_too_long"
+class RateLimited(BrokerError):     status, kind = 429, "rate_limited"
+class HeadersTooLarge(BrokerError): status, kind = 431, "headers_too_large"
+class UpstreamError(BrokerError):   status, kind = 502, "upstream_error"
+class Unavailable(BrokerError):     status, kind = 503, "unavailable"
+class UpstreamTimeout(BrokerError): status, kind = 504, "upstream_timeout"
 
 
 class Tripwire(AuthError):
     """A decoy token was used: answered exactly like a revoked token, recorded as a tripwire."""
-
-
-class Forbidden(BrokerError):
-    status, kind = 403, "permission_denied"
-
-
-class NotFound(BrokerError):
-    status, kind = 404, "not_found"
-
-
-class RequestTimeout(BrokerError):
-    status, kind = 408, "request_timeout"
-
-
-class PayloadTooLarge(BrokerError):
-    status, kind = 413, "payload_too_large"
-
-
-class UriTooLong(BrokerError):
-    status, kind = 414, "uri_too_long"
-
-
-class RateLimited(BrokerError):
-    status, kind = 429, "rate_limited"
 
 
 class Exhausted(BrokerError):
@@ -573,22 +555,6 @@ class Exhausted(BrokerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"x-should-retry": "false"})
-
-
-class HeadersTooLarge(BrokerError):
-    status, kind = 431, "headers_too_large"
-
-
-class UpstreamError(BrokerError):
-    status, kind = 502, "upstream_error"
-
-
-class Unavailable(BrokerError):
-    status, kind = 503, "unavailable"
-
-
-class UpstreamTimeout(BrokerError):
-    status, kind = 504, "upstream_timeout"
 
 
 class UpstreamFraming(SeksError):
