@@ -3440,6 +3440,14 @@ def _reject_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return dict(pairs)
 
 
+def json_value(data: Any, hook: Optional[Callable[..., Any]] = None) -> Any:
+    """``data`` parsed as JSON, or None where it is not JSON (or nests too deep)."""
+    try:
+        return json.loads(data, object_pairs_hook=hook)
+    except (ValueError, RecursionError):
+        return None
+
+
 def request_model(provider: Provider, rest: str, body: Optional[bytes],
                   content_type: str = "") -> Optional[str]:
     """The model a request names (for the audit row): Gemini's path, the JSON body's
@@ -3677,10 +3685,7 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
             raise Forbidden("this token has a budget, and the broker cannot bound what this "
                             "request costs (only text generation, embeddings and token counts)")
         return input_bound * price[0], None
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        obj = None
+    obj = json_value(body)
     if not isinstance(obj, dict):
         raise Forbidden("a budget-limited token needs a JSON body to bound a generation request")
     stored = [k for k in ("previous_response_id", "conversation", "prompt", "cachedContent",
@@ -3824,10 +3829,7 @@ def ask_for_stream_usage(body: bytes) -> bytes:
     """OpenAI streams report usage only if asked: add stream_options.include_usage (an explicit
     false is overridden too, so a budget cannot be dodged). decide() refused bodies that repeat
     a key, so this reads the same "stream" value as the upstream will."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        return body
+    obj = json_value(body)
     if not isinstance(obj, dict) or obj.get("stream") is not True:
         return body
     options = obj.get("stream_options")
@@ -3960,10 +3962,7 @@ class UsageMeter:
                 self._parse(line[5:])
 
     def _parse(self, text: bytes) -> None:
-        try:
-            answer = json.loads(text)
-        except (ValueError, RecursionError):
-            return
+        answer = json_value(text)
         for item in answer if isinstance(answer, list) else [answer]:   # Gemini JSON streams
             read_usage(self.kind, item, self.state)
 
@@ -4614,10 +4613,7 @@ class DiscordGateway:
 
 def rewrite_gateway_url(data: bytes, ws_base: str) -> bytes:
     """Point the ``url`` of a Discord /gateway(/bot) answer at the broker's gateway route."""
-    try:
-        payload = json.loads(data)
-    except (ValueError, RecursionError):
-        return data
+    payload = json_value(data)
     if isinstance(payload, dict) and isinstance(payload.get("url"), str):
         payload["url"] = ws_base
         return json.dumps(payload).encode()
@@ -7256,10 +7252,7 @@ def read_secret_parts(name: str, provider: Provider, rotating: bool) -> Dict[str
                 given[part] = value
         return given
     text = read_secret_value(name)
-    try:
-        given = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except (ValueError, RecursionError):
-        given = None
+    given = json_value(text, _reject_duplicate_keys)
     if not isinstance(given, dict) or not all(isinstance(v, (str, type(None)))
                                               for v in given.values()):
         example = json.dumps({n: "..." for n in provider.parts})
@@ -7280,10 +7273,7 @@ def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
         data = exc.read(65536)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot reach {url}: {type(exc).__name__}") from None
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
-        obj = None
+    obj = json_value(data)
     if not isinstance(obj, dict):
         raise ConfigError(f"{url} did not answer with a JSON object")
     return obj
