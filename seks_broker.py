@@ -2782,12 +2782,10 @@ class Store:
         return len(rows)
 
     def has_secrets(self) -> bool:
-        with self.connection() as db:
-            return db.execute("SELECT 1 FROM secrets LIMIT 1").fetchone() is not None
+        return bool(self.query("SELECT 1 FROM secrets LIMIT 1"))
 
     def has_key_check(self) -> bool:
-        with self.connection() as db:
-            return db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0] is not None
+        return self.query("SELECT key_check FROM state WHERE id = 1")[0][0] is not None
 
     def counts(self, now: float) -> Dict[str, int]:
         """What the database holds, for serve's start-up lines and `status`."""
@@ -2801,13 +2799,15 @@ class Store:
 
     # --- secrets ---------------------------------------------------------------------------
     @staticmethod
-    def _require_key(db: sqlite3.Connection, check: bytes) -> None:
-        """Inside a write transaction: refuse if the DB moved to another master key since the
-        caller loaded its own (a rotate-master-key committed meanwhile)."""
+    def _require_key(db: sqlite3.Connection, check: bytes,
+                     error: Optional[SeksError] = None) -> None:
+        """Inside a write transaction: refuse (with ``error``, if given) if the DB moved to
+        another master key since the caller loaded its own (a rotate-master-key committed
+        meanwhile)."""
         stored = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
         if stored is not None and not hmac.compare_digest(bytes(stored), check):
-            raise ConfigError("the master key was rotated while this command ran; nothing was "
-                              "changed: run it again")
+            raise error or ConfigError("the master key was rotated while this command ran; "
+                                       "nothing was changed: run it again")
 
     def put_secret(self, name: str, provider: str, ciphertext: str, replace: bool,
                    check: bytes) -> None:
@@ -2863,15 +2863,12 @@ class Store:
                                                secret))
 
     def get_secret(self, name: str) -> Optional[Tuple[str, str]]:
-        with self.connection() as db:
-            row = db.execute("SELECT provider, ciphertext FROM secrets WHERE name = ?",
-                             (name,)).fetchone()
-        return (row[0], row[1]) if row else None
+        rows = self.query("SELECT provider, ciphertext FROM secrets WHERE name = ?", (name,))
+        return rows[0] if rows else None
 
     def list_secrets(self) -> List[Tuple[str, str, str, str]]:
-        with self.connection() as db:
-            return db.execute("SELECT name, provider, created_at, updated_at FROM secrets "
-                              "ORDER BY name").fetchall()
+        return self.query("SELECT name, provider, created_at, updated_at FROM secrets "
+                          "ORDER BY name")
 
     def remove_secret(self, name: str) -> int:
         """Delete a secret and revoke its tokens; returns how many tokens were revoked."""
@@ -2917,12 +2914,11 @@ class Store:
             return gone
 
     def list_agents(self) -> List[Tuple[str, str, Optional[str], int]]:
-        with self.connection() as db:
-            return db.execute(
-                "SELECT a.name, a.created_at, a.disabled_at, "
-                "(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND t.revoked_at IS NULL "
-                "AND (t.expires_at IS NULL OR t.expires_at > ?)) "
-                "FROM agents a ORDER BY a.name", (time.time(),)).fetchall()
+        return self.query(
+            "SELECT a.name, a.created_at, a.disabled_at, "
+            "(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND t.revoked_at IS NULL "
+            "AND (t.expires_at IS NULL OR t.expires_at > ?)) "
+            "FROM agents a ORDER BY a.name", (time.time(),))
 
     # --- tokens ----------------------------------------------------------------------------
     def add_token(self, token_id: str, token_hash: bytes, secret_name: str, provider: str,
@@ -3085,9 +3081,7 @@ class Store:
     def _settle_orphans(self, token_id: str, counter: str) -> None:
         """Reservations whose broker process died are settled at their bound (the upstream may
         have billed the request), in a transaction of their own."""
-        with self.connection() as db:
-            rows = db.execute("SELECT id, owner FROM reservations WHERE token_id = ?",
-                              (token_id,)).fetchall()
+        rows = self.query("SELECT id, owner FROM reservations WHERE token_id = ?", (token_id,))
         gone = [row_id for row_id, owner in rows if owner_gone(owner)]
         if not gone:
             return
@@ -3111,9 +3105,7 @@ class Store:
         money budget's (input, output, cached input) nano-dollars per token; its cost counter
         is settled too (``cached``: input tokens the answer reported as read from cache)."""
         with self.transaction() as db:
-            check = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
-            if check is not None and not hmac.compare_digest(bytes(check), keys.check):
-                raise KeyRotated()
+            self._require_key(db, keys.check, KeyRotated())
             self._append_audit(db, keys.audit, row)
             spent = (row.tokens_in or 0) + (row.tokens_out or 0)
             cost = usage_cost(price, row.tokens_in, row.tokens_out, cached) if price else 0
@@ -3157,8 +3149,7 @@ class Store:
             return [AuditRow.from_db(r) for r in db.execute(sql, (after_id,) + params)]
 
     def last_audit_id(self) -> int:
-        with self.connection() as db:
-            return db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
+        return self.query("SELECT COALESCE(MAX(id), 0) FROM audit")[0][0]
 
     def record_verify(self, outcome: Dict[str, Any]) -> None:
         """Remember the last `audit verify` (for `status`): when, whether it passed, the head."""
@@ -3167,19 +3158,16 @@ class Store:
                        (json.dumps(outcome, sort_keys=True),))
 
     def last_verify(self) -> Optional[Dict[str, Any]]:
-        with self.connection() as db:
-            text = db.execute("SELECT verified FROM state WHERE id = 1").fetchone()[0]
+        text = self.query("SELECT verified FROM state WHERE id = 1")[0][0]
         return json.loads(text) if text else None
 
     def query(self, sql: str, params: Tuple[Any, ...] = ()) -> List[Tuple[Any, ...]]:
-        """A read-only SELECT for the CLI's summaries (`status`)."""
+        """The rows of a read-only SELECT (also the CLI's summaries: `status`)."""
         with self.connection() as db:
             return db.execute(sql, params).fetchall()
 
     def audit_anchor(self) -> bytes:
-        with self.connection() as db:
-            anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
-        return bytes(anchor or b"")
+        return bytes(self.query("SELECT audit_anchor FROM state WHERE id = 1")[0][0] or b"")
 
     def prune_audit(self, key: bytes, before_ts: str, check: bytes,
                     progress: Callable[[int, int], None] = lambda done, total: None) -> int:
@@ -3214,8 +3202,7 @@ class Store:
                "SUM(CASE WHEN model IS NOT NULL AND tokens_in IS NULL AND tokens_out IS NULL "
                "THEN 1 ELSE 0 END) FROM audit WHERE outcome = 'ok'" + (f" AND {where}" if where else "")
                + " GROUP BY agent, provider, COALESCE(model, '') ORDER BY agent, provider, 3")
-        with self.connection() as db:
-            return db.execute(sql, params).fetchall()
+        return self.query(sql, params)
 
 
 AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
