@@ -4944,47 +4944,44 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         Bearer, or of the token whose SHA-256 is ``?digest=<hex>``: `run` asks that way, so
         whatever else listens on the port learns nothing it could use, and `run` checks the id
         that comes back. Audited ("introspect"), not counted against the token's limits."""
-        if query:
-            digest = query[len("digest="):] if query.startswith("digest=") else ""
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise BadRequest("the only query is ?digest=<64 lowercase hex digits>")
-            record, _, _ = self.server.broker.tokens.lookup_digest(bytes.fromhex(digest))
-        else:
-            scheme, _, token = (head.get("authorization") or "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthError("send the token as 'Authorization: Bearer <token>'")
-            record, _, _ = self.server.broker.tokens.lookup(token.strip())
-        if record is None:
-            raise AuthError("unknown token")
-        ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
-        try:
-            check_token(record, record.provider, time.time())
-        except Tripwire:
-            self.server.broker.tripwire(record, ex)
-            raise
+        digest = query[len("digest="):] if query.startswith("digest=") else ""
+        if query and not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise BadRequest("the only query is ?digest=<64 lowercase hex digits>")
+        record, _ = self.endpoint_token(head, ex, bytes.fromhex(digest) if query else None)
         ex.outcome, ex.status = "introspect", 200
         self.writer.answer(200, [("Content-Type", "application/json")], json.dumps({
             "token_id": record.id, "agent": record.agent, "provider": record.provider,
             "expires_at": record.expires_at}).encode())
 
+    def endpoint_token(self, head: RequestHead, ex: Exchange, digest: Optional[bytes] = None,
+                  delegating: bool = False) -> Tuple[TokenRecord, Optional[Dict[str, str]]]:
+        """The live token a /seks/v1/ request sends as a Bearer (or names by its SHA-256),
+        noted for the audit row, and the secret's parts; a decoy trips the tripwire."""
+        if digest is None:
+            scheme, _, token = (head.get("authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError(f"send the {'parent ' if delegating else ''}token as "
+                                f"'Authorization: Bearer <token>'")
+            digest = token_digest(token.strip())
+        record, parts, _ = self.server.broker.tokens.lookup_digest(digest)
+        if record is None:
+            raise AuthError("unknown token")
+        ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
+        if delegating:
+            ex.secret, ex.parent = record.secret_name, record.parent or ""
+        try:
+            check_token(record, record.provider, time.time())
+        except Tripwire:
+            self.server.broker.tripwire(record, ex)
+            raise
+        return record, parts
+
     def delegate(self, head: RequestHead, framing: str, length: int, ex: Exchange) -> None:
         """POST /seks/v1/tokens: a token minted with --allow-delegation mints a narrower child
         for a sub-agent (delegated_policy decides; Store.delegate carves it out atomically).
         Audited ("delegate", the child's id in the reason)."""
-        scheme, _, token = (head.get("authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("send the parent token as 'Authorization: Bearer <token>'")
         broker = self.server.broker
-        record, parts, _ = broker.tokens.lookup(token.strip())
-        if record is None:
-            raise AuthError("unknown token")
-        ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
-        ex.secret, ex.parent = record.secret_name, record.parent or ""
-        try:
-            check_token(record, record.provider, time.time())
-        except Tripwire:
-            broker.tripwire(record, ex)
-            raise
+        record, parts = self.endpoint_token(head, ex, delegating=True)
         if not record.policy.get("delegation"):
             raise Forbidden("this token was not minted with --allow-delegation")
         too_big = PayloadTooLarge(f"the body is at most {DELEGATION_BODY_MAX} bytes", close=True)
