@@ -3987,7 +3987,6 @@ class UsageMeter:
 
 POOL_IDLE_PER_HOST = 64              # idle keep-alive connections kept per upstream
 POOL_IDLE_SECONDS = 50.0             # an idle pooled connection older than this is retired
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # safe to resend
 
 
 class UpstreamConn:
@@ -4885,7 +4884,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(length)))
         rewrite = None
         if provider.gateway == "discord" and _GATEWAY_REST_RE.match(rest):
-            ws_base = self.agent_base_url(head, websocket=True) + route_prefix + "/gateway"
+            ws_base = self.gateway_url(head, route_prefix)
             rewrite = lambda data: rewrite_gateway_url(data, ws_base)      # noqa: E731
         answer = broker.forward(target, head.method, headers, body)
         if provider.oauth and answer.status == 401 and head.method in IDEMPOTENT_METHODS and (
@@ -5107,9 +5106,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             raise ConnectionCut() from exc
 
     # --- WebSockets ------------------------------------------------------------------------
-    def agent_base_url(self, head: RequestHead, websocket: bool = False) -> str:
-        """The broker's address as this agent reaches it (public_url, else its Host header),
-        for URLs handed back to it (Discord gateway and resume URLs)."""
+    def gateway_url(self, head: RequestHead, route_prefix: str) -> str:
+        """The gateway route's ws(s):// URL as this agent reaches the broker (public_url, else
+        its Host header), for URLs handed back to it (Discord gateway and resume URLs)."""
         settings = self.server.broker.settings
         if settings.public_url:
             base = settings.public_url.rstrip("/")
@@ -5118,7 +5117,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if not _HOST_RE.match(host):
                 host = settings.agent_url().split("://", 1)[1]
             base = ("https" if self.server.tls else "http") + "://" + host
-        return ("ws" + base[4:]) if websocket else base
+        return "ws" + base[4:] + route_prefix + "/gateway"
 
     def client_ws_key(self, head: RequestHead) -> str:
         key = head.get("sec-websocket-key") or ""
@@ -5205,7 +5204,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         answer = self.open_websocket(head, provider, route_prefix, target, [], ex)
         if answer is None:
             return
-        ws_base = self.agent_base_url(head, websocket=True) + route_prefix + "/gateway"
+        ws_base = self.gateway_url(head, route_prefix)
         hooks = DiscordGateway(broker, provider, ex, self.writer, ws_base)
         self.writer.ws_accept(key, "")
         if params.get("compress", [""])[0] == "zlib-stream":
@@ -6480,8 +6479,8 @@ class AdminServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: Tuple[str, int], broker: Broker, agent_server: BrokerServer) -> None:
-        self.broker, self.agent_server = broker, agent_server
+    def __init__(self, address: Tuple[str, int], broker: Broker) -> None:
+        self.broker = broker
         super().__init__(address, AdminHandler)
 
 
@@ -6631,7 +6630,7 @@ def open_broker(settings: Settings, store: Store, master_key: bytes,
     admin = None
     if settings.admin_port >= 0:
         admin_port = settings.admin_port + max(worker - 1, 0) if settings.admin_port else 0
-        admin = AdminServer((settings.admin_host, admin_port), broker, server)
+        admin = AdminServer((settings.admin_host, admin_port), broker)
         threading.Thread(target=admin.serve_forever, daemon=True).start()
     for extra in servers[1:]:
         threading.Thread(target=extra.serve_forever, kwargs={"poll_interval": 0.2},
@@ -7122,11 +7121,11 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
 
     actions = group("audit", "list, follow, verify or prune the audit log "
                              "('audit' alone lists)", required=False)
-    add_audit_filters(leaves["audit"], listing=True, shown=False)   # `audit --json` still lists
+    add_audit_filters(leaves["audit"], shown=False)   # `audit --json` still lists
     q = command("list", "audit rows, newest last", "PROG audit list --since 1h --status 4xx",
                 "PROG audit list --agent bot --follow", "PROG audit list --json --limit 1000",
                 under=actions, path="audit")
-    add_audit_filters(q, listing=True)
+    add_audit_filters(q)
     command("verify", "check the MAC chain of every row (the outcome shows in 'status')",
             "PROG audit verify", under=actions, path="audit")
     command("prune", "delete rows older than a date; the chain still verifies",
@@ -7141,22 +7140,20 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     return parser, leaves
 
 
-def add_audit_filters(q: argparse.ArgumentParser, listing: bool = False,
-                      shown: bool = True) -> None:
-    """The row filters of `audit list` (and `usage`); ``listing`` adds its output flags.
-    Plain `audit` takes them too, hidden, and defaults them for its sub-commands."""
+def add_audit_filters(q: argparse.ArgumentParser, shown: bool = True) -> None:
+    """The row filters and output flags of `audit list`. Plain `audit` takes them too,
+    hidden, and defaults them for its sub-commands."""
     default = None if shown else argparse.SUPPRESS
     for flag, text in (("--agent", "only this agent"), ("--provider", "only this provider"),
                        ("--since", "1h, 30m, 7d or an ISO date/time (UTC)"),
                        ("--status", "exact status (404) or class (4xx)")):
         q.add_argument(flag, default=default, help=text if shown else argparse.SUPPRESS)
-    if listing:
-        q.add_argument("--limit", type=int, default=100 if shown else argparse.SUPPRESS,
-                       help="newest N rows (default 100)" if shown else argparse.SUPPRESS)
-        for flag, text in (("--json", "JSON lines instead of a table"),
-                           ("--follow", "keep printing new rows (Ctrl-C ends)")):
-            q.add_argument(flag, action="store_true", default=False if shown else
-                           argparse.SUPPRESS, help=text if shown else argparse.SUPPRESS)
+    q.add_argument("--limit", type=int, default=100 if shown else argparse.SUPPRESS,
+                   help="newest N rows (default 100)" if shown else argparse.SUPPRESS)
+    for flag, text in (("--json", "JSON lines instead of a table"),
+                       ("--follow", "keep printing new rows (Ctrl-C ends)")):
+        q.add_argument(flag, action="store_true", default=False if shown else argparse.SUPPRESS,
+                       help=text if shown else argparse.SUPPRESS)
 
 
 def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser],
@@ -7799,7 +7796,7 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
     if found is None:
         names = [n for n, *_ in store.list_secrets()]
         close = difflib.get_close_matches(secret, names, n=1, cutoff=0.6)
-        raise ConfigError(f"no secret named {secret!r} in {settings_db(store)}"
+        raise ConfigError(f"no secret named {secret!r} in {os.path.abspath(store.path)}"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
     provider_name = found[0]
     provider = providers.get(provider_name)
@@ -7848,10 +7845,6 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
                     policy, label)
     return token, token_id, provider, expires, {n: parts[n] for n in provider.public
                                                 if n in parts}
-
-
-def settings_db(store: Store) -> str:
-    return os.path.abspath(store.path)
 
 
 def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
@@ -8237,7 +8230,7 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     `usage` and `token list` read."""
     now = time.time()
     url = (args.url or settings.agent_url()).rstrip("/")
-    health = probe_broker(url, "/healthz", "", timeout=1.0)
+    health = probe_broker(url, "/healthz", timeout=1.0)
     tokens = store.list_tokens()
     for token in tokens:
         token["state"] = token_state(token, now)
@@ -8299,12 +8292,10 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     return 0
 
 
-def probe_broker(url: str, path: str, token: str,
-                 timeout: float) -> Optional[Tuple[int, bytes]]:
-    """GET url+path (with the token as a Bearer, if given): (status, body), or None if no
-    HTTP server answers there. Loopback and operator-given addresses only."""
-    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"}
-                                     if token else {})
+def probe_broker(url: str, path: str, timeout: float) -> Optional[Tuple[int, bytes]]:
+    """GET url+path: (status, body), or None if no HTTP server answers there. Loopback and
+    operator-given addresses only."""
+    request = urllib.request.Request(url + path)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout) as answer:
@@ -8465,7 +8456,7 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
             minted.append((token, token_id, provider, public))
         url = (args.url or settings.agent_url()).rstrip("/")
         probe = probe_broker(url, "/seks/v1/token?digest=" + token_digest(minted[0][0]).hex(),
-                             "", timeout=2.0)
+                             timeout=2.0)
         if probe is not None and introspected_id(probe) == minted[0][1]:
             sys.stderr.write(f"seks run: using the broker at {url}\n")
         elif args.url:
