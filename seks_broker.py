@@ -3337,28 +3337,19 @@ def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: 
 
 
 def describe_policy(policy: Dict[str, Any]) -> str:
-    parts = []
-    if "methods" in policy:
-        parts.append("methods=" + ",".join(policy["methods"]))
-    if "paths" in policy:
-        parts.append("paths=" + ",".join(policy["paths"]))
-    if "rate" in policy:
-        parts.append(f"rate={policy['rate'][0]}/{policy['rate'][2][0]}")
-    if "max_requests" in policy:
-        parts.append(f"max-requests={policy['max_requests']}")
-    if "models" in policy:
-        parts.append("models=" + ",".join(policy["models"]))
-    if budget_key(policy):
-        parts.append(f"budget={budget_words(budget_key(policy), policy[budget_key(policy)])}"
-                     .replace(" tokens", ""))
-    if policy.get("decoy"):
-        parts.append("decoy" + (f" on-tripwire={policy['on_tripwire']}"
-                                if policy.get("on_tripwire") else ""))
-    if policy.get("on_leak"):
-        parts.append(f"on-leak={policy['on_leak']}")
-    if policy.get("delegation"):
-        parts.append("delegation")
-    return " ".join(parts) or "-"
+    budget = budget_key(policy)
+    parts = ["methods=" + ",".join(policy["methods"]) if "methods" in policy else "",
+             "paths=" + ",".join(policy["paths"]) if "paths" in policy else "",
+             f"rate={policy['rate'][0]}/{policy['rate'][2][0]}" if "rate" in policy else "",
+             f"max-requests={policy['max_requests']}" if "max_requests" in policy else "",
+             "models=" + ",".join(policy["models"]) if "models" in policy else "",
+             f"budget={budget_words(budget, policy[budget])}".replace(" tokens", "")
+             if budget else "",
+             "decoy" + (f" on-tripwire={policy['on_tripwire']}" if policy.get("on_tripwire")
+                        else "") if policy.get("decoy") else "",
+             f"on-leak={policy['on_leak']}" if policy.get("on_leak") else "",
+             "delegation" if policy.get("delegation") else ""]
+    return " ".join(part for part in parts if part) or "-"
 
 
 def path_for_policy(rest: str, swap: "CredentialSwap") -> str:
@@ -5801,13 +5792,17 @@ class Metrics:
             inner = ",".join(f'{k}="{v}"' for k, v in pairs.items())
             return "{" + inner + "}"
 
+        def counter(name: str, text: str, table: Dict[Any, int], *keys: str) -> List[str]:
+            """One counter family; its table's keys are label values (a tuple for several)."""
+            return [f"# HELP {name} {text}", f"# TYPE {name} counter"] + [
+                f"{name}{labels(**dict(zip(keys, k if isinstance(k, tuple) else (k,))))} {n}"
+                for k, n in sorted(table.items())]
+
         out = ["# HELP seks_build_info Broker version.", "# TYPE seks_build_info gauge",
                f"seks_build_info{labels(version=__version__)} 1"]
         with self._lock:
-            out += ["# HELP seks_requests_total Requests answered, by provider and status.",
-                    "# TYPE seks_requests_total counter"]
-            out += [f"seks_requests_total{labels(provider=p, status=s)} {n}"
-                    for (p, s), n in sorted(self.requests.items())]
+            out += counter("seks_requests_total", "Requests answered, by provider and status.",
+                           self.requests, "provider", "status")
             out += ["# HELP seks_request_duration_seconds Time from request head to last byte.",
                     "# TYPE seks_request_duration_seconds histogram"]
             for provider, hist in sorted(self.latency.items()):
@@ -5822,20 +5817,15 @@ class Metrics:
                            f"{hist[-2]:.6f}")
                 out.append(f"seks_request_duration_seconds_count{labels(provider=provider)} "
                            f"{int(hist[-1])}")
-            out += ["# HELP seks_upstream_errors_total Upstream failures (502 error, 504 timeout).",
-                    "# TYPE seks_upstream_errors_total counter"]
-            out += [f"seks_upstream_errors_total{labels(provider=p, kind=k)} {n}"
-                    for (p, k), n in sorted(self.upstream_errors.items())]
-            for name, table, text in (("seks_request_bytes_total", self.bytes_in,
-                                       "Request body bytes from agents."),
-                                      ("seks_response_bytes_total", self.bytes_out,
-                                       "Response body bytes to agents.")):
-                out += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
-                out += [f"{name}{labels(provider=p)} {n}" for p, n in sorted(table.items())]
-            out += ["# HELP seks_tripwires_total Decoy tokens used (token mint --decoy).",
-                    "# TYPE seks_tripwires_total counter"]
-            out += [f"seks_tripwires_total{labels(provider=p)} {n}"
-                    for p, n in sorted(self.tripwires.items())]
+            out += counter("seks_upstream_errors_total",
+                           "Upstream failures (502 error, 504 timeout).", self.upstream_errors,
+                           "provider", "kind")
+            out += counter("seks_request_bytes_total", "Request body bytes from agents.",
+                           self.bytes_in, "provider")
+            out += counter("seks_response_bytes_total", "Response body bytes to agents.",
+                           self.bytes_out, "provider")
+            out += counter("seks_tripwires_total", "Decoy tokens used (token mint --decoy).",
+                           self.tripwires, "provider")
             out += ["# HELP seks_open_streams Streamed answers being relayed now.",
                     "# TYPE seks_open_streams gauge", f"seks_open_streams {self.open_streams}",
                     "# HELP seks_open_connections Agent connections open now.",
@@ -5900,22 +5890,18 @@ class AlertHook:
 
 
 def upstream_failure(exc: BaseException) -> Tuple[type, str]:
-    """Why an upstream could not be reached, in a few fixed words (never its text)."""
+    """Why an upstream could not be reached, in a few fixed words (never its text); the first
+    match wins (a certificate failure is an SSLError too)."""
     if isinstance(exc, socket.timeout):
         return UpstreamTimeout, "timed out"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return UpstreamError, "TLS certificate verification failed"
-    if isinstance(exc, ssl.SSLError):
-        return UpstreamError, "TLS handshake failed"
-    if isinstance(exc, socket.gaierror):
-        return UpstreamError, "DNS lookup failed (unknown host)"
-    if isinstance(exc, ConnectionRefusedError):
-        return UpstreamError, "refused the connection"
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-        return UpstreamError, "reset the connection"
-    if isinstance(exc, UpstreamFraming):
-        return UpstreamError, "sent a malformed answer or closed the connection"
-    return UpstreamError, "unreachable (network error)"
+    return UpstreamError, next((text for kinds, text in (
+        (ssl.SSLCertVerificationError, "TLS certificate verification failed"),
+        (ssl.SSLError, "TLS handshake failed"),
+        (socket.gaierror, "DNS lookup failed (unknown host)"),
+        (ConnectionRefusedError, "refused the connection"),
+        ((ConnectionResetError, BrokenPipeError, ConnectionAbortedError), "reset the connection"),
+        (UpstreamFraming, "sent a malformed answer or closed the connection"),
+    ) if isinstance(exc, kinds)), "unreachable (network error)")
 
 
 REAL_KEY_SHAPES = (          # (pattern, what it looks like): hints for a key sent as a token
