@@ -7432,18 +7432,12 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
     if args.command == "providers":
         return cmd_providers(args, providers)
     if args.command == "backup":                  # a copy needs no key (it holds none)
-        store = Store(settings.db, create=False)
-        try:
+        with contextlib.closing(Store(settings.db, create=False)) as store:
             return cmd_backup(args.path, store, settings.db)
-        finally:
-            store.close()
     action = getattr(args, "action", None)
-    if args.command == "secret" and action in ("add", "rotate"):
-        store = Store(settings.db, create=action == "add")
-        try:                                      # the key is loaded after the prompt
+    if args.command == "secret" and action in ("add", "rotate"):   # key loaded after the prompt
+        with contextlib.closing(Store(settings.db, create=action == "add")) as store:
             return cmd_secret_write(args, store, settings, providers, environ)
-        finally:
-            store.close()
     creates = args.command == "serve" or (args.command, action) == ("agent", "add")
     store, master = open_store(args, settings, environ, create=creates)
     try:
@@ -7463,7 +7457,6 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
         return handler(args, store, master, settings, providers, environ)
     finally:
         store.close()
-
 
 
 class DemoUpstream(http.server.ThreadingHTTPServer):
@@ -7913,8 +7906,6 @@ def cmd_providers(args: argparse.Namespace, providers: Dict[str, Provider]) -> i
                 [[r["name"], " ".join(r["routes"]), r["upstream"], "; ".join(r["token_places"]),
                   r["inject"], " ".join(r["parts"]), " ".join(r["env"])] for r in rows])
     return 0
-
-
 
 
 def cmd_backup(path: str, store: Store, db_path: str) -> int:
@@ -8536,8 +8527,6 @@ def run_summary(store: Store, token_ids: List[str]) -> str:
     parts = ", ".join(f"{p}: {n} request(s), {t:,} LLM token(s), {d} denied"
                       for p, n, t, d in per) or "no requests"
     return (f"seks run: {total} request(s) ({parts}); {len(token_ids)} token(s) revoked")
-
-
 
 
 def main(argv: Optional[List[str]] = None) -> int:
