@@ -6341,7 +6341,6 @@ class Broker:
         with self._log_lock:
             try:
                 sys.stderr.write(line + "\n")
-                sys.stderr.flush()
             except (OSError, ValueError):
                 pass
 
@@ -6568,7 +6567,6 @@ def startup_report(settings: Settings, store: Store, providers: Dict[str, Provid
                      "unencrypted; use --tls-cert/--tls-key, or --host 127.0.0.1")
     for line in lines:
         sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 def guard_key_file(broker: Broker, key_path: str, master_key: bytes,
@@ -6662,7 +6660,6 @@ def serve(settings: Settings, store: Store, master_key: bytes,
         sys.stdout.flush()
     else:
         sys.stderr.write(ready + "\n")
-        sys.stderr.flush()
     if on_ready is not None:
         on_ready(port)
 
@@ -6745,7 +6742,6 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
         f", admin ports {','.join(admin_ports)} on {settings.admin_host}"
     sys.stderr.write(f"seks-broker listening on {scheme}://{shown}:{port} "
                      f"({settings.workers} workers{admin})\n")
-    sys.stderr.flush()
     stopping = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
@@ -7188,7 +7184,6 @@ class Progress:
     def end(self) -> None:
         if self.active and self.shown:
             sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def read_secret_value(name: str, prompt: str = "") -> str:
@@ -7288,7 +7283,6 @@ def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300)
         "access_type": "offline", "prompt": "consent"})
     sys.stderr.write(f"Open this URL in a browser on this machine and sign in ({provider.name}); "
                      f"waiting for the redirect to {redirect}\n{consent}\n")
-    sys.stderr.flush()
     deadline = time.monotonic() + cap
     try:
         while not got and time.monotonic() < deadline:
@@ -8452,7 +8446,6 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
         exposed = "" if identity else same_user_warning(settings.db, environ)
         for warning in warnings + ([exposed] if exposed else []):
             sys.stderr.write(f"seks run: warning: {warning}\n")
-        sys.stderr.flush()
         try:
             child = subprocess.Popen(command, env=env, **identity)
         except OSError as exc:
