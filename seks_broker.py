@@ -4944,7 +4944,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             "expires_at": record.expires_at}).encode())
 
     def endpoint_token(self, head: RequestHead, ex: Exchange, digest: Optional[bytes] = None,
-                  delegating: bool = False) -> Tuple[TokenRecord, Optional[Dict[str, str]]]:
+                       delegating: bool = False) -> Tuple[TokenRecord, Optional[Dict[str, str]]]:
         """The live token a /seks/v1/ request sends as a Bearer (or names by its SHA-256),
         noted for the audit row, and the secret's parts; a decoy trips the tripwire."""
         if digest is None:
