@@ -134,6 +134,7 @@ ASYNC_JOB_SEGMENTS = frozenset({"batches", "file_batches", "fine_tuning", "batch
 #               basic (one half of Authorization: Basic user:password; re-encoded, inject=same)
 #   inject    where the real key goes: header NAME [PREFIX], query PARAM, or "same" (where it came);
 #             more header lines put it in several headers (Supabase: apikey and Authorization)
+#             (token and inject are "header Authorization Bearer" where a section leaves them out)
 #   usage     how usage is reported in answers (openai | anthropic | gemini), LLM providers only
 #   token_shape  bot-id: fake tokens look like "<bot id>:seks_…" (clients check Telegram's shape)
 #   errors    telegram: broker errors use Telegram's {"ok": false, "error_code", "description"}
@@ -143,8 +144,6 @@ ASYNC_JOB_SEGMENTS = frozenset({"batches", "file_batches", "fine_tuning", "batch
 BUILTIN_PROVIDERS_INI = """
 [openai]
 upstream = https://api.openai.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = OPENAI_BASE_URL=/v1 OPENAI_API_KEY
 
@@ -167,8 +166,6 @@ env = GOOGLE_GEMINI_BASE_URL= GEMINI_API_KEY
 
 [groq]
 upstream = https://api.groq.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = GROQ_BASE_URL= GROQ_API_KEY
 
@@ -191,19 +188,14 @@ env = TELEGRAM_API_BASE=/bot TELEGRAM_BOT_TOKEN
 upstream = https://api.github.com
 token = header Authorization Bearer
     header Authorization token
-inject = header Authorization Bearer
 env = GITHUB_API_URL= GITHUB_TOKEN
 
 [notion]
 upstream = https://api.notion.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = NOTION_BASE_URL= NOTION_TOKEN
 
 [cloudflare]
 upstream = https://api.cloudflare.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = CLOUDFLARE_BASE_URL=/client/v4 CLOUDFLARE_API_TOKEN
 
 [brave]
@@ -220,69 +212,49 @@ env = GITHUB_GIT_URL= GITHUB_GIT_TOKEN
 
 [openrouter]
 upstream = https://openrouter.ai/api
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = OPENROUTER_BASE_URL=/v1 OPENROUTER_API_KEY
 
 [mistral]
 upstream = https://api.mistral.ai
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = MISTRAL_SERVER_URL= MISTRAL_API_KEY
 
 [xai]
 upstream = https://api.x.ai
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = XAI_BASE_URL=/v1 XAI_API_KEY
 
 [deepseek]
 upstream = https://api.deepseek.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = DEEPSEEK_BASE_URL= DEEPSEEK_API_KEY
 
 [together]
 upstream = https://api.together.xyz
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = TOGETHER_BASE_URL=/v1 TOGETHER_API_KEY
 
 [fireworks]
 upstream = https://api.fireworks.ai/inference
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = FIREWORKS_BASE_URL=/v1 FIREWORKS_API_KEY
 
 [perplexity]
 upstream = https://api.perplexity.ai
-token = header Authorization Bearer
-inject = header Authorization Bearer
 usage = openai
 env = PERPLEXITY_BASE_URL= PERPLEXITY_API_KEY
 
 [cohere]
 upstream = https://api.cohere.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = CO_API_URL= CO_API_KEY
 
 [huggingface]
 upstream = https://router.huggingface.co
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = HF_INFERENCE_ENDPOINT= HF_TOKEN
 
 [slack]
 upstream = https://slack.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = SLACK_API_URL=/api/ SLACK_BOT_TOKEN
 
 [linear]
@@ -293,27 +265,20 @@ env = LINEAR_API_URL=/graphql LINEAR_API_KEY
 
 [sentry]
 upstream = https://sentry.io
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = SENTRY_URL= SENTRY_AUTH_TOKEN
 
 [stripe]
 upstream = https://api.stripe.com
 token = header Authorization Bearer
     basic
-inject = header Authorization Bearer
 env = STRIPE_API_BASE= STRIPE_API_KEY
 
 [sendgrid]
 upstream = https://api.sendgrid.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = SENDGRID_HOST= SENDGRID_API_KEY
 
 [resend]
 upstream = https://api.resend.com
-token = header Authorization Bearer
-inject = header Authorization Bearer
 env = RESEND_API_URL= RESEND_BASE_URL= RESEND_API_KEY
 
 [twilio]
@@ -379,7 +344,6 @@ errors = aws
 
 [gmail]
 upstream = https://gmail.googleapis.com
-token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
 parts = client_id client_secret refresh_token token_url? auth_url? scope?
 oauth = refresh_token
@@ -400,7 +364,6 @@ env = GOOGLE_DRIVE_API_URL=/drive/v3 GOOGLE_ACCESS_TOKEN
 [vertex]
 upstream = https://aiplatform.googleapis.com
 region = gcp
-token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
 parts = private_key client_email token_uri? token_url? scope? type? project_id? private_key_id?
     client_id? auth_uri? auth_provider_x509_cert_url? client_x509_cert_url? universe_domain?
@@ -412,7 +375,6 @@ env = VERTEX_BASE_URL=/us-central1 GOOGLE_ACCESS_TOKEN
 
 [msgraph]
 upstream = https://graph.microsoft.com
-token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
 parts = client_id client_secret? refresh_token? token_url? device_url? scope?
 oauth = refresh_token client_credentials
@@ -423,7 +385,6 @@ env = MSGRAPH_API_URL=/v1.0 MSGRAPH_ACCESS_TOKEN
 
 [slack-oauth]
 upstream = https://slack.com
-token = header Authorization Bearer
 inject = header Authorization Bearer {access_token}
 parts = client_id client_secret refresh_token token_url?
 oauth = refresh_token
@@ -563,40 +524,22 @@ class BrokerError(SeksError):
         self.close = close
 
 
-class BadRequest(BrokerError):
-    status, kind = 400, "invalid_request"
-
-
-class AuthError(BrokerError):
-    status, kind = 401, "authentication_error"
+class BadRequest(BrokerError):      status, kind = 400, "invalid_request"
+class AuthError(BrokerError):       status, kind = 401, "authentication_error"
+class Forbidden(BrokerError):       status, kind = 403, "permission_denied"
+class NotFound(BrokerError):        status, kind = 404, "not_found"
+class RequestTimeout(BrokerError):  status, kind = 408, "request_timeout"
+class PayloadTooLarge(BrokerError): status, kind = 413, "payload_too_large"
+class UriTooLong(BrokerError):      status, kind = 414, "uri_too_long"
+class RateLimited(BrokerError):     status, kind = 429, "rate_limited"
+class HeadersTooLarge(BrokerError): status, kind = 431, "headers_too_large"
+class UpstreamError(BrokerError):   status, kind = 502, "upstream_error"
+class Unavailable(BrokerError):     status, kind = 503, "unavailable"
+class UpstreamTimeout(BrokerError): status, kind = 504, "upstream_timeout"
 
 
 class Tripwire(AuthError):
     """A decoy token was used: answered exactly like a revoked token, recorded as a tripwire."""
-
-
-class Forbidden(BrokerError):
-    status, kind = 403, "permission_denied"
-
-
-class NotFound(BrokerError):
-    status, kind = 404, "not_found"
-
-
-class RequestTimeout(BrokerError):
-    status, kind = 408, "request_timeout"
-
-
-class PayloadTooLarge(BrokerError):
-    status, kind = 413, "payload_too_large"
-
-
-class UriTooLong(BrokerError):
-    status, kind = 414, "uri_too_long"
-
-
-class RateLimited(BrokerError):
-    status, kind = 429, "rate_limited"
 
 
 class Exhausted(BrokerError):
@@ -607,22 +550,6 @@ class Exhausted(BrokerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"x-should-retry": "false"})
-
-
-class HeadersTooLarge(BrokerError):
-    status, kind = 431, "headers_too_large"
-
-
-class UpstreamError(BrokerError):
-    status, kind = 502, "upstream_error"
-
-
-class Unavailable(BrokerError):
-    status, kind = 503, "unavailable"
-
-
-class UpstreamTimeout(BrokerError):
-    status, kind = 504, "upstream_timeout"
 
 
 class UpstreamFraming(SeksError):
@@ -2551,16 +2478,12 @@ def _migration_1(db: sqlite3.Connection) -> None:
                        f"BEGIN UPDATE state SET generation = generation + 1 WHERE id = 1; END")
 
 
-def _migration_2(db: sqlite3.Connection) -> None:
-    db.execute("ALTER TABLE tokens ADD COLUMN label TEXT")     # the operator's note (--label)
-
-
-def _migration_3(db: sqlite3.Connection) -> None:
-    db.execute("ALTER TABLE state ADD COLUMN verified TEXT")   # last `audit verify`, as JSON
-
-
-def _migration_4(db: sqlite3.Connection) -> None:
-    _run_script(db, """
+# PRAGMA user_version N: the first N have run. Each is a function or a script for _run_script.
+MIGRATIONS: List[Any] = [
+    _migration_1,
+    "ALTER TABLE tokens ADD COLUMN label TEXT",     # 2: the operator's note (--label)
+    "ALTER TABLE state ADD COLUMN verified TEXT",   # 3: last `audit verify`, as JSON
+    """
         CREATE TABLE reservations (              -- what budget requests in flight may still cost
             id INTEGER PRIMARY KEY,
             token_id TEXT NOT NULL,
@@ -2569,30 +2492,16 @@ def _migration_4(db: sqlite3.Connection) -> None:
             owner TEXT NOT NULL                  -- host:pid of the broker process holding it
         );
         CREATE INDEX reservations_token ON reservations (token_id)
-    """)
-
-
-def _migration_5(db: sqlite3.Connection) -> None:
-    db.execute("ALTER TABLE tokens ADD COLUMN parent TEXT")    # delegated: the minting token
-
-
-def _migration_6(db: sqlite3.Connection) -> None:     # what a money budget has spent
-    db.execute("ALTER TABLE token_usage ADD COLUMN cost_used INTEGER NOT NULL DEFAULT 0")
-
-
-def _migration_7(db: sqlite3.Connection) -> None:     # OAuth access tokens the broker minted
-    db.execute("""CREATE TABLE oauth_tokens (
+    """,                                            # 4
+    "ALTER TABLE tokens ADD COLUMN parent TEXT",    # 5: delegated: the minting token
+    "ALTER TABLE token_usage ADD COLUMN cost_used INTEGER NOT NULL DEFAULT 0",   # 6: money spent
+    """CREATE TABLE oauth_tokens (
         secret TEXT PRIMARY KEY,
         ciphertext TEXT,                      -- the access token, encrypted, bound to the secret
         expires_at REAL NOT NULL DEFAULT 0,
         renewing_until REAL NOT NULL DEFAULT 0,   -- one renewal at a time, across processes
-        renewed_by TEXT)""")
-
-
-MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2,
-                                                          _migration_3, _migration_4,
-                                                          _migration_5, _migration_6,
-                                                          _migration_7]
+        renewed_by TEXT)""",                        # 7: OAuth access tokens the broker minted
+]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
 
 
@@ -2747,7 +2656,8 @@ class Store:
             try:
                 current = db.execute("PRAGMA user_version").fetchone()[0]
                 if current == version:
-                    MIGRATIONS[version](db)
+                    step = MIGRATIONS[version]
+                    _run_script(db, step) if isinstance(step, str) else step(db)
                     db.execute(f"PRAGMA user_version = {version + 1}")
                 db.execute("COMMIT")
             except BaseException:
@@ -2833,12 +2743,10 @@ class Store:
         return len(rows)
 
     def has_secrets(self) -> bool:
-        with self.connection() as db:
-            return db.execute("SELECT 1 FROM secrets LIMIT 1").fetchone() is not None
+        return bool(self.query("SELECT 1 FROM secrets LIMIT 1"))
 
     def has_key_check(self) -> bool:
-        with self.connection() as db:
-            return db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0] is not None
+        return self.query("SELECT key_check FROM state WHERE id = 1")[0][0] is not None
 
     def counts(self, now: float) -> Dict[str, int]:
         """What the database holds, for serve's start-up lines and `status`."""
@@ -2852,13 +2760,15 @@ class Store:
 
     # --- secrets ---------------------------------------------------------------------------
     @staticmethod
-    def _require_key(db: sqlite3.Connection, check: bytes) -> None:
-        """Inside a write transaction: refuse if the DB moved to another master key since the
-        caller loaded its own (a rotate-master-key committed meanwhile)."""
+    def _require_key(db: sqlite3.Connection, check: bytes,
+                     error: Optional[SeksError] = None) -> None:
+        """Inside a write transaction: refuse (with ``error``, if given) if the DB moved to
+        another master key since the caller loaded its own (a rotate-master-key committed
+        meanwhile)."""
         stored = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
         if stored is not None and not hmac.compare_digest(bytes(stored), check):
-            raise ConfigError("the master key was rotated while this command ran; nothing was "
-                              "changed: run it again")
+            raise error or ConfigError("the master key was rotated while this command ran; "
+                                       "nothing was changed: run it again")
 
     def put_secret(self, name: str, provider: str, ciphertext: str, replace: bool,
                    check: bytes) -> None:
@@ -2914,15 +2824,12 @@ class Store:
                                                secret))
 
     def get_secret(self, name: str) -> Optional[Tuple[str, str]]:
-        with self.connection() as db:
-            row = db.execute("SELECT provider, ciphertext FROM secrets WHERE name = ?",
-                             (name,)).fetchone()
-        return (row[0], row[1]) if row else None
+        rows = self.query("SELECT provider, ciphertext FROM secrets WHERE name = ?", (name,))
+        return rows[0] if rows else None
 
     def list_secrets(self) -> List[Tuple[str, str, str, str]]:
-        with self.connection() as db:
-            return db.execute("SELECT name, provider, created_at, updated_at FROM secrets "
-                              "ORDER BY name").fetchall()
+        return self.query("SELECT name, provider, created_at, updated_at FROM secrets "
+                          "ORDER BY name")
 
     def remove_secret(self, name: str) -> int:
         """Delete a secret and revoke its tokens; returns how many tokens were revoked."""
@@ -2968,12 +2875,11 @@ class Store:
             return gone
 
     def list_agents(self) -> List[Tuple[str, str, Optional[str], int]]:
-        with self.connection() as db:
-            return db.execute(
-                "SELECT a.name, a.created_at, a.disabled_at, "
-                "(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND t.revoked_at IS NULL "
-                "AND (t.expires_at IS NULL OR t.expires_at > ?)) "
-                "FROM agents a ORDER BY a.name", (time.time(),)).fetchall()
+        return self.query(
+            "SELECT a.name, a.created_at, a.disabled_at, "
+            "(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND t.revoked_at IS NULL "
+            "AND (t.expires_at IS NULL OR t.expires_at > ?)) "
+            "FROM agents a ORDER BY a.name", (time.time(),))
 
     # --- tokens ----------------------------------------------------------------------------
     def add_token(self, token_id: str, token_hash: bytes, secret_name: str, provider: str,
@@ -3136,9 +3042,7 @@ class Store:
     def _settle_orphans(self, token_id: str, counter: str) -> None:
         """Reservations whose broker process died are settled at their bound (the upstream may
         have billed the request), in a transaction of their own."""
-        with self.connection() as db:
-            rows = db.execute("SELECT id, owner FROM reservations WHERE token_id = ?",
-                              (token_id,)).fetchall()
+        rows = self.query("SELECT id, owner FROM reservations WHERE token_id = ?", (token_id,))
         gone = [row_id for row_id, owner in rows if owner_gone(owner)]
         if not gone:
             return
@@ -3162,9 +3066,7 @@ class Store:
         money budget's (input, output, cached input) nano-dollars per token; its cost counter
         is settled too (``cached``: input tokens the answer reported as read from cache)."""
         with self.transaction() as db:
-            check = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
-            if check is not None and not hmac.compare_digest(bytes(check), keys.check):
-                raise KeyRotated()
+            self._require_key(db, keys.check, KeyRotated())
             self._append_audit(db, keys.audit, row)
             spent = (row.tokens_in or 0) + (row.tokens_out or 0)
             cost = usage_cost(price, row.tokens_in, row.tokens_out, cached) if price else 0
@@ -3208,8 +3110,7 @@ class Store:
             return [AuditRow.from_db(r) for r in db.execute(sql, (after_id,) + params)]
 
     def last_audit_id(self) -> int:
-        with self.connection() as db:
-            return db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
+        return self.query("SELECT COALESCE(MAX(id), 0) FROM audit")[0][0]
 
     def record_verify(self, outcome: Dict[str, Any]) -> None:
         """Remember the last `audit verify` (for `status`): when, whether it passed, the head."""
@@ -3218,19 +3119,16 @@ class Store:
                        (json.dumps(outcome, sort_keys=True),))
 
     def last_verify(self) -> Optional[Dict[str, Any]]:
-        with self.connection() as db:
-            text = db.execute("SELECT verified FROM state WHERE id = 1").fetchone()[0]
+        text = self.query("SELECT verified FROM state WHERE id = 1")[0][0]
         return json.loads(text) if text else None
 
     def query(self, sql: str, params: Tuple[Any, ...] = ()) -> List[Tuple[Any, ...]]:
-        """A read-only SELECT for the CLI's summaries (`status`)."""
+        """The rows of a read-only SELECT (also the CLI's summaries: `status`)."""
         with self.connection() as db:
             return db.execute(sql, params).fetchall()
 
     def audit_anchor(self) -> bytes:
-        with self.connection() as db:
-            anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
-        return bytes(anchor or b"")
+        return bytes(self.query("SELECT audit_anchor FROM state WHERE id = 1")[0][0] or b"")
 
     def prune_audit(self, key: bytes, before_ts: str, check: bytes,
                     progress: Callable[[int, int], None] = lambda done, total: None) -> int:
@@ -3265,8 +3163,7 @@ class Store:
                "SUM(CASE WHEN model IS NOT NULL AND tokens_in IS NULL AND tokens_out IS NULL "
                "THEN 1 ELSE 0 END) FROM audit WHERE outcome = 'ok'" + (f" AND {where}" if where else "")
                + " GROUP BY agent, provider, COALESCE(model, '') ORDER BY agent, provider, 3")
-        with self.connection() as db:
-            return db.execute(sql, params).fetchall()
+        return self.query(sql, params)
 
 
 AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
@@ -3401,28 +3298,19 @@ def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: 
 
 
 def describe_policy(policy: Dict[str, Any]) -> str:
-    parts = []
-    if "methods" in policy:
-        parts.append("methods=" + ",".join(policy["methods"]))
-    if "paths" in policy:
-        parts.append("paths=" + ",".join(policy["paths"]))
-    if "rate" in policy:
-        parts.append(f"rate={policy['rate'][0]}/{policy['rate'][2][0]}")
-    if "max_requests" in policy:
-        parts.append(f"max-requests={policy['max_requests']}")
-    if "models" in policy:
-        parts.append("models=" + ",".join(policy["models"]))
-    if budget_key(policy):
-        parts.append(f"budget={budget_words(budget_key(policy), policy[budget_key(policy)])}"
-                     .replace(" tokens", ""))
-    if policy.get("decoy"):
-        parts.append("decoy" + (f" on-tripwire={policy['on_tripwire']}"
-                                if policy.get("on_tripwire") else ""))
-    if policy.get("on_leak"):
-        parts.append(f"on-leak={policy['on_leak']}")
-    if policy.get("delegation"):
-        parts.append("delegation")
-    return " ".join(parts) or "-"
+    budget = budget_key(policy)
+    parts = ["methods=" + ",".join(policy["methods"]) if "methods" in policy else "",
+             "paths=" + ",".join(policy["paths"]) if "paths" in policy else "",
+             f"rate={policy['rate'][0]}/{policy['rate'][2][0]}" if "rate" in policy else "",
+             f"max-requests={policy['max_requests']}" if "max_requests" in policy else "",
+             "models=" + ",".join(policy["models"]) if "models" in policy else "",
+             f"budget={budget_words(budget, policy[budget])}".replace(" tokens", "")
+             if budget else "",
+             "decoy" + (f" on-tripwire={policy['on_tripwire']}" if policy.get("on_tripwire")
+                        else "") if policy.get("decoy") else "",
+             f"on-leak={policy['on_leak']}" if policy.get("on_leak") else "",
+             "delegation" if policy.get("delegation") else ""]
+    return " ".join(part for part in parts if part) or "-"
 
 
 def path_for_policy(rest: str, swap: "CredentialSwap") -> str:
@@ -3489,6 +3377,14 @@ def _reject_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     if len(keys) != len(set(keys)):
         raise ValueError("duplicate key")
     return dict(pairs)
+
+
+def json_value(data: Any, hook: Optional[Callable[..., Any]] = None) -> Any:
+    """``data`` parsed as JSON, or None where it is not JSON (or nests too deep)."""
+    try:
+        return json.loads(data, object_pairs_hook=hook)
+    except (ValueError, RecursionError):
+        return None
 
 
 def request_model(provider: Provider, rest: str, body: Optional[bytes],
@@ -3728,10 +3624,7 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
             raise Forbidden("this token has a budget, and the broker cannot bound what this "
                             "request costs (only text generation, embeddings and token counts)")
         return input_bound * price[0], None
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        obj = None
+    obj = json_value(body)
     if not isinstance(obj, dict):
         raise Forbidden("a budget-limited token needs a JSON body to bound a generation request")
     stored = [k for k in ("previous_response_id", "conversation", "prompt", "cachedContent",
@@ -3875,10 +3768,7 @@ def ask_for_stream_usage(body: bytes) -> bytes:
     """OpenAI streams report usage only if asked: add stream_options.include_usage (an explicit
     false is overridden too, so a budget cannot be dodged). decide() refused bodies that repeat
     a key, so this reads the same "stream" value as the upstream will."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        return body
+    obj = json_value(body)
     if not isinstance(obj, dict) or obj.get("stream") is not True:
         return body
     options = obj.get("stream_options")
@@ -4011,10 +3901,7 @@ class UsageMeter:
                 self._parse(line[5:])
 
     def _parse(self, text: bytes) -> None:
-        try:
-            answer = json.loads(text)
-        except (ValueError, RecursionError):
-            return
+        answer = json_value(text)
         for item in answer if isinstance(answer, list) else [answer]:   # Gemini JSON streams
             read_usage(self.kind, item, self.state)
 
@@ -4052,7 +3939,6 @@ class UsageMeter:
 
 POOL_IDLE_PER_HOST = 64              # idle keep-alive connections kept per upstream
 POOL_IDLE_SECONDS = 50.0             # an idle pooled connection older than this is retired
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # safe to resend
 
 
 class UpstreamConn:
@@ -4665,10 +4551,7 @@ class DiscordGateway:
 
 def rewrite_gateway_url(data: bytes, ws_base: str) -> bytes:
     """Point the ``url`` of a Discord /gateway(/bot) answer at the broker's gateway route."""
-    try:
-        payload = json.loads(data)
-    except (ValueError, RecursionError):
-        return data
+    payload = json_value(data)
     if isinstance(payload, dict) and isinstance(payload.get("url"), str):
         payload["url"] = ws_base
         return json.dumps(payload).encode()
@@ -5014,7 +4897,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(call.length)))
         rewrite = None
         if provider.gateway == "discord" and _GATEWAY_REST_RE.match(call.rest):
-            ws_base = self.agent_base_url(head, websocket=True) + call.prefix + "/gateway"
+            ws_base = self.gateway_url(head, call.prefix)
             rewrite = lambda data: rewrite_gateway_url(data, ws_base)      # noqa: E731
         answer = broker.forward(target, head.method, headers, body)
         if provider.oauth and answer.status == 401 and head.method in IDEMPOTENT_METHODS and (
@@ -5073,47 +4956,44 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         Bearer, or of the token whose SHA-256 is ``?digest=<hex>``: `run` asks that way, so
         whatever else listens on the port learns nothing it could use, and `run` checks the id
         that comes back. Audited ("introspect"), not counted against the token's limits."""
-        if query:
-            digest = query[len("digest="):] if query.startswith("digest=") else ""
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise BadRequest("the only query is ?digest=<64 lowercase hex digits>")
-            record, _, _ = self.server.broker.tokens.lookup_digest(bytes.fromhex(digest))
-        else:
-            scheme, _, token = (head.get("authorization") or "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthError("send the token as 'Authorization: Bearer <token>'")
-            record, _, _ = self.server.broker.tokens.lookup(token.strip())
-        if record is None:
-            raise AuthError("unknown token")
-        ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
-        try:
-            check_token(record, record.provider, time.time())
-        except Tripwire:
-            self.server.broker.tripwire(record, ex)
-            raise
+        digest = query[len("digest="):] if query.startswith("digest=") else ""
+        if query and not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise BadRequest("the only query is ?digest=<64 lowercase hex digits>")
+        record, _ = self.endpoint_token(head, ex, bytes.fromhex(digest) if query else None)
         ex.outcome, ex.status = "introspect", 200
         self.writer.answer(200, [("Content-Type", "application/json")], json.dumps({
             "token_id": record.id, "agent": record.agent, "provider": record.provider,
             "expires_at": record.expires_at}).encode())
 
+    def endpoint_token(self, head: RequestHead, ex: Exchange, digest: Optional[bytes] = None,
+                       delegating: bool = False) -> Tuple[TokenRecord, Optional[Dict[str, str]]]:
+        """The live token a /seks/v1/ request sends as a Bearer (or names by its SHA-256),
+        noted for the audit row, and the secret's parts; a decoy trips the tripwire."""
+        if digest is None:
+            scheme, _, token = (head.get("authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError(f"send the {'parent ' if delegating else ''}token as "
+                                f"'Authorization: Bearer <token>'")
+            digest = token_digest(token.strip())
+        record, parts, _ = self.server.broker.tokens.lookup_digest(digest)
+        if record is None:
+            raise AuthError("unknown token")
+        ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
+        if delegating:
+            ex.secret, ex.parent = record.secret_name, record.parent or ""
+        try:
+            check_token(record, record.provider, time.time())
+        except Tripwire:
+            self.server.broker.tripwire(record, ex)
+            raise
+        return record, parts
+
     def delegate(self, head: RequestHead, framing: str, length: int, ex: Exchange) -> None:
         """POST /seks/v1/tokens: a token minted with --allow-delegation mints a narrower child
         for a sub-agent (delegated_policy decides; Store.delegate carves it out atomically).
         Audited ("delegate", the child's id in the reason)."""
-        scheme, _, token = (head.get("authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("send the parent token as 'Authorization: Bearer <token>'")
         broker = self.server.broker
-        record, parts, _ = broker.tokens.lookup(token.strip())
-        if record is None:
-            raise AuthError("unknown token")
-        ex.agent, ex.token_id, ex.provider = record.agent, record.id, record.provider
-        ex.secret, ex.parent = record.secret_name, record.parent or ""
-        try:
-            check_token(record, record.provider, time.time())
-        except Tripwire:
-            broker.tripwire(record, ex)
-            raise
+        record, parts = self.endpoint_token(head, ex, delegating=True)
         if not record.policy.get("delegation"):
             raise Forbidden("this token was not minted with --allow-delegation")
         too_big = PayloadTooLarge(f"the body is at most {DELEGATION_BODY_MAX} bytes", close=True)
@@ -5239,9 +5119,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             raise ConnectionCut() from exc
 
     # --- WebSockets ------------------------------------------------------------------------
-    def agent_base_url(self, head: RequestHead, websocket: bool = False) -> str:
-        """The broker's address as this agent reaches it (public_url, else its Host header),
-        for URLs handed back to it (Discord gateway and resume URLs)."""
+    def gateway_url(self, head: RequestHead, route_prefix: str) -> str:
+        """The gateway route's ws(s):// URL as this agent reaches the broker (public_url, else
+        its Host header), for URLs handed back to it (Discord gateway and resume URLs)."""
         settings = self.server.broker.settings
         if settings.public_url:
             base = settings.public_url.rstrip("/")
@@ -5250,7 +5130,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             if not _HOST_RE.match(host):
                 host = settings.agent_url().split("://", 1)[1]
             base = ("https" if self.server.tls else "http") + "://" + host
-        return ("ws" + base[4:]) if websocket else base
+        return "ws" + base[4:] + route_prefix + "/gateway"
 
     def client_ws_key(self, head: RequestHead) -> str:
         key = head.get("sec-websocket-key") or ""
@@ -5337,7 +5217,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         answer = self.open_websocket(head, provider, route_prefix, target, [], ex)
         if answer is None:
             return
-        ws_base = self.agent_base_url(head, websocket=True) + route_prefix + "/gateway"
+        ws_base = self.gateway_url(head, route_prefix)
         hooks = DiscordGateway(broker, provider, ex, self.writer, ws_base)
         self.writer.ws_accept(key, "")
         if params.get("compress", [""])[0] == "zlib-stream":
@@ -5530,6 +5410,8 @@ def providers_from_ini(text: str) -> Dict[str, Provider]:
         if like is not None:
             for key, value in parser[like].items():
                 parser[name].setdefault(key, value)
+        for key in ("token", "inject"):     # the table's default; a config section says both
+            parser[name].setdefault(key, "header Authorization Bearer")
     return {name: provider_from_section(name, parser[name]) for name in parser.sections()}
 
 
@@ -5932,13 +5814,17 @@ class Metrics:
             inner = ",".join(f'{k}="{v}"' for k, v in pairs.items())
             return "{" + inner + "}"
 
+        def counter(name: str, text: str, table: Dict[Any, int], *keys: str) -> List[str]:
+            """One counter family; its table's keys are label values (a tuple for several)."""
+            return [f"# HELP {name} {text}", f"# TYPE {name} counter"] + [
+                f"{name}{labels(**dict(zip(keys, k if isinstance(k, tuple) else (k,))))} {n}"
+                for k, n in sorted(table.items())]
+
         out = ["# HELP seks_build_info Broker version.", "# TYPE seks_build_info gauge",
                f"seks_build_info{labels(version=__version__)} 1"]
         with self._lock:
-            out += ["# HELP seks_requests_total Requests answered, by provider and status.",
-                    "# TYPE seks_requests_total counter"]
-            out += [f"seks_requests_total{labels(provider=p, status=s)} {n}"
-                    for (p, s), n in sorted(self.requests.items())]
+            out += counter("seks_requests_total", "Requests answered, by provider and status.",
+                           self.requests, "provider", "status")
             out += ["# HELP seks_request_duration_seconds Time from request head to last byte.",
                     "# TYPE seks_request_duration_seconds histogram"]
             for provider, hist in sorted(self.latency.items()):
@@ -5953,20 +5839,15 @@ class Metrics:
                            f"{hist[-2]:.6f}")
                 out.append(f"seks_request_duration_seconds_count{labels(provider=provider)} "
                            f"{int(hist[-1])}")
-            out += ["# HELP seks_upstream_errors_total Upstream failures (502 error, 504 timeout).",
-                    "# TYPE seks_upstream_errors_total counter"]
-            out += [f"seks_upstream_errors_total{labels(provider=p, kind=k)} {n}"
-                    for (p, k), n in sorted(self.upstream_errors.items())]
-            for name, table, text in (("seks_request_bytes_total", self.bytes_in,
-                                       "Request body bytes from agents."),
-                                      ("seks_response_bytes_total", self.bytes_out,
-                                       "Response body bytes to agents.")):
-                out += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
-                out += [f"{name}{labels(provider=p)} {n}" for p, n in sorted(table.items())]
-            out += ["# HELP seks_tripwires_total Decoy tokens used (token mint --decoy).",
-                    "# TYPE seks_tripwires_total counter"]
-            out += [f"seks_tripwires_total{labels(provider=p)} {n}"
-                    for p, n in sorted(self.tripwires.items())]
+            out += counter("seks_upstream_errors_total",
+                           "Upstream failures (502 error, 504 timeout).", self.upstream_errors,
+                           "provider", "kind")
+            out += counter("seks_request_bytes_total", "Request body bytes from agents.",
+                           self.bytes_in, "provider")
+            out += counter("seks_response_bytes_total", "Response body bytes to agents.",
+                           self.bytes_out, "provider")
+            out += counter("seks_tripwires_total", "Decoy tokens used (token mint --decoy).",
+                           self.tripwires, "provider")
             out += ["# HELP seks_open_streams Streamed answers being relayed now.",
                     "# TYPE seks_open_streams gauge", f"seks_open_streams {self.open_streams}",
                     "# HELP seks_open_connections Agent connections open now.",
@@ -6031,22 +5912,18 @@ class AlertHook:
 
 
 def upstream_failure(exc: BaseException) -> Tuple[type, str]:
-    """Why an upstream could not be reached, in a few fixed words (never its text)."""
+    """Why an upstream could not be reached, in a few fixed words (never its text); the first
+    match wins (a certificate failure is an SSLError too)."""
     if isinstance(exc, socket.timeout):
         return UpstreamTimeout, "timed out"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return UpstreamError, "TLS certificate verification failed"
-    if isinstance(exc, ssl.SSLError):
-        return UpstreamError, "TLS handshake failed"
-    if isinstance(exc, socket.gaierror):
-        return UpstreamError, "DNS lookup failed (unknown host)"
-    if isinstance(exc, ConnectionRefusedError):
-        return UpstreamError, "refused the connection"
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-        return UpstreamError, "reset the connection"
-    if isinstance(exc, UpstreamFraming):
-        return UpstreamError, "sent a malformed answer or closed the connection"
-    return UpstreamError, "unreachable (network error)"
+    return UpstreamError, next((text for kinds, text in (
+        (ssl.SSLCertVerificationError, "TLS certificate verification failed"),
+        (ssl.SSLError, "TLS handshake failed"),
+        (socket.gaierror, "DNS lookup failed (unknown host)"),
+        (ConnectionRefusedError, "refused the connection"),
+        ((ConnectionResetError, BrokenPipeError, ConnectionAbortedError), "reset the connection"),
+        (UpstreamFraming, "sent a malformed answer or closed the connection"),
+    ) if isinstance(exc, kinds)), "unreachable (network error)")
 
 
 REAL_KEY_SHAPES = (          # (pattern, what it looks like): hints for a key sent as a token
@@ -6486,7 +6363,6 @@ class Broker:
         with self._log_lock:
             try:
                 sys.stderr.write(line + "\n")
-                sys.stderr.flush()
             except (OSError, ValueError):
                 pass
 
@@ -6610,8 +6486,8 @@ class AdminServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: Tuple[str, int], broker: Broker, agent_server: BrokerServer) -> None:
-        self.broker, self.agent_server = broker, agent_server
+    def __init__(self, address: Tuple[str, int], broker: Broker) -> None:
+        self.broker = broker
         super().__init__(address, AdminHandler)
 
 
@@ -6713,7 +6589,6 @@ def startup_report(settings: Settings, store: Store, providers: Dict[str, Provid
                      "unencrypted; use --tls-cert/--tls-key, or --host 127.0.0.1")
     for line in lines:
         sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 def guard_key_file(broker: Broker, key_path: str, master_key: bytes,
@@ -6761,7 +6636,7 @@ def open_broker(settings: Settings, store: Store, master_key: bytes,
     admin = None
     if settings.admin_port >= 0:
         admin_port = settings.admin_port + max(worker - 1, 0) if settings.admin_port else 0
-        admin = AdminServer((settings.admin_host, admin_port), broker, server)
+        admin = AdminServer((settings.admin_host, admin_port), broker)
         threading.Thread(target=admin.serve_forever, daemon=True).start()
     for extra in servers[1:]:
         threading.Thread(target=extra.serve_forever, kwargs={"poll_interval": 0.2},
@@ -6807,7 +6682,6 @@ def serve(settings: Settings, store: Store, master_key: bytes,
         sys.stdout.flush()
     else:
         sys.stderr.write(ready + "\n")
-        sys.stderr.flush()
     if on_ready is not None:
         on_ready(port)
 
@@ -6890,7 +6764,6 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
         f", admin ports {','.join(admin_ports)} on {settings.admin_host}"
     sys.stderr.write(f"seks-broker listening on {scheme}://{shown}:{port} "
                      f"({settings.workers} workers{admin})\n")
-    sys.stderr.flush()
     stopping = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
@@ -7252,11 +7125,11 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
 
     actions = group("audit", "list, follow, verify or prune the audit log "
                              "('audit' alone lists)", required=False)
-    add_audit_filters(leaves["audit"], listing=True, shown=False)   # `audit --json` still lists
+    add_audit_filters(leaves["audit"], shown=False)   # `audit --json` still lists
     q = command("list", "audit rows, newest last", "PROG audit list --since 1h --status 4xx",
                 "PROG audit list --agent bot --follow", "PROG audit list --json --limit 1000",
                 under=actions, path="audit")
-    add_audit_filters(q, listing=True)
+    add_audit_filters(q)
     command("verify", "check the MAC chain of every row (the outcome shows in 'status')",
             "PROG audit verify", under=actions, path="audit")
     command("prune", "delete rows older than a date; the chain still verifies",
@@ -7271,22 +7144,20 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     return parser, leaves
 
 
-def add_audit_filters(q: argparse.ArgumentParser, listing: bool = False,
-                      shown: bool = True) -> None:
-    """The row filters of `audit list` (and `usage`); ``listing`` adds its output flags.
-    Plain `audit` takes them too, hidden, and defaults them for its sub-commands."""
+def add_audit_filters(q: argparse.ArgumentParser, shown: bool = True) -> None:
+    """The row filters and output flags of `audit list`. Plain `audit` takes them too,
+    hidden, and defaults them for its sub-commands."""
     default = None if shown else argparse.SUPPRESS
     for flag, text in (("--agent", "only this agent"), ("--provider", "only this provider"),
                        ("--since", "1h, 30m, 7d or an ISO date/time (UTC)"),
                        ("--status", "exact status (404) or class (4xx)")):
         q.add_argument(flag, default=default, help=text if shown else argparse.SUPPRESS)
-    if listing:
-        q.add_argument("--limit", type=int, default=100 if shown else argparse.SUPPRESS,
-                       help="newest N rows (default 100)" if shown else argparse.SUPPRESS)
-        for flag, text in (("--json", "JSON lines instead of a table"),
-                           ("--follow", "keep printing new rows (Ctrl-C ends)")):
-            q.add_argument(flag, action="store_true", default=False if shown else
-                           argparse.SUPPRESS, help=text if shown else argparse.SUPPRESS)
+    q.add_argument("--limit", type=int, default=100 if shown else argparse.SUPPRESS,
+                   help="newest N rows (default 100)" if shown else argparse.SUPPRESS)
+    for flag, text in (("--json", "JSON lines instead of a table"),
+                       ("--follow", "keep printing new rows (Ctrl-C ends)")):
+        q.add_argument(flag, action="store_true", default=False if shown else argparse.SUPPRESS,
+                       help=text if shown else argparse.SUPPRESS)
 
 
 def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser],
@@ -7335,7 +7206,6 @@ class Progress:
     def end(self) -> None:
         if self.active and self.shown:
             sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def read_secret_value(name: str, prompt: str = "") -> str:
@@ -7366,10 +7236,7 @@ def read_secret_parts(name: str, provider: Provider, rotating: bool) -> Dict[str
                 given[part] = value
         return given
     text = read_secret_value(name)
-    try:
-        given = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except (ValueError, RecursionError):
-        given = None
+    given = json_value(text, _reject_duplicate_keys)
     if not isinstance(given, dict) or not all(isinstance(v, (str, type(None)))
                                               for v in given.values()):
         example = json.dumps({n: "..." for n in provider.parts})
@@ -7390,10 +7257,7 @@ def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
         data = exc.read(65536)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot reach {url}: {type(exc).__name__}") from None
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
-        obj = None
+    obj = json_value(data)
     if not isinstance(obj, dict):
         raise ConfigError(f"{url} did not answer with a JSON object")
     return obj
@@ -7441,7 +7305,6 @@ def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300)
         "access_type": "offline", "prompt": "consent"})
     sys.stderr.write(f"Open this URL in a browser on this machine and sign in ({provider.name}); "
                      f"waiting for the redirect to {redirect}\n{consent}\n")
-    sys.stderr.flush()
     deadline = time.monotonic() + cap
     try:
         while not got and time.monotonic() < deadline:
@@ -7585,18 +7448,12 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
     if args.command == "providers":
         return cmd_providers(args, providers)
     if args.command == "backup":                  # a copy needs no key (it holds none)
-        store = Store(settings.db, create=False)
-        try:
+        with contextlib.closing(Store(settings.db, create=False)) as store:
             return cmd_backup(args.path, store, settings.db)
-        finally:
-            store.close()
     action = getattr(args, "action", None)
-    if args.command == "secret" and action in ("add", "rotate"):
-        store = Store(settings.db, create=action == "add")
-        try:                                      # the key is loaded after the prompt
+    if args.command == "secret" and action in ("add", "rotate"):   # key loaded after the prompt
+        with contextlib.closing(Store(settings.db, create=action == "add")) as store:
             return cmd_secret_write(args, store, settings, providers, environ)
-        finally:
-            store.close()
     creates = args.command == "serve" or (args.command, action) == ("agent", "add")
     store, master = open_store(args, settings, environ, create=creates)
     try:
@@ -7616,7 +7473,6 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
         return handler(args, store, master, settings, providers, environ)
     finally:
         store.close()
-
 
 
 class DemoUpstream(http.server.ThreadingHTTPServer):
@@ -7935,7 +7791,7 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
     if found is None:
         names = [n for n, *_ in store.list_secrets()]
         close = difflib.get_close_matches(secret, names, n=1, cutoff=0.6)
-        raise ConfigError(f"no secret named {secret!r} in {settings_db(store)}"
+        raise ConfigError(f"no secret named {secret!r} in {os.path.abspath(store.path)}"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
     provider_name = found[0]
     provider = providers.get(provider_name)
@@ -7984,10 +7840,6 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
                     policy, label)
     return token, token_id, provider, expires, {n: parts[n] for n in provider.public
                                                 if n in parts}
-
-
-def settings_db(store: Store) -> str:
-    return os.path.abspath(store.path)
 
 
 def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
@@ -8070,8 +7922,6 @@ def cmd_providers(args: argparse.Namespace, providers: Dict[str, Provider]) -> i
                 [[r["name"], " ".join(r["routes"]), r["upstream"], "; ".join(r["token_places"]),
                   r["inject"], " ".join(r["parts"]), " ".join(r["env"])] for r in rows])
     return 0
-
-
 
 
 def cmd_backup(path: str, store: Store, db_path: str) -> int:
@@ -8373,7 +8223,7 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     `usage` and `token list` read."""
     now = time.time()
     url = (args.url or settings.agent_url()).rstrip("/")
-    health = probe_broker(url, "/healthz", "", timeout=1.0)
+    health = probe_broker(url, "/healthz", timeout=1.0)
     tokens = store.list_tokens()
     for token in tokens:
         token["state"] = token_state(token, now)
@@ -8435,12 +8285,10 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     return 0
 
 
-def probe_broker(url: str, path: str, token: str,
-                 timeout: float) -> Optional[Tuple[int, bytes]]:
-    """GET url+path (with the token as a Bearer, if given): (status, body), or None if no
-    HTTP server answers there. Loopback and operator-given addresses only."""
-    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"}
-                                     if token else {})
+def probe_broker(url: str, path: str, timeout: float) -> Optional[Tuple[int, bytes]]:
+    """GET url+path: (status, body), or None if no HTTP server answers there. Loopback and
+    operator-given addresses only."""
+    request = urllib.request.Request(url + path)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout) as answer:
@@ -8601,7 +8449,7 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
             minted.append((token, token_id, provider, public))
         url = (args.url or settings.agent_url()).rstrip("/")
         probe = probe_broker(url, "/seks/v1/token?digest=" + token_digest(minted[0][0]).hex(),
-                             "", timeout=2.0)
+                             timeout=2.0)
         if probe is not None and introspected_id(probe) == minted[0][1]:
             sys.stderr.write(f"seks run: using the broker at {url}\n")
         elif args.url:
@@ -8620,7 +8468,6 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
         exposed = "" if identity else same_user_warning(settings.db, environ)
         for warning in warnings + ([exposed] if exposed else []):
             sys.stderr.write(f"seks run: warning: {warning}\n")
-        sys.stderr.flush()
         try:
             child = subprocess.Popen(command, env=env, **identity)
         except OSError as exc:
@@ -8695,8 +8542,6 @@ def run_summary(store: Store, token_ids: List[str]) -> str:
     parts = ", ".join(f"{p}: {n} request(s), {t:,} LLM token(s), {d} denied"
                       for p, n, t, d in per) or "no requests"
     return (f"seks run: {total} request(s) ({parts}); {len(token_ids)} token(s) revoked")
-
-
 
 
 def main(argv: Optional[List[str]] = None) -> int:
