@@ -2478,12 +2478,16 @@ def _migration_1(db: sqlite3.Connection) -> None:
                        f"BEGIN UPDATE state SET generation = generation + 1 WHERE id = 1; END")
 
 
-# PRAGMA user_version N: the first N have run. Each is a function or a script for _run_script.
-MIGRATIONS: List[Any] = [
-    _migration_1,
-    "ALTER TABLE tokens ADD COLUMN label TEXT",     # 2: the operator's note (--label)
-    "ALTER TABLE state ADD COLUMN verified TEXT",   # 3: last `audit verify`, as JSON
-    """
+def _migration_2(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE tokens ADD COLUMN label TEXT")     # the operator's note (--label)
+
+
+def _migration_3(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE state ADD COLUMN verified TEXT")   # last `audit verify`, as JSON
+
+
+def _migration_4(db: sqlite3.Connection) -> None:
+    _run_script(db, """
         CREATE TABLE reservations (              -- what budget requests in flight may still cost
             id INTEGER PRIMARY KEY,
             token_id TEXT NOT NULL,
@@ -2492,16 +2496,30 @@ MIGRATIONS: List[Any] = [
             owner TEXT NOT NULL                  -- host:pid of the broker process holding it
         );
         CREATE INDEX reservations_token ON reservations (token_id)
-    """,                                            # 4
-    "ALTER TABLE tokens ADD COLUMN parent TEXT",    # 5: delegated: the minting token
-    "ALTER TABLE token_usage ADD COLUMN cost_used INTEGER NOT NULL DEFAULT 0",   # 6: money spent
-    """CREATE TABLE oauth_tokens (
+    """)
+
+
+def _migration_5(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE tokens ADD COLUMN parent TEXT")    # delegated: the minting token
+
+
+def _migration_6(db: sqlite3.Connection) -> None:     # what a money budget has spent
+    db.execute("ALTER TABLE token_usage ADD COLUMN cost_used INTEGER NOT NULL DEFAULT 0")
+
+
+def _migration_7(db: sqlite3.Connection) -> None:     # OAuth access tokens the broker minted
+    db.execute("""CREATE TABLE oauth_tokens (
         secret TEXT PRIMARY KEY,
         ciphertext TEXT,                      -- the access token, encrypted, bound to the secret
         expires_at REAL NOT NULL DEFAULT 0,
         renewing_until REAL NOT NULL DEFAULT 0,   -- one renewal at a time, across processes
-        renewed_by TEXT)""",                        # 7: OAuth access tokens the broker minted
-]
+        renewed_by TEXT)""")
+
+
+MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2,
+                                                          _migration_3, _migration_4,
+                                                          _migration_5, _migration_6,
+                                                          _migration_7]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
 
 
@@ -2656,8 +2674,7 @@ class Store:
             try:
                 current = db.execute("PRAGMA user_version").fetchone()[0]
                 if current == version:
-                    step = MIGRATIONS[version]
-                    _run_script(db, step) if isinstance(step, str) else step(db)
+                    MIGRATIONS[version](db)
                     db.execute(f"PRAGMA user_version = {version + 1}")
                 db.execute("COMMIT")
             except BaseException:
