@@ -707,12 +707,9 @@ class SecretCipher:
         if not _URLSAFE_B64_RE.match(token):        # canonical base64 only: decoding cannot fail
             raise DecryptError()
         _unverified = base64.urlsafe_b64decode(token)
-        if len(_unverified) < 1 + self.NONCE_BYTES + self.TAG_BYTES:
+        version, nonce = _unverified[:1], _unverified[1:1 + self.NONCE_BYTES]
+        if len(_unverified) < 1 + self.NONCE_BYTES + self.TAG_BYTES or version != bytes([1]):
             raise DecryptError()
-        version = _unverified[:1]
-        if version != bytes([self.VERSION]):
-            raise DecryptError()
-        nonce = _unverified[1:1 + self.NONCE_BYTES]
         _unverified_ciphertext = _unverified[1 + self.NONCE_BYTES:-self.TAG_BYTES]
         tag = _unverified[-self.TAG_BYTES:]
         if not hmac.compare_digest(tag, self._tag(version, nonce, ad, _unverified_ciphertext)):
@@ -728,22 +725,6 @@ def secret_ad(name: str, provider: str) -> bytes:
 def derive_key(master_key: bytes, purpose: str) -> bytes:
     """A separate 32-byte key per purpose (audit chain, fingerprints), never the master itself."""
     return hkdf_sha256(master_key, b"", b"seks-broker/v1/" + purpose.encode(), 32)
-
-
-class KeyRing:
-    """Everything derived once from a master key: the secret cipher, the audit-chain key, the
-    fingerprint key, and the check value that tells the DB which master key this is."""
-
-    __slots__ = ("cipher", "audit", "fingerprint", "check")
-
-    def __init__(self, master_key: bytes) -> None:
-        self.cipher = SecretCipher(master_key)
-        self.audit = derive_key(master_key, "audit")
-        self.fingerprint = derive_key(master_key, "fingerprint")
-        self.check = derive_key(master_key, "key-check")
-
-    def __repr__(self) -> str:
-        return "KeyRing(<keys hidden>)"
 
 
 # --- 3.2 Tokens -----------------------------------------------------------------------------
@@ -780,10 +761,9 @@ def check_token(record: Optional[TokenRecord], provider: str, now: float) -> Tok
 # --- 3.3 The authorisation decision ---------------------------------------------------------
 
 class RequestFacts:
-    """What decide() looks at, gathered before it (no I/O in decide). ``model``, ``background``
-    and ``repeated_keys`` are known only when ``body_read`` (a models or budget policy on an LLM
-    provider). AWS routes add ``aws`` (service, region, the services and regions the secret
-    allows), ``action`` (the one STS action named, or "") and ``reads`` (S3's copy source)."""
+    """What decide() looks at, gathered before it. ``model``, ``background``, ``repeated_keys``:
+    known when ``body_read`` (a models or budget policy on an LLM route). AWS: ``aws`` (service,
+    region, what the secret allows), ``action`` (the STS action) and ``reads`` (copy source)."""
 
     def __init__(self, method: str, path: str, override: bool = False, upgrade: bool = False,
                  llm: bool = False, body_read: bool = False, model: Optional[str] = None,
@@ -802,9 +782,8 @@ def path_within(path: str, prefix: str) -> bool:
 
 
 def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]:
-    """The one authorisation decision, after check_token: None (allowed) or the refusal. It runs
-    once per request, and for every gateway IDENTIFY/RESUME. Counting limits (rate, request
-    count, budget) are settled next by check_limits, atomically in the DB."""
+    """The one authorisation decision, after check_token: None (allowed) or the refusal; once
+    per request and per gateway IDENTIFY/RESUME. check_limits then counts, in the DB."""
     service, region, services, regions = facts.aws
     if service and service not in services:          # what the secret allows
         return Forbidden(f"this secret does not allow the AWS service {service!r}")
@@ -856,8 +835,7 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
 
 
 def budget_key(policy: Dict[str, Any]) -> str:
-    """Which budget a token has: "budget_tokens" (LLM tokens), "budget_nusd" (money, in
-    billionths of a US dollar), or "" (none). A token has at most one."""
+    """A token's one budget: "budget_tokens", "budget_nusd" (billionths of a dollar) or ""."""
     return next((k for k in ("budget_tokens", "budget_nusd") if k in policy), "")
 
 
@@ -943,10 +921,6 @@ class Target:
     def host_header(self) -> str:
         netloc = f"[{self.host}]" if ":" in self.host else self.host
         return netloc + ("" if self.port == (443 if self.scheme == "https" else 80) else f":{self.port}")
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.host_header}{self.path}"
 
     def __repr__(self) -> str:
         return f"Target({self.scheme}://{self.host_header})"      # never the path: Telegram's key
@@ -1066,9 +1040,8 @@ def basic_token(encoded: str, place: CredentialPlace) -> Optional[CredentialSwap
     halves = [bool(_TOKEN_WHOLE_RE.match(half)) for half in (user, password)]
     if not colon or halves.count(True) != 1:
         return None
-    if halves[1]:
-        return CredentialSwap(password, place, user, "password")
-    return CredentialSwap(user, place, password, "user")
+    return CredentialSwap(password, place, user, "password") if halves[1] else \
+        CredentialSwap(user, place, password, "user")
 
 
 def swap_credentials(provider: Provider, swap: CredentialSwap, parts: Dict[str, str],
@@ -1125,8 +1098,7 @@ def swap_credentials(provider: Provider, swap: CredentialSwap, parts: Dict[str, 
 
 def mask_secret(secret: bytes) -> bytes:
     """A same-length stand-in for a real key, so Content-Length stays right when scrubbing."""
-    label = b"[REDACTED-BY-SEKS]"
-    return label[:len(secret)] + b"*" * max(0, len(secret) - len(label))
+    return b"[REDACTED-BY-SEKS]"[:len(secret)] + b"*" * max(0, len(secret) - 18)
 
 
 def secret_variants(key: str) -> Tuple[bytes, ...]:
@@ -1172,9 +1144,8 @@ def parts_pairs(parts: Dict[str, str], public: Tuple[str, ...] = ()) -> Tuple[Tu
 
 
 def fragment_floor(length: int) -> int:
-    """The shortest cut-off piece of a key the scrubber masks: a third of the key, 8 to 32
-    characters (a key shorter than 8: the whole key). What an agent can learn from cut-off
-    echoes is then less than a third at each end: a third or more stays unknown."""
+    """The shortest cut-off piece of a key the scrubber masks: a third of it, 8 to 32 characters
+    (a shorter key: whole), so cut-off echoes show less than a third at either end."""
     return length if length < 8 else min(32, max(8, length // 3))
 
 
@@ -1286,9 +1257,6 @@ class AuditRow:
     def values(self) -> Tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.FIELDS)
 
-    def as_dict(self) -> Dict[str, Any]:
-        return {name: getattr(self, name) for name in self.FIELDS}
-
 
 _CANONICAL_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 
@@ -1342,9 +1310,8 @@ def redact(text: str) -> str:
 
 
 def redact_path(path: str) -> str:
-    """A path as it may be logged before it is validated: redacted as it came, or, if decoding
-    (up to 3 levels) shows a token ('%73eks_...'), decoded, cut and re-escaped (so a path
-    cannot spell extra log fields)."""
+    """A path as it may be logged before validation: as it came, or decoded if that shows a
+    token ('%73eks_...'); either way redacted and unable to spell extra log fields."""
     decoded = path
     for _ in range(3):
         if "%" not in decoded:
@@ -1375,44 +1342,17 @@ def masked_request_path(provider: Optional[Provider], path: str, query: str) -> 
     return redact(path)
 
 
-def terminal_text(value: Any) -> str:
-    """A value as a terminal may show it: control, bidi-format and line-separator characters
-    escaped, so text an agent or upstream chose cannot forge or erase the operator's lines."""
-    text = str(value)
-    if text.isascii() and text.isprintable():
-        return text
-    return "".join(c if c.isprintable() and unicodedata.category(c) not in ("Cf", "Zl", "Zp")
-                   else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 # ============================================================================================
 # 4. THE ONE EXIT TO THE AGENT
 # ============================================================================================
 
-def header_block(headers: List[Tuple[str, str]]) -> bytes:
-    """Header lines (CRLF-separated, no final CRLF) of every head the broker writes, upstream or
-    to an agent, checked whole: token names, latin-1 values without control characters or line
-    breaks, so nothing an upstream sent can split the agent's answer."""
-    if not headers:
-        return b""
-    try:
-        names = ":".join(n for n, _ in headers).encode("latin-1")
-        values = "\t".join(v for _, v in headers).encode("latin-1")
-    except UnicodeEncodeError:
-        raise UpstreamError("a header the broker will not pass on") from None
-    if not HEADER_NAMES_RE.match(names) or BAD_VALUE_BYTES_RE.search(values):
-        raise UpstreamError("a header the broker will not pass on")
-    return "\r\n".join(f"{n}: {v}" for n, v in headers).encode("latin-1")
-
-
 class AgentWriter:
-    """Every byte written to an agent connection goes through here: status lines, headers,
-    bodies, chunk framing, WebSocket frames, close reasons and errors (a test checks the source
-    for any other socket write). It owns the scrubber (header values, bodies, frames and close
-    reasons are scrubbed; a header *name* holding the key refuses the answer), the framing
+    """Every byte to an agent goes through here: status lines, headers, bodies, chunk framing,
+    WebSocket frames, close reasons, errors (a test checks the source for other socket writes).
+    It owns the scrubber (a header *name* holding the key refuses the answer), the framing
     (Content-Length, chunked, close-delimited for HTTP/1.0, RFC 6455 frames, compressed for
-    Discord's zlib-stream only after scrubbing), and one answer per request: once a byte went
-    out, an error can only cut the connection."""
+    Discord only after scrubbing) and one answer per request: once a byte went out, an error
+    can only cut the connection."""
 
     def __init__(self, sock: socket.socket, stall_limit: float) -> None:
         self._sock = sock
@@ -1513,12 +1453,12 @@ class AgentWriter:
 
     # --- WebSocket ---------------------------------------------------------------------------
     def ws_accept(self, key: str, subprotocol: str) -> None:
-        lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
-                 f"Sec-WebSocket-Accept: {ws_accept(key)}"]
-        if subprotocol:
-            lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+        self.close = False                       # (the head says Upgrade, not close)
+        head = self._head(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"), (
+            "Sec-WebSocket-Accept", ws_accept(key))] + [("Sec-WebSocket-Protocol", subprotocol)]
+            * bool(subprotocol), "none", 0)
         self.close = self.started = True
-        self._send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self._send(head)
 
     def ws_send(self, opcode: int, payload: bytes) -> None:
         """One whole message or control frame, scrubbed, then compressed if the session asked
@@ -1670,6 +1610,22 @@ class ChunkSource:
             self._rest = memoryview(chunk)
         data, self._rest = self._rest[:size], self._rest[size:]
         return bytes(data)
+
+
+def header_block(headers: List[Tuple[str, str]]) -> bytes:
+    """Header lines (CRLF-separated, no final CRLF) of every head the broker writes, upstream or
+    to an agent (AgentWriter), checked whole: token names, latin-1 values without control
+    characters or line breaks, so nothing an upstream sent can split the agent's answer."""
+    if not headers:
+        return b""
+    try:
+        names = ":".join(n for n, _ in headers).encode("latin-1")
+        values = "\t".join(v for _, v in headers).encode("latin-1")
+    except UnicodeEncodeError:
+        raise UpstreamError("a header the broker will not pass on") from None
+    if not HEADER_NAMES_RE.match(names) or BAD_VALUE_BYTES_RE.search(values):
+        raise UpstreamError("a header the broker will not pass on")
+    return "\r\n".join(f"{n}: {v}" for n, v in headers).encode("latin-1")
 
 
 def wire_error(side: str, status: int, message: str) -> SeksError:
@@ -2348,6 +2304,22 @@ def oauth_answer(grant: str, status: int, body: bytes,
 # ============================================================================================
 # 7. STORE (sqlite): schema and numbered migrations, secrets, tokens, agents, counters, audit
 # ============================================================================================
+
+class KeyRing:
+    """Everything derived once from a master key: the secret cipher, the audit-chain key, the
+    fingerprint key, and the check value that tells the DB which master key this is."""
+
+    __slots__ = ("cipher", "audit", "fingerprint", "check")
+
+    def __init__(self, master_key: bytes) -> None:
+        self.cipher = SecretCipher(master_key)
+        self.audit = derive_key(master_key, "audit")
+        self.fingerprint = derive_key(master_key, "fingerprint")
+        self.check = derive_key(master_key, "key-check")
+
+    def __repr__(self) -> str:
+        return "KeyRing(<keys hidden>)"
+
 
 class TokenRecord:
     """A token row joined with its agent and secret. Holds no plaintext key."""
@@ -4047,7 +4019,7 @@ class UpstreamRequest(urllib.request.Request):
 
     def __init__(self, target: Target, method: str, headers: List[Tuple[str, str]],
                  body: Any) -> None:
-        super().__init__(target.url, method=method)
+        super().__init__(f"{target.scheme}://{target.host_header}{target.path}", method=method)
         self.target, self.header_list, self.body = target, headers, body
 
 
@@ -6809,6 +6781,16 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
 # 13. CLI: argparse sub-commands and main()
 # ============================================================================================
 
+def terminal_text(value: Any) -> str:
+    """A value as a terminal may show it: control, bidi-format and line-separator characters
+    escaped, so text an agent or upstream chose cannot forge or erase the operator's lines."""
+    text = str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(c if c.isprintable() and unicodedata.category(c) not in ("Cf", "Zl", "Zp")
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def parse_ttl(text: str) -> int:
     match = TTL_RE.match(text.strip())
     if not match or int(match.group(1)) == 0:
@@ -8123,7 +8105,7 @@ def audit_filter(args: argparse.Namespace) -> Tuple[str, Tuple[Any, ...]]:
 def print_audit(rows: List[AuditRow], as_json: bool, header: bool = True) -> None:
     if as_json:
         for row in rows:
-            print(json.dumps(row.as_dict(), sort_keys=True))
+            print(json.dumps(dict(zip(row.FIELDS, row.values())), sort_keys=True))
         return
     table = [[r.id, r.ts, r.agent or "-", r.token_id or "-", r.provider or "-",
               (r.model or "-")[:40], r.method or "-", (r.path or "-")[:60], r.status or "-",
