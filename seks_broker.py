@@ -5957,11 +5957,7 @@ class Broker:
         self.opener = urllib.request.OpenerDirector()      # no redirect or error processors
         self.opener.add_handler(PooledHandler(self.pool))
         self.providers = providers
-        self.routes: Dict[str, Provider] = {}
-        for provider in providers.values():
-            self.routes[provider.name] = provider
-            for alias in provider.aliases:
-                self.routes[alias] = provider
+        self.routes = {name: p for p in providers.values() for name in (p.name, *p.aliases)}
         self._log_lock = threading.Lock()
         self._level = LOG_LEVELS[settings.log_level]
         self.metrics = Metrics()
@@ -6363,8 +6359,7 @@ class DeadlineWatch:
     def __init__(self) -> None:
         self._deadlines: Dict[socket.socket, float] = {}
         self._lock = threading.Lock()
-        thread = threading.Thread(target=self._run, name="seks-deadlines", daemon=True)
-        thread.start()
+        threading.Thread(target=self._run, name="seks-deadlines", daemon=True).start()
 
     def arm(self, sock: socket.socket, seconds: float) -> None:
         with self._lock:
@@ -7936,21 +7931,6 @@ def cmd_backup(path: str, store: Store, db_path: str) -> int:
     return 0
 
 
-def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
-                          settings: Settings, providers: Dict[str, Provider],
-                          environ: Dict[str, str]) -> int:
-    """New master key: secrets re-encrypted and the audit chain re-keyed in one transaction.
-    With a key file, the new key is written to ``<db>.key.new`` first and renamed over the old
-    one only after the commit; a run that dies before the commit leaves the old state intact,
-    and one that dies after it is finished by the next command (the DB tells which key it
-    wants). One rotation at a time: a second one is refused while the first runs."""
-    lock = rotation_lock(settings.db)
-    try:
-        return _rotate_master_key(args, store, settings.db, environ)
-    finally:
-        lock.close()
-
-
 def rotation_lock(db_path: str) -> Any:
     """An exclusive lock on ``<db>.key.lock`` for the whole rotation (POSIX flock; where there
     is none, rotations must simply not overlap)."""
@@ -7970,65 +7950,67 @@ def rotation_lock(db_path: str) -> Any:
 
 def fsync_directory(path: str) -> None:
     """Make a rename in ``path``'s directory durable (POSIX; a no-op where unsupported)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
-                       environ: Dict[str, str]) -> int:
-    old_key = load_master_key(db_path, environ, store)
-    from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
-    key_path = db_path + ".key"
-    if from_env:
-        if sys.stdin is not None and sys.stdin.isatty():
-            text = getpass.getpass("New master key (urlsafe base64 of 32 bytes, hidden): ")
-        else:
-            text = sys.stdin.read() if sys.stdin is not None else ""
-        new_key = decode_master_key(text.strip(), "the new key on stdin")
-    else:
-        new_key = secrets.token_bytes(32)
-    if hmac.compare_digest(new_key, old_key):
-        raise ConfigError("the new master key equals the old one")
-    old_audit, new_audit = derive_key(old_key, "audit"), derive_key(new_key, "audit")
-    ok, message = verify_audit_chain(old_audit, store.audit_rows(), store.audit_anchor())
-    if not ok and not args.force:
-        raise ConfigError(f"audit chain does not verify ({message}); re-keying would hide "
-                          f"that. Investigate, or pass --force")
-    pending = key_path + ".new"
-    if not from_env:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pending)
-        fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(base64.urlsafe_b64encode(new_key).decode() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    progress = Progress("re-keying", store.counts(time.time())["audit_rows"]
-                        + len(store.list_secrets()))
-    count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
-                        derive_key(new_key, "key-check"), force=args.force,
-                        progress=progress.add)
-    progress.end()
-    if from_env:
-        print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key and restart "
-              f"running brokers now (until then they answer 503)", file=sys.stderr)
-    else:
         try:
-            os.replace(pending, key_path)
-        except FileNotFoundError:
-            pass                                  # a running broker finished the rename first
-        fsync_directory(key_path)
-        print(f"re-encrypted {count} secret(s) under a new key in {key_path}; running brokers "
-              f"load it on their next request", file=sys.stderr)
-    return 0
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
+                          settings: Settings, providers: Dict[str, Provider],
+                          environ: Dict[str, str]) -> int:
+    """New master key: secrets re-encrypted and the audit chain re-keyed in one transaction.
+    With a key file, the new key is written to ``<db>.key.new`` first and renamed over the old
+    one only after the commit; a run that dies before the commit leaves the old state intact,
+    and one that dies after it is finished by the next command (the DB tells which key it
+    wants). One rotation at a time: a second one is refused while the first runs."""
+    db_path = settings.db
+    with contextlib.closing(rotation_lock(db_path)):
+        old_key = load_master_key(db_path, environ, store)
+        from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
+        key_path = db_path + ".key"
+        if from_env:
+            if sys.stdin is not None and sys.stdin.isatty():
+                text = getpass.getpass("New master key (urlsafe base64 of 32 bytes, hidden): ")
+            else:
+                text = sys.stdin.read() if sys.stdin is not None else ""
+            new_key = decode_master_key(text.strip(), "the new key on stdin")
+        else:
+            new_key = secrets.token_bytes(32)
+        if hmac.compare_digest(new_key, old_key):
+            raise ConfigError("the new master key equals the old one")
+        old_audit, new_audit = derive_key(old_key, "audit"), derive_key(new_key, "audit")
+        ok, message = verify_audit_chain(old_audit, store.audit_rows(), store.audit_anchor())
+        if not ok and not args.force:
+            raise ConfigError(f"audit chain does not verify ({message}); re-keying would hide "
+                              f"that. Investigate, or pass --force")
+        pending = key_path + ".new"
+        if not from_env:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pending)
+            fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(base64.urlsafe_b64encode(new_key).decode() + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        progress = Progress("re-keying", store.counts(time.time())["audit_rows"]
+                            + len(store.list_secrets()))
+        count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
+                            derive_key(new_key, "key-check"), force=args.force,
+                            progress=progress.add)
+        progress.end()
+        if from_env:
+            print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key and restart "
+                  f"running brokers now (until then they answer 503)", file=sys.stderr)
+        else:
+            with contextlib.suppress(FileNotFoundError):   # a running broker renamed it first
+                os.replace(pending, key_path)
+            fsync_directory(key_path)
+            print(f"re-encrypted {count} secret(s) under a new key in {key_path}; running brokers "
+                  f"load it on their next request", file=sys.stderr)
+        return 0
 
 
 def parse_since(text: str, now: Optional[float] = None) -> str:
@@ -8067,12 +8049,10 @@ def human_duration(ms: Optional[float]) -> str:
 
 def audit_filter(args: argparse.Namespace) -> Tuple[str, Tuple[Any, ...]]:
     clauses, params = [], []
-    if getattr(args, "agent", None):
-        clauses.append("agent = ?")
-        params.append(args.agent)
-    if getattr(args, "provider", None):
-        clauses.append("provider = ?")
-        params.append(args.provider)
+    for column in ("agent", "provider"):         # fixed names; the values are bound
+        if getattr(args, column, None):
+            clauses.append(f"{column} = ?")
+            params.append(getattr(args, column))
     if getattr(args, "since", None):
         clauses.append("ts >= ?")
         params.append(parse_since(args.since))
