@@ -6971,12 +6971,13 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
         leaves[(path + " " + name).strip()] = leaf
         return leaf
 
-    def group(name: str, text: str, required: bool = True) -> Any:
+    def group(name: str, text: str, required: bool = True) -> Callable[..., Any]:
+        """The group's parser, and a ``command`` that adds an action to it."""
         p = sub.add_parser(name, help=text, description=text, formatter_class=CliFormatter)
         leaves[name] = p
         actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
         actions.required = required
-        return actions
+        return lambda *words: command(*words, under=actions, path=name)
 
     p = command("serve", "run the broker for agents (creates the database on first use)",
                 "PROG serve", "PROG serve --port 9000 --admin-port 9100",
@@ -7033,9 +7034,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
             "PROG providers", "PROG --config seks.ini providers --json"
             ).add_argument("--json", action="store_true", help="JSON lines")
 
-    actions = group("config", "check a config file")
-    command("check", "validate a config file, explaining each error with its line",
-            "PROG config check seks.ini", under=actions, path="config").add_argument("path")
+    group("config", "check a config file")(
+        "check", "validate a config file, explaining each error with its line",
+        "PROG config check seks.ini").add_argument("path")
 
     command("backup", "online, consistent copy of the DB (0600; not the key)",
             "PROG backup /safe/place/seks-2026-12-03.db").add_argument("path")
@@ -7044,14 +7045,13 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
         "--force", action="store_true",
         help="rotate even if the audit chain does not verify (it is re-keyed as is)")
 
-    actions = group("secret", "store, list and remove real keys")
-    q = command("add", "store a real key; the value is read from a hidden prompt on a "
+    action = group("secret", "store, list and remove real keys")
+    q = action("add", "store a real key; the value is read from a hidden prompt on a "
                 "terminal, else from stdin (never from the command line, where ps shows it)",
                 "PROG secret add openai-main --provider openai      # prompts, input hidden",
                 "printf %s \"$OPENAI_KEY\" | PROG secret add openai-main --provider openai",
                 "providers: " + ", ".join(sorted(builtin_providers())) + " (and custom ones "
-                "from the config file)",
-                under=actions, path="secret")
+                "from the config file)")
     q.add_argument("name", help="a name for it (letters, digits, '.', '_', '-')")
     which = q.add_mutually_exclusive_group(required=True)
     which.add_argument("--provider", help="which API it is for (see 'providers')")
@@ -7059,22 +7059,19 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
                        "parts (JSON on stdin), run its device authorization flow (you approve "
                        "in a browser) and store the refresh token it gives")
     q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
-    q = command("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep "
-                "working", "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main",
-                under=actions, path="secret")
+    q = action("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep "
+               "working", "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main")
     q.add_argument("name")
     q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
-    command("list", "names, providers and dates (never values)", "PROG secret list",
-            under=actions, path="secret")
-    command("rm", "delete a secret and revoke its tokens", "PROG secret rm openai-old",
-            under=actions, path="secret").add_argument("name")
+    action("list", "names, providers and dates (never values)", "PROG secret list")
+    action("rm", "delete a secret and revoke its tokens", "PROG secret rm openai-old"
+           ).add_argument("name")
 
-    actions = group("token", "mint, list, revoke and prune fake tokens")
-    q = command("mint", "make a token for an agent and print it (or the variables its SDK "
-                "reads)", "PROG token mint --secret openai-main --agent bot --ttl 12h",
-                "PROG token mint --secret openai-main --agent bot --format shell --out agent.env",
-                ". ./agent.env     # then start the agent from this shell",
-                under=actions, path="token")
+    action = group("token", "mint, list, revoke and prune fake tokens")
+    q = action("mint", "make a token for an agent and print it (or the variables its SDK "
+               "reads)", "PROG token mint --secret openai-main --agent bot --ttl 12h",
+               "PROG token mint --secret openai-main --agent bot --format shell --out agent.env",
+               ". ./agent.env     # then start the agent from this shell")
     q.add_argument("--secret", required=True, help="the stored secret the token stands for")
     q.add_argument("--agent", required=True, help="the agent it is for (created if new)")
     add_token_flags(q, "lifetime such as 30m, 12h, 7d (default: no expiry)")
@@ -7093,47 +7090,43 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     q.add_argument("--on-leak", choices=["revoke"],
                    help="revoke this token when the broker finds it inside a request it would "
                         "forward (a prompt, a message, a query)")
-    q = command("list", "tokens with agent, provider, label, state, use and policy",
-                "PROG token list", "PROG token list --agent bot --status active",
-                under=actions, path="token")
+    q = action("list", "tokens with agent, provider, label, state, use and policy",
+               "PROG token list", "PROG token list --agent bot --status active")
     q.add_argument("--agent", help="only this agent's tokens")
     q.add_argument("--status", choices=TOKEN_STATES, help="only tokens in this state")
     q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    q = command("revoke", "revoke a token (its id, with or without tok_, or the token itself; "
-                "'-' reads it from stdin)", "PROG token revoke tok_0123456789ab",
-                "printf %s \"$TOKEN\" | PROG token revoke -", under=actions, path="token")
+    q = action("revoke", "revoke a token (its id, with or without tok_, or the token itself; "
+               "'-' reads it from stdin)", "PROG token revoke tok_0123456789ab",
+               "printf %s \"$TOKEN\" | PROG token revoke -")
     q.add_argument("token_or_id")
-    q = command("prune", "delete revoked and expired tokens (their audit rows stay)",
-                "PROG token prune", "PROG token prune --older-than 30d",
-                under=actions, path="token")
+    q = action("prune", "delete revoked and expired tokens (their audit rows stay)",
+               "PROG token prune", "PROG token prune --older-than 30d")
     q.add_argument("--older-than", metavar="AGE", help="only those that ended this long ago "
                                                        "(30m, 12h, 7d; default: all)")
 
-    actions = group("agent", "add, list, disable, enable and remove agents")
-    for action, text, example in (
+    action = group("agent", "add, list, disable, enable and remove agents")
+    for verb, text, example in (
             ("add", "register an agent", "PROG agent add research-bot"),
             ("disable", "stop all its tokens at once (reversible)", "PROG agent disable bot"),
             ("enable", "let its tokens work again", "PROG agent enable bot"),
             ("rm", "remove an agent and its tokens", "PROG agent rm old-bot --force")):
-        q = command(action, text, example, under=actions, path="agent")
+        q = action(verb, text, example)
         q.add_argument("name")
-        if action == "rm":
+        if verb == "rm":
             q.add_argument("--force", action="store_true",
                            help="also when it has live tokens (they stop working)")
-    command("list", "agents, their state and live tokens", "PROG agent list",
-            under=actions, path="agent")
+    action("list", "agents, their state and live tokens", "PROG agent list")
 
-    actions = group("audit", "list, follow, verify or prune the audit log "
-                             "('audit' alone lists)", required=False)
+    action = group("audit", "list, follow, verify or prune the audit log ('audit' alone lists)",
+                   required=False)
     add_audit_filters(leaves["audit"], shown=False)   # `audit --json` still lists
-    q = command("list", "audit rows, newest last", "PROG audit list --since 1h --status 4xx",
-                "PROG audit list --agent bot --follow", "PROG audit list --json --limit 1000",
-                under=actions, path="audit")
+    q = action("list", "audit rows, newest last", "PROG audit list --since 1h --status 4xx",
+               "PROG audit list --agent bot --follow", "PROG audit list --json --limit 1000")
     add_audit_filters(q)
-    command("verify", "check the MAC chain of every row (the outcome shows in 'status')",
-            "PROG audit verify", under=actions, path="audit")
-    command("prune", "delete rows older than a date; the chain still verifies",
-            "PROG audit prune --before 90d", under=actions, path="audit").add_argument(
+    action("verify", "check the MAC chain of every row (the outcome shows in 'status')",
+           "PROG audit verify")
+    action("prune", "delete rows older than a date; the chain still verifies",
+           "PROG audit prune --before 90d").add_argument(
         "--before", required=True, help="ISO date/time (UTC), or an age: 1h, 7d, 90d")
 
     q = command("usage", "requests and LLM tokens per agent, provider and model",
