@@ -3191,11 +3191,6 @@ class TokenCache:
         self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[Dict[str, str]],
                                          Any]] = {}
 
-    @staticmethod
-    def _store_error() -> None:
-        sys.stderr.write(f"{utc_iso()} ERROR a stored secret failed verification (wrong master "
-                         f"key or edited database)\n")
-
     def reload_keys(self) -> None:
         """The master key was rotated under us: take the new one (or refuse to serve)."""
         with self._lock:
@@ -3225,7 +3220,8 @@ class TokenCache:
                     record.secret_ciphertext, secret_ad(record.secret_name,
                                                         record.secret_provider or "")))
             except (DecryptError, ValueError):
-                self._store_error()
+                sys.stderr.write(f"{utc_iso()} ERROR a stored secret failed verification "
+                                 f"(wrong master key or edited database)\n")
                 raise BrokerError("the broker could not use the stored secret") from None
             pairs = parts_pairs(parts, self._public(record.secret_provider or ""))
         entry = (record, parts, pairs)
@@ -3309,10 +3305,6 @@ def path_for_policy(rest: str, swap: "CredentialSwap") -> str:
         _, slash, tail = rest[len(swap.prefix):].partition("/")
         rest = swap.prefix + slash + tail
     return urllib.parse.unquote(rest)
-
-
-def needs_admission(policy: Dict[str, Any]) -> bool:
-    return any(k in policy for k in ("rate", "max_requests", "budget_tokens", "budget_nusd"))
 
 
 def header_params(value: str, header: str = "content-type") -> List[Tuple[str, str]]:
@@ -5512,11 +5504,8 @@ def parse_setting(spec: SettingSpec, text: Any) -> Any:
                               f"got {value!r}")
         return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if kind == "bool":
-        lowered = value.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
+        if value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{spec.name}: expected true or false, got {value!r}")
     if kind == "list":
         return [v for v in re.split(r"[,\s]+", value) if v]
@@ -5725,9 +5714,7 @@ def load_providers(settings: Settings, strict: bool = True) -> Dict[str, Provide
     """Built-in providers plus custom ones from the config file, with upstream overrides.
     ``strict`` (serve, config check) refuses an override naming an unknown provider: a typo
     there would send traffic to the real upstream while the operator thinks it does not."""
-    providers = dict(builtin_providers())
-    for name, provider in settings.custom_providers.items():
-        providers[name] = provider
+    providers = {**builtin_providers(), **settings.custom_providers}
     routes = {alias for p in providers.values() for alias in p.aliases}
     for name, url in settings.upstreams.items():
         if name not in providers:
@@ -6062,7 +6049,8 @@ class Broker:
         """Count the request against the token's rate, lifetime and budget limits (if any).
         A budget request also reserves what it may cost (budget_reservation), which may lower
         its output cap: the body to forward is returned."""
-        if not needs_admission(record.policy):
+        if not any(k in record.policy for k in ("rate", "max_requests", "budget_tokens",
+                                                "budget_nusd")):
             return body
         rewritten: List[Optional[bytes]] = []
 
@@ -7362,20 +7350,6 @@ def write_private(path: str, text: str) -> None:
         raise
 
 
-def open_store(args: argparse.Namespace, settings: Settings, environ: Dict[str, str],
-               create: bool) -> Tuple[Store, bytes]:
-    """The database and its master key, checked: every command that reads or changes secrets,
-    tokens or the audit log refuses a key that does not belong to the database. Only commands
-    that store something (``create``) make a new database or key file."""
-    store = Store(settings.db, create=create)
-    try:
-        key = load_master_key(settings.db, environ, store, create=create)
-    except BaseException:
-        store.close()
-        raise
-    return store, key
-
-
 def token_state(token: Dict[str, Any], now: float) -> str:
     """active, or why a token does not work (in the order the broker checks them)."""
     if token["revoked_at"] or token.get("parent_ended") or (
@@ -7439,9 +7413,12 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
     if args.command == "secret" and action in ("add", "rotate"):   # key loaded after the prompt
         with contextlib.closing(Store(settings.db, create=action == "add")) as store:
             return cmd_secret_write(args, store, settings, providers, environ)
+    # Every other command gets the master key checked against the database; only those that
+    # store something create a new database or key file.
     creates = args.command == "serve" or (args.command, action) == ("agent", "add")
-    store, master = open_store(args, settings, environ, create=creates)
+    store = Store(settings.db, create=creates)
     try:
+        master = load_master_key(settings.db, environ, store, create=creates)
         if args.command == "serve":
             worker = int(environ.get("SEKS_WORKER_INDEX", "0") or 0)
             if settings.workers > 1 and not worker:
@@ -7470,11 +7447,8 @@ class DemoUpstream(http.server.ThreadingHTTPServer):
     def __init__(self) -> None:
         self.key = "sk-demo-" + secrets.token_urlsafe(24)
         super().__init__(("127.0.0.1", 0), DemoUpstreamHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, name="seks-demo-upstream", daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
 
 class DemoUpstreamHandler(QuietHandler):
