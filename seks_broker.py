@@ -5341,19 +5341,12 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
             parse_upstream_base(sec["upstream"].strip())
     except ConfigError as exc:
         raise ConfigError(str(exc), key="upstream") from None
-    usage = sec.get("usage", "").strip()
-    region = sec.get("region", "").strip()
-    shape = sec.get("token_shape", "").strip()
-    errors = sec.get("errors", "").strip()
-    gateway = sec.get("gateway", "").strip()
-    for key, value, allowed in (("usage", usage, ("", "openai", "anthropic", "gemini", "bedrock")),
-                                ("token_shape", shape, ("", "bot-id")),
-                                ("errors", errors, ("", "telegram", "aws")),
-                                ("region", region, ("", "gcp")),
-                                ("gateway", gateway, ("", "discord"))):
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(a for a in allowed if a)}",
-                              key=key)
+    choices = {"usage": ("openai", "anthropic", "gemini", "bedrock"), "token_shape": ("bot-id",),
+               "errors": ("telegram", "aws"), "region": ("gcp",), "gateway": ("discord",)}
+    usage, shape, errors, region, gateway = (sec.get(key, "").strip() for key in choices)
+    for key, value in zip(choices, (usage, shape, errors, region, gateway)):
+        if value not in ("",) + choices[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(choices[key])}", key=key)
     env = sec.get("env", "").strip()
     words = [re.fullmatch(r"([A-Z_][A-Z0-9_]*)(?:(=/\S*|=)|=\{([a-z][a-z0-9_]*)\})?", w)
              for w in env.split()]
