@@ -6446,21 +6446,6 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         self.broker.log_error(f"connection error: {kind.__name__ if kind else 'unknown'}")
 
 
-class QuietHandler(http.server.BaseHTTPRequestHandler):
-    """http.server's handler for the broker's own small listeners (admin port, sign-in
-    redirect, demo upstream): whole-body replies, no access log on stderr."""
-
-    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 class AdminServer(http.server.ThreadingHTTPServer):
     """The admin listener (operators and monitoring only, never agents)."""
 
@@ -6471,7 +6456,7 @@ class AdminServer(http.server.ThreadingHTTPServer):
         super().__init__(address, AdminHandler)
 
 
-class AdminHandler(QuietHandler):
+class AdminHandler(http.server.BaseHTTPRequestHandler):
     """/metrics (Prometheus text) and /healthz; nothing else. It writes to the admin socket
     only, through http.server's own writer."""
 
@@ -6482,13 +6467,22 @@ class AdminHandler(QuietHandler):
 
     def do_GET(self) -> None:
         if self.path == "/metrics":
-            self.reply(200, self.server.broker.metrics.render(
-                self.server.broker.connections.open).encode(),
-                "text/plain; version=0.0.4; charset=utf-8")
+            body = self.server.broker.metrics.render(self.server.broker.connections.open).encode()
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
+            status = 200
         elif self.path == "/healthz":
-            self.reply(200, b'{"status":"ok"}')
+            body, ctype, status = b'{"status":"ok"}', "application/json", 200
         else:
-            self.reply(404, b'{"error":{"type":"not_found","message":"not found"}}')
+            body, ctype, status = b'{"error":{"type":"not_found","message":"not found"}}', \
+                "application/json", 404
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def disable_core_dumps() -> None:
@@ -7237,7 +7231,7 @@ def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
     return obj
 
 
-class SignInRedirectHandler(QuietHandler):
+class SignInRedirectHandler(http.server.BaseHTTPRequestHandler):
     """The loopback redirect of `secret add --oauth` (PKCE): takes the code the operator's
     browser brings back when its state is the one sent, and answers a fixed line."""
 
@@ -7246,7 +7240,15 @@ class SignInRedirectHandler(QuietHandler):
         got: Dict[str, str] = self.server.got     # type: ignore[attr-defined]
         if hmac.compare_digest(query.get("state", ""), self.server.expected_state) and not got:
             got.update(query)
-        self.reply(200 if got else 400, b"seks-broker: you can close this tab.\n", "text/plain")
+        body = b"seks-broker: you can close this tab.\n"
+        self.send_response(200 if got else 400)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300) -> str:
@@ -7444,11 +7446,21 @@ class DemoUpstream(http.server.ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, name="seks-demo-upstream", daemon=True).start()
 
 
-class DemoUpstreamHandler(QuietHandler):
+class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
     """The fake provider's side (never an agent connection)."""
 
     protocol_version = "HTTP/1.1"
     server: DemoUpstream
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_GET(self) -> None:
         if not self.authorized():
