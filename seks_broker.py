@@ -3191,11 +3191,6 @@ class TokenCache:
         self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[Dict[str, str]],
                                          Any]] = {}
 
-    @staticmethod
-    def _store_error() -> None:
-        sys.stderr.write(f"{utc_iso()} ERROR a stored secret failed verification (wrong master "
-                         f"key or edited database)\n")
-
     def reload_keys(self) -> None:
         """The master key was rotated under us: take the new one (or refuse to serve)."""
         with self._lock:
@@ -3225,7 +3220,8 @@ class TokenCache:
                     record.secret_ciphertext, secret_ad(record.secret_name,
                                                         record.secret_provider or "")))
             except (DecryptError, ValueError):
-                self._store_error()
+                sys.stderr.write(f"{utc_iso()} ERROR a stored secret failed verification "
+                                 f"(wrong master key or edited database)\n")
                 raise BrokerError("the broker could not use the stored secret") from None
             pairs = parts_pairs(parts, self._public(record.secret_provider or ""))
         entry = (record, parts, pairs)
@@ -3309,10 +3305,6 @@ def path_for_policy(rest: str, swap: "CredentialSwap") -> str:
         _, slash, tail = rest[len(swap.prefix):].partition("/")
         rest = swap.prefix + slash + tail
     return urllib.parse.unquote(rest)
-
-
-def needs_admission(policy: Dict[str, Any]) -> bool:
-    return any(k in policy for k in ("rate", "max_requests", "budget_tokens", "budget_nusd"))
 
 
 def header_params(value: str, header: str = "content-type") -> List[Tuple[str, str]]:
@@ -5349,19 +5341,12 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
             parse_upstream_base(sec["upstream"].strip())
     except ConfigError as exc:
         raise ConfigError(str(exc), key="upstream") from None
-    usage = sec.get("usage", "").strip()
-    region = sec.get("region", "").strip()
-    shape = sec.get("token_shape", "").strip()
-    errors = sec.get("errors", "").strip()
-    gateway = sec.get("gateway", "").strip()
-    for key, value, allowed in (("usage", usage, ("", "openai", "anthropic", "gemini", "bedrock")),
-                                ("token_shape", shape, ("", "bot-id")),
-                                ("errors", errors, ("", "telegram", "aws")),
-                                ("region", region, ("", "gcp")),
-                                ("gateway", gateway, ("", "discord"))):
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(a for a in allowed if a)}",
-                              key=key)
+    choices = {"usage": ("openai", "anthropic", "gemini", "bedrock"), "token_shape": ("bot-id",),
+               "errors": ("telegram", "aws"), "region": ("gcp",), "gateway": ("discord",)}
+    usage, shape, errors, region, gateway = (sec.get(key, "").strip() for key in choices)
+    for key, value in zip(choices, (usage, shape, errors, region, gateway)):
+        if value not in ("",) + choices[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(choices[key])}", key=key)
     env = sec.get("env", "").strip()
     words = [re.fullmatch(r"([A-Z_][A-Z0-9_]*)(?:(=/\S*|=)|=\{([a-z][a-z0-9_]*)\})?", w)
              for w in env.split()]
@@ -5512,11 +5497,8 @@ def parse_setting(spec: SettingSpec, text: Any) -> Any:
                               f"got {value!r}")
         return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if kind == "bool":
-        lowered = value.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
+        if value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{spec.name}: expected true or false, got {value!r}")
     if kind == "list":
         return [v for v in re.split(r"[,\s]+", value) if v]
@@ -5725,9 +5707,7 @@ def load_providers(settings: Settings, strict: bool = True) -> Dict[str, Provide
     """Built-in providers plus custom ones from the config file, with upstream overrides.
     ``strict`` (serve, config check) refuses an override naming an unknown provider: a typo
     there would send traffic to the real upstream while the operator thinks it does not."""
-    providers = dict(builtin_providers())
-    for name, provider in settings.custom_providers.items():
-        providers[name] = provider
+    providers = {**builtin_providers(), **settings.custom_providers}
     routes = {alias for p in providers.values() for alias in p.aliases}
     for name, url in settings.upstreams.items():
         if name not in providers:
@@ -5957,11 +5937,7 @@ class Broker:
         self.opener = urllib.request.OpenerDirector()      # no redirect or error processors
         self.opener.add_handler(PooledHandler(self.pool))
         self.providers = providers
-        self.routes: Dict[str, Provider] = {}
-        for provider in providers.values():
-            self.routes[provider.name] = provider
-            for alias in provider.aliases:
-                self.routes[alias] = provider
+        self.routes = {name: p for p in providers.values() for name in (p.name, *p.aliases)}
         self._log_lock = threading.Lock()
         self._level = LOG_LEVELS[settings.log_level]
         self.metrics = Metrics()
@@ -6066,7 +6042,8 @@ class Broker:
         """Count the request against the token's rate, lifetime and budget limits (if any).
         A budget request also reserves what it may cost (budget_reservation), which may lower
         its output cap: the body to forward is returned."""
-        if not needs_admission(record.policy):
+        if not any(k in record.policy for k in ("rate", "max_requests", "budget_tokens",
+                                                "budget_nusd")):
             return body
         rewritten: List[Optional[bytes]] = []
 
@@ -6363,8 +6340,7 @@ class DeadlineWatch:
     def __init__(self) -> None:
         self._deadlines: Dict[socket.socket, float] = {}
         self._lock = threading.Lock()
-        thread = threading.Thread(target=self._run, name="seks-deadlines", daemon=True)
-        thread.start()
+        threading.Thread(target=self._run, name="seks-deadlines", daemon=True).start()
 
     def arm(self, sock: socket.socket, seconds: float) -> None:
         with self._lock:
@@ -6970,12 +6946,13 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
         leaves[(path + " " + name).strip()] = leaf
         return leaf
 
-    def group(name: str, text: str, required: bool = True) -> Any:
+    def group(name: str, text: str, required: bool = True) -> Callable[..., Any]:
+        """The group's parser, and a ``command`` that adds an action to it."""
         p = sub.add_parser(name, help=text, description=text, formatter_class=CliFormatter)
         leaves[name] = p
         actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=CliParser)
         actions.required = required
-        return actions
+        return lambda *words: command(*words, under=actions, path=name)
 
     p = command("serve", "run the broker for agents (creates the database on first use)",
                 "PROG serve", "PROG serve --port 9000 --admin-port 9100",
@@ -7032,9 +7009,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
             "PROG providers", "PROG --config seks.ini providers --json"
             ).add_argument("--json", action="store_true", help="JSON lines")
 
-    actions = group("config", "check a config file")
-    command("check", "validate a config file, explaining each error with its line",
-            "PROG config check seks.ini", under=actions, path="config").add_argument("path")
+    group("config", "check a config file")(
+        "check", "validate a config file, explaining each error with its line",
+        "PROG config check seks.ini").add_argument("path")
 
     command("backup", "online, consistent copy of the DB (0600; not the key)",
             "PROG backup /safe/place/seks-2026-12-03.db").add_argument("path")
@@ -7043,14 +7020,13 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
         "--force", action="store_true",
         help="rotate even if the audit chain does not verify (it is re-keyed as is)")
 
-    actions = group("secret", "store, list and remove real keys")
-    q = command("add", "store a real key; the value is read from a hidden prompt on a "
+    action = group("secret", "store, list and remove real keys")
+    q = action("add", "store a real key; the value is read from a hidden prompt on a "
                 "terminal, else from stdin (never from the command line, where ps shows it)",
                 "PROG secret add openai-main --provider openai      # prompts, input hidden",
                 "printf %s \"$OPENAI_KEY\" | PROG secret add openai-main --provider openai",
                 "providers: " + ", ".join(sorted(builtin_providers())) + " (and custom ones "
-                "from the config file)",
-                under=actions, path="secret")
+                "from the config file)")
     q.add_argument("name", help="a name for it (letters, digits, '.', '_', '-')")
     which = q.add_mutually_exclusive_group(required=True)
     which.add_argument("--provider", help="which API it is for (see 'providers')")
@@ -7058,22 +7034,19 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
                        "parts (JSON on stdin), run its device authorization flow (you approve "
                        "in a browser) and store the refresh token it gives")
     q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
-    q = command("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep "
-                "working", "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main",
-                under=actions, path="secret")
+    q = action("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep "
+               "working", "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main")
     q.add_argument("name")
     q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
-    command("list", "names, providers and dates (never values)", "PROG secret list",
-            under=actions, path="secret")
-    command("rm", "delete a secret and revoke its tokens", "PROG secret rm openai-old",
-            under=actions, path="secret").add_argument("name")
+    action("list", "names, providers and dates (never values)", "PROG secret list")
+    action("rm", "delete a secret and revoke its tokens", "PROG secret rm openai-old"
+           ).add_argument("name")
 
-    actions = group("token", "mint, list, revoke and prune fake tokens")
-    q = command("mint", "make a token for an agent and print it (or the variables its SDK "
-                "reads)", "PROG token mint --secret openai-main --agent bot --ttl 12h",
-                "PROG token mint --secret openai-main --agent bot --format shell --out agent.env",
-                ". ./agent.env     # then start the agent from this shell",
-                under=actions, path="token")
+    action = group("token", "mint, list, revoke and prune fake tokens")
+    q = action("mint", "make a token for an agent and print it (or the variables its SDK "
+               "reads)", "PROG token mint --secret openai-main --agent bot --ttl 12h",
+               "PROG token mint --secret openai-main --agent bot --format shell --out agent.env",
+               ". ./agent.env     # then start the agent from this shell")
     q.add_argument("--secret", required=True, help="the stored secret the token stands for")
     q.add_argument("--agent", required=True, help="the agent it is for (created if new)")
     add_token_flags(q, "lifetime such as 30m, 12h, 7d (default: no expiry)")
@@ -7092,47 +7065,43 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     q.add_argument("--on-leak", choices=["revoke"],
                    help="revoke this token when the broker finds it inside a request it would "
                         "forward (a prompt, a message, a query)")
-    q = command("list", "tokens with agent, provider, label, state, use and policy",
-                "PROG token list", "PROG token list --agent bot --status active",
-                under=actions, path="token")
+    q = action("list", "tokens with agent, provider, label, state, use and policy",
+               "PROG token list", "PROG token list --agent bot --status active")
     q.add_argument("--agent", help="only this agent's tokens")
     q.add_argument("--status", choices=TOKEN_STATES, help="only tokens in this state")
     q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    q = command("revoke", "revoke a token (its id, with or without tok_, or the token itself; "
-                "'-' reads it from stdin)", "PROG token revoke tok_0123456789ab",
-                "printf %s \"$TOKEN\" | PROG token revoke -", under=actions, path="token")
+    q = action("revoke", "revoke a token (its id, with or without tok_, or the token itself; "
+               "'-' reads it from stdin)", "PROG token revoke tok_0123456789ab",
+               "printf %s \"$TOKEN\" | PROG token revoke -")
     q.add_argument("token_or_id")
-    q = command("prune", "delete revoked and expired tokens (their audit rows stay)",
-                "PROG token prune", "PROG token prune --older-than 30d",
-                under=actions, path="token")
+    q = action("prune", "delete revoked and expired tokens (their audit rows stay)",
+               "PROG token prune", "PROG token prune --older-than 30d")
     q.add_argument("--older-than", metavar="AGE", help="only those that ended this long ago "
                                                        "(30m, 12h, 7d; default: all)")
 
-    actions = group("agent", "add, list, disable, enable and remove agents")
-    for action, text, example in (
+    action = group("agent", "add, list, disable, enable and remove agents")
+    for verb, text, example in (
             ("add", "register an agent", "PROG agent add research-bot"),
             ("disable", "stop all its tokens at once (reversible)", "PROG agent disable bot"),
             ("enable", "let its tokens work again", "PROG agent enable bot"),
             ("rm", "remove an agent and its tokens", "PROG agent rm old-bot --force")):
-        q = command(action, text, example, under=actions, path="agent")
+        q = action(verb, text, example)
         q.add_argument("name")
-        if action == "rm":
+        if verb == "rm":
             q.add_argument("--force", action="store_true",
                            help="also when it has live tokens (they stop working)")
-    command("list", "agents, their state and live tokens", "PROG agent list",
-            under=actions, path="agent")
+    action("list", "agents, their state and live tokens", "PROG agent list")
 
-    actions = group("audit", "list, follow, verify or prune the audit log "
-                             "('audit' alone lists)", required=False)
+    action = group("audit", "list, follow, verify or prune the audit log ('audit' alone lists)",
+                   required=False)
     add_audit_filters(leaves["audit"], shown=False)   # `audit --json` still lists
-    q = command("list", "audit rows, newest last", "PROG audit list --since 1h --status 4xx",
-                "PROG audit list --agent bot --follow", "PROG audit list --json --limit 1000",
-                under=actions, path="audit")
+    q = action("list", "audit rows, newest last", "PROG audit list --since 1h --status 4xx",
+               "PROG audit list --agent bot --follow", "PROG audit list --json --limit 1000")
     add_audit_filters(q)
-    command("verify", "check the MAC chain of every row (the outcome shows in 'status')",
-            "PROG audit verify", under=actions, path="audit")
-    command("prune", "delete rows older than a date; the chain still verifies",
-            "PROG audit prune --before 90d", under=actions, path="audit").add_argument(
+    action("verify", "check the MAC chain of every row (the outcome shows in 'status')",
+           "PROG audit verify")
+    action("prune", "delete rows older than a date; the chain still verifies",
+           "PROG audit prune --before 90d").add_argument(
         "--before", required=True, help="ISO date/time (UTC), or an age: 1h, 7d, 90d")
 
     q = command("usage", "requests and LLM tokens per agent, provider and model",
@@ -7376,20 +7345,6 @@ def write_private(path: str, text: str) -> None:
         raise
 
 
-def open_store(args: argparse.Namespace, settings: Settings, environ: Dict[str, str],
-               create: bool) -> Tuple[Store, bytes]:
-    """The database and its master key, checked: every command that reads or changes secrets,
-    tokens or the audit log refuses a key that does not belong to the database. Only commands
-    that store something (``create``) make a new database or key file."""
-    store = Store(settings.db, create=create)
-    try:
-        key = load_master_key(settings.db, environ, store, create=create)
-    except BaseException:
-        store.close()
-        raise
-    return store, key
-
-
 def token_state(token: Dict[str, Any], now: float) -> str:
     """active, or why a token does not work (in the order the broker checks them)."""
     if token["revoked_at"] or token.get("parent_ended") or (
@@ -7453,9 +7408,12 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
     if args.command == "secret" and action in ("add", "rotate"):   # key loaded after the prompt
         with contextlib.closing(Store(settings.db, create=action == "add")) as store:
             return cmd_secret_write(args, store, settings, providers, environ)
+    # Every other command gets the master key checked against the database; only those that
+    # store something create a new database or key file.
     creates = args.command == "serve" or (args.command, action) == ("agent", "add")
-    store, master = open_store(args, settings, environ, create=creates)
+    store = Store(settings.db, create=creates)
     try:
+        master = load_master_key(settings.db, environ, store, create=creates)
         if args.command == "serve":
             worker = int(environ.get("SEKS_WORKER_INDEX", "0") or 0)
             if settings.workers > 1 and not worker:
@@ -7484,11 +7442,8 @@ class DemoUpstream(http.server.ThreadingHTTPServer):
     def __init__(self) -> None:
         self.key = "sk-demo-" + secrets.token_urlsafe(24)
         super().__init__(("127.0.0.1", 0), DemoUpstreamHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, name="seks-demo-upstream", daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
 
 class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
@@ -7948,21 +7903,6 @@ def cmd_backup(path: str, store: Store, db_path: str) -> int:
     return 0
 
 
-def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
-                          settings: Settings, providers: Dict[str, Provider],
-                          environ: Dict[str, str]) -> int:
-    """New master key: secrets re-encrypted and the audit chain re-keyed in one transaction.
-    With a key file, the new key is written to ``<db>.key.new`` first and renamed over the old
-    one only after the commit; a run that dies before the commit leaves the old state intact,
-    and one that dies after it is finished by the next command (the DB tells which key it
-    wants). One rotation at a time: a second one is refused while the first runs."""
-    lock = rotation_lock(settings.db)
-    try:
-        return _rotate_master_key(args, store, settings.db, environ)
-    finally:
-        lock.close()
-
-
 def rotation_lock(db_path: str) -> Any:
     """An exclusive lock on ``<db>.key.lock`` for the whole rotation (POSIX flock; where there
     is none, rotations must simply not overlap)."""
@@ -7982,65 +7922,67 @@ def rotation_lock(db_path: str) -> Any:
 
 def fsync_directory(path: str) -> None:
     """Make a rename in ``path``'s directory durable (POSIX; a no-op where unsupported)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _rotate_master_key(args: argparse.Namespace, store: Store, db_path: str,
-                       environ: Dict[str, str]) -> int:
-    old_key = load_master_key(db_path, environ, store)
-    from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
-    key_path = db_path + ".key"
-    if from_env:
-        if sys.stdin is not None and sys.stdin.isatty():
-            text = getpass.getpass("New master key (urlsafe base64 of 32 bytes, hidden): ")
-        else:
-            text = sys.stdin.read() if sys.stdin is not None else ""
-        new_key = decode_master_key(text.strip(), "the new key on stdin")
-    else:
-        new_key = secrets.token_bytes(32)
-    if hmac.compare_digest(new_key, old_key):
-        raise ConfigError("the new master key equals the old one")
-    old_audit, new_audit = derive_key(old_key, "audit"), derive_key(new_key, "audit")
-    ok, message = verify_audit_chain(old_audit, store.audit_rows(), store.audit_anchor())
-    if not ok and not args.force:
-        raise ConfigError(f"audit chain does not verify ({message}); re-keying would hide "
-                          f"that. Investigate, or pass --force")
-    pending = key_path + ".new"
-    if not from_env:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pending)
-        fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(base64.urlsafe_b64encode(new_key).decode() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    progress = Progress("re-keying", store.counts(time.time())["audit_rows"]
-                        + len(store.list_secrets()))
-    count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
-                        derive_key(new_key, "key-check"), force=args.force,
-                        progress=progress.add)
-    progress.end()
-    if from_env:
-        print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key and restart "
-              f"running brokers now (until then they answer 503)", file=sys.stderr)
-    else:
         try:
-            os.replace(pending, key_path)
-        except FileNotFoundError:
-            pass                                  # a running broker finished the rename first
-        fsync_directory(key_path)
-        print(f"re-encrypted {count} secret(s) under a new key in {key_path}; running brokers "
-              f"load it on their next request", file=sys.stderr)
-    return 0
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
+                          settings: Settings, providers: Dict[str, Provider],
+                          environ: Dict[str, str]) -> int:
+    """New master key: secrets re-encrypted and the audit chain re-keyed in one transaction.
+    With a key file, the new key is written to ``<db>.key.new`` first and renamed over the old
+    one only after the commit; a run that dies before the commit leaves the old state intact,
+    and one that dies after it is finished by the next command (the DB tells which key it
+    wants). One rotation at a time: a second one is refused while the first runs."""
+    db_path = settings.db
+    with contextlib.closing(rotation_lock(db_path)):
+        old_key = load_master_key(db_path, environ, store)
+        from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
+        key_path = db_path + ".key"
+        if from_env:
+            if sys.stdin is not None and sys.stdin.isatty():
+                text = getpass.getpass("New master key (urlsafe base64 of 32 bytes, hidden): ")
+            else:
+                text = sys.stdin.read() if sys.stdin is not None else ""
+            new_key = decode_master_key(text.strip(), "the new key on stdin")
+        else:
+            new_key = secrets.token_bytes(32)
+        if hmac.compare_digest(new_key, old_key):
+            raise ConfigError("the new master key equals the old one")
+        old_audit, new_audit = derive_key(old_key, "audit"), derive_key(new_key, "audit")
+        ok, message = verify_audit_chain(old_audit, store.audit_rows(), store.audit_anchor())
+        if not ok and not args.force:
+            raise ConfigError(f"audit chain does not verify ({message}); re-keying would hide "
+                              f"that. Investigate, or pass --force")
+        pending = key_path + ".new"
+        if not from_env:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pending)
+            fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(base64.urlsafe_b64encode(new_key).decode() + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        progress = Progress("re-keying", store.counts(time.time())["audit_rows"]
+                            + len(store.list_secrets()))
+        count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
+                            derive_key(new_key, "key-check"), force=args.force,
+                            progress=progress.add)
+        progress.end()
+        if from_env:
+            print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key and restart "
+                  f"running brokers now (until then they answer 503)", file=sys.stderr)
+        else:
+            with contextlib.suppress(FileNotFoundError):   # a running broker renamed it first
+                os.replace(pending, key_path)
+            fsync_directory(key_path)
+            print(f"re-encrypted {count} secret(s) under a new key in {key_path}; running brokers "
+                  f"load it on their next request", file=sys.stderr)
+        return 0
 
 
 def parse_since(text: str, now: Optional[float] = None) -> str:
@@ -8079,12 +8021,10 @@ def human_duration(ms: Optional[float]) -> str:
 
 def audit_filter(args: argparse.Namespace) -> Tuple[str, Tuple[Any, ...]]:
     clauses, params = [], []
-    if getattr(args, "agent", None):
-        clauses.append("agent = ?")
-        params.append(args.agent)
-    if getattr(args, "provider", None):
-        clauses.append("provider = ?")
-        params.append(args.provider)
+    for column in ("agent", "provider"):         # fixed names; the values are bound
+        if getattr(args, column, None):
+            clauses.append(f"{column} = ?")
+            params.append(getattr(args, column))
     if getattr(args, "since", None):
         clauses.append("ts >= ?")
         params.append(parse_since(args.since))
