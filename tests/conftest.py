@@ -23,6 +23,7 @@ import importlib.util
 import itertools
 import json
 import os
+import py_compile
 import re
 import secrets
 import signal
@@ -772,14 +773,39 @@ def broker_env(upstream_urls: Optional[Dict[str, str]] = None, extra: Optional[D
     return env
 
 
+_BYTECODE_READY: List[bool] = []
+
+
+def broker_command(env: Dict[str, str], python: str = sys.executable) -> Tuple[List[str], Dict[str, str]]:
+    """(argv prefix, env) that run BROKER_PY as a command: `python -m seks_broker` with its
+    bytecode compiled once per session, else `python seks_broker.py`.
+
+    A script's bytecode is never cached, so `python seks_broker.py` compiles its ~9,000 lines
+    again at every start (about half the cost of a short command); run as a module (as the
+    installed `seks-broker` command imports it) it loads the compiled file. The code that runs is
+    the same: `__name__` is "__main__", and sys.argv[0] and __file__ are BROKER_PY's absolute path
+    either way. Tests about the README's `python3 seks_broker.py` spelling start it themselves."""
+    if not _BYTECODE_READY:
+        try:                                # beside the source, where an import looks for it
+            py_compile.compile(str(BROKER_PY), doraise=True)
+            _BYTECODE_READY.append(True)
+        except (OSError, py_compile.PyCompileError):    # e.g. a read-only installed copy
+            _BYTECODE_READY.append(False)
+    if python != sys.executable or not _BYTECODE_READY[0]:
+        return [python, str(BROKER_PY)], env
+    path = os.pathsep.join(p for p in (str(BROKER_PY.parent), env.get("PYTHONPATH", "")) if p)
+    return [python, "-m", BROKER_PY.stem], {**env, "PYTHONPATH": path}
+
+
 def run_cli(db: Union[str, Path], *args: str, input: Optional[str] = None,
             env: Optional[Dict[str, str]] = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
     """`python3 seks_broker.py --db DB ARGS...`: the real CLI, text stdin/stdout/stderr captured."""
+    cmd, run_env = broker_command(env if env is not None else broker_env())
     return subprocess.run(
-        [sys.executable, str(BROKER_PY), "--db", str(db), *args],
+        [*cmd, "--db", str(db), *args],
         input=input if input is not None else "",
         capture_output=True, text=True, timeout=timeout,
-        env=env if env is not None else broker_env(), cwd=str(Path(db).parent),
+        env=run_env, cwd=str(Path(db).parent),
     )
 
 
@@ -909,7 +935,8 @@ class Broker:
         return b
 
     def _start(self, serve_args: List[str], python: str, port_flag: bool, name: str, timeout: float) -> None:
-        cmd = [python, str(BROKER_PY), "--db", str(self.db)]
+        cmd, env = broker_command(self.env, python)
+        cmd = [*cmd, "--db", str(self.db)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         cmd += ["serve", "--host", "127.0.0.1"] + (["--port", "0"] if port_flag else []) + serve_args
@@ -919,7 +946,7 @@ class Broker:
         out = open(self.stdout_path, "wb")
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         env=self.env, cwd=str(self.workdir))
+                                         env=env, cwd=str(self.workdir))
         finally:
             err.close()
             out.close()
