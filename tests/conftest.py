@@ -294,6 +294,9 @@ def http_request(
     else:
         conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=timeout)
     try:
+        conn.connect()      # head and body are separate writes: the body must not wait for
+        # the broker's delayed ACK of the head (~40 ms); real clients' sockets behave alike
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         send_request(conn, method, target, headers, body)
         resp = conn.getresponse()
         data = resp.read()
@@ -590,6 +593,9 @@ class _UpstreamServer(ThreadingHTTPServer):
 
     def get_request(self) -> Tuple[Any, Any]:
         sock, addr = self.socket.accept()
+        # a head and then a body are two writes: without NODELAY the body waits for the
+        # broker's (delayed, ~40 ms) ACK of the head. Real API servers set it too.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.upstream.lock:
             self.upstream.accepted += 1
             self.upstream.peers.append(addr[1])

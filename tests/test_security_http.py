@@ -699,6 +699,28 @@ def fuzz_request(rng: random.Random, token_line: bytes) -> Tuple[bytes, bool, by
     return head + wire_body, must_refuse, body, muts
 
 
+def exchange_then_sentinel(port: int, data: bytes, sentinel: str) -> Tuple[RawResponse, Optional[RawResponse]]:
+    """Send `data` and read its answer; then, if the connection is still open, send a request for
+    `sentinel` (a path the broker answers 404) on it and read the next answer. Answers come in
+    order, so anything the broker made of `data` beyond one request (a smuggled second request
+    in its body) would be answered before the sentinel: the next answer must be the sentinel's
+    404 (or the close). This replaces waiting a fixed time for a second answer that may come."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the broker may answer and close before we are done sending
+        method = data.split(b" ", 1)[0].decode("latin-1", "replace")
+        first = read_response(sock, method, close_wait=None)
+        if first.closed:
+            return first, None
+        try:
+            sock.sendall(request_bytes("GET", sentinel))
+        except (BrokenPipeError, ConnectionResetError):
+            return first, read_response(sock, "GET", close_wait=None)
+        return first, read_response(sock, "GET", close_wait=None)
+
+
 def test_fuzz_framing_headers(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     rng = random.Random(FUZZ_SEED)
     token_line = b"Authorization: Bearer " + broker.token("openai").encode()
@@ -707,9 +729,14 @@ def test_fuzz_framing_headers(broker: Broker, upstreams: Dict[str, FakeUpstream]
         for u in upstreams.values():
             u.reset()
         data, must_refuse, body, muts = fuzz_request(rng, token_line)
-        resp = raw_exchange(broker.port, data, close_wait=0.05)
         what = f"case {i} {muts}: {data[:300]!r}"
+        if must_refuse:     # the close comes right after the answer: close_wait is not waited out
+            resp, after = raw_exchange(broker.port, data, close_wait=0.05), None
+        else:
+            resp, after = exchange_then_sentinel(broker.port, data, f"/fuzz-sentinel-{i}")
         assert resp.extra == b"", f"{what}: second answer {resp.extra[:200]!r}"
+        assert after is None or after.status in (0, 404) and after.extra == b"", \
+            f"{what}: a second answer came before the sentinel's 404: {after!r}"
         if must_refuse:
             assert 400 <= resp.status < 500, f"{what} -> {resp!r}"
             assert resp.closed, f"{what}: left open after {resp.status}"
