@@ -1129,14 +1129,23 @@ class Brokers:
         return self.serve(base, *serve_args, name=name)
 
     def stop_all(self) -> None:
-        """SIGTERM to every process first, then wait for each (they drain side by side)."""
-        for b in self.started:
+        """SIGTERM to every process at once (they drain side by side); waiting for each to end
+        (SIGKILL by PID if it does not) happens in the background, so the next test does not sit
+        through their shutdown. The session's end waits for every one (_brokers_stopped)."""
+        started, self.started = list(self.started), []
+        for b in started:
             b.signal(signal.SIGTERM)
-        for b in reversed(self.started):
-            try:
-                b.stop()
-            except Exception:  # noqa: BLE001 - stop the others regardless
-                b.kill()
+
+        def finish() -> None:
+            for b in reversed(started):
+                try:
+                    b.stop()
+                except Exception:  # noqa: BLE001 - stop the others regardless
+                    b.kill()
+        _STOPPING.submit(finish)
+
+
+_STOPPING = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="broker-stop")
 
 
 # ============================================================================
@@ -1147,6 +1156,13 @@ class Brokers:
 @pytest.fixture(scope="session", autouse=True)
 def _broker_exists() -> None:
     assert BROKER_PY.is_file(), f"{BROKER_PY} is missing"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _brokers_stopped() -> Iterator[None]:
+    """At the session's end, every broker a fixture stopped (Brokers.stop_all) has ended."""
+    yield
+    _STOPPING.shutdown(wait=True)
 
 
 @pytest.fixture(scope="module")
