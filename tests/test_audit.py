@@ -715,6 +715,11 @@ def test_sigkill_mid_traffic_leaves_a_verifiable_chain_missing_only_rows_in_flig
                 pass   # the broker died under this request
             finally:
                 conn.close()
+            # A row is committed right after its answer, but the client has the answer first:
+            # a short pause before the next request (what the upstream's delayed ACK used to add
+            # before the fake upstreams set TCP_NODELAY) leaves time for that commit, so "at
+            # most one row in flight per client" below still holds when commits queue up.
+            stop.wait(0.05)
 
     threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(8)]
     for t in threads:

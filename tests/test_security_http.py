@@ -573,9 +573,9 @@ def broken_upstream_broker(broker_factory: Brokers, silent_upstream: FakeUpstrea
     return broker_factory({"openai": dead, "telegram": dead, "anthropic": silent_upstream.url,
                            "gemini": silent_upstream.url, "groq": stalling_upstream.url,
                            "brave": blackhole_upstream},
-                          extra_env={"SEKS_UPSTREAM_TIMEOUT": "1"},
+                          extra_env={"SEKS_UPSTREAM_TIMEOUT": "0.5"},
                           providers=("openai", "telegram", "anthropic", "gemini", "groq", "brave"),
-                          serve_args=("--connect-timeout", "1s"))
+                          serve_args=("--connect-timeout", "0.5s"))
 
 
 @pytest.mark.parametrize("provider,status", [("openai", 502), ("telegram", 502), ("anthropic", 504), ("gemini", 504),
