@@ -587,6 +587,9 @@ def key_checked(provider: str, respond: Responder, key: Optional[str] = None) ->
 class _UpstreamServer(ThreadingHTTPServer):
     """Counts the TCP connections it accepts; with an SSL context, speaks TLS on each of them."""
     daemon_threads = True
+    # stop() does not wait for the handler threads: a broker keeps upstream connections in its
+    # pool until it exits, and the brokers of a module may still be shutting down (stop_all)
+    block_on_close = False
     allow_reuse_address = True
     upstream: "FakeUpstream"
     ssl_context: Optional[ssl.SSLContext] = None
