@@ -212,18 +212,21 @@ ROUTING_ATTACKS: List[Tuple[str, str, str, Tuple[int, ...]]] = [
 ]
 
 
-@pytest.mark.parametrize("name,method,target,allowed", ROUTING_ATTACKS, ids=[a[0] for a in ROUTING_ATTACKS])
-def test_routing_attack_refused_and_nobody_contacted(broker: Broker, upstreams: Dict[str, FakeUpstream],
-                                                     attacker: TcpRecorder, name: str, method: str,
-                                                     target: str, allowed: Tuple[int, ...]) -> None:
-    t = target.replace("{A}", str(attacker.port))
-    data = request_bytes(method, t, [("Authorization", f"Bearer {broker.token('openai')}")],
-                         host=f"127.0.0.1:{attacker.port}")
-    resp = raw_exchange(broker.port, data)
-    assert resp.status in allowed, f"{name}: {data[:200]!r} -> {resp!r}"
-    error_type_and_message(Response(resp.status, http.client.HTTPMessage(), resp.body))
-    assert_no_traffic(upstreams, attacker, name)
-    assert_key_absent(resp.text(), REAL_KEYS["openai"], name)
+def test_routing_attacks_refused_and_nobody_contacted(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                      attacker: TcpRecorder) -> None:
+    """Every ROUTING_ATTACKS case (one test, formerly one per case): its refusal, the error
+    shape, no key in the answer and no traffic right after it; then, once the settle time has
+    passed after the last one, still no traffic from any of them (each had at least that long)."""
+    for name, method, target, allowed in ROUTING_ATTACKS:
+        t = target.replace("{A}", str(attacker.port))
+        data = request_bytes(method, t, [("Authorization", f"Bearer {broker.token('openai')}")],
+                             host=f"127.0.0.1:{attacker.port}")
+        resp = raw_exchange(broker.port, data)
+        assert resp.status in allowed, f"{name}: {data[:200]!r} -> {resp!r}"
+        error_type_and_message(Response(resp.status, http.client.HTTPMessage(), resp.body))
+        assert_no_traffic(upstreams, attacker, name, settle=0)
+        assert_key_absent(resp.text(), REAL_KEYS["openai"], name)
+    assert_no_traffic(upstreams, attacker, "after every routing attack")
 
 
 def test_telegram_token_in_path_with_traversal_is_refused(broker: Broker, upstreams: Dict[str, FakeUpstream],
@@ -1077,16 +1080,20 @@ NOT_ROUTES = ["/", "/tokens", "/secrets", "/agents", "/admin", "/admin/tokens", 
               "/healthz/tokens", "/.env", "/seks.db", "/favicon.ico", "/index.html"]
 
 
-@pytest.mark.parametrize("path", NOT_ROUTES)
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
-def test_agent_port_has_no_listing(broker: Broker, upstreams: Dict[str, FakeUpstream], path: str, method: str) -> None:
+def test_agent_port_has_no_listing(broker: Broker, upstreams: Dict[str, FakeUpstream], method: str) -> None:
+    """Every NOT_ROUTES path (one test per method, formerly one per path too): a 404 that shows
+    nothing, no traffic right after it, and still none once the settle time has passed after the
+    last path (each had at least that long)."""
     hs = [("Authorization", f"Bearer {broker.token('openai')}"), ("Content-Length", "0")]
-    resp = raw_exchange(broker.port, request_bytes(method, path, hs))
-    assert resp.status == 404, f"{method} {path} -> {resp!r}"
-    text = resp.text()
-    for leak in ("tok_", "openai-key", "agent-openai", "seks_openai_") + tuple(REAL_KEYS.values()):
-        assert leak not in text, f"{method} {path} shows {leak!r}"
-    assert_no_traffic(upstreams, None, path)
+    for path in NOT_ROUTES:
+        resp = raw_exchange(broker.port, request_bytes(method, path, hs))
+        assert resp.status == 404, f"{method} {path} -> {resp!r}"
+        text = resp.text()
+        for leak in ("tok_", "openai-key", "agent-openai", "seks_openai_") + tuple(REAL_KEYS.values()):
+            assert leak not in text, f"{method} {path} shows {leak!r}"
+        assert_no_traffic(upstreams, None, path, settle=0)
+    assert_no_traffic(upstreams, None, f"after every {method} of a non-route")
 
 
 def test_healthz_is_only_a_health_check(broker: Broker) -> None:
