@@ -808,7 +808,8 @@ def broker_command(env: Dict[str, str], python: str = sys.executable) -> Tuple[L
 
 def run_cli(db: Union[str, Path], *args: str, input: Optional[str] = None,
             env: Optional[Dict[str, str]] = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`python3 seks_broker.py --db DB ARGS...`: the real CLI, text stdin/stdout/stderr captured."""
+    """`python3 seks_broker.py --db DB ARGS...` (started as broker_command says): the real CLI,
+    text stdin/stdout/stderr captured."""
     cmd, run_env = broker_command(env if env is not None else broker_env())
     return subprocess.run(
         [*cmd, "--db", str(db), *args],
