@@ -294,9 +294,6 @@ def http_request(
     else:
         conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=timeout)
     try:
-        conn.connect()      # head and body are separate writes: the body must not wait for
-        # the broker's delayed ACK of the head (~40 ms); real clients' sockets behave alike
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         send_request(conn, method, target, headers, body)
         resp = conn.getresponse()
         data = resp.read()
