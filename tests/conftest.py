@@ -23,6 +23,7 @@ import importlib.util
 import itertools
 import json
 import os
+import py_compile
 import re
 import secrets
 import signal
@@ -583,12 +584,18 @@ def key_checked(provider: str, respond: Responder, key: Optional[str] = None) ->
 class _UpstreamServer(ThreadingHTTPServer):
     """Counts the TCP connections it accepts; with an SSL context, speaks TLS on each of them."""
     daemon_threads = True
+    # stop() does not wait for the handler threads: a broker keeps upstream connections in its
+    # pool until it exits, and the brokers of a module may still be shutting down (stop_all)
+    block_on_close = False
     allow_reuse_address = True
     upstream: "FakeUpstream"
     ssl_context: Optional[ssl.SSLContext] = None
 
     def get_request(self) -> Tuple[Any, Any]:
         sock, addr = self.socket.accept()
+        # a head and then a body are two writes: without NODELAY the body waits for the
+        # broker's (delayed, ~40 ms) ACK of the head. Real API servers set it too.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.upstream.lock:
             self.upstream.accepted += 1
             self.upstream.peers.append(addr[1])
@@ -772,14 +779,40 @@ def broker_env(upstream_urls: Optional[Dict[str, str]] = None, extra: Optional[D
     return env
 
 
+_BYTECODE_READY: List[bool] = []
+
+
+def broker_command(env: Dict[str, str], python: str = sys.executable) -> Tuple[List[str], Dict[str, str]]:
+    """(argv prefix, env) that run BROKER_PY as a command: `python -m seks_broker` with its
+    bytecode compiled once per session, else `python seks_broker.py`.
+
+    A script's bytecode is never cached, so `python seks_broker.py` compiles its ~9,000 lines
+    again at every start (about half the cost of a short command); run as a module (as the
+    installed `seks-broker` command imports it) it loads the compiled file. The code that runs is
+    the same: `__name__` is "__main__", and sys.argv[0] and __file__ are BROKER_PY's absolute path
+    either way. Tests about the README's `python3 seks_broker.py` spelling start it themselves."""
+    if not _BYTECODE_READY:
+        try:                                # beside the source, where an import looks for it
+            py_compile.compile(str(BROKER_PY), doraise=True)
+            _BYTECODE_READY.append(True)
+        except (OSError, py_compile.PyCompileError):    # e.g. a read-only installed copy
+            _BYTECODE_READY.append(False)
+    if python != sys.executable or not _BYTECODE_READY[0]:
+        return [python, str(BROKER_PY)], env
+    path = os.pathsep.join(p for p in (str(BROKER_PY.parent), env.get("PYTHONPATH", "")) if p)
+    return [python, "-m", BROKER_PY.stem], {**env, "PYTHONPATH": path}
+
+
 def run_cli(db: Union[str, Path], *args: str, input: Optional[str] = None,
             env: Optional[Dict[str, str]] = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`python3 seks_broker.py --db DB ARGS...`: the real CLI, text stdin/stdout/stderr captured."""
+    """`python3 seks_broker.py --db DB ARGS...` (started as broker_command says): the real CLI,
+    text stdin/stdout/stderr captured."""
+    cmd, run_env = broker_command(env if env is not None else broker_env())
     return subprocess.run(
-        [sys.executable, str(BROKER_PY), "--db", str(db), *args],
+        [*cmd, "--db", str(db), *args],
         input=input if input is not None else "",
         capture_output=True, text=True, timeout=timeout,
-        env=env if env is not None else broker_env(), cwd=str(Path(db).parent),
+        env=run_env, cwd=str(Path(db).parent),
     )
 
 
@@ -909,7 +942,8 @@ class Broker:
         return b
 
     def _start(self, serve_args: List[str], python: str, port_flag: bool, name: str, timeout: float) -> None:
-        cmd = [python, str(BROKER_PY), "--db", str(self.db)]
+        cmd, env = broker_command(self.env, python)
+        cmd = [*cmd, "--db", str(self.db)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         cmd += ["serve", "--host", "127.0.0.1"] + (["--port", "0"] if port_flag else []) + serve_args
@@ -919,7 +953,7 @@ class Broker:
         out = open(self.stdout_path, "wb")
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         env=self.env, cwd=str(self.workdir))
+                                         env=env, cwd=str(self.workdir))
         finally:
             err.close()
             out.close()
@@ -1096,14 +1130,23 @@ class Brokers:
         return self.serve(base, *serve_args, name=name)
 
     def stop_all(self) -> None:
-        """SIGTERM to every process first, then wait for each (they drain side by side)."""
-        for b in self.started:
+        """SIGTERM to every process at once (they drain side by side); waiting for each to end
+        (SIGKILL by PID if it does not) happens in the background, so the next test does not sit
+        through their shutdown. The session's end waits for every one (_brokers_stopped)."""
+        started, self.started = list(self.started), []
+        for b in started:
             b.signal(signal.SIGTERM)
-        for b in reversed(self.started):
-            try:
-                b.stop()
-            except Exception:  # noqa: BLE001 - stop the others regardless
-                b.kill()
+
+        def finish() -> None:
+            for b in reversed(started):
+                try:
+                    b.stop()
+                except Exception:  # noqa: BLE001 - stop the others regardless
+                    b.kill()
+        _STOPPING.submit(finish)
+
+
+_STOPPING = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="broker-stop")
 
 
 # ============================================================================
@@ -1114,6 +1157,13 @@ class Brokers:
 @pytest.fixture(scope="session", autouse=True)
 def _broker_exists() -> None:
     assert BROKER_PY.is_file(), f"{BROKER_PY} is missing"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _brokers_stopped() -> Iterator[None]:
+    """At the session's end, every broker a fixture stopped (Brokers.stop_all) has ended."""
+    yield
+    _STOPPING.shutdown(wait=True)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from typing import Dict, List
 import pytest
 
 from conftest import (
-    BROKER_PY, REAL_KEYS, Broker, Brokers, FakeUpstream, broker_env, call,
+    BROKER_PY, REAL_KEYS, Broker, Brokers, FakeUpstream, broker_command, broker_env, call,
     error_type_and_message, free_port, fresh_agent, hanging_upstream, ok, parse_table, run_cli,
     wait_until,
 )
@@ -35,8 +35,9 @@ OTHER_KEY = base64.urlsafe_b64encode(bytes(range(100, 132))).decode()
 
 
 def cli(*args: str, env: Dict[str, str] = None, input: str = "", cwd: Path = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BROKER_PY), *args], input=input, capture_output=True, text=True,
-                          timeout=30, env=env if env is not None else broker_env(), cwd=str(cwd) if cwd else None)
+    cmd, run_env = broker_command(env if env is not None else broker_env())
+    return subprocess.run([*cmd, *args], input=input, capture_output=True, text=True,
+                          timeout=30, env=run_env, cwd=str(cwd) if cwd else None)
 
 
 def side_by_side(fn, items):

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from conftest import (
-    BROKER_PY, MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler,
+    BROKER_PY, MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, broker_command,
     assert_token_absent, audit_json, auth_headers, broker_env, default_responder, free_port,
     key_check_failure, key_checked, load_broker_module, ok, run_cli, secret_name, seed_broker, wait_until,
 )
@@ -1395,9 +1395,10 @@ def test_rotation_killed_leaves_db_usable(plan: str, bulk_template: Path, tmp_pa
     db = copy_db(bulk_template, tmp_path)
     old_key = Path(str(db) + ".key").read_text().strip()
     pending = Path(str(db) + ".key.new")
-    proc = subprocess.Popen([sys.executable, str(BROKER_PY), "--db", str(db), "rotate-master-key"],
+    cmd, env = broker_command(key_file_env())
+    proc = subprocess.Popen([*cmd, "--db", str(db), "rotate-master-key"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=key_file_env(), cwd=str(tmp_path))
+                            env=env, cwd=str(tmp_path))
     try:
         if plan.startswith("pending"):
             extra = float(plan.split("+")[1].rstrip("s"))

@@ -24,6 +24,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -211,18 +212,21 @@ ROUTING_ATTACKS: List[Tuple[str, str, str, Tuple[int, ...]]] = [
 ]
 
 
-@pytest.mark.parametrize("name,method,target,allowed", ROUTING_ATTACKS, ids=[a[0] for a in ROUTING_ATTACKS])
-def test_routing_attack_refused_and_nobody_contacted(broker: Broker, upstreams: Dict[str, FakeUpstream],
-                                                     attacker: TcpRecorder, name: str, method: str,
-                                                     target: str, allowed: Tuple[int, ...]) -> None:
-    t = target.replace("{A}", str(attacker.port))
-    data = request_bytes(method, t, [("Authorization", f"Bearer {broker.token('openai')}")],
-                         host=f"127.0.0.1:{attacker.port}")
-    resp = raw_exchange(broker.port, data)
-    assert resp.status in allowed, f"{name}: {data[:200]!r} -> {resp!r}"
-    error_type_and_message(Response(resp.status, http.client.HTTPMessage(), resp.body))
-    assert_no_traffic(upstreams, attacker, name)
-    assert_key_absent(resp.text(), REAL_KEYS["openai"], name)
+def test_routing_attacks_refused_and_nobody_contacted(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                      attacker: TcpRecorder) -> None:
+    """Every ROUTING_ATTACKS case (one test, formerly one per case): its refusal, the error
+    shape, no key in the answer and no traffic right after it; then, once the settle time has
+    passed after the last one, still no traffic from any of them (each had at least that long)."""
+    for name, method, target, allowed in ROUTING_ATTACKS:
+        t = target.replace("{A}", str(attacker.port))
+        data = request_bytes(method, t, [("Authorization", f"Bearer {broker.token('openai')}")],
+                             host=f"127.0.0.1:{attacker.port}")
+        resp = raw_exchange(broker.port, data)
+        assert resp.status in allowed, f"{name}: {data[:200]!r} -> {resp!r}"
+        error_type_and_message(Response(resp.status, http.client.HTTPMessage(), resp.body))
+        assert_no_traffic(upstreams, attacker, name, settle=0)
+        assert_key_absent(resp.text(), REAL_KEYS["openai"], name)
+    assert_no_traffic(upstreams, attacker, "after every routing attack")
 
 
 def test_telegram_token_in_path_with_traversal_is_refused(broker: Broker, upstreams: Dict[str, FakeUpstream],
@@ -660,11 +664,17 @@ def test_corrupt_gzip_after_the_head_cuts_the_answer_never_a_second_one(
 
 
 def split_stream_responder(pieces: Sequence[bytes], delay: float, sent_at: List[float],
-                           headers: Sequence[Tuple[str, str]] = (("Content-Type", "text/event-stream"),)
+                           headers: Sequence[Tuple[str, str]] = (("Content-Type", "text/event-stream"),),
+                           first_seen: Optional[threading.Event] = None,
                            ) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    """Each piece its own chunk, `delay` s apart. With `first_seen`, the second piece waits
+    (at most 2 s) until the agent has the first one: a broker that held the first event back
+    would still make it arrive after the second was sent."""
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         h.send_head(200, list(headers) + [("Transfer-Encoding", "chunked")])
         for i, piece in enumerate(pieces):
+            if i == 1 and first_seen is not None:
+                first_seen.wait(2.0)
             if i:
                 time.sleep(delay)
             h.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
@@ -685,7 +695,8 @@ def test_key_split_across_streamed_chunks_is_masked(broker: Broker, upstreams: D
     first = b'data: {"i": 0, "text": "hello"}\n\n'
     pieces = [first, b'data: {"echo": "' + parts[0]] + parts[1:-1] + [parts[-1] + b'"}\n\n', b"data: [DONE]\n\n"]
     sent_at: List[float] = []
-    upstreams[provider].set_responder(split_stream_responder(pieces, 0.25, sent_at))
+    first_seen = threading.Event()
+    upstreams[provider].set_responder(split_stream_responder(pieces, 0.1, sent_at, first_seen=first_seen))
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=15)
     try:
         conn.request("POST", route(provider, broker.token(provider), "/v1/chat/completions"), b"{}",
@@ -701,6 +712,7 @@ def test_key_split_across_streamed_chunks_is_masked(broker: Broker, upstreams: D
             got += data
             if first_at is None and first in got:
                 first_at = time.monotonic()
+                first_seen.set()
     finally:
         conn.close()
     expected = b"".join(pieces).replace(key, seks_broker.mask_secret(key))
@@ -1068,16 +1080,20 @@ NOT_ROUTES = ["/", "/tokens", "/secrets", "/agents", "/admin", "/admin/tokens", 
               "/healthz/tokens", "/.env", "/seks.db", "/favicon.ico", "/index.html"]
 
 
-@pytest.mark.parametrize("path", NOT_ROUTES)
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
-def test_agent_port_has_no_listing(broker: Broker, upstreams: Dict[str, FakeUpstream], path: str, method: str) -> None:
+def test_agent_port_has_no_listing(broker: Broker, upstreams: Dict[str, FakeUpstream], method: str) -> None:
+    """Every NOT_ROUTES path (one test per method, formerly one per path too): a 404 that shows
+    nothing, no traffic right after it, and still none once the settle time has passed after the
+    last path (each had at least that long)."""
     hs = [("Authorization", f"Bearer {broker.token('openai')}"), ("Content-Length", "0")]
-    resp = raw_exchange(broker.port, request_bytes(method, path, hs))
-    assert resp.status == 404, f"{method} {path} -> {resp!r}"
-    text = resp.text()
-    for leak in ("tok_", "openai-key", "agent-openai", "seks_openai_") + tuple(REAL_KEYS.values()):
-        assert leak not in text, f"{method} {path} shows {leak!r}"
-    assert_no_traffic(upstreams, None, path)
+    for path in NOT_ROUTES:
+        resp = raw_exchange(broker.port, request_bytes(method, path, hs))
+        assert resp.status == 404, f"{method} {path} -> {resp!r}"
+        text = resp.text()
+        for leak in ("tok_", "openai-key", "agent-openai", "seks_openai_") + tuple(REAL_KEYS.values()):
+            assert leak not in text, f"{method} {path} shows {leak!r}"
+        assert_no_traffic(upstreams, None, path, settle=0)
+    assert_no_traffic(upstreams, None, f"after every {method} of a non-route")
 
 
 def test_healthz_is_only_a_health_check(broker: Broker) -> None:
@@ -1317,19 +1333,40 @@ def drive_provider_traffic(b: Broker, up: FakeUpstream, p: str, attacker: TcpRec
     up.reset()
 
 
+@pytest.fixture(scope="module")
+def static_cli_outputs(upstreams: Dict[str, FakeUpstream], tmp_path_factory: pytest.TempPathFactory
+                       ) -> Dict[Tuple[str, ...], str]:
+    """`--version` and every `... --help`, printed once for the module through the real CLI in the
+    environment the module's brokers run with: argparse prints them and exits before any command
+    opens a database, so the text is the same for every broker of the module."""
+    db = tmp_path_factory.mktemp("static-cli") / "seks.db"
+    env = broker_env({p: u.url for p, u in upstreams.items()})
+    runs = [("--version",)] + [tuple(c + ["--help"]) for c in every_command_path()]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:      # read-only commands, side by side
+        done = list(pool.map(lambda args: run_cli(db, *args, env=env), runs))
+    outputs = {}
+    for args, cp in zip(runs, done):
+        assert cp.returncode == 0, (args, cp.stderr)
+        outputs[args] = cp.stdout + cp.stderr
+    return outputs
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_no_key_or_token_in_logs_db_metrics_or_cli(broker_factory: Brokers,
                                                    upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder,
+                                                   static_cli_outputs: Dict[Tuple[str, ...], str],
                                                    log_format: str) -> None:
     b = broker_factory({p: u.url for p, u in upstreams.items()},
                        serve_args=("--log-format", log_format, "--admin-port", "0"))
     drive_all_traffic(b, upstreams, attacker)
     commands = every_command_path()
     assert len(commands) >= 15, commands
-    runs = LISTINGS + [["--version"]] + [c + ["--help"] for c in commands]
+    assert b.env == broker_env({p: u.url for p, u in upstreams.items()})  # what static_cli_outputs ran in
+    static = [["--version"]] + [c + ["--help"] for c in commands]
+    outputs = {" ".join(args): static_cli_outputs[tuple(args)] for args in static}
+    runs = LISTINGS                                             # these read this broker's DB
     with concurrent.futures.ThreadPoolExecutor(4) as pool:      # read-only commands, side by side
         done = list(pool.map(lambda args: b.cli(*args), runs))
-    outputs: Dict[str, str] = {}
     for args, cp in zip(runs, done):
         assert cp.returncode == 0, (args, cp.stderr)
         outputs[" ".join(args)] = cp.stdout + cp.stderr

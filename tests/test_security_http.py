@@ -86,14 +86,16 @@ FRAMING_ATTACKS: List[Tuple[str, List[Tuple[str, str]], bytes, str]] = [
 ]
 
 
-@pytest.mark.parametrize("name,framing,body,version", FRAMING_ATTACKS, ids=[a[0] for a in FRAMING_ATTACKS])
-def test_ambiguous_framing_is_400_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream], name: str,
-                                             framing: List[Tuple[str, str]], body: bytes, version: str) -> None:
-    data = request_bytes("POST", CHAT, auth(broker) + [("Content-Type", "application/json")] + framing,
-                         body, version=version)
-    resp = raw_exchange(broker.port, data, close_wait=2.0)
-    assert_refused_and_closed(resp, (400,), name)
-    assert_no_traffic(upstreams, None, name, settle=0.1)
+def test_ambiguous_framing_is_400_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Every FRAMING_ATTACKS case (one test, formerly one per case): 400 and closed, no
+    traffic right after it, and still none 0.1 s after the last one (each had at least that long)."""
+    for name, framing, body, version in FRAMING_ATTACKS:
+        data = request_bytes("POST", CHAT, auth(broker) + [("Content-Type", "application/json")] + framing,
+                             body, version=version)
+        resp = raw_exchange(broker.port, data, close_wait=2.0)
+        assert_refused_and_closed(resp, (400,), name)
+        assert_no_traffic(upstreams, None, name, settle=0)
+    assert_no_traffic(upstreams, None, "after every framing attack", settle=0.1)
 
 
 # Malformed header lines: each one refused outright.
@@ -115,13 +117,15 @@ MALFORMED_HEADER_LINES = [
 ]
 
 
-@pytest.mark.parametrize("name,line", MALFORMED_HEADER_LINES, ids=[m[0] for m in MALFORMED_HEADER_LINES])
-def test_malformed_header_line_is_400_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream],
-                                                 name: str, line: bytes) -> None:
+def test_malformed_header_line_is_400_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Every MALFORMED_HEADER_LINES case (one test, formerly one per case): 400 and closed, no
+    traffic right after it, and still none 0.1 s after the last one (each had at least that long)."""
     head = request_bytes("POST", CHAT, auth(broker) + [("Content-Length", "5")])[:-2]
-    resp = raw_exchange(broker.port, head + line + b"\r\nhello", close_wait=2.0)
-    assert_refused_and_closed(resp, (400,), name)
-    assert_no_traffic(upstreams, None, name, settle=0.1)
+    for name, line in MALFORMED_HEADER_LINES:
+        resp = raw_exchange(broker.port, head + line + b"\r\nhello", close_wait=2.0)
+        assert_refused_and_closed(resp, (400,), name)
+        assert_no_traffic(upstreams, None, name, settle=0)
+    assert_no_traffic(upstreams, None, "after every malformed header line", settle=0.1)
 
 
 MALFORMED_REQUEST_LINES = [
@@ -168,14 +172,16 @@ BAD_CHUNKED = [
 ]
 
 
-@pytest.mark.parametrize("name,body,statuses", BAD_CHUNKED, ids=[b[0] for b in BAD_CHUNKED])
-def test_bad_chunked_body_is_400_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream], name: str,
-                                            body: bytes, statuses: Tuple[int, ...]) -> None:
-    data = request_bytes("POST", CHAT, auth(broker) + [("Content-Type", "application/json"),
-                                                       ("Transfer-Encoding", "chunked")], body)
-    resp = raw_exchange(broker.port, data, close_wait=2.0)
-    assert_refused_and_closed(resp, statuses, name)
-    assert_no_traffic(upstreams, None, name, settle=0.1)
+def test_bad_chunked_body_is_400_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Every BAD_CHUNKED case (one test, formerly one per case): refused and closed, no traffic
+    right after it, and still none 0.1 s after the last one (each had at least that long)."""
+    for name, body, statuses in BAD_CHUNKED:
+        data = request_bytes("POST", CHAT, auth(broker) + [("Content-Type", "application/json"),
+                                                           ("Transfer-Encoding", "chunked")], body)
+        resp = raw_exchange(broker.port, data, close_wait=2.0)
+        assert_refused_and_closed(resp, statuses, name)
+        assert_no_traffic(upstreams, None, name, settle=0)
+    assert_no_traffic(upstreams, None, "after every bad chunked body", settle=0.1)
 
 
 def test_good_chunked_body_with_extensions_and_trailers_is_forwarded(broker: Broker,
@@ -573,9 +579,9 @@ def broken_upstream_broker(broker_factory: Brokers, silent_upstream: FakeUpstrea
     return broker_factory({"openai": dead, "telegram": dead, "anthropic": silent_upstream.url,
                            "gemini": silent_upstream.url, "groq": stalling_upstream.url,
                            "brave": blackhole_upstream},
-                          extra_env={"SEKS_UPSTREAM_TIMEOUT": "1"},
+                          extra_env={"SEKS_UPSTREAM_TIMEOUT": "0.5"},
                           providers=("openai", "telegram", "anthropic", "gemini", "groq", "brave"),
-                          serve_args=("--connect-timeout", "1s"))
+                          serve_args=("--connect-timeout", "0.5s"))
 
 
 @pytest.mark.parametrize("provider,status", [("openai", 502), ("telegram", 502), ("anthropic", 504), ("gemini", 504),
@@ -699,6 +705,28 @@ def fuzz_request(rng: random.Random, token_line: bytes) -> Tuple[bytes, bool, by
     return head + wire_body, must_refuse, body, muts
 
 
+def exchange_then_sentinel(port: int, data: bytes, sentinel: str) -> Tuple[RawResponse, Optional[RawResponse]]:
+    """Send `data` and read its answer; then, if the connection is still open, send a request for
+    `sentinel` (a path the broker answers 404) on it and read the next answer. Answers come in
+    order, so anything the broker made of `data` beyond one request (a smuggled second request
+    in its body) would be answered before the sentinel: the next answer must be the sentinel's
+    404 (or the close). This replaces waiting a fixed time for a second answer that may come."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the broker may answer and close before we are done sending
+        method = data.split(b" ", 1)[0].decode("latin-1", "replace")
+        first = read_response(sock, method, close_wait=None)
+        if first.closed:
+            return first, None
+        try:
+            sock.sendall(request_bytes("GET", sentinel))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed meanwhile: the read below sees the close (status 0)
+        return first, read_response(sock, "GET", close_wait=None)
+
+
 def test_fuzz_framing_headers(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     rng = random.Random(FUZZ_SEED)
     token_line = b"Authorization: Bearer " + broker.token("openai").encode()
@@ -707,9 +735,14 @@ def test_fuzz_framing_headers(broker: Broker, upstreams: Dict[str, FakeUpstream]
         for u in upstreams.values():
             u.reset()
         data, must_refuse, body, muts = fuzz_request(rng, token_line)
-        resp = raw_exchange(broker.port, data, close_wait=0.05)
         what = f"case {i} {muts}: {data[:300]!r}"
+        if must_refuse:     # the close comes right after the answer: close_wait is not waited out
+            resp, after = raw_exchange(broker.port, data, close_wait=0.05), None
+        else:
+            resp, after = exchange_then_sentinel(broker.port, data, f"/fuzz-sentinel-{i}")
         assert resp.extra == b"", f"{what}: second answer {resp.extra[:200]!r}"
+        assert after is None or after.status in (0, 404) and after.extra == b"", \
+            f"{what}: a second answer came before the sentinel's 404: {after!r}"
         if must_refuse:
             assert 400 <= resp.status < 500, f"{what} -> {resp!r}"
             assert resp.closed, f"{what}: left open after {resp.status}"

@@ -3,6 +3,7 @@ pass-through, upstream failures (502/504), compression consistency, every method
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import hashlib
 import http.client
@@ -61,13 +62,9 @@ def read_events(resp: http.client.HTTPResponse, deadline: float) -> List[Tuple[b
     return events
 
 
-@pytest.mark.parametrize("provider,framing", [
-    ("openai", "chunked"), ("anthropic", "chunked"), ("gemini", "chunked"), ("groq", "chunked"),
-    ("openai", "close"),
-])
-def test_sse_events_reach_client_as_sent(broker: Broker, upstreams: Dict[str, FakeUpstream],
-                                         provider: str, framing: str) -> None:
-    up = upstreams[provider]
+def sse_reaches_client_as_sent(broker: Broker, up: FakeUpstream, provider: str, framing: str) -> None:
+    """The provider's stream (SSE_EVENTS events, SSE_DELAY apart) reaches the agent event by
+    event as the upstream sends it, not buffered, and without the fake token upstream."""
     up.set_responder(key_checked(provider, lambda h, req: h.send_sse(
         [sse_event(i) for i in range(SSE_EVENTS)], SSE_DELAY, framing)))
     path, body = SSE_ROUTES[provider]
@@ -91,6 +88,20 @@ def test_sse_events_reach_client_as_sent(broker: Broker, upstreams: Dict[str, Fa
     for i, (_, arrived) in enumerate(events):
         assert arrived - sent[i] < SSE_DELAY * 0.8, f"event {i} arrived {arrived - sent[i]:.2f}s after it was sent"
     assert_token_absent(up.only_request(), broker.token(provider))
+
+
+def test_sse_events_reach_client_as_sent_chunked(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """openai, anthropic, gemini and groq streams (chunked), side by side: each provider has its
+    own upstream, route and token, and each stream's checks are those of one stream alone."""
+    with concurrent.futures.ThreadPoolExecutor(len(SSE_ROUTES)) as pool:
+        streams = [pool.submit(sse_reaches_client_as_sent, broker, upstreams[p], p, "chunked") for p in SSE_ROUTES]
+        for s in streams:
+            s.result(timeout=60)
+
+
+def test_sse_events_reach_client_as_sent_close_delimited(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """An openai stream whose end is the connection's close (no length, not chunked)."""
+    sse_reaches_client_as_sent(broker, upstreams["openai"], "openai", "close")
 
 
 def test_client_disconnect_mid_stream_leaves_broker_serving(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:

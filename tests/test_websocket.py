@@ -13,6 +13,7 @@ and frame bit is under the test's control. Every wait is bounded.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -688,8 +689,7 @@ def test_upstream_dies_client_closed_soon(wsb: Broker, reset: bool) -> None:
         "the agent's socket stayed open after the upstream vanished"
 
 
-@pytest.mark.parametrize("pause", [1.0, BROKER_POLL_S + 3.0], ids=["pause1s", "pause8s"])
-def test_slow_reader_loses_nothing(wsb: Broker, realtime: FakeRealtime, pause: float) -> None:
+def slow_agent_reader(wsb: Broker, pause: float) -> None:
     """The agent asks for 8 MiB in 128 messages, reads nothing for `pause` seconds, then reads
     everything: all messages arrive, in order, intact (TCP back-pressure, no drop, no close)."""
     count, size = 128, 64 * 1024
@@ -707,7 +707,7 @@ def test_slow_reader_loses_nothing(wsb: Broker, realtime: FakeRealtime, pause: f
     close_cleanly(ws)
 
 
-def test_slow_upstream_reader_loses_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
+def slow_upstream_reader(wsb: Broker) -> None:
     """The other direction: the agent sends 8 MiB while the upstream is busy for 8 s (it is
     still sending a 16 MiB answer the agent does not read yet); nothing is lost."""
     ws = rt_open(wsb)
@@ -730,6 +730,22 @@ def test_slow_upstream_reader_loses_nothing(wsb: Broker, realtime: FakeRealtime)
     t.join(30)
     assert sent.is_set()
     close_cleanly(ws)
+
+
+def test_slow_reader_loses_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
+    """An agent that reads nothing for 1 s loses nothing (see slow_agent_reader)."""
+    slow_agent_reader(wsb, 1.0)
+
+
+def test_slow_readers_past_the_broker_poll_lose_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
+    """Either side silent for longer than the broker's poll (8 s > WS_POLL_S): an agent that
+    reads nothing (slow_agent_reader) and an upstream busy sending (slow_upstream_reader) lose
+    nothing. The two sessions (each its own connection and upstream session) wait side by side,
+    and each one's checks hold as when it ran alone."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        waits = [pool.submit(slow_agent_reader, wsb, BROKER_POLL_S + 3.0), pool.submit(slow_upstream_reader, wsb)]
+        for w in waits:
+            w.result(timeout=120)
 
 
 # ============================================================================
