@@ -2019,8 +2019,8 @@ def aws_facts(rest: str, parts: Dict[str, str], query: str, body: Any,
     service, region, _ = aws_route(rest)
     services = (parts.get("services") or " ".join(AWS_SERVICES)).replace(",", " ").split()
     regions = (parts.get("regions") or "*").replace(",", " ").split()
-    actions = [urllib.parse.unquote_plus(v) for n, _, v in (
-        p.partition("=") for p in query.split("&") if p) if n.lower() == "action"]
+    actions = [urllib.parse.unquote_plus(v) for n, _, v in (p.partition("=") for p in query.split(
+        "&") if p) if urllib.parse.unquote_plus(n).lower() == "action"]   # %41ction is Action
     if isinstance(body, bytes):
         actions += [v for n, v in urllib.parse.parse_qsl(body.decode("latin-1"))
                     if n.lower() == "action"]

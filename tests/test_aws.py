@@ -160,6 +160,7 @@ def test_a_secret_narrows_services_and_regions() -> None:
     ("", b"Action=GetCallerIdentity&Version=2011-06-15", (), True),
     ("Action=GetSessionToken", None, (), False),
     ("Action=GetCallerIdentity", b"Action=AssumeRole", (), False),        # named twice
+    ("Action=GetCallerIdentity&%41ction=AssumeRole", None, (), False),     # the second name encoded
     ("", b"", (), False),
     ("", iter([b"Action=GetCallerIdentity"]), (), False),                 # a streamed body
     ("Action=GetCallerIdentity", None, (("X-Amz-Target", "AWSSecurityTokenServiceV20110615.AssumeRole"),), False),
