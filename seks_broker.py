@@ -801,7 +801,8 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
         return Forbidden(f"path is not allowed for this token (allowed prefixes: {', '.join(paths)})")
     if paths and any(".." in read.split("/") or not any(path_within(read, p) for p in paths)
                      for read in facts.reads):
-        return Forbidden("x-amz-copy-source is not within this token's allowed paths")
+        return Forbidden("x-amz-copy-source (or -rename-source) is not within this token's "
+                         "allowed paths")
     if methods and facts.override:
         return Forbidden("this token is limited to some methods; a method-override header would "
                          "change the method the upstream acts on")
@@ -1783,6 +1784,8 @@ class BodyReader:
             if self.trailers is not None:
                 name, value = parse_field(trailer.rstrip(b"\r\n"), self.side)
                 self.trailers[name.lower()] = value
+                if len(self.trailers) > 8:          # each may become a header sent upstream
+                    raise wire_error(self.side, 400, "too many chunked trailers")
 
 
 def request_has_body(fields: List[Tuple[str, str]]) -> bool:
@@ -2013,9 +2016,10 @@ def aws_facts(rest: str, parts: Dict[str, str], query: str, body: Any,
     """The RequestFacts of an AWS route that decide() checks: ``aws`` (service, region, the
     services and regions the secret allows: its ``services`` and ``regions`` parts, comma- or
     space-separated; default the four built-in services, every region); ``action``: the STS
-    action if exactly one is named, in the query or a held form body (STS answers
-    GetSessionToken, AssumeRole... with working AWS keys: only GetCallerIdentity passes);
-    ``reads``: the object an S3 copy reads (``x-amz-copy-source``, ``/bucket/key``)."""
+    action if exactly one is named, in the query or a held plain form body (STS answers
+    GetSessionToken, AssumeRole... with working AWS keys: only GetCallerIdentity passes; an
+    encoded body, aws-chunked or gzip, is sent decoded, so it names nothing that counts);
+    ``reads``: the objects an S3 copy or rename reads (``/bucket/key``)."""
     service, region, _ = aws_route(rest)
     services = (parts.get("services") or " ".join(AWS_SERVICES)).replace(",", " ").split()
     regions = (parts.get("regions") or "*").replace(",", " ").split()
@@ -2024,12 +2028,14 @@ def aws_facts(rest: str, parts: Dict[str, str], query: str, body: Any,
     if isinstance(body, bytes):
         actions += [v for n, v in urllib.parse.parse_qsl(body.decode("latin-1"))
                     if n.lower() == "action"]
-    target = next((v for n, v in fields if n.lower() == "x-amz-target"), "")
-    one = len(actions) == 1 and (body is None or isinstance(body, bytes)) and (
-        not target or target.endswith("." + actions[0]))
+    targets = [v for n, v in fields if n.lower() == "x-amz-target"]
+    encoded = any(n.lower() == "content-encoding" or n.lower() == "x-amz-content-sha256" and
+                  v.upper().startswith("STREAMING") for n, v in fields)
+    one = len(actions) == 1 and len(targets) <= 1 and (body is None or isinstance(body, bytes) and (
+        not body or not encoded)) and all(t.endswith("." + actions[0]) for t in targets)
     return (service, region, tuple(services), tuple(regions)), actions[0] if one else "", tuple(
-        "/" + urllib.parse.unquote(v.split("?", 1)[0]).lstrip("/")
-        for n, v in fields if n.lower() == "x-amz-copy-source")
+        "/" + urllib.parse.unquote(v.split("?", 1)[0]).lstrip("/") for n, v in fields
+        if n.lower() in ("x-amz-copy-source", "x-amz-rename-source"))
 
 
 

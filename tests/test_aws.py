@@ -161,6 +161,12 @@ def test_a_secret_narrows_services_and_regions() -> None:
     ("Action=GetSessionToken", None, (), False),
     ("Action=GetCallerIdentity", b"Action=AssumeRole", (), False),        # named twice
     ("Action=GetCallerIdentity&%41ction=AssumeRole", None, (), False),     # the second name encoded
+    ("", b"29;chunk-signature=0&Action=GetCallerIdentity&x\r\nAction=GetSessionToken&Version=2011-06-15"
+         b"\r\n0\r\n\r\n", (("Content-Encoding", "aws-chunked"),), False),   # sent decoded
+    ("Action=GetCallerIdentity", b"Action=AssumeRole", (("Content-Encoding", "gzip"),), False),
+    ("Action=GetCallerIdentity", b"x", (("X-Amz-Content-Sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"),), False),
+    ("Action=GetCallerIdentity", None, (("X-Amz-Target", "A.GetCallerIdentity"), ("X-Amz-Target", "A.AssumeRole")),
+     False),                                                                 # a repeated target
     ("", b"", (), False),
     ("", iter([b"Action=GetCallerIdentity"]), (), False),                 # a streamed body
     ("Action=GetCallerIdentity", None, (("X-Amz-Target", "AWSSecurityTokenServiceV20110615.AssumeRole"),), False),
@@ -174,9 +180,10 @@ def test_a_copy_reads_within_the_token_paths_only() -> None:
     for source, allowed in (("/bucket/reports/q1.csv", True), ("bucket/reports/a?versionId=3", True),
                             ("/bucket/secret/k", False), ("/bucket/reports/../secret/k", False),
                             ("bucket%2Freports%2F..%2Fsecret", False)):
-        refusal = aws_decision({}, "/s3/us-east-1/bucket/reports/new", fields=[("x-amz-copy-source", source)],
-                               policy={"paths": ["/x", "/bucket/reports"]})
-        assert (refusal is None) == allowed, (source, refusal)
+        for header in ("x-amz-copy-source", "x-amz-rename-source"):
+            refusal = aws_decision({}, "/s3/us-east-1/bucket/reports/new", fields=[(header, source)],
+                                   policy={"paths": ["/x", "/bucket/reports"]})
+            assert (refusal is None) == allowed, (header, source, refusal)
     # no paths in the policy: a copy reads anything the secret reaches
     assert aws_decision({}, "/s3/us-east-1/b/k", fields=[("x-amz-copy-source", "/other/k")]) is None
 
@@ -206,6 +213,14 @@ def test_aws_unchunk_drops_chunk_signatures_and_collects_trailers(cut: int) -> N
 def test_a_malformed_aws_chunked_body_is_a_400(body: bytes) -> None:
     with pytest.raises(sb.BadRequest):
         b"".join(sb.aws_unchunk([body], {}))
+
+
+def test_an_aws_chunked_body_has_at_most_eight_trailers() -> None:
+    """Each kept trailer becomes a header sent upstream: nine are a 400, not nine more headers."""
+    eight = "".join(f"x-amz-checksum-t{i}:AAAA\r\n" for i in range(8))
+    assert b"".join(sb.aws_unchunk([chunked(b"abc", 2, eight)], {}, 3)) == b"abc"
+    with pytest.raises(sb.BadRequest):
+        b"".join(sb.aws_unchunk([chunked(b"abc", 2, eight + "x-amz-checksum-t8:AAAA\r\n")], {}, 3))
 
 
 def test_an_aws_chunked_body_of_another_length_than_declared_is_a_400() -> None:
@@ -739,6 +754,20 @@ def test_sts_passes_get_caller_identity_only(awsb: Broker, awsup: FakeUpstream, 
     resp = awsb.request(method, path, dict(signed_by_agent(awsb.token("aws"), "sts"),
                                            **{"Content-Type": "application/x-www-form-urlencoded"}), body)
     assert resp.status == 403 and b"GetCallerIdentity only" in resp.body and b"<ErrorResponse>" in resp.body, resp.body
+    assert awsup.requests == []
+
+
+def test_sts_reads_no_action_out_of_an_encoded_body(awsb: Broker, awsup: FakeUpstream) -> None:
+    """Review 5 F1: a chunk extension spelling Action=GetCallerIdentity, with GetSessionToken in
+    the chunk the broker would decode and send, is refused before anything reaches STS."""
+    awsup.reset()
+    body = (b"29;chunk-signature=0&Action=GetCallerIdentity&x\r\n"
+            b"Action=GetSessionToken&Version=2011-06-15\r\n0\r\n\r\n")
+    headers = dict(signed_by_agent(awsb.token("aws"), "sts"), **{
+        "Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "aws-chunked",
+        "X-Amz-Decoded-Content-Length": "41"})
+    resp = awsb.request("POST", "/aws/sts/us-east-1/", headers, body)
+    assert resp.status == 403 and b"GetCallerIdentity only" in resp.body, resp.body
     assert awsup.requests == []
 
 
