@@ -1516,8 +1516,6 @@ def ws_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
 
 def ws_mask(payload: bytes, mask: bytes) -> bytes:
     """XOR with the 4-byte mask, as one big integer operation (fast for large frames)."""
-    if not payload:
-        return payload
     n = len(payload)
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
     return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
@@ -1589,10 +1587,6 @@ class WireReader:
                 idle()
         data = bytes(self.buf[:n])
         del self.buf[:n]
-        return data
-
-    def take(self) -> bytes:
-        data, self.buf = bytes(self.buf), bytearray()
         return data
 
 
@@ -1923,14 +1917,12 @@ def pack_parts(parts: Dict[str, str]) -> bytes:
 def part_problem(parts: Dict[str, str], provider: Provider) -> str:
     """Why these parts cannot serve the provider ("" if they can): a part it needs is
     missing, a part it does not know is there, or a value cannot travel in a header."""
-    missing = [n for n in provider.parts if n not in parts and n not in provider.optional]
-    unknown = [n for n in parts if n not in provider.parts]
-    if missing:
-        return (f"{provider.name} needs the part(s) {', '.join(missing)} (its parts: "
-                f"{', '.join(provider.parts)})")
-    if unknown:
-        return (f"{provider.name} has no part(s) {', '.join(unknown)} (its parts: "
-                f"{', '.join(provider.parts)})")
+    for verb, names in (("needs the", [n for n in provider.parts if n not in parts and
+                                      n not in provider.optional]),
+                        ("has no", [n for n in parts if n not in provider.parts])):
+        if names:
+            return (f"{provider.name} {verb} part(s) {', '.join(names)} (its parts: "
+                    f"{', '.join(provider.parts)})")
     sent = {n for p in (provider.inject,) + provider.also + tuple(provider.token_places)
             if p is not None for n in PART_RE.findall(p.value)}     # these travel in headers
     bad = [n for n, v in parts.items() if not v or v != v.strip() or not (   # a PEM key (and
@@ -2276,10 +2268,7 @@ def oauth_answer(grant: str, status: int, body: bytes,
     """(access token, expiry as unix time, a rotated refresh token or None) from a token
     endpoint's answer; ValueError (naming the status and the error code, never a value) for
     anything else."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        obj = None
+    obj = json_value(body)
     if not isinstance(obj, dict) or status not in (200, 201) or obj.get("ok") is False:
         code = obj.get("error") if isinstance(obj, dict) else None
         raise ValueError(f"the token endpoint answered {status}" + (
@@ -2377,11 +2366,8 @@ def utc_iso(epoch: Optional[float] = None) -> str:
 
 def create_private_file(path: str) -> None:
     """Create ``path`` empty with mode 0600 if it does not exist (atomic, no chmod after)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    os.close(fd)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
@@ -2530,7 +2516,6 @@ def begin_immediate(db: sqlite3.Connection) -> None:
                 raise
         time.sleep(pause)
         pause = min(pause * 1.5, 0.0005)
-_GENERATION_SELECT = "SELECT generation, key_check FROM state WHERE id = 1"
 
 
 class Store:
@@ -2679,7 +2664,7 @@ class Store:
             version = db.execute("PRAGMA data_version").fetchone()[0]
             seen = self._generation_seen
             if seen is None or seen[0] != version:
-                row = db.execute(_GENERATION_SELECT).fetchone()
+                row = db.execute("SELECT generation, key_check FROM state WHERE id = 1").fetchone()
                 seen = self._generation_seen = (version, (row[0], bytes(row[1] or b"")))
             return seen[1]
 
@@ -2975,12 +2960,9 @@ class Store:
                      token_id: Optional[str]) -> Tuple[str, Optional[str]]:
         """Revoke a token by digest or id: its id, and when it was revoked before (or None)."""
         with self.transaction() as db:
-            if token_hash is not None:
-                row = db.execute("SELECT id, revoked_at FROM tokens WHERE token_hash = ?",
-                                 (token_hash,)).fetchone()
-            else:
-                row = db.execute("SELECT id, revoked_at FROM tokens WHERE id = ?",
-                                 (token_id,)).fetchone()
+            column, value = ("token_hash", token_hash) if token_hash is not None else ("id", token_id)
+            row = db.execute(f"SELECT id, revoked_at FROM tokens WHERE {column} = ?",
+                             (value,)).fetchone()
             if row is None:
                 raise ConfigError("no such token")
             if row[1] is None:
@@ -3071,19 +3053,11 @@ class Store:
                            (spent, cost, 0 if counted else 1, row.token_id))
 
     @staticmethod
-    def _chain_head(db: sqlite3.Connection) -> Tuple[int, bytes]:
-        """The last audit row's id and MAC, or the prune anchor's when the log is empty."""
-        last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-        if last is not None:
-            return last[0], bytes(last[1])
-        anchor, anchor_id = db.execute("SELECT audit_anchor, audit_anchor_id FROM state "
-                                       "WHERE id = 1").fetchone()
-        return anchor_id, bytes(anchor or b"")
-
-    @staticmethod
     def _append_audit(db: sqlite3.Connection, key: bytes, row: "AuditRow") -> None:
-        last_id, prev = Store._chain_head(db)
-        row.id = last_id + 1
+        """Chained to the last row's MAC, or to the prune anchor's when the log is empty."""
+        last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone() or \
+            db.execute("SELECT audit_anchor_id, audit_anchor FROM state WHERE id = 1").fetchone()
+        row.id, prev = last[0] + 1, bytes(last[1] or b"")
         row.mac = audit_mac(key, row.values(), prev)
         db.execute(AUDIT_INSERT, row.values() + (row.mac,))
 
