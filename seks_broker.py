@@ -2555,14 +2555,12 @@ class Store:
                     raise ConfigError(f"{path} is an sqlite database of something else, not "
                                       f"seks-broker's")
                 self._migrate(db)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, ConfigError) as exc:
             self.close()
-            if "not a database" in str(exc) or "malformed" in str(exc):
+            if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in str(exc) or
+                                                           "malformed" in str(exc)):
                 raise ConfigError(f"{path} is not a seks-broker database (not sqlite, or "
                                   f"damaged)") from None
-            raise
-        except ConfigError:
-            self.close()
             raise
 
     @staticmethod
@@ -4044,6 +4042,7 @@ def exchange_upstream(pool: UpstreamPool, req: UpstreamRequest) -> UpstreamAnswe
     replayable = method in IDEMPOTENT_METHODS and not streamed
     for attempt in (0, 1):
         conn, reused = pool.connect(req.target)
+        retry = reused and replayable and attempt == 0   # a died idle connection: one fresh try
         try:
             conn.write(head + (body if isinstance(body, bytes) else b""), pool.read_timeout)
             for chunk in body if streamed else ():
@@ -4053,19 +4052,17 @@ def exchange_upstream(pool: UpstreamPool, req: UpstreamRequest) -> UpstreamAnswe
             if chunked:
                 conn.write(b"0\r\n\r\n", pool.read_timeout)
             answer = read_answer(pool, conn, method)
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+        except BaseException as exc:
             conn.close()
-            if reused and replayable and attempt == 0:
-                continue                 # the idle connection died under us: one fresh try
-            raise
-        except BaseException:
-            conn.close()
+            if retry and isinstance(exc, (BrokenPipeError, ConnectionResetError,
+                                          ConnectionAbortedError)):
+                continue
             raise
         if answer is not None:
             return answer
         conn.close()
-        if not (reused and replayable and attempt == 0):
-            raise UpstreamFraming("upstream closed the connection without answering")
+        if not retry:
+            break
     raise UpstreamFraming("upstream closed the connection without answering")
 
 
@@ -4179,7 +4176,7 @@ class Relay:
             return
         if rewrite is not None and status == 200 and body.kind == "length" \
                 and body.left <= INLINE_BODY_MAX:
-            data = rewrite(self._read_all(body))
+            data = rewrite(b"".join(iter(lambda: self._read(body), b"")))
             answer.finish(complete=True)
             self._meter(data)
             self.settle()
@@ -4199,14 +4196,6 @@ class Relay:
                     drain_for_usage(body, inflater, self.meter)
                 self._take_usage()               # an abandoned stream is charged what passed
             raise
-
-    def _read_all(self, body: BodyReader) -> bytes:
-        parts = []
-        while True:
-            data = self._read(body)
-            if not data:
-                return b"".join(parts)
-            parts.append(data)
 
     def _read(self, body: BodyReader) -> bytes:
         try:
@@ -4584,9 +4573,15 @@ class Call:
         self.body: Any = None
 
 
-def is_websocket_upgrade(head: RequestHead) -> bool:
-    return head.method == "GET" and "websocket" in (head.get("upgrade") or "").lower() and \
-        "upgrade" in connection_tokens(head.fields)
+def read_capped(chunks: Iterable[bytes], limit: int, too_big: BrokerError) -> bytes:
+    """A body held whole: ``too_big`` as soon as it passes ``limit`` bytes."""
+    held, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        held.append(chunk)
+    return b"".join(held)
 
 
 class BrokerHandler(http.server.BaseHTTPRequestHandler):
@@ -4754,7 +4749,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             upstream_target(provider, "/", "", False)
         ex.path = masked_request_path(provider, path, query)
         validate_query(query)
-        call.upgrade = is_websocket_upgrade(head)
+        call.upgrade = head.method == "GET" and "websocket" in (head.get("upgrade") or "").lower() \
+            and "upgrade" in connection_tokens(head.fields)
         if call.upgrade and request_has_body(head.fields):
             raise BadRequest("a WebSocket upgrade request carries no body", close=True)
         call.verify = provider.name not in settings.insecure_upstream
@@ -4884,14 +4880,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         declared = head.get("x-amz-decoded-content-length") or ""
         if body is not None and not isinstance(body, bytes) and CONTENT_LENGTH_RE.match(
                 declared) and int(declared) <= AWS_HOLD_MAX:     # held: signed, checksummed
-            held, size = [], 0
-            for chunk in body:                    # framing adds little: a body far larger
-                size += len(chunk)                # than it declared is refused, not held
-                if size > 2 * int(declared) + 65536:
-                    raise BadRequest("an aws-chunked body much larger than its "
-                                     "x-amz-decoded-content-length", close=True)
-                held.append(chunk)
-            body = b"".join(held)
+            # framing adds little: a body far larger than it declared is refused, not held
+            body = read_capped(body, 2 * int(declared) + 65536, BadRequest(
+                "an aws-chunked body much larger than its x-amz-decoded-content-length",
+                close=True))
         if isinstance(body, bytes) or body is None:
             body = b"".join(aws_unchunk([body or b""], trailers, int(declared) if
                                         CONTENT_LENGTH_RE.match(declared) else None))
@@ -4954,13 +4946,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         too_big = PayloadTooLarge(f"the body is at most {DELEGATION_BODY_MAX} bytes", close=True)
         if framing == "length" and length > DELEGATION_BODY_MAX:
             raise too_big
-        body = b""
-        if framing != "none":
-            for chunk in self.body_chunks(head, BodyReader(
-                    self.reader, framing, length, "request", DELEGATION_BODY_MAX), ex):
-                body += chunk
-                if len(body) > DELEGATION_BODY_MAX:
-                    raise too_big
+        body = b"" if framing == "none" else read_capped(self.body_chunks(head, BodyReader(
+            self.reader, framing, length, "request", DELEGATION_BODY_MAX), ex),
+            DELEGATION_BODY_MAX, too_big)
         try:
             ask = json.loads(body or b"{}", object_pairs_hook=_reject_duplicate_keys)
         except (ValueError, RecursionError):
@@ -5023,13 +5011,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                                   "model or budget policy", close=True)
         if framing == "length":
             raise too_big
-        parts, size = [], 0
-        for chunk in chunks:
-            size += len(chunk)
-            if size > MAX_INSPECT_BODY:
-                raise too_big
-            parts.append(chunk)
-        return b"".join(parts)
+        return read_capped(chunks, MAX_INSPECT_BODY, too_big)
 
     def scanned(self, chunks: Iterator[bytes], ex: Exchange) -> Iterator[bytes]:
         """A streamed body, checked for live seks tokens as it passes (LeakScanner): one found
