@@ -1874,10 +1874,8 @@ def forward_request_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, s
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in named or lower in REQUEST_HEADERS_REPLACED:
             continue
-        if lower in merged:
-            merged[lower] = (merged[lower][0], merged[lower][1] + ", " + value)
-        else:
-            merged[lower] = (name, value)
+        first = merged.get(lower)
+        merged[lower] = (first[0], first[1] + ", " + value) if first else (name, value)
     return list(merged.values())
 
 
@@ -2326,11 +2324,9 @@ class TokenRecord:
                  parent_policy: Optional[str] = None) -> None:
         self.id, self.token_hash, self.secret_name = id, token_hash, secret_name
         self.provider, self.agent, self.expires_at = provider, agent, expires_at
-        self.revoked_at = revoked_at
+        self.revoked_at, self.agent_disabled_at = revoked_at, agent_disabled_at
         self.policy: Dict[str, Any] = json.loads(policy or "{}")
-        self.agent_disabled_at = agent_disabled_at
-        self.secret_provider = secret_provider
-        self.secret_ciphertext = secret_ciphertext
+        self.secret_provider, self.secret_ciphertext = secret_provider, secret_ciphertext
         self.parent = parent                 # a delegated token: the token that minted it
         self.parent_ended = bool(parent) and (not parent_found or parent_revoked_at is not None)
         self.parent_expires_at = parent_expires_at
@@ -4259,15 +4255,13 @@ def drain_for_usage(body: BodyReader, inflater: Optional[Inflater], meter: "Usag
     tokens the provider bills are still counted (OpenAI reports usage only at the end)."""
     deadline = time.monotonic() + USAGE_DRAIN_SECONDS
     seen = 0
-    try:
+    with contextlib.suppress(UpstreamFraming, OSError):
         while time.monotonic() < deadline and seen < USAGE_DRAIN_BYTES:
             data = body.read(STREAM_CHUNK)
             if not data:
                 return
             seen += len(data)
             meter.feed(inflater.decompress(data) if inflater is not None else data)
-    except (UpstreamFraming, OSError):
-        return
 
 
 class WsSession:
@@ -4480,7 +4474,7 @@ class DiscordGateway:
             if inflate.unconsumed_tail or not inflate.eof:
                 raise WsClose(1009, "binary gateway payload inflates too far or is cut")
         if opcode == OP_TEXT and b'"READY"' in message and b"resume_gateway_url" in message:
-            try:
+            with contextlib.suppress(ValueError, AttributeError, RecursionError):
                 payload = json.loads(message)
                 data = payload.get("d") or {}
                 url = data.get("resume_gateway_url")
@@ -4488,8 +4482,6 @@ class DiscordGateway:
                     host = urllib.parse.urlsplit(url).netloc
                     data["resume_gateway_url"] = f"{self.broker_ws_url}/resume/{host}"
                     message = json.dumps(payload).encode()
-            except (ValueError, AttributeError, RecursionError):
-                pass
         return opcode, message
 
 
@@ -4521,9 +4513,6 @@ class RequestHead:
 
     def get(self, name: str) -> Optional[str]:
         return next((v for n, v in self.fields if n.lower() == name), None)
-
-    def get_all(self, name: str) -> List[str]:
-        return [v for n, v in self.fields if n.lower() == name]
 
 
 class Exchange:
@@ -5106,7 +5095,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         pipeline), the real credential in the upstream handshake, frames relayed and scrubbed."""
         broker = self.server.broker
         key = self.client_ws_key(head)
-        offered = [p.strip() for v in head.get_all("sec-websocket-protocol") for p in v.split(",")]
+        offered = [p.strip() for n, v in head.fields if n.lower() == "sec-websocket-protocol"
+                   for p in v.split(",")]
         headers = [(n, ", ".join(p.strip() for p in v.split(",") if "seks_" not in p))
                    if n.lower() == "sec-websocket-protocol" else (n, v) for n, v in headers
                    if n.lower() not in WS_DROP_HEADERS]
