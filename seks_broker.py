@@ -1508,10 +1508,8 @@ def ws_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
         head += bytes([bit | 126]) + n.to_bytes(2, "big")
     else:
         head += bytes([bit | 127]) + n.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    mask = os.urandom(4)
-    return head + mask + ws_mask(payload, mask)
+    mask = os.urandom(4) if masked else b""
+    return head + mask + (ws_mask(payload, mask) if masked else payload)
 
 
 def ws_mask(payload: bytes, mask: bytes) -> bytes:
@@ -2227,9 +2225,8 @@ def oauth_request(provider: Provider, parts: Dict[str, str],
         raise ValueError(f"the secret holds the parts of none of {provider.name}'s grants")
     url = parts.get("token_url") or parts.get("token_uri") or provider.token_url
     headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")]
-    form: Dict[str, str] = {}
     if grant == "refresh_token":
-        form = {"grant_type": "refresh_token", "refresh_token": parts["refresh_token"],
+        form: Dict[str, str] = {"grant_type": "refresh_token", "refresh_token": parts["refresh_token"],
                 "client_id": parts["client_id"]}
     elif grant == "client_credentials":
         form = {"grant_type": "client_credentials", "client_id": parts["client_id"],
@@ -3059,10 +3056,8 @@ class Store:
                    limit: Optional[int] = None, after_id: int = 0) -> List["AuditRow"]:
         sql = (f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit WHERE id > ?"
                + (f" AND {where}" if where else ""))
-        if limit is not None:
-            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id"
-        else:
-            sql += " ORDER BY id"
+        sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id" \
+            if limit is not None else sql + " ORDER BY id"
         with self.connection() as db:
             return [AuditRow.from_db(r) for r in db.execute(sql, (after_id,) + params)]
 
@@ -4590,7 +4585,6 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = WireReader(self.connection)
         self.writer = AgentWriter(self.connection, settings.client_timeout)
-        self.error_style = ""
 
     def finish(self) -> None:
         """Nothing to flush: every answer went out through the writer."""
@@ -5060,14 +5054,12 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     def client_ws_key(self, head: RequestHead) -> str:
         key = head.get("sec-websocket-key") or ""
-        try:
-            valid = len(base64.b64decode(key, validate=True)) == 16
-        except (binascii.Error, ValueError):
-            valid = False
-        if not valid or (head.get("sec-websocket-version") or "").strip() != "13":
-            raise BadRequest("bad WebSocket handshake (Sec-WebSocket-Key, Version 13)",
-                             headers={"Sec-WebSocket-Version": "13"})
-        return key
+        with contextlib.suppress(ValueError):             # (binascii.Error is a ValueError)
+            if len(base64.b64decode(key, validate=True)) == 16 and \
+                    (head.get("sec-websocket-version") or "").strip() == "13":
+                return key
+        raise BadRequest("bad WebSocket handshake (Sec-WebSocket-Key, Version 13)",
+                         headers={"Sec-WebSocket-Version": "13"})
 
     def open_websocket(self, head: RequestHead, provider: Provider, route_prefix: str,
                        target: Target, headers: List[Tuple[str, str]],
