@@ -2942,9 +2942,8 @@ class Store:
                 "SELECT id FROM tokens WHERE (revoked_at IS NOT NULL AND revoked_at <= ?) OR "
                 "(revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= ?)",
                 (cutoff, before))]
-            for token_id in ids:
-                db.execute("DELETE FROM token_usage WHERE token_id = ?", (token_id,))
-                db.execute("DELETE FROM tokens WHERE id = ?", (token_id,))
+            db.executemany("DELETE FROM token_usage WHERE token_id = ?", [(i,) for i in ids])
+            db.executemany("DELETE FROM tokens WHERE id = ?", [(i,) for i in ids])
             return len(ids)
 
     def revoke_token(self, token_hash: Optional[bytes],
@@ -4142,8 +4141,8 @@ class Relay:
         self.writer, self.ex, self.meter, self.settle = writer, ex, meter, settle
 
     def run(self, answer: UpstreamAnswer, method: str, http11: bool,
-            location: Callable[[str], str],
-            rewrite: Optional[Callable[[bytes], bytes]] = None) -> None:
+            location: Callable[[str], str], gateway_ws: str = "") -> None:
+        """``gateway_ws``: a Discord /gateway answer's URL is pointed there."""
         ex, writer = self.ex, self.writer
         status = ex.status = answer.status
         codings = [c.strip().lower() for n, v in answer.fields if n.lower() == "content-encoding"
@@ -4165,9 +4164,8 @@ class Relay:
             self.settle()
             writer.head(status, headers, "none")
             return
-        if rewrite is not None and status == 200 and body.kind == "length" \
-                and body.left <= INLINE_BODY_MAX:
-            data = rewrite(b"".join(iter(lambda: self._read(body), b"")))
+        if gateway_ws and status == 200 and body.kind == "length" and body.left <= INLINE_BODY_MAX:
+            data = rewrite_gateway_url(b"".join(iter(lambda: self._read(body), b"")), gateway_ws)
             answer.finish(complete=True)
             self._meter(data)
             self.settle()
@@ -4829,10 +4827,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(len(body))))
         elif call.framing == "length":
             headers.append(("Content-Length", str(call.length)))
-        rewrite = None
-        if provider.gateway == "discord" and _GATEWAY_REST_RE.match(call.rest):
-            ws_base = self.gateway_url(head, call.prefix)
-            rewrite = lambda data: rewrite_gateway_url(data, ws_base)      # noqa: E731
+        gateway_ws = self.gateway_url(head, call.prefix) if provider.gateway == "discord" and \
+            _GATEWAY_REST_RE.match(call.rest) else ""
         answer = broker.forward(target, head.method, headers, body)
         if provider.oauth and answer.status == 401 and head.method in IDEMPOTENT_METHODS and (
                 body is None or isinstance(body, bytes)):    # revoked early: renew, retry once
@@ -4842,7 +4838,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             self.writer.use_key(call.pairs + broker.oauth_pairs(call.record.secret_name))
             headers = [(n, v.replace(stale, fresh)) for n, v in headers]
             answer = broker.forward(target, head.method, headers, body)
-        self.relay(head, answer, provider, call.prefix, ex, rewrite)
+        self.relay(head, answer, provider, call.prefix, ex, gateway_ws)
 
     def aws_payload(self, head: RequestHead, headers: List[Tuple[str, str]],
                     body: Any) -> Tuple[List[Tuple[str, str]], Any, int]:
@@ -4954,8 +4950,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             dict(token=child, id=child_id, **answer), sort_keys=True).encode())
 
     def relay(self, head: RequestHead, answer: UpstreamAnswer, provider: Provider,
-              route_prefix: str, ex: Exchange,
-              rewrite: Optional[Callable[[bytes], bytes]] = None) -> None:
+              route_prefix: str, ex: Exchange, gateway_ws: str = "") -> None:
         content_type = next((v for n, v in answer.fields if n.lower() == "content-type"), "")
         meter = UsageMeter(provider.usage, content_type) if provider.usage else None
         metrics = self.server.broker.metrics
@@ -4963,7 +4958,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         try:
             Relay(self.writer, ex, meter, lambda: self.settle(ex)).run(
                 answer, head.method, head.version == "HTTP/1.1",
-                lambda value: rewrite_location(value, provider, route_prefix), rewrite)
+                lambda value: rewrite_location(value, provider, route_prefix), gateway_ws)
         finally:
             metrics.add_stream(-1)
             answer.finish(complete=ex.outcome == "ok")
