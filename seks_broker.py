@@ -1509,16 +1509,12 @@ def ws_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
         head += bytes([bit | 126]) + n.to_bytes(2, "big")
     else:
         head += bytes([bit | 127]) + n.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    mask = os.urandom(4)
-    return head + mask + ws_mask(payload, mask)
+    mask = os.urandom(4) if masked else b""
+    return head + mask + (ws_mask(payload, mask) if masked else payload)
 
 
 def ws_mask(payload: bytes, mask: bytes) -> bytes:
     """XOR with the 4-byte mask, as one big integer operation (fast for large frames)."""
-    if not payload:
-        return payload
     n = len(payload)
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
     return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
@@ -1590,10 +1586,6 @@ class WireReader:
                 idle()
         data = bytes(self.buf[:n])
         del self.buf[:n]
-        return data
-
-    def take(self) -> bytes:
-        data, self.buf = bytes(self.buf), bytearray()
         return data
 
 
@@ -1883,10 +1875,8 @@ def forward_request_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, s
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in named or lower in REQUEST_HEADERS_REPLACED:
             continue
-        if lower in merged:
-            merged[lower] = (merged[lower][0], merged[lower][1] + ", " + value)
-        else:
-            merged[lower] = (name, value)
+        first = merged.get(lower)
+        merged[lower] = (first[0], first[1] + ", " + value) if first else (name, value)
     return list(merged.values())
 
 
@@ -1926,14 +1916,12 @@ def pack_parts(parts: Dict[str, str]) -> bytes:
 def part_problem(parts: Dict[str, str], provider: Provider) -> str:
     """Why these parts cannot serve the provider ("" if they can): a part it needs is
     missing, a part it does not know is there, or a value cannot travel in a header."""
-    missing = [n for n in provider.parts if n not in parts and n not in provider.optional]
-    unknown = [n for n in parts if n not in provider.parts]
-    if missing:
-        return (f"{provider.name} needs the part(s) {', '.join(missing)} (its parts: "
-                f"{', '.join(provider.parts)})")
-    if unknown:
-        return (f"{provider.name} has no part(s) {', '.join(unknown)} (its parts: "
-                f"{', '.join(provider.parts)})")
+    for verb, names in (("needs the", [n for n in provider.parts if n not in parts and
+                                      n not in provider.optional]),
+                        ("has no", [n for n in parts if n not in provider.parts])):
+        if names:
+            return (f"{provider.name} {verb} part(s) {', '.join(names)} (its parts: "
+                    f"{', '.join(provider.parts)})")
     sent = {n for p in (provider.inject,) + provider.also + tuple(provider.token_places)
             if p is not None for n in PART_RE.findall(p.value)}     # these travel in headers
     bad = [n for n, v in parts.items() if not v or v != v.strip() or not (   # a PEM key (and
@@ -2243,9 +2231,8 @@ def oauth_request(provider: Provider, parts: Dict[str, str],
         raise ValueError(f"the secret holds the parts of none of {provider.name}'s grants")
     url = parts.get("token_url") or parts.get("token_uri") or provider.token_url
     headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")]
-    form: Dict[str, str] = {}
     if grant == "refresh_token":
-        form = {"grant_type": "refresh_token", "refresh_token": parts["refresh_token"],
+        form: Dict[str, str] = {"grant_type": "refresh_token", "refresh_token": parts["refresh_token"],
                 "client_id": parts["client_id"]}
     elif grant == "client_credentials":
         form = {"grant_type": "client_credentials", "client_id": parts["client_id"],
@@ -2282,10 +2269,7 @@ def oauth_answer(grant: str, status: int, body: bytes,
     """(access token, expiry as unix time, a rotated refresh token or None) from a token
     endpoint's answer; ValueError (naming the status and the error code, never a value) for
     anything else."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        obj = None
+    obj = json_value(body)
     if not isinstance(obj, dict) or status not in (200, 201) or obj.get("ok") is False:
         code = obj.get("error") if isinstance(obj, dict) else None
         raise ValueError(f"the token endpoint answered {status}" + (
@@ -2343,11 +2327,9 @@ class TokenRecord:
                  parent_policy: Optional[str] = None) -> None:
         self.id, self.token_hash, self.secret_name = id, token_hash, secret_name
         self.provider, self.agent, self.expires_at = provider, agent, expires_at
-        self.revoked_at = revoked_at
+        self.revoked_at, self.agent_disabled_at = revoked_at, agent_disabled_at
         self.policy: Dict[str, Any] = json.loads(policy or "{}")
-        self.agent_disabled_at = agent_disabled_at
-        self.secret_provider = secret_provider
-        self.secret_ciphertext = secret_ciphertext
+        self.secret_provider, self.secret_ciphertext = secret_provider, secret_ciphertext
         self.parent = parent                 # a delegated token: the token that minted it
         self.parent_ended = bool(parent) and (not parent_found or parent_revoked_at is not None)
         self.parent_expires_at = parent_expires_at
@@ -2383,11 +2365,8 @@ def utc_iso(epoch: Optional[float] = None) -> str:
 
 def create_private_file(path: str) -> None:
     """Create ``path`` empty with mode 0600 if it does not exist (atomic, no chmod after)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    os.close(fd)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
@@ -2536,7 +2515,6 @@ def begin_immediate(db: sqlite3.Connection) -> None:
                 raise
         time.sleep(pause)
         pause = min(pause * 1.5, 0.0005)
-_GENERATION_SELECT = "SELECT generation, key_check FROM state WHERE id = 1"
 
 
 class Store:
@@ -2576,14 +2554,12 @@ class Store:
                     raise ConfigError(f"{path} is an sqlite database of something else, not "
                                       f"seks-broker's")
                 self._migrate(db)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, ConfigError) as exc:
             self.close()
-            if "not a database" in str(exc) or "malformed" in str(exc):
+            if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in str(exc) or
+                                                           "malformed" in str(exc)):
                 raise ConfigError(f"{path} is not a seks-broker database (not sqlite, or "
                                   f"damaged)") from None
-            raise
-        except ConfigError:
-            self.close()
             raise
 
     @staticmethod
@@ -2685,7 +2661,7 @@ class Store:
             version = db.execute("PRAGMA data_version").fetchone()[0]
             seen = self._generation_seen
             if seen is None or seen[0] != version:
-                row = db.execute(_GENERATION_SELECT).fetchone()
+                row = db.execute("SELECT generation, key_check FROM state WHERE id = 1").fetchone()
                 seen = self._generation_seen = (version, (row[0], bytes(row[1] or b"")))
             return seen[1]
 
@@ -2972,21 +2948,17 @@ class Store:
                 "SELECT id FROM tokens WHERE (revoked_at IS NOT NULL AND revoked_at <= ?) OR "
                 "(revoked_at IS NULL AND expires_at IS NOT NULL AND expires_at <= ?)",
                 (cutoff, before))]
-            for token_id in ids:
-                db.execute("DELETE FROM token_usage WHERE token_id = ?", (token_id,))
-                db.execute("DELETE FROM tokens WHERE id = ?", (token_id,))
+            db.executemany("DELETE FROM token_usage WHERE token_id = ?", [(i,) for i in ids])
+            db.executemany("DELETE FROM tokens WHERE id = ?", [(i,) for i in ids])
             return len(ids)
 
     def revoke_token(self, token_hash: Optional[bytes],
                      token_id: Optional[str]) -> Tuple[str, Optional[str]]:
         """Revoke a token by digest or id: its id, and when it was revoked before (or None)."""
         with self.transaction() as db:
-            if token_hash is not None:
-                row = db.execute("SELECT id, revoked_at FROM tokens WHERE token_hash = ?",
-                                 (token_hash,)).fetchone()
-            else:
-                row = db.execute("SELECT id, revoked_at FROM tokens WHERE id = ?",
-                                 (token_id,)).fetchone()
+            column, value = ("token_hash", token_hash) if token_hash is not None else ("id", token_id)
+            row = db.execute(f"SELECT id, revoked_at FROM tokens WHERE {column} = ?",
+                             (value,)).fetchone()
             if row is None:
                 raise ConfigError("no such token")
             if row[1] is None:
@@ -3077,19 +3049,11 @@ class Store:
                            (spent, cost, 0 if counted else 1, row.token_id))
 
     @staticmethod
-    def _chain_head(db: sqlite3.Connection) -> Tuple[int, bytes]:
-        """The last audit row's id and MAC, or the prune anchor's when the log is empty."""
-        last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-        if last is not None:
-            return last[0], bytes(last[1])
-        anchor, anchor_id = db.execute("SELECT audit_anchor, audit_anchor_id FROM state "
-                                       "WHERE id = 1").fetchone()
-        return anchor_id, bytes(anchor or b"")
-
-    @staticmethod
     def _append_audit(db: sqlite3.Connection, key: bytes, row: "AuditRow") -> None:
-        last_id, prev = Store._chain_head(db)
-        row.id = last_id + 1
+        """Chained to the last row's MAC, or to the prune anchor's when the log is empty."""
+        last = db.execute("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1").fetchone() or \
+            db.execute("SELECT audit_anchor_id, audit_anchor FROM state WHERE id = 1").fetchone()
+        row.id, prev = last[0] + 1, bytes(last[1] or b"")
         row.mac = audit_mac(key, row.values(), prev)
         db.execute(AUDIT_INSERT, row.values() + (row.mac,))
 
@@ -3097,10 +3061,8 @@ class Store:
                    limit: Optional[int] = None, after_id: int = 0) -> List["AuditRow"]:
         sql = (f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit WHERE id > ?"
                + (f" AND {where}" if where else ""))
-        if limit is not None:
-            sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id"
-        else:
-            sql += " ORDER BY id"
+        sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id" \
+            if limit is not None else sql + " ORDER BY id"
         with self.connection() as db:
             return [AuditRow.from_db(r) for r in db.execute(sql, (after_id,) + params)]
 
@@ -4076,6 +4038,7 @@ def exchange_upstream(pool: UpstreamPool, req: UpstreamRequest) -> UpstreamAnswe
     replayable = method in IDEMPOTENT_METHODS and not streamed
     for attempt in (0, 1):
         conn, reused = pool.connect(req.target)
+        retry = reused and replayable and attempt == 0   # a died idle connection: one fresh try
         try:
             conn.write(head + (body if isinstance(body, bytes) else b""), pool.read_timeout)
             for chunk in body if streamed else ():
@@ -4085,19 +4048,17 @@ def exchange_upstream(pool: UpstreamPool, req: UpstreamRequest) -> UpstreamAnswe
             if chunked:
                 conn.write(b"0\r\n\r\n", pool.read_timeout)
             answer = read_answer(pool, conn, method)
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+        except BaseException as exc:
             conn.close()
-            if reused and replayable and attempt == 0:
-                continue                 # the idle connection died under us: one fresh try
-            raise
-        except BaseException:
-            conn.close()
+            if retry and isinstance(exc, (BrokenPipeError, ConnectionResetError,
+                                          ConnectionAbortedError)):
+                continue
             raise
         if answer is not None:
             return answer
         conn.close()
-        if not (reused and replayable and attempt == 0):
-            raise UpstreamFraming("upstream closed the connection without answering")
+        if not retry:
+            break
     raise UpstreamFraming("upstream closed the connection without answering")
 
 
@@ -4186,8 +4147,8 @@ class Relay:
         self.writer, self.ex, self.meter, self.settle = writer, ex, meter, settle
 
     def run(self, answer: UpstreamAnswer, method: str, http11: bool,
-            location: Callable[[str], str],
-            rewrite: Optional[Callable[[bytes], bytes]] = None) -> None:
+            location: Callable[[str], str], gateway_ws: str = "") -> None:
+        """``gateway_ws``: a Discord /gateway answer's URL is pointed there."""
         ex, writer = self.ex, self.writer
         status = ex.status = answer.status
         codings = [c.strip().lower() for n, v in answer.fields if n.lower() == "content-encoding"
@@ -4209,9 +4170,8 @@ class Relay:
             self.settle()
             writer.head(status, headers, "none")
             return
-        if rewrite is not None and status == 200 and body.kind == "length" \
-                and body.left <= INLINE_BODY_MAX:
-            data = rewrite(self._read_all(body))
+        if gateway_ws and status == 200 and body.kind == "length" and body.left <= INLINE_BODY_MAX:
+            data = rewrite_gateway_url(b"".join(iter(lambda: self._read(body), b"")), gateway_ws)
             answer.finish(complete=True)
             self._meter(data)
             self.settle()
@@ -4231,14 +4191,6 @@ class Relay:
                     drain_for_usage(body, inflater, self.meter)
                 self._take_usage()               # an abandoned stream is charged what passed
             raise
-
-    def _read_all(self, body: BodyReader) -> bytes:
-        parts = []
-        while True:
-            data = self._read(body)
-            if not data:
-                return b"".join(parts)
-            parts.append(data)
 
     def _read(self, body: BodyReader) -> bytes:
         try:
@@ -4302,15 +4254,13 @@ def drain_for_usage(body: BodyReader, inflater: Optional[Inflater], meter: "Usag
     tokens the provider bills are still counted (OpenAI reports usage only at the end)."""
     deadline = time.monotonic() + USAGE_DRAIN_SECONDS
     seen = 0
-    try:
+    with contextlib.suppress(UpstreamFraming, OSError):
         while time.monotonic() < deadline and seen < USAGE_DRAIN_BYTES:
             data = body.read(STREAM_CHUNK)
             if not data:
                 return
             seen += len(data)
             meter.feed(inflater.decompress(data) if inflater is not None else data)
-    except (UpstreamFraming, OSError):
-        return
 
 
 class WsSession:
@@ -4523,7 +4473,7 @@ class DiscordGateway:
             if inflate.unconsumed_tail or not inflate.eof:
                 raise WsClose(1009, "binary gateway payload inflates too far or is cut")
         if opcode == OP_TEXT and b'"READY"' in message and b"resume_gateway_url" in message:
-            try:
+            with contextlib.suppress(ValueError, AttributeError, RecursionError):
                 payload = json.loads(message)
                 data = payload.get("d") or {}
                 url = data.get("resume_gateway_url")
@@ -4531,8 +4481,6 @@ class DiscordGateway:
                     host = urllib.parse.urlsplit(url).netloc
                     data["resume_gateway_url"] = f"{self.broker_ws_url}/resume/{host}"
                     message = json.dumps(payload).encode()
-            except (ValueError, AttributeError, RecursionError):
-                pass
         return opcode, message
 
 
@@ -4564,9 +4512,6 @@ class RequestHead:
 
     def get(self, name: str) -> Optional[str]:
         return next((v for n, v in self.fields if n.lower() == name), None)
-
-    def get_all(self, name: str) -> List[str]:
-        return [v for n, v in self.fields if n.lower() == name]
 
 
 class Exchange:
@@ -4616,9 +4561,15 @@ class Call:
         self.body: Any = None
 
 
-def is_websocket_upgrade(head: RequestHead) -> bool:
-    return head.method == "GET" and "websocket" in (head.get("upgrade") or "").lower() and \
-        "upgrade" in connection_tokens(head.fields)
+def read_capped(chunks: Iterable[bytes], limit: int, too_big: BrokerError) -> bytes:
+    """A body held whole: ``too_big`` as soon as it passes ``limit`` bytes."""
+    held, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        held.append(chunk)
+    return b"".join(held)
 
 
 class BrokerHandler(http.server.BaseHTTPRequestHandler):
@@ -4638,7 +4589,6 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = WireReader(self.connection)
         self.writer = AgentWriter(self.connection, settings.client_timeout)
-        self.error_style = ""
 
     def finish(self) -> None:
         """Nothing to flush: every answer went out through the writer."""
@@ -4786,7 +4736,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             upstream_target(provider, "/", "", False)
         ex.path = masked_request_path(provider, path, query)
         validate_query(query)
-        call.upgrade = is_websocket_upgrade(head)
+        call.upgrade = head.method == "GET" and "websocket" in (head.get("upgrade") or "").lower() \
+            and "upgrade" in connection_tokens(head.fields)
         if call.upgrade and request_has_body(head.fields):
             raise BadRequest("a WebSocket upgrade request carries no body", close=True)
         call.verify = provider.name not in settings.insecure_upstream
@@ -4882,10 +4833,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Length", str(len(body))))
         elif call.framing == "length":
             headers.append(("Content-Length", str(call.length)))
-        rewrite = None
-        if provider.gateway == "discord" and _GATEWAY_REST_RE.match(call.rest):
-            ws_base = self.gateway_url(head, call.prefix)
-            rewrite = lambda data: rewrite_gateway_url(data, ws_base)      # noqa: E731
+        gateway_ws = self.gateway_url(head, call.prefix) if provider.gateway == "discord" and \
+            _GATEWAY_REST_RE.match(call.rest) else ""
         answer = broker.forward(target, head.method, headers, body)
         if provider.oauth and answer.status == 401 and head.method in IDEMPOTENT_METHODS and (
                 body is None or isinstance(body, bytes)):    # revoked early: renew, retry once
@@ -4895,7 +4844,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             self.writer.use_key(call.pairs + broker.oauth_pairs(call.record.secret_name))
             headers = [(n, v.replace(stale, fresh)) for n, v in headers]
             answer = broker.forward(target, head.method, headers, body)
-        self.relay(head, answer, provider, call.prefix, ex, rewrite)
+        self.relay(head, answer, provider, call.prefix, ex, gateway_ws)
 
     def aws_payload(self, head: RequestHead, headers: List[Tuple[str, str]],
                     body: Any) -> Tuple[List[Tuple[str, str]], Any, int]:
@@ -4916,14 +4865,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         declared = head.get("x-amz-decoded-content-length") or ""
         if body is not None and not isinstance(body, bytes) and CONTENT_LENGTH_RE.match(
                 declared) and int(declared) <= AWS_HOLD_MAX:     # held: signed, checksummed
-            held, size = [], 0
-            for chunk in body:                    # framing adds little: a body far larger
-                size += len(chunk)                # than it declared is refused, not held
-                if size > 2 * int(declared) + 65536:
-                    raise BadRequest("an aws-chunked body much larger than its "
-                                     "x-amz-decoded-content-length", close=True)
-                held.append(chunk)
-            body = b"".join(held)
+            # framing adds little: a body far larger than it declared is refused, not held
+            body = read_capped(body, 2 * int(declared) + 65536, BadRequest(
+                "an aws-chunked body much larger than its x-amz-decoded-content-length",
+                close=True))
         if isinstance(body, bytes) or body is None:
             body = b"".join(aws_unchunk([body or b""], trailers, int(declared) if
                                         CONTENT_LENGTH_RE.match(declared) else None))
@@ -4986,13 +4931,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         too_big = PayloadTooLarge(f"the body is at most {DELEGATION_BODY_MAX} bytes", close=True)
         if framing == "length" and length > DELEGATION_BODY_MAX:
             raise too_big
-        body = b""
-        if framing != "none":
-            for chunk in self.body_chunks(head, BodyReader(
-                    self.reader, framing, length, "request", DELEGATION_BODY_MAX), ex):
-                body += chunk
-                if len(body) > DELEGATION_BODY_MAX:
-                    raise too_big
+        body = b"" if framing == "none" else read_capped(self.body_chunks(head, BodyReader(
+            self.reader, framing, length, "request", DELEGATION_BODY_MAX), ex),
+            DELEGATION_BODY_MAX, too_big)
         try:
             ask = json.loads(body or b"{}", object_pairs_hook=_reject_duplicate_keys)
         except (ValueError, RecursionError):
@@ -5015,8 +4956,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             dict(token=child, id=child_id, **answer), sort_keys=True).encode())
 
     def relay(self, head: RequestHead, answer: UpstreamAnswer, provider: Provider,
-              route_prefix: str, ex: Exchange,
-              rewrite: Optional[Callable[[bytes], bytes]] = None) -> None:
+              route_prefix: str, ex: Exchange, gateway_ws: str = "") -> None:
         content_type = next((v for n, v in answer.fields if n.lower() == "content-type"), "")
         meter = UsageMeter(provider.usage, content_type) if provider.usage else None
         metrics = self.server.broker.metrics
@@ -5024,7 +4964,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         try:
             Relay(self.writer, ex, meter, lambda: self.settle(ex)).run(
                 answer, head.method, head.version == "HTTP/1.1",
-                lambda value: rewrite_location(value, provider, route_prefix), rewrite)
+                lambda value: rewrite_location(value, provider, route_prefix), gateway_ws)
         finally:
             metrics.add_stream(-1)
             answer.finish(complete=ex.outcome == "ok")
@@ -5055,13 +4995,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                                   "model or budget policy", close=True)
         if framing == "length":
             raise too_big
-        parts, size = [], 0
-        for chunk in chunks:
-            size += len(chunk)
-            if size > MAX_INSPECT_BODY:
-                raise too_big
-            parts.append(chunk)
-        return b"".join(parts)
+        return read_capped(chunks, MAX_INSPECT_BODY, too_big)
 
     def scanned(self, chunks: Iterator[bytes], ex: Exchange) -> Iterator[bytes]:
         """A streamed body, checked for live seks tokens as it passes (LeakScanner): one found
@@ -5121,14 +5055,12 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     def client_ws_key(self, head: RequestHead) -> str:
         key = head.get("sec-websocket-key") or ""
-        try:
-            valid = len(base64.b64decode(key, validate=True)) == 16
-        except (binascii.Error, ValueError):
-            valid = False
-        if not valid or (head.get("sec-websocket-version") or "").strip() != "13":
-            raise BadRequest("bad WebSocket handshake (Sec-WebSocket-Key, Version 13)",
-                             headers={"Sec-WebSocket-Version": "13"})
-        return key
+        with contextlib.suppress(ValueError):             # (binascii.Error is a ValueError)
+            if len(base64.b64decode(key, validate=True)) == 16 and \
+                    (head.get("sec-websocket-version") or "").strip() == "13":
+                return key
+        raise BadRequest("bad WebSocket handshake (Sec-WebSocket-Key, Version 13)",
+                         headers={"Sec-WebSocket-Version": "13"})
 
     def open_websocket(self, head: RequestHead, provider: Provider, route_prefix: str,
                        target: Target, headers: List[Tuple[str, str]],
@@ -5156,7 +5088,8 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         pipeline), the real credential in the upstream handshake, frames relayed and scrubbed."""
         broker = self.server.broker
         key = self.client_ws_key(head)
-        offered = [p.strip() for v in head.get_all("sec-websocket-protocol") for p in v.split(",")]
+        offered = [p.strip() for n, v in head.fields if n.lower() == "sec-websocket-protocol"
+                   for p in v.split(",")]
         headers = [(n, ", ".join(p.strip() for p in v.split(",") if "seks_" not in p))
                    if n.lower() == "sec-websocket-protocol" else (n, v) for n, v in headers
                    if n.lower() not in WS_DROP_HEADERS]
