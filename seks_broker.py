@@ -801,8 +801,7 @@ def decide(policy: Dict[str, Any], facts: RequestFacts) -> Optional[BrokerError]
         return Forbidden(f"path is not allowed for this token (allowed prefixes: {', '.join(paths)})")
     if paths and any(".." in read.split("/") or not any(path_within(read, p) for p in paths)
                      for read in facts.reads):
-        return Forbidden("x-amz-copy-source (or -rename-source) is not within this token's "
-                         "allowed paths")
+        return Forbidden("x-amz-copy-source (or rename-source) is outside this token's paths")
     if methods and facts.override:
         return Forbidden("this token is limited to some methods; a method-override header would "
                          "change the method the upstream acts on")
