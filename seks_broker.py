@@ -4808,9 +4808,9 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             payload = hashlib.sha256(call.body or b"").hexdigest() if call.body is None or \
                 isinstance(call.body, bytes) else "UNSIGNED-PAYLOAD"
             if call.parts.get("role_arn"):    # sign as the role (its credentials masked too)
-                call.parts = broker.assume_role(record, call.parts, provider, call.region,
-                                                call.verify, ex)
-                call.pairs += parts_pairs(call.parts)
+                call.parts, role_pairs = broker.assume_role(record, call.parts, provider,
+                                                            call.region, call.verify, ex)
+                call.pairs += role_pairs
             headers = aws_sign(head.method, target, headers, payload, call.parts, call.region,
                                call.service, time.time())
         body = call.body
@@ -5865,7 +5865,7 @@ class Broker:
         self._oauth_seen: Dict[str, List[Tuple[str, float]]] = {}    # and those still alive
         self._oauth_pairs: Dict[str, Tuple[Tuple[str, ...], Any]] = {}   # and their scrub pairs
         self._role_lock, self._role_locks = threading.Lock(), {}   # AWS role_arn: per secret,
-        self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float]] = {}  # in memory
+        self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float, Any]] = {}  # memory
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
                                  name: self.providers[name].public if name in self.providers
                                  else ())
@@ -6121,17 +6121,19 @@ class Broker:
             lock.release()
 
     def assume_role(self, record: TokenRecord, parts: Dict[str, str], provider: Provider,
-                    region: str, verify: bool, ex: "Exchange") -> Dict[str, str]:
-        """The temporary credentials of the secret's ``role_arn``: asked of STS (AssumeRole,
-        signed with the secret's own keys) on first use and again when fewer than five
-        minutes are left, one request at a time per secret; kept in memory only."""
+                    region: str, verify: bool,
+                    ex: "Exchange") -> Tuple[Dict[str, str], Tuple[Tuple[bytes, bytes], ...]]:
+        """The temporary credentials of the secret's ``role_arn`` and their scrub pairs (made
+        once per credential set): asked of STS (AssumeRole, signed with the secret's own keys)
+        on first use and again when fewer than five minutes are left, one request at a time
+        per secret; kept in memory only."""
         key = (record.secret_name, parts["role_arn"], parts["access_key_id"])
         with self._role_lock:
             lock = self._role_locks.setdefault(key, threading.Lock())
         with lock:
             cached = self._roles.get(key)
             if cached is not None and cached[1] - time.time() > ROLE_RENEW_S:
-                return cached[0]
+                return cached[0], cached[2]
             body = urllib.parse.urlencode({"Action": "AssumeRole", "Version": "2011-06-15",
                                            "RoleArn": parts["role_arn"], "DurationSeconds": "3600",
                                            "RoleSessionName": "seks-" + record.agent[:50]}).encode()
@@ -6148,8 +6150,8 @@ class Broker:
                 ex.reason = f"STS AssumeRole for secret {record.secret_name} answered {status}"
                 raise UpstreamError(f"the broker could not assume the role of secret "
                                     f"{record.secret_name} (STS answered {status})")
-            self._roles[key] = (creds, expires)
-            return creds
+            self._roles[key] = (creds, expires, parts_pairs(creds))
+            return creds, self._roles[key][2]
 
     def forward(self, target: Target, method: str, headers: List[Tuple[str, str]],
                 body: Any) -> UpstreamAnswer:
