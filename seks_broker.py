@@ -14,8 +14,9 @@ THREAT MODEL (the full text is THREAT_MODEL.md beside this file)
 
 WHERE EACH PROMISE IS HELD, in reading order (sections 3 and 4 are the reviewer's path)
   1 The real key travels only to its provider's configured upstream: upstream_target
-      (validate_path, validate_query) makes the only Target; UpstreamPool.connect opens sockets
-      from a Target and nothing else; redirects are relayed, never followed.
+      (validate_path, validate_query) makes every Target the agent steers (config_target: OAuth
+      endpoints from config); UpstreamPool.connect opens sockets from a Target and nothing else;
+      redirects are relayed, never followed.
   2 The agent never receives the real key: AgentWriter is the one exit to the agent and owns
       the Scrubber (every key variant, also cut off: any run holding its first or last third;
       parts_pairs covers every part of a secret); swap_credentials strips every credential
@@ -1406,7 +1407,7 @@ class AgentWriter:
             headers.append(("Transfer-Encoding", "chunked"))
         elif framing == "close":
             self.close = True
-        if self.close:
+        if self.close and status != 101:          # (a 101 head says Upgrade)
             headers.append(("Connection", "close"))
         block = header_block(headers)
         self._framing = framing
@@ -1453,7 +1454,6 @@ class AgentWriter:
 
     # --- WebSocket ---------------------------------------------------------------------------
     def ws_accept(self, key: str, subprotocol: str) -> None:
-        self.close = False                       # (the head says Upgrade, not close)
         head = self._head(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"), (
             "Sec-WebSocket-Accept", ws_accept(key))] + [("Sec-WebSocket-Protocol", subprotocol)]
             * bool(subprotocol), "none", 0)
