@@ -4096,7 +4096,6 @@ USAGE_DRAIN_SECONDS = 60.0        # reading on after the agent left, to learn a 
 USAGE_DRAIN_BYTES = 16 * 1024 * 1024
 WS_MAX_MESSAGE = 16 * 1024 * 1024     # largest message either way -> close 1009
 WS_IDLE_TIMEOUT_S = 600.0             # no frame either way for this long -> close 1001
-WS_POLL_S = 5.0                       # how often a quiet reader checks idle, token and shutdown
 WS_IDENTIFY_TIMEOUT_S = 60.0          # a gateway client must IDENTIFY/RESUME within this
 WS_DROP_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-accept", "sec-websocket-version",
                              "sec-websocket-extensions", "origin", "content-length"})
@@ -4317,13 +4316,14 @@ class WsSession:
         if time.monotonic() - self.last_activity > WS_IDLE_TIMEOUT_S:
             raise WsClose(1001, "idle timeout")
 
-    def run(self) -> None:
+    def run(self, poll: float) -> None:
+        """Relay until either side ends; a quiet reader wakes every ``poll`` seconds for tick."""
         for sock in (self.agent.sock, self.upstream.sock):
-            sock.settimeout(WS_POLL_S)
+            sock.settimeout(poll)
         down = threading.Thread(target=self._pump, args=(False,), name="seks-ws-down", daemon=True)
         down.start()
         self._pump(True)
-        down.join(WS_POLL_S * 2)
+        down.join(poll * 2)
 
     def _pump(self, from_agent: bool) -> None:
         reader = self.agent if from_agent else self.upstream.reader
@@ -5150,7 +5150,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         broker.metrics.add_stream(1)
         broker.ws_sessions.add(session)
         try:
-            session.run()
+            session.run(broker.settings.ws_poll)
         finally:
             broker.ws_sessions.discard(session)
             broker.metrics.add_stream(-1)
@@ -5383,6 +5383,8 @@ SETTINGS: List[SettingSpec] = [
                 UPSTREAM_CONNECT_TIMEOUT_S, "TCP and TLS connect to an upstream (504 past it)"),
     SettingSpec("upstream_timeout", "limits", "upstream_timeout", "duration",
                 UPSTREAM_TIMEOUT_S, "silence from an upstream while waiting for bytes (504)"),
+    SettingSpec("ws_poll", "limits", "ws_poll", "duration", 5.0,
+                "a quiet WebSocket session re-checks its token, idle time and shutdown this often"),
     SettingSpec("log_format", "log", "format", "choice:text,json", "text",
                 "per-request log lines on stderr as text or JSON"),
     SettingSpec("log_level", "log", "level", "choice:debug,info,warning,error", "info",

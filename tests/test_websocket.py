@@ -39,7 +39,7 @@ from ws_helpers import (
 WS_PROVIDERS = ("openai", "gemini", "anthropic", "discord")
 RT_PATH = "/openai/v1/realtime?model=gpt-test"
 MAX_MESSAGE = 16 * MiB            # the broker's WS_MAX_MESSAGE
-BROKER_POLL_S = 5.0               # the broker's WS_POLL_S (socket timeout of a relayed session)
+BROKER_POLL_S = 1.0               # the ws_poll these tests give the broker (its default is 5 s)
 END_S = 5.0                       # "soon": the other side's socket must be closed within this
 MASK_LABEL = b"[REDACTED-BY-SEKS]"
 ZLIB_SUFFIX = b"\x00\x00\xff\xff"
@@ -87,7 +87,8 @@ def wsb(broker_factory: Brokers, realtime: FakeRealtime, gateway: FakeGateway, e
     discord REST -> a FakeUpstream, discord gateway (env) -> FakeGateway."""
     return broker_factory(
         {"openai": realtime.url, "gemini": echo.url, "anthropic": echo.url, "discord": discord_rest.url},
-        extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": gateway.ws_url}, providers=WS_PROVIDERS)
+        extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": gateway.ws_url, "SEKS_WS_POLL": f"{BROKER_POLL_S}s"},
+        providers=WS_PROVIDERS)
 
 
 @pytest.fixture(autouse=True)
@@ -708,7 +709,7 @@ def slow_agent_reader(wsb: Broker, pause: float) -> None:
 
 
 def slow_upstream_reader(wsb: Broker) -> None:
-    """The other direction: the agent sends 8 MiB while the upstream is busy for 8 s (it is
+    """The other direction: the agent sends 8 MiB while the upstream is busy past the broker's poll (it is
     still sending a 16 MiB answer the agent does not read yet); nothing is lost."""
     ws = rt_open(wsb)
     ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -722,7 +723,7 @@ def slow_upstream_reader(wsb: Broker) -> None:
         sent.set()
     t = threading.Thread(target=writer, daemon=True)
     t.start()
-    time.sleep(BROKER_POLL_S + 3.0)
+    time.sleep(BROKER_POLL_S + 1.5)
     op, payload = ws.recv_data(timeout=60)
     assert op == OP_BINARY and len(payload) == MAX_MESSAGE
     for c in chunks:
@@ -738,12 +739,12 @@ def test_slow_reader_loses_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
 
 
 def test_slow_readers_past_the_broker_poll_lose_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
-    """Either side silent for longer than the broker's poll (8 s > WS_POLL_S): an agent that
+    """Either side silent for longer than the broker's poll (2.5 s > ws_poll): an agent that
     reads nothing (slow_agent_reader) and an upstream busy sending (slow_upstream_reader) lose
     nothing. The two sessions (each its own connection and upstream session) wait side by side,
     and each one's checks hold as when it ran alone."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        waits = [pool.submit(slow_agent_reader, wsb, BROKER_POLL_S + 3.0), pool.submit(slow_upstream_reader, wsb)]
+        waits = [pool.submit(slow_agent_reader, wsb, BROKER_POLL_S + 1.5), pool.submit(slow_upstream_reader, wsb)]
         for w in waits:
             w.result(timeout=120)
 
