@@ -6880,11 +6880,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     leaves: Dict[str, argparse.ArgumentParser] = {}
 
     def command(name: str, text: str, *example_lines: str,
-                under: Any = None, path: str = "") -> argparse.ArgumentParser:
-        where = under if under is not None else sub
-        leaf = where.add_parser(name, help=text, description=text, parents=[common],
-                                formatter_class=CliFormatter,
-                                epilog=examples(*example_lines) if example_lines else None)
+                under: Any = sub, path: str = "") -> argparse.ArgumentParser:
+        leaf = under.add_parser(name, help=text, description=text, parents=[common],
+                                formatter_class=CliFormatter, epilog=examples(*example_lines))
         leaves[(path + " " + name).strip()] = leaf
         return leaf
 
@@ -6899,21 +6897,17 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     p = command("serve", "run the broker for agents (creates the database on first use)",
                 "PROG serve", "PROG serve --port 9000 --admin-port 9100",
                 "PROG --db /srv/seks/seks.db serve --host 0.0.0.0 --tls-cert c.pem --tls-key k.pem")
-    for spec in SETTINGS:
-        if spec.name == "db":
-            continue
-        if spec.kind == "bool" and spec.default is False:
-            p.add_argument(spec.flag, dest=spec.name, action="store_const", const="true",
-                           help=setting_help(spec))
-        elif spec.kind == "bool":
-            p.add_argument("--no-" + spec.flag[2:], dest=spec.name, action="store_const",
-                           const="false", help=setting_help(spec))
+    for spec in (s for s in SETTINGS if s.name != "db"):
+        flag, text = spec.flag, setting_help(spec)
+        if spec.kind == "bool":                   # the flag turns the default around
+            off = spec.default is not False
+            flag = "--no-" + flag[2:] if off else flag
+            kwargs = {"action": "store_const", "const": "false" if off else "true"}
         elif spec.kind == "list":
-            p.add_argument(spec.flag, dest=spec.name, action="append", metavar="NAME",
-                           help=setting_help(spec) + " (repeatable)")
+            kwargs, text = {"action": "append", "metavar": "NAME"}, text + " (repeatable)"
         else:
-            p.add_argument(spec.flag, dest=spec.name, metavar=spec.kind.split(":")[0].upper(),
-                           help=setting_help(spec))
+            kwargs = {"metavar": spec.kind.split(":")[0].upper()}
+        p.add_argument(flag, dest=spec.name, help=text, **kwargs)
 
     p = command("demo", "try it without a real key: the broker in front of a built-in fake "
                 "OpenAI upstream, in a throwaway database", "PROG demo", "PROG demo --port 0")
@@ -6927,8 +6921,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
                 "PROG run --agent bot --secret openai-main --secret claude --budget-tokens "
                 "200000 -- ./agent.sh",
                 "PROG run --agent ci --secret gh --allow-method GET --ttl 30m -- make check")
-    p.add_argument("--agent", required=True, help="the agent the tokens belong to (created "
-                                                  "if new)")
+    p.add_argument("--agent", required=True, help="the agent the tokens belong to (created if new)")
     p.add_argument("--secret", action="append", required=True, metavar="NAME",
                    help="a stored secret to mint a token for (repeatable, one per provider)")
     p.add_argument("--url", help="a running broker to use (default: the configured address if "
@@ -6942,11 +6935,11 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
                        "soon as the command ends)")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
-    command("status", "one screen for the operator: broker, agents, traffic, budgets, "
-            "denials, audit chain", "PROG status", "PROG status --json --url http://127.0.0.1:9000")
-    leaves["status"].add_argument("--json", action="store_true", help="one JSON object")
-    leaves["status"].add_argument("--url", help="where the broker listens (default: the "
-                                               "configured address)")
+    p = command("status", "one screen for the operator: broker, agents, traffic, budgets, "
+                "denials, audit chain", "PROG status",
+                "PROG status --json --url http://127.0.0.1:9000")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--url", help="where the broker listens (default: the configured address)")
     command("providers", "each route, its upstream and where its credentials go",
             "PROG providers", "PROG --config seks.ini providers --json"
             ).add_argument("--json", action="store_true", help="JSON lines")
@@ -7057,17 +7050,15 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
 def add_audit_filters(q: argparse.ArgumentParser, shown: bool = True) -> None:
     """The row filters and output flags of `audit list`. Plain `audit` takes them too,
     hidden, and defaults them for its sub-commands."""
-    default = None if shown else argparse.SUPPRESS
-    for flag, text in (("--agent", "only this agent"), ("--provider", "only this provider"),
-                       ("--since", "1h, 30m, 7d or an ISO date/time (UTC)"),
-                       ("--status", "exact status (404) or class (4xx)")):
-        q.add_argument(flag, default=default, help=text if shown else argparse.SUPPRESS)
-    q.add_argument("--limit", type=int, default=100 if shown else argparse.SUPPRESS,
-                   help="newest N rows (default 100)" if shown else argparse.SUPPRESS)
-    for flag, text in (("--json", "JSON lines instead of a table"),
-                       ("--follow", "keep printing new rows (Ctrl-C ends)")):
-        q.add_argument(flag, action="store_true", default=False if shown else argparse.SUPPRESS,
-                       help=text if shown else argparse.SUPPRESS)
+    hide = {} if shown else {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+    for flag, text, kwargs in (
+            ("--agent", "only this agent", {}), ("--provider", "only this provider", {}),
+            ("--since", "1h, 30m, 7d or an ISO date/time (UTC)", {}),
+            ("--status", "exact status (404) or class (4xx)", {}),
+            ("--limit", "newest N rows (default 100)", {"type": int, "default": 100}),
+            ("--json", "JSON lines instead of a table", {"action": "store_true"}),
+            ("--follow", "keep printing new rows (Ctrl-C ends)", {"action": "store_true"})):
+        q.add_argument(flag, **{"help": text, **kwargs, **hide})
 
 
 def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser],
@@ -7075,15 +7066,10 @@ def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser]
     """For arguments the sub-command did not take: which are known flags of other commands
     (named, with where they belong). Anything else is not echoed: it might be a secret."""
     hints = []
-    owners: Dict[str, List[str]] = {}
-    for name, leaf in leaves.items():
-        for action in leaf._actions:
-            for option in action.option_strings:
-                owners.setdefault(option, []).append(name)
-    for arg in extra:
-        option = arg.split("=", 1)[0]
-        if option.startswith("--") and option in owners:
-            places = [name for name in owners[option] if name != here]
+    for option in (arg.split("=", 1)[0] for arg in extra if arg.startswith("--")):
+        owners = [name for name, leaf in leaves.items() if option in leaf._option_string_actions]
+        places = [name for name in owners if name != here]
+        if owners:
             hints.append(f"{option} is not an option of '{here}'"
                          + (f"; it belongs to: {', '.join(places)}" if places else ""))
     return hints
@@ -7204,23 +7190,20 @@ def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300)
     parse_upstream_base(auth_url)
     verifier, state = secrets.token_urlsafe(48), secrets.token_urlsafe(16)
     got: Dict[str, str] = {}
-    server = http.server.HTTPServer(("127.0.0.1", 0), SignInRedirectHandler)
-    server.timeout = 1.0
-    server.expected_state, server.got = state, got       # type: ignore[attr-defined]
-    redirect = f"http://127.0.0.1:{server.server_address[1]}/"
-    consent = auth_url + ("&" if "?" in auth_url else "?") + urllib.parse.urlencode({
-        "response_type": "code", "client_id": parts["client_id"], "redirect_uri": redirect,
-        "scope": parts.get("scope") or "", "state": state, "code_challenge_method": "S256",
-        "code_challenge": b64url(hashlib.sha256(verifier.encode()).digest()),
-        "access_type": "offline", "prompt": "consent"})
-    sys.stderr.write(f"Open this URL in a browser on this machine and sign in ({provider.name}); "
-                     f"waiting for the redirect to {redirect}\n{consent}\n")
-    deadline = time.monotonic() + cap
-    try:
+    with http.server.HTTPServer(("127.0.0.1", 0), SignInRedirectHandler) as server:
+        server.timeout = 1.0
+        server.expected_state, server.got = state, got       # type: ignore[attr-defined]
+        redirect = f"http://127.0.0.1:{server.server_address[1]}/"
+        consent = auth_url + ("&" if "?" in auth_url else "?") + urllib.parse.urlencode({
+            "response_type": "code", "client_id": parts["client_id"], "redirect_uri": redirect,
+            "scope": parts.get("scope") or "", "state": state, "code_challenge_method": "S256",
+            "code_challenge": b64url(hashlib.sha256(verifier.encode()).digest()),
+            "access_type": "offline", "prompt": "consent"})
+        sys.stderr.write(f"Open this URL in a browser on this machine and sign in "
+                         f"({provider.name}); waiting for the redirect to {redirect}\n{consent}\n")
+        deadline = time.monotonic() + cap
         while not got and time.monotonic() < deadline:
             server.handle_request()
-    finally:
-        server.server_close()
     if not got.get("code"):
         raise ConfigError(f"no sign-in came back{': ' + terminal_text(got.get('error')) if got else ''}"
                           f"; nothing was stored")
@@ -7334,27 +7317,23 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
     if args.command == "demo":
         return cmd_demo(args.host, args.port)
     flags: Dict[str, Any] = {"db": args.db}
-    if args.command == "serve":
+    if args.command == "serve":                   # resolve_settings skips flags left out (None)
         for spec in SETTINGS:
-            value = getattr(args, spec.name, None)
-            if spec.name != "db" and value is not None:
-                flags[spec.name] = ",".join(value) if isinstance(value, list) else value
+            value = getattr(args, spec.name)
+            flags[spec.name] = ",".join(value) if isinstance(value, list) else value
     settings = resolve_settings(args.config, environ, flags)
     providers = load_providers(settings, strict=args.command == "serve")
     if args.command == "providers":
         return cmd_providers(args, providers)
-    if args.command == "backup":                  # a copy needs no key (it holds none)
-        with contextlib.closing(Store(settings.db, create=False)) as store:
-            return cmd_backup(args.path, store, settings.db)
     action = getattr(args, "action", None)
-    if args.command == "secret" and action in ("add", "rotate"):   # key loaded after the prompt
-        with contextlib.closing(Store(settings.db, create=action == "add")) as store:
+    # Only the commands that store something create a new database or key file; every other
+    # command but these two gets the master key checked against the database.
+    creates = args.command == "serve" or action == "add"          # agent add, secret add
+    with contextlib.closing(Store(settings.db, create=creates)) as store:
+        if args.command == "backup":              # a copy needs no key (it holds none)
+            return cmd_backup(args.path, store, settings.db)
+        if args.command == "secret" and action in ("add", "rotate"):  # key loaded after the prompt
             return cmd_secret_write(args, store, settings, providers, environ)
-    # Every other command gets the master key checked against the database; only those that
-    # store something create a new database or key file.
-    creates = args.command == "serve" or (args.command, action) == ("agent", "add")
-    store = Store(settings.db, create=creates)
-    try:
         master = load_master_key(settings.db, environ, store, create=creates)
         if args.command == "serve":
             worker = int(environ.get("SEKS_WORKER_INDEX", "0") or 0)
@@ -7370,8 +7349,6 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
                    "audit": cmd_audit, "usage": cmd_usage, "status": cmd_status,
                    "run": cmd_run, "rotate-master-key": cmd_rotate_master_key}[args.command]
         return handler(args, store, master, settings, providers, environ)
-    finally:
-        store.close()
 
 
 class DemoUpstream(http.server.ThreadingHTTPServer):
@@ -7405,10 +7382,9 @@ class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        if not self.authorized():
-            return
-        self.reply(200, json.dumps({"object": "list", "data": [
-            {"id": "demo-model", "object": "model", "owned_by": "seks-demo"}]}).encode())
+        if self.authorized():
+            self.reply(200, json.dumps({"object": "list", "data": [
+                {"id": "demo-model", "object": "model", "owned_by": "seks-demo"}]}).encode())
 
     def do_POST(self) -> None:
         size = self.headers.get("Content-Length", "")
