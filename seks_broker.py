@@ -7207,10 +7207,9 @@ def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300)
     if not got.get("code"):
         raise ConfigError(f"no sign-in came back{': ' + terminal_text(got.get('error')) if got else ''}"
                           f"; nothing was stored")
-    answer = post_form(token_url, dict({k: parts[k] for k in ("client_id", "client_secret")
-                                        if parts.get(k)}, grant_type="authorization_code",
-                                       code=got["code"], redirect_uri=redirect,
-                                       code_verifier=verifier))
+    client = {k: parts[k] for k in ("client_id", "client_secret") if parts.get(k)}
+    answer = post_form(token_url, dict(client, grant_type="authorization_code", code=got["code"],
+                                       redirect_uri=redirect, code_verifier=verifier))
     if not isinstance(answer.get("refresh_token"), str) or not answer["refresh_token"]:
         raise ConfigError(f"the provider gave no refresh token ({terminal_text(answer.get('error'))}"
                           f"); nothing was stored")
@@ -7227,8 +7226,7 @@ def oauth_device_flow(provider: Provider, parts: Dict[str, Any], cap: float = 90
         raise ConfigError(f"{provider.name}'s device flow needs client_id (and its device_url "
                           f"and token_url); or give the refresh token yourself with --provider")
     client = {k: parts[k] for k in ("client_id", "client_secret") if parts.get(k)}
-    started = post_form(device_url, dict(client_id=parts["client_id"], **(
-        {"scope": parts["scope"]} if parts.get("scope") else {})))
+    started = post_form(device_url, {k: parts[k] for k in ("client_id", "scope") if parts.get(k)})
     where = started.get("verification_uri_complete") or started.get("verification_uri") or \
         started.get("verification_url")
     if not isinstance(started.get("device_code"), str) or not isinstance(where, str):
@@ -7316,11 +7314,9 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
         return cmd_config_check(args.path)
     if args.command == "demo":
         return cmd_demo(args.host, args.port)
-    flags: Dict[str, Any] = {"db": args.db}
-    if args.command == "serve":                   # resolve_settings skips flags left out (None)
-        for spec in SETTINGS:
-            value = getattr(args, spec.name)
-            flags[spec.name] = ",".join(value) if isinstance(value, list) else value
+    # serve's setting flags (other commands take only --db); resolve_settings skips a None
+    flags = {name: ",".join(value) if isinstance(value, list) else value
+             for name, value in vars(args).items() if name in SETTINGS_BY_NAME}
     settings = resolve_settings(args.config, environ, flags)
     providers = load_providers(settings, strict=args.command == "serve")
     if args.command == "providers":
@@ -7374,9 +7370,9 @@ class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def reply(self, status: int, body: bytes) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -7422,8 +7418,7 @@ class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
         for event in events:
             event.update(id="chatcmpl-demo", object="chat.completion.chunk", model=model)
             data = b"data: " + json.dumps(event).encode() + b"\n\n"
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))   # unbuffered: sent now
             time.sleep(0.05)
         done = b"data: [DONE]\n\n"
         self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
