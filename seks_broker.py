@@ -6779,9 +6779,8 @@ def load_master_key(db_path: str, environ: Dict[str, str], store: Store,
 
 
 def print_table(headers: List[str], rows: List[List[Any]]) -> None:
-    cells = [[terminal_text(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    cells = [headers] + [[terminal_text(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
@@ -6815,8 +6814,7 @@ class CliParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-class CliFormatter(argparse.RawDescriptionHelpFormatter):
-    """Help with the epilog's examples kept as written."""
+CliFormatter = argparse.RawDescriptionHelpFormatter    # help with the examples kept as written
 
 
 def examples(*lines: str) -> str:
@@ -6824,9 +6822,8 @@ def examples(*lines: str) -> str:
 
 
 def setting_help(spec: SettingSpec) -> str:
-    default = spec.default
-    shown = ("none" if default in ("", [], None, -1) else
-             "off" if default is False else str(default))
+    shown = ("none" if spec.default in ("", [], None, -1) else
+             "off" if spec.default is False else str(spec.default))
     return (f"{spec.help} (default: {shown}; env {spec.env}; config [{spec.section}] "
             f"{spec.key})").replace("%", "%%")
 
@@ -6869,8 +6866,7 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
                                        "started elsewhere"))
     parser.add_argument("--version", action="version", version=f"seks-broker {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    for parent_level in (parser, common):
-        default = None if parent_level is parser else argparse.SUPPRESS
+    for parent_level, default in ((parser, None), (common, argparse.SUPPRESS)):
         parent_level.add_argument("--db", default=default, help=(
             "database path (default: $SEKS_DB, the config file's [server] db, or ./seks.db)"))
         parent_level.add_argument("--config", default=default,
