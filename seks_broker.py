@@ -7127,8 +7127,7 @@ def read_secret_parts(name: str, provider: Provider, rotating: bool) -> Dict[str
             if value:
                 given[part] = value
         return given
-    text = read_secret_value(name)
-    given = json_value(text, _reject_duplicate_keys)
+    given = json_value(read_secret_value(name), _reject_duplicate_keys)
     if not isinstance(given, dict) or not all(isinstance(v, (str, type(None)))
                                               for v in given.values()):
         example = json.dumps({n: "..." for n in provider.parts})
@@ -7213,9 +7212,8 @@ def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300)
 
 
 def oauth_device_flow(provider: Provider, parts: Dict[str, Any], cap: float = 900) -> str:
-    """RFC 8628: ask the provider's device endpoint for a code, tell the operator where to
-    approve it, poll the token endpoint until it is approved, denied or expired. Returns the
-    refresh token (never printed)."""
+    """RFC 8628: ask the device endpoint for a code, tell the operator where to approve it, poll
+    the token endpoint until approved, denied or expired; the refresh token (never printed)."""
     device_url = parts.get("device_url") or provider.device_url
     token_url = parts.get("token_url") or provider.token_url
     if not device_url or not token_url or not parts.get("client_id"):
