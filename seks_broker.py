@@ -6917,7 +6917,8 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
                 "PROG run --agent bot --secret openai-main --secret claude --budget-tokens "
                 "200000 -- ./agent.sh",
                 "PROG run --agent ci --secret gh --allow-method GET --ttl 30m -- make check")
-    p.add_argument("--agent", required=True, help="the agent the tokens belong to (created if new)")
+    p.add_argument("--agent", required=True, help="the agent the tokens belong to (created "
+                                                  "if new)")
     p.add_argument("--secret", action="append", required=True, metavar="NAME",
                    help="a stored secret to mint a token for (repeatable, one per provider)")
     p.add_argument("--url", help="a running broker to use (default: the configured address if "
