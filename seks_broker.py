@@ -5400,54 +5400,51 @@ SETTINGS: List[SettingSpec] = [
 ]
 SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
 _SIZE_RE = re.compile(r"^(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\Z", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
-               "mb": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3,
-               "gib": 1024 ** 3}
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
-def parse_setting(spec: SettingSpec, text: Any) -> Any:
-    """Convert a setting from its text form (config file, env or flag); ConfigError if bad."""
+def parse_setting(spec: SettingSpec, text: Any, source: str = "") -> Any:
+    """Convert a setting from its text form (config file, env or flag); ConfigError if bad,
+    naming ``source`` (--port, $SEKS_PORT) or else the setting."""
     if not isinstance(text, str):
         return text
-    value = text.strip()
-    kind = spec.kind
+    value, kind, name = text.strip(), spec.kind, source or spec.name
     if kind in ("str", "path"):
         return value
     if kind in ("int", "port"):
         if not re.match(r"^-?\d+$", value):
-            raise ConfigError(f"{spec.name}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{name}: expected a whole number, got {value!r}")
         number = int(value)
         if kind == "port" and not 0 <= number <= 65535:
-            raise ConfigError(f"{spec.name}: a port is 0-65535, got {number}")
+            raise ConfigError(f"{name}: a port is 0-65535, got {number}")
         if kind == "int" and number < 1:
-            raise ConfigError(f"{spec.name}: must be at least 1, got {number}")
+            raise ConfigError(f"{name}: must be at least 1, got {number}")
         return number
     if kind == "size":
         match = _SIZE_RE.match(value)
         if not match:
-            raise ConfigError(f"{spec.name}: expected a size like 1048576, 512KiB or 100MiB, "
-                              f"got {value!r}")
-        return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+            raise ConfigError(f"{name}: expected a size like 1048576, 512KiB or 100MiB, got "
+                              f"{value!r}")
+        unit = (match.group(2) or "b")[0].lower()         # b, k, m or g: a power of 1024
+        return int(match.group(1)) * 1024 ** "bkmg".index(unit)
     if kind == "duration":
         match = _DURATION_RE.match(value)
         if not match or float(match.group(1)) <= 0:
-            raise ConfigError(f"{spec.name}: expected a duration like 30s, 500ms or 5m, "
-                              f"got {value!r}")
+            raise ConfigError(f"{name}: expected a duration like 30s, 500ms or 5m, got {value!r}")
         return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if kind == "bool":
         if value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{spec.name}: expected true or false, got {value!r}")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if kind == "list":
         return [v for v in re.split(r"[,\s]+", value) if v]
     if kind.startswith("choice:"):
         choices = kind[7:].split(",")
         if value not in choices:
-            raise ConfigError(f"{spec.name}: expected one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
         return value
-    raise ConfigError(f"{spec.name}: unknown kind {kind}")
+    raise ConfigError(f"{name}: unknown kind {kind}")
 
 
 class Settings:
@@ -5512,45 +5509,31 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
             except ConfigError as exc:
                 errors.append(f"{where(section, exc.key)}: [{section}] {exc}")
             continue
-        if section == "prices":
-            for key, value in parser.items(section):
-                try:
-                    settings.prices[key.strip().lower()] = parse_price(value)
-                except ConfigError as exc:
-                    errors.append(f"{where(section, key)}: [prices] {key}: {exc}")
-            continue
-        if section == "upstream":
-            for key, value in parser.items(section):
-                if (section, key) in by_place:
-                    continue
-                if key == "discord_gateway":
-                    try:
-                        check_gateway_url(value.strip())
-                        settings.discord_gateway = value.strip().rstrip("/")
-                    except ConfigError as exc:
-                        errors.append(f"{where(section, key)}: {exc}")
-                    continue
-                try:
-                    parse_upstream_base(value.strip())
-                    settings.upstreams[key] = value.strip()
-                except ConfigError as exc:
-                    errors.append(f"{where(section, key)}: [upstream] {key}: {exc}")
-        elif section not in ("server", "limits", "log", "alerts"):
+        if section not in ("server", "limits", "log", "alerts", "prices", "upstream"):
             errors.append(f"{where(section)}: unknown section [{section}] (known: server, "
                           f"limits, log, alerts, prices, upstream, provider:NAME)")
             continue
         for key, value in parser.items(section):
             spec = by_place.get((section, key))
-            if spec is None:
-                if section != "upstream":
+            gateway = (section, key) == ("upstream", "discord_gateway")
+            try:
+                if spec is not None:
+                    setattr(settings, spec.name, parse_setting(spec, value))
+                elif section == "prices":
+                    settings.prices[key.strip().lower()] = parse_price(value)
+                elif gateway:
+                    check_gateway_url(value.strip())
+                    settings.discord_gateway = value.strip().rstrip("/")
+                elif section == "upstream":             # a provider's upstream override
+                    parse_upstream_base(value.strip())
+                    settings.upstreams[key] = value.strip()
+                else:
                     known = ", ".join(s.key for s in SETTINGS if s.section == section)
                     errors.append(f"{where(section, key)}: unknown key '{key}' in [{section}] "
                                   f"(known: {known})")
-                continue
-            try:
-                setattr(settings, spec.name, parse_setting(spec, value))
             except ConfigError as exc:
-                errors.append(f"{where(section, key)}: {exc}")
+                named = "" if spec is not None or gateway else f"[{section}] {key}: "
+                errors.append(f"{where(section, key)}: {named}{exc}")
     known = set(settings.custom_providers) | set(builtin_providers())
     for name in settings.upstreams:
         if name not in known:
@@ -5585,12 +5568,12 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
             raise ConfigError("invalid config file:\n  " + "\n  ".join(errors)
                               + f"\n(run: seks_broker.py config check {path})")
     for spec in SETTINGS:
-        if spec.env in environ and environ[spec.env].strip() != "":
-            setattr(settings, spec.name, parse_named(spec, environ[spec.env], "$" + spec.env))
+        if environ.get(spec.env, "").strip():
+            setattr(settings, spec.name, parse_setting(spec, environ[spec.env], "$" + spec.env))
     for name, value in flags.items():
         if value is not None:
             spec = SETTINGS_BY_NAME[name]
-            setattr(settings, name, parse_named(spec, value, spec.flag))
+            setattr(settings, name, parse_setting(spec, value, spec.flag))
     for name, value in environ.items():
         if name.startswith("SEKS_UPSTREAM_") and name not in ("SEKS_UPSTREAM_CA",
                                                                "SEKS_UPSTREAM_TIMEOUT") and value:
@@ -5603,14 +5586,6 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
     if problem:
         raise ConfigError(problem)
     return settings
-
-
-def parse_named(spec: SettingSpec, value: Any, source: str) -> Any:
-    """parse_setting, with errors naming where the value came from (--port, $SEKS_PORT)."""
-    try:
-        return parse_setting(spec, value)
-    except ConfigError as exc:
-        raise ConfigError(source + str(exc)[len(spec.name):]) from None
 
 
 def settings_problem(settings: Settings) -> str:
