@@ -5274,11 +5274,13 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     if set(public) - set(parts) or public and parts == ("key",):
         raise ConfigError("public names parts (identifiers such as an account id that answers "
                           "carry) from 'parts', never the key itself", key="public")
-    try:
-        if sec["upstream"].strip() != "none":
-            parse_upstream_base(sec["upstream"].strip())
-    except ConfigError as exc:
-        raise ConfigError(str(exc), key="upstream") from None
+    for key, unset in (("upstream", "none"), ("token_url", ""), ("device_url", ""),
+                       ("auth_url", "")):
+        try:
+            if sec.get(key, "").strip() != unset:
+                parse_upstream_base(sec[key].strip())
+        except ConfigError as exc:
+            raise ConfigError(str(exc), key=key) from None
     choices = {"usage": ("openai", "anthropic", "gemini", "bedrock"), "token_shape": ("bot-id",),
                "errors": ("telegram", "aws"), "region": ("gcp",), "gateway": ("discord",)}
     usage, shape, errors, region, gateway = (sec.get(key, "").strip() for key in choices)
@@ -5299,12 +5301,6 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         raise ConfigError(f"oauth names grants ({', '.join(OAUTH_GRANTS)}) and inject then uses "
                           f"{{access_token}}, e.g. 'inject = header Authorization Bearer "
                           f"{{access_token}}'", key="oauth")
-    for key in ("token_url", "device_url", "auth_url"):
-        try:
-            if sec.get(key, "").strip():
-                parse_upstream_base(sec[key].strip())
-        except ConfigError as exc:
-            raise ConfigError(str(exc), key=key) from None
     if oauth and "access_token" not in optional:
         optional += ("access_token",)             # the broker mints it; the secret never holds it
     return Provider(name, sec["upstream"].strip(), places, inject, usage,
@@ -5331,13 +5327,14 @@ BUILTIN_PROVIDERS = providers_from_ini(BUILTIN_PROVIDERS_INI)
 
 
 class SettingSpec:
-    """One setting: its config-file place, its env variable and flag, its type and default."""
+    """One setting: its config-file ``[section] key`` (the key is its name unless given), its
+    env variable and flag, its type and default."""
 
     __slots__ = ("name", "section", "key", "kind", "default", "help")
 
-    def __init__(self, name: str, section: str, key: str, kind: str, default: Any,
-                 help: str) -> None:
-        self.name, self.section, self.key, self.kind = name, section, key, kind
+    def __init__(self, name: str, section: str, kind: str, default: Any, help: str,
+                 key: str = "") -> None:
+        self.name, self.section, self.key, self.kind = name, section, key or name, kind
         self.default, self.help = default, help
 
     @property
@@ -5351,52 +5348,49 @@ class SettingSpec:
 
 # Every setting, in the order the README documents them. Flags beat env beat the file.
 SETTINGS: List[SettingSpec] = [
-    SettingSpec("db", "server", "db", "path", DEFAULT_DB, "database file (key file: <db>.key)"),
-    SettingSpec("host", "server", "host", "str", DEFAULT_HOST, "listen address for agents"),
-    SettingSpec("port", "server", "port", "port", DEFAULT_PORT, "listen port for agents (0: any)"),
-    SettingSpec("tls_cert", "server", "tls_cert", "path", "", "TLS certificate chain (PEM) for "
-                "the agent port; with tls_key, agents connect with https"),
-    SettingSpec("tls_key", "server", "tls_key", "path", "", "TLS private key (PEM)"),
-    SettingSpec("admin_host", "server", "admin_host", "str", "127.0.0.1",
-                "listen address of the admin port"),
-    SettingSpec("admin_port", "server", "admin_port", "port", -1,
-                "admin port serving /metrics and /healthz (off unless set; with --workers N "
-                "the workers use admin_port .. admin_port+N-1)"),
-    SettingSpec("workers", "server", "workers", "int", 1,
-                "processes sharing the agent port (SO_REUSEPORT) and the DB"),
-    SettingSpec("grace", "server", "grace", "duration", 10.0,
-                "on SIGTERM/SIGINT, how long in-flight requests and streams may finish"),
-    SettingSpec("public_url", "server", "public_url", "str", "",
-                "the broker's address as agents see it (token mint --format env)"),
-    SettingSpec("max_body", "limits", "max_body", "size", MAX_BODY_BYTES,
+    SettingSpec("db", "server", "path", DEFAULT_DB, "database file (key file: <db>.key)"),
+    SettingSpec("host", "server", "str", DEFAULT_HOST, "listen address for agents"),
+    SettingSpec("port", "server", "port", DEFAULT_PORT, "listen port for agents (0: any)"),
+    SettingSpec("tls_cert", "server", "path", "", "TLS certificate chain (PEM) for the agent "
+                "port; with tls_key, agents connect with https"),
+    SettingSpec("tls_key", "server", "path", "", "TLS private key (PEM)"),
+    SettingSpec("admin_host", "server", "str", "127.0.0.1", "listen address of the admin port"),
+    SettingSpec("admin_port", "server", "port", -1, "admin port serving /metrics and /healthz "
+                "(off unless set; with --workers N the workers use admin_port .. admin_port+N-1)"),
+    SettingSpec("workers", "server", "int", 1, "processes sharing the agent port (SO_REUSEPORT) "
+                "and the DB"),
+    SettingSpec("grace", "server", "duration", 10.0, "on SIGTERM/SIGINT, how long in-flight "
+                "requests and streams may finish"),
+    SettingSpec("public_url", "server", "str", "", "the broker's address as agents see it (token "
+                "mint --format env)"),
+    SettingSpec("max_body", "limits", "size", MAX_BODY_BYTES,
                 "largest request body (413 past it)"),
-    SettingSpec("max_connections", "limits", "max_connections", "int", MAX_CONNECTIONS,
-                "concurrent agent connections (503 past it)"),
-    SettingSpec("client_timeout", "limits", "client_timeout", "duration", CLIENT_TIMEOUT_S,
-                "an agent connection idle or stalled this long is closed"),
-    SettingSpec("header_timeout", "limits", "header_timeout", "duration", HEADER_TIMEOUT_S,
-                "a request head must arrive completely within this (slow-header defence)"),
-    SettingSpec("min_body_rate", "limits", "min_body_rate", "size", MIN_BODY_RATE,
-                "bytes per second a request body must average once it has taken longer than "
-                "client_timeout (slow-body defence; 408 past it)"),
-    SettingSpec("connect_timeout", "limits", "connect_timeout", "duration",
-                UPSTREAM_CONNECT_TIMEOUT_S, "TCP and TLS connect to an upstream (504 past it)"),
-    SettingSpec("upstream_timeout", "limits", "upstream_timeout", "duration",
-                UPSTREAM_TIMEOUT_S, "silence from an upstream while waiting for bytes (504)"),
-    SettingSpec("ws_poll", "limits", "ws_poll", "duration", 5.0,
-                "a quiet WebSocket session re-checks its token, idle time and shutdown this often"),
-    SettingSpec("log_format", "log", "format", "choice:text,json", "text",
-                "per-request log lines on stderr as text or JSON"),
-    SettingSpec("log_level", "log", "level", "choice:debug,info,warning,error", "info",
-                "info logs every request; warning and error only problems"),
-    SettingSpec("quiet", "log", "quiet", "bool", False, "no per-request log lines"),
-    SettingSpec("alert_webhook", "alerts", "webhook", "str", "",
-                "URL told (JSON POST, a few tries, never blocking a request) when a decoy token "
-                "is used"),
-    SettingSpec("upstream_ca", "upstream", "ca_file", "path", "",
-                "extra CA certificates (PEM) trusted for upstream TLS, e.g. a lab gateway's"),
-    SettingSpec("insecure_upstream", "upstream", "insecure", "list", [],
-                "providers whose upstream TLS certificate is NOT verified (loudly logged)"),
+    SettingSpec("max_connections", "limits", "int", MAX_CONNECTIONS, "concurrent agent "
+                "connections (503 past it)"),
+    SettingSpec("client_timeout", "limits", "duration", CLIENT_TIMEOUT_S, "an agent connection "
+                "idle or stalled this long is closed"),
+    SettingSpec("header_timeout", "limits", "duration", HEADER_TIMEOUT_S, "a request head must "
+                "arrive completely within this (slow-header defence)"),
+    SettingSpec("min_body_rate", "limits", "size", MIN_BODY_RATE, "bytes per second a request "
+                "body must average once it has taken longer than client_timeout (slow-body "
+                "defence; 408 past it)"),
+    SettingSpec("connect_timeout", "limits", "duration", UPSTREAM_CONNECT_TIMEOUT_S, "TCP and TLS "
+                "connect to an upstream (504 past it)"),
+    SettingSpec("upstream_timeout", "limits", "duration", UPSTREAM_TIMEOUT_S, "silence from an "
+                "upstream while waiting for bytes (504)"),
+    SettingSpec("ws_poll", "limits", "duration", 5.0, "a quiet WebSocket session re-checks its "
+                "token, idle time and shutdown this often"),
+    SettingSpec("log_format", "log", "choice:text,json", "text", "per-request log lines on stderr "
+                "as text or JSON", key="format"),
+    SettingSpec("log_level", "log", "choice:debug,info,warning,error", "info", "info logs every "
+                "request; warning and error only problems", key="level"),
+    SettingSpec("quiet", "log", "bool", False, "no per-request log lines"),
+    SettingSpec("alert_webhook", "alerts", "str", "", "URL told (JSON POST, a few tries, never "
+                "blocking a request) when a decoy token is used", key="webhook"),
+    SettingSpec("upstream_ca", "upstream", "path", "", "extra CA certificates (PEM) trusted for "
+                "upstream TLS, e.g. a lab gateway's", key="ca_file"),
+    SettingSpec("insecure_upstream", "upstream", "list", [], "providers whose upstream TLS "
+                "certificate is NOT verified (loudly logged)", key="insecure"),
 ]
 SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
 _SIZE_RE = re.compile(r"^(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\Z", re.IGNORECASE)
@@ -5452,8 +5446,7 @@ class Settings:
 
     def __init__(self, **overrides: Any) -> None:
         for spec in SETTINGS:
-            setattr(self, spec.name, list(spec.default) if isinstance(spec.default, list)
-                    else spec.default)
+            setattr(self, spec.name, copy.copy(spec.default))     # a list default: its own
         self.upstreams: Dict[str, str] = {}          # provider -> base URL override
         self.discord_gateway = "wss://gateway.discord.gg"
         self.custom_providers: Dict[str, Provider] = {}
@@ -5709,20 +5702,16 @@ class Metrics:
         with self._lock:
             out += counter("seks_requests_total", "Requests answered, by provider and status.",
                            self.requests, "provider", "status")
-            out += ["# HELP seks_request_duration_seconds Time from request head to last byte.",
-                    "# TYPE seks_request_duration_seconds histogram"]
+            name = "seks_request_duration_seconds"
+            out += [f"# HELP {name} Time from request head to last byte.",
+                    f"# TYPE {name} histogram"]
             for provider, hist in sorted(self.latency.items()):
                 below = 0.0                           # Prometheus buckets are cumulative
-                for i, bound in enumerate(LATENCY_BUCKETS):
-                    below += hist[i]
-                    out.append(f"seks_request_duration_seconds_bucket"
-                               f"{labels(provider=provider, le=repr(bound))} {int(below)}")
-                out.append(f"seks_request_duration_seconds_bucket"
-                           f"{labels(provider=provider, le='+Inf')} {int(hist[-1])}")
-                out.append(f"seks_request_duration_seconds_sum{labels(provider=provider)} "
-                           f"{hist[-2]:.6f}")
-                out.append(f"seks_request_duration_seconds_count{labels(provider=provider)} "
-                           f"{int(hist[-1])}")
+                for i, bound in enumerate([repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]):
+                    below += hist[i]                  # (the last: every request, the count)
+                    out.append(f"{name}_bucket{labels(provider=provider, le=bound)} {int(below)}")
+                out.append(f"{name}_sum{labels(provider=provider)} {hist[-2]:.6f}")
+                out.append(f"{name}_count{labels(provider=provider)} {int(hist[-1])}")
             out += counter("seks_upstream_errors_total",
                            "Upstream failures (502 error, 504 timeout).", self.upstream_errors,
                            "provider", "kind")
@@ -5758,13 +5747,10 @@ class AlertHook:
     """Tells the operator's webhook about events (a decoy token used) from a thread of its own:
     a bounded queue, a JSON POST with a 5 s timeout, three tries 1 and 2 s apart. It never
     blocks a request; when the queue is full the event is only logged. The webhook is the
-    operator's configured URL and gets no key and no token, only the token's id."""
+    operator's configured URL (an http(s) one: settings_problem) and gets no key and no
+    token, only the token's id."""
 
     def __init__(self, url: str, log: Callable[..., None]) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"alert webhook must be an http(s) URL, got {url!r}",
-                              key="webhook")
         self.url, self.log = url, log
         self.queue: "queue.Queue[Dict[str, Any]]" = queue.Queue(maxsize=100)
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -5779,11 +5765,11 @@ class AlertHook:
     def _run(self) -> None:
         while True:
             event = self.queue.get()
-            body = json.dumps(event, sort_keys=True).encode()
+            request = urllib.request.Request(self.url, json.dumps(event, sort_keys=True).encode(),
+                                             {"Content-Type": "application/json",
+                                              "User-Agent": f"seks-broker/{__version__}"})
             for attempt in range(3):
                 try:
-                    request = urllib.request.Request(self.url, data=body, method="POST", headers={
-                        "Content-Type": "application/json", "User-Agent": f"seks-broker/{__version__}"})
                     with self.opener.open(request, timeout=5) as answer:
                         answer.read(4096)
                     break
@@ -5835,8 +5821,7 @@ class Broker:
 
     def __init__(self, settings: Settings, store: Store, master_key: bytes,
                  providers: Dict[str, Provider]) -> None:
-        self.settings = settings
-        self.store = store
+        self.settings, self.store, self.providers = settings, store, providers
         self._oauth_lock, self._oauth_locks = threading.Lock(), {}     # OAuth: per secret,
         self._oauth: Dict[str, Tuple[str, float]] = {}     # access tokens, in memory only
         self._oauth_seen: Dict[str, List[Tuple[str, float]]] = {}    # and those still alive
@@ -5844,21 +5829,18 @@ class Broker:
         self._role_lock, self._role_locks = threading.Lock(), {}   # AWS role_arn: per secret,
         self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float, Any]] = {}  # memory
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
-                                 name: self.providers[name].public if name in self.providers
-                                 else ())
+                                 name: providers[name].public if name in providers else ())
         self.pool = UpstreamPool(upstream_ssl_context(settings.upstream_ca),
                                  upstream_ssl_context(settings.upstream_ca, verify=False),
                                  settings.connect_timeout, settings.upstream_timeout)
         self.opener = urllib.request.OpenerDirector()      # no redirect or error processors
         self.opener.add_handler(PooledHandler(self.pool))
-        self.providers = providers
         self.routes = {name: p for p in providers.values() for name in (p.name, *p.aliases)}
         self._log_lock = threading.Lock()
         self._level = LOG_LEVELS[settings.log_level]
         self.metrics = Metrics()
         self.in_flight: set = set()             # exchanges begun and not yet finished
-        self._in_flight_lock = threading.Lock()
-        self._record_lock = threading.Lock()
+        self._in_flight_lock = threading.Lock()      # also: the shutdown path races record()
         self.draining = False
         self.audit_ok = True          # the last audit write succeeded; if not, refuse (503)
         self.ws_sessions: set = set()           # open WebSocket sessions, closed at shutdown
@@ -6168,7 +6150,7 @@ class Broker:
         """Write the request's chained audit row (once); False if it could not be written. A
         failed write makes the broker refuse new requests (503) until a write succeeds again.
         Health checks are not audited."""
-        with self._record_lock:                  # the shutdown path may race the handler
+        with self._in_flight_lock:               # the shutdown path may race the handler
             if ex.recorded or ex.outcome == "health":
                 return True
             ex.recorded = True
@@ -6182,29 +6164,23 @@ class Broker:
                                                    ex.reason])), 300),
                        model=clean_text(ex.model, 100), tokens_in=clean_count(ex.tokens_in),
                        tokens_out=clean_count(ex.tokens_out))
-        error = self._append_audit(row, ex.counted or ex.outcome != "ok", ex.reservation,
-                                   ex.price, ex.tokens_cached)
+        settle = (row, ex.counted or ex.outcome != "ok", ex.reservation, ex.price,
+                  ex.tokens_cached)
+        error = ""
+        try:                                     # committed, durable, before the caller goes on
+            try:
+                self.store.append_audit(self.tokens.keys, *settle)
+            except KeyRotated:
+                self.tokens.reload_keys()
+                self.store.append_audit(self.tokens.keys, *settle)
+        except (KeyRotated, Unavailable):
+            error = "master key rotated; restart the broker"
+        except Exception as exc:
+            error = type(exc).__name__
         self.audit_ok = not error
         if error:
             self.log("error", "audit", message=f"AUDIT WRITE FAILED: {error}")
         return not error
-
-    def _append_audit(self, row: AuditRow, counted: bool, reservation: Optional[int],
-                      price: Optional[Tuple[int, int, int]] = None, cached: int = 0) -> str:
-        """Commit the row (durable before the caller goes on); the error text, or ""."""
-        try:
-            try:
-                self.store.append_audit(self.tokens.keys, row, counted, reservation, price,
-                                        cached)
-            except KeyRotated:
-                self.tokens.reload_keys()
-                self.store.append_audit(self.tokens.keys, row, counted, reservation, price,
-                                        cached)
-        except (KeyRotated, Unavailable):
-            return "master key rotated; restart the broker"
-        except Exception as exc:
-            return f"{type(exc).__name__}"
-        return ""
 
     def finish(self, ex: "Exchange") -> None:
         """After each request: the audit row if not yet written, metrics, one log line."""
@@ -6229,25 +6205,19 @@ class Broker:
         """The one logging path: redacted, control characters escaped, text or JSON lines."""
         if LOG_LEVELS[level] < self._level:
             return
+        fields = {k: v for k, v in fields.items() if v is not None}
         if self.settings.log_format == "json":
-            record = {"ts": utc_iso(), "level": level, "event": event}
-            record.update((k, redact(v) if isinstance(v, str) else v)
-                          for k, v in fields.items() if v is not None)
-            line = json.dumps(record)
+            line = json.dumps({"ts": utc_iso(), "level": level, "event": event, **{
+                k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}})
         else:
             parts = [utc_iso(), level.upper(), event]
             for key, value in fields.items():
-                if value is None:
-                    continue
                 text = str(value)
                 parts.append(text if key in ("client", "method", "path") else
                              f"{key}={json.dumps(text) if ' ' in text or not text else text}")
             line = redact(" ".join(parts))
-        with self._log_lock:
-            try:
-                sys.stderr.write(line + "\n")
-            except (OSError, ValueError):
-                pass
+        with self._log_lock, contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(line + "\n")
 
 
 class DeadlineWatch:
@@ -6276,10 +6246,8 @@ class DeadlineWatch:
                 for sock in expired:
                     del self._deadlines[sock]
             for sock in expired:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 class ConnectionCount:
@@ -6306,7 +6274,6 @@ class BrokerServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with a bound on concurrent connections (503 past it), optional TLS
     (handshake in the connection's own thread), and SO_REUSEPORT for --workers."""
 
-    daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
 
@@ -6366,8 +6333,6 @@ class BrokerServer(http.server.ThreadingHTTPServer):
 class AdminServer(http.server.ThreadingHTTPServer):
     """The admin listener (operators and monitoring only, never agents)."""
 
-    daemon_threads = True
-
     def __init__(self, address: Tuple[str, int], broker: Broker) -> None:
         self.broker = broker
         super().__init__(address, AdminHandler)
@@ -6404,11 +6369,9 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
 def disable_core_dumps() -> None:
     """A core dump of the broker would hold every decrypted key: switch them off."""
-    try:
+    with contextlib.suppress(ImportError, ValueError, OSError):
         import resource
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except (ImportError, ValueError, OSError):
-        pass
 
 
 def agent_tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
