@@ -5669,18 +5669,15 @@ class Metrics:
             self.requests[key] = self.requests.get(key, 0) + 1
             self.bytes_in[provider] = self.bytes_in.get(provider, 0) + ex.bytes_in
             self.bytes_out[provider] = self.bytes_out.get(provider, 0) + ex.bytes_out
-            hist = self.latency.get(provider)    # per-bucket counts, then sum and count
-            if hist is None:
-                hist = self.latency[provider] = [0.0] * (len(LATENCY_BUCKETS) + 3)
+            hist = self.latency.setdefault(provider, [0.0] * (len(LATENCY_BUCKETS) + 3))
             hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             hist[-2] += seconds
             hist[-1] += 1
             if ex.outcome == "tripwire":
                 self.tripwires[provider] = self.tripwires.get(provider, 0) + 1
             if ex.status in (502, 504):
-                kind = "timeout" if ex.status == 504 else "error"
-                ukey = (provider, kind)
-                self.upstream_errors[ukey] = self.upstream_errors.get(ukey, 0) + 1
+                key = (provider, "timeout" if ex.status == 504 else "error")
+                self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
 
     def add_stream(self, delta: int) -> None:
         with self._lock:
@@ -5796,7 +5793,8 @@ def upstream_failure(exc: BaseException) -> Tuple[type, str]:
     ) if isinstance(exc, kinds)), "unreachable (network error)")
 
 
-REAL_KEY_SHAPES = (          # (pattern, what it looks like): hints for a key sent as a token
+REAL_KEY_SHAPES = (          # (pattern, what it looks like): hints for a key sent as a token;
+                             # none matches a seks token (seks_...)
     (re.compile(r"^sk-ant-"), "an Anthropic API key"),
     (re.compile(r"^sk-(proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"), "an OpenAI API key"),
     (re.compile(r"^gsk_[A-Za-z0-9]{20,}"), "a Groq API key"),
@@ -5806,13 +5804,6 @@ REAL_KEY_SHAPES = (          # (pattern, what it looks like): hints for a key se
     (re.compile(r"^[0-9]{5,12}:[A-Za-z0-9_-]{30,}"), "a Telegram bot token"),
     (re.compile(r"^BSA[A-Za-z0-9_-]{20,}"), "a Brave Search key"),
 )
-
-
-def real_key_kind(presented: str) -> str:
-    """What a presented credential that is not a seks token looks like ("" if nothing)."""
-    if presented.startswith("seks_"):
-        return ""
-    return next((kind for pattern, kind in REAL_KEY_SHAPES if pattern.match(presented)), "")
 
 
 class Broker:
@@ -5840,7 +5831,7 @@ class Broker:
         self._level = LOG_LEVELS[settings.log_level]
         self.metrics = Metrics()
         self.in_flight: set = set()             # exchanges begun and not yet finished
-        self._in_flight_lock = threading.Lock()      # also: the shutdown path races record()
+        self._in_flight_lock = threading.Lock()      # in_flight, and each exchange's recorded
         self.draining = False
         self.audit_ok = True          # the last audit write succeeded; if not, refuse (503)
         self.ws_sessions: set = set()           # open WebSocket sessions, closed at shutdown
@@ -5855,10 +5846,8 @@ class Broker:
         """``/<provider>/<rest>`` or ``/api/<provider>/<rest>`` -> (provider, rest, prefix), for
         a path that validate_path accepts."""
         validate_path(path)
-        alias = ""
-        if path.startswith("/api/"):
-            alias, path = "/api", path[4:]
-        name, sep, rest = path[1:].partition("/")
+        alias = "/api" if path.startswith("/api/") else ""
+        name, sep, rest = path[len(alias) + 1:].partition("/")
         provider = self.routes.get(name)
         if provider is None:
             example = "/openai/v1/chat/completions"
@@ -5882,7 +5871,7 @@ class Broker:
         record, parts, pairs = self.tokens.lookup(token)
         if record is None:
             ex.reason = "unknown token " + self.fingerprint(token)
-            kind = real_key_kind(token)
+            kind = next((what for shape, what in REAL_KEY_SHAPES if shape.match(token)), "")
             if kind:
                 raise AuthError(f"unknown token: this looks like {kind}, not a seks token. "
                                 f"Real keys stay with the broker ('secret add'); give the agent "
@@ -6132,10 +6121,22 @@ class Broker:
         with self._in_flight_lock:
             self.in_flight.add(ex)
 
-    def cut_in_flight(self) -> int:
-        """At the end of the grace period: every exchange still running gets its audit row now
-        (outcome error, "cut at shutdown", bytes so far), since the process is about to exit
-        and its upstream may already have used the real key. Returns how many were cut."""
+    def drain(self, grace: float, stop_now: threading.Event) -> None:
+        """Let requests in flight finish for up to ``grace`` seconds (saying so on stderr), ask
+        WebSocket sessions to close, then give every exchange still running its audit row
+        (outcome error, "cut at shutdown", bytes so far): the process is about to exit and
+        its upstream may already have used the real key."""
+        if self.in_flight:
+            self.log("warning", "shutdown", message=f"waiting up to {grace:g}s for "
+                     f"{len(self.in_flight)} request(s) in flight ({len(self.ws_sessions)} "
+                     f"WebSocket session(s) asked to close); send the signal again (Ctrl-C) "
+                     f"to stop now")
+        for session in list(self.ws_sessions):  # a client that stopped reading cannot hold us
+            threading.Thread(target=session.close_both, args=(1001, "broker shutting down"),
+                             daemon=True).start()
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline and not stop_now.is_set():
+            time.sleep(0.05)
         with self._in_flight_lock:
             running = list(self.in_flight)
         cut = 0
@@ -6144,7 +6145,9 @@ class Broker:
                 ex.outcome = "error"
                 ex.reason = f"{ex.reason}; cut at shutdown" if ex.reason else "cut at shutdown"
                 cut += self.record(ex)
-        return cut
+        if cut:
+            self.log("warning", "shutdown", message=f"{cut} request(s) cut at shutdown; each "
+                     f"has its audit row (outcome error, 'cut at shutdown')")
 
     def record(self, ex: "Exchange") -> bool:
         """Write the request's chained audit row (once); False if it could not be written. A
@@ -6279,13 +6282,10 @@ class BrokerServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: Tuple[str, int], broker: Broker,
                  tls: Optional[ssl.SSLContext] = None, reuse_port: bool = False) -> None:
-        self.broker = broker
-        self.tls = tls
-        self.reuse_port = reuse_port
+        self.broker, self.tls, self.reuse_port = broker, tls, reuse_port
         self.connections = broker.connections   # shared by the 127.0.0.1 and [::1] listeners
         self.watch = DeadlineWatch()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, BrokerHandler)
 
     def server_bind(self) -> None:
@@ -6495,7 +6495,7 @@ def close_broker(broker: Broker, servers: List[BrokerServer], admin: Optional[Ad
         server.shutdown()
     for server in servers:
         server.socket.close()                 # stop accepting: new connections are refused
-    drain(broker, grace, stop_now)
+    broker.drain(grace, stop_now)
     if admin is not None:
         admin.shutdown()
     broker.pool.close()
@@ -6523,8 +6523,7 @@ def serve(settings: Settings, store: Store, master_key: bytes,
     if admin is not None:
         ready += f" (admin on http://{settings.admin_host}:{admin.server_address[1]})"
     if worker:
-        sys.stdout.write(f"ready {port} {admin.server_address[1] if admin else '-'}\n")
-        sys.stdout.flush()
+        print(f"ready {port} {admin.server_address[1] if admin else '-'}", flush=True)
     else:
         sys.stderr.write(ready + "\n")
     if on_ready is not None:
@@ -6552,26 +6551,6 @@ def serve(settings: Settings, store: Store, master_key: bytes,
         stopping.set()
         close_broker(broker, servers, admin, settings.grace, stop_now)
     return 0
-
-
-def drain(broker: "Broker", grace: float, stop_now: threading.Event) -> None:
-    """Let requests in flight finish for up to ``grace`` seconds (saying so on stderr), ask
-    WebSocket sessions to close, then write the audit row of every exchange still running."""
-    running = len(broker.in_flight)
-    if running:
-        broker.log("warning", "shutdown", message=f"waiting up to {grace:g}s for {running} "
-                   f"request(s) in flight ({len(broker.ws_sessions)} WebSocket session(s) asked to "
-                   f"close); send the signal again (Ctrl-C) to stop now")
-    for session in list(broker.ws_sessions):  # a client that stopped reading cannot hold us
-        threading.Thread(target=session.close_both, args=(1001, "broker shutting down"),
-                         daemon=True).start()
-    deadline = time.monotonic() + grace
-    while broker.in_flight and time.monotonic() < deadline and not stop_now.is_set():
-        time.sleep(0.05)
-    cut = broker.cut_in_flight()
-    if cut:
-        broker.log("warning", "shutdown", message=f"{cut} request(s) cut at shutdown; each has "
-                   f"its audit row (outcome error, 'cut at shutdown')")
 
 
 def serve_workers(settings: Settings, argv: List[str]) -> int:
