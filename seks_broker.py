@@ -6043,11 +6043,11 @@ class Broker:
                     raise Unavailable(f"the access token of secret {name} is being renewed "
                                       f"elsewhere and it is taking too long")
                 time.sleep(0.05)
+            parts_ad = secret_ad(name, record.secret_provider or "")      # the secret's own
             try:
                 if secret_blob is None:
                     raise ValueError("the secret is gone")
-                parts = secret_parts(cipher.decrypt(secret_blob, secret_ad(
-                    name, record.secret_provider or "")))
+                parts = secret_parts(cipher.decrypt(secret_blob, parts_ad))
                 grant, url, headers, body = oauth_request(provider, parts, time.time())
                 status, data = self.post_small(config_target(url, verify), headers, body)
                 token, expires, refresh = oauth_answer(grant, status, data, time.time())
@@ -6058,10 +6058,8 @@ class Broker:
                 self.log("error", "oauth", secret=name, provider=provider.name, reason=why)
                 raise UpstreamError(f"the broker could not renew the access token of secret "
                                     f"{name}: {why}") from None
-            rotated = None
-            if refresh and refresh != parts.get("refresh_token"):
-                rotated = cipher.encrypt(pack_parts(dict(parts, refresh_token=refresh)),
-                                         secret_ad(name, record.secret_provider or ""))
+            rotated = cipher.encrypt(pack_parts(dict(parts, refresh_token=refresh)), parts_ad) \
+                if refresh and refresh != parts.get("refresh_token") else None
             self.store.oauth_save(name, cipher.encrypt(token.encode("ascii"), ad), expires, rotated)
             self._oauth_keep(name, token, expires)
             return token
@@ -6107,9 +6105,7 @@ class Broker:
         and 504 answers that name neither the host nor the key."""
         try:
             answer = self.opener.open(UpstreamRequest(target, method, headers, body))
-        except (BrokerError, ConnectionCut):
-            raise
-        except (OSError, UpstreamFraming) as exc:
+        except (OSError, UpstreamFraming) as exc:     # (a BrokerError passes as it is)
             kind, cause = upstream_failure(exc)
             error = kind(f"upstream {cause}")     # the agent: the cause, not the host
             error.detail = f"({target!r})"
@@ -6402,16 +6398,14 @@ def listen(address: Tuple[str, int], broker: Broker, tls: Optional[ssl.SSLContex
     except socket.gaierror:
         raise ConfigError(f"--host {host}: no such host name or address") from None
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"{shown} is already in use (another broker?); choose another "
-                              f"port with --port (or stop what listens there)") from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise ConfigError(f"cannot listen on {host}: not an address of this machine "
-                              f"(--host)") from None
-        if exc.errno == errno.EACCES:
-            raise ConfigError(f"no permission to listen on {shown} (ports below 1024 need "
-                              f"privileges); choose another with --port") from None
-        raise ConfigError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+        why = {errno.EADDRINUSE: f"{shown} is already in use (another broker?); choose another "
+                                 f"port with --port (or stop what listens there)",
+               errno.EADDRNOTAVAIL: f"cannot listen on {host}: not an address of this machine "
+                                    f"(--host)",
+               errno.EACCES: f"no permission to listen on {shown} (ports below 1024 need "
+                             f"privileges); choose another with --port"}
+        raise ConfigError(why.get(exc.errno, f"cannot listen on {shown}: "
+                                             f"{exc.strerror or exc}")) from None
 
 
 def startup_report(settings: Settings, store: Store, providers: Dict[str, Provider]) -> None:
@@ -6432,8 +6426,7 @@ def startup_report(settings: Settings, store: Store, providers: Dict[str, Provid
     if settings.host in ("0.0.0.0", "::", "") and not settings.tls_cert:
         lines.append("warning: plain HTTP on all interfaces: tokens cross the network "
                      "unencrypted; use --tls-cert/--tls-key, or --host 127.0.0.1")
-    for line in lines:
-        sys.stderr.write(line + "\n")
+    print("\n".join(lines), file=sys.stderr)
 
 
 def guard_key_file(broker: Broker, key_path: str, master_key: bytes,
@@ -6466,11 +6459,9 @@ def open_broker(settings: Settings, store: Store, master_key: bytes,
     'localhost' works either way), plus the admin port if set."""
     broker = Broker(settings, store, master_key, providers)
     tls = agent_tls_context(settings)
-    server = listen((settings.host, settings.port), broker, tls,
-                    reuse_port=settings.workers > 1)
-    servers = [server]
+    servers = [listen((settings.host, settings.port), broker, tls, settings.workers > 1)]
     if settings.host in ("127.0.0.1", "localhost") and settings.workers <= 1 and socket.has_ipv6:
-        port = server.server_address[1]
+        port = servers[0].server_address[1]
         try:
             servers.append(BrokerServer(("::1", port), broker, tls))
         except OSError as exc:                      # no IPv6 here: IPv4 only, nothing to say
@@ -6559,8 +6550,7 @@ def serve_workers(settings: Settings, argv: List[str]) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         raise UsageError("--workers needs SO_REUSEPORT, which this platform lacks; run one "
                          "process (and put several behind a load balancer if needed)")
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    reserve = socket.socket(family, socket.SOCK_STREAM)
+    reserve = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
     reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reserve.bind((settings.host, settings.port))    # holds the port (port 0 picks one)
