@@ -5229,9 +5229,8 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         raise ConfigError("provider names are lower-case letters, digits and '-'")
     if name in ("seks", "api"):
         raise ConfigError(f"the provider name {name!r} is reserved (/{name}/ is the broker's own)")
-    known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env",
-             "gateway", "parts", "public", "oauth", "token_url", "device_url", "region",
-             "auth_url"}
+    known = set("upstream token inject usage aliases token_shape errors env gateway parts public "
+                "oauth token_url device_url region auth_url".split())
     unknown = set(sec.keys()) - known - set(sec.parser.defaults())
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} (known: "
@@ -5618,11 +5617,10 @@ def load_providers(settings: Settings, strict: bool = True) -> Dict[str, Provide
     providers = {**builtin_providers(), **settings.custom_providers}
     routes = {alias for p in providers.values() for alias in p.aliases}
     for name, url in settings.upstreams.items():
-        if name not in providers:
-            if not strict:
-                continue
+        if name in providers:
+            providers[name] = providers[name].with_upstream(url)
+        elif strict:
             raise ConfigError(f"upstream override for unknown provider {name!r}")
-        providers[name] = providers[name].with_upstream(url)
     for name in settings.insecure_upstream:
         if name not in providers:
             raise ConfigError(f"insecure_upstream names unknown provider {name!r}")
@@ -5685,8 +5683,7 @@ class Metrics:
 
     def render(self, connections: int) -> str:
         def labels(**pairs: str) -> str:
-            inner = ",".join(f'{k}="{v}"' for k, v in pairs.items())
-            return "{" + inner + "}"
+            return "{" + ",".join(f'{k}="{v}"' for k, v in pairs.items()) + "}"
 
         def counter(name: str, text: str, table: Dict[Any, int], *keys: str) -> List[str]:
             """One counter family; its table's keys are label values (a tuple for several)."""
@@ -5793,8 +5790,7 @@ def upstream_failure(exc: BaseException) -> Tuple[type, str]:
     ) if isinstance(exc, kinds)), "unreachable (network error)")
 
 
-REAL_KEY_SHAPES = (          # (pattern, what it looks like): hints for a key sent as a token;
-                             # none matches a seks token (seks_...)
+REAL_KEY_SHAPES = (     # (pattern, what it looks like): a real key sent as a token (never seks_)
     (re.compile(r"^sk-ant-"), "an Anthropic API key"),
     (re.compile(r"^sk-(proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"), "an OpenAI API key"),
     (re.compile(r"^gsk_[A-Za-z0-9]{20,}"), "a Groq API key"),
@@ -5827,8 +5823,7 @@ class Broker:
         self.opener = urllib.request.OpenerDirector()      # no redirect or error processors
         self.opener.add_handler(PooledHandler(self.pool))
         self.routes = {name: p for p in providers.values() for name in (p.name, *p.aliases)}
-        self._log_lock = threading.Lock()
-        self._level = LOG_LEVELS[settings.log_level]
+        self._log_lock, self._level = threading.Lock(), LOG_LEVELS[settings.log_level]
         self.metrics = Metrics()
         self.in_flight: set = set()             # exchanges begun and not yet finished
         self._in_flight_lock = threading.Lock()      # in_flight, and each exchange's recorded
@@ -6254,8 +6249,7 @@ class ConnectionCount:
     listener of one broker together."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.open = limit, 0
-        self._lock = threading.Lock()
+        self.limit, self.open, self._lock = limit, 0, threading.Lock()
 
     def take(self) -> bool:
         with self._lock:
@@ -6344,15 +6338,14 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     server: AdminServer
 
     def do_GET(self) -> None:
+        broker = self.server.broker
+        status, ctype, body = 404, "application/json", \
+            b'{"error":{"type":"not_found","message":"not found"}}'
         if self.path == "/metrics":
-            body = self.server.broker.metrics.render(self.server.broker.connections.open).encode()
-            ctype = "text/plain; version=0.0.4; charset=utf-8"
-            status = 200
+            status, ctype = 200, "text/plain; version=0.0.4; charset=utf-8"
+            body = broker.metrics.render(broker.connections.open).encode()
         elif self.path == "/healthz":
-            body, ctype, status = b'{"status":"ok"}', "application/json", 200
-        else:
-            body, ctype, status = b'{"error":{"type":"not_found","message":"not found"}}', \
-                "application/json", 404
+            status, body = 200, b'{"status":"ok"}'
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
