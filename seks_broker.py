@@ -5229,9 +5229,8 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         raise ConfigError("provider names are lower-case letters, digits and '-'")
     if name in ("seks", "api"):
         raise ConfigError(f"the provider name {name!r} is reserved (/{name}/ is the broker's own)")
-    known = {"upstream", "token", "inject", "usage", "aliases", "token_shape", "errors", "env",
-             "gateway", "parts", "public", "oauth", "token_url", "device_url", "region",
-             "auth_url"}
+    known = set("upstream token inject usage aliases token_shape errors env gateway parts public "
+                "oauth token_url device_url region auth_url".split())
     unknown = set(sec.keys()) - known - set(sec.parser.defaults())
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} (known: "
@@ -5274,11 +5273,13 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
     if set(public) - set(parts) or public and parts == ("key",):
         raise ConfigError("public names parts (identifiers such as an account id that answers "
                           "carry) from 'parts', never the key itself", key="public")
-    try:
-        if sec["upstream"].strip() != "none":
-            parse_upstream_base(sec["upstream"].strip())
-    except ConfigError as exc:
-        raise ConfigError(str(exc), key="upstream") from None
+    for key, unset in (("upstream", "none"), ("token_url", ""), ("device_url", ""),
+                       ("auth_url", "")):
+        try:
+            if sec.get(key, "").strip() != unset:
+                parse_upstream_base(sec[key].strip())
+        except ConfigError as exc:
+            raise ConfigError(str(exc), key=key) from None
     choices = {"usage": ("openai", "anthropic", "gemini", "bedrock"), "token_shape": ("bot-id",),
                "errors": ("telegram", "aws"), "region": ("gcp",), "gateway": ("discord",)}
     usage, shape, errors, region, gateway = (sec.get(key, "").strip() for key in choices)
@@ -5299,12 +5300,6 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         raise ConfigError(f"oauth names grants ({', '.join(OAUTH_GRANTS)}) and inject then uses "
                           f"{{access_token}}, e.g. 'inject = header Authorization Bearer "
                           f"{{access_token}}'", key="oauth")
-    for key in ("token_url", "device_url", "auth_url"):
-        try:
-            if sec.get(key, "").strip():
-                parse_upstream_base(sec[key].strip())
-        except ConfigError as exc:
-            raise ConfigError(str(exc), key=key) from None
     if oauth and "access_token" not in optional:
         optional += ("access_token",)             # the broker mints it; the secret never holds it
     return Provider(name, sec["upstream"].strip(), places, inject, usage,
@@ -5331,13 +5326,14 @@ BUILTIN_PROVIDERS = providers_from_ini(BUILTIN_PROVIDERS_INI)
 
 
 class SettingSpec:
-    """One setting: its config-file place, its env variable and flag, its type and default."""
+    """One setting: its config-file ``[section] key`` (the key is its name unless given), its
+    env variable and flag, its type and default."""
 
     __slots__ = ("name", "section", "key", "kind", "default", "help")
 
-    def __init__(self, name: str, section: str, key: str, kind: str, default: Any,
-                 help: str) -> None:
-        self.name, self.section, self.key, self.kind = name, section, key, kind
+    def __init__(self, name: str, section: str, kind: str, default: Any, help: str,
+                 key: str = "") -> None:
+        self.name, self.section, self.key, self.kind = name, section, key or name, kind
         self.default, self.help = default, help
 
     @property
@@ -5351,103 +5347,97 @@ class SettingSpec:
 
 # Every setting, in the order the README documents them. Flags beat env beat the file.
 SETTINGS: List[SettingSpec] = [
-    SettingSpec("db", "server", "db", "path", DEFAULT_DB, "database file (key file: <db>.key)"),
-    SettingSpec("host", "server", "host", "str", DEFAULT_HOST, "listen address for agents"),
-    SettingSpec("port", "server", "port", "port", DEFAULT_PORT, "listen port for agents (0: any)"),
-    SettingSpec("tls_cert", "server", "tls_cert", "path", "", "TLS certificate chain (PEM) for "
-                "the agent port; with tls_key, agents connect with https"),
-    SettingSpec("tls_key", "server", "tls_key", "path", "", "TLS private key (PEM)"),
-    SettingSpec("admin_host", "server", "admin_host", "str", "127.0.0.1",
-                "listen address of the admin port"),
-    SettingSpec("admin_port", "server", "admin_port", "port", -1,
-                "admin port serving /metrics and /healthz (off unless set; with --workers N "
-                "the workers use admin_port .. admin_port+N-1)"),
-    SettingSpec("workers", "server", "workers", "int", 1,
-                "processes sharing the agent port (SO_REUSEPORT) and the DB"),
-    SettingSpec("grace", "server", "grace", "duration", 10.0,
-                "on SIGTERM/SIGINT, how long in-flight requests and streams may finish"),
-    SettingSpec("public_url", "server", "public_url", "str", "",
-                "the broker's address as agents see it (token mint --format env)"),
-    SettingSpec("max_body", "limits", "max_body", "size", MAX_BODY_BYTES,
+    SettingSpec("db", "server", "path", DEFAULT_DB, "database file (key file: <db>.key)"),
+    SettingSpec("host", "server", "str", DEFAULT_HOST, "listen address for agents"),
+    SettingSpec("port", "server", "port", DEFAULT_PORT, "listen port for agents (0: any)"),
+    SettingSpec("tls_cert", "server", "path", "", "TLS certificate chain (PEM) for the agent "
+                "port; with tls_key, agents connect with https"),
+    SettingSpec("tls_key", "server", "path", "", "TLS private key (PEM)"),
+    SettingSpec("admin_host", "server", "str", "127.0.0.1", "listen address of the admin port"),
+    SettingSpec("admin_port", "server", "port", -1, "admin port serving /metrics and /healthz "
+                "(off unless set; with --workers N the workers use admin_port .. admin_port+N-1)"),
+    SettingSpec("workers", "server", "int", 1, "processes sharing the agent port (SO_REUSEPORT) "
+                "and the DB"),
+    SettingSpec("grace", "server", "duration", 10.0, "on SIGTERM/SIGINT, how long in-flight "
+                "requests and streams may finish"),
+    SettingSpec("public_url", "server", "str", "", "the broker's address as agents see it (token "
+                "mint --format env)"),
+    SettingSpec("max_body", "limits", "size", MAX_BODY_BYTES,
                 "largest request body (413 past it)"),
-    SettingSpec("max_connections", "limits", "max_connections", "int", MAX_CONNECTIONS,
-                "concurrent agent connections (503 past it)"),
-    SettingSpec("client_timeout", "limits", "client_timeout", "duration", CLIENT_TIMEOUT_S,
-                "an agent connection idle or stalled this long is closed"),
-    SettingSpec("header_timeout", "limits", "header_timeout", "duration", HEADER_TIMEOUT_S,
-                "a request head must arrive completely within this (slow-header defence)"),
-    SettingSpec("min_body_rate", "limits", "min_body_rate", "size", MIN_BODY_RATE,
-                "bytes per second a request body must average once it has taken longer than "
-                "client_timeout (slow-body defence; 408 past it)"),
-    SettingSpec("connect_timeout", "limits", "connect_timeout", "duration",
-                UPSTREAM_CONNECT_TIMEOUT_S, "TCP and TLS connect to an upstream (504 past it)"),
-    SettingSpec("upstream_timeout", "limits", "upstream_timeout", "duration",
-                UPSTREAM_TIMEOUT_S, "silence from an upstream while waiting for bytes (504)"),
-    SettingSpec("ws_poll", "limits", "ws_poll", "duration", 5.0,
-                "a quiet WebSocket session re-checks its token, idle time and shutdown this often"),
-    SettingSpec("log_format", "log", "format", "choice:text,json", "text",
-                "per-request log lines on stderr as text or JSON"),
-    SettingSpec("log_level", "log", "level", "choice:debug,info,warning,error", "info",
-                "info logs every request; warning and error only problems"),
-    SettingSpec("quiet", "log", "quiet", "bool", False, "no per-request log lines"),
-    SettingSpec("alert_webhook", "alerts", "webhook", "str", "",
-                "URL told (JSON POST, a few tries, never blocking a request) when a decoy token "
-                "is used"),
-    SettingSpec("upstream_ca", "upstream", "ca_file", "path", "",
-                "extra CA certificates (PEM) trusted for upstream TLS, e.g. a lab gateway's"),
-    SettingSpec("insecure_upstream", "upstream", "insecure", "list", [],
-                "providers whose upstream TLS certificate is NOT verified (loudly logged)"),
+    SettingSpec("max_connections", "limits", "int", MAX_CONNECTIONS, "concurrent agent "
+                "connections (503 past it)"),
+    SettingSpec("client_timeout", "limits", "duration", CLIENT_TIMEOUT_S, "an agent connection "
+                "idle or stalled this long is closed"),
+    SettingSpec("header_timeout", "limits", "duration", HEADER_TIMEOUT_S, "a request head must "
+                "arrive completely within this (slow-header defence)"),
+    SettingSpec("min_body_rate", "limits", "size", MIN_BODY_RATE, "bytes per second a request "
+                "body must average once it has taken longer than client_timeout (slow-body "
+                "defence; 408 past it)"),
+    SettingSpec("connect_timeout", "limits", "duration", UPSTREAM_CONNECT_TIMEOUT_S, "TCP and TLS "
+                "connect to an upstream (504 past it)"),
+    SettingSpec("upstream_timeout", "limits", "duration", UPSTREAM_TIMEOUT_S, "silence from an "
+                "upstream while waiting for bytes (504)"),
+    SettingSpec("ws_poll", "limits", "duration", 5.0, "a quiet WebSocket session re-checks its "
+                "token, idle time and shutdown this often"),
+    SettingSpec("log_format", "log", "choice:text,json", "text", "per-request log lines on stderr "
+                "as text or JSON", key="format"),
+    SettingSpec("log_level", "log", "choice:debug,info,warning,error", "info", "info logs every "
+                "request; warning and error only problems", key="level"),
+    SettingSpec("quiet", "log", "bool", False, "no per-request log lines"),
+    SettingSpec("alert_webhook", "alerts", "str", "", "URL told (JSON POST, a few tries, never "
+                "blocking a request) when a decoy token is used", key="webhook"),
+    SettingSpec("upstream_ca", "upstream", "path", "", "extra CA certificates (PEM) trusted for "
+                "upstream TLS, e.g. a lab gateway's", key="ca_file"),
+    SettingSpec("insecure_upstream", "upstream", "list", [], "providers whose upstream TLS "
+                "certificate is NOT verified (loudly logged)", key="insecure"),
 ]
 SETTINGS_BY_NAME = {spec.name: spec for spec in SETTINGS}
 _SIZE_RE = re.compile(r"^(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\Z", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2,
-               "mb": 1024 ** 2, "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3,
-               "gib": 1024 ** 3}
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
-def parse_setting(spec: SettingSpec, text: Any) -> Any:
-    """Convert a setting from its text form (config file, env or flag); ConfigError if bad."""
+def parse_setting(spec: SettingSpec, text: Any, source: str = "") -> Any:
+    """Convert a setting from its text form (config file, env or flag); ConfigError if bad,
+    naming ``source`` (--port, $SEKS_PORT) or else the setting."""
     if not isinstance(text, str):
         return text
-    value = text.strip()
-    kind = spec.kind
+    value, kind, name = text.strip(), spec.kind, source or spec.name
     if kind in ("str", "path"):
         return value
     if kind in ("int", "port"):
         if not re.match(r"^-?\d+$", value):
-            raise ConfigError(f"{spec.name}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{name}: expected a whole number, got {value!r}")
         number = int(value)
         if kind == "port" and not 0 <= number <= 65535:
-            raise ConfigError(f"{spec.name}: a port is 0-65535, got {number}")
+            raise ConfigError(f"{name}: a port is 0-65535, got {number}")
         if kind == "int" and number < 1:
-            raise ConfigError(f"{spec.name}: must be at least 1, got {number}")
+            raise ConfigError(f"{name}: must be at least 1, got {number}")
         return number
     if kind == "size":
         match = _SIZE_RE.match(value)
         if not match:
-            raise ConfigError(f"{spec.name}: expected a size like 1048576, 512KiB or 100MiB, "
-                              f"got {value!r}")
-        return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+            raise ConfigError(f"{name}: expected a size like 1048576, 512KiB or 100MiB, got "
+                              f"{value!r}")
+        unit = (match.group(2) or "b")[0].lower()         # b, k, m or g: a power of 1024
+        return int(match.group(1)) * 1024 ** "bkmg".index(unit)
     if kind == "duration":
         match = _DURATION_RE.match(value)
         if not match or float(match.group(1)) <= 0:
-            raise ConfigError(f"{spec.name}: expected a duration like 30s, 500ms or 5m, "
-                              f"got {value!r}")
+            raise ConfigError(f"{name}: expected a duration like 30s, 500ms or 5m, got {value!r}")
         return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if kind == "bool":
         if value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{spec.name}: expected true or false, got {value!r}")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if kind == "list":
         return [v for v in re.split(r"[,\s]+", value) if v]
     if kind.startswith("choice:"):
         choices = kind[7:].split(",")
         if value not in choices:
-            raise ConfigError(f"{spec.name}: expected one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
         return value
-    raise ConfigError(f"{spec.name}: unknown kind {kind}")
+    raise ConfigError(f"{name}: unknown kind {kind}")
 
 
 class Settings:
@@ -5455,8 +5445,7 @@ class Settings:
 
     def __init__(self, **overrides: Any) -> None:
         for spec in SETTINGS:
-            setattr(self, spec.name, list(spec.default) if isinstance(spec.default, list)
-                    else spec.default)
+            setattr(self, spec.name, copy.copy(spec.default))     # a list default: its own
         self.upstreams: Dict[str, str] = {}          # provider -> base URL override
         self.discord_gateway = "wss://gateway.discord.gg"
         self.custom_providers: Dict[str, Provider] = {}
@@ -5512,45 +5501,31 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
             except ConfigError as exc:
                 errors.append(f"{where(section, exc.key)}: [{section}] {exc}")
             continue
-        if section == "prices":
-            for key, value in parser.items(section):
-                try:
-                    settings.prices[key.strip().lower()] = parse_price(value)
-                except ConfigError as exc:
-                    errors.append(f"{where(section, key)}: [prices] {key}: {exc}")
-            continue
-        if section == "upstream":
-            for key, value in parser.items(section):
-                if (section, key) in by_place:
-                    continue
-                if key == "discord_gateway":
-                    try:
-                        check_gateway_url(value.strip())
-                        settings.discord_gateway = value.strip().rstrip("/")
-                    except ConfigError as exc:
-                        errors.append(f"{where(section, key)}: {exc}")
-                    continue
-                try:
-                    parse_upstream_base(value.strip())
-                    settings.upstreams[key] = value.strip()
-                except ConfigError as exc:
-                    errors.append(f"{where(section, key)}: [upstream] {key}: {exc}")
-        elif section not in ("server", "limits", "log", "alerts"):
+        if section not in ("server", "limits", "log", "alerts", "prices", "upstream"):
             errors.append(f"{where(section)}: unknown section [{section}] (known: server, "
                           f"limits, log, alerts, prices, upstream, provider:NAME)")
             continue
         for key, value in parser.items(section):
             spec = by_place.get((section, key))
-            if spec is None:
-                if section != "upstream":
+            gateway = (section, key) == ("upstream", "discord_gateway")
+            try:
+                if spec is not None:
+                    setattr(settings, spec.name, parse_setting(spec, value))
+                elif section == "prices":
+                    settings.prices[key.strip().lower()] = parse_price(value)
+                elif gateway:
+                    check_gateway_url(value.strip())
+                    settings.discord_gateway = value.strip().rstrip("/")
+                elif section == "upstream":             # a provider's upstream override
+                    parse_upstream_base(value.strip())
+                    settings.upstreams[key] = value.strip()
+                else:
                     known = ", ".join(s.key for s in SETTINGS if s.section == section)
                     errors.append(f"{where(section, key)}: unknown key '{key}' in [{section}] "
                                   f"(known: {known})")
-                continue
-            try:
-                setattr(settings, spec.name, parse_setting(spec, value))
             except ConfigError as exc:
-                errors.append(f"{where(section, key)}: {exc}")
+                named = "" if spec is not None or gateway else f"[{section}] {key}: "
+                errors.append(f"{where(section, key)}: {named}{exc}")
     known = set(settings.custom_providers) | set(builtin_providers())
     for name in settings.upstreams:
         if name not in known:
@@ -5585,12 +5560,12 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
             raise ConfigError("invalid config file:\n  " + "\n  ".join(errors)
                               + f"\n(run: seks_broker.py config check {path})")
     for spec in SETTINGS:
-        if spec.env in environ and environ[spec.env].strip() != "":
-            setattr(settings, spec.name, parse_named(spec, environ[spec.env], "$" + spec.env))
+        if environ.get(spec.env, "").strip():
+            setattr(settings, spec.name, parse_setting(spec, environ[spec.env], "$" + spec.env))
     for name, value in flags.items():
         if value is not None:
             spec = SETTINGS_BY_NAME[name]
-            setattr(settings, name, parse_named(spec, value, spec.flag))
+            setattr(settings, name, parse_setting(spec, value, spec.flag))
     for name, value in environ.items():
         if name.startswith("SEKS_UPSTREAM_") and name not in ("SEKS_UPSTREAM_CA",
                                                                "SEKS_UPSTREAM_TIMEOUT") and value:
@@ -5603,14 +5578,6 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
     if problem:
         raise ConfigError(problem)
     return settings
-
-
-def parse_named(spec: SettingSpec, value: Any, source: str) -> Any:
-    """parse_setting, with errors naming where the value came from (--port, $SEKS_PORT)."""
-    try:
-        return parse_setting(spec, value)
-    except ConfigError as exc:
-        raise ConfigError(source + str(exc)[len(spec.name):]) from None
 
 
 def settings_problem(settings: Settings) -> str:
@@ -5650,11 +5617,10 @@ def load_providers(settings: Settings, strict: bool = True) -> Dict[str, Provide
     providers = {**builtin_providers(), **settings.custom_providers}
     routes = {alias for p in providers.values() for alias in p.aliases}
     for name, url in settings.upstreams.items():
-        if name not in providers:
-            if not strict:
-                continue
+        if name in providers:
+            providers[name] = providers[name].with_upstream(url)
+        elif strict:
             raise ConfigError(f"upstream override for unknown provider {name!r}")
-        providers[name] = providers[name].with_upstream(url)
     for name in settings.insecure_upstream:
         if name not in providers:
             raise ConfigError(f"insecure_upstream names unknown provider {name!r}")
@@ -5701,18 +5667,15 @@ class Metrics:
             self.requests[key] = self.requests.get(key, 0) + 1
             self.bytes_in[provider] = self.bytes_in.get(provider, 0) + ex.bytes_in
             self.bytes_out[provider] = self.bytes_out.get(provider, 0) + ex.bytes_out
-            hist = self.latency.get(provider)    # per-bucket counts, then sum and count
-            if hist is None:
-                hist = self.latency[provider] = [0.0] * (len(LATENCY_BUCKETS) + 3)
+            hist = self.latency.setdefault(provider, [0.0] * (len(LATENCY_BUCKETS) + 3))
             hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             hist[-2] += seconds
             hist[-1] += 1
             if ex.outcome == "tripwire":
                 self.tripwires[provider] = self.tripwires.get(provider, 0) + 1
             if ex.status in (502, 504):
-                kind = "timeout" if ex.status == 504 else "error"
-                ukey = (provider, kind)
-                self.upstream_errors[ukey] = self.upstream_errors.get(ukey, 0) + 1
+                key = (provider, "timeout" if ex.status == 504 else "error")
+                self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
 
     def add_stream(self, delta: int) -> None:
         with self._lock:
@@ -5720,8 +5683,7 @@ class Metrics:
 
     def render(self, connections: int) -> str:
         def labels(**pairs: str) -> str:
-            inner = ",".join(f'{k}="{v}"' for k, v in pairs.items())
-            return "{" + inner + "}"
+            return "{" + ",".join(f'{k}="{v}"' for k, v in pairs.items()) + "}"
 
         def counter(name: str, text: str, table: Dict[Any, int], *keys: str) -> List[str]:
             """One counter family; its table's keys are label values (a tuple for several)."""
@@ -5734,20 +5696,16 @@ class Metrics:
         with self._lock:
             out += counter("seks_requests_total", "Requests answered, by provider and status.",
                            self.requests, "provider", "status")
-            out += ["# HELP seks_request_duration_seconds Time from request head to last byte.",
-                    "# TYPE seks_request_duration_seconds histogram"]
+            name = "seks_request_duration_seconds"
+            out += [f"# HELP {name} Time from request head to last byte.",
+                    f"# TYPE {name} histogram"]
             for provider, hist in sorted(self.latency.items()):
                 below = 0.0                           # Prometheus buckets are cumulative
-                for i, bound in enumerate(LATENCY_BUCKETS):
-                    below += hist[i]
-                    out.append(f"seks_request_duration_seconds_bucket"
-                               f"{labels(provider=provider, le=repr(bound))} {int(below)}")
-                out.append(f"seks_request_duration_seconds_bucket"
-                           f"{labels(provider=provider, le='+Inf')} {int(hist[-1])}")
-                out.append(f"seks_request_duration_seconds_sum{labels(provider=provider)} "
-                           f"{hist[-2]:.6f}")
-                out.append(f"seks_request_duration_seconds_count{labels(provider=provider)} "
-                           f"{int(hist[-1])}")
+                for i, bound in enumerate([repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]):
+                    below += hist[i]                  # (the last: every request, the count)
+                    out.append(f"{name}_bucket{labels(provider=provider, le=bound)} {int(below)}")
+                out.append(f"{name}_sum{labels(provider=provider)} {hist[-2]:.6f}")
+                out.append(f"{name}_count{labels(provider=provider)} {int(hist[-1])}")
             out += counter("seks_upstream_errors_total",
                            "Upstream failures (502 error, 504 timeout).", self.upstream_errors,
                            "provider", "kind")
@@ -5783,13 +5741,10 @@ class AlertHook:
     """Tells the operator's webhook about events (a decoy token used) from a thread of its own:
     a bounded queue, a JSON POST with a 5 s timeout, three tries 1 and 2 s apart. It never
     blocks a request; when the queue is full the event is only logged. The webhook is the
-    operator's configured URL and gets no key and no token, only the token's id."""
+    operator's configured URL (an http(s) one: settings_problem) and gets no key and no
+    token, only the token's id."""
 
     def __init__(self, url: str, log: Callable[..., None]) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"alert webhook must be an http(s) URL, got {url!r}",
-                              key="webhook")
         self.url, self.log = url, log
         self.queue: "queue.Queue[Dict[str, Any]]" = queue.Queue(maxsize=100)
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -5804,11 +5759,11 @@ class AlertHook:
     def _run(self) -> None:
         while True:
             event = self.queue.get()
-            body = json.dumps(event, sort_keys=True).encode()
+            request = urllib.request.Request(self.url, json.dumps(event, sort_keys=True).encode(),
+                                             {"Content-Type": "application/json",
+                                              "User-Agent": f"seks-broker/{__version__}"})
             for attempt in range(3):
                 try:
-                    request = urllib.request.Request(self.url, data=body, method="POST", headers={
-                        "Content-Type": "application/json", "User-Agent": f"seks-broker/{__version__}"})
                     with self.opener.open(request, timeout=5) as answer:
                         answer.read(4096)
                     break
@@ -5835,7 +5790,7 @@ def upstream_failure(exc: BaseException) -> Tuple[type, str]:
     ) if isinstance(exc, kinds)), "unreachable (network error)")
 
 
-REAL_KEY_SHAPES = (          # (pattern, what it looks like): hints for a key sent as a token
+REAL_KEY_SHAPES = (     # (pattern, what it looks like): a real key sent as a token (never seks_)
     (re.compile(r"^sk-ant-"), "an Anthropic API key"),
     (re.compile(r"^sk-(proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"), "an OpenAI API key"),
     (re.compile(r"^gsk_[A-Za-z0-9]{20,}"), "a Groq API key"),
@@ -5847,21 +5802,13 @@ REAL_KEY_SHAPES = (          # (pattern, what it looks like): hints for a key se
 )
 
 
-def real_key_kind(presented: str) -> str:
-    """What a presented credential that is not a seks token looks like ("" if nothing)."""
-    if presented.startswith("seks_"):
-        return ""
-    return next((kind for pattern, kind in REAL_KEY_SHAPES if pattern.match(presented)), "")
-
-
 class Broker:
     """The running broker: providers, token cache, upstream pool, audit, metrics, logging.
     One instance per process, shared by all handler threads."""
 
     def __init__(self, settings: Settings, store: Store, master_key: bytes,
                  providers: Dict[str, Provider]) -> None:
-        self.settings = settings
-        self.store = store
+        self.settings, self.store, self.providers = settings, store, providers
         self._oauth_lock, self._oauth_locks = threading.Lock(), {}     # OAuth: per secret,
         self._oauth: Dict[str, Tuple[str, float]] = {}     # access tokens, in memory only
         self._oauth_seen: Dict[str, List[Tuple[str, float]]] = {}    # and those still alive
@@ -5869,21 +5816,17 @@ class Broker:
         self._role_lock, self._role_locks = threading.Lock(), {}   # AWS role_arn: per secret,
         self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float, Any]] = {}  # memory
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
-                                 name: self.providers[name].public if name in self.providers
-                                 else ())
+                                 name: providers[name].public if name in providers else ())
         self.pool = UpstreamPool(upstream_ssl_context(settings.upstream_ca),
                                  upstream_ssl_context(settings.upstream_ca, verify=False),
                                  settings.connect_timeout, settings.upstream_timeout)
         self.opener = urllib.request.OpenerDirector()      # no redirect or error processors
         self.opener.add_handler(PooledHandler(self.pool))
-        self.providers = providers
         self.routes = {name: p for p in providers.values() for name in (p.name, *p.aliases)}
-        self._log_lock = threading.Lock()
-        self._level = LOG_LEVELS[settings.log_level]
+        self._log_lock, self._level = threading.Lock(), LOG_LEVELS[settings.log_level]
         self.metrics = Metrics()
         self.in_flight: set = set()             # exchanges begun and not yet finished
-        self._in_flight_lock = threading.Lock()
-        self._record_lock = threading.Lock()
+        self._in_flight_lock = threading.Lock()      # in_flight, and each exchange's recorded
         self.draining = False
         self.audit_ok = True          # the last audit write succeeded; if not, refuse (503)
         self.ws_sessions: set = set()           # open WebSocket sessions, closed at shutdown
@@ -5898,10 +5841,8 @@ class Broker:
         """``/<provider>/<rest>`` or ``/api/<provider>/<rest>`` -> (provider, rest, prefix), for
         a path that validate_path accepts."""
         validate_path(path)
-        alias = ""
-        if path.startswith("/api/"):
-            alias, path = "/api", path[4:]
-        name, sep, rest = path[1:].partition("/")
+        alias = "/api" if path.startswith("/api/") else ""
+        name, sep, rest = path[len(alias) + 1:].partition("/")
         provider = self.routes.get(name)
         if provider is None:
             example = "/openai/v1/chat/completions"
@@ -5925,7 +5866,7 @@ class Broker:
         record, parts, pairs = self.tokens.lookup(token)
         if record is None:
             ex.reason = "unknown token " + self.fingerprint(token)
-            kind = real_key_kind(token)
+            kind = next((what for shape, what in REAL_KEY_SHAPES if shape.match(token)), "")
             if kind:
                 raise AuthError(f"unknown token: this looks like {kind}, not a seks token. "
                                 f"Real keys stay with the broker ('secret add'); give the agent "
@@ -6097,11 +6038,11 @@ class Broker:
                     raise Unavailable(f"the access token of secret {name} is being renewed "
                                       f"elsewhere and it is taking too long")
                 time.sleep(0.05)
+            parts_ad = secret_ad(name, record.secret_provider or "")      # the secret's own
             try:
                 if secret_blob is None:
                     raise ValueError("the secret is gone")
-                parts = secret_parts(cipher.decrypt(secret_blob, secret_ad(
-                    name, record.secret_provider or "")))
+                parts = secret_parts(cipher.decrypt(secret_blob, parts_ad))
                 grant, url, headers, body = oauth_request(provider, parts, time.time())
                 status, data = self.post_small(config_target(url, verify), headers, body)
                 token, expires, refresh = oauth_answer(grant, status, data, time.time())
@@ -6112,10 +6053,8 @@ class Broker:
                 self.log("error", "oauth", secret=name, provider=provider.name, reason=why)
                 raise UpstreamError(f"the broker could not renew the access token of secret "
                                     f"{name}: {why}") from None
-            rotated = None
-            if refresh and refresh != parts.get("refresh_token"):
-                rotated = cipher.encrypt(pack_parts(dict(parts, refresh_token=refresh)),
-                                         secret_ad(name, record.secret_provider or ""))
+            rotated = cipher.encrypt(pack_parts(dict(parts, refresh_token=refresh)), parts_ad) \
+                if refresh and refresh != parts.get("refresh_token") else None
             self.store.oauth_save(name, cipher.encrypt(token.encode("ascii"), ad), expires, rotated)
             self._oauth_keep(name, token, expires)
             return token
@@ -6161,9 +6100,7 @@ class Broker:
         and 504 answers that name neither the host nor the key."""
         try:
             answer = self.opener.open(UpstreamRequest(target, method, headers, body))
-        except (BrokerError, ConnectionCut):
-            raise
-        except (OSError, UpstreamFraming) as exc:
+        except (OSError, UpstreamFraming) as exc:     # (a BrokerError passes as it is)
             kind, cause = upstream_failure(exc)
             error = kind(f"upstream {cause}")     # the agent: the cause, not the host
             error.detail = f"({target!r})"
@@ -6175,10 +6112,22 @@ class Broker:
         with self._in_flight_lock:
             self.in_flight.add(ex)
 
-    def cut_in_flight(self) -> int:
-        """At the end of the grace period: every exchange still running gets its audit row now
-        (outcome error, "cut at shutdown", bytes so far), since the process is about to exit
-        and its upstream may already have used the real key. Returns how many were cut."""
+    def drain(self, grace: float, stop_now: threading.Event) -> None:
+        """Let requests in flight finish for up to ``grace`` seconds (saying so on stderr), ask
+        WebSocket sessions to close, then give every exchange still running its audit row
+        (outcome error, "cut at shutdown", bytes so far): the process is about to exit and
+        its upstream may already have used the real key."""
+        if self.in_flight:
+            self.log("warning", "shutdown", message=f"waiting up to {grace:g}s for "
+                     f"{len(self.in_flight)} request(s) in flight ({len(self.ws_sessions)} "
+                     f"WebSocket session(s) asked to close); send the signal again (Ctrl-C) "
+                     f"to stop now")
+        for session in list(self.ws_sessions):  # a client that stopped reading cannot hold us
+            threading.Thread(target=session.close_both, args=(1001, "broker shutting down"),
+                             daemon=True).start()
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline and not stop_now.is_set():
+            time.sleep(0.05)
         with self._in_flight_lock:
             running = list(self.in_flight)
         cut = 0
@@ -6187,13 +6136,15 @@ class Broker:
                 ex.outcome = "error"
                 ex.reason = f"{ex.reason}; cut at shutdown" if ex.reason else "cut at shutdown"
                 cut += self.record(ex)
-        return cut
+        if cut:
+            self.log("warning", "shutdown", message=f"{cut} request(s) cut at shutdown; each "
+                     f"has its audit row (outcome error, 'cut at shutdown')")
 
     def record(self, ex: "Exchange") -> bool:
         """Write the request's chained audit row (once); False if it could not be written. A
         failed write makes the broker refuse new requests (503) until a write succeeds again.
         Health checks are not audited."""
-        with self._record_lock:                  # the shutdown path may race the handler
+        with self._in_flight_lock:               # the shutdown path may race the handler
             if ex.recorded or ex.outcome == "health":
                 return True
             ex.recorded = True
@@ -6207,29 +6158,23 @@ class Broker:
                                                    ex.reason])), 300),
                        model=clean_text(ex.model, 100), tokens_in=clean_count(ex.tokens_in),
                        tokens_out=clean_count(ex.tokens_out))
-        error = self._append_audit(row, ex.counted or ex.outcome != "ok", ex.reservation,
-                                   ex.price, ex.tokens_cached)
+        settle = (row, ex.counted or ex.outcome != "ok", ex.reservation, ex.price,
+                  ex.tokens_cached)
+        error = ""
+        try:                                     # committed, durable, before the caller goes on
+            try:
+                self.store.append_audit(self.tokens.keys, *settle)
+            except KeyRotated:
+                self.tokens.reload_keys()
+                self.store.append_audit(self.tokens.keys, *settle)
+        except (KeyRotated, Unavailable):
+            error = "master key rotated; restart the broker"
+        except Exception as exc:
+            error = type(exc).__name__
         self.audit_ok = not error
         if error:
             self.log("error", "audit", message=f"AUDIT WRITE FAILED: {error}")
         return not error
-
-    def _append_audit(self, row: AuditRow, counted: bool, reservation: Optional[int],
-                      price: Optional[Tuple[int, int, int]] = None, cached: int = 0) -> str:
-        """Commit the row (durable before the caller goes on); the error text, or ""."""
-        try:
-            try:
-                self.store.append_audit(self.tokens.keys, row, counted, reservation, price,
-                                        cached)
-            except KeyRotated:
-                self.tokens.reload_keys()
-                self.store.append_audit(self.tokens.keys, row, counted, reservation, price,
-                                        cached)
-        except (KeyRotated, Unavailable):
-            return "master key rotated; restart the broker"
-        except Exception as exc:
-            return f"{type(exc).__name__}"
-        return ""
 
     def finish(self, ex: "Exchange") -> None:
         """After each request: the audit row if not yet written, metrics, one log line."""
@@ -6254,25 +6199,19 @@ class Broker:
         """The one logging path: redacted, control characters escaped, text or JSON lines."""
         if LOG_LEVELS[level] < self._level:
             return
+        fields = {k: v for k, v in fields.items() if v is not None}
         if self.settings.log_format == "json":
-            record = {"ts": utc_iso(), "level": level, "event": event}
-            record.update((k, redact(v) if isinstance(v, str) else v)
-                          for k, v in fields.items() if v is not None)
-            line = json.dumps(record)
+            line = json.dumps({"ts": utc_iso(), "level": level, "event": event, **{
+                k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}})
         else:
             parts = [utc_iso(), level.upper(), event]
             for key, value in fields.items():
-                if value is None:
-                    continue
                 text = str(value)
                 parts.append(text if key in ("client", "method", "path") else
                              f"{key}={json.dumps(text) if ' ' in text or not text else text}")
             line = redact(" ".join(parts))
-        with self._log_lock:
-            try:
-                sys.stderr.write(line + "\n")
-            except (OSError, ValueError):
-                pass
+        with self._log_lock, contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(line + "\n")
 
 
 class DeadlineWatch:
@@ -6301,10 +6240,8 @@ class DeadlineWatch:
                 for sock in expired:
                     del self._deadlines[sock]
             for sock in expired:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 class ConnectionCount:
@@ -6312,8 +6249,7 @@ class ConnectionCount:
     listener of one broker together."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.open = limit, 0
-        self._lock = threading.Lock()
+        self.limit, self.open, self._lock = limit, 0, threading.Lock()
 
     def take(self) -> bool:
         with self._lock:
@@ -6331,19 +6267,15 @@ class BrokerServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer with a bound on concurrent connections (503 past it), optional TLS
     (handshake in the connection's own thread), and SO_REUSEPORT for --workers."""
 
-    daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
 
     def __init__(self, address: Tuple[str, int], broker: Broker,
                  tls: Optional[ssl.SSLContext] = None, reuse_port: bool = False) -> None:
-        self.broker = broker
-        self.tls = tls
-        self.reuse_port = reuse_port
+        self.broker, self.tls, self.reuse_port = broker, tls, reuse_port
         self.connections = broker.connections   # shared by the 127.0.0.1 and [::1] listeners
         self.watch = DeadlineWatch()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, BrokerHandler)
 
     def server_bind(self) -> None:
@@ -6391,8 +6323,6 @@ class BrokerServer(http.server.ThreadingHTTPServer):
 class AdminServer(http.server.ThreadingHTTPServer):
     """The admin listener (operators and monitoring only, never agents)."""
 
-    daemon_threads = True
-
     def __init__(self, address: Tuple[str, int], broker: Broker) -> None:
         self.broker = broker
         super().__init__(address, AdminHandler)
@@ -6408,15 +6338,14 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     server: AdminServer
 
     def do_GET(self) -> None:
+        broker = self.server.broker
+        status, ctype, body = 404, "application/json", \
+            b'{"error":{"type":"not_found","message":"not found"}}'
         if self.path == "/metrics":
-            body = self.server.broker.metrics.render(self.server.broker.connections.open).encode()
-            ctype = "text/plain; version=0.0.4; charset=utf-8"
-            status = 200
+            status, ctype = 200, "text/plain; version=0.0.4; charset=utf-8"
+            body = broker.metrics.render(broker.connections.open).encode()
         elif self.path == "/healthz":
-            body, ctype, status = b'{"status":"ok"}', "application/json", 200
-        else:
-            body, ctype, status = b'{"error":{"type":"not_found","message":"not found"}}', \
-                "application/json", 404
+            status, body = 200, b'{"status":"ok"}'
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -6429,11 +6358,9 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
 def disable_core_dumps() -> None:
     """A core dump of the broker would hold every decrypted key: switch them off."""
-    try:
+    with contextlib.suppress(ImportError, ValueError, OSError):
         import resource
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except (ImportError, ValueError, OSError):
-        pass
 
 
 def agent_tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
@@ -6464,16 +6391,14 @@ def listen(address: Tuple[str, int], broker: Broker, tls: Optional[ssl.SSLContex
     except socket.gaierror:
         raise ConfigError(f"--host {host}: no such host name or address") from None
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"{shown} is already in use (another broker?); choose another "
-                              f"port with --port (or stop what listens there)") from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise ConfigError(f"cannot listen on {host}: not an address of this machine "
-                              f"(--host)") from None
-        if exc.errno == errno.EACCES:
-            raise ConfigError(f"no permission to listen on {shown} (ports below 1024 need "
-                              f"privileges); choose another with --port") from None
-        raise ConfigError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+        why = {errno.EADDRINUSE: f"{shown} is already in use (another broker?); choose another "
+                                 f"port with --port (or stop what listens there)",
+               errno.EADDRNOTAVAIL: f"cannot listen on {host}: not an address of this machine "
+                                    f"(--host)",
+               errno.EACCES: f"no permission to listen on {shown} (ports below 1024 need "
+                             f"privileges); choose another with --port"}
+        raise ConfigError(why.get(exc.errno, f"cannot listen on {shown}: "
+                                             f"{exc.strerror or exc}")) from None
 
 
 def startup_report(settings: Settings, store: Store, providers: Dict[str, Provider]) -> None:
@@ -6494,8 +6419,7 @@ def startup_report(settings: Settings, store: Store, providers: Dict[str, Provid
     if settings.host in ("0.0.0.0", "::", "") and not settings.tls_cert:
         lines.append("warning: plain HTTP on all interfaces: tokens cross the network "
                      "unencrypted; use --tls-cert/--tls-key, or --host 127.0.0.1")
-    for line in lines:
-        sys.stderr.write(line + "\n")
+    print("\n".join(lines), file=sys.stderr)
 
 
 def guard_key_file(broker: Broker, key_path: str, master_key: bytes,
@@ -6528,11 +6452,9 @@ def open_broker(settings: Settings, store: Store, master_key: bytes,
     'localhost' works either way), plus the admin port if set."""
     broker = Broker(settings, store, master_key, providers)
     tls = agent_tls_context(settings)
-    server = listen((settings.host, settings.port), broker, tls,
-                    reuse_port=settings.workers > 1)
-    servers = [server]
+    servers = [listen((settings.host, settings.port), broker, tls, settings.workers > 1)]
     if settings.host in ("127.0.0.1", "localhost") and settings.workers <= 1 and socket.has_ipv6:
-        port = server.server_address[1]
+        port = servers[0].server_address[1]
         try:
             servers.append(BrokerServer(("::1", port), broker, tls))
         except OSError as exc:                      # no IPv6 here: IPv4 only, nothing to say
@@ -6557,7 +6479,7 @@ def close_broker(broker: Broker, servers: List[BrokerServer], admin: Optional[Ad
         server.shutdown()
     for server in servers:
         server.socket.close()                 # stop accepting: new connections are refused
-    drain(broker, grace, stop_now)
+    broker.drain(grace, stop_now)
     if admin is not None:
         admin.shutdown()
     broker.pool.close()
@@ -6585,8 +6507,7 @@ def serve(settings: Settings, store: Store, master_key: bytes,
     if admin is not None:
         ready += f" (admin on http://{settings.admin_host}:{admin.server_address[1]})"
     if worker:
-        sys.stdout.write(f"ready {port} {admin.server_address[1] if admin else '-'}\n")
-        sys.stdout.flush()
+        print(f"ready {port} {admin.server_address[1] if admin else '-'}", flush=True)
     else:
         sys.stderr.write(ready + "\n")
     if on_ready is not None:
@@ -6616,34 +6537,13 @@ def serve(settings: Settings, store: Store, master_key: bytes,
     return 0
 
 
-def drain(broker: "Broker", grace: float, stop_now: threading.Event) -> None:
-    """Let requests in flight finish for up to ``grace`` seconds (saying so on stderr), ask
-    WebSocket sessions to close, then write the audit row of every exchange still running."""
-    running = len(broker.in_flight)
-    if running:
-        broker.log("warning", "shutdown", message=f"waiting up to {grace:g}s for {running} "
-                   f"request(s) in flight ({len(broker.ws_sessions)} WebSocket session(s) asked to "
-                   f"close); send the signal again (Ctrl-C) to stop now")
-    for session in list(broker.ws_sessions):  # a client that stopped reading cannot hold us
-        threading.Thread(target=session.close_both, args=(1001, "broker shutting down"),
-                         daemon=True).start()
-    deadline = time.monotonic() + grace
-    while broker.in_flight and time.monotonic() < deadline and not stop_now.is_set():
-        time.sleep(0.05)
-    cut = broker.cut_in_flight()
-    if cut:
-        broker.log("warning", "shutdown", message=f"{cut} request(s) cut at shutdown; each has "
-                   f"its audit row (outcome error, 'cut at shutdown')")
-
-
 def serve_workers(settings: Settings, argv: List[str]) -> int:
     """``--workers N``: N broker processes bound to one port with SO_REUSEPORT; the kernel
     spreads connections. Each re-runs this file (no fork), so it works wherever Python does."""
     if not hasattr(socket, "SO_REUSEPORT"):
         raise UsageError("--workers needs SO_REUSEPORT, which this platform lacks; run one "
                          "process (and put several behind a load balancer if needed)")
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    reserve = socket.socket(family, socket.SOCK_STREAM)
+    reserve = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
     reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reserve.bind((settings.host, settings.port))    # holds the port (port 0 picks one)
