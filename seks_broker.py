@@ -3733,62 +3733,49 @@ def _int(value: Any) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _usage_sum(usage: Dict[str, Any], keys: Iterable[str]) -> Optional[int]:
+    """The sum of the whole numbers ``usage`` holds under ``keys``; None if it holds none."""
+    counts = [_int(usage.get(key)) for key in keys]
+    return None if all(n is None for n in counts) else sum(n or 0 for n in counts)
+
+
 def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
-    """Update ``state`` (model, tokens_in, tokens_out) from one JSON answer or stream event."""
-    if not isinstance(obj, dict):
+    """Update ``state`` (model, tokens_in, tokens_out, tokens_cached) from one JSON answer or
+    stream event; a count the answer does not report keeps its value."""
+    if not isinstance(obj, dict) or kind not in ("openai", "anthropic", "bedrock", "gemini"):
         return
+    model, usage, counts = None, obj.get("usage"), {}
     if kind == "openai":
-        usage = obj.get("usage") or (obj.get("x_groq") or {}).get("usage") \
-            or (obj.get("response") or {}).get("usage")
-        model = obj.get("model") or (obj.get("response") or {}).get("model")
+        response = obj.get("response") or {}
+        usage = usage or (obj.get("x_groq") or {}).get("usage") or response.get("usage")
+        model = obj.get("model") or response.get("model")
         if isinstance(usage, dict):
-            tin = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
-            tout = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-            state["tokens_in"] = tin if tin is not None else state.get("tokens_in")
-            state["tokens_out"] = tout if tout is not None else state.get("tokens_out")
             details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
-            if isinstance(details, dict) and _int(details.get("cached_tokens")) is not None:
-                state["tokens_cached"] = _int(details.get("cached_tokens"))
-    elif kind == "anthropic":
-        message = obj.get("message") if isinstance(obj.get("message"), dict) else obj
-        model = message.get("model")
-        usage = message.get("usage") or obj.get("usage")
-        if isinstance(usage, dict):
-            parts = [_int(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens",
-                                                   "cache_read_input_tokens")]
-            if any(p is not None for p in parts):
-                state["tokens_in"] = sum(p or 0 for p in parts)
-                state["tokens_cached"] = parts[2] or 0
-            tout = _int(usage.get("output_tokens"))
-            if tout is not None:
-                state["tokens_out"] = tout
-    elif kind == "bedrock":             # Converse (and its stream's metadata event), or a
-        model = None                      # model's own body from InvokeModel (Anthropic's)
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            camel = "inputTokens" in usage or "outputTokens" in usage
-            ins = [_int(usage.get(k)) for k in (("inputTokens", "cacheReadInputTokens",
-                                                 "cacheWriteInputTokens") if camel else (
-                "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))]
-            if any(i is not None for i in ins):
-                state["tokens_in"], state["tokens_cached"] = sum(i or 0 for i in ins), ins[1] or 0
-            tout = _int(usage.get("outputTokens" if camel else "output_tokens"))
-            if tout is not None:
-                state["tokens_out"] = tout
+            counts = {"tokens_in": _int(usage.get("prompt_tokens", usage.get("input_tokens"))),
+                      "tokens_out": _int(usage.get("completion_tokens",
+                                                   usage.get("output_tokens"))),
+                      "tokens_cached": _int(details.get("cached_tokens"))
+                      if isinstance(details, dict) else None}
     elif kind == "gemini":
-        model = obj.get("modelVersion")
-        usage = obj.get("usageMetadata")
+        model, usage = obj.get("modelVersion"), obj.get("usageMetadata")
         if isinstance(usage, dict):
-            tin = _int(usage.get("promptTokenCount"))
-            if _int(usage.get("cachedContentTokenCount")) is not None:
-                state["tokens_cached"] = _int(usage.get("cachedContentTokenCount"))
-            outs = [_int(usage.get(k)) for k in ("candidatesTokenCount", "thoughtsTokenCount")]
-            if tin is not None:
-                state["tokens_in"] = tin
-            if any(o is not None for o in outs):
-                state["tokens_out"] = sum(o or 0 for o in outs)
-    else:
-        return
+            counts = {"tokens_in": _int(usage.get("promptTokenCount")),
+                      "tokens_out": _usage_sum(usage, ("candidatesTokenCount",
+                                                       "thoughtsTokenCount")),
+                      "tokens_cached": _int(usage.get("cachedContentTokenCount"))}
+    else:                 # Anthropic, and Bedrock: Converse (also its stream's metadata event)
+        if kind == "anthropic":                  # or a model's own body from InvokeModel
+            message = obj.get("message") if isinstance(obj.get("message"), dict) else obj
+            model, usage = message.get("model"), message.get("usage") or usage
+        if isinstance(usage, dict):                 # input: new, read from cache, cache writes
+            camel = kind == "bedrock" and ("inputTokens" in usage or "outputTokens" in usage)
+            names = ("inputTokens", "cacheReadInputTokens", "cacheWriteInputTokens",
+                     "outputTokens") if camel else ("input_tokens", "cache_read_input_tokens",
+                                                    "cache_creation_input_tokens", "output_tokens")
+            tin = _usage_sum(usage, names[:3])
+            counts = {"tokens_in": tin, "tokens_out": _int(usage.get(names[3])),
+                      "tokens_cached": None if tin is None else _int(usage.get(names[1])) or 0}
+    state.update((name, n) for name, n in counts.items() if n is not None)
     if isinstance(model, str) and model:
         state.setdefault("model", model)
 
