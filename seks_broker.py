@@ -2472,10 +2472,9 @@ def _migration_7(db: sqlite3.Connection) -> None:     # OAuth access tokens the 
         renewed_by TEXT)""")
 
 
-MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2,
-                                                          _migration_3, _migration_4,
-                                                          _migration_5, _migration_6,
-                                                          _migration_7]
+MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
+    _migration_7]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
 
 
@@ -2490,10 +2489,8 @@ def owner_gone(owner: str) -> bool:
         return False
     try:
         os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:                                   # alive, owned by another user
-        return False
+    except OSError as exc:                     # PermissionError: alive, owned by another user
+        return isinstance(exc, ProcessLookupError)
     return False
 
 
@@ -2525,6 +2522,7 @@ class Store:
     """
 
     POOL_SIZE = 16
+    LIVE = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"   # a live token row
 
     def __init__(self, path: str, create: bool = True) -> None:
         """Open the database at ``path``; only ``create`` (commands that store something, and
@@ -2580,8 +2578,7 @@ class Store:
     def connection(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             db = self._pool.pop() if self._pool else None
-        if db is None:
-            db = self._open()
+        db = db or self._open()
         try:
             yield db
         finally:
@@ -2607,11 +2604,11 @@ class Store:
             finally:
                 db.execute(f"PRAGMA busy_timeout = {int(DB_BUSY_SECONDS * 1000)}")
             try:
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
                 db.execute("COMMIT")
             finally:
                 if durable:
@@ -2667,12 +2664,11 @@ class Store:
     def check_master_key(self, check: bytes) -> None:
         """Remember which master key this DB belongs to; refuse any other one."""
         with self.transaction() as db:
-            stored = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
-            if stored is None:
-                db.execute("UPDATE state SET key_check = ? WHERE id = 1", (check,))
-            elif not hmac.compare_digest(bytes(stored), check):
-                raise ConfigError("the master key does not match this database (wrong "
-                                  "SEKS_MASTER_KEY or key file?)")
+            self._require_key(db, check, ConfigError("the master key does not match this "
+                                                     "database (wrong SEKS_MASTER_KEY or key "
+                                                     "file?)"))
+            db.execute("UPDATE state SET key_check = ? WHERE id = 1 AND key_check IS NULL",
+                       (check,))
 
     def rekey(self, old: "SecretCipher", new: "SecretCipher", old_audit: bytes,
               new_audit: bytes, new_check: bytes, force: bool = False,
@@ -2724,8 +2720,7 @@ class Store:
             one = lambda sql, *args: db.execute(sql, args).fetchone()[0]   # noqa: E731
             return {"secrets": one("SELECT COUNT(*) FROM secrets"),
                     "agents": one("SELECT COUNT(*) FROM agents"),
-                    "live_tokens": one("SELECT COUNT(*) FROM tokens WHERE revoked_at IS NULL "
-                                       "AND (expires_at IS NULL OR expires_at > ?)", now),
+                    "live_tokens": one(f"SELECT COUNT(*) FROM tokens WHERE {self.LIVE}", now),
                     "audit_rows": one("SELECT COUNT(*) FROM audit")}
 
     # --- secrets ---------------------------------------------------------------------------
@@ -2832,8 +2827,7 @@ class Store:
         with self.transaction() as db:
             if not db.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
                 raise ConfigError(f"no agent named {name!r}")
-            live = db.execute("SELECT COUNT(*) FROM tokens WHERE agent = ? AND revoked_at IS "
-                              "NULL AND (expires_at IS NULL OR expires_at > ?)",
+            live = db.execute(f"SELECT COUNT(*) FROM tokens WHERE agent = ? AND {self.LIVE}",
                               (name, time.time())).fetchone()[0]
             if live and not force:
                 raise ConfigError(f"agent {name!r} has {live} live token(s); revoke them, or "
@@ -2847,8 +2841,7 @@ class Store:
     def list_agents(self) -> List[Tuple[str, str, Optional[str], int]]:
         return self.query(
             "SELECT a.name, a.created_at, a.disabled_at, "
-            "(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND t.revoked_at IS NULL "
-            "AND (t.expires_at IS NULL OR t.expires_at > ?)) "
+            f"(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND {self.LIVE}) "
             "FROM agents a ORDER BY a.name", (time.time(),))
 
     # --- tokens ----------------------------------------------------------------------------
@@ -2871,17 +2864,16 @@ class Store:
         child's policy, expiry and label or raises; the child's request count and budget are
         then carved out of the parent's."""
         with self.transaction() as db:
-            live = db.execute("SELECT COUNT(*) FROM tokens WHERE parent = ? AND revoked_at IS "
-                              "NULL AND (expires_at IS NULL OR expires_at > ?)",
+            live = db.execute(f"SELECT COUNT(*) FROM tokens WHERE parent = ? AND {self.LIVE}",
                               (parent.id, time.time())).fetchone()[0]
             if live >= MAX_CHILDREN:
                 raise Forbidden(f"this token already has {MAX_CHILDREN} live child tokens")
-            requests_, used = db.execute(f"SELECT requests, {budget_counter(parent.policy)} "
-                                         f"FROM token_usage WHERE token_id = ?",
-                                         (parent.id,)).fetchone()
+            limits = parent.policy
+            key, counter = budget_key(limits), budget_counter(limits)
+            requests_, used = db.execute(f"SELECT requests, {counter} FROM token_usage WHERE "
+                                         f"token_id = ?", (parent.id,)).fetchone()
             held = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE "
                               "token_id = ?", (parent.id,)).fetchone()[0]
-            limits, key = parent.policy, budget_key(parent.policy)
             policy, expires, label = child(
                 limits["max_requests"] - requests_ if "max_requests" in limits else None,
                 limits[key] - used - held if key else None)
@@ -2892,11 +2884,9 @@ class Store:
                         utc_iso(), expires, json.dumps(policy, sort_keys=True), label or None,
                         parent.id))
             db.execute("INSERT INTO token_usage (token_id) VALUES (?)", (token_id,))
-            db.execute(f"UPDATE token_usage SET requests = requests + ?, "
-                       f"{budget_counter(limits)} = {budget_counter(limits)} + ? "
-                       f"WHERE token_id = ?",
-                       (policy.get("max_requests", 0) if "max_requests" in limits else 0,
-                        policy.get(key, 0) if key else 0, parent.id))
+            carved = policy.get("max_requests", 0) if "max_requests" in limits else 0
+            db.execute(f"UPDATE token_usage SET requests = requests + ?, {counter} = {counter} "
+                       f"+ ? WHERE token_id = ?", (carved, policy.get(key, 0), parent.id))
             return policy
 
     def find_token(self, token_hash: bytes) -> Optional["TokenRecord"]:
@@ -3154,7 +3144,6 @@ class TokenCache:
         self._size = size
         self._lock = threading.Lock()
         self._generation = -1
-        # digest -> (record, parts, their scrub pairs): parts and variants dropped together
         self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[Dict[str, str]],
                                          Any]] = {}
 
@@ -3824,13 +3813,9 @@ class UsageMeter:
                 tail = b"".join(self._parts)[-USAGE_TAIL_BYTES:]
                 self._parts, self._size, self._tail_only = [tail], len(tail), True
             return
-        if b"\n" not in data:
-            self._line += data
-            if len(self._line) > MAX_USAGE_BODY:
-                self._overflow, self._line = True, b""
-            return
-        *lines, tail = (self._line + data).split(b"\n")
-        self._line = tail
+        *lines, self._line = (self._line + data).split(b"\n")
+        if not lines and len(self._line) > MAX_USAGE_BODY:     # a line this long: stop reading
+            self._overflow, self._line = True, b""
         for line in lines:
             if line.startswith(b"data:") and b"sage" in line:
                 self._parse(line[5:])
