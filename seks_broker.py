@@ -2476,9 +2476,9 @@ MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
     _migration_7]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
-
-
 PROCESS_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
+                f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})")
 
 
 def owner_gone(owner: str) -> bool:
@@ -2651,9 +2651,7 @@ class Store:
         other connection or process committed since the last read; if none did, the last
         answer still holds."""
         with self._generation_lock:
-            if self._generation_db is None:
-                self._generation_db = self._open()
-            db = self._generation_db
+            db = self._generation_db = self._generation_db or self._open()
             version = db.execute("PRAGMA data_version").fetchone()[0]
             seen = self._generation_seen
             if seen is None or seen[0] != version:
@@ -2716,12 +2714,10 @@ class Store:
 
     def counts(self, now: float) -> Dict[str, int]:
         """What the database holds, for serve's start-up lines and `status`."""
-        with self.connection() as db:
-            one = lambda sql, *args: db.execute(sql, args).fetchone()[0]   # noqa: E731
-            return {"secrets": one("SELECT COUNT(*) FROM secrets"),
-                    "agents": one("SELECT COUNT(*) FROM agents"),
-                    "live_tokens": one(f"SELECT COUNT(*) FROM tokens WHERE {self.LIVE}", now),
-                    "audit_rows": one("SELECT COUNT(*) FROM audit")}
+        return dict(zip(("secrets", "agents", "live_tokens", "audit_rows"), self.query(
+            f"SELECT (SELECT COUNT(*) FROM secrets), (SELECT COUNT(*) FROM agents), "
+            f"(SELECT COUNT(*) FROM tokens WHERE {self.LIVE}), (SELECT COUNT(*) FROM audit)",
+            (now,))[0]))
 
     # --- secrets ---------------------------------------------------------------------------
     @staticmethod
@@ -3112,10 +3108,6 @@ class Store:
         return self.query(sql, params)
 
 
-AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
-                f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})")
-
-
 # ============================================================================================
 # 8. POLICY STATE: the token cache, policies as stored, request facts, the usage meter
 # ============================================================================================
@@ -3137,11 +3129,8 @@ class TokenCache:
     def __init__(self, store: Store, keys: KeyRing, reload: Callable[[], KeyRing],
                  size: int = 10_000,
                  public: Callable[[str], Tuple[str, ...]] = lambda provider: ()) -> None:
-        self._store = store
+        self._store, self.keys, self._reload, self._size = store, keys, reload, size
         self._public = public     # a provider's public part names (never scrubbed)
-        self.keys = keys
-        self._reload = reload
-        self._size = size
         self._lock = threading.Lock()
         self._generation = -1
         self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[Dict[str, str]],
@@ -3307,6 +3296,7 @@ def multipart_field(body: bytes, content_type: str, field: str) -> Optional[str]
 
 
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:?]+)")
+_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)/", re.IGNORECASE)
 
 
 def _reject_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -3384,9 +3374,6 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
     if provider.usage == "bedrock":
         facts.model = request_model(provider, rest, None)
     return facts
-
-
-_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)/", re.IGNORECASE)
 
 
 BUDGET_INPUT_MARGIN = 64     # tokens a provider may add around a request's text (roles, turns)
@@ -3784,10 +3771,7 @@ class UsageMeter:
             media.endswith("+json")
         self.state: Dict[str, Any] = {}
         self._parts: List[bytes] = []
-        self._size = 0
-        self._line = b""
-        self._overflow = False
-        self._tail_only = False
+        self._size, self._line, self._overflow, self._tail_only = 0, b"", False, False
 
     def feed(self, data: bytes) -> None:
         if self._overflow or not self.active:
