@@ -2622,8 +2622,7 @@ class Store:
         while version < len(MIGRATIONS):
             db.execute("BEGIN IMMEDIATE")
             try:
-                current = db.execute("PRAGMA user_version").fetchone()[0]
-                if current == version:
+                if db.execute("PRAGMA user_version").fetchone()[0] == version:  # not done yet
                     MIGRATIONS[version](db)
                     db.execute(f"PRAGMA user_version = {version + 1}")
                 db.execute("COMMIT")
@@ -3208,16 +3207,13 @@ def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: 
         policy["paths"] = list(paths)
     if rate:
         policy["rate"] = parse_rate(rate)
-    if max_requests is not None:
-        if max_requests < 1:
-            raise UsageError("--max-requests must be at least 1")
-        policy["max_requests"] = max_requests
     if models:
         policy["models"] = [m.strip() for m in models.split(",") if m.strip()]
-    if budget_tokens is not None:
-        if budget_tokens < 1:
-            raise UsageError("--budget-tokens must be at least 1")
-        policy["budget_tokens"] = budget_tokens
+    for flag, count in (("max-requests", max_requests), ("budget-tokens", budget_tokens)):
+        if count is not None:
+            if count < 1:
+                raise UsageError(f"--{flag} must be at least 1")
+            policy[flag.replace("-", "_")] = count
     if budget_usd is not None:
         if budget_tokens is not None:
             raise UsageError("a token has one budget: --budget-tokens or --budget-usd")
@@ -3504,9 +3500,8 @@ def model_price(prices: Dict[str, Tuple[int, int, int]],
 def parse_price(text: str) -> Tuple[int, int, int]:
     """``IN OUT [CACHED_IN]`` in US dollars per million tokens -> nano-dollars per token,
     rounded up (what a budget counts never undercounts)."""
-    parts = text.split()
     try:
-        values = [float(p) for p in parts]
+        values = [float(p) for p in text.split()]
     except ValueError:
         values = []
     if len(values) not in (2, 3) or any(not (0 <= v < 1e6) for v in values):
@@ -3811,18 +3806,14 @@ class UsageMeter:
 
     def _parse_tail(self, tail: bytes) -> None:
         """A body too big to keep whole: read the last usage object in its tail."""
-        decoder = json.JSONDecoder()
         text = tail.decode("utf-8", "replace")
         for name in ("usage", "usageMetadata"):
             at = text.rfind(f'"{name}"')
             start = text.find("{", at) if at != -1 else -1
-            if start == -1:
-                continue
-            try:
-                value, _ = decoder.raw_decode(text, start)
-            except ValueError:
-                continue
-            read_usage(self.kind, {name: value}, self.state)
+            if start != -1:
+                with contextlib.suppress(ValueError):
+                    value, _ = json.JSONDecoder().raw_decode(text, start)
+                    read_usage(self.kind, {name: value}, self.state)
 
     def finish(self) -> Dict[str, Any]:
         if not self._overflow and self.active and not self.events:
