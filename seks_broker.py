@@ -2884,38 +2884,33 @@ class Store:
                        f"+ ? WHERE token_id = ?", (carved, policy.get(key, 0), parent.id))
             return policy
 
+    # a token (t) with its agent (a), its secret (s) and the token it was delegated from (p)
+    TOKEN_JOINS = ("FROM tokens t LEFT JOIN agents a ON a.name = t.agent LEFT JOIN secrets s ON "
+                   "s.name = t.secret_name LEFT JOIN tokens p ON p.id = t.parent")
+
     def find_token(self, token_hash: bytes) -> Optional["TokenRecord"]:
         """The token row (with its agent's state and its secret) for a SHA-256 digest."""
-        with self.connection() as db:
-            row = db.execute(
-                "SELECT t.id, t.token_hash, t.secret_name, t.provider, t.agent, t.expires_at, "
-                "t.revoked_at, t.policy, a.disabled_at, s.provider, s.ciphertext, t.parent, "
-                "p.revoked_at, p.expires_at, p.id IS NOT NULL, p.policy "
-                "FROM tokens t LEFT JOIN agents a ON a.name = t.agent "
-                "LEFT JOIN secrets s ON s.name = t.secret_name "
-                "LEFT JOIN tokens p ON p.id = t.parent "
-                "WHERE t.token_hash = ?", (token_hash,)).fetchone()
-        if row is None or not hmac.compare_digest(row[1], token_hash):
+        rows = self.query(
+            "SELECT t.id, t.token_hash, t.secret_name, t.provider, t.agent, t.expires_at, "
+            "t.revoked_at, t.policy, a.disabled_at, s.provider, s.ciphertext, t.parent, "
+            f"p.revoked_at, p.expires_at, p.id IS NOT NULL, p.policy {self.TOKEN_JOINS} "
+            "WHERE t.token_hash = ?", (token_hash,))
+        if not rows or not hmac.compare_digest(rows[0][1], token_hash):
             return None
-        return TokenRecord(*row)
+        return TokenRecord(*rows[0])
 
     TOKEN_FIELDS = ("id", "agent", "provider", "secret", "label", "created_at", "expires_at",
                     "revoked_at", "policy", "requests", "tokens_used", "agent_disabled_at",
                     "secret_exists", "parent", "parent_ended", "parent_expires_at", "cost_used")
 
     def list_tokens(self) -> List[Dict[str, Any]]:
-        with self.connection() as db:
-            rows = db.execute(
-                "SELECT t.id, t.agent, t.provider, t.secret_name, t.label, t.created_at, "
-                "t.expires_at, t.revoked_at, t.policy, COALESCE(u.requests, 0), "
-                "COALESCE(u.tokens_used, 0), a.disabled_at, s.name IS NOT NULL, t.parent, "
-                "t.parent IS NOT NULL AND (p.id IS NULL OR p.revoked_at IS NOT NULL), "
-                "p.expires_at, COALESCE(u.cost_used, 0) FROM tokens t "
-                "LEFT JOIN token_usage u ON u.token_id = t.id "
-                "LEFT JOIN agents a ON a.name = t.agent "
-                "LEFT JOIN secrets s ON s.name = t.secret_name "
-                "LEFT JOIN tokens p ON p.id = t.parent "
-                "ORDER BY t.created_at, t.id").fetchall()
+        rows = self.query(
+            "SELECT t.id, t.agent, t.provider, t.secret_name, t.label, t.created_at, "
+            "t.expires_at, t.revoked_at, t.policy, COALESCE(u.requests, 0), "
+            "COALESCE(u.tokens_used, 0), a.disabled_at, s.name IS NOT NULL, t.parent, "
+            "t.parent IS NOT NULL AND (p.id IS NULL OR p.revoked_at IS NOT NULL), "
+            f"p.expires_at, COALESCE(u.cost_used, 0) {self.TOKEN_JOINS} "
+            "LEFT JOIN token_usage u ON u.token_id = t.id ORDER BY t.created_at, t.id")
         tokens = [dict(zip(self.TOKEN_FIELDS, row)) for row in rows]
         for token in tokens:
             token["policy"] = json.loads(token["policy"] or "{}")
