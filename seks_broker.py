@@ -2687,18 +2687,15 @@ class Store:
                 progress(1)
             anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
             prev = old_prev = bytes(anchor or b"")
-            cursor = db.execute(f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit ORDER BY id")
+            raws = db.execute(f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit ORDER BY id")
             updates = []
-            for raw in cursor.fetchall():
-                row = AuditRow.from_db(raw)
+            for row in map(AuditRow.from_db, raws.fetchall()):
                 if not force and not hmac.compare_digest(
                         audit_mac(old_audit, row.values(), old_prev), row.mac):
                     raise ConfigError(f"audit row {row.id} does not verify; nothing was changed "
                                       f"(investigate, or pass --force)")
-                old_prev = row.mac
-                mac = audit_mac(new_audit, row.values(), prev)
-                updates.append((mac, row.id))
-                prev = mac
+                old_prev, prev = row.mac, audit_mac(new_audit, row.values(), prev)
+                updates.append((prev, row.id))
                 if len(updates) % 1000 == 0:
                     progress(1000)
             db.executemany("UPDATE audit SET mac = ? WHERE id = ?", updates)
@@ -3506,19 +3503,18 @@ def parse_price(text: str) -> Tuple[int, int, int]:
     return nano[0], nano[1], nano[2] if len(nano) == 3 else nano[0]
 
 
-def budget_reservation(kind: str, path: str, body: bytes, left: int,
-                       in_flight: bool = False,
+def budget_reservation(kind: str, path: str, body: bytes, left: int, in_flight: bool = False,
                        price: Tuple[int, int, int] = (1, 1, 1)) -> Tuple[int, Optional[bytes]]:
     """The most a budget token's request can cost, and its body with the output cap set so the
     request fits in what is ``left`` (None: unchanged). ``price``: what an input and an output
-    token cost in the budget's unit (1 and 1 for a token budget; nano-dollars for money). Input: a request's text cannot become
-    more tokens than it has bytes, plus BUDGET_INPUT_MARGIN. Output: the request's own cap
-    (max_completion_tokens / max_tokens / max_output_tokens / generationConfig.maxOutputTokens,
-    times n or candidateCount), lowered to what is left, or set to it when absent. A request
-    that cannot fit is refused: 429 while requests ``in_flight`` hold part of the budget (it
-    may fit once they settle), else 403 Exhausted (it never will). Forbidden for a generation
-    request whose JSON the broker cannot bound. Media the provider fetches by URL is not
-    bounded (the docs say so)."""
+    token cost in the budget's unit (1 and 1 for a token budget; nano-dollars for money).
+    Input: a request's text cannot become more tokens than it has bytes, plus
+    BUDGET_INPUT_MARGIN. Output: the request's own cap (max_completion_tokens / max_tokens /
+    max_output_tokens / generationConfig.maxOutputTokens, times n or candidateCount), lowered
+    to what is left, or set to it when absent. A request that cannot fit is refused: 429 while
+    requests ``in_flight`` hold part of the budget (it may fit once they settle), else 403
+    Exhausted (it never will). Forbidden for a generation request whose JSON the broker cannot
+    bound. Media the provider fetches by URL is not bounded (the docs say so)."""
     input_bound = len(body) + BUDGET_INPUT_MARGIN
     room = (left - input_bound * price[0]) // max(price[1], 1)    # output tokens that fit
     money = price != (1, 1, 1)
