@@ -2620,16 +2620,12 @@ class Store:
             raise ConfigError(f"database schema {version} is newer than this broker "
                               f"({len(MIGRATIONS)}); upgrade seks_broker.py")
         while version < len(MIGRATIONS):
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if db.execute("PRAGMA user_version").fetchone()[0] == version:  # not done yet
-                    MIGRATIONS[version](db)
-                    db.execute(f"PRAGMA user_version = {version + 1}")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            with self.transaction() as tx:          # (another process may be migrating too)
+                version = tx.execute("PRAGMA user_version").fetchone()[0]
+                if version < len(MIGRATIONS):
+                    MIGRATIONS[version](tx)
+                    version += 1
+                    tx.execute(f"PRAGMA user_version = {version}")
 
     def close(self) -> None:
         with self._lock:
@@ -3075,13 +3071,12 @@ class Store:
                 return 0
             anchor_id, anchor_mac = last[0], bytes(last[1])
             first = db.execute("SELECT COALESCE(MIN(id), 0) FROM audit").fetchone()[0]
-            deleted, done = 0, first - 1
-            while done < anchor_id:                 # in batches, for progress; one transaction
+            deleted = 0
+            for done in range(first - 1, anchor_id, 10000):   # batches (progress), one transaction
                 upto = min(done + 10000, anchor_id)
                 deleted += db.execute("DELETE FROM audit WHERE id > ? AND id <= ?",
                                       (done, upto)).rowcount
                 progress(upto - done, anchor_id - first + 1)
-                done = upto
             db.execute("UPDATE state SET audit_anchor = ?, audit_anchor_id = ? WHERE id = 1",
                        (anchor_mac, anchor_id))
             row = AuditRow(ts=utc_iso(), outcome="prune", reason=json.dumps(
