@@ -3592,21 +3592,19 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int, in_flight: 
             "max_completion_tokens" if path.rstrip("/").endswith("/chat/completions") \
             else "max_tokens", "n"
     count = holder.get(count_name, 1) if count_name else 1
-    if count_name == "n" and "best_of" in holder:   # legacy completions bill best_of outputs
-        best = holder["best_of"]
-        count = best if isinstance(count, int) and isinstance(best, int) and \
-            not isinstance(best, bool) and best > count else count
+    best = _int(holder.get("best_of")) if count_name == "n" else None   # legacy completions
+    if best is not None and isinstance(count, int) and best > count:   # bill best_of outputs
+        count = best
     prompts = holder.get("prompt") if default == "max_tokens" else None
     if isinstance(prompts, list) and prompts and not all(isinstance(p, int) for p in prompts) \
             and isinstance(count, int):              # several prompts: outputs for each
         count *= len(prompts)
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        count = 1 if count is None else 0
-    if count < 1:
+    count = 1 if count is None else count
+    if (_int(count) or 0) < 1:
         raise Forbidden(f"{count_name} must be a positive whole number for a budget-limited token")
     present = [name for name in names if name in holder]
     caps = [holder[name] for name in present]
-    if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in caps):
+    if any((_int(c) or 0) < 1 for c in caps):
         raise Forbidden(f"{'/'.join(present)} must be a positive whole number for a "
                         f"budget-limited token")
     cap = min(caps + [room // count])
