@@ -2343,8 +2343,7 @@ def new_token(provider: Provider, real_key: str = "") -> str:
 
     Telegram clients insist on ``<digits>:<rest>`` and aiogram takes the digits as the bot's
     id, so the fake token reuses the real key's (public) bot id when it has one."""
-    body = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_RANDOM_BYTES)).rstrip(b"=").decode()
-    token = f"seks_{provider.name}_{body}"
+    token = f"seks_{provider.name}_{secrets.token_urlsafe(TOKEN_RANDOM_BYTES)}"
     if provider.token_shape == "bot-id":
         bot_id, sep, _ = real_key.partition(":")
         if not (sep and bot_id.isascii() and bot_id.isdigit() and len(bot_id) <= 20):
@@ -2949,14 +2948,13 @@ class Store:
         stay held: they are settled at their bound. ``parent``: a delegated token's parent id
         and rate: the request takes from the parent's bucket too, so the parent and all its
         children together keep to the parent's rate."""
-        key = budget_key(policy)
-        budget = plan is not None and key != ""
-        if budget:
-            self._settle_orphans(token_id, budget_counter(policy))
+        key, counter = budget_key(policy), budget_counter(policy)
+        if plan is not None and key:
+            self._settle_orphans(token_id, counter)
         with self.transaction() as db:
             requests_, used, bucket, bucket_at = db.execute(
-                f"SELECT requests, {budget_counter(policy)}, bucket, bucket_at FROM "
-                f"token_usage WHERE token_id = ?", (token_id,)).fetchone()
+                f"SELECT requests, {counter}, bucket, bucket_at FROM token_usage WHERE "
+                f"token_id = ?", (token_id,)).fetchone()
             bucket, bucket_at = check_limits(policy, requests_, used, bucket, bucket_at, now)
             if parent is not None:
                 shared, shared_at = db.execute("SELECT bucket, bucket_at FROM token_usage WHERE "
@@ -2966,8 +2964,7 @@ class Store:
                 db.execute("UPDATE token_usage SET bucket = ?, bucket_at = ? WHERE token_id = ?",
                            (shared, shared_at, parent[0]))
             reservation = None
-            if budget:
-                assert plan is not None
+            if plan is not None and key:
                 held = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE "
                                   "token_id = ?", (token_id,)).fetchone()[0]
                 amount = plan(policy[key] - used - held, held > 0)
