@@ -2546,9 +2546,6 @@ class Store:
         self._generation_seen: Optional[Tuple[int, Tuple[int, bytes]]] = None
         try:
             with self.connection() as db:
-                if not self._ours(db):
-                    raise ConfigError(f"{path} is an sqlite database of something else, not "
-                                      f"seks-broker's")
                 self._migrate(db)
         except (sqlite3.DatabaseError, ConfigError) as exc:
             self.close()
@@ -2557,13 +2554,6 @@ class Store:
                 raise ConfigError(f"{path} is not a seks-broker database (not sqlite, or "
                                   f"damaged)") from None
             raise
-
-    @staticmethod
-    def _ours(db: sqlite3.Connection) -> bool:
-        """A new empty file, or one with our schema: never add tables to another program's."""
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        return not tables if version == 0 else {"state", "secrets", "tokens", "audit"} <= tables
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=DB_BUSY_SECONDS, isolation_level=None,
@@ -2614,7 +2604,14 @@ class Store:
                     db.execute("PRAGMA synchronous = NORMAL")
 
     def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring a new empty file, or one with our schema, up to date: never add tables to
+        another program's database."""
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        ours = not tables if version == 0 else {"state", "secrets", "tokens", "audit"} <= tables
+        if not ours:
+            raise ConfigError(f"{self.path} is an sqlite database of something else, not "
+                              f"seks-broker's")
         if version > len(MIGRATIONS):
             raise ConfigError(f"database schema {version} is newer than this broker "
                               f"({len(MIGRATIONS)}); upgrade seks_broker.py")
