@@ -2343,8 +2343,7 @@ def new_token(provider: Provider, real_key: str = "") -> str:
 
     Telegram clients insist on ``<digits>:<rest>`` and aiogram takes the digits as the bot's
     id, so the fake token reuses the real key's (public) bot id when it has one."""
-    body = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_RANDOM_BYTES)).rstrip(b"=").decode()
-    token = f"seks_{provider.name}_{body}"
+    token = f"seks_{provider.name}_{secrets.token_urlsafe(TOKEN_RANDOM_BYTES)}"
     if provider.token_shape == "bot-id":
         bot_id, sep, _ = real_key.partition(":")
         if not (sep and bot_id.isascii() and bot_id.isdigit() and len(bot_id) <= 20):
@@ -2472,14 +2471,13 @@ def _migration_7(db: sqlite3.Connection) -> None:     # OAuth access tokens the 
         renewed_by TEXT)""")
 
 
-MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [_migration_1, _migration_2,
-                                                          _migration_3, _migration_4,
-                                                          _migration_5, _migration_6,
-                                                          _migration_7]
+MIGRATIONS: List[Callable[[sqlite3.Connection], None]] = [
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5, _migration_6,
+    _migration_7]
 DB_BUSY_SECONDS = 30.0        # how long a statement waits while another process holds a lock
-
-
 PROCESS_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
+                f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})")
 
 
 def owner_gone(owner: str) -> bool:
@@ -2490,10 +2488,8 @@ def owner_gone(owner: str) -> bool:
         return False
     try:
         os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:                                   # alive, owned by another user
-        return False
+    except OSError as exc:                     # PermissionError: alive, owned by another user
+        return isinstance(exc, ProcessLookupError)
     return False
 
 
@@ -2525,6 +2521,7 @@ class Store:
     """
 
     POOL_SIZE = 16
+    LIVE = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"   # a live token row
 
     def __init__(self, path: str, create: bool = True) -> None:
         """Open the database at ``path``; only ``create`` (commands that store something, and
@@ -2549,9 +2546,6 @@ class Store:
         self._generation_seen: Optional[Tuple[int, Tuple[int, bytes]]] = None
         try:
             with self.connection() as db:
-                if not self._ours(db):
-                    raise ConfigError(f"{path} is an sqlite database of something else, not "
-                                      f"seks-broker's")
                 self._migrate(db)
         except (sqlite3.DatabaseError, ConfigError) as exc:
             self.close()
@@ -2560,13 +2554,6 @@ class Store:
                 raise ConfigError(f"{path} is not a seks-broker database (not sqlite, or "
                                   f"damaged)") from None
             raise
-
-    @staticmethod
-    def _ours(db: sqlite3.Connection) -> bool:
-        """A new empty file, or one with our schema: never add tables to another program's."""
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        return not tables if version == 0 else {"state", "secrets", "tokens", "audit"} <= tables
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=DB_BUSY_SECONDS, isolation_level=None,
@@ -2580,8 +2567,7 @@ class Store:
     def connection(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             db = self._pool.pop() if self._pool else None
-        if db is None:
-            db = self._open()
+        db = db or self._open()
         try:
             yield db
         finally:
@@ -2607,33 +2593,35 @@ class Store:
             finally:
                 db.execute(f"PRAGMA busy_timeout = {int(DB_BUSY_SECONDS * 1000)}")
             try:
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
                 db.execute("COMMIT")
             finally:
                 if durable:
                     db.execute("PRAGMA synchronous = NORMAL")
 
     def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring a new empty file, or one with our schema, up to date: never add tables to
+        another program's database."""
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        ours = not tables if version == 0 else {"state", "secrets", "tokens", "audit"} <= tables
+        if not ours:
+            raise ConfigError(f"{self.path} is an sqlite database of something else, not "
+                              f"seks-broker's")
         if version > len(MIGRATIONS):
             raise ConfigError(f"database schema {version} is newer than this broker "
                               f"({len(MIGRATIONS)}); upgrade seks_broker.py")
         while version < len(MIGRATIONS):
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                current = db.execute("PRAGMA user_version").fetchone()[0]
-                if current == version:
-                    MIGRATIONS[version](db)
-                    db.execute(f"PRAGMA user_version = {version + 1}")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            with self.transaction() as tx:          # (another process may be migrating too)
+                version = tx.execute("PRAGMA user_version").fetchone()[0]
+                if version < len(MIGRATIONS):
+                    MIGRATIONS[version](tx)
+                    version += 1
+                    tx.execute(f"PRAGMA user_version = {version}")
 
     def close(self) -> None:
         with self._lock:
@@ -2654,9 +2642,7 @@ class Store:
         other connection or process committed since the last read; if none did, the last
         answer still holds."""
         with self._generation_lock:
-            if self._generation_db is None:
-                self._generation_db = self._open()
-            db = self._generation_db
+            db = self._generation_db = self._generation_db or self._open()
             version = db.execute("PRAGMA data_version").fetchone()[0]
             seen = self._generation_seen
             if seen is None or seen[0] != version:
@@ -2667,12 +2653,11 @@ class Store:
     def check_master_key(self, check: bytes) -> None:
         """Remember which master key this DB belongs to; refuse any other one."""
         with self.transaction() as db:
-            stored = db.execute("SELECT key_check FROM state WHERE id = 1").fetchone()[0]
-            if stored is None:
-                db.execute("UPDATE state SET key_check = ? WHERE id = 1", (check,))
-            elif not hmac.compare_digest(bytes(stored), check):
-                raise ConfigError("the master key does not match this database (wrong "
-                                  "SEKS_MASTER_KEY or key file?)")
+            self._require_key(db, check, ConfigError("the master key does not match this "
+                                                     "database (wrong SEKS_MASTER_KEY or key "
+                                                     "file?)"))
+            db.execute("UPDATE state SET key_check = ? WHERE id = 1 AND key_check IS NULL",
+                       (check,))
 
     def rekey(self, old: "SecretCipher", new: "SecretCipher", old_audit: bytes,
               new_audit: bytes, new_check: bytes, force: bool = False,
@@ -2694,18 +2679,15 @@ class Store:
                 progress(1)
             anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
             prev = old_prev = bytes(anchor or b"")
-            cursor = db.execute(f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit ORDER BY id")
+            raws = db.execute(f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit ORDER BY id")
             updates = []
-            for raw in cursor.fetchall():
-                row = AuditRow.from_db(raw)
+            for row in map(AuditRow.from_db, raws.fetchall()):
                 if not force and not hmac.compare_digest(
                         audit_mac(old_audit, row.values(), old_prev), row.mac):
                     raise ConfigError(f"audit row {row.id} does not verify; nothing was changed "
                                       f"(investigate, or pass --force)")
-                old_prev = row.mac
-                mac = audit_mac(new_audit, row.values(), prev)
-                updates.append((mac, row.id))
-                prev = mac
+                old_prev, prev = row.mac, audit_mac(new_audit, row.values(), prev)
+                updates.append((prev, row.id))
                 if len(updates) % 1000 == 0:
                     progress(1000)
             db.executemany("UPDATE audit SET mac = ? WHERE id = ?", updates)
@@ -2720,13 +2702,10 @@ class Store:
 
     def counts(self, now: float) -> Dict[str, int]:
         """What the database holds, for serve's start-up lines and `status`."""
-        with self.connection() as db:
-            one = lambda sql, *args: db.execute(sql, args).fetchone()[0]   # noqa: E731
-            return {"secrets": one("SELECT COUNT(*) FROM secrets"),
-                    "agents": one("SELECT COUNT(*) FROM agents"),
-                    "live_tokens": one("SELECT COUNT(*) FROM tokens WHERE revoked_at IS NULL "
-                                       "AND (expires_at IS NULL OR expires_at > ?)", now),
-                    "audit_rows": one("SELECT COUNT(*) FROM audit")}
+        return dict(zip(("secrets", "agents", "live_tokens", "audit_rows"), self.query(
+            f"SELECT (SELECT COUNT(*) FROM secrets), (SELECT COUNT(*) FROM agents), "
+            f"(SELECT COUNT(*) FROM tokens WHERE {self.LIVE}), (SELECT COUNT(*) FROM audit)",
+            (now,))[0]))
 
     # --- secrets ---------------------------------------------------------------------------
     @staticmethod
@@ -2832,8 +2811,7 @@ class Store:
         with self.transaction() as db:
             if not db.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
                 raise ConfigError(f"no agent named {name!r}")
-            live = db.execute("SELECT COUNT(*) FROM tokens WHERE agent = ? AND revoked_at IS "
-                              "NULL AND (expires_at IS NULL OR expires_at > ?)",
+            live = db.execute(f"SELECT COUNT(*) FROM tokens WHERE agent = ? AND {self.LIVE}",
                               (name, time.time())).fetchone()[0]
             if live and not force:
                 raise ConfigError(f"agent {name!r} has {live} live token(s); revoke them, or "
@@ -2847,8 +2825,7 @@ class Store:
     def list_agents(self) -> List[Tuple[str, str, Optional[str], int]]:
         return self.query(
             "SELECT a.name, a.created_at, a.disabled_at, "
-            "(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND t.revoked_at IS NULL "
-            "AND (t.expires_at IS NULL OR t.expires_at > ?)) "
+            f"(SELECT COUNT(*) FROM tokens t WHERE t.agent = a.name AND {self.LIVE}) "
             "FROM agents a ORDER BY a.name", (time.time(),))
 
     # --- tokens ----------------------------------------------------------------------------
@@ -2871,17 +2848,16 @@ class Store:
         child's policy, expiry and label or raises; the child's request count and budget are
         then carved out of the parent's."""
         with self.transaction() as db:
-            live = db.execute("SELECT COUNT(*) FROM tokens WHERE parent = ? AND revoked_at IS "
-                              "NULL AND (expires_at IS NULL OR expires_at > ?)",
+            live = db.execute(f"SELECT COUNT(*) FROM tokens WHERE parent = ? AND {self.LIVE}",
                               (parent.id, time.time())).fetchone()[0]
             if live >= MAX_CHILDREN:
                 raise Forbidden(f"this token already has {MAX_CHILDREN} live child tokens")
-            requests_, used = db.execute(f"SELECT requests, {budget_counter(parent.policy)} "
-                                         f"FROM token_usage WHERE token_id = ?",
-                                         (parent.id,)).fetchone()
+            limits = parent.policy
+            key, counter = budget_key(limits), budget_counter(limits)
+            requests_, used = db.execute(f"SELECT requests, {counter} FROM token_usage WHERE "
+                                         f"token_id = ?", (parent.id,)).fetchone()
             held = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE "
                               "token_id = ?", (parent.id,)).fetchone()[0]
-            limits, key = parent.policy, budget_key(parent.policy)
             policy, expires, label = child(
                 limits["max_requests"] - requests_ if "max_requests" in limits else None,
                 limits[key] - used - held if key else None)
@@ -2892,45 +2868,38 @@ class Store:
                         utc_iso(), expires, json.dumps(policy, sort_keys=True), label or None,
                         parent.id))
             db.execute("INSERT INTO token_usage (token_id) VALUES (?)", (token_id,))
-            db.execute(f"UPDATE token_usage SET requests = requests + ?, "
-                       f"{budget_counter(limits)} = {budget_counter(limits)} + ? "
-                       f"WHERE token_id = ?",
-                       (policy.get("max_requests", 0) if "max_requests" in limits else 0,
-                        policy.get(key, 0) if key else 0, parent.id))
+            carved = policy.get("max_requests", 0) if "max_requests" in limits else 0
+            db.execute(f"UPDATE token_usage SET requests = requests + ?, {counter} = {counter} "
+                       f"+ ? WHERE token_id = ?", (carved, policy.get(key, 0), parent.id))
             return policy
+
+    # a token (t) with its agent (a), its secret (s) and the token it was delegated from (p)
+    TOKEN_JOINS = ("FROM tokens t LEFT JOIN agents a ON a.name = t.agent LEFT JOIN secrets s ON "
+                   "s.name = t.secret_name LEFT JOIN tokens p ON p.id = t.parent")
 
     def find_token(self, token_hash: bytes) -> Optional["TokenRecord"]:
         """The token row (with its agent's state and its secret) for a SHA-256 digest."""
-        with self.connection() as db:
-            row = db.execute(
-                "SELECT t.id, t.token_hash, t.secret_name, t.provider, t.agent, t.expires_at, "
-                "t.revoked_at, t.policy, a.disabled_at, s.provider, s.ciphertext, t.parent, "
-                "p.revoked_at, p.expires_at, p.id IS NOT NULL, p.policy "
-                "FROM tokens t LEFT JOIN agents a ON a.name = t.agent "
-                "LEFT JOIN secrets s ON s.name = t.secret_name "
-                "LEFT JOIN tokens p ON p.id = t.parent "
-                "WHERE t.token_hash = ?", (token_hash,)).fetchone()
-        if row is None or not hmac.compare_digest(row[1], token_hash):
+        rows = self.query(
+            "SELECT t.id, t.token_hash, t.secret_name, t.provider, t.agent, t.expires_at, "
+            "t.revoked_at, t.policy, a.disabled_at, s.provider, s.ciphertext, t.parent, "
+            f"p.revoked_at, p.expires_at, p.id IS NOT NULL, p.policy {self.TOKEN_JOINS} "
+            "WHERE t.token_hash = ?", (token_hash,))
+        if not rows or not hmac.compare_digest(rows[0][1], token_hash):
             return None
-        return TokenRecord(*row)
+        return TokenRecord(*rows[0])
 
     TOKEN_FIELDS = ("id", "agent", "provider", "secret", "label", "created_at", "expires_at",
                     "revoked_at", "policy", "requests", "tokens_used", "agent_disabled_at",
                     "secret_exists", "parent", "parent_ended", "parent_expires_at", "cost_used")
 
     def list_tokens(self) -> List[Dict[str, Any]]:
-        with self.connection() as db:
-            rows = db.execute(
-                "SELECT t.id, t.agent, t.provider, t.secret_name, t.label, t.created_at, "
-                "t.expires_at, t.revoked_at, t.policy, COALESCE(u.requests, 0), "
-                "COALESCE(u.tokens_used, 0), a.disabled_at, s.name IS NOT NULL, t.parent, "
-                "t.parent IS NOT NULL AND (p.id IS NULL OR p.revoked_at IS NOT NULL), "
-                "p.expires_at, COALESCE(u.cost_used, 0) FROM tokens t "
-                "LEFT JOIN token_usage u ON u.token_id = t.id "
-                "LEFT JOIN agents a ON a.name = t.agent "
-                "LEFT JOIN secrets s ON s.name = t.secret_name "
-                "LEFT JOIN tokens p ON p.id = t.parent "
-                "ORDER BY t.created_at, t.id").fetchall()
+        rows = self.query(
+            "SELECT t.id, t.agent, t.provider, t.secret_name, t.label, t.created_at, "
+            "t.expires_at, t.revoked_at, t.policy, COALESCE(u.requests, 0), "
+            "COALESCE(u.tokens_used, 0), a.disabled_at, s.name IS NOT NULL, t.parent, "
+            "t.parent IS NOT NULL AND (p.id IS NULL OR p.revoked_at IS NOT NULL), "
+            f"p.expires_at, COALESCE(u.cost_used, 0) {self.TOKEN_JOINS} "
+            "LEFT JOIN token_usage u ON u.token_id = t.id ORDER BY t.created_at, t.id")
         tokens = [dict(zip(self.TOKEN_FIELDS, row)) for row in rows]
         for token in tokens:
             token["policy"] = json.loads(token["policy"] or "{}")
@@ -2976,14 +2945,13 @@ class Store:
         stay held: they are settled at their bound. ``parent``: a delegated token's parent id
         and rate: the request takes from the parent's bucket too, so the parent and all its
         children together keep to the parent's rate."""
-        key = budget_key(policy)
-        budget = plan is not None and key != ""
-        if budget:
-            self._settle_orphans(token_id, budget_counter(policy))
+        key, counter = budget_key(policy), budget_counter(policy)
+        if plan is not None and key:
+            self._settle_orphans(token_id, counter)
         with self.transaction() as db:
             requests_, used, bucket, bucket_at = db.execute(
-                f"SELECT requests, {budget_counter(policy)}, bucket, bucket_at FROM "
-                f"token_usage WHERE token_id = ?", (token_id,)).fetchone()
+                f"SELECT requests, {counter}, bucket, bucket_at FROM token_usage WHERE "
+                f"token_id = ?", (token_id,)).fetchone()
             bucket, bucket_at = check_limits(policy, requests_, used, bucket, bucket_at, now)
             if parent is not None:
                 shared, shared_at = db.execute("SELECT bucket, bucket_at FROM token_usage WHERE "
@@ -2993,8 +2961,7 @@ class Store:
                 db.execute("UPDATE token_usage SET bucket = ?, bucket_at = ? WHERE token_id = ?",
                            (shared, shared_at, parent[0]))
             reservation = None
-            if budget:
-                assert plan is not None
+            if plan is not None and key:
                 held = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE "
                                   "token_id = ?", (token_id,)).fetchone()[0]
                 amount = plan(policy[key] - used - held, held > 0)
@@ -3098,13 +3065,12 @@ class Store:
                 return 0
             anchor_id, anchor_mac = last[0], bytes(last[1])
             first = db.execute("SELECT COALESCE(MIN(id), 0) FROM audit").fetchone()[0]
-            deleted, done = 0, first - 1
-            while done < anchor_id:                 # in batches, for progress; one transaction
+            deleted = 0
+            for done in range(first - 1, anchor_id, 10000):   # batches (progress), one transaction
                 upto = min(done + 10000, anchor_id)
                 deleted += db.execute("DELETE FROM audit WHERE id > ? AND id <= ?",
                                       (done, upto)).rowcount
                 progress(upto - done, anchor_id - first + 1)
-                done = upto
             db.execute("UPDATE state SET audit_anchor = ?, audit_anchor_id = ? WHERE id = 1",
                        (anchor_mac, anchor_id))
             row = AuditRow(ts=utc_iso(), outcome="prune", reason=json.dumps(
@@ -3120,10 +3086,6 @@ class Store:
                "THEN 1 ELSE 0 END) FROM audit WHERE outcome = 'ok'" + (f" AND {where}" if where else "")
                + " GROUP BY agent, provider, COALESCE(model, '') ORDER BY agent, provider, 3")
         return self.query(sql, params)
-
-
-AUDIT_INSERT = (f"INSERT INTO audit ({', '.join(AuditRow.FIELDS)}, mac) "
-                f"VALUES ({', '.join('?' * (len(AuditRow.FIELDS) + 1))})")
 
 
 # ============================================================================================
@@ -3147,14 +3109,10 @@ class TokenCache:
     def __init__(self, store: Store, keys: KeyRing, reload: Callable[[], KeyRing],
                  size: int = 10_000,
                  public: Callable[[str], Tuple[str, ...]] = lambda provider: ()) -> None:
-        self._store = store
+        self._store, self.keys, self._reload, self._size = store, keys, reload, size
         self._public = public     # a provider's public part names (never scrubbed)
-        self.keys = keys
-        self._reload = reload
-        self._size = size
         self._lock = threading.Lock()
         self._generation = -1
-        # digest -> (record, parts, their scrub pairs): parts and variants dropped together
         self._entries: Dict[bytes, Tuple[Optional[TokenRecord], Optional[Dict[str, str]],
                                          Any]] = {}
 
@@ -3230,16 +3188,13 @@ def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: 
         policy["paths"] = list(paths)
     if rate:
         policy["rate"] = parse_rate(rate)
-    if max_requests is not None:
-        if max_requests < 1:
-            raise UsageError("--max-requests must be at least 1")
-        policy["max_requests"] = max_requests
     if models:
         policy["models"] = [m.strip() for m in models.split(",") if m.strip()]
-    if budget_tokens is not None:
-        if budget_tokens < 1:
-            raise UsageError("--budget-tokens must be at least 1")
-        policy["budget_tokens"] = budget_tokens
+    for flag, count in (("max-requests", max_requests), ("budget-tokens", budget_tokens)):
+        if count is not None:
+            if count < 1:
+                raise UsageError(f"--{flag} must be at least 1")
+            policy[flag.replace("-", "_")] = count
     if budget_usd is not None:
         if budget_tokens is not None:
             raise UsageError("a token has one budget: --budget-tokens or --budget-usd")
@@ -3318,6 +3273,7 @@ def multipart_field(body: bytes, content_type: str, field: str) -> Optional[str]
 
 
 _GEMINI_MODEL_RE = re.compile(r"/models/([^/:?]+)")
+_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)/", re.IGNORECASE)
 
 
 def _reject_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -3395,9 +3351,6 @@ def request_facts(provider: Provider, method: str, fields: List[Tuple[str, str]]
     if provider.usage == "bedrock":
         facts.model = request_model(provider, rest, None)
     return facts
-
-
-_DEPLOYMENT_RE = re.compile(r"/openai/deployments/([^/]+)/", re.IGNORECASE)
 
 
 BUDGET_INPUT_MARGIN = 64     # tokens a provider may add around a request's text (roles, turns)
@@ -3528,9 +3481,8 @@ def model_price(prices: Dict[str, Tuple[int, int, int]],
 def parse_price(text: str) -> Tuple[int, int, int]:
     """``IN OUT [CACHED_IN]`` in US dollars per million tokens -> nano-dollars per token,
     rounded up (what a budget counts never undercounts)."""
-    parts = text.split()
     try:
-        values = [float(p) for p in parts]
+        values = [float(p) for p in text.split()]
     except ValueError:
         values = []
     if len(values) not in (2, 3) or any(not (0 <= v < 1e6) for v in values):
@@ -3540,19 +3492,18 @@ def parse_price(text: str) -> Tuple[int, int, int]:
     return nano[0], nano[1], nano[2] if len(nano) == 3 else nano[0]
 
 
-def budget_reservation(kind: str, path: str, body: bytes, left: int,
-                       in_flight: bool = False,
+def budget_reservation(kind: str, path: str, body: bytes, left: int, in_flight: bool = False,
                        price: Tuple[int, int, int] = (1, 1, 1)) -> Tuple[int, Optional[bytes]]:
     """The most a budget token's request can cost, and its body with the output cap set so the
     request fits in what is ``left`` (None: unchanged). ``price``: what an input and an output
-    token cost in the budget's unit (1 and 1 for a token budget; nano-dollars for money). Input: a request's text cannot become
-    more tokens than it has bytes, plus BUDGET_INPUT_MARGIN. Output: the request's own cap
-    (max_completion_tokens / max_tokens / max_output_tokens / generationConfig.maxOutputTokens,
-    times n or candidateCount), lowered to what is left, or set to it when absent. A request
-    that cannot fit is refused: 429 while requests ``in_flight`` hold part of the budget (it
-    may fit once they settle), else 403 Exhausted (it never will). Forbidden for a generation
-    request whose JSON the broker cannot bound. Media the provider fetches by URL is not
-    bounded (the docs say so)."""
+    token cost in the budget's unit (1 and 1 for a token budget; nano-dollars for money).
+    Input: a request's text cannot become more tokens than it has bytes, plus
+    BUDGET_INPUT_MARGIN. Output: the request's own cap (max_completion_tokens / max_tokens /
+    max_output_tokens / generationConfig.maxOutputTokens, times n or candidateCount), lowered
+    to what is left, or set to it when absent. A request that cannot fit is refused: 429 while
+    requests ``in_flight`` hold part of the budget (it may fit once they settle), else 403
+    Exhausted (it never will). Forbidden for a generation request whose JSON the broker cannot
+    bound. Media the provider fetches by URL is not bounded (the docs say so)."""
     input_bound = len(body) + BUDGET_INPUT_MARGIN
     room = (left - input_bound * price[0]) // max(price[1], 1)    # output tokens that fit
     money = price != (1, 1, 1)
@@ -3635,21 +3586,19 @@ def budget_reservation(kind: str, path: str, body: bytes, left: int,
             "max_completion_tokens" if path.rstrip("/").endswith("/chat/completions") \
             else "max_tokens", "n"
     count = holder.get(count_name, 1) if count_name else 1
-    if count_name == "n" and "best_of" in holder:   # legacy completions bill best_of outputs
-        best = holder["best_of"]
-        count = best if isinstance(count, int) and isinstance(best, int) and \
-            not isinstance(best, bool) and best > count else count
+    best = _int(holder.get("best_of")) if count_name == "n" else None   # legacy completions
+    if best is not None and isinstance(count, int) and best > count:   # bill best_of outputs
+        count = best
     prompts = holder.get("prompt") if default == "max_tokens" else None
     if isinstance(prompts, list) and prompts and not all(isinstance(p, int) for p in prompts) \
             and isinstance(count, int):              # several prompts: outputs for each
         count *= len(prompts)
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        count = 1 if count is None else 0
-    if count < 1:
+    count = 1 if count is None else count
+    if (_int(count) or 0) < 1:
         raise Forbidden(f"{count_name} must be a positive whole number for a budget-limited token")
     present = [name for name in names if name in holder]
     caps = [holder[name] for name in present]
-    if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in caps):
+    if any((_int(c) or 0) < 1 for c in caps):
         raise Forbidden(f"{'/'.join(present)} must be a positive whole number for a "
                         f"budget-limited token")
     cap = min(caps + [room // count])
@@ -3733,62 +3682,49 @@ def _int(value: Any) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _usage_sum(usage: Dict[str, Any], keys: Iterable[str]) -> Optional[int]:
+    """The sum of the whole numbers ``usage`` holds under ``keys``; None if it holds none."""
+    counts = [_int(usage.get(key)) for key in keys]
+    return None if all(n is None for n in counts) else sum(n or 0 for n in counts)
+
+
 def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
-    """Update ``state`` (model, tokens_in, tokens_out) from one JSON answer or stream event."""
-    if not isinstance(obj, dict):
+    """Update ``state`` (model, tokens_in, tokens_out, tokens_cached) from one JSON answer or
+    stream event; a count the answer does not report keeps its value."""
+    if not isinstance(obj, dict) or kind not in ("openai", "anthropic", "bedrock", "gemini"):
         return
+    model, usage, counts = None, obj.get("usage"), {}
     if kind == "openai":
-        usage = obj.get("usage") or (obj.get("x_groq") or {}).get("usage") \
-            or (obj.get("response") or {}).get("usage")
-        model = obj.get("model") or (obj.get("response") or {}).get("model")
+        response = obj.get("response") or {}
+        usage = usage or (obj.get("x_groq") or {}).get("usage") or response.get("usage")
+        model = obj.get("model") or response.get("model")
         if isinstance(usage, dict):
-            tin = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
-            tout = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-            state["tokens_in"] = tin if tin is not None else state.get("tokens_in")
-            state["tokens_out"] = tout if tout is not None else state.get("tokens_out")
             details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
-            if isinstance(details, dict) and _int(details.get("cached_tokens")) is not None:
-                state["tokens_cached"] = _int(details.get("cached_tokens"))
-    elif kind == "anthropic":
-        message = obj.get("message") if isinstance(obj.get("message"), dict) else obj
-        model = message.get("model")
-        usage = message.get("usage") or obj.get("usage")
-        if isinstance(usage, dict):
-            parts = [_int(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens",
-                                                   "cache_read_input_tokens")]
-            if any(p is not None for p in parts):
-                state["tokens_in"] = sum(p or 0 for p in parts)
-                state["tokens_cached"] = parts[2] or 0
-            tout = _int(usage.get("output_tokens"))
-            if tout is not None:
-                state["tokens_out"] = tout
-    elif kind == "bedrock":             # Converse (and its stream's metadata event), or a
-        model = None                      # model's own body from InvokeModel (Anthropic's)
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            camel = "inputTokens" in usage or "outputTokens" in usage
-            ins = [_int(usage.get(k)) for k in (("inputTokens", "cacheReadInputTokens",
-                                                 "cacheWriteInputTokens") if camel else (
-                "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))]
-            if any(i is not None for i in ins):
-                state["tokens_in"], state["tokens_cached"] = sum(i or 0 for i in ins), ins[1] or 0
-            tout = _int(usage.get("outputTokens" if camel else "output_tokens"))
-            if tout is not None:
-                state["tokens_out"] = tout
+            counts = {"tokens_in": _int(usage.get("prompt_tokens", usage.get("input_tokens"))),
+                      "tokens_out": _int(usage.get("completion_tokens",
+                                                   usage.get("output_tokens"))),
+                      "tokens_cached": _int(details.get("cached_tokens"))
+                      if isinstance(details, dict) else None}
     elif kind == "gemini":
-        model = obj.get("modelVersion")
-        usage = obj.get("usageMetadata")
+        model, usage = obj.get("modelVersion"), obj.get("usageMetadata")
         if isinstance(usage, dict):
-            tin = _int(usage.get("promptTokenCount"))
-            if _int(usage.get("cachedContentTokenCount")) is not None:
-                state["tokens_cached"] = _int(usage.get("cachedContentTokenCount"))
-            outs = [_int(usage.get(k)) for k in ("candidatesTokenCount", "thoughtsTokenCount")]
-            if tin is not None:
-                state["tokens_in"] = tin
-            if any(o is not None for o in outs):
-                state["tokens_out"] = sum(o or 0 for o in outs)
-    else:
-        return
+            counts = {"tokens_in": _int(usage.get("promptTokenCount")),
+                      "tokens_out": _usage_sum(usage, ("candidatesTokenCount",
+                                                       "thoughtsTokenCount")),
+                      "tokens_cached": _int(usage.get("cachedContentTokenCount"))}
+    else:                 # Anthropic, and Bedrock: Converse (also its stream's metadata event)
+        if kind == "anthropic":                  # or a model's own body from InvokeModel
+            message = obj.get("message") if isinstance(obj.get("message"), dict) else obj
+            model, usage = message.get("model"), message.get("usage") or usage
+        if isinstance(usage, dict):                 # input: new, read from cache, cache writes
+            camel = kind == "bedrock" and ("inputTokens" in usage or "outputTokens" in usage)
+            names = ("inputTokens", "cacheReadInputTokens", "cacheWriteInputTokens",
+                     "outputTokens") if camel else ("input_tokens", "cache_read_input_tokens",
+                                                    "cache_creation_input_tokens", "output_tokens")
+            tin = _usage_sum(usage, names[:3])
+            counts = {"tokens_in": tin, "tokens_out": _int(usage.get(names[3])),
+                      "tokens_cached": None if tin is None else _int(usage.get(names[1])) or 0}
+    state.update((name, n) for name, n in counts.items() if n is not None)
     if isinstance(model, str) and model:
         state.setdefault("model", model)
 
@@ -3808,10 +3744,7 @@ class UsageMeter:
             media.endswith("+json")
         self.state: Dict[str, Any] = {}
         self._parts: List[bytes] = []
-        self._size = 0
-        self._line = b""
-        self._overflow = False
-        self._tail_only = False
+        self._size, self._line, self._overflow, self._tail_only = 0, b"", False, False
 
     def feed(self, data: bytes) -> None:
         if self._overflow or not self.active:
@@ -3837,13 +3770,9 @@ class UsageMeter:
                 tail = b"".join(self._parts)[-USAGE_TAIL_BYTES:]
                 self._parts, self._size, self._tail_only = [tail], len(tail), True
             return
-        if b"\n" not in data:
-            self._line += data
-            if len(self._line) > MAX_USAGE_BODY:
-                self._overflow, self._line = True, b""
-            return
-        *lines, tail = (self._line + data).split(b"\n")
-        self._line = tail
+        *lines, self._line = (self._line + data).split(b"\n")
+        if not lines and len(self._line) > MAX_USAGE_BODY:     # a line this long: stop reading
+            self._overflow, self._line = True, b""
         for line in lines:
             if line.startswith(b"data:") and b"sage" in line:
                 self._parse(line[5:])
@@ -3855,18 +3784,14 @@ class UsageMeter:
 
     def _parse_tail(self, tail: bytes) -> None:
         """A body too big to keep whole: read the last usage object in its tail."""
-        decoder = json.JSONDecoder()
         text = tail.decode("utf-8", "replace")
         for name in ("usage", "usageMetadata"):
             at = text.rfind(f'"{name}"')
             start = text.find("{", at) if at != -1 else -1
-            if start == -1:
-                continue
-            try:
-                value, _ = decoder.raw_decode(text, start)
-            except ValueError:
-                continue
-            read_usage(self.kind, {name: value}, self.state)
+            if start != -1:
+                with contextlib.suppress(ValueError):
+                    value, _ = json.JSONDecoder().raw_decode(text, start)
+                    read_usage(self.kind, {name: value}, self.state)
 
     def finish(self) -> Dict[str, Any]:
         if not self._overflow and self.active and not self.events:
