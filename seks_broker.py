@@ -7471,8 +7471,7 @@ def cmd_demo(host: str, port: int) -> int:
         settings = Settings(db=os.path.join(folder, "seks.db"), host=host, port=port)
         settings.upstreams["openai"] = upstream.url
         providers = load_providers(settings)
-        store = Store(settings.db)
-        try:
+        with contextlib.closing(Store(settings.db)) as store:
             master = load_master_key(settings.db, {}, store)
             keys = KeyRing(master)
             store.put_secret("demo-openai", "openai", keys.cipher.encrypt(
@@ -7484,8 +7483,7 @@ def cmd_demo(host: str, port: int) -> int:
 
             def ready(bound: int) -> None:
                 base = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/openai/v1"
-                chat = ('{"model": "demo-model", "messages": [{"role": "user", "content": "hi"}]'
-                        + '%s}')
+                chat = '{"model": "demo-model", "messages": [{"role": "user", "content": "hi"}]%s}'
                 curl = (f"curl -s{{}} {base}/chat/completions -H 'Authorization: Bearer {token}' "
                         f"-H 'Content-Type: application/json' -d '{{}}'")
                 print(f"seks-broker demo: a throwaway database in {folder}, a fake OpenAI "
@@ -7499,8 +7497,6 @@ def cmd_demo(host: str, port: int) -> int:
                       f"{settings.db} audit\n\nCtrl-C stops the demo and deletes {folder}.",
                       flush=True)
             return serve(settings, store, master, providers, on_ready=ready)
-        finally:
-            store.close()
     finally:
         upstream.shutdown()
         upstream.server_close()
@@ -7738,6 +7734,17 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
                                                 if n in parts}
 
 
+def print_records(as_json: bool, records: List[Dict[str, Any]], headers: List[str],
+                  row: Callable[[Dict[str, Any]], List[Any]]) -> None:
+    """A list command's output: its records as JSON lines with --json, else a table with one
+    ``row(record)`` under ``headers`` per record."""
+    if as_json:
+        for record in records:
+            print(json.dumps(record, sort_keys=True))
+    else:
+        print_table(headers, [row(r) for r in records])
+
+
 def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
               providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
     now = time.time()
@@ -7764,17 +7771,13 @@ def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: S
         for token in tokens:
             token["state"] = token_state(token, now)
         tokens = [t for t in tokens if not args.status or t["state"] == args.status]
-        if args.json:
-            for token in tokens:
-                print(json.dumps(token, sort_keys=True))
-            return 0
-        print_table(["ID", "AGENT", "PROVIDER", "SECRET", "LABEL", "CREATED", "EXPIRES",
-                     "STATUS", "REQUESTS", "TOKENS", "BUDGET", "POLICY"],
-                    [[t["id"], t["agent"], t["provider"], t["secret"], t["label"] or "-",
-                      t["created_at"], utc_iso(t["expires_at"]) if t["expires_at"] else "never",
-                      t["state"], t["requests"], t["tokens_used"], budget_text(t),
-                      describe_policy(t["policy"]) + (f" parent={t['parent']}" if t["parent"]
-                                                      else "")] for t in tokens])
+        print_records(args.json, tokens, ["ID", "AGENT", "PROVIDER", "SECRET", "LABEL", "CREATED",
+                                          "EXPIRES", "STATUS", "REQUESTS", "TOKENS", "BUDGET",
+                                          "POLICY"], lambda t: [
+            t["id"], t["agent"], t["provider"], t["secret"], t["label"] or "-", t["created_at"],
+            utc_iso(t["expires_at"]) if t["expires_at"] else "never", t["state"], t["requests"],
+            t["tokens_used"], budget_text(t),
+            describe_policy(t["policy"]) + (f" parent={t['parent']}" if t["parent"] else "")])
         return 0
     if args.action == "revoke":
         value = args.token_or_id.strip()
@@ -7809,14 +7812,10 @@ def cmd_providers(args: argparse.Namespace, providers: Dict[str, Provider]) -> i
             if provider.inject else "same place",
             "llm_usage": provider.usage or None, "env": variables, "parts": [
                 n + "?" * (n in provider.optional) for n in provider.parts]})
-    if args.json:
-        for row in rows:
-            print(json.dumps(row, sort_keys=True))
-        return 0
-    print_table(["PROVIDER", "ROUTES", "UPSTREAM", "TOKEN FROM", "REAL KEY TO", "PARTS",
-                 "SDK VARIABLES"],
-                [[r["name"], " ".join(r["routes"]), r["upstream"], "; ".join(r["token_places"]),
-                  r["inject"], " ".join(r["parts"]), " ".join(r["env"])] for r in rows])
+    print_records(args.json, rows, ["PROVIDER", "ROUTES", "UPSTREAM", "TOKEN FROM", "REAL KEY TO",
+                                    "PARTS", "SDK VARIABLES"], lambda r: [
+        r["name"], " ".join(r["routes"]), r["upstream"], "; ".join(r["token_places"]),
+        r["inject"], " ".join(r["parts"]), " ".join(r["env"])])
     return 0
 
 
@@ -8075,26 +8074,22 @@ def cmd_usage(args: argparse.Namespace, store: Store, master: bytes, settings: S
     model (cached input counted at the input price: the audit row does not keep the cached
     share). UNMETERED counts LLM answers that reported no usage (an OpenAI stream not asked
     for it): their tokens are not in the totals."""
-    where, params = audit_filter(args)
-    rows = store.usage_rows(where, params)
     llm = {p.name for p in providers.values() if p.usage}
-
-    def cost(model: str, tin: int, tout: int) -> Optional[float]:
+    records = []
+    for agent, provider, model, count, tin, tout, unmetered in store.usage_rows(
+            *audit_filter(args)):
         price = settings.prices.get((model or "").lower())
-        return None if price is None else usage_cost(price, tin, tout) / 1e9
-    if args.json:
-        for agent, provider, model, count, tin, tout, unmetered in rows:
-            print(json.dumps({"agent": agent, "provider": provider, "model": model or None,
-                              "requests": count, "tokens_in": tin, "tokens_out": tout,
-                              "tokens": tin + tout, "cost_usd": cost(model, tin, tout),
-                              "unmetered": unmetered if provider in llm else None},
-                             sort_keys=True))
-        return 0
-    print_table(["AGENT", "PROVIDER", "MODEL", "REQUESTS", "TOKENS IN", "TOKENS OUT", "TOTAL",
-                 "COST (USD)", "UNMETERED"],
-                [[a or "-", p or "-", m or "-", c, f"{i:,}", f"{o:,}", f"{i + o:,}",
-                  "-" if cost(m, i, o) is None else f"{cost(m, i, o):,.4f}",
-                  u if p in llm else "-"] for a, p, m, c, i, o, u in rows])
+        records.append({"agent": agent, "provider": provider, "model": model or None,
+                        "requests": count, "tokens_in": tin, "tokens_out": tout,
+                        "tokens": tin + tout, "unmetered": unmetered if provider in llm else None,
+                        "cost_usd": None if price is None else usage_cost(price, tin, tout) / 1e9})
+    print_records(args.json, records, ["AGENT", "PROVIDER", "MODEL", "REQUESTS", "TOKENS IN",
+                                       "TOKENS OUT", "TOTAL", "COST (USD)",
+                                       "UNMETERED"], lambda r: [
+        r["agent"] or "-", r["provider"] or "-", r["model"] or "-", r["requests"],
+        f"{r['tokens_in']:,}", f"{r['tokens_out']:,}", f"{r['tokens']:,}",
+        "-" if r["cost_usd"] is None else f"{r['cost_usd']:,.4f}",
+        "-" if r["unmetered"] is None else r["unmetered"]])
     return 0
 
 
@@ -8108,11 +8103,9 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     tokens = store.list_tokens()
     for token in tokens:
         token["state"] = token_state(token, now)
-    agents = []
-    for name, _, disabled, _ in store.list_agents():
-        live = sum(1 for t in tokens if t["agent"] == name and t["state"] == "active")
-        agents.append({"name": name, "state": "disabled" if disabled else "enabled",
-                       "live_tokens": live})
+    agents = [{"name": name, "state": "disabled" if disabled else "enabled", "live_tokens": sum(
+        1 for t in tokens if t["agent"] == name and t["state"] == "active")}
+        for name, _, disabled, _ in store.list_agents()]
     traffic = {}
     for label, seconds in (("last_hour", 3600), ("last_day", 86400)):
         count, tin, tout = store.query(
@@ -8131,21 +8124,20 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
                            "WHERE outcome = 'denied' AND ts >= ? GROUP BY outcome, reason "
                            "ORDER BY 3 DESC, 2", (utc_iso(now - 3600),))]
     head = store.query("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1")
-    report = {
-        "database": os.path.abspath(settings.db),
-        "broker": {"url": url, "running": health is not None and health[0] == 200},
-        "agents": agents, "traffic": traffic, "budgets_low": low, "denials_last_hour": denials,
-        "audit": {"head_id": head[0][0] if head else None,
-                  "head_mac": bytes(head[0][1]).hex()[:32] if head else None,
-                  "last_verify": store.last_verify()}}
+    running, verify = health is not None and health[0] == 200, store.last_verify()
+    audit = {"head_id": head[0][0] if head else None, "last_verify": verify,
+             "head_mac": bytes(head[0][1]).hex()[:32] if head else None}
     if args.json:
-        print(json.dumps(report, sort_keys=True))
+        print(json.dumps({"database": os.path.abspath(settings.db), "agents": agents,
+                          "broker": {"url": url, "running": running}, "traffic": traffic,
+                          "budgets_low": low, "denials_last_hour": denials, "audit": audit},
+                         sort_keys=True))
         return 0
-    out = [f"database  {report['database']}",
-           f"broker    {url}: " + ("running" if report["broker"]["running"] else
-                                   "not answering (start it with: " + prog() + " serve)")]
-    out.append("agents    " + (", ".join(f"{a['name']} ({a['state']}, {a['live_tokens']} live "
-                                         f"token(s))" for a in agents) or "none"))
+    out = [f"database  {os.path.abspath(settings.db)}",
+           f"broker    {url}: " + ("running" if running else
+                                   "not answering (start it with: " + prog() + " serve)"),
+           "agents    " + (", ".join(f"{a['name']} ({a['state']}, {a['live_tokens']} live "
+                                     f"token(s))" for a in agents) or "none")]
     for label, name in (("last_hour", "last hour"), ("last_day", "last day")):
         out.append(f"{name:<9} {traffic[label]['requests']:,} request(s), "
                    f"{traffic[label]['llm_tokens']:,} LLM token(s)")
@@ -8155,12 +8147,10 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
                                or "none below 10% left"))
     out.append("denials   " + ("; ".join(f"{d['count']} x {d['reason']}" for d in denials)
                                or "none in the last hour"))
-    verify = report["audit"]["last_verify"]
-    out.append(f"audit     head row {report['audit']['head_id'] or '-'} "
-               f"mac {report['audit']['head_mac'] or '-'}; last verify: " +
-               (f"{'passed' if verify['ok'] else 'FAILED'} at {verify['at']} "
-                f"({verify['message']})" if verify else
-                f"never (run: {prog()} audit verify)"))
+    out.append(f"audit     head row {audit['head_id'] or '-'} mac {audit['head_mac'] or '-'}; "
+               "last verify: " + (f"{'passed' if verify['ok'] else 'FAILED'} at {verify['at']} "
+                                  f"({verify['message']})" if verify else
+                                  f"never (run: {prog()} audit verify)"))
     for line in out:
         print(terminal_text(line))
     return 0
