@@ -7699,18 +7699,14 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
     expires = time.time() + ttl if ttl else None
     policy = make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
                          args.models, args.budget_tokens, getattr(args, "budget_usd", None))
-    if getattr(args, "decoy", False):
-        policy["decoy"] = True
-        if args.on_tripwire:
-            policy["on_tripwire"] = args.on_tripwire
-    elif getattr(args, "on_tripwire", None):
+    flags = {name: getattr(args, flag, None) for name, flag in (       # `run` has no decoys
+        ("decoy", "decoy"), ("on_tripwire", "on_tripwire"), ("on_leak", "on_leak"),
+        ("delegation", "allow_delegation"))}
+    if flags["on_tripwire"] and not flags["decoy"]:
         raise UsageError("--on-tripwire goes with --decoy")
-    if getattr(args, "on_leak", None):
-        policy["on_leak"] = args.on_leak
-    if getattr(args, "allow_delegation", False):
-        if policy.get("decoy"):
-            raise UsageError("a --decoy token cannot delegate")
-        policy["delegation"] = True
+    if flags["delegation"] and flags["decoy"]:
+        raise UsageError("a --decoy token cannot delegate")
+    policy.update((name, value) for name, value in flags.items() if value)
     if provider.usage == "bedrock" and "budget_nusd" in policy:
         raise UsageError("--budget-usd does not apply to aws yet ([prices] keys cannot hold "
                          "the ':' of Bedrock model ids); --budget-tokens and --models do")
@@ -7885,11 +7881,8 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
         from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
         key_path = db_path + ".key"
         if from_env:
-            if sys.stdin is not None and sys.stdin.isatty():
-                text = getpass.getpass("New master key (urlsafe base64 of 32 bytes, hidden): ")
-            else:
-                text = sys.stdin.read() if sys.stdin is not None else ""
-            new_key = decode_master_key(text.strip(), "the new key on stdin")
+            text = read_secret_value("", "New master key (urlsafe base64 of 32 bytes, hidden): ")
+            new_key = decode_master_key(text, "the new key on stdin")
         else:
             new_key = secrets.token_bytes(32)
         if hmac.compare_digest(new_key, old_key):
@@ -7969,17 +7962,13 @@ def audit_filter(args: argparse.Namespace) -> Tuple[str, Tuple[Any, ...]]:
     if getattr(args, "since", None):
         clauses.append("ts >= ?")
         params.append(parse_since(args.since))
-    status = getattr(args, "status", None)
-    if status:
-        match = re.match(r"^([1-5])xx$", status.strip().lower())
-        if match:
-            clauses.append("status >= ? AND status < ?")
-            params += [int(match.group(1)) * 100, int(match.group(1)) * 100 + 100]
-        elif re.fullmatch(r"[0-9]{3}", status.strip()):
-            clauses.append("status = ?")
-            params.append(int(status))
-        else:
-            raise UsageError("--status takes a code (404) or a class (4xx)")
+    status = (getattr(args, "status", None) or "").strip().lower()
+    if status and not re.fullmatch(r"[1-5]xx|[0-9]{3}", status):
+        raise UsageError("--status takes a code (404) or a class (4xx)")
+    if status:                                   # 4xx: 400 to 499; 404: 404 alone
+        low = int(status.replace("x", "0"))
+        clauses.append("status >= ? AND status < ?")
+        params += [low, low + (100 if status.endswith("xx") else 1)]
     return " AND ".join(clauses), tuple(params)
 
 
@@ -8253,10 +8242,9 @@ def child_identity(user: str, key_path: str) -> Dict[str, Any]:
 
 def same_user_warning(db: str, environ: Dict[str, str]) -> str:
     """What a command started as the operator can read that opens every stored key."""
-    where = [f"{db}.key" if os.access(db + ".key", os.R_OK) else ""]
+    where = [f"{db}.key"] if os.access(db + ".key", os.R_OK) else []
     if environ.get("SEKS_MASTER_KEY", "").strip():
         where.append("this process's environment (SEKS_MASTER_KEY, in /proc)")
-    where = [w for w in where if w]
     if not where:
         return ""
     return (f"the command runs as you and can read the master key ({' and '.join(where)}), so "
@@ -8300,12 +8288,11 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
                          f"--secret openai-main -- python3 agent.py")
     identity = child_identity(args.user, settings.db + ".key") if args.user else {}
     cipher, real_values = SecretCipher(master), []
-    for name, provider_name, *_ in store.list_secrets():
-        found = store.get_secret(name)
-        if found is not None:
-            parts = secret_parts(cipher.decrypt(found[1], secret_ad(name, provider_name)))
-            public = providers[provider_name].public if provider_name in providers else ()
-            real_values += [(name, v) for n, v in parts.items() if n not in public]
+    for name, provider_name, ciphertext in store.query("SELECT name, provider, ciphertext "
+                                                       "FROM secrets ORDER BY name"):
+        parts = secret_parts(cipher.decrypt(ciphertext, secret_ad(name, provider_name)))
+        public = providers[provider_name].public if provider_name in providers else ()
+        real_values += [(name, v) for n, v in parts.items() if n not in public]
     minted: List[Tuple[str, str, Provider, Dict[str, str]]] = []
     embedded: Optional[EmbeddedBroker] = None
     code = 1
@@ -8395,20 +8382,18 @@ def foreground() -> bool:
 
 
 def run_summary(store: Store, token_ids: List[str]) -> str:
-    marks = ", ".join("?" * len(token_ids))
+    per_provider = (
+        f"SELECT provider, COUNT(*), COALESCE(SUM(tokens_in), 0) + COALESCE(SUM(tokens_out), "
+        f"0), SUM(CASE WHEN outcome = 'denied' THEN 1 ELSE 0 END) FROM audit WHERE outcome != "
+        f"'introspect' AND token_id IN ({', '.join('?' * len(token_ids))}) GROUP BY provider "
+        f"ORDER BY provider")
     deadline = time.monotonic() + 1.0         # an external broker may still write the last row
-    requests = f"FROM audit WHERE outcome != 'introspect' AND token_id IN ({marks})"
-    rows = store.query(f"SELECT COUNT(*) {requests}", tuple(token_ids))
+    per = store.query(per_provider, tuple(token_ids))
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        again = store.query(f"SELECT COUNT(*) {requests}", tuple(token_ids))
-        if again == rows:
+        settled, per = per, store.query(per_provider, tuple(token_ids))
+        if per == settled:
             break
-        rows = again
-    per = store.query(
-        f"SELECT provider, COUNT(*), COALESCE(SUM(tokens_in), 0) + COALESCE(SUM(tokens_out), "
-        f"0), SUM(CASE WHEN outcome = 'denied' THEN 1 ELSE 0 END) {requests} GROUP BY provider "
-        f"ORDER BY provider", tuple(token_ids))
     total = sum(r[1] for r in per)
     parts = ", ".join(f"{p}: {n} request(s), {t:,} LLM token(s), {d} denied"
                       for p, n, t, d in per) or "no requests"
