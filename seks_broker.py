@@ -7516,12 +7516,10 @@ def cmd_config_check(path: str) -> int:
         return 1
     settings = Settings()
     errors = read_config(text, path, settings)
-    providers: Dict[str, Provider] = {}
     try:
         providers = load_providers(settings)
     except ConfigError as exc:
-        if not errors:
-            errors.append(f"{path}: {exc}")
+        providers, errors = {}, errors or [f"{path}: {exc}"]
     problem = "" if errors else settings_problem(settings)
     if problem:
         errors.append(f"{path}: {problem}")
@@ -7619,22 +7617,15 @@ def cmd_secret(args: argparse.Namespace, store: Store, master: bytes, settings: 
     return 0
 
 
-HANDOFF_HEADER = ("# seks-broker token for agent {agent} ({provider}, {token_id}, expires "
-                  "{expires}).\n# This file is a credential: keep it private (mode 0600), "
-                  "never commit it.\n")
-
-
 def env_vars(provider: Provider, token: str, broker_url: str,
              parts: Optional[Dict[str, str]] = None) -> List[Tuple[str, str]]:
     """The variables the provider's SDKs read (base URLs, key, and identifiers such as
     Twilio's account SID, from the secret's public parts), pointing at the broker."""
-    prefix = re.sub(r"[^A-Z0-9]", "_", provider.name.upper())
+    prefix, parts = re.sub(r"[^A-Z0-9]", "_", provider.name.upper()), parts or {}
     if any(p.kind == "aws" for p in provider.token_places):      # what boto3 and the CLI read
-        regions = [r for r in (parts or {}).get("regions", "").replace(",", " ").split()
-                   if r != "*"]
+        regions = [r for r in parts.get("regions", "").replace(",", " ").split() if r != "*"]
         region = regions[0] if regions else "us-east-1"
-        services = ((parts or {}).get("services") or " ".join(AWS_SERVICES)).replace(
-            ",", " ").split()
+        services = (parts.get("services") or " ".join(AWS_SERVICES)).replace(",", " ").split()
         return [("AWS_ACCESS_KEY_ID", token), ("AWS_SECRET_ACCESS_KEY", AWS_PLACEHOLDER_SECRET),
                 ("AWS_REGION", region), ("AWS_DEFAULT_REGION", region)] + [
             ("AWS_ENDPOINT_URL_" + service.upper().replace("-", "_"),
@@ -7646,7 +7637,7 @@ def env_vars(provider: Provider, token: str, broker_url: str,
             out.append((var, token))
         elif not value.startswith("{"):
             out.append((var, f"{broker_url}/{provider.name}{value}"))
-        elif parts is not None and value[1:-1] in parts and value[1:-1] in provider.public:
+        elif value[1:-1] in parts and value[1:-1] in provider.public:
             out.append((var, parts[value[1:-1]]))
     return out
 
@@ -7663,8 +7654,10 @@ def handoff_text(fmt: str, variables: List[Tuple[str, str]], token: str,
         return token + "\n"
     if fmt == "json":
         return json.dumps(dict(meta, token=token, env=dict(variables)), sort_keys=True) + "\n"
-    header = HANDOFF_HEADER.format(**meta, expires=utc_iso(meta["expires_at"])
-                                   if meta["expires_at"] else "never")
+    expires = utc_iso(meta["expires_at"]) if meta["expires_at"] else "never"
+    header = (f"# seks-broker token for agent {meta['agent']} ({meta['provider']}, "
+              f"{meta['token_id']}, expires {expires}).\n# This file is a credential: keep it "
+              f"private (mode 0600), never commit it.\n")
     if fmt == "shell":
         return header + "".join(f"export {k}={shell_quote(v)}\n" for k, v in variables)
     if fmt == "dotenv":
@@ -7936,11 +7929,10 @@ def parse_since(text: str, now: Optional[float] = None) -> str:
 def human_size(n: Optional[int]) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    if n < 1024:
+        return f"{n} B"
+    power = min((n.bit_length() - 1) // 10, 3)         # 1024 ** power <= n: KB, MB or GB
+    return f"{n / 1024 ** power:.1f} {('KB', 'MB', 'GB')[power - 1]}"
 
 
 def human_duration(ms: Optional[float]) -> str:
@@ -7962,13 +7954,14 @@ def audit_filter(args: argparse.Namespace) -> Tuple[str, Tuple[Any, ...]]:
     if getattr(args, "since", None):
         clauses.append("ts >= ?")
         params.append(parse_since(args.since))
-    status = (getattr(args, "status", None) or "").strip().lower()
-    if status and not re.fullmatch(r"[1-5]xx|[0-9]{3}", status):
-        raise UsageError("--status takes a code (404) or a class (4xx)")
-    if status:                                   # 4xx: 400 to 499; 404: 404 alone
-        low = int(status.replace("x", "0"))
+    status = getattr(args, "status", None)
+    if status:
+        code = status.strip().lower()
+        if not re.fullmatch(r"[1-5]xx|[0-9]{3}", code):
+            raise UsageError("--status takes a code (404) or a class (4xx)")
+        low = int(code.replace("x", "0"))            # 4xx: 400 to 499; 404: 404 alone
         clauses.append("status >= ? AND status < ?")
-        params += [low, low + (100 if status.endswith("xx") else 1)]
+        params += [low, low + (100 if code.endswith("xx") else 1)]
     return " AND ".join(clauses), tuple(params)
 
 
@@ -8148,10 +8141,9 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
 def probe_broker(url: str, path: str, timeout: float) -> Optional[Tuple[int, bytes]]:
     """GET url+path: (status, body), or None if no HTTP server answers there. Loopback and
     operator-given addresses only."""
-    request = urllib.request.Request(url + path)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(request, timeout=timeout) as answer:
+        with opener.open(url + path, timeout=timeout) as answer:
             return answer.status, answer.read(65536)
     except urllib.error.HTTPError as exc:
         return exc.code, b""
@@ -8295,7 +8287,6 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
         real_values += [(name, v) for n, v in parts.items() if n not in public]
     minted: List[Tuple[str, str, Provider, Dict[str, str]]] = []
     embedded: Optional[EmbeddedBroker] = None
-    code = 1
     try:
         for secret in args.secret:
             token, token_id, provider, _, public = mint_token(
@@ -8330,7 +8321,7 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
             child = subprocess.Popen(command, env=env, **identity)
         except OSError as exc:
             raise ConfigError(f"cannot start {command[0]}: {exc.strerror or exc}") from None
-        code = wait_forwarding_signals(child, settings.grace)
+        return wait_forwarding_signals(child, settings.grace)
     finally:
         if embedded is not None:
             embedded.close()                      # its in-flight rows are written first
@@ -8339,7 +8330,6 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
                 store.revoke_token(None, token_id)
         if minted:
             sys.stderr.write(run_summary(store, [token_id for _, token_id, _, _ in minted]) + "\n")
-    return code
 
 
 def wait_forwarding_signals(child: Any, grace: float) -> int:
@@ -8425,8 +8415,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run_command(args, dict(os.environ), arguments)
     except ConfigError as exc:
-        for number, line in enumerate(str(exc).split("\n")):
-            sys.stderr.write(("error: " if number == 0 else "") + redact(line) + "\n")
+        sys.stderr.write("error: " + "\n".join(map(redact, str(exc).split("\n"))) + "\n")
         return 2 if isinstance(exc, UsageError) else 1
     except sqlite3.Error as exc:
         sys.stderr.write(f"error: database {args.db or ''}: {exc}\n".replace("  ", " "))
