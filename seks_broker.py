@@ -7538,12 +7538,10 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
     """`secret add` and `secret rotate`: the value from a hidden prompt or stdin, checked,
     encrypted under the database's master key (loaded after the prompt)."""
     if args.value is not None:
-        sys.stderr.write("error: refusing a secret on the command line (every local user can "
-                         "read it with ps). Pipe it on stdin instead, e.g.\n"
-                         f"  printf %s \"$KEY\" | {prog()} secret {args.action} "
-                         f"{args.name} ...\nor run the command on a terminal to be prompted "
-                         "with hidden input.\n")
-        return 2
+        raise UsageError("refusing a secret on the command line (every local user can read it "
+                         "with ps). Pipe it on stdin instead, e.g.\n"
+                         f"  printf %s \"$KEY\" | {prog()} secret {args.action} {args.name} "
+                         "...\nor run the command on a terminal to be prompted with hidden input.")
     if not NAME_RE.match(args.name):
         raise UsageError("secret names are 1-64 letters, digits, '.', '_' or '-'")
     if args.action == "add":
@@ -8151,15 +8149,6 @@ def probe_broker(url: str, path: str, timeout: float) -> Optional[Tuple[int, byt
         return None
 
 
-def introspected_id(probe: Tuple[int, bytes]) -> str:
-    """The token id in a /seks/v1/token answer, or "" (not a 200, not that JSON)."""
-    try:
-        answer = json.loads(probe[1]) if probe[0] == 200 else {}
-    except ValueError:
-        return ""
-    return str(answer.get("token_id") or "") if isinstance(answer, dict) else ""
-
-
 # Variables that commonly hold a provider's real key: `run` never passes them to its command.
 KNOWN_KEY_VARS = frozenset("""
 OPENAI_API_KEY OPENAI_ADMIN_KEY AZURE_OPENAI_API_KEY ANTHROPIC_API_KEY ANTHROPIC_AUTH_TOKEN
@@ -8299,7 +8288,8 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
         url = (args.url or settings.agent_url()).rstrip("/")
         probe = probe_broker(url, "/seks/v1/token?digest=" + token_digest(minted[0][0]).hex(),
                              timeout=2.0)
-        if probe is not None and introspected_id(probe) == minted[0][1]:
+        answer = json_value(probe[1]) if probe is not None and probe[0] == 200 else None
+        if isinstance(answer, dict) and answer.get("token_id") == minted[0][1]:
             sys.stderr.write(f"seks run: using the broker at {url}\n")
         elif args.url:
             raise ConfigError(f"no broker serving {os.path.abspath(settings.db)} answers at "
