@@ -7721,15 +7721,19 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
                                                 if n in parts}
 
 
-def print_records(as_json: bool, records: List[Dict[str, Any]], headers: List[str],
+def print_records(as_json: bool, records: List[Dict[str, Any]], headers: Optional[List[str]],
                   row: Callable[[Dict[str, Any]], List[Any]]) -> None:
     """A list command's output: its records as JSON lines with --json, else a table with one
-    ``row(record)`` under ``headers`` per record."""
+    ``row(record)`` under ``headers`` per record (without headers, more rows of a table
+    already shown: `audit --follow`)."""
     if as_json:
         for record in records:
             print(json.dumps(record, sort_keys=True))
-    else:
+    elif headers:
         print_table(headers, [row(r) for r in records])
+    else:
+        for record in records:
+            print("  ".join(terminal_text(c) for c in row(record)))
 
 
 def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
@@ -7964,21 +7968,14 @@ def audit_filter(args: argparse.Namespace) -> Tuple[str, Tuple[Any, ...]]:
 
 
 def print_audit(rows: List[AuditRow], as_json: bool, header: bool = True) -> None:
-    if as_json:
-        for row in rows:
-            print(json.dumps(dict(zip(row.FIELDS, row.values())), sort_keys=True))
-        return
-    table = [[r.id, r.ts, r.agent or "-", r.token_id or "-", r.provider or "-",
-              (r.model or "-")[:40], r.method or "-", (r.path or "-")[:60], r.status or "-",
-              human_size(r.bytes_in), human_size(r.bytes_out), human_duration(r.duration_ms),
-              r.outcome + (f": {r.reason}" if r.reason and r.outcome != "ok" else "")]
-             for r in rows]
-    if header:
-        print_table(["ID", "TIME", "AGENT", "TOKEN", "PROVIDER", "MODEL", "METHOD", "PATH",
-                     "STATUS", "IN", "OUT", "DURATION", "OUTCOME"], table)
-    else:
-        for row in table:
-            print("  ".join(terminal_text(c) for c in row))
+    headers = ["ID", "TIME", "AGENT", "TOKEN", "PROVIDER", "MODEL", "METHOD", "PATH", "STATUS",
+               "IN", "OUT", "DURATION", "OUTCOME"]
+    print_records(as_json, [dict(zip(r.FIELDS, r.values())) for r in rows],
+                  headers if header else None, lambda r: [
+        r["id"], r["ts"], r["agent"] or "-", r["token_id"] or "-", r["provider"] or "-",
+        (r["model"] or "-")[:40], r["method"] or "-", (r["path"] or "-")[:60], r["status"] or "-",
+        human_size(r["bytes_in"]), human_size(r["bytes_out"]), human_duration(r["duration_ms"]),
+        r["outcome"] + (f": {r['reason']}" if r["reason"] and r["outcome"] != "ok" else "")])
     sys.stdout.flush()
 
 
