@@ -8231,27 +8231,23 @@ def same_user_warning(db: str, environ: Dict[str, str]) -> str:
             f"another user (--user, as root) or where those files are not")
 
 
-class EmbeddedBroker:
+def embedded_broker(settings: Settings, store: Store, master: bytes,
+                    providers: Dict[str, Provider]) -> Tuple[str, Callable[[], None]]:
     """A broker for one `run`: in this process, on a free loopback port, logging problems
-    only, stopped (with its audit rows written) when the command ends."""
+    only. Its URL, and what stops it (its audit rows written) when the command ends."""
+    own = copy.copy(settings)
+    own.host, own.port, own.workers, own.admin_port = "127.0.0.1", 0, 1, -1
+    own.tls_cert = own.tls_key = own.public_url = ""
+    own.log_level = "warning" if own.log_level in ("debug", "info") else own.log_level
+    broker, servers, _ = open_broker(own, store, master, providers)
+    threading.Thread(target=servers[0].serve_forever, kwargs={"poll_interval": 0.2},
+                     daemon=True).start()
 
-    def __init__(self, settings: Settings, store: Store, master: bytes,
-                 providers: Dict[str, Provider]) -> None:
-        own = copy.copy(settings)
-        own.host, own.port, own.workers, own.admin_port = "127.0.0.1", 0, 1, -1
-        own.tls_cert = own.tls_key = own.public_url = ""
-        own.log_level = "warning" if settings.log_level in ("debug", "info") else \
-            settings.log_level
-        self.broker, self.servers, _ = open_broker(own, store, master, providers)
-        self.grace = own.grace
-        threading.Thread(target=self.servers[0].serve_forever, kwargs={"poll_interval": 0.2},
-                         daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.servers[0].server_address[1]}"
-
-    def close(self) -> None:
-        self.broker.draining = True
-        self.servers[0].shutdown()
-        close_broker(self.broker, self.servers, None, min(self.grace, 5.0), threading.Event())
+    def stop() -> None:
+        broker.draining = True
+        servers[0].shutdown()
+        close_broker(broker, servers, None, min(own.grace, 5.0), threading.Event())
+    return f"http://127.0.0.1:{servers[0].server_address[1]}", stop
 
 
 def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
@@ -8272,7 +8268,7 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
         public = providers[provider_name].public if provider_name in providers else ()
         real_values += [(name, v) for n, v in parts.items() if n not in public]
     minted: List[Tuple[str, str, Provider, Dict[str, str]]] = []
-    embedded: Optional[EmbeddedBroker] = None
+    stop_broker: Optional[Callable[[], None]] = None
     try:
         for secret in args.secret:
             token, token_id, provider, _, public = mint_token(
@@ -8292,8 +8288,7 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
             raise ConfigError(f"no broker serving {os.path.abspath(settings.db)} answers at "
                               f"{url}")
         else:
-            embedded = EmbeddedBroker(settings, store, master, providers)
-            url = embedded.url
+            url, stop_broker = embedded_broker(settings, store, master, providers)
             sys.stderr.write(f"seks run: started a broker for this command on {url}"
                              + (f" (what answers at {settings.agent_url()} is not a broker "
                                 f"serving this database)" if probe is not None else "") + "\n")
@@ -8310,8 +8305,8 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
             raise ConfigError(f"cannot start {command[0]}: {exc.strerror or exc}") from None
         return wait_forwarding_signals(child, settings.grace)
     finally:
-        if embedded is not None:
-            embedded.close()                      # its in-flight rows are written first
+        if stop_broker is not None:
+            stop_broker()                         # its in-flight rows are written first
         for _, token_id, _, _ in minted:
             with contextlib.suppress(ConfigError, sqlite3.Error):
                 store.revoke_token(None, token_id)
@@ -8327,8 +8322,9 @@ def wait_forwarding_signals(child: Any, grace: float) -> int:
     terminating = threading.Event()
 
     def relay(signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and foreground():
-            return
+        with contextlib.suppress(OSError, AttributeError, ValueError):   # no terminal
+            if signum == signal.SIGINT and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp():
+                return
         with contextlib.suppress(OSError):
             child.send_signal(signum)
         if signum in (signal.SIGTERM, signal.SIGHUP):
@@ -8349,13 +8345,6 @@ def wait_forwarding_signals(child: Any, grace: float) -> int:
             signal.signal(sig, handler)
     code = child.returncode
     return 128 - code if code < 0 else code
-
-
-def foreground() -> bool:
-    try:
-        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
-    except (OSError, AttributeError, ValueError):
-        return False
 
 
 def run_summary(store: Store, token_ids: List[str]) -> str:
