@@ -7524,9 +7524,7 @@ def cmd_config_check(path: str) -> int:
     if problem:
         errors.append(f"{path}: {problem}")
     if errors:
-        for error in errors:
-            print(error)
-        print(f"{len(errors)} error(s)")
+        print("\n".join(errors + [f"{len(errors)} error(s)"]))
         return 1
     custom = ", ".join(sorted(settings.custom_providers)) or "none"
     print(f"{path}: OK (custom providers: {custom}; {len(providers)} providers in all)")
@@ -7665,7 +7663,7 @@ def handoff_text(fmt: str, variables: List[Tuple[str, str]], token: str,
 
 def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secret: str,
                agent: str, args: argparse.Namespace, default_ttl: Optional[int] = None,
-               label: Optional[str] = None
+               default_label: Optional[str] = None
                ) -> Tuple[str, str, Provider, Optional[float], Dict[str, str]]:
     """One token for ``agent`` and ``secret`` with the policy flags in ``args``: (token, its
     id, the provider, its expiry, the secret's public parts). Shared by `token mint` and
@@ -7683,7 +7681,7 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
                           f"configured")
     if not NAME_RE.match(agent):
         raise UsageError("agent names are 1-64 letters, digits, '.', '_' or '-'")
-    label = label if label is not None else args.label
+    label = args.label if args.label is not None else default_label
     if label is not None and (len(label) > 200 or not label.isprintable()):
         raise UsageError("--label is at most 200 printable characters")
     ttl = parse_ttl(args.ttl) if args.ttl else default_ttl
@@ -7758,9 +7756,8 @@ def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: S
             sys.stdout.write(text)
         return 0
     if args.action == "list":
-        tokens = [t for t in store.list_tokens() if not args.agent or t["agent"] == args.agent]
-        for token in tokens:
-            token["state"] = token_state(token, now)
+        tokens = [dict(t, state=token_state(t, now)) for t in store.list_tokens()
+                  if not args.agent or t["agent"] == args.agent]
         tokens = [t for t in tokens if not args.status or t["state"] == args.status]
         print_records(args.json, tokens, ["ID", "AGENT", "PROVIDER", "SECRET", "LABEL", "CREATED",
                                           "EXPIRES", "STATUS", "REQUESTS", "TOKENS", "BUDGET",
@@ -7793,16 +7790,14 @@ def cmd_providers(args: argparse.Namespace, providers: Dict[str, Provider]) -> i
     def place(p: CredentialPlace) -> str:
         value = "" if p.value == "{key}" else p.value
         return f"{p.kind} {p.name} {' '.join(p.prefixes)} {value}".replace("  ", " ").strip()
-    rows = []
-    for provider in sorted(providers.values(), key=lambda p: p.name):
-        variables = [name for name, _ in env_vars(provider, "", "")]
-        rows.append({"name": provider.name, "routes": ["/" + provider.name] + [
-            "/" + a for a in provider.aliases], "upstream": provider.upstream,
-            "token_places": [place(p) for p in provider.token_places],
-            "inject": "; ".join(place(p) for p in (provider.inject,) + provider.also)
-            if provider.inject else "same place",
-            "llm_usage": provider.usage or None, "env": variables, "parts": [
-                n + "?" * (n in provider.optional) for n in provider.parts]})
+    rows = [{"name": provider.name, "routes": ["/" + provider.name] + [
+        "/" + a for a in provider.aliases], "upstream": provider.upstream,
+        "token_places": [place(p) for p in provider.token_places],
+        "inject": "; ".join(place(p) for p in (provider.inject,) + provider.also)
+        if provider.inject else "same place", "llm_usage": provider.usage or None,
+        "env": [name for name, _ in env_vars(provider, "", "")],
+        "parts": [n + "?" * (n in provider.optional) for n in provider.parts]}
+        for provider in sorted(providers.values(), key=lambda p: p.name)]
     print_records(args.json, rows, ["PROVIDER", "ROUTES", "UPSTREAM", "TOKEN FROM", "REAL KEY TO",
                                     "PARTS", "SDK VARIABLES"], lambda r: [
         r["name"], " ".join(r["routes"]), r["upstream"], "; ".join(r["token_places"]),
@@ -7870,11 +7865,10 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
     one only after the commit; a run that dies before the commit leaves the old state intact,
     and one that dies after it is finished by the next command (the DB tells which key it
     wants). One rotation at a time: a second one is refused while the first runs."""
-    db_path = settings.db
-    with contextlib.closing(rotation_lock(db_path)):
-        old_key = load_master_key(db_path, environ, store)
+    key_path = settings.db + ".key"
+    with contextlib.closing(rotation_lock(settings.db)):
+        old_key = load_master_key(settings.db, environ, store)
         from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
-        key_path = db_path + ".key"
         if from_env:
             text = read_secret_value("", "New master key (urlsafe base64 of 32 bytes, hidden): ")
             new_key = decode_master_key(text, "the new key on stdin")
@@ -8038,9 +8032,8 @@ def cmd_audit(args: argparse.Namespace, store: Store, master: bytes, settings: S
         while True:
             time.sleep(0.5)
             fresh = store.audit_rows(where, params, after_id=last)
-            if fresh:
-                print_audit(fresh, as_json, header=False)
-                last = fresh[-1].id
+            print_audit(fresh, as_json, header=False)
+            last = fresh[-1].id if fresh else last
     except KeyboardInterrupt:
         return 0
 
@@ -8077,9 +8070,7 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     now = time.time()
     url = (args.url or settings.agent_url()).rstrip("/")
     health = probe_broker(url, "/healthz", timeout=1.0)
-    tokens = store.list_tokens()
-    for token in tokens:
-        token["state"] = token_state(token, now)
+    tokens = [dict(t, state=token_state(t, now)) for t in store.list_tokens()]
     agents = [{"name": name, "state": "disabled" if disabled else "enabled", "live_tokens": sum(
         1 for t in tokens if t["agent"] == name and t["state"] == "active")}
         for name, _, disabled, _ in store.list_agents()]
@@ -8166,9 +8157,8 @@ def child_environment(environ: Dict[str, str], variables: List[Tuple[str, str]],
     provider key variable and every variable holding a stored secret's real value (in any
     form the scrubber masks: percent-encoded, escaped, a cut-off end), plus the
     SDK variables of the minted tokens. Returns it and a warning per variable removed."""
-    key_vars = set(KNOWN_KEY_VARS)
-    for provider in providers.values():
-        key_vars.update(name for name, value in env_vars(provider, "\0", "") if value == "\0")
+    key_vars = KNOWN_KEY_VARS.union(name for provider in providers.values() for name, value
+                                    in env_vars(provider, "\0", "") if value == "\0")
     env, warnings = {}, []
     scrubbers = [(secret, Scrubber(scrub_pairs(real))) for secret, real in real_values
                  if len(real) >= 8]
@@ -8272,8 +8262,7 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
     try:
         for secret in args.secret:
             token, token_id, provider, _, public = mint_token(
-                store, master, providers, secret, args.agent, args, default_ttl=86400,
-                label=args.label if args.label is not None else "seks run")
+                store, master, providers, secret, args.agent, args, 86400, "seks run")
             if any(p.name == provider.name for _, _, p, _ in minted):
                 raise UsageError(f"two secrets for {provider.name}: its SDK reads one key "
                                  f"variable; run with one of them")
