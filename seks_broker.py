@@ -8308,25 +8308,23 @@ def wait_forwarding_signals(child: Any, grace: float) -> int:
     `run` is in the terminal's foreground: the terminal already sent it to the child). After
     a SIGTERM the child has ``grace`` seconds, then it is killed. Returns its exit code (128+N
     if a signal N ended it, as shells report it)."""
-    terminating = threading.Event()
+    deadline = float("inf")                 # a SIGTERM or SIGHUP starts the grace period
 
     def relay(signum: int, frame: Any) -> None:
+        nonlocal deadline
         with contextlib.suppress(OSError, AttributeError, ValueError):   # no terminal
             if signum == signal.SIGINT and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp():
                 return
         with contextlib.suppress(OSError):
             child.send_signal(signum)
         if signum in (signal.SIGTERM, signal.SIGHUP):
-            terminating.set()
+            deadline = min(deadline, time.monotonic() + grace)
 
     previous = {sig: signal.signal(sig, relay) for sig in (signal.SIGTERM, signal.SIGINT,
                                                            signal.SIGHUP)}
     try:
-        deadline = None
         while child.poll() is None:
-            if terminating.is_set() and deadline is None:
-                deadline = time.monotonic() + grace
-            if deadline is not None and time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 child.kill()
             time.sleep(0.05)
     finally:
@@ -8366,8 +8364,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, extra = parser.parse_known_args(arguments)
     if extra:
         here = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
-        if args.command == "secret" and getattr(args, "action", "") in ("add", "rotate") and \
-                not extra[0].startswith("-"):
+        if here in ("secret add", "secret rotate") and not extra[0].startswith("-"):
             args.value = extra[0]            # refused below with a how-to, never echoed
         else:
             leaf = leaves.get(here, parser)
