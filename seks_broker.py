@@ -7638,10 +7638,6 @@ def env_vars(provider: Provider, token: str, broker_url: str,
     return out
 
 
-def shell_quote(value: str) -> str:
-    return "'" + value.replace("'", "'\"'\"'") + "'"
-
-
 def handoff_text(fmt: str, variables: List[Tuple[str, str]], token: str,
                  meta: Dict[str, Any]) -> str:
     """A minted token in the form asked for: the token, shell exports (for '. FILE'), a
@@ -7655,7 +7651,8 @@ def handoff_text(fmt: str, variables: List[Tuple[str, str]], token: str,
               f"{meta['token_id']}, expires {expires}).\n# This file is a credential: keep it "
               f"private (mode 0600), never commit it.\n")
     if fmt == "shell":
-        return header + "".join(f"export {k}={shell_quote(v)}\n" for k, v in variables)
+        return header + "".join("export %s='%s'\n" % (k, v.replace("'", "'\"'\"'"))
+                                for k, v in variables)             # ' inside '...' as '"'"'
     if fmt == "dotenv":
         return header + "".join(f"{k}=\"{v}\"\n" for k, v in variables)
     return "".join(f"{k}={v}\n" for k, v in variables)
@@ -8119,8 +8116,7 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
                "last verify: " + (f"{'passed' if verify['ok'] else 'FAILED'} at {verify['at']} "
                                   f"({verify['message']})" if verify else
                                   f"never (run: {prog()} audit verify)"))
-    for line in out:
-        print(terminal_text(line))
+    print("\n".join(map(terminal_text, out)))
     return 0
 
 
