@@ -7809,16 +7809,14 @@ def cmd_backup(path: str, store: Store, db_path: str) -> int:
     except FileExistsError:
         raise ConfigError(f"{path} exists; choose a new file name") from None
     try:
-        target = sqlite3.connect(path)
         progress = Progress("backing up", 1, unit="pages")
 
         def step(status: int, remaining: int, total: int) -> None:
             progress.total = total
             progress.add(total - remaining - progress.done)
-        with store.connection() as db:
+        with contextlib.closing(sqlite3.connect(path)) as target, store.connection() as db:
             db.backup(target, pages=256, progress=step)
         progress.end()
-        target.close()
     except sqlite3.Error:
         os.unlink(path)
         raise
@@ -8102,10 +8100,9 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
            f"broker    {url}: " + ("running" if running else
                                    "not answering (start it with: " + prog() + " serve)"),
            "agents    " + (", ".join(f"{a['name']} ({a['state']}, {a['live_tokens']} live "
-                                     f"token(s))" for a in agents) or "none")]
-    for label, name in (("last_hour", "last hour"), ("last_day", "last day")):
-        out.append(f"{name:<9} {traffic[label]['requests']:,} request(s), "
-                   f"{traffic[label]['llm_tokens']:,} LLM token(s)")
+                                     f"token(s))" for a in agents) or "none")] + [
+        f"{label.replace('_', ' '):<9} {counts['requests']:,} request(s), "
+        f"{counts['llm_tokens']:,} LLM token(s)" for label, counts in traffic.items()]
     out.append("budgets   " + ("; ".join(f"{b['id']} ({b['agent']}) " + (
         f"${b['used'] / 1e9:,.4f}/${b['budget'] / 1e9:,.2f}" if b["unit"] == "nano-usd" else
         f"{b['used']:,}/{b['budget']:,}") + " used" for b in low)
