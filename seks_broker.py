@@ -7262,8 +7262,7 @@ def cmd_demo(host: str, port: int) -> int:
         settings = Settings(db=os.path.join(folder, "seks.db"), host=host, port=port)
         settings.upstreams["openai"] = upstream.url
         providers = load_providers(settings)
-        store = Store(settings.db)
-        try:
+        with contextlib.closing(Store(settings.db)) as store:
             master = load_master_key(settings.db, {}, store)
             keys = KeyRing(master)
             store.put_secret("demo-openai", "openai", keys.cipher.encrypt(
@@ -7275,8 +7274,7 @@ def cmd_demo(host: str, port: int) -> int:
 
             def ready(bound: int) -> None:
                 base = f"http://{host if ':' not in host else f'[{host}]'}:{bound}/openai/v1"
-                chat = ('{"model": "demo-model", "messages": [{"role": "user", "content": "hi"}]'
-                        + '%s}')
+                chat = '{"model": "demo-model", "messages": [{"role": "user", "content": "hi"}]%s}'
                 curl = (f"curl -s{{}} {base}/chat/completions -H 'Authorization: Bearer {token}' "
                         f"-H 'Content-Type: application/json' -d '{{}}'")
                 print(f"seks-broker demo: a throwaway database in {folder}, a fake OpenAI "
@@ -7290,8 +7288,6 @@ def cmd_demo(host: str, port: int) -> int:
                       f"{settings.db} audit\n\nCtrl-C stops the demo and deletes {folder}.",
                       flush=True)
             return serve(settings, store, master, providers, on_ready=ready)
-        finally:
-            store.close()
     finally:
         upstream.shutdown()
         upstream.server_close()
@@ -7311,19 +7307,15 @@ def cmd_config_check(path: str) -> int:
         return 1
     settings = Settings()
     errors = read_config(text, path, settings)
-    providers: Dict[str, Provider] = {}
     try:
         providers = load_providers(settings)
     except ConfigError as exc:
-        if not errors:
-            errors.append(f"{path}: {exc}")
+        providers, errors = {}, errors or [f"{path}: {exc}"]
     problem = "" if errors else settings_problem(settings)
     if problem:
         errors.append(f"{path}: {problem}")
     if errors:
-        for error in errors:
-            print(error)
-        print(f"{len(errors)} error(s)")
+        print("\n".join(errors + [f"{len(errors)} error(s)"]))
         return 1
     custom = ", ".join(sorted(settings.custom_providers)) or "none"
     print(f"{path}: OK (custom providers: {custom}; {len(providers)} providers in all)")
@@ -7335,12 +7327,10 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
     """`secret add` and `secret rotate`: the value from a hidden prompt or stdin, checked,
     encrypted under the database's master key (loaded after the prompt)."""
     if args.value is not None:
-        sys.stderr.write("error: refusing a secret on the command line (every local user can "
-                         "read it with ps). Pipe it on stdin instead, e.g.\n"
-                         f"  printf %s \"$KEY\" | {prog()} secret {args.action} "
-                         f"{args.name} ...\nor run the command on a terminal to be prompted "
-                         "with hidden input.\n")
-        return 2
+        raise UsageError("refusing a secret on the command line (every local user can read it "
+                         "with ps). Pipe it on stdin instead, e.g.\n"
+                         f"  printf %s \"$KEY\" | {prog()} secret {args.action} {args.name} "
+                         "...\nor run the command on a terminal to be prompted with hidden input.")
     if not NAME_RE.match(args.name):
         raise UsageError("secret names are 1-64 letters, digits, '.', '_' or '-'")
     if args.action == "add":
@@ -7414,22 +7404,15 @@ def cmd_secret(args: argparse.Namespace, store: Store, master: bytes, settings: 
     return 0
 
 
-HANDOFF_HEADER = ("# seks-broker token for agent {agent} ({provider}, {token_id}, expires "
-                  "{expires}).\n# This file is a credential: keep it private (mode 0600), "
-                  "never commit it.\n")
-
-
 def env_vars(provider: Provider, token: str, broker_url: str,
              parts: Optional[Dict[str, str]] = None) -> List[Tuple[str, str]]:
     """The variables the provider's SDKs read (base URLs, key, and identifiers such as
     Twilio's account SID, from the secret's public parts), pointing at the broker."""
-    prefix = re.sub(r"[^A-Z0-9]", "_", provider.name.upper())
+    prefix, parts = re.sub(r"[^A-Z0-9]", "_", provider.name.upper()), parts or {}
     if any(p.kind == "aws" for p in provider.token_places):      # what boto3 and the CLI read
-        regions = [r for r in (parts or {}).get("regions", "").replace(",", " ").split()
-                   if r != "*"]
+        regions = [r for r in parts.get("regions", "").replace(",", " ").split() if r != "*"]
         region = regions[0] if regions else "us-east-1"
-        services = ((parts or {}).get("services") or " ".join(AWS_SERVICES)).replace(
-            ",", " ").split()
+        services = (parts.get("services") or " ".join(AWS_SERVICES)).replace(",", " ").split()
         return [("AWS_ACCESS_KEY_ID", token), ("AWS_SECRET_ACCESS_KEY", AWS_PLACEHOLDER_SECRET),
                 ("AWS_REGION", region), ("AWS_DEFAULT_REGION", region)] + [
             ("AWS_ENDPOINT_URL_" + service.upper().replace("-", "_"),
@@ -7441,13 +7424,9 @@ def env_vars(provider: Provider, token: str, broker_url: str,
             out.append((var, token))
         elif not value.startswith("{"):
             out.append((var, f"{broker_url}/{provider.name}{value}"))
-        elif parts is not None and value[1:-1] in parts and value[1:-1] in provider.public:
+        elif value[1:-1] in parts and value[1:-1] in provider.public:
             out.append((var, parts[value[1:-1]]))
     return out
-
-
-def shell_quote(value: str) -> str:
-    return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
 def handoff_text(fmt: str, variables: List[Tuple[str, str]], token: str,
@@ -7458,10 +7437,13 @@ def handoff_text(fmt: str, variables: List[Tuple[str, str]], token: str,
         return token + "\n"
     if fmt == "json":
         return json.dumps(dict(meta, token=token, env=dict(variables)), sort_keys=True) + "\n"
-    header = HANDOFF_HEADER.format(**meta, expires=utc_iso(meta["expires_at"])
-                                   if meta["expires_at"] else "never")
+    expires = utc_iso(meta["expires_at"]) if meta["expires_at"] else "never"
+    header = (f"# seks-broker token for agent {meta['agent']} ({meta['provider']}, "
+              f"{meta['token_id']}, expires {expires}).\n# This file is a credential: keep it "
+              f"private (mode 0600), never commit it.\n")
     if fmt == "shell":
-        return header + "".join(f"export {k}={shell_quote(v)}\n" for k, v in variables)
+        return header + "".join("export %s='%s'\n" % (k, v.replace("'", "'\"'\"'"))
+                                for k, v in variables)             # ' inside '...' as '"'"'
     if fmt == "dotenv":
         return header + "".join(f"{k}=\"{v}\"\n" for k, v in variables)
     return "".join(f"{k}={v}\n" for k, v in variables)
@@ -7469,7 +7451,7 @@ def handoff_text(fmt: str, variables: List[Tuple[str, str]], token: str,
 
 def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secret: str,
                agent: str, args: argparse.Namespace, default_ttl: Optional[int] = None,
-               label: Optional[str] = None
+               default_label: Optional[str] = None
                ) -> Tuple[str, str, Provider, Optional[float], Dict[str, str]]:
     """One token for ``agent`` and ``secret`` with the policy flags in ``args``: (token, its
     id, the provider, its expiry, the secret's public parts). Shared by `token mint` and
@@ -7487,25 +7469,21 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
                           f"configured")
     if not NAME_RE.match(agent):
         raise UsageError("agent names are 1-64 letters, digits, '.', '_' or '-'")
-    label = label if label is not None else args.label
+    label = args.label if args.label is not None else default_label
     if label is not None and (len(label) > 200 or not label.isprintable()):
         raise UsageError("--label is at most 200 printable characters")
     ttl = parse_ttl(args.ttl) if args.ttl else default_ttl
     expires = time.time() + ttl if ttl else None
     policy = make_policy(args.allow_method, args.allow_path, args.rate, args.max_requests,
                          args.models, args.budget_tokens, getattr(args, "budget_usd", None))
-    if getattr(args, "decoy", False):
-        policy["decoy"] = True
-        if args.on_tripwire:
-            policy["on_tripwire"] = args.on_tripwire
-    elif getattr(args, "on_tripwire", None):
+    flags = {name: getattr(args, flag, None) for name, flag in (       # `run` has no decoys
+        ("decoy", "decoy"), ("on_tripwire", "on_tripwire"), ("on_leak", "on_leak"),
+        ("delegation", "allow_delegation"))}
+    if flags["on_tripwire"] and not flags["decoy"]:
         raise UsageError("--on-tripwire goes with --decoy")
-    if getattr(args, "on_leak", None):
-        policy["on_leak"] = args.on_leak
-    if getattr(args, "allow_delegation", False):
-        if policy.get("decoy"):
-            raise UsageError("a --decoy token cannot delegate")
-        policy["delegation"] = True
+    if flags["delegation"] and flags["decoy"]:
+        raise UsageError("a --decoy token cannot delegate")
+    policy.update((name, value) for name, value in flags.items() if value)
     if provider.usage == "bedrock" and "budget_nusd" in policy:
         raise UsageError("--budget-usd does not apply to aws yet ([prices] keys cannot hold "
                          "the ':' of Bedrock model ids); --budget-tokens and --models do")
@@ -7527,6 +7505,21 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
                     policy, label)
     return token, token_id, provider, expires, {n: parts[n] for n in provider.public
                                                 if n in parts}
+
+
+def print_records(as_json: bool, records: List[Dict[str, Any]], headers: Optional[List[str]],
+                  row: Callable[[Dict[str, Any]], List[Any]]) -> None:
+    """A list command's output: its records as JSON lines with --json, else a table with one
+    ``row(record)`` under ``headers`` per record (without headers, more rows of a table
+    already shown: `audit --follow`)."""
+    if as_json:
+        for record in records:
+            print(json.dumps(record, sort_keys=True))
+    elif headers:
+        print_table(headers, [row(r) for r in records])
+    else:
+        for record in records:
+            print("  ".join(terminal_text(c) for c in row(record)))
 
 
 def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
@@ -7551,21 +7544,16 @@ def cmd_token(args: argparse.Namespace, store: Store, master: bytes, settings: S
             sys.stdout.write(text)
         return 0
     if args.action == "list":
-        tokens = [t for t in store.list_tokens() if not args.agent or t["agent"] == args.agent]
-        for token in tokens:
-            token["state"] = token_state(token, now)
+        tokens = [dict(t, state=token_state(t, now)) for t in store.list_tokens()
+                  if not args.agent or t["agent"] == args.agent]
         tokens = [t for t in tokens if not args.status or t["state"] == args.status]
-        if args.json:
-            for token in tokens:
-                print(json.dumps(token, sort_keys=True))
-            return 0
-        print_table(["ID", "AGENT", "PROVIDER", "SECRET", "LABEL", "CREATED", "EXPIRES",
-                     "STATUS", "REQUESTS", "TOKENS", "BUDGET", "POLICY"],
-                    [[t["id"], t["agent"], t["provider"], t["secret"], t["label"] or "-",
-                      t["created_at"], utc_iso(t["expires_at"]) if t["expires_at"] else "never",
-                      t["state"], t["requests"], t["tokens_used"], budget_text(t),
-                      describe_policy(t["policy"]) + (f" parent={t['parent']}" if t["parent"]
-                                                      else "")] for t in tokens])
+        print_records(args.json, tokens, ["ID", "AGENT", "PROVIDER", "SECRET", "LABEL", "CREATED",
+                                          "EXPIRES", "STATUS", "REQUESTS", "TOKENS", "BUDGET",
+                                          "POLICY"], lambda t: [
+            t["id"], t["agent"], t["provider"], t["secret"], t["label"] or "-", t["created_at"],
+            utc_iso(t["expires_at"]) if t["expires_at"] else "never", t["state"], t["requests"],
+            t["tokens_used"], budget_text(t),
+            describe_policy(t["policy"]) + (f" parent={t['parent']}" if t["parent"] else "")])
         return 0
     if args.action == "revoke":
         value = args.token_or_id.strip()
@@ -7590,24 +7578,18 @@ def cmd_providers(args: argparse.Namespace, providers: Dict[str, Provider]) -> i
     def place(p: CredentialPlace) -> str:
         value = "" if p.value == "{key}" else p.value
         return f"{p.kind} {p.name} {' '.join(p.prefixes)} {value}".replace("  ", " ").strip()
-    rows = []
-    for provider in sorted(providers.values(), key=lambda p: p.name):
-        variables = [name for name, _ in env_vars(provider, "", "")]
-        rows.append({"name": provider.name, "routes": ["/" + provider.name] + [
-            "/" + a for a in provider.aliases], "upstream": provider.upstream,
-            "token_places": [place(p) for p in provider.token_places],
-            "inject": "; ".join(place(p) for p in (provider.inject,) + provider.also)
-            if provider.inject else "same place",
-            "llm_usage": provider.usage or None, "env": variables, "parts": [
-                n + "?" * (n in provider.optional) for n in provider.parts]})
-    if args.json:
-        for row in rows:
-            print(json.dumps(row, sort_keys=True))
-        return 0
-    print_table(["PROVIDER", "ROUTES", "UPSTREAM", "TOKEN FROM", "REAL KEY TO", "PARTS",
-                 "SDK VARIABLES"],
-                [[r["name"], " ".join(r["routes"]), r["upstream"], "; ".join(r["token_places"]),
-                  r["inject"], " ".join(r["parts"]), " ".join(r["env"])] for r in rows])
+    rows = [{"name": provider.name, "routes": ["/" + provider.name] + [
+        "/" + a for a in provider.aliases], "upstream": provider.upstream,
+        "token_places": [place(p) for p in provider.token_places],
+        "inject": "; ".join(place(p) for p in (provider.inject,) + provider.also)
+        if provider.inject else "same place", "llm_usage": provider.usage or None,
+        "env": [name for name, _ in env_vars(provider, "", "")],
+        "parts": [n + "?" * (n in provider.optional) for n in provider.parts]}
+        for provider in sorted(providers.values(), key=lambda p: p.name)]
+    print_records(args.json, rows, ["PROVIDER", "ROUTES", "UPSTREAM", "TOKEN FROM", "REAL KEY TO",
+                                    "PARTS", "SDK VARIABLES"], lambda r: [
+        r["name"], " ".join(r["routes"]), r["upstream"], "; ".join(r["token_places"]),
+        r["inject"], " ".join(r["parts"]), " ".join(r["env"])])
     return 0
 
 
@@ -7618,16 +7600,14 @@ def cmd_backup(path: str, store: Store, db_path: str) -> int:
     except FileExistsError:
         raise ConfigError(f"{path} exists; choose a new file name") from None
     try:
-        target = sqlite3.connect(path)
         progress = Progress("backing up", 1, unit="pages")
 
         def step(status: int, remaining: int, total: int) -> None:
             progress.total = total
             progress.add(total - remaining - progress.done)
-        with store.connection() as db:
+        with contextlib.closing(sqlite3.connect(path)) as target, store.connection() as db:
             db.backup(target, pages=256, progress=step)
         progress.end()
-        target.close()
     except sqlite3.Error:
         os.unlink(path)
         raise
@@ -7671,17 +7651,13 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
     one only after the commit; a run that dies before the commit leaves the old state intact,
     and one that dies after it is finished by the next command (the DB tells which key it
     wants). One rotation at a time: a second one is refused while the first runs."""
-    db_path = settings.db
-    with contextlib.closing(rotation_lock(db_path)):
-        old_key = load_master_key(db_path, environ, store)
+    key_path = settings.db + ".key"
+    with contextlib.closing(rotation_lock(settings.db)):
+        old_key = load_master_key(settings.db, environ, store)
         from_env = bool(environ.get("SEKS_MASTER_KEY", "").strip())
-        key_path = db_path + ".key"
         if from_env:
-            if sys.stdin is not None and sys.stdin.isatty():
-                text = getpass.getpass("New master key (urlsafe base64 of 32 bytes, hidden): ")
-            else:
-                text = sys.stdin.read() if sys.stdin is not None else ""
-            new_key = decode_master_key(text.strip(), "the new key on stdin")
+            text = read_secret_value("", "New master key (urlsafe base64 of 32 bytes, hidden): ")
+            new_key = decode_master_key(text, "the new key on stdin")
         else:
             new_key = secrets.token_bytes(32)
         if hmac.compare_digest(new_key, old_key):
@@ -7735,11 +7711,10 @@ def parse_since(text: str, now: Optional[float] = None) -> str:
 def human_size(n: Optional[int]) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    if n < 1024:
+        return f"{n} B"
+    power = min((n.bit_length() - 1) // 10, 3)         # 1024 ** power <= n: KB, MB or GB
+    return f"{n / 1024 ** power:.1f} {('KB', 'MB', 'GB')[power - 1]}"
 
 
 def human_duration(ms: Optional[float]) -> str:
@@ -7763,34 +7738,24 @@ def audit_filter(args: argparse.Namespace) -> Tuple[str, Tuple[Any, ...]]:
         params.append(parse_since(args.since))
     status = getattr(args, "status", None)
     if status:
-        match = re.match(r"^([1-5])xx$", status.strip().lower())
-        if match:
-            clauses.append("status >= ? AND status < ?")
-            params += [int(match.group(1)) * 100, int(match.group(1)) * 100 + 100]
-        elif re.fullmatch(r"[0-9]{3}", status.strip()):
-            clauses.append("status = ?")
-            params.append(int(status))
-        else:
+        code = status.strip().lower()
+        if not re.fullmatch(r"[1-5]xx|[0-9]{3}", code):
             raise UsageError("--status takes a code (404) or a class (4xx)")
+        low = int(code.replace("x", "0"))            # 4xx: 400 to 499; 404: 404 alone
+        clauses.append("status >= ? AND status < ?")
+        params += [low, low + (100 if code.endswith("xx") else 1)]
     return " AND ".join(clauses), tuple(params)
 
 
 def print_audit(rows: List[AuditRow], as_json: bool, header: bool = True) -> None:
-    if as_json:
-        for row in rows:
-            print(json.dumps(dict(zip(row.FIELDS, row.values())), sort_keys=True))
-        return
-    table = [[r.id, r.ts, r.agent or "-", r.token_id or "-", r.provider or "-",
-              (r.model or "-")[:40], r.method or "-", (r.path or "-")[:60], r.status or "-",
-              human_size(r.bytes_in), human_size(r.bytes_out), human_duration(r.duration_ms),
-              r.outcome + (f": {r.reason}" if r.reason and r.outcome != "ok" else "")]
-             for r in rows]
-    if header:
-        print_table(["ID", "TIME", "AGENT", "TOKEN", "PROVIDER", "MODEL", "METHOD", "PATH",
-                     "STATUS", "IN", "OUT", "DURATION", "OUTCOME"], table)
-    else:
-        for row in table:
-            print("  ".join(terminal_text(c) for c in row))
+    headers = ["ID", "TIME", "AGENT", "TOKEN", "PROVIDER", "MODEL", "METHOD", "PATH", "STATUS",
+               "IN", "OUT", "DURATION", "OUTCOME"]
+    print_records(as_json, [dict(zip(r.FIELDS, r.values())) for r in rows],
+                  headers if header else None, lambda r: [
+        r["id"], r["ts"], r["agent"] or "-", r["token_id"] or "-", r["provider"] or "-",
+        (r["model"] or "-")[:40], r["method"] or "-", (r["path"] or "-")[:60], r["status"] or "-",
+        human_size(r["bytes_in"]), human_size(r["bytes_out"]), human_duration(r["duration_ms"]),
+        r["outcome"] + (f": {r['reason']}" if r["reason"] and r["outcome"] != "ok" else "")])
     sys.stdout.flush()
 
 
@@ -7853,9 +7818,8 @@ def cmd_audit(args: argparse.Namespace, store: Store, master: bytes, settings: S
         while True:
             time.sleep(0.5)
             fresh = store.audit_rows(where, params, after_id=last)
-            if fresh:
-                print_audit(fresh, as_json, header=False)
-                last = fresh[-1].id
+            print_audit(fresh, as_json, header=False)
+            last = fresh[-1].id if fresh else last
     except KeyboardInterrupt:
         return 0
 
@@ -7866,26 +7830,22 @@ def cmd_usage(args: argparse.Namespace, store: Store, master: bytes, settings: S
     model (cached input counted at the input price: the audit row does not keep the cached
     share). UNMETERED counts LLM answers that reported no usage (an OpenAI stream not asked
     for it): their tokens are not in the totals."""
-    where, params = audit_filter(args)
-    rows = store.usage_rows(where, params)
     llm = {p.name for p in providers.values() if p.usage}
-
-    def cost(model: str, tin: int, tout: int) -> Optional[float]:
+    records = []
+    for agent, provider, model, count, tin, tout, unmetered in store.usage_rows(
+            *audit_filter(args)):
         price = settings.prices.get((model or "").lower())
-        return None if price is None else usage_cost(price, tin, tout) / 1e9
-    if args.json:
-        for agent, provider, model, count, tin, tout, unmetered in rows:
-            print(json.dumps({"agent": agent, "provider": provider, "model": model or None,
-                              "requests": count, "tokens_in": tin, "tokens_out": tout,
-                              "tokens": tin + tout, "cost_usd": cost(model, tin, tout),
-                              "unmetered": unmetered if provider in llm else None},
-                             sort_keys=True))
-        return 0
-    print_table(["AGENT", "PROVIDER", "MODEL", "REQUESTS", "TOKENS IN", "TOKENS OUT", "TOTAL",
-                 "COST (USD)", "UNMETERED"],
-                [[a or "-", p or "-", m or "-", c, f"{i:,}", f"{o:,}", f"{i + o:,}",
-                  "-" if cost(m, i, o) is None else f"{cost(m, i, o):,.4f}",
-                  u if p in llm else "-"] for a, p, m, c, i, o, u in rows])
+        records.append({"agent": agent, "provider": provider, "model": model or None,
+                        "requests": count, "tokens_in": tin, "tokens_out": tout,
+                        "tokens": tin + tout, "unmetered": unmetered if provider in llm else None,
+                        "cost_usd": None if price is None else usage_cost(price, tin, tout) / 1e9})
+    print_records(args.json, records, ["AGENT", "PROVIDER", "MODEL", "REQUESTS", "TOKENS IN",
+                                       "TOKENS OUT", "TOTAL", "COST (USD)",
+                                       "UNMETERED"], lambda r: [
+        r["agent"] or "-", r["provider"] or "-", r["model"] or "-", r["requests"],
+        f"{r['tokens_in']:,}", f"{r['tokens_out']:,}", f"{r['tokens']:,}",
+        "-" if r["cost_usd"] is None else f"{r['cost_usd']:,.4f}",
+        "-" if r["unmetered"] is None else r["unmetered"]])
     return 0
 
 
@@ -7896,14 +7856,10 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     now = time.time()
     url = (args.url or settings.agent_url()).rstrip("/")
     health = probe_broker(url, "/healthz", timeout=1.0)
-    tokens = store.list_tokens()
-    for token in tokens:
-        token["state"] = token_state(token, now)
-    agents = []
-    for name, _, disabled, _ in store.list_agents():
-        live = sum(1 for t in tokens if t["agent"] == name and t["state"] == "active")
-        agents.append({"name": name, "state": "disabled" if disabled else "enabled",
-                       "live_tokens": live})
+    tokens = [dict(t, state=token_state(t, now)) for t in store.list_tokens()]
+    agents = [{"name": name, "state": "disabled" if disabled else "enabled", "live_tokens": sum(
+        1 for t in tokens if t["agent"] == name and t["state"] == "active")}
+        for name, _, disabled, _ in store.list_agents()]
     traffic = {}
     for label, seconds in (("last_hour", 3600), ("last_day", 86400)):
         count, tin, tout = store.query(
@@ -7922,62 +7878,47 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
                            "WHERE outcome = 'denied' AND ts >= ? GROUP BY outcome, reason "
                            "ORDER BY 3 DESC, 2", (utc_iso(now - 3600),))]
     head = store.query("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1")
-    report = {
-        "database": os.path.abspath(settings.db),
-        "broker": {"url": url, "running": health is not None and health[0] == 200},
-        "agents": agents, "traffic": traffic, "budgets_low": low, "denials_last_hour": denials,
-        "audit": {"head_id": head[0][0] if head else None,
-                  "head_mac": bytes(head[0][1]).hex()[:32] if head else None,
-                  "last_verify": store.last_verify()}}
+    running, verify = health is not None and health[0] == 200, store.last_verify()
+    audit = {"head_id": head[0][0] if head else None, "last_verify": verify,
+             "head_mac": bytes(head[0][1]).hex()[:32] if head else None}
     if args.json:
-        print(json.dumps(report, sort_keys=True))
+        print(json.dumps({"database": os.path.abspath(settings.db), "agents": agents,
+                          "broker": {"url": url, "running": running}, "traffic": traffic,
+                          "budgets_low": low, "denials_last_hour": denials, "audit": audit},
+                         sort_keys=True))
         return 0
-    out = [f"database  {report['database']}",
-           f"broker    {url}: " + ("running" if report["broker"]["running"] else
-                                   "not answering (start it with: " + prog() + " serve)")]
-    out.append("agents    " + (", ".join(f"{a['name']} ({a['state']}, {a['live_tokens']} live "
-                                         f"token(s))" for a in agents) or "none"))
-    for label, name in (("last_hour", "last hour"), ("last_day", "last day")):
-        out.append(f"{name:<9} {traffic[label]['requests']:,} request(s), "
-                   f"{traffic[label]['llm_tokens']:,} LLM token(s)")
+    out = [f"database  {os.path.abspath(settings.db)}",
+           f"broker    {url}: " + ("running" if running else
+                                   "not answering (start it with: " + prog() + " serve)"),
+           "agents    " + (", ".join(f"{a['name']} ({a['state']}, {a['live_tokens']} live "
+                                     f"token(s))" for a in agents) or "none")] + [
+        f"{label.replace('_', ' '):<9} {counts['requests']:,} request(s), "
+        f"{counts['llm_tokens']:,} LLM token(s)" for label, counts in traffic.items()]
     out.append("budgets   " + ("; ".join(f"{b['id']} ({b['agent']}) " + (
         f"${b['used'] / 1e9:,.4f}/${b['budget'] / 1e9:,.2f}" if b["unit"] == "nano-usd" else
         f"{b['used']:,}/{b['budget']:,}") + " used" for b in low)
                                or "none below 10% left"))
     out.append("denials   " + ("; ".join(f"{d['count']} x {d['reason']}" for d in denials)
                                or "none in the last hour"))
-    verify = report["audit"]["last_verify"]
-    out.append(f"audit     head row {report['audit']['head_id'] or '-'} "
-               f"mac {report['audit']['head_mac'] or '-'}; last verify: " +
-               (f"{'passed' if verify['ok'] else 'FAILED'} at {verify['at']} "
-                f"({verify['message']})" if verify else
-                f"never (run: {prog()} audit verify)"))
-    for line in out:
-        print(terminal_text(line))
+    out.append(f"audit     head row {audit['head_id'] or '-'} mac {audit['head_mac'] or '-'}; "
+               "last verify: " + (f"{'passed' if verify['ok'] else 'FAILED'} at {verify['at']} "
+                                  f"({verify['message']})" if verify else
+                                  f"never (run: {prog()} audit verify)"))
+    print("\n".join(map(terminal_text, out)))
     return 0
 
 
 def probe_broker(url: str, path: str, timeout: float) -> Optional[Tuple[int, bytes]]:
     """GET url+path: (status, body), or None if no HTTP server answers there. Loopback and
     operator-given addresses only."""
-    request = urllib.request.Request(url + path)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(request, timeout=timeout) as answer:
+        with opener.open(url + path, timeout=timeout) as answer:
             return answer.status, answer.read(65536)
     except urllib.error.HTTPError as exc:
         return exc.code, b""
     except (OSError, ValueError, http.client.HTTPException):
         return None
-
-
-def introspected_id(probe: Tuple[int, bytes]) -> str:
-    """The token id in a /seks/v1/token answer, or "" (not a 200, not that JSON)."""
-    try:
-        answer = json.loads(probe[1]) if probe[0] == 200 else {}
-    except ValueError:
-        return ""
-    return str(answer.get("token_id") or "") if isinstance(answer, dict) else ""
 
 
 # Variables that commonly hold a provider's real key: `run` never passes them to its command.
@@ -8000,9 +7941,8 @@ def child_environment(environ: Dict[str, str], variables: List[Tuple[str, str]],
     provider key variable and every variable holding a stored secret's real value (in any
     form the scrubber masks: percent-encoded, escaped, a cut-off end), plus the
     SDK variables of the minted tokens. Returns it and a warning per variable removed."""
-    key_vars = set(KNOWN_KEY_VARS)
-    for provider in providers.values():
-        key_vars.update(name for name, value in env_vars(provider, "\0", "") if value == "\0")
+    key_vars = KNOWN_KEY_VARS.union(name for provider in providers.values() for name, value
+                                    in env_vars(provider, "\0", "") if value == "\0")
     env, warnings = {}, []
     scrubbers = [(secret, Scrubber(scrub_pairs(real))) for secret, real in real_values
                  if len(real) >= 8]
@@ -8054,10 +7994,9 @@ def child_identity(user: str, key_path: str) -> Dict[str, Any]:
 
 def same_user_warning(db: str, environ: Dict[str, str]) -> str:
     """What a command started as the operator can read that opens every stored key."""
-    where = [f"{db}.key" if os.access(db + ".key", os.R_OK) else ""]
+    where = [f"{db}.key"] if os.access(db + ".key", os.R_OK) else []
     if environ.get("SEKS_MASTER_KEY", "").strip():
         where.append("this process's environment (SEKS_MASTER_KEY, in /proc)")
-    where = [w for w in where if w]
     if not where:
         return ""
     return (f"the command runs as you and can read the master key ({' and '.join(where)}), so "
@@ -8066,27 +8005,23 @@ def same_user_warning(db: str, environ: Dict[str, str]) -> str:
             f"another user (--user, as root) or where those files are not")
 
 
-class EmbeddedBroker:
+def embedded_broker(settings: Settings, store: Store, master: bytes,
+                    providers: Dict[str, Provider]) -> Tuple[str, Callable[[], None]]:
     """A broker for one `run`: in this process, on a free loopback port, logging problems
-    only, stopped (with its audit rows written) when the command ends."""
+    only. Its URL, and what stops it (its audit rows written) when the command ends."""
+    own = copy.copy(settings)
+    own.host, own.port, own.workers, own.admin_port = "127.0.0.1", 0, 1, -1
+    own.tls_cert = own.tls_key = own.public_url = ""
+    own.log_level = "warning" if own.log_level in ("debug", "info") else own.log_level
+    broker, servers, _ = open_broker(own, store, master, providers)
+    threading.Thread(target=servers[0].serve_forever, kwargs={"poll_interval": 0.2},
+                     daemon=True).start()
 
-    def __init__(self, settings: Settings, store: Store, master: bytes,
-                 providers: Dict[str, Provider]) -> None:
-        own = copy.copy(settings)
-        own.host, own.port, own.workers, own.admin_port = "127.0.0.1", 0, 1, -1
-        own.tls_cert = own.tls_key = own.public_url = ""
-        own.log_level = "warning" if settings.log_level in ("debug", "info") else \
-            settings.log_level
-        self.broker, self.servers, _ = open_broker(own, store, master, providers)
-        self.grace = own.grace
-        threading.Thread(target=self.servers[0].serve_forever, kwargs={"poll_interval": 0.2},
-                         daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.servers[0].server_address[1]}"
-
-    def close(self) -> None:
-        self.broker.draining = True
-        self.servers[0].shutdown()
-        close_broker(self.broker, self.servers, None, min(self.grace, 5.0), threading.Event())
+    def stop() -> None:
+        broker.draining = True
+        servers[0].shutdown()
+        close_broker(broker, servers, None, min(own.grace, 5.0), threading.Event())
+    return f"http://127.0.0.1:{servers[0].server_address[1]}", stop
 
 
 def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Settings,
@@ -8101,20 +8036,17 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
                          f"--secret openai-main -- python3 agent.py")
     identity = child_identity(args.user, settings.db + ".key") if args.user else {}
     cipher, real_values = SecretCipher(master), []
-    for name, provider_name, *_ in store.list_secrets():
-        found = store.get_secret(name)
-        if found is not None:
-            parts = secret_parts(cipher.decrypt(found[1], secret_ad(name, provider_name)))
-            public = providers[provider_name].public if provider_name in providers else ()
-            real_values += [(name, v) for n, v in parts.items() if n not in public]
+    for name, provider_name, ciphertext in store.query("SELECT name, provider, ciphertext "
+                                                       "FROM secrets ORDER BY name"):
+        parts = secret_parts(cipher.decrypt(ciphertext, secret_ad(name, provider_name)))
+        public = providers[provider_name].public if provider_name in providers else ()
+        real_values += [(name, v) for n, v in parts.items() if n not in public]
     minted: List[Tuple[str, str, Provider, Dict[str, str]]] = []
-    embedded: Optional[EmbeddedBroker] = None
-    code = 1
+    stop_broker: Optional[Callable[[], None]] = None
     try:
         for secret in args.secret:
             token, token_id, provider, _, public = mint_token(
-                store, master, providers, secret, args.agent, args, default_ttl=86400,
-                label=args.label if args.label is not None else "seks run")
+                store, master, providers, secret, args.agent, args, 86400, "seks run")
             if any(p.name == provider.name for _, _, p, _ in minted):
                 raise UsageError(f"two secrets for {provider.name}: its SDK reads one key "
                                  f"variable; run with one of them")
@@ -8122,14 +8054,14 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
         url = (args.url or settings.agent_url()).rstrip("/")
         probe = probe_broker(url, "/seks/v1/token?digest=" + token_digest(minted[0][0]).hex(),
                              timeout=2.0)
-        if probe is not None and introspected_id(probe) == minted[0][1]:
+        answer = json_value(probe[1]) if probe is not None and probe[0] == 200 else None
+        if isinstance(answer, dict) and answer.get("token_id") == minted[0][1]:
             sys.stderr.write(f"seks run: using the broker at {url}\n")
         elif args.url:
             raise ConfigError(f"no broker serving {os.path.abspath(settings.db)} answers at "
                               f"{url}")
         else:
-            embedded = EmbeddedBroker(settings, store, master, providers)
-            url = embedded.url
+            url, stop_broker = embedded_broker(settings, store, master, providers)
             sys.stderr.write(f"seks run: started a broker for this command on {url}"
                              + (f" (what answers at {settings.agent_url()} is not a broker "
                                 f"serving this database)" if probe is not None else "") + "\n")
@@ -8144,16 +8076,15 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
             child = subprocess.Popen(command, env=env, **identity)
         except OSError as exc:
             raise ConfigError(f"cannot start {command[0]}: {exc.strerror or exc}") from None
-        code = wait_forwarding_signals(child, settings.grace)
+        return wait_forwarding_signals(child, settings.grace)
     finally:
-        if embedded is not None:
-            embedded.close()                      # its in-flight rows are written first
+        if stop_broker is not None:
+            stop_broker()                         # its in-flight rows are written first
         for _, token_id, _, _ in minted:
             with contextlib.suppress(ConfigError, sqlite3.Error):
                 store.revoke_token(None, token_id)
         if minted:
             sys.stderr.write(run_summary(store, [token_id for _, token_id, _, _ in minted]) + "\n")
-    return code
 
 
 def wait_forwarding_signals(child: Any, grace: float) -> int:
@@ -8161,24 +8092,23 @@ def wait_forwarding_signals(child: Any, grace: float) -> int:
     `run` is in the terminal's foreground: the terminal already sent it to the child). After
     a SIGTERM the child has ``grace`` seconds, then it is killed. Returns its exit code (128+N
     if a signal N ended it, as shells report it)."""
-    terminating = threading.Event()
+    deadline = float("inf")                 # a SIGTERM or SIGHUP starts the grace period
 
     def relay(signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and foreground():
-            return
+        nonlocal deadline
+        with contextlib.suppress(OSError, AttributeError, ValueError):   # no terminal
+            if signum == signal.SIGINT and os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp():
+                return
         with contextlib.suppress(OSError):
             child.send_signal(signum)
         if signum in (signal.SIGTERM, signal.SIGHUP):
-            terminating.set()
+            deadline = min(deadline, time.monotonic() + grace)
 
     previous = {sig: signal.signal(sig, relay) for sig in (signal.SIGTERM, signal.SIGINT,
                                                            signal.SIGHUP)}
     try:
-        deadline = None
         while child.poll() is None:
-            if terminating.is_set() and deadline is None:
-                deadline = time.monotonic() + grace
-            if deadline is not None and time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 child.kill()
             time.sleep(0.05)
     finally:
@@ -8188,28 +8118,19 @@ def wait_forwarding_signals(child: Any, grace: float) -> int:
     return 128 - code if code < 0 else code
 
 
-def foreground() -> bool:
-    try:
-        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
-    except (OSError, AttributeError, ValueError):
-        return False
-
-
 def run_summary(store: Store, token_ids: List[str]) -> str:
-    marks = ", ".join("?" * len(token_ids))
+    per_provider = (
+        f"SELECT provider, COUNT(*), COALESCE(SUM(tokens_in), 0) + COALESCE(SUM(tokens_out), "
+        f"0), SUM(CASE WHEN outcome = 'denied' THEN 1 ELSE 0 END) FROM audit WHERE outcome != "
+        f"'introspect' AND token_id IN ({', '.join('?' * len(token_ids))}) GROUP BY provider "
+        f"ORDER BY provider")
     deadline = time.monotonic() + 1.0         # an external broker may still write the last row
-    requests = f"FROM audit WHERE outcome != 'introspect' AND token_id IN ({marks})"
-    rows = store.query(f"SELECT COUNT(*) {requests}", tuple(token_ids))
+    per = store.query(per_provider, tuple(token_ids))
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        again = store.query(f"SELECT COUNT(*) {requests}", tuple(token_ids))
-        if again == rows:
+        settled, per = per, store.query(per_provider, tuple(token_ids))
+        if per == settled:
             break
-        rows = again
-    per = store.query(
-        f"SELECT provider, COUNT(*), COALESCE(SUM(tokens_in), 0) + COALESCE(SUM(tokens_out), "
-        f"0), SUM(CASE WHEN outcome = 'denied' THEN 1 ELSE 0 END) {requests} GROUP BY provider "
-        f"ORDER BY provider", tuple(token_ids))
     total = sum(r[1] for r in per)
     parts = ", ".join(f"{p}: {n} request(s), {t:,} LLM token(s), {d} denied"
                       for p, n, t, d in per) or "no requests"
@@ -8227,8 +8148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, extra = parser.parse_known_args(arguments)
     if extra:
         here = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
-        if args.command == "secret" and getattr(args, "action", "") in ("add", "rotate") and \
-                not extra[0].startswith("-"):
+        if here in ("secret add", "secret rotate") and not extra[0].startswith("-"):
             args.value = extra[0]            # refused below with a how-to, never echoed
         else:
             leaf = leaves.get(here, parser)
@@ -8241,8 +8161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run_command(args, dict(os.environ), arguments)
     except ConfigError as exc:
-        for number, line in enumerate(str(exc).split("\n")):
-            sys.stderr.write(("error: " if number == 0 else "") + redact(line) + "\n")
+        sys.stderr.write("error: " + "\n".join(map(redact, str(exc).split("\n"))) + "\n")
         return 2 if isinstance(exc, UsageError) else 1
     except sqlite3.Error as exc:
         sys.stderr.write(f"error: database {args.db or ''}: {exc}\n".replace("  ", " "))
