@@ -8047,10 +8047,10 @@ def cmd_run(args: argparse.Namespace, store: Store, master: bytes, settings: Set
         for secret in args.secret:
             token, token_id, provider, _, public = mint_token(
                 store, master, providers, secret, args.agent, args, 86400, "seks run")
-            if any(p.name == provider.name for _, _, p, _ in minted):
+            minted.append((token, token_id, provider, public))     # revoked at the end
+            if [p.name for _, _, p, _ in minted].count(provider.name) > 1:
                 raise UsageError(f"two secrets for {provider.name}: its SDK reads one key "
                                  f"variable; run with one of them")
-            minted.append((token, token_id, provider, public))
         url = (args.url or settings.agent_url()).rstrip("/")
         probe = probe_broker(url, "/seks/v1/token?digest=" + token_digest(minted[0][0]).hex(),
                              timeout=2.0)

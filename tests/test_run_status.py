@@ -240,6 +240,12 @@ def test_run_refuses_a_url_without_a_broker_and_a_missing_command(base: Broker, 
     cp = subprocess.run([sys.executable, str(BROKER_PY), "--db", str(base.db), "run", "--agent", agent,
                          "--secret", "openai-key"], capture_output=True, text=True, timeout=30, env=base.env)
     assert cp.returncode == 2 and "needs a command after '--'" in cp.stderr, cp.stderr
+    base.add_secret("openai-second", "openai", "sk-test-second-openai-key-0000")
+    agent = fresh_agent("run-twice")        # two secrets for one provider: refused, both revoked
+    cp = run(base, agent, child_py, "exit0", tmp_path / "never.json", secrets=("openai-key", "openai-second"))
+    assert cp.returncode == 2 and "two secrets for openai" in cp.stderr, cp.stderr
+    assert not (tmp_path / "never.json").exists()
+    assert [t["state"] for t in tokens_of(base, agent)] == ["revoked", "revoked"]
 
 
 SPY = r"""
