@@ -5662,6 +5662,19 @@ def clean_count(value: Optional[int]) -> Optional[int]:
     return None if value is None else max(0, min(int(value), 2 ** 62))
 
 
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is an error, never followed (STYLE rule 5)."""
+
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+def plain_opener() -> urllib.request.OpenerDirector:
+    """urllib for the broker's own calls (the alert webhook, OAuth sign-in, probes of a
+    broker): no proxy taken from the environment, no redirect followed."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirects)
+
+
 class AlertHook:
     """Tells the operator's webhook about events (a decoy token used) from a thread of its own:
     a bounded queue, a JSON POST with a 5 s timeout, three tries 1 and 2 s apart. It never
@@ -5672,7 +5685,7 @@ class AlertHook:
     def __init__(self, url: str, log: Callable[..., None]) -> None:
         self.url, self.log = url, log
         self.queue: "queue.Queue[Dict[str, Any]]" = queue.Queue(maxsize=100)
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.opener = plain_opener()
         threading.Thread(target=self._run, name="seks-alerts", daemon=True).start()
 
     def notify(self, event: Dict[str, Any]) -> None:
@@ -6968,7 +6981,7 @@ def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
     request = urllib.request.Request(url, urllib.parse.urlencode(form).encode(), {
         "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=30) as answer:       # noqa: S310
+        with plain_opener().open(request, timeout=30) as answer:
             data = answer.read(65536)
     except urllib.error.HTTPError as exc:
         data = exc.read(65536)
@@ -7911,9 +7924,8 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
 def probe_broker(url: str, path: str, timeout: float) -> Optional[Tuple[int, bytes]]:
     """GET url+path: (status, body), or None if no HTTP server answers there. Loopback and
     operator-given addresses only."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url + path, timeout=timeout) as answer:
+        with plain_opener().open(url + path, timeout=timeout) as answer:
             return answer.status, answer.read(65536)
     except urllib.error.HTTPError as exc:
         return exc.code, b""

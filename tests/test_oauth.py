@@ -456,3 +456,20 @@ def test_requests_keep_using_the_old_token_while_a_renewal_is_slow(
         assert time.monotonic() - started < 1.0, "a request waited for the renewal"
         assert renewing.result().status == 200
     assert issuer.calls == 2
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_the_brokers_own_http_calls_never_follow_a_redirect(status: int) -> None:
+    """The OAuth sign-in's form POST (client secret, device code) and a probe of a broker are
+    the operator's own calls: an endpoint that answers 3xx is an error, and the place it
+    points to hears nothing (urllib would follow 301-303 as a GET by default)."""
+    elsewhere, endpoint = FakeUpstream("openai"), FakeUpstream("openai")
+    endpoint.set_responder(lambda h, req: h.send_json(status, "moved", [("Location", elsewhere.url + "/token")]))
+    try:
+        with pytest.raises(sb.ConfigError, match="did not answer with a JSON object"):
+            sb.post_form(endpoint.url + "/token", {"client_secret": "test-client-secret-redirect"})
+        assert sb.probe_broker(endpoint.url, "/seks/v1/token", timeout=5) == (status, b"")
+        assert len(endpoint.requests) == 2 and elsewhere.requests == [], elsewhere.requests
+    finally:
+        elsewhere.stop()
+        endpoint.stop()
