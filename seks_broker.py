@@ -1552,17 +1552,10 @@ class WireReader:
 
     def line(self, limit: int) -> bytes:
         """One line with its ending (b"" at EOF); a longer one comes back as limit+1 bytes."""
-        while True:
+        end = self.buf.find(b"\n")
+        while end == -1 and len(self.buf) <= limit and self.fill():
             end = self.buf.find(b"\n")
-            if end != -1 and end <= limit:
-                size = end + 1
-                break
-            if len(self.buf) > limit:
-                size = limit + 1
-                break
-            if not self.fill():
-                size = len(self.buf)
-                break
+        size = min(end + 1 if end != -1 else len(self.buf), limit + 1)
         line = bytes(self.buf[:size])
         del self.buf[:size]
         return line
@@ -2025,7 +2018,6 @@ def aws_facts(rest: str, parts: Dict[str, str], query: str, body: Any,
         if n.lower() in ("x-amz-copy-source", "x-amz-rename-source"))
 
 
-
 def aws_quote(text: str, safe: str = "") -> str:
     """URI-encode as SigV4 does: everything but A-Z a-z 0-9 - _ . ~ (and ``safe``)."""
     return urllib.parse.quote(text, safe=safe + "~")
@@ -2217,6 +2209,8 @@ OAUTH_NEEDS = {"refresh_token": ("client_id", "refresh_token"),
                "client_credentials": ("client_id", "client_secret"),
                "jwt_bearer": ("client_email", "private_key"),
                "github_app": ("app_id", "private_key", "installation_id")}
+OAUTH_FORM = {"refresh_token": ("refresh_token", "client_id", "client_secret"),  # sent if set
+              "client_credentials": ("client_id", "scope", "client_secret")}
 OAUTH_RENEW_S = 300          # an access token is renewed this long before it expires
 OAUTH_HOLD_S = 30            # how long one renewal may take before another process takes over
 
@@ -2230,19 +2224,7 @@ def oauth_request(provider: Provider, parts: Dict[str, str],
         raise ValueError(f"the secret holds the parts of none of {provider.name}'s grants")
     url = parts.get("token_url") or parts.get("token_uri") or provider.token_url
     headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")]
-    if grant == "refresh_token":
-        form: Dict[str, str] = {"grant_type": "refresh_token", "refresh_token": parts["refresh_token"],
-                "client_id": parts["client_id"]}
-    elif grant == "client_credentials":
-        form = {"grant_type": "client_credentials", "client_id": parts["client_id"],
-                "scope": parts.get("scope") or ""}
-    elif grant == "jwt_bearer":          # a Google service account
-        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
-                "assertion": jwt_rs256(rsa_private_key(parts["private_key"]), {
-                    "iss": parts["client_email"], "aud": url, "iat": int(now),
-                    "exp": int(now) + 3600, "scope": parts.get("scope") or
-                    "https://www.googleapis.com/auth/cloud-platform"})}
-    else:                                # a GitHub App: its JWT buys an installation token
+    if grant == "github_app":            # a GitHub App: its JWT buys an installation token
         if not (parts["app_id"].isdigit() and parts["installation_id"].isdigit()):
             raise ValueError("app_id and installation_id are numbers")
         url = (parts.get("api_url") or provider.token_url or "https://api.github.com").rstrip(
@@ -2251,8 +2233,14 @@ def oauth_request(provider: Provider, parts: Dict[str, str],
             "iss": parts["app_id"], "iat": int(now) - 60, "exp": int(now) + 540})
         return grant, url, [("Authorization", "Bearer " + jwt),
                             ("Accept", "application/vnd.github+json")], b""
-    if parts.get("client_secret") and grant != "jwt_bearer":
-        form["client_secret"] = parts["client_secret"]
+    if grant == "jwt_bearer":            # a Google service account
+        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "assertion": jwt_rs256(rsa_private_key(parts["private_key"]), {
+                    "iss": parts["client_email"], "aud": url, "iat": int(now),
+                    "exp": int(now) + 3600, "scope": parts.get("scope") or
+                    "https://www.googleapis.com/auth/cloud-platform"})}
+    else:
+        form = {"grant_type": grant, **{n: parts.get(n) or "" for n in OAUTH_FORM[grant]}}
     return grant, url, headers, urllib.parse.urlencode(
         {k: v for k, v in form.items() if v}).encode()
 
@@ -4076,10 +4064,8 @@ def read_answer(pool: Optional[UpstreamPool], conn: UpstreamConn,
         status, http11 = int(match.group(2)), match.group(1) == b"1"
         if status in (100, 102, 103):
             continue
-        if status == 101:
-            kind, length, reusable = "none", 0, False
-        else:
-            kind, length, reusable = body_framing(fields, "answer", http11, method, status)
+        kind, length, reusable = ("none", 0, False) if status == 101 else body_framing(
+            fields, "answer", http11, method, status)
         tokens = connection_tokens(fields)
         if "close" in tokens or (not http11 and "keep-alive" not in tokens):
             reusable = False
@@ -4286,18 +4272,14 @@ class WsSession:
         self._up_lock = threading.Lock()
         self.frames = {"agent": 0, "upstream": 0}
 
-    def _send_upstream(self, opcode: int, payload: bytes) -> None:
-        with self._up_lock:
-            if self.upstream_closed:
-                return
-            self.upstream_closed = opcode == OP_CLOSE
-            self.upstream.write(ws_frame(opcode, payload, masked=True), WS_IDLE_TIMEOUT_S)
-
     def _send(self, to_agent: bool, opcode: int, payload: bytes) -> None:
         if to_agent:
             self.writer.ws_send(opcode, payload)
-        else:
-            self._send_upstream(opcode, payload)
+            return
+        with self._up_lock:                  # (the writer locks the agent's side)
+            if not self.upstream_closed:
+                self.upstream_closed = opcode == OP_CLOSE
+                self.upstream.write(ws_frame(opcode, payload, masked=True), WS_IDLE_TIMEOUT_S)
 
     def _closed_sent(self, to_agent: bool) -> bool:
         return self.writer.ws_closed if to_agent else self.upstream_closed
@@ -4307,7 +4289,7 @@ class WsSession:
         self.close_code = self.close_code or code
         self.writer.ws_close(code, reason)
         with contextlib.suppress(OSError):
-            self._send_upstream(OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
+            self._send(False, OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
 
     def _idle(self) -> None:
         if self.done.is_set():
@@ -4595,14 +4577,13 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         broker = self.server.broker
         ex = Exchange(self.client_address[0] if self.client_address else "")
-        self.writer.reset()
-        self.close_connection = False            # keep-alive unless this request says not
+        self.writer.reset()                      # keep-alive unless this request says not
         self.error_style = ""
         head: Optional[RequestHead] = None
         try:
             head = self.read_request()
             if head is None:
-                self.close_connection = True
+                self.writer.close = True
                 return
             broker.begin(ex)
             ex.method = head.method
@@ -4622,7 +4603,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             broker.log_error(f"internal error: {type(exc).__name__}")
             self.answer_error(UpstreamError("the broker could not complete the request"), ex)
         finally:
-            self.close_connection = self.close_connection or self.writer.close
+            self.close_connection = self.writer.close
             if head is not None:
                 broker.finish(ex)
 
@@ -4927,12 +4908,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         record, parts = self.endpoint_token(head, ex, delegating=True)
         if not record.policy.get("delegation"):
             raise Forbidden("this token was not minted with --allow-delegation")
-        too_big = PayloadTooLarge(f"the body is at most {DELEGATION_BODY_MAX} bytes", close=True)
-        if framing == "length" and length > DELEGATION_BODY_MAX:
-            raise too_big
-        body = b"" if framing == "none" else read_capped(self.body_chunks(head, BodyReader(
-            self.reader, framing, length, "request", DELEGATION_BODY_MAX), ex),
-            DELEGATION_BODY_MAX, too_big)
+        if framing == "length" and length > DELEGATION_BODY_MAX:    # (a chunked one: BodyReader)
+            raise PayloadTooLarge(f"the body is at most {DELEGATION_BODY_MAX} bytes", close=True)
+        body = b"" if framing == "none" else b"".join(self.body_chunks(head, BodyReader(
+            self.reader, framing, length, "request", DELEGATION_BODY_MAX), ex))
         try:
             ask = json.loads(body or b"{}", object_pairs_hook=_reject_duplicate_keys)
         except (ValueError, RecursionError):
