@@ -3894,12 +3894,16 @@ class UpstreamConn:
             self.sock.close()
 
 
-class UpstreamPool:
+class UpstreamPool(urllib.request.BaseHandler):
     """Keep-alive connections per (scheme, host, port, verify), shared by all handler threads:
-    a TLS handshake to a real provider costs tens of milliseconds.
+    a TLS handshake to a real provider costs tens of milliseconds. The pool is the one handler
+    of the broker's urllib opener, which has no redirect or error processors: a 3xx or 4xx/5xx
+    is an answer to relay, and a redirect is never followed with the real key.
 
     Invariant: a connection goes back only after a complete, cleanly framed answer with nothing
     read past it; one the upstream closed (or spoke on) while idle is dropped before reuse."""
+
+    handler_order = 100
 
     def __init__(self, verified: ssl.SSLContext, unverified: ssl.SSLContext,
                  connect_timeout: float, read_timeout: float) -> None:
@@ -3935,6 +3939,13 @@ class UpstreamPool:
             self.opened += 1
         return UpstreamConn(sock, key), False
 
+    def http_open(self, req: urllib.request.Request) -> "UpstreamAnswer":
+        if not isinstance(req, UpstreamRequest):
+            raise UpstreamError("the broker sends only its own requests upstream")
+        return exchange_upstream(self, req)
+
+    https_open = http_open
+
     def put(self, conn: UpstreamConn) -> None:
         conn.idle_since = time.monotonic()
         with self._lock:
@@ -3961,7 +3972,7 @@ def _readable(sock: socket.socket) -> bool:
 
 
 class UpstreamRequest(urllib.request.Request):
-    """A request to a Target as urllib's opener carries it to PooledHandler; the header list
+    """A request to a Target as urllib's opener carries it to the pool; the header list
     keeps the agent's case and order, ``body`` is None, bytes or an iterator of chunks."""
 
     def __init__(self, target: Target, method: str, headers: List[Tuple[str, str]],
@@ -3989,24 +4000,6 @@ class UpstreamAnswer:
             self.pool.put(self.conn)
         else:
             self.conn.close()
-
-
-class PooledHandler(urllib.request.BaseHandler):
-    """The urllib handler that sends requests over the broker's pool. The opener has no
-    redirect or error processors: a 3xx or 4xx/5xx is an answer to relay, and a redirect is
-    never followed with the real key."""
-
-    handler_order = 100
-
-    def __init__(self, pool: UpstreamPool) -> None:
-        self.pool = pool
-
-    def http_open(self, req: urllib.request.Request) -> UpstreamAnswer:
-        if not isinstance(req, UpstreamRequest):
-            raise UpstreamError("the broker sends only its own requests upstream")
-        return exchange_upstream(self.pool, req)
-
-    https_open = http_open
 
 
 def exchange_upstream(pool: UpstreamPool, req: UpstreamRequest) -> UpstreamAnswer:
@@ -4783,9 +4776,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             call.pairs += scrub_pairs(sent.partition(" ")[2])
         target = upstream_target(provider, rest, query, call.verify)
         if call.aws:                          # sign anew, for the host it goes to
-            headers, call.body, decoded = self.aws_payload(head, headers, call.body)
-            if decoded >= 0:
-                call.framing, call.length = "length", decoded
+            headers = self.aws_payload(call, headers)
             payload = hashlib.sha256(call.body or b"").hexdigest() if call.body is None or \
                 isinstance(call.body, bytes) else "UNSIGNED-PAYLOAD"
             if call.parts.get("role_arn"):    # sign as the role (its credentials masked too)
@@ -4826,16 +4817,15 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             answer = broker.forward(target, head.method, headers, body)
         self.relay(head, answer, provider, call.prefix, ex, gateway_ws)
 
-    def aws_payload(self, head: RequestHead, headers: List[Tuple[str, str]],
-                    body: Any) -> Tuple[List[Tuple[str, str]], Any, int]:
+    def aws_payload(self, call: Call, headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
         """An aws-chunked upload (the agent's SDK signed each chunk with its fake key) becomes
-        its plain payload and its length: decoded whole when held (its trailing checksums
-        become headers), or as it streams, with the length it declared. Others pass unchanged
-        (length -1)."""
+        its plain payload (``call.body``): decoded whole when held (its trailing checksums
+        become headers), or as it streams, with the length it declared. Others pass unchanged."""
+        head, body = call.head, call.body
         codings = [c.strip() for c in (head.get("content-encoding") or "").split(",") if c.strip()]
         if "aws-chunked" not in [c.lower() for c in codings] and not (
                 head.get("x-amz-content-sha256") or "").startswith("STREAMING-"):
-            return headers, body, -1
+            return headers
         drop = ("content-encoding", "x-amz-decoded-content-length", "x-amz-trailer")
         headers = [(n, v) for n, v in headers if n.lower() not in drop]
         others = [c for c in codings if c.lower() != "aws-chunked"]
@@ -4843,25 +4833,25 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Encoding", ", ".join(others)))
         trailers: Dict[str, str] = {}
         declared = head.get("x-amz-decoded-content-length") or ""
-        if body is not None and not isinstance(body, bytes) and CONTENT_LENGTH_RE.match(
-                declared) and int(declared) <= AWS_HOLD_MAX:     # held: signed, checksummed
-            # framing adds little: a body far larger than it declared is refused, not held
-            body = read_capped(body, 2 * int(declared) + 65536, BadRequest(
-                "an aws-chunked body much larger than its x-amz-decoded-content-length",
-                close=True))
+        expect = int(declared) if CONTENT_LENGTH_RE.match(declared) else None
+        if body is not None and not isinstance(body, bytes):
+            if expect is None:
+                raise BadRequest("a streamed aws-chunked upload needs "
+                                 "x-amz-decoded-content-length", close=True)
+            if expect <= AWS_HOLD_MAX:        # held: signed, checksummed
+                # framing adds little: a body far larger than it declared is refused, not held
+                body = read_capped(body, 2 * expect + 65536, BadRequest(
+                    "an aws-chunked body much larger than its x-amz-decoded-content-length",
+                    close=True))
         if isinstance(body, bytes) or body is None:
-            body = b"".join(aws_unchunk([body or b""], trailers, int(declared) if
-                                        CONTENT_LENGTH_RE.match(declared) else None))
+            call.body = b"".join(aws_unchunk([body or b""], trailers, expect))
             headers += [(n, v) for n, v in trailers.items() if n.startswith("x-amz-checksum-")]
-            length = len(body)
-        elif CONTENT_LENGTH_RE.match(declared):
-            body, length = aws_unchunk(body, trailers, int(declared)), int(declared)
         else:
-            raise BadRequest("a streamed aws-chunked upload needs x-amz-decoded-content-length",
-                             close=True)
+            call.body = aws_unchunk(body, trailers, expect)
+            call.framing, call.length = "length", expect
         if not any(n.lower().startswith("x-amz-checksum-") for n, _ in headers):
             headers = [(n, v) for n, v in headers if n.lower() != "x-amz-sdk-checksum-algorithm"]
-        return headers, body, length
+        return headers
 
     def introspect(self, head: RequestHead, query: str, ex: Exchange) -> None:
         """GET /seks/v1/token: the id, agent, provider and expiry of the token sent as a
@@ -5854,7 +5844,7 @@ class Broker:
                                  upstream_ssl_context(settings.upstream_ca, verify=False),
                                  settings.connect_timeout, settings.upstream_timeout)
         self.opener = urllib.request.OpenerDirector()      # no redirect or error processors
-        self.opener.add_handler(PooledHandler(self.pool))
+        self.opener.add_handler(self.pool)
         self.providers = providers
         self.routes = {name: p for p in providers.values() for name in (p.name, *p.aliases)}
         self._log_lock = threading.Lock()
