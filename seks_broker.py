@@ -1806,13 +1806,9 @@ def ws_read_frame(reader: WireReader, expect_masked: bool,
     return fin, opcode, ws_mask(payload, mask) if masked else payload
 
 
+# The content codings a broker-made message may name: a word from this list, never the
+# upstream's own text (which could carry a key, lower-cased past the scrubber).
 KNOWN_CODINGS = ("br", "zstd", "compress", "x-compress", "exi", "pack200-gzip", "aes128gcm")
-
-
-def known_coding(codings: List[str]) -> str:
-    """A content coding as a broker-made message may name it: a word from a fixed list, never
-    the upstream's own text (which could carry a key, lower-cased past the scrubber)."""
-    return next((c for c in codings if c in KNOWN_CODINGS), "of an unknown kind")
 
 
 class Inflater:
@@ -4080,16 +4076,6 @@ WS_DROP_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-accept", "sec-w
                              "sec-websocket-extensions", "origin", "content-length"})
 
 
-def answer_headers(fields: List[Tuple[str, str]], drop: Iterable[str],
-                   location: Callable[[str], str]) -> List[Tuple[str, str]]:
-    """An upstream answer's headers as they go on: hop-by-hop ones, those named in Connection
-    and ``drop`` removed, a Location into the upstream pointed back at the broker route (the
-    writer scrubs every value)."""
-    dropped = HOP_BY_HOP | connection_tokens(fields) | set(drop)
-    return [(n, location(v) if n.lower() == "location" else v) for n, v in fields
-            if n.lower() not in dropped]
-
-
 def rewrite_location(value: str, provider: Provider, route_prefix: str) -> str:
     """Point a redirect into the upstream back at the broker route; leave other targets alone."""
     if value.startswith("/") and not value.startswith("//"):
@@ -4132,11 +4118,16 @@ class Relay:
                    for c in v.split(",") if c.strip().lower() not in ("", "identity")]
         inflater = Inflater() if codings in (["gzip"], ["x-gzip"], ["deflate"]) else None
         if codings and inflater is None:
-            raise UpstreamError(f"upstream answered with content-encoding {known_coding(codings)}, "
-                                f"which the broker cannot inspect for leaked keys")
+            known = next((c for c in codings if c in KNOWN_CODINGS), "of an unknown kind")
+            raise UpstreamError(f"upstream answered with content-encoding {known}, which the "
+                                f"broker cannot inspect for leaked keys")
         if 100 <= status < 200:
             raise UpstreamError(f"upstream sent an informational {status} answer as final")
-        headers = answer_headers(answer.fields, ("content-length", "content-encoding"), location)
+        # hop-by-hop headers go, and the length and coding (the writer frames a decoded body)
+        dropped = HOP_BY_HOP | connection_tokens(answer.fields) | {"content-length",
+                                                                    "content-encoding"}
+        headers = [(n, location(v) if n.lower() == "location" else v) for n, v in answer.fields
+                   if n.lower() not in dropped]
         body = answer.body
         ex.outcome = "ok"
         if method == "HEAD" or status in (204, 304):
