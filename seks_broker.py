@@ -2170,13 +2170,11 @@ def rs256_sign(key: Tuple[int, int, int], message: bytes) -> bytes:
     size = (n.bit_length() + 7) // 8
     encoded = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
     m = int.from_bytes(b"\x00\x01" + b"\xff" * (size - 3 - len(encoded)) + b"\x00" + encoded, "big")
-    while True:                                  # blinding: the exponent never meets m itself
+    r_inv = 0
+    while not r_inv:                             # blinding: the exponent never meets m itself
         r = secrets.randbelow(n - 2) + 2
-        try:
+        with contextlib.suppress(ValueError):    # (no inverse: r shares a factor with n)
             r_inv = pow(r, -1, n)
-            break
-        except ValueError:
-            continue
     s = pow(m * pow(r, e, n) % n, d, n) * r_inv % n
     if pow(s, e, n) != m:
         raise ValueError("RSA signature check failed")
@@ -4091,11 +4089,9 @@ def rewrite_location(value: str, provider: Provider, route_prefix: str) -> str:
             return value
         path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
     base = provider.base_path
-    if base:
-        if not (path == base or path.startswith(base + "/") or path.startswith(base + "?")):
-            return value
-        path = path[len(base):] or "/"
-    return route_prefix + path
+    if base and not (path == base or path.startswith((base + "/", base + "?"))):
+        return value
+    return route_prefix + (path[len(base):] or "/")
 
 
 class Relay:
@@ -4168,10 +4164,7 @@ class Relay:
 
     def _stream(self, answer: UpstreamAnswer, inflater: Optional[Inflater]) -> None:
         body, writer, ex = answer.body, self.writer, self.ex
-        while True:
-            data = self._read(body)
-            if not data:
-                break
+        for data in iter(lambda: self._read(body), b""):
             if inflater is not None:
                 try:
                     data = inflater.decompress(data)
@@ -4220,15 +4213,13 @@ class Relay:
 def drain_for_usage(body: BodyReader, inflater: Optional[Inflater], meter: "UsageMeter") -> None:
     """The agent hung up on a stream of a budget-limited token: read the rest (bounded) so the
     tokens the provider bills are still counted (OpenAI reports usage only at the end)."""
-    deadline = time.monotonic() + USAGE_DRAIN_SECONDS
-    seen = 0
+    deadline, seen = time.monotonic() + USAGE_DRAIN_SECONDS, 0
     with contextlib.suppress(UpstreamFraming, OSError):
-        while time.monotonic() < deadline and seen < USAGE_DRAIN_BYTES:
-            data = body.read(STREAM_CHUNK)
-            if not data:
-                return
+        for data in iter(body.read, b""):
             seen += len(data)
             meter.feed(inflater.decompress(data) if inflater is not None else data)
+            if time.monotonic() >= deadline or seen >= USAGE_DRAIN_BYTES:
+                return
 
 
 class WsSession:
@@ -4984,10 +4975,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             self.writer.interim_continue()
         started = time.monotonic()
         try:
-            while True:
-                data = body.read(STREAM_CHUNK)
-                if not data:
-                    return
+            for data in iter(body.read, b""):
                 ex.bytes_in += len(data)
                 elapsed = time.monotonic() - started
                 if elapsed > settings.client_timeout and \
