@@ -1724,9 +1724,7 @@ class BodyReader:
             self.side, 502, "ended before its framing said it would")
 
     def read(self, size: int = STREAM_CHUNK) -> bytes:
-        if self.done:
-            return b""
-        if self.kind == "chunked" and self.left <= 0 and not self._next_chunk():
+        if self.done or (self.kind == "chunked" and self.left <= 0 and not self._next_chunk()):
             return b""
         data = self.reader.some(size if self.kind == "close" else min(size, self.left))
         if not data:
@@ -4308,12 +4306,10 @@ class WsSession:
                 if opcode in (OP_PING, OP_PONG):
                     self._send(to_agent, opcode, payload)
                     continue
-                if opcode == OP_CONT and not parts:
-                    raise WsClose(1002, "continuation without a message")
-                if opcode != OP_CONT:
-                    if parts:
-                        raise WsClose(1002, "new message inside a fragmented one")
-                    first_opcode = opcode
+                if (opcode == OP_CONT) != bool(parts):     # a continuation continues a message
+                    raise WsClose(1002, "new message inside a fragmented one" if parts
+                                  else "continuation without a message")
+                first_opcode = first_opcode if parts else opcode
                 size += len(payload)
                 if size > WS_MAX_MESSAGE:
                     raise WsClose(1009, "message too big")
