@@ -1500,16 +1500,11 @@ def ws_accept(key: str) -> str:
 def ws_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
     """One final RFC 6455 frame; masked (with a random key) when the broker is the client."""
     n = len(payload)
-    bit = 0x80 if masked else 0
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    code, size = (n, 0) if n < 126 else (126, 2) if n < 65536 else (127, 8)   # 7, 16 or 64 bits
+    head = bytes([0x80 | opcode, (0x80 if masked else 0) | code])
     mask = os.urandom(4) if masked else b""
-    return head + mask + (ws_mask(payload, mask) if masked else payload)
+    return head + (n.to_bytes(size, "big") if size else b"") + mask + (
+        ws_mask(payload, mask) if masked else payload)
 
 
 def ws_mask(payload: bytes, mask: bytes) -> bytes:
@@ -1793,10 +1788,8 @@ def ws_read_frame(reader: WireReader, expect_masked: bool,
                       else "server frames must not be masked")
     if opcode >= OP_CLOSE and (length > 125 or not fin):
         raise WsClose(1002, "bad control frame")
-    if length == 126:
-        length = int.from_bytes(reader.exact(2, idle), "big")
-    elif length == 127:
-        length = int.from_bytes(reader.exact(8, idle), "big")
+    if length >= 126:                            # 126: 16 bits of length follow, 127: 64 bits
+        length = int.from_bytes(reader.exact(2 if length == 126 else 8, idle), "big")
     if length > limit:
         raise WsClose(1009, "message too big")
     mask = reader.exact(4, idle) if masked else b""
