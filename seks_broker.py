@@ -1500,16 +1500,11 @@ def ws_accept(key: str) -> str:
 def ws_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
     """One final RFC 6455 frame; masked (with a random key) when the broker is the client."""
     n = len(payload)
-    bit = 0x80 if masked else 0
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    code, size = (n, 0) if n < 126 else (126, 2) if n < 65536 else (127, 8)   # 7, 16 or 64 bits
+    head = bytes([0x80 | opcode, (0x80 if masked else 0) | code])
     mask = os.urandom(4) if masked else b""
-    return head + mask + (ws_mask(payload, mask) if masked else payload)
+    return head + (n.to_bytes(size, "big") if size else b"") + mask + (
+        ws_mask(payload, mask) if masked else payload)
 
 
 def ws_mask(payload: bytes, mask: bytes) -> bytes:
@@ -1552,17 +1547,10 @@ class WireReader:
 
     def line(self, limit: int) -> bytes:
         """One line with its ending (b"" at EOF); a longer one comes back as limit+1 bytes."""
-        while True:
+        end = self.buf.find(b"\n")
+        while end == -1 and len(self.buf) <= limit and self.fill():
             end = self.buf.find(b"\n")
-            if end != -1 and end <= limit:
-                size = end + 1
-                break
-            if len(self.buf) > limit:
-                size = limit + 1
-                break
-            if not self.fill():
-                size = len(self.buf)
-                break
+        size = min(end + 1 if end != -1 else len(self.buf), limit + 1)
         line = bytes(self.buf[:size])
         del self.buf[:size]
         return line
@@ -1731,9 +1719,7 @@ class BodyReader:
             self.side, 502, "ended before its framing said it would")
 
     def read(self, size: int = STREAM_CHUNK) -> bytes:
-        if self.done:
-            return b""
-        if self.kind == "chunked" and self.left <= 0 and not self._next_chunk():
+        if self.done or (self.kind == "chunked" and self.left <= 0 and not self._next_chunk()):
             return b""
         data = self.reader.some(size if self.kind == "close" else min(size, self.left))
         if not data:
@@ -1802,10 +1788,8 @@ def ws_read_frame(reader: WireReader, expect_masked: bool,
                       else "server frames must not be masked")
     if opcode >= OP_CLOSE and (length > 125 or not fin):
         raise WsClose(1002, "bad control frame")
-    if length == 126:
-        length = int.from_bytes(reader.exact(2, idle), "big")
-    elif length == 127:
-        length = int.from_bytes(reader.exact(8, idle), "big")
+    if length >= 126:                            # 126: 16 bits of length follow, 127: 64 bits
+        length = int.from_bytes(reader.exact(2 if length == 126 else 8, idle), "big")
     if length > limit:
         raise WsClose(1009, "message too big")
     mask = reader.exact(4, idle) if masked else b""
@@ -1813,13 +1797,9 @@ def ws_read_frame(reader: WireReader, expect_masked: bool,
     return fin, opcode, ws_mask(payload, mask) if masked else payload
 
 
+# The content codings a broker-made message may name: a word from this list, never the
+# upstream's own text (which could carry a key, lower-cased past the scrubber).
 KNOWN_CODINGS = ("br", "zstd", "compress", "x-compress", "exi", "pack200-gzip", "aes128gcm")
-
-
-def known_coding(codings: List[str]) -> str:
-    """A content coding as a broker-made message may name it: a word from a fixed list, never
-    the upstream's own text (which could carry a key, lower-cased past the scrubber)."""
-    return next((c for c in codings if c in KNOWN_CODINGS), "of an unknown kind")
 
 
 class Inflater:
@@ -2025,7 +2005,6 @@ def aws_facts(rest: str, parts: Dict[str, str], query: str, body: Any,
         if n.lower() in ("x-amz-copy-source", "x-amz-rename-source"))
 
 
-
 def aws_quote(text: str, safe: str = "") -> str:
     """URI-encode as SigV4 does: everything but A-Z a-z 0-9 - _ . ~ (and ``safe``)."""
     return urllib.parse.quote(text, safe=safe + "~")
@@ -2182,13 +2161,11 @@ def rs256_sign(key: Tuple[int, int, int], message: bytes) -> bytes:
     size = (n.bit_length() + 7) // 8
     encoded = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
     m = int.from_bytes(b"\x00\x01" + b"\xff" * (size - 3 - len(encoded)) + b"\x00" + encoded, "big")
-    while True:                                  # blinding: the exponent never meets m itself
+    r_inv = 0
+    while not r_inv:                             # blinding: the exponent never meets m itself
         r = secrets.randbelow(n - 2) + 2
-        try:
+        with contextlib.suppress(ValueError):    # (no inverse: r shares a factor with n)
             r_inv = pow(r, -1, n)
-            break
-        except ValueError:
-            continue
     s = pow(m * pow(r, e, n) % n, d, n) * r_inv % n
     if pow(s, e, n) != m:
         raise ValueError("RSA signature check failed")
@@ -2217,6 +2194,8 @@ OAUTH_NEEDS = {"refresh_token": ("client_id", "refresh_token"),
                "client_credentials": ("client_id", "client_secret"),
                "jwt_bearer": ("client_email", "private_key"),
                "github_app": ("app_id", "private_key", "installation_id")}
+OAUTH_FORM = {"refresh_token": ("refresh_token", "client_id", "client_secret"),  # sent if set
+              "client_credentials": ("client_id", "scope", "client_secret")}
 OAUTH_RENEW_S = 300          # an access token is renewed this long before it expires
 OAUTH_HOLD_S = 30            # how long one renewal may take before another process takes over
 
@@ -2230,19 +2209,7 @@ def oauth_request(provider: Provider, parts: Dict[str, str],
         raise ValueError(f"the secret holds the parts of none of {provider.name}'s grants")
     url = parts.get("token_url") or parts.get("token_uri") or provider.token_url
     headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")]
-    if grant == "refresh_token":
-        form: Dict[str, str] = {"grant_type": "refresh_token", "refresh_token": parts["refresh_token"],
-                "client_id": parts["client_id"]}
-    elif grant == "client_credentials":
-        form = {"grant_type": "client_credentials", "client_id": parts["client_id"],
-                "scope": parts.get("scope") or ""}
-    elif grant == "jwt_bearer":          # a Google service account
-        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
-                "assertion": jwt_rs256(rsa_private_key(parts["private_key"]), {
-                    "iss": parts["client_email"], "aud": url, "iat": int(now),
-                    "exp": int(now) + 3600, "scope": parts.get("scope") or
-                    "https://www.googleapis.com/auth/cloud-platform"})}
-    else:                                # a GitHub App: its JWT buys an installation token
+    if grant == "github_app":            # a GitHub App: its JWT buys an installation token
         if not (parts["app_id"].isdigit() and parts["installation_id"].isdigit()):
             raise ValueError("app_id and installation_id are numbers")
         url = (parts.get("api_url") or provider.token_url or "https://api.github.com").rstrip(
@@ -2251,8 +2218,14 @@ def oauth_request(provider: Provider, parts: Dict[str, str],
             "iss": parts["app_id"], "iat": int(now) - 60, "exp": int(now) + 540})
         return grant, url, [("Authorization", "Bearer " + jwt),
                             ("Accept", "application/vnd.github+json")], b""
-    if parts.get("client_secret") and grant != "jwt_bearer":
-        form["client_secret"] = parts["client_secret"]
+    if grant == "jwt_bearer":            # a Google service account
+        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "assertion": jwt_rs256(rsa_private_key(parts["private_key"]), {
+                    "iss": parts["client_email"], "aud": url, "iat": int(now),
+                    "exp": int(now) + 3600, "scope": parts.get("scope") or
+                    "https://www.googleapis.com/auth/cloud-platform"})}
+    else:
+        form = {"grant_type": grant, **{n: parts.get(n) or "" for n in OAUTH_FORM[grant]}}
     return grant, url, headers, urllib.parse.urlencode(
         {k: v for k, v in form.items() if v}).encode()
 
@@ -3831,12 +3804,16 @@ class UpstreamConn:
             self.sock.close()
 
 
-class UpstreamPool:
+class UpstreamPool(urllib.request.BaseHandler):
     """Keep-alive connections per (scheme, host, port, verify), shared by all handler threads:
-    a TLS handshake to a real provider costs tens of milliseconds.
+    a TLS handshake to a real provider costs tens of milliseconds. The pool is the one handler
+    of the broker's urllib opener, which has no redirect or error processors: a 3xx or 4xx/5xx
+    is an answer to relay, and a redirect is never followed with the real key.
 
     Invariant: a connection goes back only after a complete, cleanly framed answer with nothing
     read past it; one the upstream closed (or spoke on) while idle is dropped before reuse."""
+
+    handler_order = 100
 
     def __init__(self, verified: ssl.SSLContext, unverified: ssl.SSLContext,
                  connect_timeout: float, read_timeout: float) -> None:
@@ -3872,6 +3849,13 @@ class UpstreamPool:
             self.opened += 1
         return UpstreamConn(sock, key), False
 
+    def http_open(self, req: urllib.request.Request) -> "UpstreamAnswer":
+        if not isinstance(req, UpstreamRequest):
+            raise UpstreamError("the broker sends only its own requests upstream")
+        return exchange_upstream(self, req)
+
+    https_open = http_open
+
     def put(self, conn: UpstreamConn) -> None:
         conn.idle_since = time.monotonic()
         with self._lock:
@@ -3898,7 +3882,7 @@ def _readable(sock: socket.socket) -> bool:
 
 
 class UpstreamRequest(urllib.request.Request):
-    """A request to a Target as urllib's opener carries it to PooledHandler; the header list
+    """A request to a Target as urllib's opener carries it to the pool; the header list
     keeps the agent's case and order, ``body`` is None, bytes or an iterator of chunks."""
 
     def __init__(self, target: Target, method: str, headers: List[Tuple[str, str]],
@@ -3926,24 +3910,6 @@ class UpstreamAnswer:
             self.pool.put(self.conn)
         else:
             self.conn.close()
-
-
-class PooledHandler(urllib.request.BaseHandler):
-    """The urllib handler that sends requests over the broker's pool. The opener has no
-    redirect or error processors: a 3xx or 4xx/5xx is an answer to relay, and a redirect is
-    never followed with the real key."""
-
-    handler_order = 100
-
-    def __init__(self, pool: UpstreamPool) -> None:
-        self.pool = pool
-
-    def http_open(self, req: urllib.request.Request) -> UpstreamAnswer:
-        if not isinstance(req, UpstreamRequest):
-            raise UpstreamError("the broker sends only its own requests upstream")
-        return exchange_upstream(self.pool, req)
-
-    https_open = http_open
 
 
 def exchange_upstream(pool: UpstreamPool, req: UpstreamRequest) -> UpstreamAnswer:
@@ -4001,10 +3967,8 @@ def read_answer(pool: Optional[UpstreamPool], conn: UpstreamConn,
         status, http11 = int(match.group(2)), match.group(1) == b"1"
         if status in (100, 102, 103):
             continue
-        if status == 101:
-            kind, length, reusable = "none", 0, False
-        else:
-            kind, length, reusable = body_framing(fields, "answer", http11, method, status)
+        kind, length, reusable = ("none", 0, False) if status == 101 else body_framing(
+            fields, "answer", http11, method, status)
         tokens = connection_tokens(fields)
         if "close" in tokens or (not http11 and "keep-alive" not in tokens):
             reusable = False
@@ -4026,16 +3990,6 @@ WS_DROP_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-accept", "sec-w
                              "sec-websocket-extensions", "origin", "content-length"})
 
 
-def answer_headers(fields: List[Tuple[str, str]], drop: Iterable[str],
-                   location: Callable[[str], str]) -> List[Tuple[str, str]]:
-    """An upstream answer's headers as they go on: hop-by-hop ones, those named in Connection
-    and ``drop`` removed, a Location into the upstream pointed back at the broker route (the
-    writer scrubs every value)."""
-    dropped = HOP_BY_HOP | connection_tokens(fields) | set(drop)
-    return [(n, location(v) if n.lower() == "location" else v) for n, v in fields
-            if n.lower() not in dropped]
-
-
 def rewrite_location(value: str, provider: Provider, route_prefix: str) -> str:
     """Point a redirect into the upstream back at the broker route; leave other targets alone."""
     if value.startswith("/") and not value.startswith("//"):
@@ -4051,11 +4005,9 @@ def rewrite_location(value: str, provider: Provider, route_prefix: str) -> str:
             return value
         path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
     base = provider.base_path
-    if base:
-        if not (path == base or path.startswith(base + "/") or path.startswith(base + "?")):
-            return value
-        path = path[len(base):] or "/"
-    return route_prefix + path
+    if base and not (path == base or path.startswith((base + "/", base + "?"))):
+        return value
+    return route_prefix + (path[len(base):] or "/")
 
 
 class Relay:
@@ -4078,11 +4030,16 @@ class Relay:
                    for c in v.split(",") if c.strip().lower() not in ("", "identity")]
         inflater = Inflater() if codings in (["gzip"], ["x-gzip"], ["deflate"]) else None
         if codings and inflater is None:
-            raise UpstreamError(f"upstream answered with content-encoding {known_coding(codings)}, "
-                                f"which the broker cannot inspect for leaked keys")
+            known = next((c for c in codings if c in KNOWN_CODINGS), "of an unknown kind")
+            raise UpstreamError(f"upstream answered with content-encoding {known}, which the "
+                                f"broker cannot inspect for leaked keys")
         if 100 <= status < 200:
             raise UpstreamError(f"upstream sent an informational {status} answer as final")
-        headers = answer_headers(answer.fields, ("content-length", "content-encoding"), location)
+        # hop-by-hop headers go, and the length and coding (the writer frames a decoded body)
+        dropped = HOP_BY_HOP | connection_tokens(answer.fields) | {"content-length",
+                                                                    "content-encoding"}
+        headers = [(n, location(v) if n.lower() == "location" else v) for n, v in answer.fields
+                   if n.lower() not in dropped]
         body = answer.body
         ex.outcome = "ok"
         if method == "HEAD" or status in (204, 304):
@@ -4123,10 +4080,7 @@ class Relay:
 
     def _stream(self, answer: UpstreamAnswer, inflater: Optional[Inflater]) -> None:
         body, writer, ex = answer.body, self.writer, self.ex
-        while True:
-            data = self._read(body)
-            if not data:
-                break
+        for data in iter(lambda: self._read(body), b""):
             if inflater is not None:
                 try:
                     data = inflater.decompress(data)
@@ -4175,15 +4129,13 @@ class Relay:
 def drain_for_usage(body: BodyReader, inflater: Optional[Inflater], meter: "UsageMeter") -> None:
     """The agent hung up on a stream of a budget-limited token: read the rest (bounded) so the
     tokens the provider bills are still counted (OpenAI reports usage only at the end)."""
-    deadline = time.monotonic() + USAGE_DRAIN_SECONDS
-    seen = 0
+    deadline, seen = time.monotonic() + USAGE_DRAIN_SECONDS, 0
     with contextlib.suppress(UpstreamFraming, OSError):
-        while time.monotonic() < deadline and seen < USAGE_DRAIN_BYTES:
-            data = body.read(STREAM_CHUNK)
-            if not data:
-                return
+        for data in iter(body.read, b""):
             seen += len(data)
             meter.feed(inflater.decompress(data) if inflater is not None else data)
+            if time.monotonic() >= deadline or seen >= USAGE_DRAIN_BYTES:
+                return
 
 
 class WsSession:
@@ -4211,18 +4163,14 @@ class WsSession:
         self._up_lock = threading.Lock()
         self.frames = {"agent": 0, "upstream": 0}
 
-    def _send_upstream(self, opcode: int, payload: bytes) -> None:
-        with self._up_lock:
-            if self.upstream_closed:
-                return
-            self.upstream_closed = opcode == OP_CLOSE
-            self.upstream.write(ws_frame(opcode, payload, masked=True), WS_IDLE_TIMEOUT_S)
-
     def _send(self, to_agent: bool, opcode: int, payload: bytes) -> None:
         if to_agent:
             self.writer.ws_send(opcode, payload)
-        else:
-            self._send_upstream(opcode, payload)
+            return
+        with self._up_lock:                  # (the writer locks the agent's side)
+            if not self.upstream_closed:
+                self.upstream_closed = opcode == OP_CLOSE
+                self.upstream.write(ws_frame(opcode, payload, masked=True), WS_IDLE_TIMEOUT_S)
 
     def _closed_sent(self, to_agent: bool) -> bool:
         return self.writer.ws_closed if to_agent else self.upstream_closed
@@ -4232,7 +4180,7 @@ class WsSession:
         self.close_code = self.close_code or code
         self.writer.ws_close(code, reason)
         with contextlib.suppress(OSError):
-            self._send_upstream(OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
+            self._send(False, OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
 
     def _idle(self) -> None:
         if self.done.is_set():
@@ -4276,12 +4224,10 @@ class WsSession:
                 if opcode in (OP_PING, OP_PONG):
                     self._send(to_agent, opcode, payload)
                     continue
-                if opcode == OP_CONT and not parts:
-                    raise WsClose(1002, "continuation without a message")
-                if opcode != OP_CONT:
-                    if parts:
-                        raise WsClose(1002, "new message inside a fragmented one")
-                    first_opcode = opcode
+                if (opcode == OP_CONT) != bool(parts):     # a continuation continues a message
+                    raise WsClose(1002, "new message inside a fragmented one" if parts
+                                  else "continuation without a message")
+                first_opcode = first_opcode if parts else opcode
                 size += len(payload)
                 if size > WS_MAX_MESSAGE:
                     raise WsClose(1009, "message too big")
@@ -4520,14 +4466,13 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         broker = self.server.broker
         ex = Exchange(self.client_address[0] if self.client_address else "")
-        self.writer.reset()
-        self.close_connection = False            # keep-alive unless this request says not
+        self.writer.reset()                      # keep-alive unless this request says not
         self.error_style = ""
         head: Optional[RequestHead] = None
         try:
             head = self.read_request()
             if head is None:
-                self.close_connection = True
+                self.writer.close = True
                 return
             broker.begin(ex)
             ex.method = head.method
@@ -4547,7 +4492,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             broker.log_error(f"internal error: {type(exc).__name__}")
             self.answer_error(UpstreamError("the broker could not complete the request"), ex)
         finally:
-            self.close_connection = self.close_connection or self.writer.close
+            self.close_connection = self.writer.close
             if head is not None:
                 broker.finish(ex)
 
@@ -4727,9 +4672,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             call.pairs += scrub_pairs(sent.partition(" ")[2])
         target = upstream_target(provider, rest, query, call.verify)
         if call.aws:                          # sign anew, for the host it goes to
-            headers, call.body, decoded = self.aws_payload(head, headers, call.body)
-            if decoded >= 0:
-                call.framing, call.length = "length", decoded
+            headers = self.aws_payload(call, headers)
             payload = hashlib.sha256(call.body or b"").hexdigest() if call.body is None or \
                 isinstance(call.body, bytes) else "UNSIGNED-PAYLOAD"
             if call.parts.get("role_arn"):    # sign as the role (its credentials masked too)
@@ -4770,16 +4713,15 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             answer = broker.forward(target, head.method, headers, body)
         self.relay(head, answer, provider, call.prefix, ex, gateway_ws)
 
-    def aws_payload(self, head: RequestHead, headers: List[Tuple[str, str]],
-                    body: Any) -> Tuple[List[Tuple[str, str]], Any, int]:
+    def aws_payload(self, call: Call, headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
         """An aws-chunked upload (the agent's SDK signed each chunk with its fake key) becomes
-        its plain payload and its length: decoded whole when held (its trailing checksums
-        become headers), or as it streams, with the length it declared. Others pass unchanged
-        (length -1)."""
+        its plain payload (``call.body``): decoded whole when held (its trailing checksums
+        become headers), or as it streams, with the length it declared. Others pass unchanged."""
+        head, body = call.head, call.body
         codings = [c.strip() for c in (head.get("content-encoding") or "").split(",") if c.strip()]
         if "aws-chunked" not in [c.lower() for c in codings] and not (
                 head.get("x-amz-content-sha256") or "").startswith("STREAMING-"):
-            return headers, body, -1
+            return headers
         drop = ("content-encoding", "x-amz-decoded-content-length", "x-amz-trailer")
         headers = [(n, v) for n, v in headers if n.lower() not in drop]
         others = [c for c in codings if c.lower() != "aws-chunked"]
@@ -4787,25 +4729,25 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Encoding", ", ".join(others)))
         trailers: Dict[str, str] = {}
         declared = head.get("x-amz-decoded-content-length") or ""
-        if body is not None and not isinstance(body, bytes) and CONTENT_LENGTH_RE.match(
-                declared) and int(declared) <= AWS_HOLD_MAX:     # held: signed, checksummed
-            # framing adds little: a body far larger than it declared is refused, not held
-            body = read_capped(body, 2 * int(declared) + 65536, BadRequest(
-                "an aws-chunked body much larger than its x-amz-decoded-content-length",
-                close=True))
+        expect = int(declared) if CONTENT_LENGTH_RE.match(declared) else None
+        if body is not None and not isinstance(body, bytes):
+            if expect is None:
+                raise BadRequest("a streamed aws-chunked upload needs "
+                                 "x-amz-decoded-content-length", close=True)
+            if expect <= AWS_HOLD_MAX:        # held: signed, checksummed
+                # framing adds little: a body far larger than it declared is refused, not held
+                body = read_capped(body, 2 * expect + 65536, BadRequest(
+                    "an aws-chunked body much larger than its x-amz-decoded-content-length",
+                    close=True))
         if isinstance(body, bytes) or body is None:
-            body = b"".join(aws_unchunk([body or b""], trailers, int(declared) if
-                                        CONTENT_LENGTH_RE.match(declared) else None))
+            call.body = b"".join(aws_unchunk([body or b""], trailers, expect))
             headers += [(n, v) for n, v in trailers.items() if n.startswith("x-amz-checksum-")]
-            length = len(body)
-        elif CONTENT_LENGTH_RE.match(declared):
-            body, length = aws_unchunk(body, trailers, int(declared)), int(declared)
         else:
-            raise BadRequest("a streamed aws-chunked upload needs x-amz-decoded-content-length",
-                             close=True)
+            call.body = aws_unchunk(body, trailers, expect)
+            call.framing, call.length = "length", expect
         if not any(n.lower().startswith("x-amz-checksum-") for n, _ in headers):
             headers = [(n, v) for n, v in headers if n.lower() != "x-amz-sdk-checksum-algorithm"]
-        return headers, body, length
+        return headers
 
     def introspect(self, head: RequestHead, query: str, ex: Exchange) -> None:
         """GET /seks/v1/token: the id, agent, provider and expiry of the token sent as a
@@ -4852,12 +4794,10 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         record, parts = self.endpoint_token(head, ex, delegating=True)
         if not record.policy.get("delegation"):
             raise Forbidden("this token was not minted with --allow-delegation")
-        too_big = PayloadTooLarge(f"the body is at most {DELEGATION_BODY_MAX} bytes", close=True)
-        if framing == "length" and length > DELEGATION_BODY_MAX:
-            raise too_big
-        body = b"" if framing == "none" else read_capped(self.body_chunks(head, BodyReader(
-            self.reader, framing, length, "request", DELEGATION_BODY_MAX), ex),
-            DELEGATION_BODY_MAX, too_big)
+        if framing == "length" and length > DELEGATION_BODY_MAX:    # (a chunked one: BodyReader)
+            raise PayloadTooLarge(f"the body is at most {DELEGATION_BODY_MAX} bytes", close=True)
+        body = b"" if framing == "none" else b"".join(self.body_chunks(head, BodyReader(
+            self.reader, framing, length, "request", DELEGATION_BODY_MAX), ex))
         try:
             ask = json.loads(body or b"{}", object_pairs_hook=_reject_duplicate_keys)
         except (ValueError, RecursionError):
@@ -4949,10 +4889,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             self.writer.interim_continue()
         started = time.monotonic()
         try:
-            while True:
-                data = body.read(STREAM_CHUNK)
-                if not data:
-                    return
+            for data in iter(body.read, b""):
                 ex.bytes_in += len(data)
                 elapsed = time.monotonic() - started
                 if elapsed > settings.client_timeout and \
@@ -5759,7 +5696,7 @@ class Broker:
                                  upstream_ssl_context(settings.upstream_ca, verify=False),
                                  settings.connect_timeout, settings.upstream_timeout)
         self.opener = urllib.request.OpenerDirector()      # no redirect or error processors
-        self.opener.add_handler(PooledHandler(self.pool))
+        self.opener.add_handler(self.pool)
         self.routes = {name: p for p in providers.values() for name in (p.name, *p.aliases)}
         self._log_lock, self._level = threading.Lock(), LOG_LEVELS[settings.log_level]
         self.metrics = Metrics()
