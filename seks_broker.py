@@ -3618,12 +3618,12 @@ TOKEN_SHAPE_MAX = len("seks_") + 32 + 1 + 43
 def token_shapes(data: bytes, decode: bool = True) -> List[str]:
     """Every seks-token-shaped string in ``data``; with ``decode`` also percent-encoded (once
     or twice), as in a query or a form."""
-    found = {m.group(0) for m in _TOKEN_SHAPE_RE.finditer(data)}
+    found = set(_TOKEN_SHAPE_RE.findall(data))
     for _ in range(2 if decode else 0):
         if b"%" not in data:
             break
         data = urllib.parse.unquote_to_bytes(data)
-        found.update(m.group(0) for m in _TOKEN_SHAPE_RE.finditer(data))
+        found.update(_TOKEN_SHAPE_RE.findall(data))
     return sorted(t.decode("ascii") for t in found)
 
 
@@ -3634,7 +3634,7 @@ class LeakScanner:
     so no part of a token leaves before the whole of it has been checked; other bytes pass
     without a copy."""
 
-    _TAIL_RE = re.compile(rb"[A-Za-z0-9_-]*\Z")
+    _HOLD_RE = re.compile(rb"s(e(k(s(_[A-Za-z0-9_-]*)?)?)?)?\Z")    # seks_..., or a prefix of it
 
     def __init__(self) -> None:
         self.tail = b""
@@ -3642,19 +3642,10 @@ class LeakScanner:
     def feed(self, chunk: bytes) -> Tuple[bytes, List[str]]:
         data = self.tail + chunk if self.tail else chunk
         found = token_shapes(data, decode=False) if b"seks_" in data else []   # raw only
-        cut = self._hold_from(data)
+        held = self._HOLD_RE.search(data, max(0, len(data) - (TOKEN_SHAPE_MAX - 1)))
+        cut = held.start() if held else len(data)
         self.tail = data[cut:]
         return (data if cut == len(data) else data[:cut]), found
-
-    def _hold_from(self, data: bytes) -> int:
-        i = data.find(b"s", max(0, len(data) - (TOKEN_SHAPE_MAX - 1)))
-        while i != -1:
-            rest = data[i:]
-            if (b"seks_".startswith(rest) if len(rest) < 5 else
-                    rest.startswith(b"seks_") and self._TAIL_RE.match(rest, 5)):
-                return i
-            i = data.find(b"s", i + 1)
-        return len(data)
 
     def flush(self) -> bytes:
         tail, self.tail = self.tail, b""
