@@ -2557,8 +2557,7 @@ class Store:
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=DB_BUSY_SECONDS, isolation_level=None,
-                             check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout = {int(DB_BUSY_SECONDS * 1000)}")
+                             check_same_thread=False)      # (timeout: sqlite's busy_timeout)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")   # durable across a process crash
         return db
@@ -2615,13 +2614,11 @@ class Store:
         if version > len(MIGRATIONS):
             raise ConfigError(f"database schema {version} is newer than this broker "
                               f"({len(MIGRATIONS)}); upgrade seks_broker.py")
-        while version < len(MIGRATIONS):
+        for step in range(version, len(MIGRATIONS)):
             with self.transaction() as tx:          # (another process may be migrating too)
-                version = tx.execute("PRAGMA user_version").fetchone()[0]
-                if version < len(MIGRATIONS):
-                    MIGRATIONS[version](tx)
-                    version += 1
-                    tx.execute(f"PRAGMA user_version = {version}")
+                if tx.execute("PRAGMA user_version").fetchone()[0] == step:
+                    MIGRATIONS[step](tx)
+                    tx.execute(f"PRAGMA user_version = {step + 1}")
 
     def close(self) -> None:
         with self._lock:
@@ -2725,17 +2722,15 @@ class Store:
         now = utc_iso()
         with self.transaction() as db:
             self._require_key(db, check)
-            exists = db.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone()
-            if exists and not replace:
-                raise ConfigError(f"secret {name!r} exists; use 'secret rotate' to change it")
-            if not exists and replace:
-                raise ConfigError(f"no secret named {name!r}")
-            if exists:
-                db.execute("UPDATE secrets SET ciphertext = ?, updated_at = ? WHERE name = ?",
-                           (ciphertext, now, name))
+            if replace:
+                written = db.execute("UPDATE secrets SET ciphertext = ?, updated_at = ? WHERE "
+                                     "name = ?", (ciphertext, now, name))
             else:
-                db.execute("INSERT INTO secrets VALUES (?, ?, ?, ?, ?)",
-                           (name, provider, ciphertext, now, now))
+                written = db.execute("INSERT INTO secrets VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+                                     "(name) DO NOTHING", (name, provider, ciphertext, now, now))
+            if not written.rowcount:
+                raise ConfigError(f"no secret named {name!r}" if replace else
+                                  f"secret {name!r} exists; use 'secret rotate' to change it")
 
     def oauth_claim(self, secret: str, margin: float, hold: float
                     ) -> Tuple[str, Optional[str], float, Optional[str]]:
@@ -2791,12 +2786,11 @@ class Store:
     # --- agents ----------------------------------------------------------------------------
     def add_agent(self, name: str, exist_ok: bool = False) -> bool:
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
-                if exist_ok:
-                    return False
+            added = db.execute("INSERT INTO agents VALUES (?, ?, NULL) ON CONFLICT(name) "
+                               "DO NOTHING", (name, utc_iso())).rowcount
+            if not added and not exist_ok:
                 raise ConfigError(f"agent {name!r} exists")
-            db.execute("INSERT INTO agents VALUES (?, ?, NULL)", (name, utc_iso()))
-            return True
+            return bool(added)
 
     def set_agent_disabled(self, name: str, disabled: bool) -> None:
         with self.transaction() as db:
@@ -2980,13 +2974,11 @@ class Store:
         if not gone:
             return
         with self.transaction() as db:
-            for row_id in gone:
-                held = db.execute("SELECT amount FROM reservations WHERE id = ?",
-                                  (row_id,)).fetchone()
-                if held is not None:
-                    db.execute("DELETE FROM reservations WHERE id = ?", (row_id,))
-                    db.execute(f"UPDATE token_usage SET {counter} = {counter} + ? WHERE "
-                               f"token_id = ?", (held[0], token_id))
+            for row_id in gone:          # (one settled by another process meanwhile adds 0)
+                db.execute(f"UPDATE token_usage SET {counter} = {counter} + COALESCE((SELECT "
+                           f"amount FROM reservations WHERE id = ?), 0) WHERE token_id = ?",
+                           (row_id, token_id))
+                db.execute("DELETE FROM reservations WHERE id = ?", (row_id,))
 
     # --- audit -----------------------------------------------------------------------------
     def append_audit(self, keys: "KeyRing", row: "AuditRow", counted: bool,
@@ -3029,8 +3021,7 @@ class Store:
                + (f" AND {where}" if where else ""))
         sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id" \
             if limit is not None else sql + " ORDER BY id"
-        with self.connection() as db:
-            return [AuditRow.from_db(r) for r in db.execute(sql, (after_id,) + params)]
+        return [AuditRow.from_db(r) for r in self.query(sql, (after_id,) + params)]
 
     def last_audit_id(self) -> int:
         return self.query("SELECT COALESCE(MAX(id), 0) FROM audit")[0][0]
