@@ -3155,14 +3155,6 @@ MAX_USAGE_BODY = 8 * 1024 * 1024      # largest non-stream answer parsed whole f
 USAGE_TAIL_BYTES = 64 * 1024          # of a larger one, the tail searched for its usage
 
 
-def parse_rate(text: str) -> List[Any]:
-    """``60/m`` -> [60, 60.0, "minute"]: capacity, refill period in seconds, unit word."""
-    match = RATE_RE.match(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise UsageError(f"--rate takes COUNT/UNIT with unit s, m, h or d, like 60/m (got {text!r})")
-    return [int(match.group(1)), float(TTL_UNITS[match.group(2)]), RATE_WORDS[match.group(2)]]
-
-
 def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: Optional[str],
                 max_requests: Optional[int], models: Optional[str],
                 budget_tokens: Optional[int], budget_usd: Optional[float] = None) -> Dict[str, Any]:
@@ -3177,8 +3169,13 @@ def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: 
                 raise UsageError(f"--allow-path must start with '/' (got {path!r})")
             validate_path(path)
         policy["paths"] = list(paths)
-    if rate:
-        policy["rate"] = parse_rate(rate)
+    if rate:             # 60/m -> [60, 60.0, "minute"]: capacity, refill seconds, unit word
+        match = RATE_RE.match(rate.strip())
+        if not match or int(match.group(1)) == 0:
+            raise UsageError(f"--rate takes COUNT/UNIT with unit s, m, h or d, like 60/m "
+                             f"(got {rate!r})")
+        unit = match.group(2)
+        policy["rate"] = [int(match.group(1)), float(TTL_UNITS[unit]), RATE_WORDS[unit]]
     if models:
         policy["models"] = [m.strip() for m in models.split(",") if m.strip()]
     for flag, count in (("max-requests", max_requests), ("budget-tokens", budget_tokens)):
@@ -3652,11 +3649,10 @@ def ask_for_stream_usage(body: bytes) -> bytes:
         return body
     options = obj.get("stream_options")
     if options is None:
-        obj["stream_options"] = {"include_usage": True}
-    elif isinstance(options, dict) and options.get("include_usage") is not True:
-        options["include_usage"] = True
-    else:
+        options = obj["stream_options"] = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
         return body
+    options["include_usage"] = True
     return json.dumps(obj).encode()
 
 
