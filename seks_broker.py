@@ -2545,8 +2545,7 @@ class Store:
         self._generation_db: Optional[sqlite3.Connection] = None
         self._generation_seen: Optional[Tuple[int, Tuple[int, bytes]]] = None
         try:
-            with self.connection() as db:
-                self._migrate(db)
+            self._migrate()
         except (sqlite3.DatabaseError, ConfigError) as exc:
             self.close()
             if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in str(exc) or
@@ -2602,11 +2601,11 @@ class Store:
                 if durable:
                     db.execute("PRAGMA synchronous = NORMAL")
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
+    def _migrate(self) -> None:
         """Bring a new empty file, or one with our schema, up to date: never add tables to
         another program's database."""
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = self.query("PRAGMA user_version")[0][0]
+        tables = {r[0] for r in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
         ours = not tables if version == 0 else {"state", "secrets", "tokens", "audit"} <= tables
         if not ours:
             raise ConfigError(f"{self.path} is an sqlite database of something else, not "
