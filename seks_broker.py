@@ -2518,8 +2518,7 @@ class Store:
         self._generation_db: Optional[sqlite3.Connection] = None
         self._generation_seen: Optional[Tuple[int, Tuple[int, bytes]]] = None
         try:
-            with self.connection() as db:
-                self._migrate(db)
+            self._migrate()
         except (sqlite3.DatabaseError, ConfigError) as exc:
             self.close()
             if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in str(exc) or
@@ -2530,8 +2529,7 @@ class Store:
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=DB_BUSY_SECONDS, isolation_level=None,
-                             check_same_thread=False)
-        db.execute(f"PRAGMA busy_timeout = {int(DB_BUSY_SECONDS * 1000)}")
+                             check_same_thread=False)      # (timeout: sqlite's busy_timeout)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")   # durable across a process crash
         return db
@@ -2576,11 +2574,11 @@ class Store:
                 if durable:
                     db.execute("PRAGMA synchronous = NORMAL")
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
+    def _migrate(self) -> None:
         """Bring a new empty file, or one with our schema, up to date: never add tables to
         another program's database."""
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = self.query("PRAGMA user_version")[0][0]
+        tables = {r[0] for r in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
         ours = not tables if version == 0 else {"state", "secrets", "tokens", "audit"} <= tables
         if not ours:
             raise ConfigError(f"{self.path} is an sqlite database of something else, not "
@@ -2588,13 +2586,11 @@ class Store:
         if version > len(MIGRATIONS):
             raise ConfigError(f"database schema {version} is newer than this broker "
                               f"({len(MIGRATIONS)}); upgrade seks_broker.py")
-        while version < len(MIGRATIONS):
+        for step in range(version, len(MIGRATIONS)):
             with self.transaction() as tx:          # (another process may be migrating too)
-                version = tx.execute("PRAGMA user_version").fetchone()[0]
-                if version < len(MIGRATIONS):
-                    MIGRATIONS[version](tx)
-                    version += 1
-                    tx.execute(f"PRAGMA user_version = {version}")
+                if tx.execute("PRAGMA user_version").fetchone()[0] == step:
+                    MIGRATIONS[step](tx)
+                    tx.execute(f"PRAGMA user_version = {step + 1}")
 
     def close(self) -> None:
         with self._lock:
@@ -2698,17 +2694,15 @@ class Store:
         now = utc_iso()
         with self.transaction() as db:
             self._require_key(db, check)
-            exists = db.execute("SELECT 1 FROM secrets WHERE name = ?", (name,)).fetchone()
-            if exists and not replace:
-                raise ConfigError(f"secret {name!r} exists; use 'secret rotate' to change it")
-            if not exists and replace:
-                raise ConfigError(f"no secret named {name!r}")
-            if exists:
-                db.execute("UPDATE secrets SET ciphertext = ?, updated_at = ? WHERE name = ?",
-                           (ciphertext, now, name))
+            if replace:
+                written = db.execute("UPDATE secrets SET ciphertext = ?, updated_at = ? WHERE "
+                                     "name = ?", (ciphertext, now, name))
             else:
-                db.execute("INSERT INTO secrets VALUES (?, ?, ?, ?, ?)",
-                           (name, provider, ciphertext, now, now))
+                written = db.execute("INSERT INTO secrets VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+                                     "(name) DO NOTHING", (name, provider, ciphertext, now, now))
+            if not written.rowcount:
+                raise ConfigError(f"no secret named {name!r}" if replace else
+                                  f"secret {name!r} exists; use 'secret rotate' to change it")
 
     def oauth_claim(self, secret: str, margin: float, hold: float
                     ) -> Tuple[str, Optional[str], float, Optional[str]]:
@@ -2764,12 +2758,11 @@ class Store:
     # --- agents ----------------------------------------------------------------------------
     def add_agent(self, name: str, exist_ok: bool = False) -> bool:
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM agents WHERE name = ?", (name,)).fetchone():
-                if exist_ok:
-                    return False
+            added = db.execute("INSERT INTO agents VALUES (?, ?, NULL) ON CONFLICT(name) "
+                               "DO NOTHING", (name, utc_iso())).rowcount
+            if not added and not exist_ok:
                 raise ConfigError(f"agent {name!r} exists")
-            db.execute("INSERT INTO agents VALUES (?, ?, NULL)", (name, utc_iso()))
-            return True
+            return bool(added)
 
     def set_agent_disabled(self, name: str, disabled: bool) -> None:
         with self.transaction() as db:
@@ -2953,13 +2946,11 @@ class Store:
         if not gone:
             return
         with self.transaction() as db:
-            for row_id in gone:
-                held = db.execute("SELECT amount FROM reservations WHERE id = ?",
-                                  (row_id,)).fetchone()
-                if held is not None:
-                    db.execute("DELETE FROM reservations WHERE id = ?", (row_id,))
-                    db.execute(f"UPDATE token_usage SET {counter} = {counter} + ? WHERE "
-                               f"token_id = ?", (held[0], token_id))
+            for row_id in gone:          # (one settled by another process meanwhile adds 0)
+                db.execute(f"UPDATE token_usage SET {counter} = {counter} + COALESCE((SELECT "
+                           f"amount FROM reservations WHERE id = ?), 0) WHERE token_id = ?",
+                           (row_id, token_id))
+                db.execute("DELETE FROM reservations WHERE id = ?", (row_id,))
 
     # --- audit -----------------------------------------------------------------------------
     def append_audit(self, keys: "KeyRing", row: "AuditRow", counted: bool,
@@ -3002,8 +2993,7 @@ class Store:
                + (f" AND {where}" if where else ""))
         sql = f"SELECT * FROM ({sql} ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id" \
             if limit is not None else sql + " ORDER BY id"
-        with self.connection() as db:
-            return [AuditRow.from_db(r) for r in db.execute(sql, (after_id,) + params)]
+        return [AuditRow.from_db(r) for r in self.query(sql, (after_id,) + params)]
 
     def last_audit_id(self) -> int:
         return self.query("SELECT COALESCE(MAX(id), 0) FROM audit")[0][0]
@@ -3137,14 +3127,6 @@ MAX_USAGE_BODY = 8 * 1024 * 1024      # largest non-stream answer parsed whole f
 USAGE_TAIL_BYTES = 64 * 1024          # of a larger one, the tail searched for its usage
 
 
-def parse_rate(text: str) -> List[Any]:
-    """``60/m`` -> [60, 60.0, "minute"]: capacity, refill period in seconds, unit word."""
-    match = RATE_RE.match(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise UsageError(f"--rate takes COUNT/UNIT with unit s, m, h or d, like 60/m (got {text!r})")
-    return [int(match.group(1)), float(TTL_UNITS[match.group(2)]), RATE_WORDS[match.group(2)]]
-
-
 def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: Optional[str],
                 max_requests: Optional[int], models: Optional[str],
                 budget_tokens: Optional[int], budget_usd: Optional[float] = None) -> Dict[str, Any]:
@@ -3159,8 +3141,13 @@ def make_policy(methods: Optional[List[str]], paths: Optional[List[str]], rate: 
                 raise UsageError(f"--allow-path must start with '/' (got {path!r})")
             validate_path(path)
         policy["paths"] = list(paths)
-    if rate:
-        policy["rate"] = parse_rate(rate)
+    if rate:             # 60/m -> [60, 60.0, "minute"]: capacity, refill seconds, unit word
+        match = RATE_RE.match(rate.strip())
+        if not match or int(match.group(1)) == 0:
+            raise UsageError(f"--rate takes COUNT/UNIT with unit s, m, h or d, like 60/m "
+                             f"(got {rate!r})")
+        unit = match.group(2)
+        policy["rate"] = [int(match.group(1)), float(TTL_UNITS[unit]), RATE_WORDS[unit]]
     if models:
         policy["models"] = [m.strip() for m in models.split(",") if m.strip()]
     for flag, count in (("max-requests", max_requests), ("budget-tokens", budget_tokens)):
@@ -3591,12 +3578,12 @@ TOKEN_SHAPE_MAX = len("seks_") + 32 + 1 + 43
 def token_shapes(data: bytes, decode: bool = True) -> List[str]:
     """Every seks-token-shaped string in ``data``; with ``decode`` also percent-encoded (once
     or twice), as in a query or a form."""
-    found = {m.group(0) for m in _TOKEN_SHAPE_RE.finditer(data)}
+    found = set(_TOKEN_SHAPE_RE.findall(data))
     for _ in range(2 if decode else 0):
         if b"%" not in data:
             break
         data = urllib.parse.unquote_to_bytes(data)
-        found.update(m.group(0) for m in _TOKEN_SHAPE_RE.finditer(data))
+        found.update(_TOKEN_SHAPE_RE.findall(data))
     return sorted(t.decode("ascii") for t in found)
 
 
@@ -3607,7 +3594,7 @@ class LeakScanner:
     so no part of a token leaves before the whole of it has been checked; other bytes pass
     without a copy."""
 
-    _TAIL_RE = re.compile(rb"[A-Za-z0-9_-]*\Z")
+    _HOLD_RE = re.compile(rb"s(e(k(s(_[A-Za-z0-9_-]*)?)?)?)?\Z")    # seks_..., or a prefix of it
 
     def __init__(self) -> None:
         self.tail = b""
@@ -3615,19 +3602,10 @@ class LeakScanner:
     def feed(self, chunk: bytes) -> Tuple[bytes, List[str]]:
         data = self.tail + chunk if self.tail else chunk
         found = token_shapes(data, decode=False) if b"seks_" in data else []   # raw only
-        cut = self._hold_from(data)
+        held = self._HOLD_RE.search(data, max(0, len(data) - (TOKEN_SHAPE_MAX - 1)))
+        cut = held.start() if held else len(data)
         self.tail = data[cut:]
         return (data if cut == len(data) else data[:cut]), found
-
-    def _hold_from(self, data: bytes) -> int:
-        i = data.find(b"s", max(0, len(data) - (TOKEN_SHAPE_MAX - 1)))
-        while i != -1:
-            rest = data[i:]
-            if (b"seks_".startswith(rest) if len(rest) < 5 else
-                    rest.startswith(b"seks_") and self._TAIL_RE.match(rest, 5)):
-                return i
-            i = data.find(b"s", i + 1)
-        return len(data)
 
     def flush(self) -> bytes:
         tail, self.tail = self.tail, b""
@@ -3643,11 +3621,10 @@ def ask_for_stream_usage(body: bytes) -> bytes:
         return body
     options = obj.get("stream_options")
     if options is None:
-        obj["stream_options"] = {"include_usage": True}
-    elif isinstance(options, dict) and options.get("include_usage") is not True:
-        options["include_usage"] = True
-    else:
+        options = obj["stream_options"] = {}
+    if not isinstance(options, dict) or options.get("include_usage") is True:
         return body
+    options["include_usage"] = True
     return json.dumps(obj).encode()
 
 
