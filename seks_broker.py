@@ -2646,6 +2646,7 @@ class Store:
                 db.execute("UPDATE secrets SET ciphertext = ? WHERE name = ?",
                            (new.encrypt(plaintext, ad), name))
                 progress(1)
+            db.execute("UPDATE oauth_tokens SET ciphertext = NULL")   # renewed under the new key
             anchor = db.execute("SELECT audit_anchor FROM state WHERE id = 1").fetchone()[0]
             prev = old_prev = bytes(anchor or b"")
             raws = db.execute(f"SELECT {', '.join(AuditRow.FIELDS)}, mac FROM audit ORDER BY id")
@@ -2703,6 +2704,7 @@ class Store:
             if not written.rowcount:
                 raise ConfigError(f"no secret named {name!r}" if replace else
                                   f"secret {name!r} exists; use 'secret rotate' to change it")
+            db.execute("DELETE FROM oauth_tokens WHERE secret = ?", (name,))   # old grant
 
     def oauth_claim(self, secret: str, margin: float, hold: float
                     ) -> Tuple[str, Optional[str], float, Optional[str]]:
@@ -2752,6 +2754,7 @@ class Store:
         with self.transaction() as db:
             if db.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount == 0:
                 raise ConfigError(f"no secret named {name!r}")
+            db.execute("DELETE FROM oauth_tokens WHERE secret = ?", (name,))
             return db.execute("UPDATE tokens SET revoked_at = ? WHERE secret_name = ? "
                               "AND revoked_at IS NULL", (utc_iso(), name)).rowcount
 

@@ -473,3 +473,33 @@ def test_the_brokers_own_http_calls_never_follow_a_redirect(status: int) -> None
     finally:
         elsewhere.stop()
         endpoint.stop()
+
+
+def test_a_new_master_key_or_a_replaced_secret_gets_a_new_access_token(
+        broker_factory: Brokers, oauth_up: FakeUpstream, issuer: Issuer) -> None:
+    """The stored access token belongs to the key and the grant it came from: after
+    rotate-master-key the broker renews it (not a 502 from a token it cannot decrypt), and a
+    secret rotated or removed and added again under the same name never serves the old grant's
+    access token."""
+    base = gmail_broker(broker_factory, oauth_up)
+    served = broker_factory.serve(base)
+    assert profile(served, base.token("gmail")).status == 200       # access token 1, stored
+    served.stop()
+    new_key = base64.urlsafe_b64encode(bytes(range(100, 132))).decode()
+    ok(base.cli("rotate-master-key", input=new_key + "\n"))
+    base.env = dict(base.env, SEKS_MASTER_KEY=new_key)
+    served = broker_factory.serve(base)
+    resp = profile(served, base.token("gmail"))
+    assert resp.status == 200 and issuer.calls == 2, (resp.status, resp.body, issuer.calls)
+    served.stop()
+    secret = {"client_id": "test-client", "client_secret": "test-client-secret-0123456789",
+              "refresh_token": issuer.refresh, "token_url": oauth_up.url + "/token"}
+    ok(base.cli("secret", "rotate", "gmail-key", input=json.dumps(secret)))
+    served = broker_factory.serve(base)
+    assert profile(served, base.token("gmail")).status == 200 and issuer.calls == 3, issuer.calls
+    served.stop()
+    ok(base.cli("secret", "rm", "gmail-key"))
+    ok(base.cli("secret", "add", "gmail-key", "--provider", "gmail", input=json.dumps(dict(secret, refresh_token=issuer.refresh))))
+    token = base.mint("gmail", "gmail-again", via_cli=True)
+    served = broker_factory.serve(base)
+    assert profile(served, token).status == 200 and issuer.calls == 4, issuer.calls
