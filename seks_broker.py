@@ -3648,8 +3648,9 @@ def read_usage(kind: str, obj: Any, state: Dict[str, Any]) -> None:
         return
     model, usage, counts = None, obj.get("usage"), {}
     if kind == "openai":
-        response = obj.get("response") or {}
-        usage = usage or (obj.get("x_groq") or {}).get("usage") or response.get("usage")
+        response, groq = (v if isinstance(v, dict) else {} for v in (obj.get("response"),
+                                                                       obj.get("x_groq")))
+        usage = usage or groq.get("usage") or response.get("usage")
         model = obj.get("model") or response.get("model")
         if isinstance(usage, dict):
             details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))

@@ -1014,3 +1014,17 @@ def test_a_crashed_brokers_reservation_is_settled_at_its_bound(procs: Brokers, u
         assert upstreams["openai"].requests == []
     finally:
         hang.stop()
+
+
+@pytest.mark.parametrize("answer", [{"response": "hi there", "model": "llama3"}, {"x_groq": "id-1", "usage": None},
+                                    {"response": ["a"], "x_groq": 7}], ids=["ollama-native", "x_groq-text", "lists"])
+def test_the_meter_passes_answers_of_other_shapes_untouched(broker: Broker, upstreams: Dict[str, FakeUpstream],
+                                                            answer: Dict[str, object]) -> None:
+    """An OpenAI-style route whose answer is shaped otherwise (Ollama's native `response` text,
+    a non-object `x_groq`) is relayed as sent, with or without a budget; the meter finds no usage."""
+    upstreams["openai"].set_responder(key_checked("openai", lambda h, req: h.send_json(200, answer)))
+    for flags in ((), ("--budget-tokens", "1000")):
+        _, token = fresh_token(broker, "openai", *flags, prefix="other-shape")
+        body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        resp = call(broker, "openai", token, "POST", "/v1/chat/completions", body)
+        assert resp.status == 200 and json.loads(resp.body) == answer, (flags, resp.status, resp.body[:200])
