@@ -5254,20 +5254,13 @@ class SettingSpec:
     """One setting: its config-file ``[section] key`` (the key is its name unless given), its
     env variable and flag, its type and default."""
 
-    __slots__ = ("name", "section", "key", "kind", "default", "help")
+    __slots__ = ("name", "section", "key", "kind", "default", "help", "env", "flag")
 
     def __init__(self, name: str, section: str, kind: str, default: Any, help: str,
                  key: str = "") -> None:
         self.name, self.section, self.key, self.kind = name, section, key or name, kind
         self.default, self.help = default, help
-
-    @property
-    def env(self) -> str:
-        return "SEKS_" + self.name.upper()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        self.env, self.flag = "SEKS_" + name.upper(), "--" + name.replace("_", "-")
 
 
 # Every setting, in the order the README documents them. Flags beat env beat the file.
@@ -5492,8 +5485,7 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
             spec = SETTINGS_BY_NAME[name]
             setattr(settings, name, parse_setting(spec, value, spec.flag))
     for name, value in environ.items():
-        if name.startswith("SEKS_UPSTREAM_") and name not in ("SEKS_UPSTREAM_CA",
-                                                               "SEKS_UPSTREAM_TIMEOUT") and value:
+        if name.startswith("SEKS_UPSTREAM_") and name not in {s.env for s in SETTINGS} and value:
             key = name[len("SEKS_UPSTREAM_"):].lower()
             if key == "discord_gateway":
                 settings.discord_gateway = value.strip().rstrip("/")
@@ -5581,7 +5573,7 @@ class Metrics:
         self.upstream_errors: Dict[Tuple[str, str], int] = {}
         self.bytes_in: Dict[str, int] = {}
         self.bytes_out: Dict[str, int] = {}
-        self.latency: Dict[str, List[float]] = {}       # provider -> bucket counts + [sum, count]
+        self.latency: Dict[str, List[float]] = {}       # provider -> bucket counts + [sum]
         self.open_streams = 0
         self.tripwires: Dict[str, int] = {}             # provider -> decoy tokens used
 
@@ -5592,10 +5584,9 @@ class Metrics:
             self.requests[key] = self.requests.get(key, 0) + 1
             self.bytes_in[provider] = self.bytes_in.get(provider, 0) + ex.bytes_in
             self.bytes_out[provider] = self.bytes_out.get(provider, 0) + ex.bytes_out
-            hist = self.latency.setdefault(provider, [0.0] * (len(LATENCY_BUCKETS) + 3))
+            hist = self.latency.setdefault(provider, [0.0] * (len(LATENCY_BUCKETS) + 2))
             hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            hist[-2] += seconds
-            hist[-1] += 1
+            hist[-1] += seconds
             if ex.outcome == "tripwire":
                 self.tripwires[provider] = self.tripwires.get(provider, 0) + 1
             if ex.status in (502, 504):
@@ -5629,8 +5620,8 @@ class Metrics:
                 for i, bound in enumerate([repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]):
                     below += hist[i]                  # (the last: every request, the count)
                     out.append(f"{name}_bucket{labels(provider=provider, le=bound)} {int(below)}")
-                out.append(f"{name}_sum{labels(provider=provider)} {hist[-2]:.6f}")
-                out.append(f"{name}_count{labels(provider=provider)} {int(hist[-1])}")
+                out.append(f"{name}_sum{labels(provider=provider)} {hist[-1]:.6f}")
+                out.append(f"{name}_count{labels(provider=provider)} {int(below)}")
             out += counter("seks_upstream_errors_total",
                            "Upstream failures (502 error, 504 timeout).", self.upstream_errors,
                            "provider", "kind")
@@ -5700,17 +5691,16 @@ class AlertHook:
             request = urllib.request.Request(self.url, json.dumps(event, sort_keys=True).encode(),
                                              {"Content-Type": "application/json",
                                               "User-Agent": f"seks-broker/{__version__}"})
-            for attempt in range(3):
+            for pause in (1.0, 2.0, 0.0):
                 try:
                     with self.opener.open(request, timeout=5) as answer:
                         answer.read(4096)
                     break
                 except (OSError, ValueError, http.client.HTTPException):
-                    if attempt == 2:
-                        self.log("error", "alert-failed", message="the alert webhook did not "
-                                 "take the event after 3 tries")
-                    else:
-                        time.sleep(1.0 + attempt)
+                    time.sleep(pause)
+            else:
+                self.log("error", "alert-failed", message="the alert webhook did not take the "
+                         "event after 3 tries")
 
 
 def upstream_failure(exc: BaseException) -> Tuple[type, str]:
@@ -5747,12 +5737,11 @@ class Broker:
     def __init__(self, settings: Settings, store: Store, master_key: bytes,
                  providers: Dict[str, Provider]) -> None:
         self.settings, self.store, self.providers = settings, store, providers
-        self._oauth_lock, self._oauth_locks = threading.Lock(), {}     # OAuth: per secret,
-        self._oauth: Dict[str, Tuple[str, float]] = {}     # access tokens, in memory only
+        self._lock, self._locks = threading.Lock(), {}   # per secret: one OAuth or STS renewal
+        self._oauth: Dict[str, Tuple[str, float]] = {}     # OAuth access tokens, in memory only
         self._oauth_seen: Dict[str, List[Tuple[str, float]]] = {}    # and those still alive
         self._oauth_pairs: Dict[str, Tuple[Tuple[str, ...], Any]] = {}   # and their scrub pairs
-        self._role_lock, self._role_locks = threading.Lock(), {}   # AWS role_arn: per secret,
-        self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float, Any]] = {}  # memory
+        self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float, Any]] = {}  # AWS
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
                                  name: providers[name].public if name in providers else ())
         self.pool = UpstreamPool(upstream_ssl_context(settings.upstream_ca),
@@ -5915,7 +5904,7 @@ class Broker:
         """The scrub pairs of every access token of the secret that is still alive (a renewed
         one may still be honoured upstream until it expires)."""
         now = time.time()
-        with self._oauth_lock:
+        with self._lock:
             self._oauth_seen[secret] = [(t, e) for t, e in self._oauth_seen.get(secret, [])
                                         if e > now][-8:]
             live = tuple(t for t, _ in self._oauth_seen[secret])
@@ -5928,7 +5917,7 @@ class Broker:
 
     def _oauth_keep(self, secret: str, token: str, expires: float) -> None:
         self._oauth[secret] = (token, expires)
-        with self._oauth_lock:
+        with self._lock:
             seen = self._oauth_seen.setdefault(secret, [])
             if (token, expires) not in seen:
                 seen.append((token, expires))
@@ -5945,13 +5934,11 @@ class Broker:
         cached = self._oauth.get(name)
         if cached is not None and cached[0] != stale and cached[1] - time.time() > OAUTH_RENEW_S:
             return cached[0]                  # the common case: no lock, no database
-        with self._oauth_lock:
-            lock = self._oauth_locks.setdefault(name, threading.Lock())
-        if cached is not None and cached[0] != stale and cached[1] - time.time() > 30:
-            if not lock.acquire(blocking=False):
-                return cached[0]              # being renewed by another thread: still good
-        else:
-            lock.acquire()
+        with self._lock:
+            lock = self._locks.setdefault(name, threading.Lock())
+        serving = cached is not None and cached[0] != stale and cached[1] - time.time() > 30
+        if not lock.acquire(blocking=not serving):
+            return cached[0]                  # being renewed by another thread: still good
         try:
             cached = self._oauth.get(name)
             if cached is not None and cached[0] != stale and cached[1] - time.time() > OAUTH_RENEW_S:
@@ -5962,16 +5949,14 @@ class Broker:
             while True:
                 state, blob, expires, secret_blob = self.store.oauth_claim(
                     name, OAUTH_RENEW_S, OAUTH_HOLD_S)
-                if state == "token" and blob is not None:
-                    token = cipher.decrypt(blob, ad).decode("ascii")
-                    self._oauth_keep(name, token, expires)
-                    return token
                 if state == "renew":
                     break
-                if blob is not None and expires - time.time() > 30:   # another process is
-                    token = cipher.decrypt(blob, ad).decode("ascii")     # renewing it: the old
-                    if token != stale:                                  # one serves meanwhile
-                        return token
+                if blob is not None and (state == "token" or expires - time.time() > 30):
+                    token = cipher.decrypt(blob, ad).decode("ascii")
+                    if state == "token":
+                        self._oauth_keep(name, token, expires)
+                    if state == "token" or token != stale:    # while another process renews
+                        return token                         # it, the old one serves
                 if time.monotonic() > deadline:
                     raise Unavailable(f"the access token of secret {name} is being renewed "
                                       f"elsewhere and it is taking too long")
@@ -6007,8 +5992,8 @@ class Broker:
         on first use and again when fewer than five minutes are left, one request at a time
         per secret; kept in memory only."""
         key = (record.secret_name, parts["role_arn"], parts["access_key_id"])
-        with self._role_lock:
-            lock = self._role_locks.setdefault(key, threading.Lock())
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             cached = self._roles.get(key)
             if cached is not None and cached[1] - time.time() > ROLE_RENEW_S:
@@ -6211,7 +6196,6 @@ class BrokerServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: Tuple[str, int], broker: Broker,
                  tls: Optional[ssl.SSLContext] = None, reuse_port: bool = False) -> None:
         self.broker, self.tls, self.reuse_port = broker, tls, reuse_port
-        self.connections = broker.connections   # shared by the 127.0.0.1 and [::1] listeners
         self.watch = DeadlineWatch()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, BrokerHandler)
@@ -6228,7 +6212,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.take():
+        if not self.broker.connections.take():
             with contextlib.suppress(OSError, ConnectionCut):
                 request.settimeout(1.0)
                 AgentWriter(request, 1.0).error(Unavailable(
@@ -6238,7 +6222,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.connections.give()
+            self.broker.connections.give()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -6251,7 +6235,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
             self.shutdown_request(request)
         finally:
             self.watch.disarm(request)
-            self.connections.give()
+            self.broker.connections.give()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         kind = sys.exc_info()[0]
