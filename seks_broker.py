@@ -5445,13 +5445,10 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
                 named = "" if spec is not None or gateway else f"[{section}] {key}: "
                 errors.append(f"{where(section, key)}: {named}{exc}")
     known = set(settings.custom_providers) | set(builtin_providers())
-    for name in settings.upstreams:
-        if name not in known:
-            errors.append(f"{where('upstream', name)}: [upstream] {name}: no such provider")
-    for name in settings.insecure_upstream:
-        if name not in known:
-            errors.append(f"{where('upstream', 'insecure')}: [upstream] insecure: no such "
-                          f"provider {name!r}")
+    errors += [f"{where('upstream', name)}: [upstream] {name}: no such provider"
+               for name in settings.upstreams if name not in known]
+    errors += [f"{where('upstream', 'insecure')}: [upstream] insecure: no such provider {name!r}"
+               for name in settings.insecure_upstream if name not in known]
     return errors
 
 
@@ -5888,16 +5885,14 @@ class Broker:
         64 KiB of the answer, which never goes to an agent."""
         answer = self.forward(target, "POST", headers + [("Content-Length", str(len(body))),
                                                         ("Accept-Encoding", "identity")], body)
-        data, complete = b"", False
+        data = b""
         try:
-            while len(data) <= 65536:
-                chunk = answer.body.read()
-                if not chunk:
-                    complete = True
-                    break
+            for chunk in iter(answer.body.read, b""):
                 data += chunk
+                if len(data) > 65536:
+                    break
         finally:
-            answer.finish(complete)
+            answer.finish(complete=True)          # pooled again only if read to its end
         return answer.status, data
 
     def oauth_pairs(self, secret: str) -> Tuple[Tuple[bytes, bytes], ...]:
@@ -6035,11 +6030,15 @@ class Broker:
         with self._in_flight_lock:
             self.in_flight.add(ex)
 
-    def drain(self, grace: float, stop_now: threading.Event) -> None:
-        """Let requests in flight finish for up to ``grace`` seconds (saying so on stderr), ask
-        WebSocket sessions to close, then give every exchange still running its audit row
-        (outcome error, "cut at shutdown", bytes so far): the process is about to exit and
-        its upstream may already have used the real key."""
+    def close(self, servers: List["BrokerServer"], admin: Optional["AdminServer"], grace: float,
+              stop_now: threading.Event) -> None:
+        """Stop accepting; let requests in flight finish for up to ``grace`` seconds (saying so
+        on stderr) and ask WebSocket sessions to close; give every exchange still running its
+        audit row (outcome error, "cut at shutdown", bytes so far), as its upstream may already
+        have used the real key; then close the admin port and the pool."""
+        for server in servers:
+            server.shutdown()
+            server.socket.close()             # stop accepting: new connections are refused
         if self.in_flight:
             self.log("warning", "shutdown", message=f"waiting up to {grace:g}s for "
                      f"{len(self.in_flight)} request(s) in flight ({len(self.ws_sessions)} "
@@ -6062,6 +6061,9 @@ class Broker:
         if cut:
             self.log("warning", "shutdown", message=f"{cut} request(s) cut at shutdown; each "
                      f"has its audit row (outcome error, 'cut at shutdown')")
+        if admin is not None:
+            admin.shutdown()
+        self.pool.close()
 
     def record(self, ex: "Exchange") -> bool:
         """Write the request's chained audit row (once); False if it could not be written. A
@@ -6333,9 +6335,8 @@ def startup_report(settings: Settings, store: Store, providers: Dict[str, Provid
         lines.append(f"warning: this database holds no secrets, so every agent gets 'unknown "
                      f"token'. Wrong folder or --db? Otherwise store a key: {prog()} --db "
                      f"{settings.db} secret add NAME --provider openai")
-    for name, url in sorted(settings.upstreams.items()):
-        if name in providers:
-            lines.append(f"upstream override: {name} -> {url}")
+    lines += [f"upstream override: {name} -> {url}"
+              for name, url in sorted(settings.upstreams.items()) if name in providers]
     if settings.discord_gateway != Settings().discord_gateway:
         lines.append(f"upstream override: discord gateway -> {settings.discord_gateway}")
     if settings.host in ("0.0.0.0", "::", "") and not settings.tls_cert:
@@ -6395,24 +6396,11 @@ def open_broker(settings: Settings, store: Store, master_key: bytes,
     return broker, servers, admin
 
 
-def close_broker(broker: Broker, servers: List[BrokerServer], admin: Optional[AdminServer],
-                 grace: float, stop_now: threading.Event) -> None:
-    for server in servers[1:]:
-        server.shutdown()
-    for server in servers:
-        server.socket.close()                 # stop accepting: new connections are refused
-    broker.drain(grace, stop_now)
-    if admin is not None:
-        admin.shutdown()
-    broker.pool.close()
-
-
 def serve(settings: Settings, store: Store, master_key: bytes,
           providers: Dict[str, Provider], worker: int = 0,
           on_ready: Optional[Callable[[int], None]] = None, key_path: str = "") -> int:
     """Run one broker process until SIGTERM/SIGINT, then drain for up to ``grace`` seconds."""
-    threading.stack_size(THREAD_STACK_BYTES)
-    disable_core_dumps()
+    threading.stack_size(THREAD_STACK_BYTES)          # (main has disabled core dumps)
     broker, servers, admin = open_broker(settings, store, master_key, providers, worker)
     server = servers[0]
     if not worker and on_ready is None:           # demo prints its own
@@ -6455,7 +6443,7 @@ def serve(settings: Settings, store: Store, master_key: bytes,
         server.serve_forever(poll_interval=0.2)
     finally:
         stopping.set()
-        close_broker(broker, servers, admin, settings.grace, stop_now)
+        broker.close(servers, admin, settings.grace, stop_now)
     return 0
 
 
@@ -8016,7 +8004,7 @@ def embedded_broker(settings: Settings, store: Store, master: bytes,
     def stop() -> None:
         broker.draining = True
         servers[0].shutdown()
-        close_broker(broker, servers, None, min(own.grace, 5.0), threading.Event())
+        broker.close(servers, None, min(own.grace, 5.0), threading.Event())
     return f"http://127.0.0.1:{servers[0].server_address[1]}", stop
 
 
