@@ -49,6 +49,7 @@ import argparse
 import base64
 import binascii
 import bisect
+import collections
 import configparser
 import contextlib
 import copy
@@ -4544,7 +4545,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             ex.reason = ex.reason or "client connection timed out or reset"
         except Exception as exc:                 # last resort: generic 502, redacted log
             self.writer.close = True
-            broker.log_error(f"internal error: {type(exc).__name__}")
+            broker.log("error", "error", message=f"internal error: {type(exc).__name__}")
             self.answer_error(UpstreamError("the broker could not complete the request"), ex)
         finally:
             self.close_connection = self.close_connection or self.writer.close
@@ -5086,7 +5087,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """http.server's own messages go through the one redacting log path."""
-        self.server.broker.log_error(format % args)
+        self.server.broker.log("error", "error", message=format % args)
 
 
 # ============================================================================================
@@ -5566,29 +5567,25 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.requests: Dict[Tuple[str, str], int] = {}
-        self.upstream_errors: Dict[Tuple[str, str], int] = {}
-        self.bytes_in: Dict[str, int] = {}
-        self.bytes_out: Dict[str, int] = {}
+        self.requests, self.upstream_errors = collections.Counter(), collections.Counter()
+        self.bytes_in, self.bytes_out = collections.Counter(), collections.Counter()
         self.latency: Dict[str, List[float]] = {}       # provider -> bucket counts + [sum]
         self.open_streams = 0
-        self.tripwires: Dict[str, int] = {}             # provider -> decoy tokens used
+        self.tripwires = collections.Counter()          # provider -> decoy tokens used
 
     def observe(self, ex: "Exchange", seconds: float) -> None:
         provider = ex.provider or "-"
         with self._lock:
-            key = (provider, str(ex.status))
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.bytes_in[provider] = self.bytes_in.get(provider, 0) + ex.bytes_in
-            self.bytes_out[provider] = self.bytes_out.get(provider, 0) + ex.bytes_out
+            self.requests[provider, str(ex.status)] += 1
+            self.bytes_in[provider] += ex.bytes_in
+            self.bytes_out[provider] += ex.bytes_out
             hist = self.latency.setdefault(provider, [0.0] * (len(LATENCY_BUCKETS) + 2))
             hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             hist[-1] += seconds
             if ex.outcome == "tripwire":
-                self.tripwires[provider] = self.tripwires.get(provider, 0) + 1
+                self.tripwires[provider] += 1
             if ex.status in (502, 504):
-                key = (provider, "timeout" if ex.status == 504 else "error")
-                self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+                self.upstream_errors[provider, "timeout" if ex.status == 504 else "error"] += 1
 
     def add_stream(self, delta: int) -> None:
         with self._lock:
@@ -5736,7 +5733,7 @@ class Broker:
         self.settings, self.store, self.providers = settings, store, providers
         self._lock, self._locks = threading.Lock(), {}   # per secret: one OAuth or STS renewal
         self._oauth: Dict[str, Tuple[str, float]] = {}     # OAuth access tokens, in memory only
-        self._oauth_seen: Dict[str, List[Tuple[str, float]]] = {}    # and those still alive
+        self._oauth_seen: Dict[str, Dict[str, float]] = {}    # and those still alive
         self._oauth_pairs: Dict[str, Tuple[Tuple[str, ...], Any]] = {}   # and their scrub pairs
         self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float, Any]] = {}  # AWS
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
@@ -5900,9 +5897,9 @@ class Broker:
         one may still be honoured upstream until it expires)."""
         now = time.time()
         with self._lock:
-            self._oauth_seen[secret] = [(t, e) for t, e in self._oauth_seen.get(secret, [])
-                                        if e > now][-8:]
-            live = tuple(t for t, _ in self._oauth_seen[secret])
+            alive = [(t, e) for t, e in self._oauth_seen.get(secret, {}).items() if e > now][-8:]
+            self._oauth_seen[secret] = dict(alive)
+            live = tuple(t for t, _ in alive)
             cached = self._oauth_pairs.get(secret)
         if cached is not None and cached[0] == live:       # variants made once per token set
             return cached[1]
@@ -5913,9 +5910,7 @@ class Broker:
     def _oauth_keep(self, secret: str, token: str, expires: float) -> None:
         self._oauth[secret] = (token, expires)
         with self._lock:
-            seen = self._oauth_seen.setdefault(secret, [])
-            if (token, expires) not in seen:
-                seen.append((token, expires))
+            self._oauth_seen.setdefault(secret, {})[token] = expires
 
     def oauth_token(self, record: TokenRecord, provider: Provider, verify: bool,
                     ex: "Exchange", stale: str = "") -> str:
@@ -6117,9 +6112,6 @@ class Broker:
                  ms=round(seconds * 1000, 1), outcome=ex.outcome, reason=ex.reason or None,
                  model=ex.model, tokens_in=ex.tokens_in, tokens_out=ex.tokens_out)
 
-    def log_error(self, message: str) -> None:
-        self.log("error", "error", message=message)
-
     def log(self, level: str, event: str, **fields: Any) -> None:
         """The one logging path: redacted, control characters escaped, text or JSON lines."""
         if LOG_LEVELS[level] < self._level:
@@ -6240,8 +6232,8 @@ class BrokerServer(http.server.ThreadingHTTPServer):
             self.broker.connections.give()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        kind = sys.exc_info()[0]
-        self.broker.log_error(f"connection error: {kind.__name__ if kind else 'unknown'}")
+        kind = getattr(sys.exc_info()[0], "__name__", "unknown")
+        self.broker.log("error", "error", message=f"connection error: {kind}")
 
 
 class AdminServer(http.server.ThreadingHTTPServer):
