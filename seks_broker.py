@@ -49,6 +49,7 @@ import argparse
 import base64
 import binascii
 import bisect
+import collections
 import configparser
 import contextlib
 import copy
@@ -4470,7 +4471,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
             ex.reason = ex.reason or "client connection timed out or reset"
         except Exception as exc:                 # last resort: generic 502, redacted log
             self.writer.close = True
-            broker.log_error(f"internal error: {type(exc).__name__}")
+            broker.log("error", "error", message=f"internal error: {type(exc).__name__}")
             self.answer_error(UpstreamError("the broker could not complete the request"), ex)
         finally:
             self.close_connection = self.writer.close
@@ -5004,7 +5005,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """http.server's own messages go through the one redacting log path."""
-        self.server.broker.log_error(format % args)
+        self.server.broker.log("error", "error", message=format % args)
 
 
 # ============================================================================================
@@ -5172,20 +5173,13 @@ class SettingSpec:
     """One setting: its config-file ``[section] key`` (the key is its name unless given), its
     env variable and flag, its type and default."""
 
-    __slots__ = ("name", "section", "key", "kind", "default", "help")
+    __slots__ = ("name", "section", "key", "kind", "default", "help", "env", "flag")
 
     def __init__(self, name: str, section: str, kind: str, default: Any, help: str,
                  key: str = "") -> None:
         self.name, self.section, self.key, self.kind = name, section, key or name, kind
         self.default, self.help = default, help
-
-    @property
-    def env(self) -> str:
-        return "SEKS_" + self.name.upper()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        self.env, self.flag = "SEKS_" + name.upper(), "--" + name.replace("_", "-")
 
 
 # Every setting, in the order the README documents them. Flags beat env beat the file.
@@ -5370,13 +5364,10 @@ def read_config(text: str, source: str, settings: Settings) -> List[str]:
                 named = "" if spec is not None or gateway else f"[{section}] {key}: "
                 errors.append(f"{where(section, key)}: {named}{exc}")
     known = set(settings.custom_providers) | set(builtin_providers())
-    for name in settings.upstreams:
-        if name not in known:
-            errors.append(f"{where('upstream', name)}: [upstream] {name}: no such provider")
-    for name in settings.insecure_upstream:
-        if name not in known:
-            errors.append(f"{where('upstream', 'insecure')}: [upstream] insecure: no such "
-                          f"provider {name!r}")
+    errors += [f"{where('upstream', name)}: [upstream] {name}: no such provider"
+               for name in settings.upstreams if name not in known]
+    errors += [f"{where('upstream', 'insecure')}: [upstream] insecure: no such provider {name!r}"
+               for name in settings.insecure_upstream if name not in known]
     return errors
 
 
@@ -5410,8 +5401,7 @@ def resolve_settings(config_path: Optional[str], environ: Dict[str, str],
             spec = SETTINGS_BY_NAME[name]
             setattr(settings, name, parse_setting(spec, value, spec.flag))
     for name, value in environ.items():
-        if name.startswith("SEKS_UPSTREAM_") and name not in ("SEKS_UPSTREAM_CA",
-                                                               "SEKS_UPSTREAM_TIMEOUT") and value:
+        if name.startswith("SEKS_UPSTREAM_") and name not in {s.env for s in SETTINGS} and value:
             key = name[len("SEKS_UPSTREAM_"):].lower()
             if key == "discord_gateway":
                 settings.discord_gateway = value.strip().rstrip("/")
@@ -5495,30 +5485,25 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.requests: Dict[Tuple[str, str], int] = {}
-        self.upstream_errors: Dict[Tuple[str, str], int] = {}
-        self.bytes_in: Dict[str, int] = {}
-        self.bytes_out: Dict[str, int] = {}
-        self.latency: Dict[str, List[float]] = {}       # provider -> bucket counts + [sum, count]
+        self.requests, self.upstream_errors = collections.Counter(), collections.Counter()
+        self.bytes_in, self.bytes_out = collections.Counter(), collections.Counter()
+        self.latency: Dict[str, List[float]] = {}       # provider -> bucket counts + [sum]
         self.open_streams = 0
-        self.tripwires: Dict[str, int] = {}             # provider -> decoy tokens used
+        self.tripwires = collections.Counter()          # provider -> decoy tokens used
 
     def observe(self, ex: "Exchange", seconds: float) -> None:
         provider = ex.provider or "-"
         with self._lock:
-            key = (provider, str(ex.status))
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.bytes_in[provider] = self.bytes_in.get(provider, 0) + ex.bytes_in
-            self.bytes_out[provider] = self.bytes_out.get(provider, 0) + ex.bytes_out
-            hist = self.latency.setdefault(provider, [0.0] * (len(LATENCY_BUCKETS) + 3))
+            self.requests[provider, str(ex.status)] += 1
+            self.bytes_in[provider] += ex.bytes_in
+            self.bytes_out[provider] += ex.bytes_out
+            hist = self.latency.setdefault(provider, [0.0] * (len(LATENCY_BUCKETS) + 2))
             hist[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            hist[-2] += seconds
-            hist[-1] += 1
+            hist[-1] += seconds
             if ex.outcome == "tripwire":
-                self.tripwires[provider] = self.tripwires.get(provider, 0) + 1
+                self.tripwires[provider] += 1
             if ex.status in (502, 504):
-                key = (provider, "timeout" if ex.status == 504 else "error")
-                self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+                self.upstream_errors[provider, "timeout" if ex.status == 504 else "error"] += 1
 
     def add_stream(self, delta: int) -> None:
         with self._lock:
@@ -5547,8 +5532,8 @@ class Metrics:
                 for i, bound in enumerate([repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]):
                     below += hist[i]                  # (the last: every request, the count)
                     out.append(f"{name}_bucket{labels(provider=provider, le=bound)} {int(below)}")
-                out.append(f"{name}_sum{labels(provider=provider)} {hist[-2]:.6f}")
-                out.append(f"{name}_count{labels(provider=provider)} {int(hist[-1])}")
+                out.append(f"{name}_sum{labels(provider=provider)} {hist[-1]:.6f}")
+                out.append(f"{name}_count{labels(provider=provider)} {int(below)}")
             out += counter("seks_upstream_errors_total",
                            "Upstream failures (502 error, 504 timeout).", self.upstream_errors,
                            "provider", "kind")
@@ -5618,17 +5603,16 @@ class AlertHook:
             request = urllib.request.Request(self.url, json.dumps(event, sort_keys=True).encode(),
                                              {"Content-Type": "application/json",
                                               "User-Agent": f"seks-broker/{__version__}"})
-            for attempt in range(3):
+            for pause in (1.0, 2.0, 0.0):
                 try:
                     with self.opener.open(request, timeout=5) as answer:
                         answer.read(4096)
                     break
                 except (OSError, ValueError, http.client.HTTPException):
-                    if attempt == 2:
-                        self.log("error", "alert-failed", message="the alert webhook did not "
-                                 "take the event after 3 tries")
-                    else:
-                        time.sleep(1.0 + attempt)
+                    time.sleep(pause)
+            else:
+                self.log("error", "alert-failed", message="the alert webhook did not take the "
+                         "event after 3 tries")
 
 
 def upstream_failure(exc: BaseException) -> Tuple[type, str]:
@@ -5665,12 +5649,11 @@ class Broker:
     def __init__(self, settings: Settings, store: Store, master_key: bytes,
                  providers: Dict[str, Provider]) -> None:
         self.settings, self.store, self.providers = settings, store, providers
-        self._oauth_lock, self._oauth_locks = threading.Lock(), {}     # OAuth: per secret,
-        self._oauth: Dict[str, Tuple[str, float]] = {}     # access tokens, in memory only
-        self._oauth_seen: Dict[str, List[Tuple[str, float]]] = {}    # and those still alive
+        self._lock, self._locks = threading.Lock(), {}   # per secret: one OAuth or STS renewal
+        self._oauth: Dict[str, Tuple[str, float]] = {}     # OAuth access tokens, in memory only
+        self._oauth_seen: Dict[str, Dict[str, float]] = {}    # and those still alive
         self._oauth_pairs: Dict[str, Tuple[Tuple[str, ...], Any]] = {}   # and their scrub pairs
-        self._role_lock, self._role_locks = threading.Lock(), {}   # AWS role_arn: per secret,
-        self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float, Any]] = {}  # memory
+        self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float, Any]] = {}  # AWS
         self.tokens = TokenCache(store, KeyRing(master_key), self._reload_keys, public=lambda
                                  name: providers[name].public if name in providers else ())
         self.pool = UpstreamPool(upstream_ssl_context(settings.upstream_ca),
@@ -5817,26 +5800,24 @@ class Broker:
         64 KiB of the answer, which never goes to an agent."""
         answer = self.forward(target, "POST", headers + [("Content-Length", str(len(body))),
                                                         ("Accept-Encoding", "identity")], body)
-        data, complete = b"", False
+        data = b""
         try:
-            while len(data) <= 65536:
-                chunk = answer.body.read()
-                if not chunk:
-                    complete = True
-                    break
+            for chunk in iter(answer.body.read, b""):
                 data += chunk
+                if len(data) > 65536:
+                    break
         finally:
-            answer.finish(complete)
+            answer.finish(complete=True)          # pooled again only if read to its end
         return answer.status, data
 
     def oauth_pairs(self, secret: str) -> Tuple[Tuple[bytes, bytes], ...]:
         """The scrub pairs of every access token of the secret that is still alive (a renewed
         one may still be honoured upstream until it expires)."""
         now = time.time()
-        with self._oauth_lock:
-            self._oauth_seen[secret] = [(t, e) for t, e in self._oauth_seen.get(secret, [])
-                                        if e > now][-8:]
-            live = tuple(t for t, _ in self._oauth_seen[secret])
+        with self._lock:
+            alive = [(t, e) for t, e in self._oauth_seen.get(secret, {}).items() if e > now][-8:]
+            self._oauth_seen[secret] = dict(alive)
+            live = tuple(t for t, _ in alive)
             cached = self._oauth_pairs.get(secret)
         if cached is not None and cached[0] == live:       # variants made once per token set
             return cached[1]
@@ -5846,10 +5827,8 @@ class Broker:
 
     def _oauth_keep(self, secret: str, token: str, expires: float) -> None:
         self._oauth[secret] = (token, expires)
-        with self._oauth_lock:
-            seen = self._oauth_seen.setdefault(secret, [])
-            if (token, expires) not in seen:
-                seen.append((token, expires))
+        with self._lock:
+            self._oauth_seen.setdefault(secret, {})[token] = expires
 
     def oauth_token(self, record: TokenRecord, provider: Provider, verify: bool,
                     ex: "Exchange", stale: str = "") -> str:
@@ -5863,13 +5842,11 @@ class Broker:
         cached = self._oauth.get(name)
         if cached is not None and cached[0] != stale and cached[1] - time.time() > OAUTH_RENEW_S:
             return cached[0]                  # the common case: no lock, no database
-        with self._oauth_lock:
-            lock = self._oauth_locks.setdefault(name, threading.Lock())
-        if cached is not None and cached[0] != stale and cached[1] - time.time() > 30:
-            if not lock.acquire(blocking=False):
-                return cached[0]              # being renewed by another thread: still good
-        else:
-            lock.acquire()
+        with self._lock:
+            lock = self._locks.setdefault(name, threading.Lock())
+        serving = cached is not None and cached[0] != stale and cached[1] - time.time() > 30
+        if not lock.acquire(blocking=not serving):
+            return cached[0]                  # being renewed by another thread: still good
         try:
             cached = self._oauth.get(name)
             if cached is not None and cached[0] != stale and cached[1] - time.time() > OAUTH_RENEW_S:
@@ -5880,16 +5857,14 @@ class Broker:
             while True:
                 state, blob, expires, secret_blob = self.store.oauth_claim(
                     name, OAUTH_RENEW_S, OAUTH_HOLD_S)
-                if state == "token" and blob is not None:
-                    token = cipher.decrypt(blob, ad).decode("ascii")
-                    self._oauth_keep(name, token, expires)
-                    return token
                 if state == "renew":
                     break
-                if blob is not None and expires - time.time() > 30:   # another process is
-                    token = cipher.decrypt(blob, ad).decode("ascii")     # renewing it: the old
-                    if token != stale:                                  # one serves meanwhile
-                        return token
+                if blob is not None and (state == "token" or expires - time.time() > 30):
+                    token = cipher.decrypt(blob, ad).decode("ascii")
+                    if state == "token":
+                        self._oauth_keep(name, token, expires)
+                    if state == "token" or token != stale:    # while another process renews
+                        return token                         # it, the old one serves
                 if time.monotonic() > deadline:
                     raise Unavailable(f"the access token of secret {name} is being renewed "
                                       f"elsewhere and it is taking too long")
@@ -5925,8 +5900,8 @@ class Broker:
         on first use and again when fewer than five minutes are left, one request at a time
         per secret; kept in memory only."""
         key = (record.secret_name, parts["role_arn"], parts["access_key_id"])
-        with self._role_lock:
-            lock = self._role_locks.setdefault(key, threading.Lock())
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             cached = self._roles.get(key)
             if cached is not None and cached[1] - time.time() > ROLE_RENEW_S:
@@ -5968,11 +5943,15 @@ class Broker:
         with self._in_flight_lock:
             self.in_flight.add(ex)
 
-    def drain(self, grace: float, stop_now: threading.Event) -> None:
-        """Let requests in flight finish for up to ``grace`` seconds (saying so on stderr), ask
-        WebSocket sessions to close, then give every exchange still running its audit row
-        (outcome error, "cut at shutdown", bytes so far): the process is about to exit and
-        its upstream may already have used the real key."""
+    def close(self, servers: List["BrokerServer"], admin: Optional["AdminServer"], grace: float,
+              stop_now: threading.Event) -> None:
+        """Stop accepting; let requests in flight finish for up to ``grace`` seconds (saying so
+        on stderr) and ask WebSocket sessions to close; give every exchange still running its
+        audit row (outcome error, "cut at shutdown", bytes so far), as its upstream may already
+        have used the real key; then close the admin port and the pool."""
+        for server in servers:
+            server.shutdown()
+            server.socket.close()             # stop accepting: new connections are refused
         if self.in_flight:
             self.log("warning", "shutdown", message=f"waiting up to {grace:g}s for "
                      f"{len(self.in_flight)} request(s) in flight ({len(self.ws_sessions)} "
@@ -5995,6 +5974,9 @@ class Broker:
         if cut:
             self.log("warning", "shutdown", message=f"{cut} request(s) cut at shutdown; each "
                      f"has its audit row (outcome error, 'cut at shutdown')")
+        if admin is not None:
+            admin.shutdown()
+        self.pool.close()
 
     def record(self, ex: "Exchange") -> bool:
         """Write the request's chained audit row (once); False if it could not be written. A
@@ -6047,9 +6029,6 @@ class Broker:
                  token=ex.token_id or None, bytes_in=ex.bytes_in, bytes_out=ex.bytes_out,
                  ms=round(seconds * 1000, 1), outcome=ex.outcome, reason=ex.reason or None,
                  model=ex.model, tokens_in=ex.tokens_in, tokens_out=ex.tokens_out)
-
-    def log_error(self, message: str) -> None:
-        self.log("error", "error", message=message)
 
     def log(self, level: str, event: str, **fields: Any) -> None:
         """The one logging path: redacted, control characters escaped, text or JSON lines."""
@@ -6129,7 +6108,6 @@ class BrokerServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: Tuple[str, int], broker: Broker,
                  tls: Optional[ssl.SSLContext] = None, reuse_port: bool = False) -> None:
         self.broker, self.tls, self.reuse_port = broker, tls, reuse_port
-        self.connections = broker.connections   # shared by the 127.0.0.1 and [::1] listeners
         self.watch = DeadlineWatch()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, BrokerHandler)
@@ -6146,7 +6124,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.take():
+        if not self.broker.connections.take():
             with contextlib.suppress(OSError, ConnectionCut):
                 request.settimeout(1.0)
                 AgentWriter(request, 1.0).error(Unavailable(
@@ -6156,7 +6134,7 @@ class BrokerServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.connections.give()
+            self.broker.connections.give()
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -6169,11 +6147,11 @@ class BrokerServer(http.server.ThreadingHTTPServer):
             self.shutdown_request(request)
         finally:
             self.watch.disarm(request)
-            self.connections.give()
+            self.broker.connections.give()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        kind = sys.exc_info()[0]
-        self.broker.log_error(f"connection error: {kind.__name__ if kind else 'unknown'}")
+        kind = getattr(sys.exc_info()[0], "__name__", "unknown")
+        self.broker.log("error", "error", message=f"connection error: {kind}")
 
 
 class AdminServer(http.server.ThreadingHTTPServer):
@@ -6267,9 +6245,8 @@ def startup_report(settings: Settings, store: Store, providers: Dict[str, Provid
         lines.append(f"warning: this database holds no secrets, so every agent gets 'unknown "
                      f"token'. Wrong folder or --db? Otherwise store a key: {prog()} --db "
                      f"{settings.db} secret add NAME --provider openai")
-    for name, url in sorted(settings.upstreams.items()):
-        if name in providers:
-            lines.append(f"upstream override: {name} -> {url}")
+    lines += [f"upstream override: {name} -> {url}"
+              for name, url in sorted(settings.upstreams.items()) if name in providers]
     if settings.discord_gateway != Settings().discord_gateway:
         lines.append(f"upstream override: discord gateway -> {settings.discord_gateway}")
     if settings.host in ("0.0.0.0", "::", "") and not settings.tls_cert:
@@ -6329,24 +6306,11 @@ def open_broker(settings: Settings, store: Store, master_key: bytes,
     return broker, servers, admin
 
 
-def close_broker(broker: Broker, servers: List[BrokerServer], admin: Optional[AdminServer],
-                 grace: float, stop_now: threading.Event) -> None:
-    for server in servers[1:]:
-        server.shutdown()
-    for server in servers:
-        server.socket.close()                 # stop accepting: new connections are refused
-    broker.drain(grace, stop_now)
-    if admin is not None:
-        admin.shutdown()
-    broker.pool.close()
-
-
 def serve(settings: Settings, store: Store, master_key: bytes,
           providers: Dict[str, Provider], worker: int = 0,
           on_ready: Optional[Callable[[int], None]] = None, key_path: str = "") -> int:
     """Run one broker process until SIGTERM/SIGINT, then drain for up to ``grace`` seconds."""
-    threading.stack_size(THREAD_STACK_BYTES)
-    disable_core_dumps()
+    threading.stack_size(THREAD_STACK_BYTES)          # (main has disabled core dumps)
     broker, servers, admin = open_broker(settings, store, master_key, providers, worker)
     server = servers[0]
     if not worker and on_ready is None:           # demo prints its own
@@ -6389,7 +6353,7 @@ def serve(settings: Settings, store: Store, master_key: bytes,
         server.serve_forever(poll_interval=0.2)
     finally:
         stopping.set()
-        close_broker(broker, servers, admin, settings.grace, stop_now)
+        broker.close(servers, admin, settings.grace, stop_now)
     return 0
 
 
@@ -7950,7 +7914,7 @@ def embedded_broker(settings: Settings, store: Store, master: bytes,
     def stop() -> None:
         broker.draining = True
         servers[0].shutdown()
-        close_broker(broker, servers, None, min(own.grace, 5.0), threading.Event())
+        broker.close(servers, None, min(own.grace, 5.0), threading.Event())
     return f"http://127.0.0.1:{servers[0].server_address[1]}", stop
 
 
