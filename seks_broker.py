@@ -5085,7 +5085,8 @@ def provider_from_section(name: str, sec: "configparser.SectionProxy") -> Provid
         places = [parse_place(line) for line in sec["token"].splitlines() if line.strip()]
     except ConfigError as exc:
         raise ConfigError(f"token: {exc}", key="token") from None
-    inject_lines = [line.strip() for line in sec.get("inject", "same").splitlines() if line.strip()]
+    inject_lines = [line.strip() for line in sec.get("inject", "same").splitlines()
+                    if line.strip()] or [""]                  # an empty one is a mistake
     try:
         inject = None if inject_lines[0] == "same" else parse_place(inject_lines[0], True)
         also = tuple(parse_place(line, True) for line in inject_lines[1:])

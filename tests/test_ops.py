@@ -543,6 +543,8 @@ CHECK_CASES = [
     ("extra-inject-not-a-header", "[provider:two]\nupstream = http://127.0.0.1:9\ntoken = header A\n"
      "inject = header A\n    query k\n", 4, ["inject", "headers"]),
     ("bad-price", "[prices]\ngpt-x = cheap\n", 2, ["[prices] gpt-x"]),
+    ("empty-inject", "[provider:e]\nupstream = http://127.0.0.1:9\ntoken = header A\ninject =\n", 4,
+     ["inject", "got ''"]),
 ]
 
 
