@@ -6370,9 +6370,7 @@ def guard_key_file(broker: Broker, key_path: str, master_key: bytes,
             continue
         try:
             broker.store.check_master_key(check)
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(base64.urlsafe_b64encode(master_key).decode() + "\n")
+            write_key_file(key_path, master_key)
             broker.log("error", "key-file", message=f"the master key file {key_path} was "
                        f"deleted; it was written again from this broker's memory. Without it "
                        f"the secrets cannot be decrypted: keep a copy somewhere safe")
@@ -6568,6 +6566,16 @@ def decode_master_key(text: str, source: str) -> bytes:
     return key
 
 
+def write_key_file(path: str, key: bytes) -> None:
+    """A new key file holding ``key``: 0600 from the start, on disk before anything relies on
+    it, and only where none is (O_EXCL: never over a key another process just wrote)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(base64.urlsafe_b64encode(key).decode() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def load_master_key(db_path: str, environ: Dict[str, str], store: Store,
                     create: bool = True) -> bytes:
     """The master key from $SEKS_MASTER_KEY or ``<db>.key`` (created 0600 on first use, by
@@ -6588,9 +6596,7 @@ def load_master_key(db_path: str, environ: Dict[str, str], store: Store,
         key = secrets.token_bytes(32)
         if not create:                        # nothing encrypted yet: nothing to check
             return key
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(base64.urlsafe_b64encode(key).decode() + "\n")
+        write_key_file(path, key)
         store.check_master_key(derive_key(key, "key-check"))
         return key
     if os.name == "posix" and info.st_mode & 0o077:
@@ -6912,20 +6918,23 @@ def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser]
 
 class Progress:
     """Work done, rate and time left, on stderr when it is a terminal; silent otherwise (so
-    scripts and logs get no carriage returns)."""
+    scripts and logs get no carriage returns). ``add`` can bring a total known only later."""
 
-    def __init__(self, label: str, total: int, unit: str = "rows") -> None:
+    def __init__(self, label: str, total: int = 0, unit: str = "rows") -> None:
         try:
-            self.active = sys.stderr.isatty() and total > 0
+            self.active = sys.stderr.isatty()
         except (AttributeError, ValueError):
             self.active = False
         self.label, self.total, self.unit, self.done = label, total, unit, 0
         self.start, self.shown = time.monotonic(), 0.0
 
-    def add(self, count: int = 1) -> None:
+    def add(self, count: int = 1, total: Optional[int] = None) -> None:
         self.done += count
+        if total is not None:
+            self.total = total
         now = time.monotonic()
-        if not self.active or (now - self.shown < 0.2 and self.done < self.total):
+        due = now - self.shown >= 0.2 or self.done >= self.total     # at most 5 a second
+        if not (self.active and self.total > 0 and due):
             return
         self.shown = now
         rate = self.done / max(now - self.start, 1e-6)
@@ -7613,13 +7622,10 @@ def cmd_backup(path: str, store: Store, db_path: str) -> int:
     except FileExistsError:
         raise ConfigError(f"{path} exists; choose a new file name") from None
     try:
-        progress = Progress("backing up", 1, unit="pages")
-
-        def step(status: int, remaining: int, total: int) -> None:
-            progress.total = total
-            progress.add(total - remaining - progress.done)
+        progress = Progress("backing up", unit="pages")
         with contextlib.closing(sqlite3.connect(path)) as target, store.connection() as db:
-            db.backup(target, pages=256, progress=step)
+            db.backup(target, pages=256, progress=lambda status, remaining, total: progress.add(
+                total - remaining - progress.done, total))
         progress.end()
     except sqlite3.Error:
         os.unlink(path)
@@ -7675,8 +7681,8 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
             new_key = secrets.token_bytes(32)
         if hmac.compare_digest(new_key, old_key):
             raise ConfigError("the new master key equals the old one")
-        old_audit, new_audit = derive_key(old_key, "audit"), derive_key(new_key, "audit")
-        ok, message = verify_audit_chain(old_audit, store.audit_rows(), store.audit_anchor())
+        old, new = KeyRing(old_key), KeyRing(new_key)
+        ok, message = verify_audit_chain(old.audit, store.audit_rows(), store.audit_anchor())
         if not ok and not args.force:
             raise ConfigError(f"audit chain does not verify ({message}); re-keying would hide "
                               f"that. Investigate, or pass --force")
@@ -7684,16 +7690,11 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
         if not from_env:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(pending)
-            fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(base64.urlsafe_b64encode(new_key).decode() + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            write_key_file(pending, new_key)
         progress = Progress("re-keying", store.counts(time.time())["audit_rows"]
                             + len(store.list_secrets()))
-        count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
-                            derive_key(new_key, "key-check"), force=args.force,
-                            progress=progress.add)
+        count = store.rekey(old.cipher, new.cipher, old.audit, new.audit, new.check,
+                            force=args.force, progress=progress.add)
         progress.end()
         if from_env:
             print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key and restart "
@@ -7810,13 +7811,8 @@ def cmd_audit(args: argparse.Namespace, store: Store, master: bytes, settings: S
                   f"detect a truncated tail later)")
         return 0 if ok else 1
     if args.action == "prune":
-        progress = Progress("pruning", 0)
-
-        def step(done: int, total: int) -> None:
-            if not progress.total:
-                progress.__init__("pruning", total)     # the total is known once it starts
-            progress.add(done)
-        deleted = store.prune_audit(key, parse_since(args.before), keys_check, step)
+        progress = Progress("pruning")
+        deleted = store.prune_audit(key, parse_since(args.before), keys_check, progress.add)
         progress.end()
         print(f"pruned {deleted} row(s); the chain still verifies from the prune record")
         return 0
