@@ -6672,10 +6672,6 @@ def setting_help(spec: SettingSpec) -> str:
             f"{spec.key})").replace("%", "%%")
 
 
-TOKEN_FORMATS = ("token", "shell", "dotenv", "env", "json")
-TOKEN_STATES = ("active", "exhausted", "expired", "revoked", "agent-disabled", "secret-removed")
-
-
 def add_token_flags(q: argparse.ArgumentParser, ttl_help: str) -> None:
     """The policy flags of `token mint`, shared with `run`."""
     q.add_argument("--ttl", help=ttl_help)
@@ -6826,10 +6822,10 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     q.add_argument("--secret", required=True, help="the stored secret the token stands for")
     q.add_argument("--agent", required=True, help="the agent it is for (created if new)")
     add_token_flags(q, "lifetime such as 30m, 12h, 7d (default: no expiry)")
-    q.add_argument("--format", choices=TOKEN_FORMATS, default="token",
-                   help="token: the token alone (default); shell: export lines for '. FILE'; "
-                        "dotenv: KEY=\"value\" lines for .env loaders; env: KEY=value lines; "
-                        "json: one object")
+    q.add_argument("--format", choices=("token", "shell", "dotenv", "env", "json"),
+                   default="token", help="token: the token alone (default); shell: export "
+                   "lines for '. FILE'; dotenv: KEY=\"value\" lines for .env loaders; env: "
+                   "KEY=value lines; json: one object")
     q.add_argument("--out", metavar="FILE", help="write to FILE (mode 0600: it is a credential) "
                                                  "instead of stdout")
     q.add_argument("--decoy", action="store_true",
@@ -6844,7 +6840,8 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     q = action("list", "tokens with agent, provider, label, state, use and policy",
                "PROG token list", "PROG token list --agent bot --status active")
     q.add_argument("--agent", help="only this agent's tokens")
-    q.add_argument("--status", choices=TOKEN_STATES, help="only tokens in this state")
+    q.add_argument("--status", help="only tokens in this state", choices=(
+        "active", "exhausted", "expired", "revoked", "agent-disabled", "secret-removed"))
     q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     q = action("revoke", "revoke a token (its id, with or without tok_, or the token itself; "
                "'-' reads it from stdin)", "PROG token revoke tok_0123456789ab",
@@ -7194,8 +7191,6 @@ class DemoUpstream(http.server.ThreadingHTTPServer):
     key (401 otherwise, like the real API), answers chat completions plain or streamed, and
     echoes the Authorization header it got, so the demo shows the broker masking it."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
         self.key = "sk-demo-" + secrets.token_urlsafe(24)
         super().__init__(("127.0.0.1", 0), DemoUpstreamHandler)
@@ -7409,11 +7404,11 @@ def cmd_secret(args: argparse.Namespace, store: Store, master: bytes, settings: 
                providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
     if args.action == "list":                   # part names, never their values
         cipher, rows = SecretCipher(master), []
-        for n, p, c, u in store.list_secrets():
-            found = store.get_secret(n)
+        for n, p, ciphertext, c, u in store.query(
+                "SELECT name, provider, ciphertext, created_at, updated_at FROM secrets "
+                "ORDER BY name"):
             try:
-                names = ",".join(sorted(secret_parts(cipher.decrypt(
-                    found[1], secret_ad(n, p))))) if found is not None else "?"
+                names = ",".join(sorted(secret_parts(cipher.decrypt(ciphertext, secret_ad(n, p)))))
             except (DecryptError, ValueError):
                 names = "? (fails verification)"
             rows.append([n, p, names, c, u])
