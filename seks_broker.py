@@ -6545,6 +6545,11 @@ def terminal_text(value: Any) -> str:
                    else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def did_you_mean(word: str, names: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_ttl(text: str) -> int:
     match = TTL_RE.match(text.strip())
     if not match or int(match.group(1)) == 0:
@@ -6648,9 +6653,7 @@ class CliParser(argparse.ArgumentParser):
         match = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)", message, re.S)
         hint = ""
         if match:
-            choices = [c.strip(" '") for c in match.group(2).split(",")]
-            close = difflib.get_close_matches(match.group(1), choices, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(match.group(1), (c.strip(" '") for c in match.group(2).split(",")))
         message = re.sub(r"invalid (\w+ )?(choice|value): '?.*?'?( \(choose from.*\))?\Z",
                          r"invalid \1\2 (not shown, in case it holds a secret)\3", message,
                          flags=re.S) + hint
@@ -7141,10 +7144,8 @@ def find_provider(providers: Dict[str, Provider], name: str) -> Provider:
     provider = providers.get(name) or next(
         (p for p in providers.values() if name in p.aliases), None)
     if provider is None:
-        close = difflib.get_close_matches(name, list(providers), n=1, cutoff=0.6)
-        raise UsageError(f"unknown provider {name!r}" + (
-            f"; did you mean {close[0]!r}?" if close else "")
-            + f" (known: {', '.join(sorted(providers))}; see '{prog()} providers')")
+        raise UsageError(f"unknown provider {name!r}{did_you_mean(name, providers)} (known: "
+                         f"{', '.join(sorted(providers))}; see '{prog()} providers')")
     return provider
 
 
@@ -7371,13 +7372,11 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
             raise ConfigError(f"{provider.name} is not an OAuth provider")
         given["refresh_token"] = (oauth_pkce_flow if given.get("auth_url") or provider.auth_url
                                   else oauth_device_flow)(provider, given)
-    master = load_master_key(settings.db, environ, store)
-    cipher = SecretCipher(master)
+    keys = KeyRing(load_master_key(settings.db, environ, store))
     parts: Dict[str, str] = {}
-    if args.action == "rotate" and provider.parts != ("key",):     # replace some parts
-        old = store.get_secret(args.name)
-        parts = secret_parts(cipher.decrypt(old[1], secret_ad(args.name, provider_name))) \
-            if old is not None else {}
+    old = store.get_secret(args.name)               # read again: a rotation may have run since
+    if args.action == "rotate" and provider.parts != ("key",) and old is not None:
+        parts = secret_parts(keys.cipher.decrypt(old[1], secret_ad(args.name, provider_name)))
     for part, value in given.items():
         if value is None:
             if part not in provider.optional:
@@ -7392,9 +7391,9 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
     problem = part_problem(parts, provider)
     if problem:
         raise ConfigError(f"{problem}; nothing was stored")
-    ciphertext = cipher.encrypt(pack_parts(parts), secret_ad(args.name, provider_name))
+    ciphertext = keys.cipher.encrypt(pack_parts(parts), secret_ad(args.name, provider_name))
     store.put_secret(args.name, provider_name, ciphertext, replace=args.action == "rotate",
-                     check=derive_key(master, "key-check"))
+                     check=keys.check)
     verb = "stored" if args.action == "add" else "rotated"
     print(f"{verb} secret {args.name} for {provider_name} in {settings.db}", file=sys.stderr)
     return 0
@@ -7475,10 +7474,8 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
     `run`. A secret that lacks a part its provider needs gets no token."""
     found = store.get_secret(secret)
     if found is None:
-        names = [n for n, *_ in store.list_secrets()]
-        close = difflib.get_close_matches(secret, names, n=1, cutoff=0.6)
         raise ConfigError(f"no secret named {secret!r} in {os.path.abspath(store.path)}"
-                          + (f"; did you mean {close[0]!r}?" if close else ""))
+                          + did_you_mean(secret, (n for n, *_ in store.list_secrets())))
     provider_name = found[0]
     provider = providers.get(provider_name)
     if provider is None:
