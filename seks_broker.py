@@ -6808,11 +6808,8 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     which.add_argument("--oauth", metavar="PROVIDER", help="an OAuth provider: read its client "
                        "parts (JSON on stdin), run its device authorization flow (you approve "
                        "in a browser) and store the refresh token it gives")
-    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
-    q = action("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep "
-               "working", "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main")
-    q.add_argument("name")
-    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
+    action("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep working",
+           "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main").add_argument("name")
     action("list", "names, providers and dates (never values)", "PROG secret list")
     action("rm", "delete a secret and revoke its tokens", "PROG secret rm openai-old"
            ).add_argument("name")
@@ -7344,7 +7341,7 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
                      providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
     """`secret add` and `secret rotate`: the value from a hidden prompt or stdin, checked,
     encrypted under the database's master key (loaded after the prompt)."""
-    if args.value is not None:
+    if getattr(args, "value", None) is not None:    # set by main from what argparse left
         raise UsageError("refusing a secret on the command line (every local user can read it "
                          "with ps). Pipe it on stdin instead, e.g.\n"
                          f"  printf %s \"$KEY\" | {prog()} secret {args.action} {args.name} "
