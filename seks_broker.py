@@ -6999,7 +6999,22 @@ def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
     return obj
 
 
-class SignInRedirectHandler(http.server.BaseHTTPRequestHandler):
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """The CLI's own loopback servers (the sign-in redirect, demo's upstream): no access log
+    on the operator's terminal, and ``reply`` sends one whole answer."""
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class SignInRedirectHandler(QuietHandler):
     """The loopback redirect of `secret add --oauth` (PKCE): takes the code the operator's
     browser brings back when its state is the one sent, and answers a fixed line."""
 
@@ -7008,15 +7023,7 @@ class SignInRedirectHandler(http.server.BaseHTTPRequestHandler):
         got: Dict[str, str] = self.server.got     # type: ignore[attr-defined]
         if hmac.compare_digest(query.get("state", ""), self.server.expected_state) and not got:
             got.update(query)
-        body = b"seks-broker: you can close this tab.\n"
-        self.send_response(200 if got else 400)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.reply(200 if got else 400, b"seks-broker: you can close this tab.\n", "text/plain")
 
 
 def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300) -> str:
@@ -7196,21 +7203,11 @@ class DemoUpstream(http.server.ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, name="seks-demo-upstream", daemon=True).start()
 
 
-class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
+class DemoUpstreamHandler(QuietHandler):
     """The fake provider's side (never an agent connection)."""
 
     protocol_version = "HTTP/1.1"
     server: DemoUpstream
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def reply(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self) -> None:
         if self.authorized():
