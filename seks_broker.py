@@ -6900,9 +6900,9 @@ def add_audit_filters(q: argparse.ArgumentParser, shown: bool = True) -> None:
 
 
 def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser],
-                    here: str) -> List[str]:
-    """For arguments the sub-command did not take: which are known flags of other commands
-    (named, with where they belong). Anything else is not echoed: it might be a secret."""
+                    here: str) -> str:
+    """The error for arguments the sub-command did not take: which are known flags of other
+    commands (named, with where they belong). Anything else is not echoed: it might be a secret."""
     hints = []
     for option in (arg.split("=", 1)[0] for arg in extra if arg.startswith("--")):
         owners = [name for name, leaf in leaves.items() if option in leaf._option_string_actions]
@@ -6910,7 +6910,7 @@ def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser]
         if owners:
             hints.append(f"{option} is not an option of '{here}'"
                          + (f"; it belongs to: {', '.join(places)}" if places else ""))
-    return hints
+    return "; ".join(hints) or "unrecognized arguments (not shown, in case they hold a secret)"
 
 
 class Progress:
@@ -8147,10 +8147,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             leaf = leaves.get(here, parser)
             leaf.print_usage(sys.stderr)
-            hints = misplaced_flags(extra, leaves, here)
-            sys.stderr.write(f"{leaf.prog}: error: " + ("; ".join(hints) if hints else
-                             "unrecognized arguments (not shown, in case they hold a secret)")
-                             + f"\n(see: {leaf.prog} --help)\n")
+            sys.stderr.write(f"{leaf.prog}: error: {misplaced_flags(extra, leaves, here)}\n"
+                             f"(see: {leaf.prog} --help)\n")
             return 2
     try:
         return run_command(args, dict(os.environ), arguments)
