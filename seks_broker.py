@@ -6843,10 +6843,9 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     q.add_argument("--status", help="only tokens in this state", choices=(
         "active", "exhausted", "expired", "revoked", "agent-disabled", "secret-removed"))
     q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    q = action("revoke", "revoke a token (its id, with or without tok_, or the token itself; "
-               "'-' reads it from stdin)", "PROG token revoke tok_0123456789ab",
-               "printf %s \"$TOKEN\" | PROG token revoke -")
-    q.add_argument("token_or_id")
+    action("revoke", "revoke a token (its id, with or without tok_, or the token itself; '-' "
+           "reads it from stdin)", "PROG token revoke tok_0123456789ab",
+           "printf %s \"$TOKEN\" | PROG token revoke -").add_argument("token_or_id")
     q = action("prune", "delete revoked and expired tokens (their audit rows stay)",
                "PROG token prune", "PROG token prune --older-than 30d")
     q.add_argument("--older-than", metavar="AGE", help="only those that ended this long ago "
