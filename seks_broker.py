@@ -7854,13 +7854,10 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     agents = [{"name": name, "state": "disabled" if disabled else "enabled", "live_tokens": sum(
         1 for t in tokens if t["agent"] == name and t["state"] == "active")}
         for name, _, disabled, _ in store.list_agents()]
-    traffic = {}
-    for label, seconds in (("last_hour", 3600), ("last_day", 86400)):
-        count, tin, tout = store.query(
-            "SELECT COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0) "
-            "FROM audit WHERE outcome NOT IN ('prune', 'introspect') AND ts >= ?",
-            (utc_iso(now - seconds),))[0]
-        traffic[label] = {"requests": count, "llm_tokens": tin + tout}
+    traffic = {label: dict(zip(("requests", "llm_tokens"), store.query(
+        "SELECT COUNT(*), COALESCE(SUM(tokens_in), 0) + COALESCE(SUM(tokens_out), 0) FROM audit "
+        "WHERE outcome NOT IN ('prune', 'introspect') AND ts >= ?", (utc_iso(now - seconds),))[0]))
+        for label, seconds in (("last_hour", 3600), ("last_day", 86400))}
     low = [{"id": t["id"], "agent": t["agent"], "used": t[budget_counter(t["policy"])],
             "budget": t["policy"][budget_key(t["policy"])],
             "unit": "nano-usd" if budget_key(t["policy"]) == "budget_nusd" else "tokens"}
