@@ -7190,23 +7190,13 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
         return handler(args, store, master, settings, providers, environ)
 
 
-class DemoUpstream(http.server.ThreadingHTTPServer):
-    """`demo`'s stand-in for api.openai.com on 127.0.0.1: it accepts only its own random demo
-    key (401 otherwise, like the real API), answers chat completions plain or streamed, and
-    echoes the Authorization header it got, so the demo shows the broker masking it."""
-
-    def __init__(self) -> None:
-        self.key = "sk-demo-" + secrets.token_urlsafe(24)
-        super().__init__(("127.0.0.1", 0), DemoUpstreamHandler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, name="seks-demo-upstream", daemon=True).start()
-
-
 class DemoUpstreamHandler(QuietHandler):
-    """The fake provider's side (never an agent connection)."""
+    """`demo`'s stand-in for api.openai.com on 127.0.0.1 (never an agent connection): it
+    accepts only its server's random demo ``key`` (401 otherwise, like the real API), answers
+    chat completions plain or streamed, and echoes the Authorization header it got, so the
+    demo shows the broker masking it."""
 
     protocol_version = "HTTP/1.1"
-    server: DemoUpstream
 
     def do_GET(self) -> None:
         if self.authorized():
@@ -7255,7 +7245,8 @@ class DemoUpstreamHandler(QuietHandler):
         self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
 
     def authorized(self) -> bool:
-        if hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {self.server.key}"):
+        key = self.server.key                   # type: ignore[attr-defined]
+        if hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
             return True
         self.reply(401, b'{"error": {"message": "Incorrect API key provided (demo upstream)", '
                         b'"code": "invalid_api_key"}}')
@@ -7263,21 +7254,24 @@ class DemoUpstreamHandler(QuietHandler):
 
 
 def cmd_demo(host: str, port: int) -> int:
-    """The broker in front of DemoUpstream, in a database in a new temporary folder (deleted
-    at the end): a secret holding the demo key, one token, and what to type to try it."""
+    """The broker in front of DemoUpstreamHandler, in a database in a new temporary folder
+    (deleted at the end): a secret holding the demo key, one token, and what to type to try it."""
     import shutil
     import tempfile
     folder = tempfile.mkdtemp(prefix="seks-demo-")
-    upstream = DemoUpstream()
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DemoUpstreamHandler)
+    upstream.key = demo_key = "sk-demo-" + secrets.token_urlsafe(24)   # type: ignore[attr-defined]
+    upstream_url = f"http://127.0.0.1:{upstream.server_address[1]}"
+    threading.Thread(target=upstream.serve_forever, name="seks-demo-upstream", daemon=True).start()
     try:
         settings = Settings(db=os.path.join(folder, "seks.db"), host=host, port=port)
-        settings.upstreams["openai"] = upstream.url
+        settings.upstreams["openai"] = upstream_url
         providers = load_providers(settings)
         with contextlib.closing(Store(settings.db)) as store:
             master = load_master_key(settings.db, {}, store)
             keys = KeyRing(master)
             store.put_secret("demo-openai", "openai", keys.cipher.encrypt(
-                upstream.key.encode(), secret_ad("demo-openai", "openai")), False, keys.check)
+                demo_key.encode(), secret_ad("demo-openai", "openai")), False, keys.check)
             store.add_agent("demo-agent", exist_ok=True)
             token = new_token(providers["openai"])
             store.add_token(new_token_id(), token_digest(token), "demo-openai", "openai",
@@ -7289,7 +7283,7 @@ def cmd_demo(host: str, port: int) -> int:
                 curl = (f"curl -s{{}} {base}/chat/completions -H 'Authorization: Bearer {token}' "
                         f"-H 'Content-Type: application/json' -d '{{}}'")
                 print(f"seks-broker demo: a throwaway database in {folder}, a fake OpenAI "
-                      f"upstream on {upstream.url} that accepts only its own demo key, and the "
+                      f"upstream on {upstream_url} that accepts only its own demo key, and the "
                       f"broker in front of it.\n\nAn agent's whole configuration (no real key "
                       f"in it):\n  export OPENAI_BASE_URL={base}\n  export OPENAI_API_KEY="
                       f"{token}\n\nTry it (plain, then streamed):\n  "
