@@ -6266,9 +6266,7 @@ def guard_key_file(broker: Broker, key_path: str, master_key: bytes,
             continue
         try:
             broker.store.check_master_key(check)
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(base64.urlsafe_b64encode(master_key).decode() + "\n")
+            write_key_file(key_path, master_key)
             broker.log("error", "key-file", message=f"the master key file {key_path} was "
                        f"deleted; it was written again from this broker's memory. Without it "
                        f"the secrets cannot be decrypted: keep a copy somewhere safe")
@@ -6430,6 +6428,11 @@ def terminal_text(value: Any) -> str:
                    else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def did_you_mean(word: str, names: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_ttl(text: str) -> int:
     match = TTL_RE.match(text.strip())
     if not match or int(match.group(1)) == 0:
@@ -6449,6 +6452,16 @@ def decode_master_key(text: str, source: str) -> bytes:
     if len(key) != 32:
         raise ConfigError(f"{source} must be URL-safe base64 of 32 bytes")
     return key
+
+
+def write_key_file(path: str, key: bytes) -> None:
+    """A new key file holding ``key``: 0600 from the start, on disk before anything relies on
+    it, and only where none is (O_EXCL: never over a key another process just wrote)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(base64.urlsafe_b64encode(key).decode() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def load_master_key(db_path: str, environ: Dict[str, str], store: Store,
@@ -6471,9 +6484,7 @@ def load_master_key(db_path: str, environ: Dict[str, str], store: Store,
         key = secrets.token_bytes(32)
         if not create:                        # nothing encrypted yet: nothing to check
             return key
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(base64.urlsafe_b64encode(key).decode() + "\n")
+        write_key_file(path, key)
         store.check_master_key(derive_key(key, "key-check"))
         return key
     if os.name == "posix" and info.st_mode & 0o077:
@@ -6525,9 +6536,7 @@ class CliParser(argparse.ArgumentParser):
         match = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)", message, re.S)
         hint = ""
         if match:
-            choices = [c.strip(" '") for c in match.group(2).split(",")]
-            close = difflib.get_close_matches(match.group(1), choices, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(match.group(1), (c.strip(" '") for c in match.group(2).split(",")))
         message = re.sub(r"invalid (\w+ )?(choice|value): '?.*?'?( \(choose from.*\))?\Z",
                          r"invalid \1\2 (not shown, in case it holds a secret)\3", message,
                          flags=re.S) + hint
@@ -6547,10 +6556,6 @@ def setting_help(spec: SettingSpec) -> str:
              "off" if spec.default is False else str(spec.default))
     return (f"{spec.help} (default: {shown}; env {spec.env}; config [{spec.section}] "
             f"{spec.key})").replace("%", "%%")
-
-
-TOKEN_FORMATS = ("token", "shell", "dotenv", "env", "json")
-TOKEN_STATES = ("active", "exhausted", "expired", "revoked", "agent-disabled", "secret-removed")
 
 
 def add_token_flags(q: argparse.ArgumentParser, ttl_help: str) -> None:
@@ -6686,11 +6691,8 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     which.add_argument("--oauth", metavar="PROVIDER", help="an OAuth provider: read its client "
                        "parts (JSON on stdin), run its device authorization flow (you approve "
                        "in a browser) and store the refresh token it gives")
-    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
-    q = action("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep "
-               "working", "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main")
-    q.add_argument("name")
-    q.add_argument("value", nargs="?", help=argparse.SUPPRESS)
+    action("rotate", "replace a secret's value (hidden prompt or stdin); its tokens keep working",
+           "printf %s \"$NEW_KEY\" | PROG secret rotate openai-main").add_argument("name")
     action("list", "names, providers and dates (never values)", "PROG secret list")
     action("rm", "delete a secret and revoke its tokens", "PROG secret rm openai-old"
            ).add_argument("name")
@@ -6703,10 +6705,10 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     q.add_argument("--secret", required=True, help="the stored secret the token stands for")
     q.add_argument("--agent", required=True, help="the agent it is for (created if new)")
     add_token_flags(q, "lifetime such as 30m, 12h, 7d (default: no expiry)")
-    q.add_argument("--format", choices=TOKEN_FORMATS, default="token",
-                   help="token: the token alone (default); shell: export lines for '. FILE'; "
-                        "dotenv: KEY=\"value\" lines for .env loaders; env: KEY=value lines; "
-                        "json: one object")
+    q.add_argument("--format", choices=("token", "shell", "dotenv", "env", "json"),
+                   default="token", help="token: the token alone (default); shell: export "
+                   "lines for '. FILE'; dotenv: KEY=\"value\" lines for .env loaders; env: "
+                   "KEY=value lines; json: one object")
     q.add_argument("--out", metavar="FILE", help="write to FILE (mode 0600: it is a credential) "
                                                  "instead of stdout")
     q.add_argument("--decoy", action="store_true",
@@ -6721,12 +6723,12 @@ def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.Argument
     q = action("list", "tokens with agent, provider, label, state, use and policy",
                "PROG token list", "PROG token list --agent bot --status active")
     q.add_argument("--agent", help="only this agent's tokens")
-    q.add_argument("--status", choices=TOKEN_STATES, help="only tokens in this state")
+    q.add_argument("--status", help="only tokens in this state", choices=(
+        "active", "exhausted", "expired", "revoked", "agent-disabled", "secret-removed"))
     q.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    q = action("revoke", "revoke a token (its id, with or without tok_, or the token itself; "
-               "'-' reads it from stdin)", "PROG token revoke tok_0123456789ab",
-               "printf %s \"$TOKEN\" | PROG token revoke -")
-    q.add_argument("token_or_id")
+    action("revoke", "revoke a token (its id, with or without tok_, or the token itself; '-' "
+           "reads it from stdin)", "PROG token revoke tok_0123456789ab",
+           "printf %s \"$TOKEN\" | PROG token revoke -").add_argument("token_or_id")
     q = action("prune", "delete revoked and expired tokens (their audit rows stay)",
                "PROG token prune", "PROG token prune --older-than 30d")
     q.add_argument("--older-than", metavar="AGE", help="only those that ended this long ago "
@@ -6780,9 +6782,9 @@ def add_audit_filters(q: argparse.ArgumentParser, shown: bool = True) -> None:
 
 
 def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser],
-                    here: str) -> List[str]:
-    """For arguments the sub-command did not take: which are known flags of other commands
-    (named, with where they belong). Anything else is not echoed: it might be a secret."""
+                    here: str) -> str:
+    """The error for arguments the sub-command did not take: which are known flags of other
+    commands (named, with where they belong). Anything else is not echoed: it might be a secret."""
     hints = []
     for option in (arg.split("=", 1)[0] for arg in extra if arg.startswith("--")):
         owners = [name for name, leaf in leaves.items() if option in leaf._option_string_actions]
@@ -6790,25 +6792,28 @@ def misplaced_flags(extra: List[str], leaves: Dict[str, argparse.ArgumentParser]
         if owners:
             hints.append(f"{option} is not an option of '{here}'"
                          + (f"; it belongs to: {', '.join(places)}" if places else ""))
-    return hints
+    return "; ".join(hints) or "unrecognized arguments (not shown, in case they hold a secret)"
 
 
 class Progress:
     """Work done, rate and time left, on stderr when it is a terminal; silent otherwise (so
-    scripts and logs get no carriage returns)."""
+    scripts and logs get no carriage returns). ``add`` can bring a total known only later."""
 
-    def __init__(self, label: str, total: int, unit: str = "rows") -> None:
+    def __init__(self, label: str, total: int = 0, unit: str = "rows") -> None:
         try:
-            self.active = sys.stderr.isatty() and total > 0
+            self.active = sys.stderr.isatty()
         except (AttributeError, ValueError):
             self.active = False
         self.label, self.total, self.unit, self.done = label, total, unit, 0
         self.start, self.shown = time.monotonic(), 0.0
 
-    def add(self, count: int = 1) -> None:
+    def add(self, count: int = 1, total: Optional[int] = None) -> None:
         self.done += count
+        if total is not None:
+            self.total = total
         now = time.monotonic()
-        if not self.active or (now - self.shown < 0.2 and self.done < self.total):
+        due = now - self.shown >= 0.2 or self.done >= self.total     # at most 5 a second
+        if not (self.active and self.total > 0 and due):
             return
         self.shown = now
         rate = self.done / max(now - self.start, 1e-6)
@@ -6876,7 +6881,22 @@ def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
     return obj
 
 
-class SignInRedirectHandler(http.server.BaseHTTPRequestHandler):
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """The CLI's own loopback servers (the sign-in redirect, demo's upstream): no access log
+    on the operator's terminal, and ``reply`` sends one whole answer."""
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class SignInRedirectHandler(QuietHandler):
     """The loopback redirect of `secret add --oauth` (PKCE): takes the code the operator's
     browser brings back when its state is the one sent, and answers a fixed line."""
 
@@ -6885,15 +6905,7 @@ class SignInRedirectHandler(http.server.BaseHTTPRequestHandler):
         got: Dict[str, str] = self.server.got     # type: ignore[attr-defined]
         if hmac.compare_digest(query.get("state", ""), self.server.expected_state) and not got:
             got.update(query)
-        body = b"seks-broker: you can close this tab.\n"
-        self.send_response(200 if got else 400)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.reply(200 if got else 400, b"seks-broker: you can close this tab.\n", "text/plain")
 
 
 def oauth_pkce_flow(provider: Provider, parts: Dict[str, Any], cap: float = 300) -> str:
@@ -7018,10 +7030,8 @@ def find_provider(providers: Dict[str, Provider], name: str) -> Provider:
     provider = providers.get(name) or next(
         (p for p in providers.values() if name in p.aliases), None)
     if provider is None:
-        close = difflib.get_close_matches(name, list(providers), n=1, cutoff=0.6)
-        raise UsageError(f"unknown provider {name!r}" + (
-            f"; did you mean {close[0]!r}?" if close else "")
-            + f" (known: {', '.join(sorted(providers))}; see '{prog()} providers')")
+        raise UsageError(f"unknown provider {name!r}{did_you_mean(name, providers)} (known: "
+                         f"{', '.join(sorted(providers))}; see '{prog()} providers')")
     return provider
 
 
@@ -7063,35 +7073,13 @@ def run_command(args: argparse.Namespace, environ: Dict[str, str], argv: List[st
         return handler(args, store, master, settings, providers, environ)
 
 
-class DemoUpstream(http.server.ThreadingHTTPServer):
-    """`demo`'s stand-in for api.openai.com on 127.0.0.1: it accepts only its own random demo
-    key (401 otherwise, like the real API), answers chat completions plain or streamed, and
-    echoes the Authorization header it got, so the demo shows the broker masking it."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        self.key = "sk-demo-" + secrets.token_urlsafe(24)
-        super().__init__(("127.0.0.1", 0), DemoUpstreamHandler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, name="seks-demo-upstream", daemon=True).start()
-
-
-class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
-    """The fake provider's side (never an agent connection)."""
+class DemoUpstreamHandler(QuietHandler):
+    """`demo`'s stand-in for api.openai.com on 127.0.0.1 (never an agent connection): it
+    accepts only its server's random demo ``key`` (401 otherwise, like the real API), answers
+    chat completions plain or streamed, and echoes the Authorization header it got, so the
+    demo shows the broker masking it."""
 
     protocol_version = "HTTP/1.1"
-    server: DemoUpstream
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def reply(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self) -> None:
         if self.authorized():
@@ -7140,7 +7128,8 @@ class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
 
     def authorized(self) -> bool:
-        if hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {self.server.key}"):
+        key = self.server.key                   # type: ignore[attr-defined]
+        if hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
             return True
         self.reply(401, b'{"error": {"message": "Incorrect API key provided (demo upstream)", '
                         b'"code": "invalid_api_key"}}')
@@ -7148,21 +7137,24 @@ class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
 
 
 def cmd_demo(host: str, port: int) -> int:
-    """The broker in front of DemoUpstream, in a database in a new temporary folder (deleted
-    at the end): a secret holding the demo key, one token, and what to type to try it."""
+    """The broker in front of DemoUpstreamHandler, in a database in a new temporary folder
+    (deleted at the end): a secret holding the demo key, one token, and what to type to try it."""
     import shutil
     import tempfile
     folder = tempfile.mkdtemp(prefix="seks-demo-")
-    upstream = DemoUpstream()
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DemoUpstreamHandler)
+    upstream.key = demo_key = "sk-demo-" + secrets.token_urlsafe(24)   # type: ignore[attr-defined]
+    upstream_url = f"http://127.0.0.1:{upstream.server_address[1]}"
+    threading.Thread(target=upstream.serve_forever, name="seks-demo-upstream", daemon=True).start()
     try:
         settings = Settings(db=os.path.join(folder, "seks.db"), host=host, port=port)
-        settings.upstreams["openai"] = upstream.url
+        settings.upstreams["openai"] = upstream_url
         providers = load_providers(settings)
         with contextlib.closing(Store(settings.db)) as store:
             master = load_master_key(settings.db, {}, store)
             keys = KeyRing(master)
             store.put_secret("demo-openai", "openai", keys.cipher.encrypt(
-                upstream.key.encode(), secret_ad("demo-openai", "openai")), False, keys.check)
+                demo_key.encode(), secret_ad("demo-openai", "openai")), False, keys.check)
             store.add_agent("demo-agent", exist_ok=True)
             token = new_token(providers["openai"])
             store.add_token(new_token_id(), token_digest(token), "demo-openai", "openai",
@@ -7174,7 +7166,7 @@ def cmd_demo(host: str, port: int) -> int:
                 curl = (f"curl -s{{}} {base}/chat/completions -H 'Authorization: Bearer {token}' "
                         f"-H 'Content-Type: application/json' -d '{{}}'")
                 print(f"seks-broker demo: a throwaway database in {folder}, a fake OpenAI "
-                      f"upstream on {upstream.url} that accepts only its own demo key, and the "
+                      f"upstream on {upstream_url} that accepts only its own demo key, and the "
                       f"broker in front of it.\n\nAn agent's whole configuration (no real key "
                       f"in it):\n  export OPENAI_BASE_URL={base}\n  export OPENAI_API_KEY="
                       f"{token}\n\nTry it (plain, then streamed):\n  "
@@ -7222,7 +7214,7 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
                      providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
     """`secret add` and `secret rotate`: the value from a hidden prompt or stdin, checked,
     encrypted under the database's master key (loaded after the prompt)."""
-    if args.value is not None:
+    if getattr(args, "value", None) is not None:    # set by main from what argparse left
         raise UsageError("refusing a secret on the command line (every local user can read it "
                          "with ps). Pipe it on stdin instead, e.g.\n"
                          f"  printf %s \"$KEY\" | {prog()} secret {args.action} {args.name} "
@@ -7250,13 +7242,11 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
             raise ConfigError(f"{provider.name} is not an OAuth provider")
         given["refresh_token"] = (oauth_pkce_flow if given.get("auth_url") or provider.auth_url
                                   else oauth_device_flow)(provider, given)
-    master = load_master_key(settings.db, environ, store)
-    cipher = SecretCipher(master)
+    keys = KeyRing(load_master_key(settings.db, environ, store))
     parts: Dict[str, str] = {}
-    if args.action == "rotate" and provider.parts != ("key",):     # replace some parts
-        old = store.get_secret(args.name)
-        parts = secret_parts(cipher.decrypt(old[1], secret_ad(args.name, provider_name))) \
-            if old is not None else {}
+    old = store.get_secret(args.name)               # read again: a rotation may have run since
+    if args.action == "rotate" and provider.parts != ("key",) and old is not None:
+        parts = secret_parts(keys.cipher.decrypt(old[1], secret_ad(args.name, provider_name)))
     for part, value in given.items():
         if value is None:
             if part not in provider.optional:
@@ -7271,9 +7261,9 @@ def cmd_secret_write(args: argparse.Namespace, store: Store, settings: Settings,
     problem = part_problem(parts, provider)
     if problem:
         raise ConfigError(f"{problem}; nothing was stored")
-    ciphertext = cipher.encrypt(pack_parts(parts), secret_ad(args.name, provider_name))
+    ciphertext = keys.cipher.encrypt(pack_parts(parts), secret_ad(args.name, provider_name))
     store.put_secret(args.name, provider_name, ciphertext, replace=args.action == "rotate",
-                     check=derive_key(master, "key-check"))
+                     check=keys.check)
     verb = "stored" if args.action == "add" else "rotated"
     print(f"{verb} secret {args.name} for {provider_name} in {settings.db}", file=sys.stderr)
     return 0
@@ -7283,11 +7273,11 @@ def cmd_secret(args: argparse.Namespace, store: Store, master: bytes, settings: 
                providers: Dict[str, Provider], environ: Dict[str, str]) -> int:
     if args.action == "list":                   # part names, never their values
         cipher, rows = SecretCipher(master), []
-        for n, p, c, u in store.list_secrets():
-            found = store.get_secret(n)
+        for n, p, ciphertext, c, u in store.query(
+                "SELECT name, provider, ciphertext, created_at, updated_at FROM secrets "
+                "ORDER BY name"):
             try:
-                names = ",".join(sorted(secret_parts(cipher.decrypt(
-                    found[1], secret_ad(n, p))))) if found is not None else "?"
+                names = ",".join(sorted(secret_parts(cipher.decrypt(ciphertext, secret_ad(n, p)))))
             except (DecryptError, ValueError):
                 names = "? (fails verification)"
             rows.append([n, p, names, c, u])
@@ -7354,10 +7344,8 @@ def mint_token(store: Store, master: bytes, providers: Dict[str, Provider], secr
     `run`. A secret that lacks a part its provider needs gets no token."""
     found = store.get_secret(secret)
     if found is None:
-        names = [n for n, *_ in store.list_secrets()]
-        close = difflib.get_close_matches(secret, names, n=1, cutoff=0.6)
         raise ConfigError(f"no secret named {secret!r} in {os.path.abspath(store.path)}"
-                          + (f"; did you mean {close[0]!r}?" if close else ""))
+                          + did_you_mean(secret, (n for n, *_ in store.list_secrets())))
     provider_name = found[0]
     provider = providers.get(provider_name)
     if provider is None:
@@ -7496,13 +7484,10 @@ def cmd_backup(path: str, store: Store, db_path: str) -> int:
     except FileExistsError:
         raise ConfigError(f"{path} exists; choose a new file name") from None
     try:
-        progress = Progress("backing up", 1, unit="pages")
-
-        def step(status: int, remaining: int, total: int) -> None:
-            progress.total = total
-            progress.add(total - remaining - progress.done)
+        progress = Progress("backing up", unit="pages")
         with contextlib.closing(sqlite3.connect(path)) as target, store.connection() as db:
-            db.backup(target, pages=256, progress=step)
+            db.backup(target, pages=256, progress=lambda status, remaining, total: progress.add(
+                total - remaining - progress.done, total))
         progress.end()
     except sqlite3.Error:
         os.unlink(path)
@@ -7558,8 +7543,8 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
             new_key = secrets.token_bytes(32)
         if hmac.compare_digest(new_key, old_key):
             raise ConfigError("the new master key equals the old one")
-        old_audit, new_audit = derive_key(old_key, "audit"), derive_key(new_key, "audit")
-        ok, message = verify_audit_chain(old_audit, store.audit_rows(), store.audit_anchor())
+        old, new = KeyRing(old_key), KeyRing(new_key)
+        ok, message = verify_audit_chain(old.audit, store.audit_rows(), store.audit_anchor())
         if not ok and not args.force:
             raise ConfigError(f"audit chain does not verify ({message}); re-keying would hide "
                               f"that. Investigate, or pass --force")
@@ -7567,16 +7552,11 @@ def cmd_rotate_master_key(args: argparse.Namespace, store: Store, master: bytes,
         if not from_env:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(pending)
-            fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(base64.urlsafe_b64encode(new_key).decode() + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            write_key_file(pending, new_key)
         progress = Progress("re-keying", store.counts(time.time())["audit_rows"]
                             + len(store.list_secrets()))
-        count = store.rekey(SecretCipher(old_key), SecretCipher(new_key), old_audit, new_audit,
-                            derive_key(new_key, "key-check"), force=args.force,
-                            progress=progress.add)
+        count = store.rekey(old.cipher, new.cipher, old.audit, new.audit, new.check,
+                            force=args.force, progress=progress.add)
         progress.end()
         if from_env:
             print(f"re-encrypted {count} secret(s); set SEKS_MASTER_KEY to the new key and restart "
@@ -7693,13 +7673,8 @@ def cmd_audit(args: argparse.Namespace, store: Store, master: bytes, settings: S
                   f"detect a truncated tail later)")
         return 0 if ok else 1
     if args.action == "prune":
-        progress = Progress("pruning", 0)
-
-        def step(done: int, total: int) -> None:
-            if not progress.total:
-                progress.__init__("pruning", total)     # the total is known once it starts
-            progress.add(done)
-        deleted = store.prune_audit(key, parse_since(args.before), keys_check, step)
+        progress = Progress("pruning")
+        deleted = store.prune_audit(key, parse_since(args.before), keys_check, progress.add)
         progress.end()
         print(f"pruned {deleted} row(s); the chain still verifies from the prune record")
         return 0
@@ -7756,13 +7731,10 @@ def cmd_status(args: argparse.Namespace, store: Store, master: bytes, settings: 
     agents = [{"name": name, "state": "disabled" if disabled else "enabled", "live_tokens": sum(
         1 for t in tokens if t["agent"] == name and t["state"] == "active")}
         for name, _, disabled, _ in store.list_agents()]
-    traffic = {}
-    for label, seconds in (("last_hour", 3600), ("last_day", 86400)):
-        count, tin, tout = store.query(
-            "SELECT COUNT(*), COALESCE(SUM(tokens_in), 0), COALESCE(SUM(tokens_out), 0) "
-            "FROM audit WHERE outcome NOT IN ('prune', 'introspect') AND ts >= ?",
-            (utc_iso(now - seconds),))[0]
-        traffic[label] = {"requests": count, "llm_tokens": tin + tout}
+    traffic = {label: dict(zip(("requests", "llm_tokens"), store.query(
+        "SELECT COUNT(*), COALESCE(SUM(tokens_in), 0) + COALESCE(SUM(tokens_out), 0) FROM audit "
+        "WHERE outcome NOT IN ('prune', 'introspect') AND ts >= ?", (utc_iso(now - seconds),))[0]))
+        for label, seconds in (("last_hour", 3600), ("last_day", 86400))}
     low = [{"id": t["id"], "agent": t["agent"], "used": t[budget_counter(t["policy"])],
             "budget": t["policy"][budget_key(t["policy"])],
             "unit": "nano-usd" if budget_key(t["policy"]) == "budget_nusd" else "tokens"}
@@ -8048,10 +8020,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             leaf = leaves.get(here, parser)
             leaf.print_usage(sys.stderr)
-            hints = misplaced_flags(extra, leaves, here)
-            sys.stderr.write(f"{leaf.prog}: error: " + ("; ".join(hints) if hints else
-                             "unrecognized arguments (not shown, in case they hold a secret)")
-                             + f"\n(see: {leaf.prog} --help)\n")
+            sys.stderr.write(f"{leaf.prog}: error: {misplaced_flags(extra, leaves, here)}\n"
+                             f"(see: {leaf.prog} --help)\n")
             return 2
     try:
         return run_command(args, dict(os.environ), arguments)

@@ -476,8 +476,8 @@ def test_no_code_writes_to_a_socket_but_the_writer_and_the_upstream_side() -> No
     assert sends == [("AgentWriter._send", "self._sock.send"),
                      ("UpstreamConn.write", "self.sock.send")], found
     servers = {where.split(".")[0] for where, code in found if code.endswith("wfile")}
-    assert servers == {"AdminHandler", "DemoUpstreamHandler", "SignInRedirectHandler"}, found   # the admin
-    # port, demo's fake provider, and the operator's browser coming back from an OAuth sign-in
+    assert servers == {"AdminHandler", "DemoUpstreamHandler", "QuietHandler"}, found   # the admin
+    # port, demo's fake provider, and the reply of the CLI's loopback servers (OAuth sign-in, demo)
     assert "setup" in vars(sb.BrokerHandler) and "finish" in vars(sb.BrokerHandler)
 
 
