@@ -2531,7 +2531,14 @@ class Store:
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=DB_BUSY_SECONDS, isolation_level=None,
                              check_same_thread=False)      # (timeout: sqlite's busy_timeout)
-        db.execute("PRAGMA journal_mode = WAL")
+        for attempt in range(100):        # a new file: another process may be making it WAL,
+            try:                          # which sqlite answers "locked" without waiting
+                db.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.01)
         db.execute("PRAGMA synchronous = NORMAL")   # durable across a process crash
         return db
 
@@ -2578,8 +2585,11 @@ class Store:
     def _migrate(self) -> None:
         """Bring a new empty file, or one with our schema, up to date: never add tables to
         another program's database."""
-        version = self.query("PRAGMA user_version")[0][0]
-        tables = {r[0] for r in self.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        with self.connection() as db:           # one snapshot: another process may be making it
+            db.execute("BEGIN")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = "
+                                               "'table'")}
         ours = not tables if version == 0 else {"state", "secrets", "tokens", "audit"} <= tables
         if not ours:
             raise ConfigError(f"{self.path} is an sqlite database of something else, not "
@@ -6458,10 +6468,11 @@ def write_key_file(path: str, key: bytes) -> None:
     """A new key file holding ``key``: 0600 from the start, on disk before anything relies on
     it, and only where none is (O_EXCL: never over a key another process just wrote)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(base64.urlsafe_b64encode(key).decode() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        os.write(fd, base64.urlsafe_b64encode(key) + b"\n")     # one write: a reader sees all
+        os.fsync(fd)                                            # of it or an empty file
+    finally:
+        os.close(fd)
 
 
 def load_master_key(db_path: str, environ: Dict[str, str], store: Store,
@@ -6478,22 +6489,31 @@ def load_master_key(db_path: str, environ: Dict[str, str], store: Store,
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        if store.has_secrets() or store.has_key_check():
-            raise ConfigError(f"the key file {path} of this database is missing; restore it "
-                              f"from your backup or set SEKS_MASTER_KEY") from None
         key = secrets.token_bytes(32)
-        if not create:                        # nothing encrypted yet: nothing to check
-            return key
-        write_key_file(path, key)
+        try:
+            if store.has_secrets() or store.has_key_check():
+                raise ConfigError(f"the key file {path} of this database is missing; restore "
+                                  f"it from your backup or set SEKS_MASTER_KEY")
+            if not create:                    # nothing encrypted yet: nothing to check
+                return key
+            write_key_file(path, key)
+        except (ConfigError, FileExistsError):   # unless another command's first use made
+            if not os.path.exists(path):           # the file meanwhile: then it is the key
+                raise
+            return load_master_key(db_path, environ, store, create)
         store.check_master_key(derive_key(key, "key-check"))
         return key
     if os.name == "posix" and info.st_mode & 0o077:
         raise ConfigError(f"key file {path} is readable by group or others (mode "
                           f"{stat.S_IMODE(info.st_mode):04o}); fix it with: chmod 600 {path}")
     pending = path + ".new"
-    for _ in range(3):                       # a rotation may rename files under us: look again
+    for attempt in range(3):                 # a rotation may rename files under us: look again
         with open(path, encoding="ascii") as handle:
-            key = decode_master_key(handle.read().strip(), path)
+            text = handle.read().strip()
+        if not text and attempt < 2:         # another command's first use is writing it
+            time.sleep(0.05)
+            continue
+        key = decode_master_key(text, path)
         try:
             store.check_master_key(derive_key(key, "key-check"))
             return key

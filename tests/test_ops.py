@@ -1683,3 +1683,26 @@ def test_other_pythons_cli_round_trip_and_serve(other_pythons: List[Tuple[str, s
     with concurrent.futures.ThreadPoolExecutor(len(other_pythons)) as pool:   # one directory each
         failures = [f for f in pool.map(lambda vr: check(*vr), other_pythons) if f]
     assert not failures, "\n".join(failures)
+
+
+def test_first_use_by_several_commands_at_once_makes_one_key_and_one_schema(tmp_path: Path) -> None:
+    """Six commands started together on a database that does not exist yet (a script adding
+    agents in parallel, `serve` and `secret add` in two terminals): each succeeds, all under the
+    one key file that won (0600), and the schema is made once. Before, about one command in
+    thirty failed: "File exists", a key file read while empty, a table list read half-made
+    ("an sqlite database of something else"), or sqlite's "locked" while the file turned WAL."""
+    env = {k: v for k, v in broker_env().items() if k != "SEKS_MASTER_KEY"}
+    cmd, run_env = broker_command(env)
+    for round_ in range(6):
+        db = tmp_path / f"r{round_}" / "seks.db"
+        db.parent.mkdir()
+        procs = [subprocess.Popen([*cmd, "--db", str(db), "agent", "add", f"a{i}"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=run_env) for i in range(6)]
+        results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        assert [code for code, _ in results] == [0] * 6, [err for _, err in results]
+        assert stat.S_IMODE(os.stat(str(db) + ".key").st_mode) == 0o600
+        listed = ok(run_cli(db, "agent", "list", env=env))
+        assert all(f"a{i}" in listed for i in range(6)), listed
