@@ -2535,8 +2535,9 @@ class Store:
             try:                          # which sqlite answers "locked" without waiting
                 db.execute("PRAGMA journal_mode = WAL")
                 break
-            except sqlite3.OperationalError:
-                if attempt == 99:
+            except sqlite3.OperationalError as exc:
+                if attempt == 99 or "locked" not in str(exc):
+                    db.close()
                     raise
                 time.sleep(0.01)
         db.execute("PRAGMA synchronous = NORMAL")   # durable across a process crash
@@ -5439,6 +5440,8 @@ def settings_problem(settings: Settings) -> str:
     hook = urllib.parse.urlsplit(settings.alert_webhook) if settings.alert_webhook else None
     if hook is not None and (hook.scheme not in ("http", "https") or not hook.hostname):
         return f"alert webhook must be an http(s) URL, got {settings.alert_webhook!r}"
+    if not 0.1 <= settings.ws_poll <= 60:
+        return "ws_poll is 100ms to 60s (a revoked token's silent session ends within it)"
     return ""
 
 
@@ -7609,7 +7612,7 @@ def human_size(n: Optional[int]) -> str:
         return "-"
     if n < 1024:
         return f"{n} B"
-    power = min((n.bit_length() - 1) // 10, 3)         # 1024 ** power <= n: KB, MB or GB
+    power = min((int(n).bit_length() - 1) // 10, 3)    # 1024 ** power <= n: KB, MB or GB
     return f"{n / 1024 ** power:.1f} {('KB', 'MB', 'GB')[power - 1]}"
 
 

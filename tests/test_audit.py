@@ -610,6 +610,16 @@ def test_verify_detects_tampering(chain_db: Broker, tmp_path: Path, case: str) -
     assert re.search(rf"\brow {expect}\b", out), f"{case}: expected row {expect} to be named: {out}"
 
 
+def test_audit_list_shows_a_tampered_log_it_cannot_verify(chain_db: Broker, tmp_path: Path) -> None:
+    """`audit list` is how the operator looks at a log that fails verify: an intruder's edit of
+    a column's type (a byte count made a fraction) is shown, not a traceback."""
+    copy = private_copy(chain_db, tmp_path)
+    sql_edit(copy, "UPDATE audit SET bytes_out = 1536.5")
+    assert verify(chain_db, copy).returncode == 1
+    cp = run_cli(copy, "audit", "list", env=chain_db.env)
+    assert cp.returncode == 0 and "1.5 KB" in cp.stdout and "Traceback" not in cp.stderr, cp.stdout + cp.stderr
+
+
 # ============================================================================
 # Pruning keeps the chain verifiable and is itself on record
 # ============================================================================

@@ -28,8 +28,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 
 from conftest import (
-    REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, audit_json,
-    fresh_token, free_port, wait_until,
+    REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, audit_json, broker_env,
+    fresh_token, free_port, run_cli, wait_until,
 )
 from ws_helpers import (
     OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, EchoServer, FakeGateway, FakeRealtime,
@@ -1259,3 +1259,13 @@ def test_broker_log_has_no_real_key_nor_fake_token(wsb: Broker) -> None:
         assert REAL_KEYS[provider] not in log, f"real {provider} key in the broker log"
         assert wsb.token(provider) not in log, f"full {provider} fake token in the broker log"
     assert "sk-test-openai-WRONGWRONG-42" not in log
+
+
+def test_ws_poll_is_bounded(tmp_path) -> None:
+    """1ms would wake every quiet session a thousand times a second; hours would let a revoked
+    token's silent session run on: both refused by serve and by config check, with the range."""
+    cp = run_cli(tmp_path / "w.db", "serve", "--port", "0", "--ws-poll", "1ms", env=broker_env())
+    assert cp.returncode != 0 and "ws_poll is 100ms to 60s" in cp.stderr, cp.stderr
+    (tmp_path / "c.ini").write_text("[limits]\nws_poll = 2h\n")
+    cp = run_cli(tmp_path / "w.db", "config", "check", str(tmp_path / "c.ini"), env=broker_env())
+    assert cp.returncode == 1 and "ws_poll is 100ms to 60s" in cp.stdout, cp.stdout
