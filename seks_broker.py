@@ -2741,17 +2741,22 @@ class Store:
             return "renew", None, 0.0, found[0] if found else None
 
     def oauth_save(self, secret: str, ciphertext: Optional[str], expires_at: float,
-                   secret_ciphertext: Optional[str]) -> None:
+                   secret_ciphertext: Optional[str] = None, was: Optional[str] = None) -> bool:
         """The renewal's outcome, in one transaction: the new access token (None: the
         renewal failed; the claim is released) and, when the provider rotated the refresh
-        token, the secret's new ciphertext, so a crash never leaves only the old one."""
+        token, the secret's new ciphertext, so a crash never leaves only the old one. Unless
+        the secret is no longer ``was`` (the one renewed from): the operator rotated it or the
+        master key meanwhile, and this renewal must not undo that (False: nothing stored)."""
         with self.transaction(durable=True) as db:
-            if secret_ciphertext is not None:
+            kept = was is None or db.execute("SELECT 1 FROM secrets WHERE name = ? AND "
+                                             "ciphertext = ?", (secret, was)).fetchone()
+            if kept and secret_ciphertext is not None:
                 db.execute("UPDATE secrets SET ciphertext = ?, updated_at = ? WHERE name = ?",
                            (secret_ciphertext, utc_iso(), secret))
             db.execute("UPDATE oauth_tokens SET ciphertext = ?, expires_at = ?, renewing_until = "
-                       "0 WHERE secret = ?", (ciphertext, expires_at if ciphertext else 0.0,
-                                               secret))
+                       "0 WHERE secret = ?", (ciphertext if kept else None,
+                                               expires_at if ciphertext and kept else 0.0, secret))
+            return bool(kept)
 
     def get_secret(self, name: str) -> Optional[Tuple[str, str]]:
         rows = self.query("SELECT provider, ciphertext FROM secrets WHERE name = ?", (name,))
@@ -5664,7 +5669,7 @@ class Broker:
                  providers: Dict[str, Provider]) -> None:
         self.settings, self.store, self.providers = settings, store, providers
         self._lock, self._locks = threading.Lock(), {}   # per secret: one OAuth or STS renewal
-        self._oauth: Dict[str, Tuple[str, float]] = {}     # OAuth access tokens, in memory only
+        self._oauth: Dict[str, Tuple[str, float, str]] = {}   # OAuth access tokens (memory)
         self._oauth_seen: Dict[str, Dict[str, float]] = {}    # and those still alive
         self._oauth_pairs: Dict[str, Tuple[Tuple[str, ...], Any]] = {}   # and their scrub pairs
         self._roles: Dict[Tuple[str, str, str], Tuple[Dict[str, str], float, Any]] = {}  # AWS
@@ -5839,8 +5844,8 @@ class Broker:
         self._oauth_pairs[secret] = (live, pairs)
         return pairs
 
-    def _oauth_keep(self, secret: str, token: str, expires: float) -> None:
-        self._oauth[secret] = (token, expires)
+    def _oauth_keep(self, secret: str, token: str, expires: float, grant: str) -> None:
+        self._oauth[secret] = (token, expires, grant)
         with self._lock:
             self._oauth_seen.setdefault(secret, {})[token] = expires
 
@@ -5851,20 +5856,26 @@ class Broker:
         expires, or now when ``stale`` (a token the upstream refused) is the current one. One
         renewal at a time per secret, across threads and processes (Store.oauth_claim); a
         rotated refresh token is stored with the new access token in one durable commit."""
-        name = record.secret_name
+        name, grant = record.secret_name, record.secret_ciphertext or ""
         cipher, ad = self.tokens.keys.cipher, secret_ad(name, "oauth-access-token")
-        cached = self._oauth.get(name)
-        if cached is not None and cached[0] != stale and cached[1] - time.time() > OAUTH_RENEW_S:
-            return cached[0]                  # the common case: no lock, no database
+
+        def held(margin: float) -> str:       # from this secret as it is now (not rotated)
+            cached = self._oauth.get(name)
+            return cached[0] if cached is not None and cached[0] != stale and cached[2] == \
+                grant and cached[1] - time.time() > margin else ""
+
+        token = held(OAUTH_RENEW_S)
+        if token:
+            return token                      # the common case: no lock, no database
         with self._lock:
             lock = self._locks.setdefault(name, threading.Lock())
-        serving = cached is not None and cached[0] != stale and cached[1] - time.time() > 30
+        serving = held(30)
         if not lock.acquire(blocking=not serving):
-            return cached[0]                  # being renewed by another thread: still good
+            return serving                    # being renewed by another thread: still good
         try:
-            cached = self._oauth.get(name)
-            if cached is not None and cached[0] != stale and cached[1] - time.time() > OAUTH_RENEW_S:
-                return cached[0]
+            token = held(OAUTH_RENEW_S)
+            if token:
+                return token
             if stale:
                 self.store.oauth_save(name, None, 0.0, None)
             deadline = time.monotonic() + OAUTH_HOLD_S + 5
@@ -5876,7 +5887,7 @@ class Broker:
                 if blob is not None and (state == "token" or expires - time.time() > 30):
                     token = cipher.decrypt(blob, ad).decode("ascii")
                     if state == "token":
-                        self._oauth_keep(name, token, expires)
+                        self._oauth_keep(name, token, expires, grant)
                     if state == "token" or token != stale:    # while another process renews
                         return token                         # it, the old one serves
                 if time.monotonic() > deadline:
@@ -5900,9 +5911,10 @@ class Broker:
                                     f"{name}: {why}") from None
             rotated = cipher.encrypt(pack_parts(dict(parts, refresh_token=refresh)), parts_ad) \
                 if refresh and refresh != parts.get("refresh_token") else None
-            self.store.oauth_save(name, cipher.encrypt(token.encode("ascii"), ad), expires, rotated)
-            self._oauth_keep(name, token, expires)
-            return token
+            if self.store.oauth_save(name, cipher.encrypt(token.encode("ascii"), ad), expires,
+                                     rotated, secret_blob):
+                self._oauth_keep(name, token, expires, rotated or secret_blob)
+            return token                      # (else valid, but of a grant replaced meanwhile)
         finally:
             lock.release()
 

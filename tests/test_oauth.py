@@ -101,7 +101,7 @@ import time                    # noqa: E402
 import urllib.parse            # noqa: E402
 from typing import Dict, Iterator  # noqa: E402
 
-from conftest import Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, audit_json, ok  # noqa: E402
+from conftest import Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, audit_json, ok, wait_until  # noqa: E402
 
 
 class Issuer:
@@ -503,3 +503,40 @@ def test_a_new_master_key_or_a_replaced_secret_gets_a_new_access_token(
     token = base.mint("gmail", "gmail-again", via_cli=True)
     served = broker_factory.serve(base)
     assert profile(served, token).status == 200 and issuer.calls == 4, issuer.calls
+
+
+def stored_parts(b: Broker, name: str) -> Dict[str, str]:
+    """A secret's parts as stored, decrypted in-process with the broker's own code."""
+    store = sb.Store(str(b.db))
+    try:
+        provider, ciphertext = store.get_secret(name)
+        master = sb.load_master_key(str(b.db), b.env, store)
+        return sb.secret_parts(sb.SecretCipher(master).decrypt(ciphertext, sb.secret_ad(name, provider)))
+    finally:
+        store.close()
+
+
+def test_a_secret_rotated_under_a_running_broker_and_mid_renewal_wins(
+        broker_factory: Brokers, oauth_up: FakeUpstream, issuer: Issuer) -> None:
+    """The operator rotates an OAuth secret while a renewal is at the token endpoint: the
+    renewal's rotated refresh token does not overwrite the operator's, and the running broker
+    stops using the old grant's access token at once (it renews from the new secret)."""
+    base = gmail_broker(broker_factory, oauth_up)
+    served = broker_factory.serve(base)
+    issuer.delay = 1.5
+    new = {"client_id": "test-client", "client_secret": "test-client-secret-0123456789",
+           "refresh_token": "operator-new-grant-refresh", "token_url": oauth_up.url + "/token"}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(profile, served, base.token("gmail"))
+        assert wait_until(lambda: issuer.calls == 1, 10), "the renewal never reached the endpoint"
+        ok(base.cli("secret", "rotate", "gmail-key", input=json.dumps(new)))
+        assert pending.result(timeout=30).status == 200       # served by the token it renewed
+    assert stored_parts(base, "gmail-key")["refresh_token"] == "operator-new-grant-refresh"
+    issuer.delay, issuer.refresh = 0.0, "operator-new-grant-refresh"
+    resp = profile(served, base.token("gmail"))
+    assert resp.status == 200 and issuer.calls == 2, (resp.status, resp.body, issuer.calls)
+    third = dict(new, refresh_token="operator-third-grant-refresh")   # no race: the token held
+    ok(base.cli("secret", "rotate", "gmail-key", input=json.dumps(third)))   # in memory goes too
+    issuer.refresh = "operator-third-grant-refresh"
+    resp = profile(served, base.token("gmail"))
+    assert resp.status == 200 and issuer.calls == 3, (resp.status, resp.body, issuer.calls)
