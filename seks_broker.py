@@ -6188,7 +6188,22 @@ class AdminServer(http.server.ThreadingHTTPServer):
         super().__init__(address, AdminHandler)
 
 
-class AdminHandler(http.server.BaseHTTPRequestHandler):
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """The broker's own small servers (the admin port, the sign-in redirect, demo's upstream):
+    no access log on the operator's terminal, and ``reply`` sends one whole answer."""
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class AdminHandler(QuietHandler):
     """/metrics (Prometheus text) and /healthz; nothing else. It writes to the admin socket
     only, through http.server's own writer."""
 
@@ -6206,14 +6221,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
             body = broker.metrics.render(broker.connections.open).encode()
         elif self.path == "/healthz":
             status, body = 200, b'{"status":"ok"}'
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.reply(status, body, ctype)
 
 
 def disable_core_dumps() -> None:
@@ -6914,21 +6922,6 @@ def post_form(url: str, form: Dict[str, str]) -> Dict[str, Any]:
     if not isinstance(obj, dict):
         raise ConfigError(f"{url} did not answer with a JSON object")
     return obj
-
-
-class QuietHandler(http.server.BaseHTTPRequestHandler):
-    """The CLI's own loopback servers (the sign-in redirect, demo's upstream): no access log
-    on the operator's terminal, and ``reply`` sends one whole answer."""
-
-    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 class SignInRedirectHandler(QuietHandler):

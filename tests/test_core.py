@@ -456,8 +456,9 @@ def test_writer_scrubs_websocket_frames_before_compressing() -> None:
 def test_no_code_writes_to_a_socket_but_the_writer_and_the_upstream_side() -> None:
     """The one exit, checked on the source: a socket's write methods are touched in exactly two
     places, AgentWriter._send (every byte to an agent) and UpstreamConn.write (every byte to an
-    upstream); http.server's ``wfile`` only by the admin port's handler. The agent handler
-    never gets an rfile or wfile at all."""
+    upstream); http.server's ``wfile`` only by the small servers' QuietHandler (admin port,
+    OAuth sign-in, demo) and demo's fake provider. The agent handler never gets an rfile or
+    wfile at all."""
     import ast
     tree = ast.parse(Path(sb.__file__).read_text())
     found = []
@@ -476,8 +477,8 @@ def test_no_code_writes_to_a_socket_but_the_writer_and_the_upstream_side() -> No
     assert sends == [("AgentWriter._send", "self._sock.send"),
                      ("UpstreamConn.write", "self.sock.send")], found
     servers = {where.split(".")[0] for where, code in found if code.endswith("wfile")}
-    assert servers == {"AdminHandler", "DemoUpstreamHandler", "QuietHandler"}, found   # the admin
-    # port, demo's fake provider, and the reply of the CLI's loopback servers (OAuth sign-in, demo)
+    assert servers == {"DemoUpstreamHandler", "QuietHandler"}, found   # demo's fake provider's
+    # stream, and the one reply of the broker's small servers (admin port, OAuth sign-in, demo)
     assert "setup" in vars(sb.BrokerHandler) and "finish" in vars(sb.BrokerHandler)
 
 
