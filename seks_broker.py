@@ -7914,7 +7914,6 @@ def embedded_broker(settings: Settings, store: Store, master: bytes,
 
     def stop() -> None:
         broker.draining = True
-        servers[0].shutdown()
         broker.close(servers, None, min(own.grace, 5.0), threading.Event())
     return f"http://127.0.0.1:{servers[0].server_address[1]}", stop
 
