@@ -39,7 +39,7 @@ from ws_helpers import (
 WS_PROVIDERS = ("openai", "gemini", "anthropic", "discord")
 RT_PATH = "/openai/v1/realtime?model=gpt-test"
 MAX_MESSAGE = 16 * MiB            # the broker's WS_MAX_MESSAGE
-BROKER_POLL_S = 1.0               # the ws_poll these tests give the broker (its default is 5 s)
+BROKER_POLL_S = 0.5               # the ws_poll these tests give the broker (its default is 5 s)
 END_S = 5.0                       # "soon": the other side's socket must be closed within this
 MASK_LABEL = b"[REDACTED-BY-SEKS]"
 ZLIB_SUFFIX = b"\x00\x00\xff\xff"
@@ -723,7 +723,7 @@ def slow_upstream_reader(wsb: Broker) -> None:
         sent.set()
     t = threading.Thread(target=writer, daemon=True)
     t.start()
-    time.sleep(BROKER_POLL_S + 1.5)
+    time.sleep(BROKER_POLL_S + 1.0)
     op, payload = ws.recv_data(timeout=60)
     assert op == OP_BINARY and len(payload) == MAX_MESSAGE
     for c in chunks:
@@ -739,12 +739,12 @@ def test_slow_reader_loses_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
 
 
 def test_slow_readers_past_the_broker_poll_lose_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
-    """Either side silent for longer than the broker's poll (2.5 s > ws_poll): an agent that
+    """Either side silent for longer than the broker's poll (1.5 s, three polls): an agent that
     reads nothing (slow_agent_reader) and an upstream busy sending (slow_upstream_reader) lose
     nothing. The two sessions (each its own connection and upstream session) wait side by side,
     and each one's checks hold as when it ran alone."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        waits = [pool.submit(slow_agent_reader, wsb, BROKER_POLL_S + 1.5), pool.submit(slow_upstream_reader, wsb)]
+        waits = [pool.submit(slow_agent_reader, wsb, BROKER_POLL_S + 1.0), pool.submit(slow_upstream_reader, wsb)]
         for w in waits:
             w.result(timeout=120)
 
