@@ -460,7 +460,7 @@ class Provider:
     __slots__ = ("name", "upstream", "scheme", "host", "port", "base_path", "token_places",
                  "inject", "usage", "aliases", "token_shape", "errors", "env", "gateway", "also",
                  "parts", "optional", "public", "oauth", "token_url", "device_url", "region",
-                 "auth_url")
+                 "auth_url", "aws")
 
     def __init__(self, name: str, upstream: str, token_places: List[CredentialPlace],
                  inject: Optional[CredentialPlace], usage: str = "",
@@ -475,6 +475,7 @@ class Provider:
         self.scheme, self.host, self.port, self.base_path = parse_upstream_base(upstream) \
             if upstream != "none" else ("", "", 0, "")
         self.token_places = token_places
+        self.aws = any(p.kind == "aws" for p in token_places)   # AWS: signed, /<service>/<region>
         self.inject = inject      # None means "same place the token arrived"
         self.usage = usage
         self.aliases = aliases
@@ -970,7 +971,7 @@ def upstream_target(provider: Provider, rest: str, query: str, verify: bool,
         region, rest = gcp_route(rest)
         if host.endswith(".googleapis.com"):
             host, base = host if region == "global" else f"{region}-{host}", ""
-    elif any(p.kind == "aws" for p in provider.token_places):   # /<service>/<region>/<rest>:
+    elif provider.aws:                                # /<service>/<region>/<rest>:
         service, region, rest = aws_route(rest)            # AWS's own host, or the one base
         rest = aws_quote(urllib.parse.unquote(rest), "/")   # configured (path-style); path
         query = sigv4_query(query)                          # and query in canonical form
@@ -4419,7 +4420,6 @@ class Call:
         self.head, self.provider, self.rest, self.prefix, self.query = head, provider, rest, \
             prefix, query
         self.framing, self.length = framing, length
-        self.aws = any(p.kind == "aws" for p in provider.token_places)
         self.policy_rest = self.service = self.region = ""
         self.upgrade = self.verify = self.read_whole = False
         self.swap: Any = None
@@ -4595,7 +4595,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         ex.provider, self.error_style = provider.name, provider.errors
         if provider.region:                   # /vertex/<region>/...: policies see what follows
             call.policy_rest = gcp_route(rest)[1]
-        if call.aws:                          # /aws/<service>/<region>/...: AWS-shaped errors
+        if call.provider.aws:                          # /aws/<service>/<region>/...: AWS-shaped errors
             call.service, call.region, call.policy_rest = aws_route(rest)
             self.error_style = "aws-s3" if call.service == "s3" else (
                 "aws-query" if call.service in AWS_QUERY_SERVICES else "aws-json")
@@ -4627,7 +4627,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
         facts = request_facts(provider, head.method, head.fields, call.policy_rest or call.rest,
                               call.swap, call.body if call.read_whole else None,
                               call.read_whole, call.upgrade)
-        if call.aws:
+        if call.provider.aws:
             facts.aws, facts.action, facts.reads = aws_facts(call.rest, call.parts, call.query,
                                                              call.body, head.fields)
         return facts
@@ -4669,7 +4669,7 @@ class BrokerHandler(http.server.BaseHTTPRequestHandler):
                         if n == "Authorization" and v.startswith("Basic "))
             call.pairs += scrub_pairs(sent.partition(" ")[2])
         target = upstream_target(provider, rest, query, call.verify)
-        if call.aws:                          # sign anew, for the host it goes to
+        if call.provider.aws:                          # sign anew, for the host it goes to
             headers = self.aws_payload(call, headers)
             payload = hashlib.sha256(call.body or b"").hexdigest() if call.body is None or \
                 isinstance(call.body, bytes) else "UNSIGNED-PAYLOAD"
@@ -7323,7 +7323,7 @@ def env_vars(provider: Provider, token: str, broker_url: str,
     """The variables the provider's SDKs read (base URLs, key, and identifiers such as
     Twilio's account SID, from the secret's public parts), pointing at the broker."""
     prefix, parts = re.sub(r"[^A-Z0-9]", "_", provider.name.upper()), parts or {}
-    if any(p.kind == "aws" for p in provider.token_places):      # what boto3 and the CLI read
+    if provider.aws:                                             # what boto3 and the CLI read
         regions = [r for r in parts.get("regions", "").replace(",", " ").split() if r != "*"]
         region = regions[0] if regions else "us-east-1"
         services = (parts.get("services") or " ".join(AWS_SERVICES)).replace(",", " ").split()
