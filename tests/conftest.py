@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import pytest
 
+import cli_fork
 from raw_http import HeaderLookup, LoopbackServer, SocketReader
 
 # ============================================================================
@@ -806,14 +807,21 @@ def broker_command(env: Dict[str, str], python: str = sys.executable) -> Tuple[L
 def run_cli(db: Union[str, Path], *args: str, input: Optional[str] = None,
             env: Optional[Dict[str, str]] = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
     """`python3 seks_broker.py --db DB ARGS...` (started as broker_command says): the real CLI,
-    text stdin/stdout/stderr captured."""
+    text stdin/stdout/stderr captured. A separate process each time; forked from one that has
+    imported the broker already where cli_fork.py says that is the same, else a Python start."""
+    return run_command(["--db", str(db), *args], input=input, env=env, cwd=Path(db).parent,
+                       timeout=timeout)
+
+
+def run_command(argv: Sequence[str], input: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                cwd: Optional[Path] = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`python3 seks_broker.py ARGV...` in cwd (this process's by default), as run_cli runs it."""
     cmd, run_env = broker_command(env if env is not None else broker_env())
-    return subprocess.run(
-        [*cmd, "--db", str(db), *args],
-        input=input if input is not None else "",
-        capture_output=True, text=True, timeout=timeout,
-        env=run_env, cwd=str(Path(db).parent),
-    )
+    where = str(cwd) if cwd else os.getcwd()
+    done = cli_fork.fork_run(BROKER_PY, cmd, argv, input or "", run_env, where, timeout,
+                             server_env=broker_command(broker_env(master_key=None))[1]) if cmd[1] == "-m" else None
+    return done or subprocess.run([*cmd, *argv], input=input or "", capture_output=True, text=True,
+                                  timeout=timeout, env=run_env, cwd=where)
 
 
 _MINT_PARSER: List[Any] = []
@@ -1164,6 +1172,7 @@ def _brokers_stopped() -> Iterator[None]:
     """At the session's end, every broker a fixture stopped (Brokers.stop_all) has ended."""
     yield
     _STOPPING.shutdown(wait=True)
+    cli_fork.stop()
 
 
 @pytest.fixture(scope="module")

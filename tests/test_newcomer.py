@@ -25,9 +25,9 @@ from typing import Dict, List
 import pytest
 
 from conftest import (
-    BROKER_PY, REAL_KEYS, Broker, Brokers, FakeUpstream, broker_command, broker_env, call,
+    BROKER_PY, REAL_KEYS, Broker, Brokers, FakeUpstream, broker_env, call,
     error_type_and_message, free_port, fresh_agent, hanging_upstream, ok, parse_table, run_cli,
-    wait_until,
+    run_command, wait_until,
 )
 
 FAKE_SECRET_ARG = "sk-test-stray-argument-0123456789"
@@ -35,9 +35,7 @@ OTHER_KEY = base64.urlsafe_b64encode(bytes(range(100, 132))).decode()
 
 
 def cli(*args: str, env: Dict[str, str] = None, input: str = "", cwd: Path = None) -> subprocess.CompletedProcess:
-    cmd, run_env = broker_command(env if env is not None else broker_env())
-    return subprocess.run([*cmd, *args], input=input, capture_output=True, text=True,
-                          timeout=30, env=run_env, cwd=str(cwd) if cwd else None)
+    return run_command(args, input=input, env=env, cwd=cwd, timeout=30)
 
 
 def side_by_side(fn, items):
