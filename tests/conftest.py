@@ -814,12 +814,16 @@ def run_cli(db: Union[str, Path], *args: str, input: Optional[str] = None,
 
 
 def run_command(argv: Sequence[str], input: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-                cwd: Optional[Path] = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`python3 seks_broker.py ARGV...` in cwd (this process's by default), as run_cli runs it."""
+                cwd: Optional[Path] = None, timeout: float = CLI_TIMEOUT_S,
+                fork: bool = True) -> subprocess.CompletedProcess:
+    """`python3 seks_broker.py ARGV...` in cwd (this process's by default), as run_cli runs it;
+    fork=False: always a Python start."""
     cmd, run_env = broker_command(env if env is not None else broker_env())
     where = str(cwd) if cwd else os.getcwd()
-    done = cli_fork.fork_run(BROKER_PY, cmd, argv, input or "", run_env, where, timeout,
-                             server_env=broker_command(broker_env(master_key=None))[1]) if cmd[1] == "-m" else None
+    done = None
+    if fork and cmd[1] == "-m":
+        done = cli_fork.fork_run(BROKER_PY, cmd, argv, input or "", run_env, where, timeout,
+                                 server_env=broker_command(broker_env(master_key=None))[1])
     return done or subprocess.run([*cmd, *argv], input=input or "", capture_output=True, text=True,
                                   timeout=timeout, env=run_env, cwd=where)
 

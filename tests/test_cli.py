@@ -329,3 +329,72 @@ def test_help_works_and_shows_no_secrets(db: Path) -> None:
     for k in REAL_KEYS.values():
         assert k not in cp.stdout + cp.stderr
     assert not db.exists(), "--help created a DB"
+
+
+# ============================================================================
+# the test harness: a forked command answers as one started by Python
+# ============================================================================
+
+FORK_CASES = [
+    (["--version"], ""),
+    (["agent", "list"], ""),                                               # no database yet: 1
+    (["secret", "add", "openai-key", "--provider", "openai"], REAL_KEYS["openai"] + "\n"),
+    (["secret", "add", "x", "--provider", "openai", "sk-test-on-the-command-line"], ""),
+    (["secret", "list"], ""),
+    (["tokn", "list"], ""),                                                # 2, did you mean
+    (["token", "mint", "--secret", "openai-key", "--agent", "a", "--ttl", "99y"], ""),
+    (["status"], ""),
+]
+
+
+def test_a_forked_command_answers_as_one_started_by_python(tmp_path: Path) -> None:
+    """run_cli forks most commands from a server that imported the broker once (cli_fork.py). The
+    same commands started by Python give the same exit codes, output and files."""
+    import cli_fork
+    from conftest import BROKER_PY, broker_command, run_command
+    answers = {}
+    for how in ("forked", "python"):
+        work = tmp_path / how
+        work.mkdir()
+        env = broker_env(extra={"SEKS_DB": "team.db"}, master_key=None)   # read from env, in cwd
+        cmd, run_env = broker_command(env)
+        server_env = broker_command(broker_env(master_key=None))[1]
+        got = []
+        for argv, stdin in FORK_CASES:
+            if how == "forked":
+                cp = cli_fork.fork_run(BROKER_PY, cmd, argv, stdin, run_env, str(work), 30, server_env)
+                assert cp is not None, "the command was not forked"
+            else:
+                cp = run_command(argv, input=stdin, env=env, cwd=work, fork=False)
+            text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "<time>", cp.stdout + "|" + cp.stderr)
+            got.append((cp.returncode, text.replace(str(work), "<dir>")))
+        files = sorted((f.name, oct(stat.S_IMODE(f.stat().st_mode))) for f in work.iterdir())
+        answers[how] = (got, files)
+    assert [code for code, _ in answers["python"][0]] == [0, 1, 0, 2, 0, 2, 2, 0]
+    assert answers["forked"] == answers["python"]
+
+
+def test_a_forked_command_over_its_time_is_killed(broker: Broker) -> None:
+    """The harness's timeout holds for forked commands too: TimeoutExpired, and the child is gone."""
+    import subprocess
+
+    import cli_fork
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        broker.cli("audit", "--follow", timeout=1.5)
+    assert time.monotonic() - start < 5
+    servers = {s.proc.pid for s in cli_fork._SERVERS}
+    assert servers, "the command was not forked"
+
+    def server_children() -> List[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat_line = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat_line.rsplit(")", 1)[1].split()[1]) in servers:
+                found.append(pid)
+        return found
+    if os.path.isdir("/proc"):
+        assert wait_until(lambda: not server_children(), 5), server_children()
