@@ -50,7 +50,7 @@ class _Server:
     def __init__(self, broker_py: Path, env: Dict[str, str], workdir: str) -> None:
         self.busy = threading.Lock()
         with open(os.path.join(workdir, f"server-{len(_SERVERS)}.stderr"), "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, str(ZYGOTE_PY), str(broker_py.parent)],
+            self.proc = subprocess.Popen([sys.executable, str(ZYGOTE_PY), str(broker_py)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                          env=env, cwd=workdir)
 

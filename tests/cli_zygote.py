@@ -1,6 +1,6 @@
-"""A CLI fork server for the tests: `python cli_zygote.py BROKER_DIR`, driven by cli_fork.py.
+"""A CLI fork server for the tests: `python cli_zygote.py BROKER_PY`, driven by cli_fork.py.
 
-It imports seks_broker once, then for each request line on stdin (JSON: argv, env, cwd and the
+It imports the broker (BROKER_PY's module, as `python -m` would) once, then for each request line on stdin (JSON: argv, env, cwd and the
 paths of the stdin/stdout/stderr files) forks a child, prints the child's PID, waits for it and
 prints its exit code. The child is what `python -m seks_broker ARGV` is after Python's start and
 the module's import: its fds 0/1/2 are the request's files, its environment, working directory
@@ -9,14 +9,14 @@ normal shutdown (atexit, flushing). This process itself never runs a command, so
 starts from the same freshly imported module.
 """
 
+import importlib
 import json
 import os
 import sys
 
-sys.path.insert(0, sys.argv[1])
-import seks_broker  # noqa: E402  (after the path)
-
-BROKER_PY = os.path.abspath(seks_broker.__file__)
+BROKER_PY = os.path.abspath(sys.argv[1])
+sys.path.insert(0, os.path.dirname(BROKER_PY))
+broker = importlib.import_module(os.path.splitext(os.path.basename(BROKER_PY))[0])
 
 
 def serve() -> dict:
@@ -64,4 +64,4 @@ def become(request: dict) -> None:
 
 if __name__ == "__main__":
     become(serve())
-    sys.exit(seks_broker.main())
+    sys.exit(broker.main())
