@@ -589,6 +589,7 @@ class _UpstreamServer(ThreadingHTTPServer):
     # pool until it exits, and the brokers of a module may still be shutting down (stop_all)
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = 128    # listen backlog: tests open dozens of connections at once
     upstream: "FakeUpstream"
     ssl_context: Optional[ssl.SSLContext] = None
 
