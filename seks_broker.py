@@ -6331,7 +6331,8 @@ def open_broker(settings: Settings, store: Store, master_key: bytes,
     if settings.admin_port >= 0:
         admin_port = settings.admin_port + max(worker - 1, 0) if settings.admin_port else 0
         admin = AdminServer((settings.admin_host, admin_port), broker)
-        threading.Thread(target=admin.serve_forever, daemon=True).start()
+        threading.Thread(target=admin.serve_forever, kwargs={"poll_interval": 0.2},
+                         daemon=True).start()
     for extra in servers[1:]:
         threading.Thread(target=extra.serve_forever, kwargs={"poll_interval": 0.2},
                          daemon=True).start()
@@ -6375,7 +6376,8 @@ def serve(settings: Settings, store: Store, master_key: bytes,
             stop_now.set()
             return
         broker.draining = True
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        for listener in servers:                # side by side: each waits out its own poll
+            threading.Thread(target=listener.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     # a worker's parent relays the operator's signals as SIGTERM; the terminal's own SIGINT to
