@@ -7709,12 +7709,15 @@ def cmd_audit(args: argparse.Namespace, store: Store, master: bytes, settings: S
         print(f"pruned {deleted} row(s); the chain still verifies from the prune record")
         return 0
     where, params = audit_filter(args)
+    follow = getattr(args, "follow", False)
+    # --follow reads the newest id before the page: a row written in between is printed next
+    last = store.last_audit_id() if follow else 0
     rows = store.audit_rows(where, params, limit=getattr(args, "limit", 100))
     as_json = getattr(args, "json", False)
     print_audit(rows, as_json)
-    if not getattr(args, "follow", False):
+    if not follow:
         return 0
-    last = rows[-1].id if rows else store.last_audit_id()
+    last = rows[-1].id if rows else last
     try:
         while True:
             time.sleep(0.5)
