@@ -14,12 +14,15 @@ and frame bit is under the test's control. Every wait is bounded.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
 import re
 import signal
 import socket
+import struct
+import termios
 import threading
 import time
 import zlib
@@ -140,6 +143,25 @@ def close_cleanly(ws: WsConn, code: int = 1000, reason: str = "bye") -> Tuple[Op
     assert ws.wait_eof(END_S), "the broker did not close the agent's socket after the close handshake"
     ws.close()
     return got
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in `sock`'s receive buffer that nobody has read yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def wait_writes_to_agent_blocked(ws: WsConn, still: float = 0.1, timeout: float = 10.0) -> None:
+    """Until the bytes the agent has not read (it reads nothing) stop growing for `still` seconds:
+    its receive buffer is full, so the broker's writes to it are blocked now."""
+    last, since = -1, time.monotonic()
+
+    def stalled() -> bool:
+        nonlocal last, since
+        unread = unread_bytes(ws.sock)
+        if unread != last:
+            last, since = unread, time.monotonic()
+        return unread > 0 and time.monotonic() - since >= still
+    assert wait_until(stalled, timeout), f"the agent's receive buffer kept changing ({last} bytes unread)"
 
 
 def wait_audit(b: Broker, agent: str, n: int = 1, timeout: float = 10.0) -> List[Dict[str, Any]]:
@@ -1220,12 +1242,13 @@ def test_shutdown_within_grace_when_the_client_stopped_reading(broker_factory: B
                                                                realtime: FakeRealtime) -> None:
     """The upstream floods a client that reads nothing, so the broker's writes to it block: the
     broker still exits within the grace period, and the session's row says it was cut."""
-    b = broker_factory({"openai": realtime.url}, providers=("openai",), serve_args=("--grace", "1s"))
+    grace = 0.3
+    b = broker_factory({"openai": realtime.url}, providers=("openai",), serve_args=("--grace", f"{grace}s"))
     agent, tok = fresh_token(b, "openai", prefix="rt-stuck")
     ws = rt_open(b, tok)
     ws.send_text({"type": "burst", "count": 400, "size": 256 * 1024})    # 100 MiB, never read
     s = realtime.wait_session()
-    time.sleep(1.0)                          # the broker's writes to the agent are blocked now
+    wait_writes_to_agent_blocked(ws)
     assert b.proc is not None
     t0 = time.monotonic()
     b.proc.send_signal(signal.SIGTERM)
@@ -1235,7 +1258,7 @@ def test_shutdown_within_grace_when_the_client_stopped_reading(broker_factory: B
         rc = None
     took = time.monotonic() - t0
     ws.close()
-    assert rc == 0 and took < 4.0, f"rc={rc} after {took:.1f}s with --grace 1s"
+    assert rc == 0 and took < grace + 3.0, f"rc={rc} after {took:.1f}s with --grace {grace}s"
     rows = audit_json(b, "--agent", agent)
     assert len(rows) == 1, rows
     assert rows[0]["status"] == 101 and "cut at shutdown" in rows[0]["reason"], rows
