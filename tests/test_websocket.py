@@ -43,6 +43,7 @@ WS_PROVIDERS = ("openai", "gemini", "anthropic", "discord")
 RT_PATH = "/openai/v1/realtime?model=gpt-test"
 MAX_MESSAGE = 16 * MiB            # the broker's WS_MAX_MESSAGE
 BROKER_POLL_S = 0.5               # the ws_poll these tests give the broker (its default is 5 s)
+MIN_POLL_S = 0.1                  # the smallest ws_poll the broker takes
 END_S = 5.0                       # "soon": the other side's socket must be closed within this
 MASK_LABEL = b"[REDACTED-BY-SEKS]"
 ZLIB_SUFFIX = b"\x00\x00\xff\xff"
@@ -713,12 +714,14 @@ def test_upstream_dies_client_closed_soon(wsb: Broker, reset: bool) -> None:
 
 
 def slow_agent_reader(wsb: Broker, pause: float) -> None:
-    """The agent asks for 8 MiB in 128 messages, reads nothing for `pause` seconds, then reads
-    everything: all messages arrive, in order, intact (TCP back-pressure, no drop, no close)."""
+    """The agent asks for 8 MiB in 128 messages and reads nothing until the broker's writes to it
+    are blocked, nor for `pause` seconds more, then reads everything: all messages arrive, in
+    order, intact (TCP back-pressure, no drop, no close)."""
     count, size = 128, 64 * 1024
     ws = rt_open(wsb)
     ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     ws.send_text({"type": "burst", "count": count, "size": size})
+    wait_writes_to_agent_blocked(ws)
     time.sleep(pause)
     for i in range(count):
         op, payload = ws.recv_data(timeout=30)
@@ -730,9 +733,10 @@ def slow_agent_reader(wsb: Broker, pause: float) -> None:
     close_cleanly(ws)
 
 
-def slow_upstream_reader(wsb: Broker) -> None:
-    """The other direction: the agent sends 8 MiB while the upstream is busy past the broker's poll (it is
-    still sending a 16 MiB answer the agent does not read yet); nothing is lost."""
+def slow_upstream_reader(wsb: Broker, pause: float) -> None:
+    """The other direction: the agent sends 8 MiB while the upstream is busy for `pause` seconds
+    after the broker's writes to the agent block (it is still sending a 16 MiB answer the agent
+    does not read yet); nothing is lost."""
     ws = rt_open(wsb)
     ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     ws.send_text({"type": "big", "size": MAX_MESSAGE})     # upstream blocks in sendall on this
@@ -745,7 +749,8 @@ def slow_upstream_reader(wsb: Broker) -> None:
         sent.set()
     t = threading.Thread(target=writer, daemon=True)
     t.start()
-    time.sleep(BROKER_POLL_S + 1.0)
+    wait_writes_to_agent_blocked(ws)
+    time.sleep(pause)
     op, payload = ws.recv_data(timeout=60)
     assert op == OP_BINARY and len(payload) == MAX_MESSAGE
     for c in chunks:
@@ -756,17 +761,21 @@ def slow_upstream_reader(wsb: Broker) -> None:
 
 
 def test_slow_reader_loses_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
-    """An agent that reads nothing for 1 s loses nothing (see slow_agent_reader)."""
-    slow_agent_reader(wsb, 1.0)
+    """An agent that reads nothing until the broker's writes to it block loses nothing (see
+    slow_agent_reader)."""
+    slow_agent_reader(wsb, 0.0)
 
 
-def test_slow_readers_past_the_broker_poll_lose_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
-    """Either side silent for longer than the broker's poll (1.5 s, three polls): an agent that
+def test_slow_readers_past_the_broker_poll_lose_nothing(broker_factory: Brokers, realtime: FakeRealtime) -> None:
+    """Either side silent for longer than the broker's poll (three polls once the broker's writes
+    to the agent block; this broker polls every 100 ms, its smallest ws_poll): an agent that
     reads nothing (slow_agent_reader) and an upstream busy sending (slow_upstream_reader) lose
     nothing. The two sessions (each its own connection and upstream session) wait side by side,
     and each one's checks hold as when it ran alone."""
+    b = broker_factory({"openai": realtime.url}, providers=("openai",),
+                       extra_env={"SEKS_WS_POLL": f"{MIN_POLL_S}s"})
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        waits = [pool.submit(slow_agent_reader, wsb, BROKER_POLL_S + 1.0), pool.submit(slow_upstream_reader, wsb)]
+        waits = [pool.submit(reader, b, 3 * MIN_POLL_S) for reader in (slow_agent_reader, slow_upstream_reader)]
         for w in waits:
             w.result(timeout=120)
 
