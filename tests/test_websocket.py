@@ -826,7 +826,6 @@ def test_unreachable_upstreams_502_before_upgrade(broker_factory: Brokers) -> No
     assert hs.ws is None and hs.status == 502, (hs.status, hs.body)
     hs = ws_connect(b.port, gw_target())
     assert hs.ws is None and hs.status == 502, (hs.status, hs.body)
-    b.stop()
 
 
 def test_gateway_close_from_discord_is_passed_on(broker_factory: Brokers, discord_rest: FakeUpstream) -> None:
@@ -1206,17 +1205,14 @@ def test_gateway_urls_use_public_url(broker_factory: Brokers, gateway: FakeGatew
     b = broker_factory({"discord": discord_rest.url}, providers=("discord",),
                        extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": gateway.ws_url},
                        serve_args=("--public-url", "https://broker.example:8443"))
-    try:
-        r = b.request("GET", "/discord/api/v10/gateway/bot", {"Authorization": f"Bot {b.token('discord')}"})
-        assert r.json()["url"] == "wss://broker.example:8443/discord/gateway"
-        gc = gw_open(b, compressed=False)
-        gc.send(identify(b.token("discord")))
-        ready = gc.recv()
-        assert ready["d"]["resume_gateway_url"] == \
-            f"wss://broker.example:8443/discord/gateway/resume/127.0.0.1:{gateway.port}"
-        close_cleanly(gc.ws)
-    finally:
-        b.stop()
+    r = b.request("GET", "/discord/api/v10/gateway/bot", {"Authorization": f"Bot {b.token('discord')}"})
+    assert r.json()["url"] == "wss://broker.example:8443/discord/gateway"
+    gc = gw_open(b, compressed=False)
+    gc.send(identify(b.token("discord")))
+    ready = gc.recv()
+    assert ready["d"]["resume_gateway_url"] == \
+        f"wss://broker.example:8443/discord/gateway/resume/127.0.0.1:{gateway.port}"
+    close_cleanly(gc.ws)
 
 
 def test_shutdown_closes_sessions_with_1001_and_audits_them(broker_factory: Brokers, realtime: FakeRealtime) -> None:
