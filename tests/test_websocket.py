@@ -840,12 +840,14 @@ def test_gateway_close_from_discord_is_passed_on(broker_factory: Brokers, discor
         gc = gw_open(b, compressed=True)
         gc.send(identify(b.token("discord")))
         assert gc.ws.recv_close() == (4004, "Authentication failed.")
+        gc.ws.send_close(4004)                 # answered like a client does: the session ends
+        assert gc.ws.wait_eof(END_S)
         assert [d["token"] for d in srv.identifies] == [wrong]
         assert wrong.encode() not in bytes(gc.ws.raw_in)
     finally:
         srv.stop()
-        b.stop()
-    assert wrong not in b.stderr_text()
+    log = b.wait_for_log(lambda text: "GET /discord/gateway" in text)    # the session's line, once it ended
+    assert wrong not in log
 
 
 # ============================================================================
