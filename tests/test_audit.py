@@ -522,7 +522,7 @@ def test_audit_follow_with_limit_0_prints_only_new_rows(broker: Broker, upstream
 @pytest.fixture(scope="module")
 def chain_db(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Iterator[Broker]:
     """A broker of its own with a known mix of rows (allowed, unknown token, policy refusal),
-    stopped, so each tamper test can edit a private copy of its DB."""
+    left idle once they are all written; each tamper test edits a private copy of its DB."""
     b = broker_factory({p: u.url for p, u in upstreams.items()}, providers=("openai",))
     limited = b.mint("openai", "limited-agent", "--allow-method", "GET")
     plan = ["ok", "ok", "post", "unknown", "ok", "ok", "forbidden", "ok", "ok", "ok"]
@@ -535,7 +535,7 @@ def chain_db(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Ite
             assert call(b, "openai", unknown_token()).status == 401
         else:
             assert call(b, "openai", limited, "POST", "/v1/chat/completions", b"{}").status == 403
-    b.stop()
+    assert wait_until(lambda: len(audit_json(b)) >= len(plan), 10)      # a row follows its answer
     rows = audit_json(b)
     assert len(rows) == len(plan), rows
     b.chain_ids = [r["id"] for r in rows]  # type: ignore[attr-defined]
