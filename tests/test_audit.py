@@ -403,7 +403,8 @@ def test_agent_and_upstream_text_cannot_forge_the_operators_views(broker: Broker
             follower.wait_for("DURATION")    # its first (empty) page is printed
         body = json.dumps({"model": asked, "messages": []}).encode()
         assert call(broker, "openai", token, "POST", "/v1/chat/completions", body).status == 200
-        time.sleep(0.3)
+        if follower is None:                   # (the follower prints the row once it is written)
+            assert wait_until(lambda: audit_json(broker, "--agent", agent), 10), "the row follows the answer"
         if view == "usage":
             out = ok(broker.cli("usage", "--agent", agent))
             exact = [json.loads(ln)["model"] for ln in ok(broker.cli("usage", "--agent", agent, "--json")).splitlines()]
@@ -415,7 +416,6 @@ def test_agent_and_upstream_text_cannot_forge_the_operators_views(broker: Broker
         else:
             assert follower is not None
             follower.wait_for(agent)
-            time.sleep(0.3)
             out = "\n".join(follower.seen) + "\n"
     finally:
         if follower is not None:
