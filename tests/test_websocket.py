@@ -88,11 +88,15 @@ def discord_rest() -> Iterator[FakeUpstream]:
 def wsb(broker_factory: Brokers, realtime: FakeRealtime, gateway: FakeGateway, echo: EchoServer,
         discord_rest: FakeUpstream) -> Broker:
     """One broker for the module: openai -> FakeRealtime, gemini/anthropic -> EchoServer,
-    discord REST -> a FakeUpstream, discord gateway (env) -> FakeGateway."""
-    return broker_factory(
+    discord REST -> a FakeUpstream, discord gateway (env) -> FakeGateway. `.expiring`: an openai
+    token minted with the shortest --ttl (1s) as the broker starts, and the time it expires by:
+    the bad-token test uses it once expired, without waiting out a second of its own."""
+    b = broker_factory(
         {"openai": realtime.url, "gemini": echo.url, "anthropic": echo.url, "discord": discord_rest.url},
         extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": gateway.ws_url, "SEKS_WS_POLL": f"{BROKER_POLL_S}s"},
         providers=WS_PROVIDERS)
+    b.expiring = (b.mint("openai", "agent-expired-rt", "--ttl", "1s"), time.time() + 1)  # type: ignore[attr-defined]
+    return b
 
 
 @pytest.fixture(autouse=True)
@@ -280,7 +284,8 @@ def test_realtime_frame_sent_right_behind_the_handshake(wsb: Broker) -> None:
     close_cleanly(ws)
 
 
-@pytest.mark.parametrize("case", ["missing", "unknown", "revoked", "expired", "not_seks", "other_provider"])
+# "expired" last: wsb.expiring, minted as the broker started, has had the most time to run out
+@pytest.mark.parametrize("case", ["missing", "unknown", "revoked", "not_seks", "other_provider", "expired"])
 def test_realtime_bad_token_refused_before_upgrade(wsb: Broker, realtime: FakeRealtime, case: str) -> None:
     if case == "missing":
         headers: List[Tuple[str, str]] = []
@@ -291,8 +296,8 @@ def test_realtime_bad_token_refused_before_upgrade(wsb: Broker, realtime: FakeRe
         assert wsb.cli("token", "revoke", tok).returncode == 0
         headers = bearer(tok)
     elif case == "expired":
-        tok = wsb.mint("openai", "agent-expired-rt", "--ttl", "1s")
-        time.sleep(1.2)
+        tok, expires_by = wsb.expiring  # type: ignore[attr-defined]
+        assert wait_until(lambda: time.time() > expires_by, 2)
         headers = bearer(tok)
     elif case == "not_seks":
         headers = bearer("sk-not-a-seks-token")
