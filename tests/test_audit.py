@@ -401,9 +401,13 @@ def test_agent_and_upstream_text_cannot_forge_the_operators_views(broker: Broker
     try:
         if follower is not None:
             follower.wait_for("DURATION")    # its first (empty) page is printed
+            # it notes the newest row id just after that page: a row written before is never
+            # printed. Its first poll is 0.5 s away, so this costs no time.
+            time.sleep(0.3)
         body = json.dumps({"model": asked, "messages": []}).encode()
         assert call(broker, "openai", token, "POST", "/v1/chat/completions", body).status == 200
-        time.sleep(0.3)
+        if follower is None:                   # (the follower prints the row once it is written)
+            assert wait_until(lambda: audit_json(broker, "--agent", agent), 10), "the row follows the answer"
         if view == "usage":
             out = ok(broker.cli("usage", "--agent", agent))
             exact = [json.loads(ln)["model"] for ln in ok(broker.cli("usage", "--agent", agent, "--json")).splitlines()]
@@ -415,7 +419,6 @@ def test_agent_and_upstream_text_cannot_forge_the_operators_views(broker: Broker
         else:
             assert follower is not None
             follower.wait_for(agent)
-            time.sleep(0.3)
             out = "\n".join(follower.seen) + "\n"
     finally:
         if follower is not None:
@@ -522,7 +525,7 @@ def test_audit_follow_with_limit_0_prints_only_new_rows(broker: Broker, upstream
 @pytest.fixture(scope="module")
 def chain_db(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Iterator[Broker]:
     """A broker of its own with a known mix of rows (allowed, unknown token, policy refusal),
-    stopped, so each tamper test can edit a private copy of its DB."""
+    left idle once they are all written; each tamper test edits a private copy of its DB."""
     b = broker_factory({p: u.url for p, u in upstreams.items()}, providers=("openai",))
     limited = b.mint("openai", "limited-agent", "--allow-method", "GET")
     plan = ["ok", "ok", "post", "unknown", "ok", "ok", "forbidden", "ok", "ok", "ok"]
@@ -535,7 +538,7 @@ def chain_db(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Ite
             assert call(b, "openai", unknown_token()).status == 401
         else:
             assert call(b, "openai", limited, "POST", "/v1/chat/completions", b"{}").status == 403
-    b.stop()
+    assert wait_until(lambda: len(audit_json(b)) >= len(plan), 10)      # a row follows its answer
     rows = audit_json(b)
     assert len(rows) == len(plan), rows
     b.chain_ids = [r["id"] for r in rows]  # type: ignore[attr-defined]
@@ -736,8 +739,8 @@ def test_sigkill_mid_traffic_leaves_a_verifiable_chain_missing_only_rows_in_flig
     threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(8)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
-    os.kill(b.proc.pid, signal.SIGKILL)
+    assert wait_until(lambda: len(completed) >= 40, 15), f"too little traffic: {len(completed)} requests"
+    os.kill(b.proc.pid, signal.SIGKILL)                     # the clients are still sending
     b.proc.wait(timeout=10)
     stop.set()
     for t in threads:

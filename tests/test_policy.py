@@ -21,7 +21,7 @@ import re
 import secrets
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -390,12 +390,14 @@ def test_rate_policy_429_with_retry_after(broker: Broker, upstreams: Dict[str, F
 
 def test_rate_policy_refills(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     _, token = fresh_token(broker, "openai", "--rate", "1/s", prefix="refill")
+    t0 = time.monotonic()
     assert call(broker, "openai", token).status == 200
     resp = call(broker, "openai", token)
     assert resp.status == 429
     assert resp.headers.get("Retry-After") == "1"
-    time.sleep(1.2)
-    assert call(broker, "openai", token).status == 200
+    # a refused request takes nothing from the bucket: asking until one is let through is fair
+    assert wait_until(lambda: call(broker, "openai", token).status == 200, 5, interval=0.05), "never refilled"
+    assert time.monotonic() - t0 > 0.9, "refilled sooner than the rate allows"
 
 
 def test_rate_flag_is_validated(broker: Broker) -> None:
@@ -668,7 +670,13 @@ def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Di
              "usage": {"output_tokens": tout}}, "message_delta"),
         sse({"type": "message_stop"}, "message_stop"),
     ]
-    upstreams["anthropic"].set_responder(key_checked("anthropic", lambda h, req: h.send_sse(events, 0.25)))
+    hung_up = threading.Event()
+
+    def stream() -> Iterator[bytes]:
+        yield events[0]
+        hung_up.wait(15)          # the rest only once the agent has hung up: it leaves mid-stream
+        yield from events[1:]
+    upstreams["anthropic"].set_responder(key_checked("anthropic", lambda h, req: h.send_sse(stream(), 0.05)))
     body = json.dumps({"model": "claude-3-5-haiku-20241022", "max_tokens": 64, "stream": True,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
     budget = len(body) + 64 + 64          # exactly one request's bound: the input, then 64 out
@@ -682,12 +690,12 @@ def test_budget_counts_a_stream_the_agent_abandons(broker: Broker, upstreams: Di
         assert b"message_start" in resp.read1(65536)
     finally:
         conn.close()   # hang up after the first event
-    deadline = time.monotonic() + 15
-    rows: List[Dict[str, Any]] = []
-    while time.monotonic() < deadline and not rows:
-        time.sleep(0.3)
-        rows = [json.loads(line) for line in ok(broker.cli("audit", "--json", "--agent", agent)).splitlines()]
-    assert len(rows) == 1, "the abandoned request has no audit row"
+        hung_up.set()
+    assert wait_until(lambda: audit_json(broker, "--agent", agent), 15, interval=0.1), \
+        "the abandoned request has no audit row"
+    rows = audit_json(broker, "--agent", agent)
+    assert len(rows) == 1, rows
+    assert rows[0]["outcome"] == "error" and "mid-answer" in rows[0]["reason"], rows   # it left mid-stream
     assert rows[0]["tokens_in"] == tin, json.dumps(rows[0])
     assert int(token_row(broker, agent)["TOKENS"]) >= tin
     assert_denied(call(broker, "anthropic", token, "POST", "/v1/messages", body), 403, "budget")

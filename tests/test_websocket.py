@@ -14,12 +14,15 @@ and frame bit is under the test's control. Every wait is bounded.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
 import re
 import signal
 import socket
+import struct
+import termios
 import threading
 import time
 import zlib
@@ -40,6 +43,7 @@ WS_PROVIDERS = ("openai", "gemini", "anthropic", "discord")
 RT_PATH = "/openai/v1/realtime?model=gpt-test"
 MAX_MESSAGE = 16 * MiB            # the broker's WS_MAX_MESSAGE
 BROKER_POLL_S = 0.5               # the ws_poll these tests give the broker (its default is 5 s)
+MIN_POLL_S = 0.1                  # the smallest ws_poll the broker takes
 END_S = 5.0                       # "soon": the other side's socket must be closed within this
 MASK_LABEL = b"[REDACTED-BY-SEKS]"
 ZLIB_SUFFIX = b"\x00\x00\xff\xff"
@@ -84,11 +88,15 @@ def discord_rest() -> Iterator[FakeUpstream]:
 def wsb(broker_factory: Brokers, realtime: FakeRealtime, gateway: FakeGateway, echo: EchoServer,
         discord_rest: FakeUpstream) -> Broker:
     """One broker for the module: openai -> FakeRealtime, gemini/anthropic -> EchoServer,
-    discord REST -> a FakeUpstream, discord gateway (env) -> FakeGateway."""
-    return broker_factory(
+    discord REST -> a FakeUpstream, discord gateway (env) -> FakeGateway. `.expiring`: an openai
+    token minted with the shortest --ttl (1s) as the broker starts, and the time it expires by:
+    the bad-token test uses it once expired, without waiting out a second of its own."""
+    b = broker_factory(
         {"openai": realtime.url, "gemini": echo.url, "anthropic": echo.url, "discord": discord_rest.url},
         extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": gateway.ws_url, "SEKS_WS_POLL": f"{BROKER_POLL_S}s"},
         providers=WS_PROVIDERS)
+    b.expiring = (b.mint("openai", "agent-expired-rt", "--ttl", "1s"), time.time() + 1)  # type: ignore[attr-defined]
+    return b
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +148,25 @@ def close_cleanly(ws: WsConn, code: int = 1000, reason: str = "bye") -> Tuple[Op
     assert ws.wait_eof(END_S), "the broker did not close the agent's socket after the close handshake"
     ws.close()
     return got
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in `sock`'s receive buffer that nobody has read yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def wait_writes_to_agent_blocked(ws: WsConn, still: float = 0.1, timeout: float = 10.0) -> None:
+    """Until the bytes the agent has not read (it reads nothing) stop growing for `still` seconds:
+    its receive buffer is full, so the broker's writes to it are blocked now."""
+    last, since = -1, time.monotonic()
+
+    def stalled() -> bool:
+        nonlocal last, since
+        unread = unread_bytes(ws.sock)
+        if unread != last:
+            last, since = unread, time.monotonic()
+        return unread > 0 and time.monotonic() - since >= still
+    assert wait_until(stalled, timeout), f"the agent's receive buffer kept changing ({last} bytes unread)"
 
 
 def wait_audit(b: Broker, agent: str, n: int = 1, timeout: float = 10.0) -> List[Dict[str, Any]]:
@@ -257,7 +284,8 @@ def test_realtime_frame_sent_right_behind_the_handshake(wsb: Broker) -> None:
     close_cleanly(ws)
 
 
-@pytest.mark.parametrize("case", ["missing", "unknown", "revoked", "expired", "not_seks", "other_provider"])
+# "expired" last: wsb.expiring, minted as the broker started, has had the most time to run out
+@pytest.mark.parametrize("case", ["missing", "unknown", "revoked", "not_seks", "other_provider", "expired"])
 def test_realtime_bad_token_refused_before_upgrade(wsb: Broker, realtime: FakeRealtime, case: str) -> None:
     if case == "missing":
         headers: List[Tuple[str, str]] = []
@@ -268,8 +296,8 @@ def test_realtime_bad_token_refused_before_upgrade(wsb: Broker, realtime: FakeRe
         assert wsb.cli("token", "revoke", tok).returncode == 0
         headers = bearer(tok)
     elif case == "expired":
-        tok = wsb.mint("openai", "agent-expired-rt", "--ttl", "1s")
-        time.sleep(1.2)
+        tok, expires_by = wsb.expiring  # type: ignore[attr-defined]
+        assert wait_until(lambda: time.time() > expires_by, 2)
         headers = bearer(tok)
     elif case == "not_seks":
         headers = bearer("sk-not-a-seks-token")
@@ -691,12 +719,14 @@ def test_upstream_dies_client_closed_soon(wsb: Broker, reset: bool) -> None:
 
 
 def slow_agent_reader(wsb: Broker, pause: float) -> None:
-    """The agent asks for 8 MiB in 128 messages, reads nothing for `pause` seconds, then reads
-    everything: all messages arrive, in order, intact (TCP back-pressure, no drop, no close)."""
+    """The agent asks for 8 MiB in 128 messages and reads nothing until the broker's writes to it
+    are blocked, nor for `pause` seconds more, then reads everything: all messages arrive, in
+    order, intact (TCP back-pressure, no drop, no close)."""
     count, size = 128, 64 * 1024
     ws = rt_open(wsb)
     ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     ws.send_text({"type": "burst", "count": count, "size": size})
+    wait_writes_to_agent_blocked(ws)
     time.sleep(pause)
     for i in range(count):
         op, payload = ws.recv_data(timeout=30)
@@ -708,9 +738,10 @@ def slow_agent_reader(wsb: Broker, pause: float) -> None:
     close_cleanly(ws)
 
 
-def slow_upstream_reader(wsb: Broker) -> None:
-    """The other direction: the agent sends 8 MiB while the upstream is busy past the broker's poll (it is
-    still sending a 16 MiB answer the agent does not read yet); nothing is lost."""
+def slow_upstream_reader(wsb: Broker, pause: float) -> None:
+    """The other direction: the agent sends 8 MiB while the upstream is busy for `pause` seconds
+    after the broker's writes to the agent block (it is still sending a 16 MiB answer the agent
+    does not read yet); nothing is lost."""
     ws = rt_open(wsb)
     ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     ws.send_text({"type": "big", "size": MAX_MESSAGE})     # upstream blocks in sendall on this
@@ -723,7 +754,8 @@ def slow_upstream_reader(wsb: Broker) -> None:
         sent.set()
     t = threading.Thread(target=writer, daemon=True)
     t.start()
-    time.sleep(BROKER_POLL_S + 1.0)
+    wait_writes_to_agent_blocked(ws)
+    time.sleep(pause)
     op, payload = ws.recv_data(timeout=60)
     assert op == OP_BINARY and len(payload) == MAX_MESSAGE
     for c in chunks:
@@ -734,17 +766,21 @@ def slow_upstream_reader(wsb: Broker) -> None:
 
 
 def test_slow_reader_loses_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
-    """An agent that reads nothing for 1 s loses nothing (see slow_agent_reader)."""
-    slow_agent_reader(wsb, 1.0)
+    """An agent that reads nothing until the broker's writes to it block loses nothing (see
+    slow_agent_reader)."""
+    slow_agent_reader(wsb, 0.0)
 
 
-def test_slow_readers_past_the_broker_poll_lose_nothing(wsb: Broker, realtime: FakeRealtime) -> None:
-    """Either side silent for longer than the broker's poll (1.5 s, three polls): an agent that
+def test_slow_readers_past_the_broker_poll_lose_nothing(broker_factory: Brokers, realtime: FakeRealtime) -> None:
+    """Either side silent for longer than the broker's poll (three polls once the broker's writes
+    to the agent block; this broker polls every 100 ms, its smallest ws_poll): an agent that
     reads nothing (slow_agent_reader) and an upstream busy sending (slow_upstream_reader) lose
     nothing. The two sessions (each its own connection and upstream session) wait side by side,
     and each one's checks hold as when it ran alone."""
+    b = broker_factory({"openai": realtime.url}, providers=("openai",),
+                       extra_env={"SEKS_WS_POLL": f"{MIN_POLL_S}s"})
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        waits = [pool.submit(slow_agent_reader, wsb, BROKER_POLL_S + 1.0), pool.submit(slow_upstream_reader, wsb)]
+        waits = [pool.submit(reader, b, 3 * MIN_POLL_S) for reader in (slow_agent_reader, slow_upstream_reader)]
         for w in waits:
             w.result(timeout=120)
 
@@ -795,7 +831,6 @@ def test_unreachable_upstreams_502_before_upgrade(broker_factory: Brokers) -> No
     assert hs.ws is None and hs.status == 502, (hs.status, hs.body)
     hs = ws_connect(b.port, gw_target())
     assert hs.ws is None and hs.status == 502, (hs.status, hs.body)
-    b.stop()
 
 
 def test_gateway_close_from_discord_is_passed_on(broker_factory: Brokers, discord_rest: FakeUpstream) -> None:
@@ -810,12 +845,14 @@ def test_gateway_close_from_discord_is_passed_on(broker_factory: Brokers, discor
         gc = gw_open(b, compressed=True)
         gc.send(identify(b.token("discord")))
         assert gc.ws.recv_close() == (4004, "Authentication failed.")
+        gc.ws.send_close(4004)                 # answered like a client does: the session ends
+        assert gc.ws.wait_eof(END_S)
         assert [d["token"] for d in srv.identifies] == [wrong]
         assert wrong.encode() not in bytes(gc.ws.raw_in)
     finally:
         srv.stop()
-        b.stop()
-    assert wrong not in b.stderr_text()
+    log = b.wait_for_log(lambda text: "GET /discord/gateway" in text)    # the session's line, once it ended
+    assert wrong not in log
 
 
 # ============================================================================
@@ -1175,17 +1212,14 @@ def test_gateway_urls_use_public_url(broker_factory: Brokers, gateway: FakeGatew
     b = broker_factory({"discord": discord_rest.url}, providers=("discord",),
                        extra_env={"SEKS_UPSTREAM_DISCORD_GATEWAY": gateway.ws_url},
                        serve_args=("--public-url", "https://broker.example:8443"))
-    try:
-        r = b.request("GET", "/discord/api/v10/gateway/bot", {"Authorization": f"Bot {b.token('discord')}"})
-        assert r.json()["url"] == "wss://broker.example:8443/discord/gateway"
-        gc = gw_open(b, compressed=False)
-        gc.send(identify(b.token("discord")))
-        ready = gc.recv()
-        assert ready["d"]["resume_gateway_url"] == \
-            f"wss://broker.example:8443/discord/gateway/resume/127.0.0.1:{gateway.port}"
-        close_cleanly(gc.ws)
-    finally:
-        b.stop()
+    r = b.request("GET", "/discord/api/v10/gateway/bot", {"Authorization": f"Bot {b.token('discord')}"})
+    assert r.json()["url"] == "wss://broker.example:8443/discord/gateway"
+    gc = gw_open(b, compressed=False)
+    gc.send(identify(b.token("discord")))
+    ready = gc.recv()
+    assert ready["d"]["resume_gateway_url"] == \
+        f"wss://broker.example:8443/discord/gateway/resume/127.0.0.1:{gateway.port}"
+    close_cleanly(gc.ws)
 
 
 def test_shutdown_closes_sessions_with_1001_and_audits_them(broker_factory: Brokers, realtime: FakeRealtime) -> None:
@@ -1220,12 +1254,13 @@ def test_shutdown_within_grace_when_the_client_stopped_reading(broker_factory: B
                                                                realtime: FakeRealtime) -> None:
     """The upstream floods a client that reads nothing, so the broker's writes to it block: the
     broker still exits within the grace period, and the session's row says it was cut."""
-    b = broker_factory({"openai": realtime.url}, providers=("openai",), serve_args=("--grace", "1s"))
+    grace = 0.3
+    b = broker_factory({"openai": realtime.url}, providers=("openai",), serve_args=("--grace", f"{grace}s"))
     agent, tok = fresh_token(b, "openai", prefix="rt-stuck")
     ws = rt_open(b, tok)
     ws.send_text({"type": "burst", "count": 400, "size": 256 * 1024})    # 100 MiB, never read
     s = realtime.wait_session()
-    time.sleep(1.0)                          # the broker's writes to the agent are blocked now
+    wait_writes_to_agent_blocked(ws)
     assert b.proc is not None
     t0 = time.monotonic()
     b.proc.send_signal(signal.SIGTERM)
@@ -1235,7 +1270,7 @@ def test_shutdown_within_grace_when_the_client_stopped_reading(broker_factory: B
         rc = None
     took = time.monotonic() - t0
     ws.close()
-    assert rc == 0 and took < 4.0, f"rc={rc} after {took:.1f}s with --grace 1s"
+    assert rc == 0 and took < grace + 3.0, f"rc={rc} after {took:.1f}s with --grace {grace}s"
     rows = audit_json(b, "--agent", agent)
     assert len(rows) == 1, rows
     assert rows[0]["status"] == 101 and "cut at shutdown" in rows[0]["reason"], rows
