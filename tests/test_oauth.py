@@ -115,7 +115,7 @@ class Issuer:
         self.life = 3600
         self.calls = 0
         self.revoked = False
-        self.delay = 0.2                                 # a slow endpoint: renewals overlap
+        self.delay = 0.0                                 # > 0: a slow endpoint (renewals overlap)
 
     def token(self, h: UpstreamHandler, req: RecordedRequest) -> None:
         form = {k: v[0] for k, v in urllib.parse.parse_qs((req.body or b"").decode()).items()}
@@ -196,6 +196,7 @@ def test_twenty_requests_at_expiry_across_two_workers_renew_once(
         pytest.fail("this test needs SO_REUSEPORT for --workers")
     base = gmail_broker(broker_factory, oauth_up)
     served = broker_factory.serve(base, "--workers", "2")
+    issuer.delay = 0.2                               # a slow endpoint: the renewal overlaps the others
     issuer.life = 200                                # the first token is already "at expiry"
     assert profile(served, base.token("gmail")).status == 200
     issuer.life, calls = 3600, issuer.calls
