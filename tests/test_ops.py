@@ -470,24 +470,22 @@ def test_config_precedence_file_env_flag(ops_db: Broker, upstreams: Dict[str, Fa
     cfg = tmp_path / "limits.ini"
     cfg.write_text("[limits]\nmax_body = 1000\n")
     tok = ops_db.tokens["openai"]
+    # four brokers on the one DB, each left running (the fixture stops them all at the end)
     # file only (found through $SEKS_CONFIG)
     b = procs.serve(ops_db, env=env_for(upstreams, {"SEKS_CONFIG": str(cfg)}), name="prec-file")
     assert post_size(b, tok, 900) == 200
     assert post_size(b, tok, 1500) == 413
-    b.stop()
     # env beats file
     b = procs.serve(ops_db, env=env_for(upstreams, {"SEKS_MAX_BODY": "2000"}), config=cfg,
                     name="prec-env")
     assert post_size(b, tok, 1500) == 200
     assert post_size(b, tok, 2500) == 413
-    b.stop()
     # flag beats env
     b = procs.serve(ops_db, "--max-body", "3000", env=env_for(upstreams, {"SEKS_MAX_BODY": "2000"}),
                     config=cfg, name="prec-flag")
     assert post_size(b, tok, 2500) == 200
     assert post_size(b, tok, 3500) == 413
     # --config beats $SEKS_CONFIG
-    b.stop()
     other = tmp_path / "other.ini"
     other.write_text("[limits]\nmax_body = 5000\n")
     b = procs.serve(ops_db, env=env_for(upstreams, {"SEKS_CONFIG": str(cfg)}), config=other,
