@@ -739,7 +739,8 @@ def test_metrics_counters_move_with_traffic(metrics_broker: Broker, ops_db: Brok
 
 def test_metrics_open_streams_gauge(metrics_broker: Broker, ops_db: Broker,
                                     upstreams: Dict[str, FakeUpstream]) -> None:
-    upstreams["openai"].set_responder(lambda h, req: h.send_sse([b"data: %d\n\n" % i for i in range(6)], 0.25))
+    rest = threading.Event()                  # the stream stays open until the test sets it
+    upstreams["openai"].set_responder(held_sse_responder(6, rest))
     started = threading.Event()
     result: Dict[str, Any] = {}
 
@@ -754,13 +755,16 @@ def test_metrics_open_streams_gauge(metrics_broker: Broker, ops_db: Broker,
 
     t = threading.Thread(target=stream, daemon=True)
     t.start()
-    assert started.wait(10)
-    _, mid, _ = scrape(metrics_broker)
+    try:
+        assert started.wait(10)
+        _, mid, _ = scrape(metrics_broker)
+    finally:
+        rest.set()
     t.join(15)
-    time.sleep(0.1)
-    _, end, _ = scrape(metrics_broker)
+    assert result["body"].count(b"data: ") == 5, result         # (the first line was read before)
     assert sample_value(mid, "seks_open_streams") >= 1
-    assert sample_value(end, "seks_open_streams") == 0
+    # the gauge drops once the last byte is sent
+    assert wait_until(lambda: sample_value(scrape(metrics_broker)[1], "seks_open_streams") == 0, 5)
 
 
 def test_no_admin_listener_unless_asked(env_broker: Broker) -> None:
@@ -886,6 +890,20 @@ def sse_responder(n: int, delay: float) -> Callable[[UpstreamHandler, RecordedRe
     return key_checked("openai", lambda h, req: h.send_sse([b'data: {"i": %d}\n\n' % i for i in range(n)], delay))
 
 
+def held_sse_responder(n: int, gate: threading.Event,
+                       delay: float = 0.05) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    """Like sse_responder, but only the first event comes at once: the rest (`delay` apart)
+    wait until the test sets `gate` (at most 10 s), so the stream is surely still open until then."""
+    def events() -> Iterator[bytes]:
+        yield b'data: {"i": 0}\n\n'
+        gate.wait(10)
+        yield from (b'data: {"i": %d}\n\n' % i for i in range(1, n))
+
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        h.send_sse(events(), delay)  # type: ignore[arg-type]   # (an iterator: send_sse only iterates)
+    return key_checked("openai", respond)
+
+
 class StreamClient(threading.Thread):
     """Reads an SSE answer line by line; .first is set at the first event."""
 
@@ -924,8 +942,8 @@ class StreamClient(threading.Thread):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_graceful_shutdown_lets_stream_finish(sig: int, ops_db: Broker, upstreams: Dict[str, FakeUpstream],
                                               procs: Brokers) -> None:
-    n, delay = 7, 0.3
-    upstreams["openai"].set_responder(sse_responder(n, delay))
+    n, delay, rest = 7, 0.05, threading.Event()
+    upstreams["openai"].set_responder(held_sse_responder(n, rest, delay))
     b = procs.serve(ops_db, env=env_for(upstreams), name="drain")
     client = StreamClient(b.port, ops_db.tokens["openai"])
     client.start()
@@ -933,8 +951,12 @@ def test_graceful_shutdown_lets_stream_finish(sig: int, ops_db: Broker, upstream
     signalled = time.monotonic()
     b.signal(sig)
     # new connections are refused soon after the signal, while the stream is still running
-    assert wait_until(lambda: not b.alive() or _refused(b.port), 1.5), "still accepting after the signal"
-    refused_at = time.monotonic()
+    # (the upstream holds its other events until then)
+    try:
+        assert wait_until(lambda: not b.alive() or _refused(b.port), 1.5), "still accepting after the signal"
+        refused_at = time.monotonic()
+    finally:
+        rest.set()
     rc = b.wait(15)
     client.join(10)
     assert client.error is None, repr(client.error)
