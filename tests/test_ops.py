@@ -995,12 +995,11 @@ def test_exchange_cut_at_shutdown_keeps_its_audit_row(ops_db: Broker, upstreams:
     still leaves its row (outcome error, "cut at shutdown", the bytes relayed so far), and the
     broker says on stderr what it waits for."""
     upstreams["openai"].set_responder(sse_responder(40, 0.3))   # ~12 s
-    b = procs.serve(ops_db, "--grace", "1", env=env_for(upstreams), name="cut")
+    b = procs.serve(ops_db, "--grace", "0.3", env=env_for(upstreams), name="cut")
     before = {r["id"] for r in audit_json(ops_db)}
     client = StreamClient(b.port, ops_db.tokens["openai"])
     client.start()
     assert client.first.wait(10)
-    time.sleep(0.5)
     b.signal(signal.SIGTERM)
     assert b.wait(10) == 0, b.stderr_text()[-2000:]
     client.join(10)
@@ -1011,7 +1010,7 @@ def test_exchange_cut_at_shutdown_keeps_its_audit_row(ops_db: Broker, upstreams:
     assert row["status"] == 200 and row["bytes_out"] >= len(client.events) * 5 > 0, (row, client.events)
     assert "chain intact" in ok(ops_db.cli("audit", "verify"))
     err = b.stderr_text()
-    assert "waiting up to 1s for 1 request(s) in flight" in err, err[-2000:]
+    assert "waiting up to 0.3s for 1 request(s) in flight" in err, err[-2000:]
     assert "1 request(s) cut at shutdown" in err, err[-2000:]
 
 
