@@ -1116,7 +1116,7 @@ def test_rotate_master_key_with_key_file(tmp_path: Path, upstreams: Dict[str, Fa
                    headers=auth_headers("anthropic", db.tokens["anthropic"]))
     assert r.status == 200
     assert key_check_failure("openai", REAL_KEYS["openai"], upstreams["openai"].only_request()) is None
-    b2.stop()
+    b2.wait_for_log(lambda err: err.count("status=200") == 2)    # each request's line follows its row
     ok(db.cli("audit", "verify"))
     # the old key no longer opens the DB
     cp = db.cli("audit", "verify", env=dict(env, SEKS_MASTER_KEY=old_key.strip()))
@@ -1193,7 +1193,7 @@ def test_rotate_master_key_under_a_running_broker(tmp_path: Path, upstreams: Dic
         assert r.status == 200, r.body[:300]
     for req in upstreams["openai"].requests:
         assert key_check_failure("openai", REAL_KEYS["openai"], req) is None
-    time.sleep(0.3)
+    b.wait_for_log(lambda err: err.count("status=200") == 4)    # each request's line follows its row
     assert "intact" in ok(db.cli("audit", "verify"))
     b.stop()
     assert "intact" in ok(db.cli("audit", "verify"))
