@@ -267,7 +267,7 @@ def test_upstream_failures_say_why_to_the_agent_and_where_to_the_operator(procs:
     try:
         base = procs.seed(("openai", "anthropic", "groq"), upstream_urls={
             "openai": f"http://127.0.0.1:{closed}", "anthropic": hang.url, "groq": "http://no-such-host.invalid"})
-        b = procs.serve(base, "--upstream-timeout", "0.5s")
+        b = procs.serve(base, "--upstream-timeout", "0.2s")
         cases = [("openai", "refused the connection", f"127.0.0.1:{closed}"),
                  ("anthropic", "timed out", f"127.0.0.1:{hang.port}"),
                  ("groq", None, "no-such-host.invalid")]
