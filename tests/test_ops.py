@@ -420,10 +420,11 @@ def test_custom_provider_logs_never_show_keys_or_tokens(custom_setup: SimpleName
                                                         custom_upstream: FakeUpstream) -> None:
     custom_upstream.reset()
     custom_upstream.set_responder(custom_responder)
+    logged = len(custom_setup.broker.lines_after_ready())
     for name, target, headers, _ in CUSTOM_CASES:
         token = custom_setup.db.tokens[name.split("-2nd")[0]]
         custom_setup.broker.request("GET", target.replace("{T}", token), headers=headers(token))
-    time.sleep(0.2)
+    custom_setup.broker.wait_for_lines(logged + len(CUSTOM_CASES))    # each request's line, written after it
     text = custom_setup.broker.stderr_text()
     for name, token in custom_setup.db.tokens.items():
         assert token not in text, f"{name} token in the log"
@@ -715,11 +716,16 @@ def test_metrics_counters_move_with_traffic(metrics_broker: Broker, ops_db: Brok
                                   headers=auth_headers("openai", tok)).status == 200
     assert get(metrics_broker, "openai", "seks_openai_" + "A" * 43).status == 401
     assert get(metrics_broker, "groq", ops_db.tokens["groq"]).status == 502
-    time.sleep(0.1)   # metrics are updated after the last byte is sent
-    _, after, _ = scrape(metrics_broker)
+    after: List[Any] = []
 
     def delta(name: str, **labels: str) -> float:
         return sample_value(after, name, **labels) - sample_value(before, name, **labels)
+
+    def settled() -> bool:   # metrics are updated after the last byte is sent
+        after[:] = scrape(metrics_broker)[1]
+        return delta("seks_request_duration_seconds_count", provider="openai") >= 5 and \
+            delta("seks_requests_total", provider="groq", status="502") >= 1
+    assert wait_until(settled, 5)
 
     assert delta("seks_requests_total", provider="openai", status="200") == 4
     assert delta("seks_requests_total", provider="openai", status="401") == 1
