@@ -115,7 +115,9 @@ class Issuer:
         self.life = 3600
         self.calls = 0
         self.revoked = False
-        self.delay = 0.2                                 # a slow endpoint: renewals overlap
+        self.delay = 0.0                                 # > 0: a slow endpoint (renewals overlap)
+        self.held = threading.Event()                    # cleared: each renewal waits until it is set
+        self.held.set()
 
     def token(self, h: UpstreamHandler, req: RecordedRequest) -> None:
         form = {k: v[0] for k, v in urllib.parse.parse_qs((req.body or b"").decode()).items()}
@@ -132,6 +134,7 @@ class Issuer:
             access = f"test-access-{n}-abcdefghijklmnopqrstuvwxyz"
             self.access[access] = time.time() + self.life
         time.sleep(self.delay)
+        self.held.wait(30)
         h.send_json(200, {"access_token": access, "expires_in": self.life, "refresh_token": self.refresh,
                           "token_type": "Bearer"})
 
@@ -196,6 +199,7 @@ def test_twenty_requests_at_expiry_across_two_workers_renew_once(
         pytest.fail("this test needs SO_REUSEPORT for --workers")
     base = gmail_broker(broker_factory, oauth_up)
     served = broker_factory.serve(base, "--workers", "2")
+    issuer.delay = 0.2                               # a slow endpoint: the renewal overlaps the others
     issuer.life = 200                                # the first token is already "at expiry"
     assert profile(served, base.token("gmail")).status == 200
     issuer.life, calls = 3600, issuer.calls
@@ -447,13 +451,17 @@ def test_requests_keep_using_the_old_token_while_a_renewal_is_slow(
     token = served.token("gmail")
     issuer.life = 200                                # within the renewal margin from the start
     assert profile(served, token).status == 200
-    issuer.delay = 2.0
+    issuer.held.clear()                              # the token endpoint holds the renewal until set
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        renewing = pool.submit(profile, served, token)
-        time.sleep(0.5)
-        started = time.monotonic()
-        assert profile(served, token).status == 200
-        assert time.monotonic() - started < 1.0, "a request waited for the renewal"
+        try:
+            renewing = pool.submit(profile, served, token)
+            assert wait_until(lambda: issuer.calls == 2, 10), "the renewal never reached the endpoint"
+            started = time.monotonic()
+            assert profile(served, token).status == 200
+            assert time.monotonic() - started < 1.0, "a request waited for the renewal"
+            assert not renewing.done(), "the renewal was over before the other request"
+        finally:
+            issuer.held.set()
         assert renewing.result().status == 200
     assert issuer.calls == 2
 
@@ -523,16 +531,20 @@ def test_a_secret_rotated_under_a_running_broker_and_mid_renewal_wins(
     stops using the old grant's access token at once (it renews from the new secret)."""
     base = gmail_broker(broker_factory, oauth_up)
     served = broker_factory.serve(base)
-    issuer.delay = 1.5
+    issuer.held.clear()                              # the token endpoint holds the renewal until set
     new = {"client_id": "test-client", "client_secret": "test-client-secret-0123456789",
            "refresh_token": "operator-new-grant-refresh", "token_url": oauth_up.url + "/token"}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(profile, served, base.token("gmail"))
-        assert wait_until(lambda: issuer.calls == 1, 10), "the renewal never reached the endpoint"
-        ok(base.cli("secret", "rotate", "gmail-key", input=json.dumps(new)))
+        try:
+            pending = pool.submit(profile, served, base.token("gmail"))
+            assert wait_until(lambda: issuer.calls == 1, 10), "the renewal never reached the endpoint"
+            ok(base.cli("secret", "rotate", "gmail-key", input=json.dumps(new)))
+            assert not pending.done(), "the renewal was over before the rotation"
+        finally:
+            issuer.held.set()
         assert pending.result(timeout=30).status == 200       # served by the token it renewed
     assert stored_parts(base, "gmail-key")["refresh_token"] == "operator-new-grant-refresh"
-    issuer.delay, issuer.refresh = 0.0, "operator-new-grant-refresh"
+    issuer.refresh = "operator-new-grant-refresh"
     resp = profile(served, base.token("gmail"))
     assert resp.status == 200 and issuer.calls == 2, (resp.status, resp.body, issuer.calls)
     third = dict(new, refresh_token="operator-third-grant-refresh")   # no race: the token held

@@ -420,10 +420,11 @@ def test_custom_provider_logs_never_show_keys_or_tokens(custom_setup: SimpleName
                                                         custom_upstream: FakeUpstream) -> None:
     custom_upstream.reset()
     custom_upstream.set_responder(custom_responder)
+    logged = len(custom_setup.broker.lines_after_ready())
     for name, target, headers, _ in CUSTOM_CASES:
         token = custom_setup.db.tokens[name.split("-2nd")[0]]
         custom_setup.broker.request("GET", target.replace("{T}", token), headers=headers(token))
-    time.sleep(0.2)
+    custom_setup.broker.wait_for_lines(logged + len(CUSTOM_CASES))    # each request's line, written after it
     text = custom_setup.broker.stderr_text()
     for name, token in custom_setup.db.tokens.items():
         assert token not in text, f"{name} token in the log"
@@ -470,24 +471,22 @@ def test_config_precedence_file_env_flag(ops_db: Broker, upstreams: Dict[str, Fa
     cfg = tmp_path / "limits.ini"
     cfg.write_text("[limits]\nmax_body = 1000\n")
     tok = ops_db.tokens["openai"]
+    # four brokers on the one DB, each left running (the fixture stops them all at the end)
     # file only (found through $SEKS_CONFIG)
     b = procs.serve(ops_db, env=env_for(upstreams, {"SEKS_CONFIG": str(cfg)}), name="prec-file")
     assert post_size(b, tok, 900) == 200
     assert post_size(b, tok, 1500) == 413
-    b.stop()
     # env beats file
     b = procs.serve(ops_db, env=env_for(upstreams, {"SEKS_MAX_BODY": "2000"}), config=cfg,
                     name="prec-env")
     assert post_size(b, tok, 1500) == 200
     assert post_size(b, tok, 2500) == 413
-    b.stop()
     # flag beats env
     b = procs.serve(ops_db, "--max-body", "3000", env=env_for(upstreams, {"SEKS_MAX_BODY": "2000"}),
                     config=cfg, name="prec-flag")
     assert post_size(b, tok, 2500) == 200
     assert post_size(b, tok, 3500) == 413
     # --config beats $SEKS_CONFIG
-    b.stop()
     other = tmp_path / "other.ini"
     other.write_text("[limits]\nmax_body = 5000\n")
     b = procs.serve(ops_db, env=env_for(upstreams, {"SEKS_CONFIG": str(cfg)}), config=other,
@@ -717,11 +716,16 @@ def test_metrics_counters_move_with_traffic(metrics_broker: Broker, ops_db: Brok
                                   headers=auth_headers("openai", tok)).status == 200
     assert get(metrics_broker, "openai", "seks_openai_" + "A" * 43).status == 401
     assert get(metrics_broker, "groq", ops_db.tokens["groq"]).status == 502
-    time.sleep(0.1)   # metrics are updated after the last byte is sent
-    _, after, _ = scrape(metrics_broker)
+    after: List[Any] = []
 
     def delta(name: str, **labels: str) -> float:
         return sample_value(after, name, **labels) - sample_value(before, name, **labels)
+
+    def settled() -> bool:   # metrics are updated after the last byte is sent
+        after[:] = scrape(metrics_broker)[1]
+        return delta("seks_request_duration_seconds_count", provider="openai") >= 5 and \
+            delta("seks_requests_total", provider="groq", status="502") >= 1
+    assert wait_until(settled, 5)
 
     assert delta("seks_requests_total", provider="openai", status="200") == 4
     assert delta("seks_requests_total", provider="openai", status="401") == 1
@@ -741,7 +745,8 @@ def test_metrics_counters_move_with_traffic(metrics_broker: Broker, ops_db: Brok
 
 def test_metrics_open_streams_gauge(metrics_broker: Broker, ops_db: Broker,
                                     upstreams: Dict[str, FakeUpstream]) -> None:
-    upstreams["openai"].set_responder(lambda h, req: h.send_sse([b"data: %d\n\n" % i for i in range(6)], 0.25))
+    rest = threading.Event()                  # the stream stays open until the test sets it
+    upstreams["openai"].set_responder(held_sse_responder(6, rest))
     started = threading.Event()
     result: Dict[str, Any] = {}
 
@@ -756,13 +761,16 @@ def test_metrics_open_streams_gauge(metrics_broker: Broker, ops_db: Broker,
 
     t = threading.Thread(target=stream, daemon=True)
     t.start()
-    assert started.wait(10)
-    _, mid, _ = scrape(metrics_broker)
+    try:
+        assert started.wait(10)
+        _, mid, _ = scrape(metrics_broker)
+    finally:
+        rest.set()
     t.join(15)
-    time.sleep(0.1)
-    _, end, _ = scrape(metrics_broker)
+    assert result["body"].count(b"data: ") == 5, result         # (the first line was read before)
     assert sample_value(mid, "seks_open_streams") >= 1
-    assert sample_value(end, "seks_open_streams") == 0
+    # the gauge drops once the last byte is sent
+    assert wait_until(lambda: sample_value(scrape(metrics_broker)[1], "seks_open_streams") == 0, 5)
 
 
 def test_no_admin_listener_unless_asked(env_broker: Broker) -> None:
@@ -888,6 +896,20 @@ def sse_responder(n: int, delay: float) -> Callable[[UpstreamHandler, RecordedRe
     return key_checked("openai", lambda h, req: h.send_sse([b'data: {"i": %d}\n\n' % i for i in range(n)], delay))
 
 
+def held_sse_responder(n: int, gate: threading.Event,
+                       delay: float = 0.05) -> Callable[[UpstreamHandler, RecordedRequest], None]:
+    """Like sse_responder, but only the first event comes at once: the rest (`delay` apart)
+    wait until the test sets `gate` (at most 10 s), so the stream is surely still open until then."""
+    def events() -> Iterator[bytes]:
+        yield b'data: {"i": 0}\n\n'
+        gate.wait(10)
+        yield from (b'data: {"i": %d}\n\n' % i for i in range(1, n))
+
+    def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        h.send_sse(events(), delay)  # type: ignore[arg-type]   # (an iterator: send_sse only iterates)
+    return key_checked("openai", respond)
+
+
 class StreamClient(threading.Thread):
     """Reads an SSE answer line by line; .first is set at the first event."""
 
@@ -926,8 +948,8 @@ class StreamClient(threading.Thread):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_graceful_shutdown_lets_stream_finish(sig: int, ops_db: Broker, upstreams: Dict[str, FakeUpstream],
                                               procs: Brokers) -> None:
-    n, delay = 7, 0.3
-    upstreams["openai"].set_responder(sse_responder(n, delay))
+    n, delay, rest = 7, 0.05, threading.Event()
+    upstreams["openai"].set_responder(held_sse_responder(n, rest, delay))
     b = procs.serve(ops_db, env=env_for(upstreams), name="drain")
     client = StreamClient(b.port, ops_db.tokens["openai"])
     client.start()
@@ -935,8 +957,12 @@ def test_graceful_shutdown_lets_stream_finish(sig: int, ops_db: Broker, upstream
     signalled = time.monotonic()
     b.signal(sig)
     # new connections are refused soon after the signal, while the stream is still running
-    assert wait_until(lambda: not b.alive() or _refused(b.port), 1.5), "still accepting after the signal"
-    refused_at = time.monotonic()
+    # (the upstream holds its other events until then)
+    try:
+        assert wait_until(lambda: not b.alive() or _refused(b.port), 1.5), "still accepting after the signal"
+        refused_at = time.monotonic()
+    finally:
+        rest.set()
     rc = b.wait(15)
     client.join(10)
     assert client.error is None, repr(client.error)
@@ -975,12 +1001,11 @@ def test_exchange_cut_at_shutdown_keeps_its_audit_row(ops_db: Broker, upstreams:
     still leaves its row (outcome error, "cut at shutdown", the bytes relayed so far), and the
     broker says on stderr what it waits for."""
     upstreams["openai"].set_responder(sse_responder(40, 0.3))   # ~12 s
-    b = procs.serve(ops_db, "--grace", "1", env=env_for(upstreams), name="cut")
+    b = procs.serve(ops_db, "--grace", "0.3", env=env_for(upstreams), name="cut")
     before = {r["id"] for r in audit_json(ops_db)}
     client = StreamClient(b.port, ops_db.tokens["openai"])
     client.start()
     assert client.first.wait(10)
-    time.sleep(0.5)
     b.signal(signal.SIGTERM)
     assert b.wait(10) == 0, b.stderr_text()[-2000:]
     client.join(10)
@@ -991,7 +1016,7 @@ def test_exchange_cut_at_shutdown_keeps_its_audit_row(ops_db: Broker, upstreams:
     assert row["status"] == 200 and row["bytes_out"] >= len(client.events) * 5 > 0, (row, client.events)
     assert "chain intact" in ok(ops_db.cli("audit", "verify"))
     err = b.stderr_text()
-    assert "waiting up to 1s for 1 request(s) in flight" in err, err[-2000:]
+    assert "waiting up to 0.3s for 1 request(s) in flight" in err, err[-2000:]
     assert "1 request(s) cut at shutdown" in err, err[-2000:]
 
 
@@ -1097,7 +1122,7 @@ def test_rotate_master_key_with_key_file(tmp_path: Path, upstreams: Dict[str, Fa
                    headers=auth_headers("anthropic", db.tokens["anthropic"]))
     assert r.status == 200
     assert key_check_failure("openai", REAL_KEYS["openai"], upstreams["openai"].only_request()) is None
-    b2.stop()
+    b2.wait_for_log(lambda err: err.count("status=200") == 2)    # each request's line follows its row
     ok(db.cli("audit", "verify"))
     # the old key no longer opens the DB
     cp = db.cli("audit", "verify", env=dict(env, SEKS_MASTER_KEY=old_key.strip()))
@@ -1174,7 +1199,7 @@ def test_rotate_master_key_under_a_running_broker(tmp_path: Path, upstreams: Dic
         assert r.status == 200, r.body[:300]
     for req in upstreams["openai"].requests:
         assert key_check_failure("openai", REAL_KEYS["openai"], req) is None
-    time.sleep(0.3)
+    b.wait_for_log(lambda err: err.count("status=200") == 4)    # each request's line follows its row
     assert "intact" in ok(db.cli("audit", "verify"))
     b.stop()
     assert "intact" in ok(db.cli("audit", "verify"))

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 
 from conftest import (
-    BROKER_PY, MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, audit_json, broker_env,
+    MASTER_KEY, REAL_KEYS, Broker, Brokers, FakeUpstream, audit_json, broker_command, broker_env,
     call, free_port, fresh_agent, fresh_token, load_broker_module, ok, run_cli, wait_until,
 )
 from raw_http import LoopbackServer
@@ -91,17 +91,22 @@ def child_py(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_args(b: Broker, agent: str, child: Path, mode: str, out: Path, calls: int = 1,
-             secrets: Tuple[str, ...] = ("openai-key", "anthropic-key"), extra: Tuple[str, ...] = ()) -> List[str]:
-    argv = [sys.executable, str(BROKER_PY), "--db", str(b.db), "run", "--agent", agent]
+             secrets: Tuple[str, ...] = ("openai-key", "anthropic-key"), extra: Tuple[str, ...] = (),
+             env: Dict[str, str] = None) -> Tuple[List[str], Dict[str, str]]:
+    """(argv, env) of `seks_broker.py --db DB run ...` (started as conftest's broker_command says:
+    a real process, its bytecode cached) for the CHILD agent."""
+    cmd, run_env = broker_command(env if env is not None else b.env)
+    argv = [*cmd, "--db", str(b.db), "run", "--agent", agent]
     for name in secrets:
         argv += ["--secret", name]
-    return argv + list(extra) + ["--", sys.executable, str(child), mode, str(out), str(calls)]
+    return argv + list(extra) + ["--", sys.executable, str(child), mode, str(out), str(calls)], run_env
 
 
 def run(b: Broker, agent: str, child: Path, mode: str, out: Path, calls: int = 1,
         env: Dict[str, str] = None, **kw: Any) -> subprocess.CompletedProcess:
-    return subprocess.run(run_args(b, agent, child, mode, out, calls, **kw), capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S, env=env if env is not None else b.env, cwd=str(b.workdir))
+    argv, run_env = run_args(b, agent, child, mode, out, calls, env=env, **kw)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=run_env,
+                          cwd=str(b.workdir))
 
 
 def child_report(out: Path) -> Dict[str, Any]:
@@ -190,8 +195,8 @@ def test_run_with_a_running_broker_revokes_however_the_command_ends(
 def test_sigterm_to_run_reaches_the_command_and_revokes(
         base: Broker, served: Broker, child_py: Path, tmp_path: Path) -> None:
     agent, out = fresh_agent("run-term"), tmp_path / "report.json"
-    proc = subprocess.Popen(run_args(base, agent, child_py, "wait-term", out, extra=("--url", served.url)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base.env)
+    argv, env = run_args(base, agent, child_py, "wait-term", out, extra=("--url", served.url))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert wait_until(lambda: Path(str(out) + ".ready").exists() or proc.poll() is not None, 30)
         assert proc.poll() is None, proc.communicate()
@@ -237,8 +242,9 @@ def test_run_refuses_a_url_without_a_broker_and_a_missing_command(base: Broker, 
     assert cp.returncode == 1 and "no broker serving" in cp.stderr, cp.stderr
     assert not (tmp_path / "never.json").exists()
     assert {t["state"] for t in tokens_of(base, agent)} == {"revoked"}   # minted, then revoked
-    cp = subprocess.run([sys.executable, str(BROKER_PY), "--db", str(base.db), "run", "--agent", agent,
-                         "--secret", "openai-key"], capture_output=True, text=True, timeout=30, env=base.env)
+    cmd, env = broker_command(base.env)
+    cp = subprocess.run([*cmd, "--db", str(base.db), "run", "--agent", agent, "--secret", "openai-key"],
+                        capture_output=True, text=True, timeout=30, env=env)
     assert cp.returncode == 2 and "needs a command after '--'" in cp.stderr, cp.stderr
     base.add_secret("openai-second", "openai", "sk-test-second-openai-key-0000")
     agent = fresh_agent("run-twice")        # two secrets for one provider: refused, both revoked
@@ -286,9 +292,10 @@ def test_run_says_a_same_user_command_can_read_the_key_and_user_closes_it(
         python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
 
         def run_spy(*extra: str, run_env: Dict[str, str] = env, database: Path = db) -> subprocess.CompletedProcess:
-            argv = [sys.executable, str(BROKER_PY), "--db", str(database), "run", "--agent", fresh_agent("run-user"),
+            cmd, cmd_env = broker_command(run_env)
+            argv = [*cmd, "--db", str(database), "run", "--agent", fresh_agent("run-user"),
                     "--secret", "openai-key", *extra, "--", python, str(spy), str(out), key_file]
-            return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=run_env,
+            return subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=cmd_env,
                                   cwd=str(spy_dir))
 
         cp = run_spy()
@@ -503,7 +510,8 @@ def test_long_commands_show_progress_on_a_terminal_only(tmp_path: Path) -> None:
                                                  path=f"/openai/v1/models?{i}", status=200), counted=True)
     finally:
         store.close()
-    broker = [sys.executable, str(BROKER_PY), "--db", str(db)]
+    cmd, env = broker_command(env)
+    broker = [*cmd, "--db", str(db)]
     piped = subprocess.run(broker + ["audit", "verify"], capture_output=True, text=True, timeout=60, env=env)
     assert piped.returncode == 0 and "5000 rows, chain intact" in piped.stdout
     assert "verifying" not in piped.stderr and "/s" not in piped.stderr and "\r" not in piped.stderr
