@@ -380,9 +380,10 @@ def test_chunked_body_over_max_body_is_413(small_body_broker: Broker, upstreams:
 # Slow and idle clients, connection cap (limits shortened with serve flags)
 # ============================================================================
 
-SHORT_CLIENT_TIMEOUT = 1.0
-SHORT_HEADER_TIMEOUT = 2.0
+SHORT_CLIENT_TIMEOUT = 0.5
+SHORT_HEADER_TIMEOUT = 1.0
 SHORT_MAX_CONNECTIONS = 4
+DRIP_EVERY = 0.1        # a dripping client's gap between bytes: 5x under the per-read (client) timeout
 
 
 @pytest.fixture(scope="module")
@@ -452,12 +453,12 @@ def test_idle_keep_alive_connection_is_closed(patched_broker: Broker) -> None:
 
 
 def test_slowloris_head_dripped_under_the_read_timeout_is_cut(patched_broker: Broker) -> None:
-    """One byte every 0.3 s never trips a 1 s per-read timeout; HEADER_TIMEOUT_S ('whole request
-    head must arrive within this') must still end it."""
+    """One byte every DRIP_EVERY (0.1 s) never trips the 0.5 s per-read timeout; HEADER_TIMEOUT_S
+    ('whole request head must arrive within this', here 1 s) must still end it."""
     head = request_bytes("GET", "/openai/v1/models", [("X-Pad", "p" * 200)])
     with socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5) as sock:
-        took = seconds_until_closed(sock, SHORT_HEADER_TIMEOUT + 6, drip=head[:-4], every=0.3)
-    assert took is not None, (f"a client dripping its head one byte per 0.3 s was still connected after "
+        took = seconds_until_closed(sock, SHORT_HEADER_TIMEOUT + 6, drip=head[:-4], every=DRIP_EVERY)
+    assert took is not None, (f"a client dripping its head one byte per {DRIP_EVERY} s was still connected after "
                               f"{SHORT_HEADER_TIMEOUT + 6:.0f} s (HEADER_TIMEOUT_S={SHORT_HEADER_TIMEOUT})")
     assert took < SHORT_HEADER_TIMEOUT + 3, took
 
@@ -465,9 +466,9 @@ def test_slowloris_head_dripped_under_the_read_timeout_is_cut(patched_broker: Br
 @pytest.mark.parametrize("size", [100, 300_000], ids=["inline", "streamed"])
 def test_body_dripped_under_the_read_timeout_is_cut(patched_broker: Broker, upstreams: Dict[str, FakeUpstream],
                                                     size: int) -> None:
-    """One body byte every 0.3 s never trips the 1 s per-read timeout; the minimum body rate
-    (1 KiB/s on average once the body has taken longer than the client timeout) cuts it with
-    408, so one slow agent cannot hold a connection slot for ever."""
+    """One body byte every DRIP_EVERY (0.1 s) never trips the 0.5 s per-read timeout; the minimum
+    body rate (1 KiB/s on average once the body has taken longer than the client timeout) cuts it
+    with 408, so one slow agent cannot hold a connection slot for ever."""
     with socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5) as sock:
         sock.sendall(request_bytes("POST", CHAT, auth(patched_broker) + [("Content-Length", str(size))]))
         t0 = time.monotonic()
@@ -477,7 +478,7 @@ def test_body_dripped_under_the_read_timeout_is_cut(patched_broker: Broker, upst
                 sock.sendall(b"x")
             except (BrokenPipeError, ConnectionResetError):
                 break
-            sock.settimeout(0.3)
+            sock.settimeout(DRIP_EVERY)
             try:
                 data = sock.recv(65536)
             except socket.timeout:
