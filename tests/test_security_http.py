@@ -272,15 +272,18 @@ def test_expect_continue_then_success(broker: Broker, upstreams: Dict[str, FakeU
 
 def test_keep_alive_works_so_closing_tests_mean_something(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
     """Positive control: after a clean 200 and a body-less 401 the connection stays open; the
-    'closed' assertions above would be vacuous if the broker closed every connection."""
+    'closed' assertions above would be vacuous if the broker closed every connection. Each answer
+    but the last is followed by the next request on the same connection (a close would read as
+    status 0); the last one is given 0.3 s to show a close."""
+    requests = [request_bytes("GET", "/healthz"),
+                request_bytes("GET", "/openai/v1/models", auth(broker)),
+                request_bytes("GET", "/openai/v1/models"),          # 401, no body
+                request_bytes("GET", "/healthz")]
     with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as sock:
         rd = SocketReader(sock)
-        for data in (request_bytes("GET", "/healthz"),
-                     request_bytes("GET", "/openai/v1/models", auth(broker)),
-                     request_bytes("GET", "/openai/v1/models"),          # 401, no body
-                     request_bytes("GET", "/healthz")):
+        for n, data in enumerate(requests, 1):
             sock.sendall(data)
-            resp = read_response(sock, close_wait=0.3, reader=rd)
+            resp = read_response(sock, close_wait=0.3 if n == len(requests) else None, reader=rd)
             assert resp.status in (200, 401), resp
             assert not resp.closed, f"connection closed after {resp.status}: {resp!r}"
 
