@@ -244,7 +244,7 @@ def expect_continue(b: Broker, token: str, body: bytes) -> Tuple[bytes, RawRespo
         reader = SocketReader(sock)
         interim = reader.head() or b""
         sock.sendall(body)
-        return interim, read_response(sock, "POST", 0.3, reader=reader)
+        return interim, read_response(sock, "POST", close_wait=None, reader=reader)
 
 
 def chat_body(model: str = "gpt-4o") -> bytes:
