@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import socket
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -24,7 +25,7 @@ import pytest
 
 from conftest import (
     REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, UpstreamHandler, assert_no_traffic,
-    auth_headers, free_port, fresh_token, key_check_failure, requests_to,
+    auth_headers, free_port, fresh_token, key_check_failure, requests_to, wait_until,
 )
 from raw_http import RawResponse, SocketReader, raw_exchange, read_response, request_bytes
 
@@ -502,10 +503,18 @@ def test_body_dripped_under_the_read_timeout_is_cut(patched_broker: Broker, upst
 def capped_broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream]) -> Broker:
     """A broker with few connections and long client timeouts: the held connections below
     must stay held however slow the machine is (with the short timeouts they could be cut
-    before the extra connection arrives, freeing a slot)."""
+    before the extra connection arrives, freeing a slot). Its admin port's /metrics tells
+    how many connections it holds."""
     return broker_factory({"openai": upstreams["openai"].url}, providers=("openai",),
                           serve_args=("--client-timeout", "60s", "--header-timeout", "60s",
-                                      "--max-connections", str(SHORT_MAX_CONNECTIONS)))
+                                      "--max-connections", str(SHORT_MAX_CONNECTIONS), "--admin-port", "0"))
+
+
+def open_connections(b: Broker) -> int:
+    """seks_open_connections, from the broker's /metrics."""
+    m = re.search(rb"^seks_open_connections (\d+)$", b.admin_get("/metrics").body, re.M)
+    assert m, "no seks_open_connections in /metrics"
+    return int(m.group(1))
 
 
 def test_connection_cap_answers_503_and_recovers(capped_broker: Broker) -> None:
@@ -516,19 +525,16 @@ def test_connection_cap_answers_503_and_recovers(capped_broker: Broker) -> None:
             s = socket.create_connection(("127.0.0.1", patched_broker.port), timeout=5)
             s.sendall(b"GET /heal")          # an unfinished request keeps the handler busy
             held.append(s)
-        time.sleep(0.3)
+        assert wait_until(lambda: open_connections(patched_broker) == SHORT_MAX_CONNECTIONS, 5), \
+            f"the broker holds {open_connections(patched_broker)} connections, not {SHORT_MAX_CONNECTIONS}"
         resp = raw_exchange(patched_broker.port, request_bytes("GET", "/healthz"), close_wait=2.0)
         assert resp.status == 503, f"connection {SHORT_MAX_CONNECTIONS + 1} not refused: {resp!r}"
         assert resp.closed
     finally:
         for s in held:
             s.close()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if raw_exchange(patched_broker.port, request_bytes("GET", "/healthz")).status == 200:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the broker did not recover after the held connections closed")
+    assert wait_until(lambda: raw_exchange(patched_broker.port, request_bytes("GET", "/healthz")).status == 200, 5), \
+        "the broker did not recover after the held connections closed"
 
 
 # ============================================================================
