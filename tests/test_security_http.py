@@ -549,7 +549,7 @@ def stalling_upstream() -> Iterator[FakeUpstream]:
 
     def stall(h: UpstreamHandler, req: RecordedRequest) -> None:
         h.send_head(200, [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")])
-        h.wfile.write(b"10\r\ndata: started\n\n\r\n")
+        h.wfile.write(b"f\r\ndata: started\n\n\r\n")          # one 15-byte chunk
         h.wfile.flush()
         up.release.wait(30)
         h.close_connection = True
