@@ -321,10 +321,13 @@ def test_every_method_is_forwarded(broker: Broker, upstreams: Dict[str, FakeUpst
 # ============================================================================
 
 
+UPSTREAM_TIMEOUT = 0.3
+
+
 @pytest.fixture(scope="module")
 def broken_broker(broker_factory: Brokers, silent_upstream: FakeUpstream) -> Broker:
     return broker_factory({"openai": f"http://127.0.0.1:{free_port()}", "anthropic": silent_upstream.url},
-                          extra_env={"SEKS_UPSTREAM_TIMEOUT": "1"}, providers=("openai", "anthropic"))
+                          extra_env={"SEKS_UPSTREAM_TIMEOUT": str(UPSTREAM_TIMEOUT)}, providers=("openai", "anthropic"))
 
 
 def test_upstream_unreachable_is_502(broken_broker: Broker) -> None:
@@ -349,6 +352,6 @@ def test_upstream_timeout_is_504(broken_broker: Broker, silent_upstream: FakeUps
     assert resp.status == 504, resp.body[:300]
     error_type_and_message(resp)
     assert REAL_KEYS["anthropic"] not in resp.body.decode("latin-1")
-    assert elapsed < 8, f"504 took {elapsed:.1f}s with SEKS_UPSTREAM_TIMEOUT=1"
+    assert elapsed < 8, f"504 took {elapsed:.1f}s with SEKS_UPSTREAM_TIMEOUT={UPSTREAM_TIMEOUT}"
     assert len(silent_upstream.requests) >= 1, "the request never reached the upstream"
     assert broken_broker.request("GET", "/healthz").status == 200
