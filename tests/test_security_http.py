@@ -209,29 +209,33 @@ SMUGGLE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,method,path,with_token", SMUGGLE_CASES, ids=[s[0] for s in SMUGGLE_CASES])
-def test_unread_body_is_never_a_second_request(broker: Broker, upstreams: Dict[str, FakeUpstream], name: str,
-                                               method: str, path: str, with_token: bool) -> None:
+def test_unread_body_is_never_a_second_request(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Every SMUGGLE_CASES case (one test, formerly one per case): no second answer, no traffic
+    right after it, and still none 0.1 s after the last one (each had at least that long)."""
     inner = request_bytes("GET", "/openai/v1/models", auth(broker))     # would be a 200 from upstream
-    hs = [("Authorization", f"Bearer {broker.token('openai')}")] if with_token else []
-    hs.append(("Content-Length", str(len(inner))))
-    resp = raw_exchange(broker.port, request_bytes(method, path, hs, inner), close_wait=1.5)
-    assert resp.status != 0, resp
-    assert resp.extra == b"", f"{name}: the body was answered as a request: {resp.extra[:300]!r}"
-    assert_no_traffic(upstreams, None, name, settle=0.1)
+    for name, method, path, with_token in SMUGGLE_CASES:
+        hs = [("Authorization", f"Bearer {broker.token('openai')}")] if with_token else []
+        hs.append(("Content-Length", str(len(inner))))
+        resp = raw_exchange(broker.port, request_bytes(method, path, hs, inner), close_wait=1.5)
+        assert resp.status != 0, (name, resp)
+        assert resp.extra == b"", f"{name}: the body was answered as a request: {resp.extra[:300]!r}"
+        assert_no_traffic(upstreams, None, name, settle=0)
+    assert_no_traffic(upstreams, None, "after every unread body", settle=0.1)
 
 
-@pytest.mark.parametrize("target", ["/healthz", "/nosuchprovider/x", "/openai/v1/a%zz"])
-def test_duplicate_content_length_is_refused_before_any_answer(
-        broker: Broker, upstreams: Dict[str, FakeUpstream], target: str) -> None:
+def test_duplicate_content_length_is_refused_before_any_answer(broker: Broker,
+                                                               upstreams: Dict[str, FakeUpstream]) -> None:
     """Framing is checked before any answer, even one the broker makes itself (/healthz, 404,
-    400): a body behind two Content-Lengths is never run as a second request."""
+    400): a body behind two Content-Lengths is never run as a second request (one test, formerly
+    one per target: no traffic right after each, and still none 0.2 s after the last one)."""
     inner = request_bytes("POST", CHAT, auth(broker) + [("Content-Type", "application/json"),
                                                         ("Content-Length", "2")]) + b"{}"
-    data = request_bytes("GET", target, [("Content-Length", "0"), ("Content-Length", str(len(inner)))]) + inner
-    resp = raw_exchange(broker.port, data, close_wait=0.5)
-    assert resp.status == 400, resp
-    assert resp.closed and resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw[-300:]
+    for target in ("/healthz", "/nosuchprovider/x", "/openai/v1/a%zz"):
+        data = request_bytes("GET", target, [("Content-Length", "0"), ("Content-Length", str(len(inner)))]) + inner
+        resp = raw_exchange(broker.port, data, close_wait=0.5)
+        assert resp.status == 400, (target, resp)
+        assert resp.closed and resp.raw.count(b"HTTP/1.1 ") == 1, (target, resp.raw[-300:])
+        assert_no_traffic(upstreams, None, f"{target}: the body ran as a second request", settle=0)
     assert_no_traffic(upstreams, None, "the body ran as a second request", settle=0.2)
 
 
@@ -300,12 +304,15 @@ def line_of_length(n: int) -> bytes:
     return b"GET /openai/v1/" + b"a" * (n - fixed) + b" HTTP/1.1\r\n"
 
 
-@pytest.mark.parametrize("size", [8 * 1024 + 1, 9000, 64 * 1024, 1024 * 1024])
-def test_request_line_over_8k_is_414_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream], size: int) -> None:
-    data = line_of_length(size) + b"Authorization: Bearer " + broker.token("openai").encode() + b"\r\n\r\n"
-    resp = raw_exchange(broker.port, data, close_wait=2.0)
-    assert_refused_and_closed(resp, (414,), f"request line {size}")
-    assert_no_traffic(upstreams, None, "414", settle=0.1)
+def test_request_line_over_8k_is_414_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Each size (one test, formerly one per size): 414 and closed, no traffic right after it,
+    and still none 0.1 s after the last one (each had at least that long)."""
+    for size in (8 * 1024 + 1, 9000, 64 * 1024, 1024 * 1024):
+        data = line_of_length(size) + b"Authorization: Bearer " + broker.token("openai").encode() + b"\r\n\r\n"
+        resp = raw_exchange(broker.port, data, close_wait=2.0)
+        assert_refused_and_closed(resp, (414,), f"request line {size}")
+        assert_no_traffic(upstreams, None, f"414 for {size}", settle=0)
+    assert_no_traffic(upstreams, None, "after every 414", settle=0.1)
 
 
 def test_request_line_of_exactly_8k_is_accepted(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
@@ -316,19 +323,23 @@ def test_request_line_of_exactly_8k_is_accepted(broker: Broker, upstreams: Dict[
     assert len(upstreams["openai"].only_request().target) == 8192 - len(b"GET  HTTP/1.1\r\n") - len("/openai")
 
 
-@pytest.mark.parametrize("shape", ["one-huge-header", "many-medium-headers", "101-headers", "huge-name"])
-def test_headers_over_limit_are_431_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream], shape: str) -> None:
-    if shape == "one-huge-header":
-        extra = [("X-Big", "b" * (33 * 1024))]
-    elif shape == "many-medium-headers":
-        extra = [(f"X-M{i}", "m" * 1000) for i in range(40)]
-    elif shape == "101-headers":
-        extra = [(f"X-N{i}", "n") for i in range(101)]
-    else:
-        extra = [("X-" + "h" * (33 * 1024), "1")]
-    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models", auth(broker) + extra), close_wait=2.0)
-    assert_refused_and_closed(resp, (431,), shape)
-    assert_no_traffic(upstreams, None, shape, settle=0.1)
+OVERSIZED_HEADERS: Dict[str, List[Tuple[str, str]]] = {
+    "one-huge-header": [("X-Big", "b" * (33 * 1024))],
+    "many-medium-headers": [(f"X-M{i}", "m" * 1000) for i in range(40)],
+    "101-headers": [(f"X-N{i}", "n") for i in range(101)],
+    "huge-name": [("X-" + "h" * (33 * 1024), "1")],
+}
+
+
+def test_headers_over_limit_are_431_and_closed(broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
+    """Every OVERSIZED_HEADERS shape (one test, formerly one per shape): 431 and closed, no
+    traffic right after it, and still none 0.1 s after the last one (each had at least that long)."""
+    for shape, extra in OVERSIZED_HEADERS.items():
+        resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models", auth(broker) + extra),
+                            close_wait=2.0)
+        assert_refused_and_closed(resp, (431,), shape)
+        assert_no_traffic(upstreams, None, shape, settle=0)
+    assert_no_traffic(upstreams, None, "after every 431", settle=0.1)
 
 
 def test_headers_just_under_limits_are_accepted(broker: Broker) -> None:
@@ -346,23 +357,27 @@ def small_body_broker(broker_factory: Brokers, upstreams: Dict[str, FakeUpstream
                           serve_args=("--max-body", "1000"))
 
 
-@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100-continue"])
-@pytest.mark.parametrize("length", [1001, 1_000_000, 10 ** 17])
 def test_body_over_max_body_is_413_before_the_body_is_sent(small_body_broker: Broker,
-                                                           upstreams: Dict[str, FakeUpstream],
-                                                           length: int, expect: bool) -> None:
-    hs = auth(small_body_broker) + [("Content-Type", "application/json"), ("Content-Length", str(length))]
-    if expect:
-        hs.append(("Expect", "100-continue"))
-    t0 = time.monotonic()
-    with socket.create_connection(("127.0.0.1", small_body_broker.port), timeout=5) as sock:
-        sock.sendall(request_bytes("POST", CHAT, hs))          # headers only; no body byte sent
-        resp = read_response(sock, "POST", close_wait=2.0)
-    assert resp.status == 413, f"no 413 before the body: {resp!r}"
-    assert time.monotonic() - t0 < 4
-    assert resp.interim == [], f"sent {resp.interim} before refusing the body"
-    assert resp.closed, "connection left open after 413"
-    assert_no_traffic(upstreams, None, "413", settle=0.1)
+                                                           upstreams: Dict[str, FakeUpstream]) -> None:
+    """Each length, with and without Expect: 100-continue (one test, formerly one per case): 413
+    with no body byte sent, and closed; no traffic right after it, and still none 0.1 s after
+    the last one (each had at least that long)."""
+    for length in (1001, 1_000_000, 10 ** 17):
+        for expect in (False, True):
+            what = f"Content-Length {length}" + (" with Expect: 100-continue" if expect else "")
+            hs = auth(small_body_broker) + [("Content-Type", "application/json"), ("Content-Length", str(length))]
+            if expect:
+                hs.append(("Expect", "100-continue"))
+            t0 = time.monotonic()
+            with socket.create_connection(("127.0.0.1", small_body_broker.port), timeout=5) as sock:
+                sock.sendall(request_bytes("POST", CHAT, hs))          # headers only; no body byte sent
+                resp = read_response(sock, "POST", close_wait=2.0)
+            assert resp.status == 413, f"{what}: no 413 before the body: {resp!r}"
+            assert time.monotonic() - t0 < 4, what
+            assert resp.interim == [], f"{what}: sent {resp.interim} before refusing the body"
+            assert resp.closed, f"{what}: connection left open after 413"
+            assert_no_traffic(upstreams, None, what, settle=0)
+    assert_no_traffic(upstreams, None, "after every 413", settle=0.1)
 
 
 def test_body_at_max_body_is_accepted(small_body_broker: Broker, upstreams: Dict[str, FakeUpstream]) -> None:
