@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import http.client
 import json
+import threading
 import time
 import zlib
 from typing import Callable, Dict, Iterator, List, Tuple
@@ -31,7 +32,8 @@ MAX_RSS_GROWTH = 30 * MiB
 # ============================================================================
 
 SSE_EVENTS = 4
-SSE_DELAY = 0.5
+SSE_STEP_WAIT = 2.0     # the upstream sends the next event once the agent has the last one, or after this
+SSE_MAX_LATENCY = 0.4   # each event reaches the agent this soon after the upstream sent it
 
 SSE_ROUTES = {
     "openai": ("/openai/v1/chat/completions", b'{"model":"gpt-test","stream":true}'),
@@ -45,8 +47,10 @@ def sse_event(i: int) -> bytes:
     return b'event: delta\ndata: {"i": %d, "text": "token-%d"}\n\n' % (i, i)
 
 
-def read_events(resp: http.client.HTTPResponse, deadline: float) -> List[Tuple[bytes, float]]:
-    """Read the stream as it comes; return (event, monotonic arrival time) pairs."""
+def read_events(resp: http.client.HTTPResponse, deadline: float,
+                delivered: List[threading.Event]) -> List[Tuple[bytes, float]]:
+    """Read the stream as it comes; return (event, monotonic arrival time) pairs. Event i's
+    arrival sets delivered[i]."""
     buf = b""
     events: List[Tuple[bytes, float]] = []
     while time.monotonic() < deadline:
@@ -58,15 +62,27 @@ def read_events(resp: http.client.HTTPResponse, deadline: float) -> List[Tuple[b
         while b"\n\n" in buf:
             ev, buf = buf.split(b"\n\n", 1)
             events.append((ev + b"\n\n", now))
+            if len(events) <= len(delivered):
+                delivered[len(events) - 1].set()
     assert not buf.strip(), f"trailing partial event: {buf!r}"
     return events
 
 
 def sse_reaches_client_as_sent(broker: Broker, up: FakeUpstream, provider: str, framing: str) -> None:
-    """The provider's stream (SSE_EVENTS events, SSE_DELAY apart) reaches the agent event by
-    event as the upstream sends it, not buffered, and without the fake token upstream."""
-    up.set_responder(key_checked(provider, lambda h, req: h.send_sse(
-        [sse_event(i) for i in range(SSE_EVENTS)], SSE_DELAY, framing)))
+    """The provider's stream (SSE_EVENTS events) reaches the agent event by event as the upstream
+    sends it, not buffered, and without the fake token upstream. The upstream sends each event
+    only once the agent has the one before (or SSE_STEP_WAIT later): a broker holding events back
+    shows as an event arriving after the next one was sent, with no fixed delay to sit through."""
+    delivered = [threading.Event() for _ in range(SSE_EVENTS)]
+
+    def in_step() -> Iterator[bytes]:
+        for i in range(SSE_EVENTS):
+            if i:
+                delivered[i - 1].wait(SSE_STEP_WAIT)
+            yield sse_event(i)
+
+    # send_sse writes (and times) each event as in_step yields it
+    up.set_responder(key_checked(provider, lambda h, req: h.send_sse(in_step(), 0, framing)))  # type: ignore
     path, body = SSE_ROUTES[provider]
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=15)
     try:
@@ -75,18 +91,18 @@ def sse_reaches_client_as_sent(broker: Broker, up: FakeUpstream, provider: str, 
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()[:300]
         assert resp.getheader("Content-Type", "").startswith("text/event-stream")
-        events = read_events(resp, time.monotonic() + 15)
+        events = read_events(resp, time.monotonic() + 15, delivered)
     finally:
         conn.close()
     assert [e for e, _ in events] == [sse_event(i) for i in range(SSE_EVENTS)]
     sent = list(up.sse_sent_at)
     assert len(sent) == SSE_EVENTS
-    first_arrival = events[0][1]
-    assert first_arrival < sent[-1] - 1.0, (
-        f"first event arrived {first_arrival - sent[0]:.2f}s after it was sent; "
-        f"the last was sent {sent[-1] - sent[0]:.2f}s after the first: the stream is buffered")
     for i, (_, arrived) in enumerate(events):
-        assert arrived - sent[i] < SSE_DELAY * 0.8, f"event {i} arrived {arrived - sent[i]:.2f}s after it was sent"
+        if i + 1 < SSE_EVENTS:
+            assert arrived < sent[i + 1], (
+                f"event {i} arrived {arrived - sent[i]:.2f}s after it was sent, after event {i + 1} was sent "
+                f"({sent[i + 1] - sent[i]:.2f}s after it): the stream is buffered")
+        assert arrived - sent[i] < SSE_MAX_LATENCY, f"event {i} arrived {arrived - sent[i]:.2f}s after it was sent"
     assert_token_absent(up.only_request(), broker.token(provider))
 
 
@@ -305,10 +321,13 @@ def test_every_method_is_forwarded(broker: Broker, upstreams: Dict[str, FakeUpst
 # ============================================================================
 
 
+UPSTREAM_TIMEOUT = 0.3
+
+
 @pytest.fixture(scope="module")
 def broken_broker(broker_factory: Brokers, silent_upstream: FakeUpstream) -> Broker:
     return broker_factory({"openai": f"http://127.0.0.1:{free_port()}", "anthropic": silent_upstream.url},
-                          extra_env={"SEKS_UPSTREAM_TIMEOUT": "1"}, providers=("openai", "anthropic"))
+                          extra_env={"SEKS_UPSTREAM_TIMEOUT": str(UPSTREAM_TIMEOUT)}, providers=("openai", "anthropic"))
 
 
 def test_upstream_unreachable_is_502(broken_broker: Broker) -> None:
@@ -333,6 +352,6 @@ def test_upstream_timeout_is_504(broken_broker: Broker, silent_upstream: FakeUps
     assert resp.status == 504, resp.body[:300]
     error_type_and_message(resp)
     assert REAL_KEYS["anthropic"] not in resp.body.decode("latin-1")
-    assert elapsed < 8, f"504 took {elapsed:.1f}s with SEKS_UPSTREAM_TIMEOUT=1"
+    assert elapsed < 8, f"504 took {elapsed:.1f}s with SEKS_UPSTREAM_TIMEOUT={UPSTREAM_TIMEOUT}"
     assert len(silent_upstream.requests) >= 1, "the request never reached the upstream"
     assert broken_broker.request("GET", "/healthz").status == 200
