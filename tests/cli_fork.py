@@ -9,8 +9,9 @@ code, stdin/stdout/stderr, environment, working directory and argv, running the 
 Commands run side by side (a test's thread pool) get a server each, up to SERVERS_MAX. It
 answers None (the caller then starts Python as usual) where the two could differ or it cannot
 help: no os.fork, another interpreter, an environment whose start-up variables (PYTHON*,
-locale, TZ) differ from the servers', more commands at once than servers, a server gone, or
-SEKS_TEST_NO_FORK=1 set for the test run (every command then starts its own Python). Tests about the entry point itself
+locale, TZ) differ from the servers', more commands at once than servers, or a server gone.
+With SEKS_TEST_NO_FORK=1 set for the test run, conftest's run_command does not ask it at all
+(every command then starts its own Python). Tests about the entry point itself
 (`python3 seks_broker.py`, interpreters, signals) start their processes themselves.
 """
 
@@ -118,7 +119,7 @@ def fork_run(broker_py: Path, cmd: Sequence[str], argv: Sequence[str], input: st
              server_env: Dict[str, str]) -> Optional[subprocess.CompletedProcess]:
     """`cmd + argv` run as a forked child of the server (started once, in server_env), or None:
     start Python instead."""
-    if os.environ.get("SEKS_TEST_NO_FORK") or not hasattr(os, "fork"):
+    if not hasattr(os, "fork"):
         return None
     server = _take(broker_py, server_env)
     if server is None:

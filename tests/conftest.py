@@ -822,7 +822,7 @@ def run_command(argv: Sequence[str], input: Optional[str] = None, env: Optional[
     cmd, run_env = broker_command(env if env is not None else broker_env())
     where = str(cwd) if cwd else os.getcwd()
     done = None
-    if fork and cmd[1] == "-m":
+    if fork and cmd[1] == "-m" and not os.environ.get("SEKS_TEST_NO_FORK"):
         done = cli_fork.fork_run(BROKER_PY, cmd, argv, input or "", run_env, where, timeout,
                                  server_env=broker_command(broker_env(master_key=None))[1])
     return done or subprocess.run([*cmd, *argv], input=input or "", capture_output=True, text=True,
