@@ -12,7 +12,8 @@ help: no os.fork, another interpreter, an environment whose start-up variables (
 locale, TZ) differ from the servers', more commands at once than servers, or a server gone.
 With SEKS_TEST_NO_FORK=1 set for the test run, conftest's run_command does not ask it at all
 (every command then starts its own Python). Tests about the entry point itself
-(`python3 seks_broker.py`, interpreters, signals) start their processes themselves.
+(`python3 seks_broker.py`, interpreters, signals) start their processes themselves, as must a
+test reading a command's /proc/PID/environ (a forked child's is the server's start-up one).
 """
 
 from __future__ import annotations
