@@ -68,7 +68,8 @@ class _Server:
 
 
 def _take(broker_py: Path, env: Dict[str, str]) -> Optional[_Server]:
-    """An idle server (its `busy` lock taken), started if needed; None if all are busy or failed."""
+    """An idle server (its `busy` lock taken), started if needed; None if all are busy or one
+    failed."""
     with _LOCK:
         if _STATE.get("failed"):
             return None
