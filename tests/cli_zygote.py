@@ -3,10 +3,11 @@
 It imports the broker (BROKER_PY's module, as `python -m` would) once, then for each request
 line on stdin (JSON: argv, env, cwd and the paths of the stdin/stdout/stderr files) forks a
 child, prints the child's PID, waits for it and prints its exit code. The child is what
-`python -m seks_broker ARGV` is after Python's start and the module's import: its fds 0/1/2 are the request's files, its environment, working directory
-and sys.argv are the request's, and it ends through `sys.exit(main())` with the interpreter's
-normal shutdown (atexit, flushing). This process itself never runs a command, so every child
-starts from the same freshly imported module.
+`python -m seks_broker ARGV` is after Python's start and the module's import: its fds 0/1/2
+are the request's files, its environment, working directory and sys.argv are the request's,
+and it ends through `sys.exit(main())` with the interpreter's normal shutdown (atexit,
+flushing). This process itself never runs a command, so every child starts from the same
+freshly imported module.
 """
 
 import importlib
