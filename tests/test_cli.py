@@ -242,19 +242,19 @@ def _timestamps(text: str) -> List[dt.datetime]:
 
 
 def test_token_expiry(broker: Broker) -> None:
-    """With `--ttl 2s` (if seconds are supported) the token dies on time; otherwise the listing shows
+    """With `--ttl 1s` (if seconds are supported) the token dies on time; otherwise the listing shows
     the expiry of a `--ttl 30m` token."""
-    cp = broker.cli("token", "mint", "--secret", secret_name("openai"), "--agent", "short-lived", "--ttl", "2s")
+    cp = broker.cli("token", "mint", "--secret", secret_name("openai"), "--agent", "short-lived", "--ttl", "1s")
     if cp.returncode == 0:
         minted_at = time.monotonic()
         token = cp.stdout.strip()
         assert call_openai(broker, token) == 200, "token dead before its ttl"
-        wait_until(lambda: call_openai(broker, token) == 401, minted_at + 2.6 - time.monotonic(), interval=0.1)
+        wait_until(lambda: call_openai(broker, token) == 401, minted_at + 1.6 - time.monotonic(), interval=0.1)
         resp = broker.request("GET", "/openai/v1/models", auth_headers("openai", token))
         assert resp.status == 401, "token alive after its ttl"
         error_type_and_message(resp)
         return
-    assert cp.returncode == 2, f"--ttl 2s: rc={cp.returncode} (expected 0 or usage error 2)"
+    assert cp.returncode == 2, f"--ttl 1s: rc={cp.returncode} (expected 0 or usage error 2)"
     token = broker.mint("openai", "thirty-minutes", "--ttl", "30m")
     assert call_openai(broker, token) == 200
     listing = ok(broker.cli("token", "list"))
