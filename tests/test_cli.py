@@ -384,7 +384,7 @@ def test_a_forked_command_over_its_time_is_killed(broker: Broker) -> None:
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):        # (whatever SEKS_TEST_NO_FORK says)
         cli_fork.fork_run(BROKER_PY, cmd, ["--db", str(broker.db), "audit", "--follow"], "", env,
-                          str(broker.workdir), 0.5, broker_command(broker_env(master_key=None))[1])
+                          str(broker.workdir), 0.2, broker_command(broker_env(master_key=None))[1])
     assert time.monotonic() - start < 5
     servers = {s.proc.pid for s in cli_fork._SERVERS}
     assert servers, "the command was not forked"
