@@ -20,7 +20,7 @@ import pytest
 
 from conftest import (
     Broker, Brokers, FakeUpstream, RecordedRequest, Response, UpstreamHandler, assert_token_absent,
-    auth_headers, broker_env, key_checked,
+    auth_headers, broker_env, key_checked, wait_until,
 )
 
 TIMEOUT = 15.0
@@ -138,23 +138,24 @@ def test_upstream_connection_close_header(broker: Broker, upstream: FakeUpstream
 
 
 def test_upstream_closes_idle_connection(broker: Broker, upstream: FakeUpstream, pool_db: Broker) -> None:
-    """The upstream answers with keep-alive, then drops the idle connection a moment later."""
-    dropped = threading.Semaphore(0)
-
-    def drop(sock: socket.socket) -> None:
-        _shutdown(sock)
-        dropped.release()
+    """The upstream answers with keep-alive, then drops the idle connection once the agent has the answer
+    (the connection is back in the broker's pool by then)."""
+    answered_on: List[socket.socket] = []
 
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
+        answered_on.append(h.connection)
         echo(h, req)
-        threading.Timer(0.1, drop, args=(h.connection,)).start()
     upstream.set_responder(key_checked("openai", respond))
     for i in range(5):
         r = ask(broker, pool_db.tokens["openai"], f"/v1/idle/{i}")
         assert r.status == 200, r.body[:200]
         assert r.json()["path"] == f"/v1/idle/{i}"
-        assert dropped.acquire(timeout=5), "the upstream did not drop its idle connection"
-        time.sleep(0.05)                     # its FIN reaches the broker's pooled socket
+        assert len(answered_on) == i + 1
+        sock = answered_on[-1]
+        broker_end = sock.getpeername()[1]
+        _shutdown(sock)
+        assert wait_until(lambda: broker_end_state(upstream.port, broker_end) != TCP_ESTABLISHED, 5), \
+            "the upstream's FIN never reached the broker's pooled socket"
     assert len(upstream.requests) == 5
     assert upstream.accepted == 5
 
@@ -185,6 +186,25 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+TCP_ESTABLISHED = "01"
+
+
+def broker_end_state(upstream_port: int, broker_port: int) -> str:
+    """The TCP state of the broker's end of one upstream connection, as /proc/net/tcp shows it ("01"
+    established, "08" close-wait: it has the upstream's FIN); "" once it is gone, or where there is no /proc."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, remote, state = row.split()[1:4]
+            if int(local.rsplit(":", 1)[1], 16) == broker_port and int(remote.rsplit(":", 1)[1], 16) == upstream_port:
+                return state
+    return ""
 
 
 @pytest.mark.parametrize("shape", ["small-sized", "large-sized", "chunked"])
