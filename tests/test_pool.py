@@ -277,7 +277,7 @@ def test_agent_abandoning_stream_retires_the_upstream_connection(broker: Broker,
     conn.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
     conn.close()
     release.set()
-    time.sleep(0.5)
+    broker.wait_for_log(lambda text: "/openai/v1/big" in text)   # done with the abandoned answer
     for i in range(3):
         r = ask(broker, tok, f"/v1/next/{i}")
         assert r.status == 200, r.body[:200]
