@@ -20,6 +20,7 @@ import os
 import posixpath
 import random
 import re
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -663,22 +664,44 @@ def test_corrupt_gzip_after_the_head_cuts_the_answer_never_a_second_one(
     assert resp.closed and not resp.raw.endswith(b"0\r\n\r\n"), resp.raw[-300:]
 
 
-def split_stream_responder(pieces: Sequence[bytes], delay: float, sent_at: List[float],
+def unread_by_broker(upstream_end: socket.socket) -> int:
+    """Bytes the broker has not read yet off an upstream connection (`upstream_end` is the fake
+    upstream's socket): the receive queue of the broker's end in /proc/net/tcp; 0 where /proc cannot tell."""
+    ours, theirs = upstream_end.getsockname()[1], upstream_end.getpeername()[1]
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, remote, _, queues = row.split()[1:5]
+            if int(local.rsplit(":", 1)[1], 16) == theirs and int(remote.rsplit(":", 1)[1], 16) == ours:
+                return int(queues.split(":")[1], 16)
+    return 0
+
+
+def write_chunk_alone(h: UpstreamHandler, piece: bytes) -> None:
+    """`piece` as one chunk (b"": the last chunk), written once the broker has read everything sent
+    before it, so that it reaches the broker in a read of its own, as from a slow upstream."""
+    wait_until(lambda: unread_by_broker(h.connection) == 0, 5)
+    h.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+    h.wfile.flush()
+
+
+def split_stream_responder(pieces: Sequence[bytes], sent_at: List[float],
                            headers: Sequence[Tuple[str, str]] = (("Content-Type", "text/event-stream"),),
                            first_seen: Optional[threading.Event] = None,
                            ) -> Callable[[UpstreamHandler, RecordedRequest], None]:
-    """Each piece its own chunk, `delay` s apart. With `first_seen`, the second piece waits
-    (at most 2 s) until the agent has the first one: a broker that held the first event back
-    would still make it arrive after the second was sent."""
+    """Each piece its own chunk, in a read of its own at the broker (write_chunk_alone). With
+    `first_seen`, the second piece waits (at most 2 s) until the agent has the first one: a broker
+    that held the first event back would still make it arrive after the second was sent."""
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         h.send_head(200, list(headers) + [("Transfer-Encoding", "chunked")])
         for i, piece in enumerate(pieces):
             if i == 1 and first_seen is not None:
                 first_seen.wait(2.0)
-            if i:
-                time.sleep(delay)
-            h.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
-            h.wfile.flush()
+            write_chunk_alone(h, piece)
             sent_at.append(time.monotonic())
         h.wfile.write(b"0\r\n\r\n")
         h.wfile.flush()
@@ -696,7 +719,7 @@ def test_key_split_across_streamed_chunks_is_masked(broker: Broker, upstreams: D
     pieces = [first, b'data: {"echo": "' + parts[0]] + parts[1:-1] + [parts[-1] + b'"}\n\n', b"data: [DONE]\n\n"]
     sent_at: List[float] = []
     first_seen = threading.Event()
-    upstreams[provider].set_responder(split_stream_responder(pieces, 0.1, sent_at, first_seen=first_seen))
+    upstreams[provider].set_responder(split_stream_responder(pieces, sent_at, first_seen=first_seen))
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=15)
     try:
         conn.request("POST", route(provider, broker.token(provider), "/v1/chat/completions"), b"{}",
@@ -796,8 +819,9 @@ def gzip_responder(key: str, framing: str, coding: str, pieces: int = 1,
             h.send_bytes(200, data, headers=hs)
         else:
             step = max(1, len(data) // pieces)
-            chunks = [data[i:i + step] for i in range(0, len(data), step)]
-            h.send_stream(200, chunks, headers=hs, delay=0.05)
+            h.send_head(200, hs + [("Transfer-Encoding", "chunked")])
+            for piece in [data[i:i + step] for i in range(0, len(data), step)] + [b""]:
+                write_chunk_alone(h, piece)
     return respond
 
 
@@ -1316,7 +1340,7 @@ def drive_provider_traffic(b: Broker, up: FakeUpstream, p: str, attacker: TcpRec
     up.set_responder(lambda h, req, key=key: h.send_json(401, {"error": f"bad key {key}"},
                                                         headers=[("X-Key", key)]))
     b.request("GET", route(p, t, "/v1/err"), hs)
-    up.set_responder(split_stream_responder([b"data: " + key.encode()[:5], key.encode()[5:] + b"\n\n"], 0.05, []))
+    up.set_responder(split_stream_responder([b"data: " + key.encode()[:5], key.encode()[5:] + b"\n\n"], []))
     b.request("GET", route(p, t, "/v1/stream"), hs)
     up.set_responder(gzip_responder(key, "chunked", "gzip", 3))
     b.request("GET", route(p, t, "/v1/gz"), {**hs, "Accept-Encoding": "gzip"})
