@@ -1250,19 +1250,25 @@ def test_fuzz_telegram_swap_keeps_key_in_its_segment() -> None:
 
 def test_fuzz_paths_over_real_sockets(broker: Broker, upstreams: Dict[str, FakeUpstream],
                                       attacker: TcpRecorder) -> None:
+    """Each target's answer and the traffic it caused right after it (a forward: exactly one request, to
+    openai; a refusal: none); then, once a settle time has passed after the last one, nothing more anywhere."""
     rng = random.Random(FUZZ_SEED + 4)
     targets = rng.sample(fuzz_targets(FUZZ_PURE_N), FUZZ_SOCKET_N)
     auth = f"Authorization: Bearer {broker.token('openai')}\r\n".encode()
     outcomes = {"forwarded": 0, "refused": 0}
+
+    def counts() -> Dict[str, int]:
+        return {name: len(u.requests) for name, u in upstreams.items()}
     for target in targets:
-        for u in upstreams.values():
-            u.reset()
+        before = counts()
         raw_target = ("/openai" + target).encode("utf-8")
         data = b"GET " + raw_target + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % attacker.port + auth + b"\r\n"
-        resp = raw_exchange(broker.port, data, close_wait=0.01)
+        resp = raw_exchange(broker.port, data)
+        new = {name: n - before[name] for name, n in counts().items() if n != before[name]}
         if resp.status == 200:
             outcomes["forwarded"] += 1
-            req = only_upstream_contacted(upstreams, "openai", None, settle=0)
+            assert new == {"openai": 1}, f"{data!r}: requests upstream {new}"
+            req = upstreams["openai"].requests[-1]
             rest, _, query = target.partition("?")
             expected = rest + ("?" + query if query else "")   # a bare trailing '?' may be dropped
             assert req.target == expected, f"{data!r}: upstream got {req.target!r}"
@@ -1270,9 +1276,12 @@ def test_fuzz_paths_over_real_sockets(broker: Broker, upstreams: Dict[str, FakeU
         else:
             outcomes["refused"] += 1
             assert 400 <= resp.status < 500, f"{data!r} -> {resp!r}"
-            assert_no_traffic(upstreams, None, repr(data[:120]), settle=0)
+            assert not new, f"{data!r}: refused, yet requests upstream {new}"
+        assert not attacker.seen(), f"{data!r}: the attacker's server was contacted: {attacker.seen()[:2]!r}"
     assert outcomes["forwarded"] >= 20 and outcomes["refused"] >= 20, outcomes
     time.sleep(0.3)
+    assert counts() == {name: outcomes["forwarded"] if name == "openai" else 0 for name in upstreams}, \
+        f"requests upstream after the last answer: {requests_to(upstreams)}"
     assert not attacker.seen(), f"the attacker's server was contacted: {attacker.seen()[:2]!r}"
 
 
