@@ -1489,7 +1489,7 @@ def test_broker_errors_never_quote_upstream_text(broker: Broker, upstreams: Dict
     resp = answered_with(broker, upstreams, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          b"Content-Encoding: " + coding + b"\r\nContent-Length: 2\r\n\r\n{}")
     assert resp.status == 502, resp
-    time.sleep(0.2)
+    broker.wait_for_log(lambda text: "/openai/v1/models" in text[before:])   # written after the audit row
     seen = (resp.raw.decode("latin-1") + broker.stderr_text()[before:]
             + broker.cli("audit", "--json", "--limit", "3").stdout).lower()
     assert key.lower() not in seen and key.lower()[::-1] not in seen, seen[-2000:]
