@@ -1327,20 +1327,21 @@ LISTINGS = [["secret", "list"], ["token", "list"], ["agent", "list"], ["audit"],
 ADMIN_RE = re.compile(r"admin on http://127\.0\.0\.1:(\d+)")
 
 
-def drive_all_traffic(b: Broker, upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder) -> None:
+def drive_all_traffic(b: Broker, upstreams: Dict[str, FakeUpstream], attacker: TcpRecorder) -> int:
     """Every provider: success, echo in body/header/stream/error, 401/403/400/404 denials (the
-    providers side by side: each has its own upstream)."""
+    providers side by side: each has its own upstream). Returns how many requests it sent."""
     with concurrent.futures.ThreadPoolExecutor(len(PROVIDERS)) as pool:
-        list(pool.map(lambda p: drive_provider_traffic(b, upstreams[p], p, attacker), PROVIDERS))
+        sent = sum(pool.map(lambda p: drive_provider_traffic(b, upstreams[p], p, attacker), PROVIDERS))
     # gemini with the token in the query, telegram file route
     t = b.token("gemini")
     b.request("POST", f"/gemini/v1beta/models/m:generateContent?key={t}", {}, b"{}")
     b.request("GET", f"/telegram/file/bot{b.token('telegram')}/photos/file_1.jpg")
     b.request("GET", "/nosuch/v1/x", auth_headers("openai", b.token("openai")))          # 404
+    return sent + 3
 
 
-def drive_provider_traffic(b: Broker, up: FakeUpstream, p: str, attacker: TcpRecorder) -> None:
-    """One provider's share of drive_all_traffic."""
+def drive_provider_traffic(b: Broker, up: FakeUpstream, p: str, attacker: TcpRecorder) -> int:
+    """One provider's share of drive_all_traffic: 9 requests."""
     key = REAL_KEYS[p]
     t = b.token(p)
     hs = auth_headers(p, t)
@@ -1359,11 +1360,11 @@ def drive_provider_traffic(b: Broker, up: FakeUpstream, p: str, attacker: TcpRec
     other = b.token("openai" if p != "openai" else "anthropic")
     b.request("GET", route(p, other, "/v1/x"), auth_headers(p, other))              # 403
     b.request("GET", route(p, t + "x", "/v1/x"), auth_headers(p, t + "x"))          # 401
-    raw_exchange(b.port, request_bytes("GET", route(p, t, "/v1/%2e%2e/x"), header_lines(p, t)),
-                 close_wait=0.01)                                                   # 400
+    raw_exchange(b.port, request_bytes("GET", route(p, t, "/v1/%2e%2e/x"), header_lines(p, t)))  # 400
     raw_exchange(b.port, request_bytes("GET", f"http://127.0.0.1:{attacker.port}{route(p, t, '/x')}",
-                                       header_lines(p, t)), close_wait=0.01)       # 400
+                                       header_lines(p, t)))  # 400
     up.reset()
+    return 9
 
 
 @pytest.fixture(scope="module")
@@ -1391,7 +1392,7 @@ def test_no_key_or_token_in_logs_db_metrics_or_cli(broker_factory: Brokers,
                                                    log_format: str) -> None:
     b = broker_factory({p: u.url for p, u in upstreams.items()},
                        serve_args=("--log-format", log_format, "--admin-port", "0"))
-    drive_all_traffic(b, upstreams, attacker)
+    sent = drive_all_traffic(b, upstreams, attacker)
     commands = every_command_path()
     assert len(commands) >= 15, commands
     assert b.env == broker_env({p: u.url for p, u in upstreams.items()})  # what static_cli_outputs ran in
@@ -1408,7 +1409,8 @@ def test_no_key_or_token_in_logs_db_metrics_or_cli(broker_factory: Brokers,
     metrics = http_request(f"http://127.0.0.1:{m.group(1)}/metrics")
     assert metrics.status == 200
     outputs["/metrics"] = metrics.body.decode("latin-1")
-    time.sleep(0.2)
+    b.wait_for_log(lambda text: sum(" request " in line or '"event": "request"' in line
+                                    for line in text.splitlines()) >= sent)    # each written after its answer
     log = b.stderr_text() + b.stdout_text()
     assert log.count("\n") >= 10, "expected per-request log lines"
     places = {"broker log": log, "DB bytes": db_bytes(b.db).decode("latin-1"), **outputs}
