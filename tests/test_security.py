@@ -42,7 +42,7 @@ from conftest import (
     requests_to, run_cli, secret_name, seed_broker, wait_until,
 )
 from ops_helpers import OPENSSL, make_ca, make_leaf
-from raw_http import RawResponse, raw_exchange, request_bytes
+from raw_http import RawResponse, SocketReader, raw_exchange, read_response, request_bytes
 
 seks_broker = load_broker_module()   # the same file the broker subprocesses run (SEKS_TEST_BROKER)
 
@@ -650,19 +650,24 @@ def test_corrupt_gzip_after_the_head_cuts_the_answer_never_a_second_one(
     first = gzip.compress(b'{"ok": true, "pad": "' + b"x" * 2000 + b'"}')
     good = first[:len(first) // 2]                 # a valid start: inflates to some bytes
 
+    head_seen = threading.Event()
+
     def respond(h: UpstreamHandler, req: RecordedRequest) -> None:
         h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
                       b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(good), good))
         h.wfile.flush()
-        time.sleep(0.3)
+        head_seen.wait(5)                          # the agent has the answer's head: it went out
         garbage = b"\xff" * 64
         h.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(garbage), garbage))
         h.wfile.flush()
         h.close_connection = True
     upstreams["openai"].set_responder(respond)
-    resp = raw_exchange(broker.port, request_bytes("GET", "/openai/v1/models",
-                                                   header_lines("openai", broker.token("openai"))),
-                        close_wait=0.2)
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as sock:
+        sock.sendall(request_bytes("GET", "/openai/v1/models", header_lines("openai", broker.token("openai"))))
+        reader = SocketReader(sock)
+        head = reader.head() or b""
+        head_seen.set()
+        resp = read_response(sock, "GET", close_wait=0.2, reader=SocketReader(sock, head + reader.take()))
     assert resp.status == 200, resp
     assert resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw[-300:]
     assert resp.closed and not resp.raw.endswith(b"0\r\n\r\n"), resp.raw[-300:]
