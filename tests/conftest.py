@@ -188,6 +188,26 @@ def free_port() -> int:
     return port
 
 
+def proc_tcp_row(local_port: int, remote_port: int) -> Optional[List[str]]:
+    """The fields of one loopback TCP connection's row in /proc/net/tcp(6), seen from its end on
+    `local_port` (state at [3], "tx_queue:rx_queue" at [4]); [] if it is gone, None where there is
+    no /proc (not Linux)."""
+    found: Optional[List[str]] = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        found = []
+        for row in rows:
+            fields = row.split()
+            if (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)) == \
+                    (local_port, remote_port):
+                return fields
+    return found
+
+
 def deterministic_chunks(total: int, chunk: int = 1024 * 1024, seed: int = 1234) -> Iterator[bytes]:
     """`total` pseudo-random bytes in `chunk`-sized pieces, generated lazily (never all in memory)."""
     import random

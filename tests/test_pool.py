@@ -21,7 +21,7 @@ import pytest
 
 from conftest import (
     Broker, Brokers, FakeUpstream, RecordedRequest, Response, UpstreamHandler, assert_token_absent,
-    auth_headers, broker_env, key_checked, wait_until,
+    auth_headers, broker_env, key_checked, proc_tcp_row, wait_until,
 )
 
 TIMEOUT = 15.0
@@ -195,19 +195,10 @@ TCP_ESTABLISHED = "01"
 
 
 def broker_end_state(upstream_port: int, broker_port: int) -> str:
-    """The TCP state of the broker's end of one upstream connection, as /proc/net/tcp shows it ("01"
-    established, "08" close-wait: it has the upstream's FIN); "" once it is gone, or where there is no /proc."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            local, remote, state = row.split()[1:4]
-            if int(local.rsplit(":", 1)[1], 16) == broker_port and int(remote.rsplit(":", 1)[1], 16) == upstream_port:
-                return state
-    return ""
+    """The TCP state of the broker's end of one upstream connection ("01" established, "08"
+    close-wait: it has the upstream's FIN); "" once it is gone, or where there is no /proc."""
+    row = proc_tcp_row(broker_port, upstream_port)
+    return row[3] if row else ""
 
 
 @pytest.mark.parametrize("shape", ["small-sized", "large-sized", "chunked"])

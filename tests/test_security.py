@@ -39,7 +39,7 @@ from conftest import (
     BROKER_PY, MASTER_KEY, PROVIDERS, REAL_KEYS, Broker, Brokers, FakeUpstream, RecordedRequest, Response,
     TcpRecorder, UpstreamHandler, assert_no_traffic, auth_headers, broker_env, db_bytes,
     error_type_and_message, fresh_token, http_request, key_check_failure, load_broker_module, random_part,
-    requests_to, run_cli, secret_name, seed_broker, wait_until,
+    proc_tcp_row, requests_to, run_cli, secret_name, seed_broker, wait_until,
 )
 from ops_helpers import OPENSSL, make_ca, make_leaf
 from raw_http import RawResponse, SocketReader, raw_exchange, read_response, request_bytes
@@ -675,20 +675,11 @@ def test_corrupt_gzip_after_the_head_cuts_the_answer_never_a_second_one(
 
 def unread_by_broker(upstream_end: socket.socket) -> Optional[int]:
     """Bytes the broker has not read yet off an upstream connection (`upstream_end` is the fake
-    upstream's socket): the receive queue of the broker's end in /proc/net/tcp; None where /proc
-    cannot tell."""
-    ours, theirs = upstream_end.getsockname()[1], upstream_end.getpeername()[1]
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            local, remote, _, queues = row.split()[1:5]
-            if int(local.rsplit(":", 1)[1], 16) == theirs and int(remote.rsplit(":", 1)[1], 16) == ours:
-                return int(queues.split(":")[1], 16)
-    return None
+    upstream's socket): the receive queue of the broker's end; None where /proc cannot tell."""
+    row = proc_tcp_row(upstream_end.getpeername()[1], upstream_end.getsockname()[1])
+    if row is None:
+        return None
+    return int(row[4].split(":")[1], 16) if row else 0
 
 
 def write_chunk_alone(h: UpstreamHandler, piece: bytes) -> None:
